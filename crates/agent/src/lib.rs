@@ -1,0 +1,1 @@
+//! The host agent: durable machine state, images, drivers, networking

@@ -1,0 +1,195 @@
+//! Aloft's own wire types between its parts: deploys (CLI ↔ control plane), the agent
+//! API (control plane ↔ agent), and the catalog stream (control plane → proxies, DNS).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::{MachineConfig, MachineService, MachineState};
+
+/// `POST /v1/apps/{app}/deploys`: roll out `config` (a parsed fly.toml, as JSON) with `image`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeployRequest {
+    pub config: serde_json::Value,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+}
+
+/// One line of the NDJSON stream a deploy answers with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeployEvent {
+    Progress { message: String },
+    Warning { message: String },
+    Done { release_version: u64, url: Option<String> },
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub id: String,
+    pub version: u64,
+    pub status: String,
+    pub description: String,
+    pub image: String,
+    pub created_at: String,
+}
+
+/// Where and how an agent pulls an image from the platform's registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePull {
+    /// `host:port/repository:tag` (or `@digest`).
+    pub reference: String,
+    /// Base URL of the registry (`http://127.0.0.1:4280`).
+    pub registry_url: String,
+    /// Bearer token that may pull `reference`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+}
+
+/// `PUT /v1/machines/{id}` on an agent: everything the agent needs to run a machine.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    pub id: String,
+    pub name: String,
+    pub app: String,
+    pub org: String,
+    pub region: String,
+    pub instance_id: String,
+    pub config: MachineConfig,
+    pub image: ImagePull,
+    /// The machine's 6PN address, when networking assigns one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+}
+
+/// How a machine's main process ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// The exit followed a stop the platform asked for.
+    #[serde(default)]
+    pub requested_stop: bool,
+}
+
+/// An agent's view of one machine (`GET /v1/machines/{id}` on the agent).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentMachine {
+    pub id: String,
+    pub app: String,
+    pub instance_id: String,
+    pub state: MachineState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitStatus>,
+}
+
+/// A state change an agent reports to the control plane.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// Per-agent sequence number, so the control plane can drop duplicates.
+    pub seq: u64,
+    pub machine_id: String,
+    pub instance_id: String,
+    /// `launch`, `start`, `exit`, `restart`, `stop`, `destroy`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub state: MachineState,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// An agent introducing itself to the control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRegistration {
+    pub id: String,
+    pub region: String,
+    /// Base URL of the agent's API.
+    pub agent_url: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogApp {
+    pub name: String,
+    pub org: String,
+    #[serde(default)]
+    pub network: String,
+    /// Hostnames the proxy routes to this app (`<app>.<base-domain>`, certificates).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CatalogMachine {
+    pub id: String,
+    pub app: String,
+    pub state: MachineState,
+    pub region: String,
+    pub host: String,
+    pub instance_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+    #[serde(default)]
+    pub services: Vec<MachineService>,
+}
+
+/// One message of the catalog stream (`GET /v1/catalog`, NDJSON).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CatalogUpdate {
+    Snapshot { seq: u64, apps: Vec<CatalogApp>, machines: Vec<CatalogMachine> },
+    App { seq: u64, app: CatalogApp },
+    AppRemoved { seq: u64, name: String },
+    Machine { seq: u64, machine: CatalogMachine },
+    MachineRemoved { seq: u64, id: String },
+}
+
+/// What `init` (PID 1 in a machine) is told to do. Built by the agent from the machine
+/// config and the image config; handed over on a pipe, never written to disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// The program and its arguments; `argv[0]` is looked up in `PATH` when it has no `/`.
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`, as an image's `User` says. Empty = root.
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub workdir: String,
+    pub hostname: String,
+    /// Extra `/etc/hosts` lines (`address name`).
+    #[serde(default)]
+    pub etc_hosts: Vec<(String, String)>,
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    #[serde(default)]
+    pub files: Vec<InitFile>,
+    /// Mount `/proc`, `/sys`, `/dev` etc. itself (microVMs); container runtimes do it already.
+    #[serde(default)]
+    pub mount_standard_filesystems: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitFile {
+    pub path: String,
+    /// Base64 of the content.
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}

@@ -1,0 +1,11 @@
+//! Wire types of the Fly-compatible Machines API and of Aloft's internal APIs.
+
+pub mod app;
+pub mod duration;
+pub mod internal;
+pub mod machine;
+pub mod regions;
+
+pub use app::*;
+pub use duration::{Duration, ParseDurationError};
+pub use machine::*;

@@ -1,0 +1,1 @@
+//! Builders: turn a source directory into an OCI image in the registry

@@ -1,0 +1,1 @@
+//! The edge proxy: listeners, handlers, routing, headers, load balancing
