@@ -48,7 +48,8 @@ fn read_config_fd() -> Result<Option<Vec<u8>>, InitError> {
         return Ok(None);
     }
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(|source| InitError::ReadConfig { source })?;
+    file.read_to_end(&mut bytes)
+        .map_err(|source| InitError::ReadConfig { source })?;
     if bytes.is_empty() {
         return Err(InitError::ReadConfig {
             source: io::Error::new(io::ErrorKind::UnexpectedEof, "fd 3 gave no config"),
@@ -74,7 +75,8 @@ mod tests {
 
     #[test]
     fn parses_minimal_config() {
-        let c = parse_config(br#"{"argv":["/bin/app","-x"],"env":{"A":"1"},"hostname":"h"}"#).unwrap();
+        let c =
+            parse_config(br#"{"argv":["/bin/app","-x"],"env":{"A":"1"},"hostname":"h"}"#).unwrap();
         assert_eq!(c.argv, vec!["/bin/app", "-x"]);
         assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
         assert!(c.user.is_empty() && c.files.is_empty() && !c.mount_standard_filesystems);

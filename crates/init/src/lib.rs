@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aloft_api::internal::InitConfig;
 use nix::errno::Errno;
@@ -25,9 +25,14 @@ pub mod user;
 pub use config::{CONFIG_FD, CONFIG_FILE, load_config, parse_config};
 pub use path::{DEFAULT_PATH, LookupError, lookup_path};
 pub use supervise::{ChildExit, ChildStage, FORWARDED_SIGNALS, signal_name};
-pub use user::{ExecUser, GroupEntry, PasswdEntry, UserError, parse_group, parse_passwd, resolve_user};
+pub use user::{
+    ExecUser, GroupEntry, PasswdEntry, UserError, parse_group, parse_passwd, resolve_user,
+};
 
 use supervise::{ChildSpec, Supervisor};
+
+/// Where the runtime puts init in every machine.
+pub const INIT_PATH: &str = "/.fly/init";
 
 /// Exit code for anything that goes wrong before the entrypoint runs.
 pub const SETUP_FAILURE_EXIT: i32 = 127;
@@ -53,7 +58,11 @@ pub enum InitError {
     #[error("{what}: {source}")]
     Sys { what: String, source: Errno },
     #[error("starting {path}: {}: {}", stage_name(*.stage), .errno.desc())]
-    Child { stage: ChildStage, path: String, errno: Errno },
+    Child {
+        stage: ChildStage,
+        path: String,
+        errno: Errno,
+    },
 }
 
 fn stage_name(stage: ChildStage) -> &'static str {
@@ -91,9 +100,11 @@ pub fn run() -> ! {
 }
 
 fn run_inner() -> Result<i32, InitError> {
-    // Block signals first, so a stop request during setup reaches the child once started.
-    let mut sup = Supervisor::new()?;
+    // Block signals first, so a stop request during setup reaches the child once started;
+    // take fd 3 before opening anything that could be given that number.
+    supervise::block_signals()?;
     let config = load_config()?;
+    let mut sup = Supervisor::new()?;
     run_config(&mut sup, &config)
 }
 
@@ -116,15 +127,26 @@ fn run_config(sup: &mut Supervisor, config: &InitConfig) -> Result<i32, InitErro
     let group = read_optional("/etc/group")?;
     let user = resolve_user(&config.user, passwd.as_deref(), group.as_deref())?;
 
-    let workdir = root.join(if config.workdir.is_empty() { "/" } else { config.workdir.as_str() });
+    let workdir = root.join(if config.workdir.is_empty() {
+        "/"
+    } else {
+        config.workdir.as_str()
+    });
     if !workdir.is_dir() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .create(&workdir)
-            .map_err(|source| InitError::Io { path: workdir.display().to_string(), source })?;
+            .map_err(|source| InitError::Io {
+                path: workdir.display().to_string(),
+                source,
+            })?;
     }
     let env = child_env(&config.env, &user);
-    let program = lookup_path(&config.argv[0], env.get("PATH").map(String::as_str), &workdir)?;
+    let program = lookup_path(
+        &config.argv[0],
+        env.get("PATH").map(String::as_str),
+        &workdir,
+    )?;
     let spec = child_spec(&program, &config.argv, &env, &workdir, &user)?;
 
     sup.release_terminal();
@@ -139,14 +161,18 @@ fn read_optional(path: &str) -> Result<Option<String>, InitError> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(InitError::Io { path: path.to_string(), source }),
+        Err(source) => Err(InitError::Io {
+            path: path.to_string(),
+            source,
+        }),
     }
 }
 
 /// The child's environment: exactly `env`, plus `HOME` from the user when it has none.
 pub fn child_env(env: &BTreeMap<String, String>, user: &ExecUser) -> BTreeMap<String, String> {
     let mut env = env.clone();
-    env.entry("HOME".to_string()).or_insert_with(|| user.home.clone());
+    env.entry("HOME".to_string())
+        .or_insert_with(|| user.home.clone());
     env
 }
 
@@ -158,39 +184,61 @@ fn child_spec(
     program: &Path,
     argv: &[String],
     env: &BTreeMap<String, String>,
-    workdir: &PathBuf,
+    workdir: &Path,
     user: &ExecUser,
 ) -> Result<ChildSpec, InitError> {
     let mut envp = Vec::with_capacity(env.len());
     for (k, v) in env {
         if k.is_empty() || k.contains('=') {
-            return Err(InitError::Invalid(format!("environment variable name {k:?}")));
+            return Err(InitError::Invalid(format!(
+                "environment variable name {k:?}"
+            )));
         }
         envp.push(cstring("environment", format!("{k}={v}"))?);
     }
-    Ok(ChildSpec {
+    let mut spec = ChildSpec {
         path: cstring("argv[0]", program.as_os_str().as_bytes())?,
-        argv: argv.iter().map(|a| cstring("argv", a.as_bytes())).collect::<Result<_, _>>()?,
+        argv: argv
+            .iter()
+            .map(|a| cstring("argv", a.as_bytes()))
+            .collect::<Result<_, _>>()?,
         envp,
         workdir: cstring("workdir", workdir.as_os_str().as_bytes())?,
         uid: user.uid,
         gid: user.gid,
         groups: user.groups.clone(),
-    })
+        keep_groups: false,
+        keep_gid: false,
+        keep_uid: false,
+    };
+    spec.skip_unneeded_id_changes();
+    Ok(spec)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn root_user() -> ExecUser {
-        ExecUser { uid: 0, gid: 0, groups: vec![], home: "/root".into() }
+        ExecUser {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            home: "/root".into(),
+        }
     }
 
     #[test]
     fn home_is_added_only_when_missing() {
         let mut env = BTreeMap::from([("A".to_string(), "1".to_string())]);
-        assert_eq!(child_env(&env, &root_user()).get("HOME").map(String::as_str), Some("/root"));
+        assert_eq!(
+            child_env(&env, &root_user())
+                .get("HOME")
+                .map(String::as_str),
+            Some("/root")
+        );
         env.insert("HOME".into(), "/custom".into());
         let out = child_env(&env, &root_user());
         assert_eq!(out, env);
@@ -211,7 +259,11 @@ mod tests {
 
     #[test]
     fn error_messages_and_codes() {
-        let e = InitError::Child { stage: ChildStage::Exec, path: "/app".into(), errno: Errno::EACCES };
+        let e = InitError::Child {
+            stage: ChildStage::Exec,
+            path: "/app".into(),
+            errno: Errno::EACCES,
+        };
         assert_eq!(e.to_string(), "starting /app: exec: Permission denied");
         assert_eq!(e.exit_code(), 126);
         let e = InitError::from(LookupError::NotFound("app".into()));

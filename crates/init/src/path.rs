@@ -28,7 +28,11 @@ pub fn lookup_path(name: &str, path: Option<&str>, workdir: &Path) -> Result<Pat
         return Ok(PathBuf::from(name));
     }
     for dir in path.unwrap_or(DEFAULT_PATH).split(':') {
-        let dir = if dir.is_empty() { Path::new(".") } else { Path::new(dir) };
+        let dir = if dir.is_empty() {
+            Path::new(".")
+        } else {
+            Path::new(dir)
+        };
         let candidate = dir.join(name);
         if is_executable(&workdir.join(&candidate)) {
             return Ok(candidate);
@@ -59,7 +63,11 @@ mod tests {
     #[test]
     fn finds_first_executable_in_path_order() {
         let tmp = tempfile::tempdir().unwrap();
-        let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+        let (a, b, c) = (
+            tmp.path().join("a"),
+            tmp.path().join("b"),
+            tmp.path().join("c"),
+        );
         for d in [&a, &b, &c] {
             fs::create_dir(d).unwrap();
         }
@@ -68,8 +76,14 @@ mod tests {
         touch(&c.join("app"), 0o755);
         touch(&b.join("other"), 0o700);
         let path = format!("{}:{}:{}", a.display(), b.display(), c.display());
-        assert_eq!(lookup_path("app", Some(&path), Path::new("/")), Ok(c.join("app")));
-        assert_eq!(lookup_path("other", Some(&path), Path::new("/")), Ok(b.join("other")));
+        assert_eq!(
+            lookup_path("app", Some(&path), Path::new("/")),
+            Ok(c.join("app"))
+        );
+        assert_eq!(
+            lookup_path("other", Some(&path), Path::new("/")),
+            Ok(b.join("other"))
+        );
         assert_eq!(
             lookup_path("missing", Some(&path), Path::new("/")),
             Err(LookupError::NotFound("missing".into()))
@@ -86,9 +100,18 @@ mod tests {
 
     #[test]
     fn names_with_slash_are_not_looked_up() {
-        assert_eq!(lookup_path("./run.sh", Some(""), Path::new("/")), Ok(PathBuf::from("./run.sh")));
-        assert_eq!(lookup_path("/no/such", None, Path::new("/")), Ok(PathBuf::from("/no/such")));
-        assert_eq!(lookup_path("", None, Path::new("/")), Err(LookupError::Empty));
+        assert_eq!(
+            lookup_path("./run.sh", Some(""), Path::new("/")),
+            Ok(PathBuf::from("./run.sh"))
+        );
+        assert_eq!(
+            lookup_path("/no/such", None, Path::new("/")),
+            Ok(PathBuf::from("/no/such"))
+        );
+        assert_eq!(
+            lookup_path("", None, Path::new("/")),
+            Err(LookupError::Empty)
+        );
     }
 
     #[test]
@@ -97,13 +120,23 @@ mod tests {
         fs::create_dir(tmp.path().join("bin")).unwrap();
         touch(&tmp.path().join("bin/tool"), 0o755);
         touch(&tmp.path().join("here"), 0o755);
-        assert_eq!(lookup_path("tool", Some("/nonexistent:bin"), tmp.path()), Ok(PathBuf::from("bin/tool")));
-        assert_eq!(lookup_path("here", Some("/nonexistent::"), tmp.path()), Ok(PathBuf::from("./here")));
+        assert_eq!(
+            lookup_path("tool", Some("/nonexistent:bin"), tmp.path()),
+            Ok(PathBuf::from("bin/tool"))
+        );
+        assert_eq!(
+            lookup_path("here", Some("/nonexistent::"), tmp.path()),
+            Ok(PathBuf::from("./here"))
+        );
     }
 
     #[test]
     fn default_path_is_used() {
         // /bin/sh exists on any host that runs these tests.
-        assert!(lookup_path("sh", None, Path::new("/")).unwrap().is_absolute());
+        assert!(
+            lookup_path("sh", None, Path::new("/"))
+                .unwrap()
+                .is_absolute()
+        );
     }
 }

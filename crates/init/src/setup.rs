@@ -20,12 +20,25 @@ struct StandardMount {
     data: Option<&'static str>,
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags =
-    MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
 
 const STANDARD_MOUNTS: &[StandardMount] = &[
-    StandardMount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: None },
-    StandardMount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: None },
+    StandardMount {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    StandardMount {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
     StandardMount {
         source: "devtmpfs",
         target: "/dev",
@@ -70,12 +83,20 @@ fn io_err(path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> InitError {
 }
 
 fn mkdir_p(path: &Path) -> Result<(), InitError> {
-    DirBuilder::new().recursive(true).mode(0o755).create(path).map_err(io_err(path))
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(io_err(path))
 }
 
 /// Mount points listed in `/proc/self/mountinfo` content (octal escapes decoded).
 pub fn parse_mount_points(mountinfo: &str) -> Vec<String> {
-    mountinfo.lines().filter_map(|line| line.split(' ').nth(4)).map(unescape_mount_path).collect()
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .collect()
 }
 
 fn unescape_mount_path(s: &str) -> String {
@@ -83,10 +104,13 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
-                let value = (d[0] - b'0') as u32 * 64 + (d[1] - b'0') as u32 * 8 + (d[2] - b'0') as u32;
+                let value =
+                    (d[0] - b'0') as u32 * 64 + (d[1] - b'0') as u32 * 8 + (d[2] - b'0') as u32;
                 out.push(value as u8);
                 i += 4;
             }
@@ -105,15 +129,20 @@ pub fn mount_standard_filesystems() -> Result<(), InitError> {
         let mounted = if m.target == "/proc" {
             Path::new("/proc/self/mountinfo").exists()
         } else {
-            let info = fs::read_to_string("/proc/self/mountinfo").map_err(io_err("/proc/self/mountinfo"))?;
+            let info = fs::read_to_string("/proc/self/mountinfo")
+                .map_err(io_err("/proc/self/mountinfo"))?;
             parse_mount_points(&info).iter().any(|p| p == m.target)
         };
         if mounted {
             continue;
         }
         mkdir_p(Path::new(m.target))?;
-        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data)
-            .map_err(|source| InitError::Mount { target: m.target.to_string(), source })?;
+        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data).map_err(|source| {
+            InitError::Mount {
+                target: m.target.to_string(),
+                source,
+            }
+        })?;
     }
     for (target, link) in DEV_LINKS {
         match std::os::unix::fs::symlink(target, link) {
@@ -190,11 +219,16 @@ fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), InitError> {
         .map_err(io_err(path))?;
     file.write_all(content).map_err(io_err(path))?;
     // The file may have existed with another mode, and `open` applies the umask.
-    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(path))
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err(path))
 }
 
 /// Writes /etc/hosts and /etc/resolv.conf (the latter only when there are nameservers).
-pub fn write_etc(root: &Path, etc_hosts: &[(String, String)], nameservers: &[String]) -> Result<(), InitError> {
+pub fn write_etc(
+    root: &Path,
+    etc_hosts: &[(String, String)],
+    nameservers: &[String],
+) -> Result<(), InitError> {
     let hosts = render_etc_hosts(etc_hosts)?;
     let resolv = render_resolv_conf(nameservers)?;
     let etc = root.join("etc");
@@ -213,13 +247,20 @@ pub fn write_files(root: &Path, files: &[InitFile]) -> Result<(), InitError> {
             .path
             .strip_prefix('/')
             .filter(|p| !p.is_empty() && !p.contains('\0'))
-            .ok_or_else(|| InitError::Invalid(format!("file path {:?} must be absolute", f.path)))?;
+            .ok_or_else(|| {
+                InitError::Invalid(format!("file path {:?} must be absolute", f.path))
+            })?;
         let content = base64::engine::general_purpose::STANDARD
             .decode(f.content.trim())
-            .map_err(|e| InitError::Invalid(format!("file {}: content is not base64: {e}", f.path)))?;
+            .map_err(|e| {
+                InitError::Invalid(format!("file {}: content is not base64: {e}", f.path))
+            })?;
         let mode = f.mode.unwrap_or(0o644);
         if mode > 0o7777 {
-            return Err(InitError::Invalid(format!("file {}: mode {mode:#o}", f.path)));
+            return Err(InitError::Invalid(format!(
+                "file {}: mode {mode:#o}",
+                f.path
+            )));
         }
         write_file(&root.join(relative), &content, mode)?;
     }
@@ -237,7 +278,10 @@ mod tests {
         let info = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
                     24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw,mode=755\n\
                     30 27 0:40 / /mnt/with\\040space rw - tmpfs tmpfs rw\n";
-        assert_eq!(parse_mount_points(info), vec!["/proc", "/dev", "/mnt/with space"]);
+        assert_eq!(
+            parse_mount_points(info),
+            vec!["/proc", "/dev", "/mnt/with space"]
+        );
         assert_eq!(unescape_mount_path("a\\134b\\011"), "a\\b\t");
         assert_eq!(unescape_mount_path("trailing\\04"), "trailing\\04");
     }
@@ -263,7 +307,9 @@ mod tests {
     fn resolv_conf_content() {
         assert_eq!(render_resolv_conf(&[]).unwrap(), None);
         assert_eq!(
-            render_resolv_conf(&["fdaa::3".into(), "8.8.8.8".into()]).unwrap().as_deref(),
+            render_resolv_conf(&["fdaa::3".into(), "8.8.8.8".into()])
+                .unwrap()
+                .as_deref(),
             Some("nameserver fdaa::3\nnameserver 8.8.8.8\n")
         );
         assert!(render_resolv_conf(&["1.1.1.1\noptions x".into()]).is_err());
@@ -274,35 +320,75 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         write_etc(root, &[("10.1.1.1".into(), "db".into())], &[]).unwrap();
-        assert!(fs::read_to_string(root.join("etc/hosts")).unwrap().ends_with("10.1.1.1\tdb\n"));
+        assert!(
+            fs::read_to_string(root.join("etc/hosts"))
+                .unwrap()
+                .ends_with("10.1.1.1\tdb\n")
+        );
         assert!(!root.join("etc/resolv.conf").exists());
         write_etc(root, &[], &["fdaa::3".into()]).unwrap();
-        assert_eq!(fs::read_to_string(root.join("etc/resolv.conf")).unwrap(), "nameserver fdaa::3\n");
+        assert_eq!(
+            fs::read_to_string(root.join("etc/resolv.conf")).unwrap(),
+            "nameserver fdaa::3\n"
+        );
 
         let files = vec![
-            InitFile { path: "/a/b/c.txt".into(), content: "aGVsbG8=".into(), mode: None },
-            InitFile { path: "/run.sh".into(), content: "".into(), mode: Some(0o4755) },
+            InitFile {
+                path: "/a/b/c.txt".into(),
+                content: "aGVsbG8=".into(),
+                mode: None,
+            },
+            InitFile {
+                path: "/run.sh".into(),
+                content: "".into(),
+                mode: Some(0o4755),
+            },
         ];
         write_files(root, &files).unwrap();
         let meta = fs::metadata(root.join("a/b/c.txt")).unwrap();
         assert_eq!(fs::read(root.join("a/b/c.txt")).unwrap(), b"hello");
         assert_eq!(meta.mode() & 0o7777, 0o644);
-        assert_eq!(fs::metadata(root.join("a/b")).unwrap().mode() & 0o777, 0o755);
-        assert_eq!(fs::metadata(root.join("run.sh")).unwrap().mode() & 0o7777, 0o4755);
+        assert_eq!(
+            fs::metadata(root.join("a/b")).unwrap().mode() & 0o777,
+            0o755
+        );
+        assert_eq!(
+            fs::metadata(root.join("run.sh")).unwrap().mode() & 0o7777,
+            0o4755
+        );
         // Rewriting an existing file replaces content and mode.
-        let again = vec![InitFile { path: "/a/b/c.txt".into(), content: "eA==".into(), mode: Some(0o600) }];
+        let again = vec![InitFile {
+            path: "/a/b/c.txt".into(),
+            content: "eA==".into(),
+            mode: Some(0o600),
+        }];
         write_files(root, &again).unwrap();
         assert_eq!(fs::read(root.join("a/b/c.txt")).unwrap(), b"x");
-        assert_eq!(fs::metadata(root.join("a/b/c.txt")).unwrap().mode() & 0o7777, 0o600);
+        assert_eq!(
+            fs::metadata(root.join("a/b/c.txt")).unwrap().mode() & 0o7777,
+            0o600
+        );
     }
 
     #[test]
     fn rejects_bad_files() {
         let tmp = tempfile::tempdir().unwrap();
         let bad = |path: &str, content: &str, mode| {
-            write_files(tmp.path(), &[InitFile { path: path.into(), content: content.into(), mode }]).unwrap_err()
+            write_files(
+                tmp.path(),
+                &[InitFile {
+                    path: path.into(),
+                    content: content.into(),
+                    mode,
+                }],
+            )
+            .unwrap_err()
         };
-        assert!(bad("relative", "", None).to_string().contains("must be absolute"));
+        assert!(
+            bad("relative", "", None)
+                .to_string()
+                .contains("must be absolute")
+        );
         assert!(bad("/", "", None).to_string().contains("must be absolute"));
         assert!(bad("/x", "!!!", None).to_string().contains("not base64"));
         assert!(bad("/x", "", Some(0o17777)).to_string().contains("mode"));

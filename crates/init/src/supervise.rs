@@ -86,6 +86,30 @@ pub struct ChildSpec {
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     pub groups: Vec<libc::gid_t>,
+    /// Skip `setgroups`, `setgid`, `setuid` when init already has those ids, so a root
+    /// machine runs even where the runtime granted no CAP_SETUID/CAP_SETGID.
+    pub keep_groups: bool,
+    pub keep_gid: bool,
+    pub keep_uid: bool,
+}
+
+impl ChildSpec {
+    /// Decides which id changes are no-ops for the calling process.
+    pub fn skip_unneeded_id_changes(&mut self) {
+        let current: Vec<libc::gid_t> = nix::unistd::getgroups()
+            .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_else(|_| vec![libc::gid_t::MAX]);
+        let (mut want, mut have) = (self.groups.clone(), current);
+        want.sort_unstable();
+        want.dedup();
+        have.sort_unstable();
+        have.dedup();
+        self.keep_groups = want == have;
+        self.keep_gid = nix::unistd::getgid().as_raw() == self.gid
+            && nix::unistd::getegid().as_raw() == self.gid;
+        self.keep_uid = nix::unistd::getuid().as_raw() == self.uid
+            && nix::unistd::geteuid().as_raw() == self.uid;
+    }
 }
 
 /// The step at which the child failed before (or at) exec.
@@ -102,9 +126,16 @@ pub enum ChildStage {
 
 impl ChildStage {
     fn from_u8(b: u8) -> Option<ChildStage> {
-        [Self::Setsid, Self::Setgroups, Self::Setgid, Self::Setuid, Self::Chdir, Self::Exec]
-            .into_iter()
-            .find(|s| *s as u8 == b)
+        [
+            Self::Setsid,
+            Self::Setgroups,
+            Self::Setgid,
+            Self::Setuid,
+            Self::Chdir,
+            Self::Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == b)
     }
 }
 
@@ -114,6 +145,18 @@ fn sigset_of(signals: &[Signal]) -> SigSet {
         set.add(*s);
     }
     set
+}
+
+/// Blocks the forwarded signals and SIGCHLD (they are read from a signalfd instead);
+/// returns the blocked set.
+pub fn block_signals() -> Result<SigSet, InitError> {
+    let mut set = sigset_of(FORWARDED_SIGNALS);
+    set.add(Signal::SIGCHLD);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(|source| InitError::Sys {
+        what: "sigprocmask".into(),
+        source,
+    })?;
+    Ok(set)
 }
 
 /// PID 1's state: the signalfd over the blocked signals, and signals seen before the
@@ -126,17 +169,20 @@ pub struct Supervisor {
 impl Supervisor {
     /// Blocks the forwarded signals and SIGCHLD and opens a signalfd for them.
     pub fn new() -> Result<Supervisor, InitError> {
-        let mut set = sigset_of(FORWARDED_SIGNALS);
-        set.add(Signal::SIGCHLD);
-        sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
-            .map_err(|source| InitError::Sys { what: "sigprocmask".into(), source })?;
+        let set = block_signals()?;
         let sfd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(|source| InitError::Sys { what: "signalfd".into(), source })?;
+            .map_err(|source| InitError::Sys {
+                what: "signalfd".into(),
+                source,
+            })?;
         // With our own child reparenting orphans to us, reaping works even when we are
         // not PID 1 (e.g. started under another supervisor); harmless when we are.
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        Ok(Supervisor { sfd, early: Vec::new() })
+        Ok(Supervisor {
+            sfd,
+            early: Vec::new(),
+        })
     }
 
     /// Gives up init's controlling terminal so the child's new session can take it.
@@ -144,7 +190,9 @@ impl Supervisor {
     pub fn release_terminal(&mut self) {
         // SAFETY: plain syscalls on fd 0 and our own ids.
         let owns_tty = unsafe {
-            libc::isatty(0) == 1 && libc::getsid(0) == libc::getpid() && libc::tcgetsid(0) == libc::getpid()
+            libc::isatty(0) == 1
+                && libc::getsid(0) == libc::getpid()
+                && libc::tcgetsid(0) == libc::getpid()
         };
         if !owns_tty {
             return;
@@ -167,7 +215,10 @@ impl Supervisor {
         let mut fds = [0; 2];
         // SAFETY: fds has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(InitError::Sys { what: "pipe2".into(), source: Errno::last() });
+            return Err(InitError::Sys {
+                what: "pipe2".into(),
+                source: Errno::last(),
+            });
         }
         // SAFETY: pipe2 just returned these two fresh descriptors, owned by nobody else.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
@@ -179,8 +230,13 @@ impl Supervisor {
 
         // SAFETY: the child only makes async-signal-safe syscalls on data prepared above.
         match unsafe { fork() } {
-            Err(source) => Err(InitError::Sys { what: "fork".into(), source }),
-            Ok(ForkResult::Child) => unsafe { child_after_fork(spec, &argv, &envp, wr.as_raw_fd()) },
+            Err(source) => Err(InitError::Sys {
+                what: "fork".into(),
+                source,
+            }),
+            Ok(ForkResult::Child) => unsafe {
+                child_after_fork(spec, &argv, &envp, wr.as_raw_fd())
+            },
             Ok(ForkResult::Parent { child }) => {
                 drop(wr);
                 let mut report = [0u8; 5];
@@ -192,11 +248,17 @@ impl Supervisor {
                 let _ = waitpid(child, None);
                 let stage = ChildStage::from_u8(report[0]).unwrap_or(ChildStage::Exec);
                 let errno = if n == report.len() {
-                    Errno::from_raw(i32::from_ne_bytes([report[1], report[2], report[3], report[4]]))
+                    Errno::from_raw(i32::from_ne_bytes([
+                        report[1], report[2], report[3], report[4],
+                    ]))
                 } else {
                     Errno::UnknownErrno
                 };
-                Err(InitError::Child { stage, path: spec.path.to_string_lossy().into_owned(), errno })
+                Err(InitError::Child {
+                    stage,
+                    path: spec.path.to_string_lossy().into_owned(),
+                    errno,
+                })
             }
         }
     }
@@ -257,7 +319,9 @@ impl Supervisor {
         let mut found = None;
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if Some(pid) == main => found = Some(ChildExit::Exited(code)),
+                Ok(WaitStatus::Exited(pid, code)) if Some(pid) == main => {
+                    found = Some(ChildExit::Exited(code))
+                }
                 Ok(WaitStatus::Signaled(pid, sig, _)) if Some(pid) == main => {
                     found = Some(ChildExit::Signaled(sig as i32))
                 }
@@ -280,7 +344,11 @@ impl Supervisor {
             return Some(info.ssi_signo as i32);
         }
         let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
-        let mut pfd = libc::pollfd { fd: self.sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let _ = unsafe { libc::poll(&mut pfd, 1, ms) };
         match self.sfd.read_signal() {
@@ -342,16 +410,16 @@ unsafe fn child_after_fork(
             // Best effort: a terminal still owned by another session stays with it.
             libc::ioctl(0, libc::TIOCSCTTY, 0);
         }
-        if libc::setgroups(spec.groups.len(), spec.groups.as_ptr()) != 0 {
+        if !spec.keep_groups && libc::setgroups(spec.groups.len(), spec.groups.as_ptr()) != 0 {
             fail(ChildStage::Setgroups);
         }
-        if libc::setgid(spec.gid) != 0 {
+        if !spec.keep_gid && libc::setgid(spec.gid) != 0 {
             fail(ChildStage::Setgid);
         }
         if libc::chdir(spec.workdir.as_ptr()) != 0 {
             fail(ChildStage::Chdir);
         }
-        if libc::setuid(spec.uid) != 0 {
+        if !spec.keep_uid && libc::setuid(spec.uid) != 0 {
             fail(ChildStage::Setuid);
         }
         // Ignored dispositions survive exec (Rust ignores SIGPIPE), so reset them all.
@@ -391,23 +459,40 @@ mod tests {
 
     #[test]
     fn raw_statuses() {
-        assert_eq!(ChildExit::from_raw_status(3 << 8), Some(ChildExit::Exited(3)));
+        assert_eq!(
+            ChildExit::from_raw_status(3 << 8),
+            Some(ChildExit::Exited(3))
+        );
         assert_eq!(ChildExit::from_raw_status(9), Some(ChildExit::Signaled(9)));
-        assert_eq!(ChildExit::from_raw_status(0x80 | 11), Some(ChildExit::Signaled(11)));
+        assert_eq!(
+            ChildExit::from_raw_status(0x80 | 11),
+            Some(ChildExit::Signaled(11))
+        );
         assert_eq!(ChildExit::from_raw_status(0x137f), None); // stopped by SIGSTOP
     }
 
     #[test]
     fn descriptions() {
-        assert_eq!(ChildExit::Exited(3).describe(), "main child exited with code 3");
-        assert_eq!(ChildExit::Signaled(9).describe(), "main child killed by signal SIGKILL");
+        assert_eq!(
+            ChildExit::Exited(3).describe(),
+            "main child exited with code 3"
+        );
+        assert_eq!(
+            ChildExit::Signaled(9).describe(),
+            "main child killed by signal SIGKILL"
+        );
         assert_eq!(signal_name(libc::SIGRTMIN() + 2), "SIGRTMIN+2");
         assert_eq!(signal_name(200), "signal 200");
     }
 
     #[test]
     fn stage_round_trip() {
-        for s in [ChildStage::Setsid, ChildStage::Setgroups, ChildStage::Setuid, ChildStage::Exec] {
+        for s in [
+            ChildStage::Setsid,
+            ChildStage::Setgroups,
+            ChildStage::Setuid,
+            ChildStage::Exec,
+        ] {
             assert_eq!(ChildStage::from_u8(s as u8), Some(s));
         }
         assert_eq!(ChildStage::from_u8(0), None);

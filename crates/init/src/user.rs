@@ -45,7 +45,11 @@ pub enum UserError {
 /// Splits a colon-separated database line, skipping blanks, comments and NIS `+`/`-` lines.
 fn fields(line: &str) -> Option<Vec<&str>> {
     let line = line.trim_end_matches(['\r', '\n']);
-    if line.trim().is_empty() || line.starts_with('#') || line.starts_with('+') || line.starts_with('-') {
+    if line.trim().is_empty()
+        || line.starts_with('#')
+        || line.starts_with('+')
+        || line.starts_with('-')
+    {
         return None;
     }
     Some(line.split(':').collect())
@@ -92,7 +96,11 @@ pub fn parse_group(content: &str) -> Vec<GroupEntry> {
                         .collect()
                 })
                 .unwrap_or_default();
-            Some(GroupEntry { name: name.to_string(), gid: f.get(2)?.trim().parse().ok()?, members })
+            Some(GroupEntry {
+                name: name.to_string(),
+                gid: f.get(2)?.trim().parse().ok()?,
+                members,
+            })
         })
         .collect()
 }
@@ -112,7 +120,11 @@ fn parse_id(s: &str) -> Option<Result<u32, UserError>> {
 /// `passwd` and `group` are the file contents, `None` when the file does not exist.
 /// A numeric user is always a uid; a numeric group is always a gid. A name must exist.
 /// Supplementary groups come from `/etc/group` only when the spec names no group.
-pub fn resolve_user(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<ExecUser, UserError> {
+pub fn resolve_user(
+    spec: &str,
+    passwd: Option<&str>,
+    group: Option<&str>,
+) -> Result<ExecUser, UserError> {
     let (user_arg, group_arg) = match spec.split_once(':') {
         Some((u, g)) => (u, g),
         None => (spec, ""),
@@ -127,7 +139,12 @@ pub fn resolve_user(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Re
         (name, None) => u.name == name,
     });
 
-    let mut user = ExecUser { uid: 0, gid: 0, groups: Vec::new(), home: "/".to_string() };
+    let mut user = ExecUser {
+        uid: 0,
+        gid: 0,
+        groups: Vec::new(),
+        home: "/".to_string(),
+    };
     let mut matched_name = None;
     match found {
         Some(entry) => {
@@ -151,7 +168,10 @@ pub fn resolve_user(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Re
     let groups = group.map(parse_group).unwrap_or_default();
     if group_arg.is_empty() {
         if let Some(name) = matched_name {
-            for g in groups.iter().filter(|g| g.members.iter().any(|m| m == name)) {
+            for g in groups
+                .iter()
+                .filter(|g| g.members.iter().any(|m| m == name))
+            {
                 if !user.groups.contains(&g.gid) {
                     user.groups.push(g.gid);
                 }
@@ -236,7 +256,15 @@ staff:x:50:
     #[test]
     fn by_name_with_supplementary_groups() {
         let u = resolve("app").unwrap();
-        assert_eq!(u, ExecUser { uid: 1000, gid: 1000, groups: vec![10, 999], home: "/home/app".into() });
+        assert_eq!(
+            u,
+            ExecUser {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![10, 999],
+                home: "/home/app".into()
+            }
+        );
     }
 
     #[test]
@@ -249,15 +277,29 @@ staff:x:50:
     #[test]
     fn unknown_uid_is_allowed() {
         let u = resolve("4242").unwrap();
-        assert_eq!(u, ExecUser { uid: 4242, gid: 0, groups: vec![], home: "/".into() });
+        assert_eq!(
+            u,
+            ExecUser {
+                uid: 4242,
+                gid: 0,
+                groups: vec![],
+                home: "/".into()
+            }
+        );
         let u = resolve_user("4242", None, None).unwrap();
         assert_eq!(u.uid, 4242);
     }
 
     #[test]
     fn unknown_name_is_an_error() {
-        assert_eq!(resolve("nobody"), Err(UserError::NoSuchUser("nobody".into())));
-        assert_eq!(resolve_user("app", None, None), Err(UserError::NoSuchUser("app".into())));
+        assert_eq!(
+            resolve("nobody"),
+            Err(UserError::NoSuchUser("nobody".into()))
+        );
+        assert_eq!(
+            resolve_user("app", None, None),
+            Err(UserError::NoSuchUser("app".into()))
+        );
         assert_eq!(
             resolve("nobody").unwrap_err().to_string(),
             "unable to find user nobody: no matching entries in passwd file"
@@ -281,8 +323,14 @@ staff:x:50:
 
     #[test]
     fn unknown_group_name_is_an_error() {
-        assert_eq!(resolve("app:nogroup"), Err(UserError::NoSuchGroup("nogroup".into())));
-        assert_eq!(resolve_user("5:staff", None, None), Err(UserError::NoSuchGroup("staff".into())));
+        assert_eq!(
+            resolve("app:nogroup"),
+            Err(UserError::NoSuchGroup("nogroup".into()))
+        );
+        assert_eq!(
+            resolve_user("5:staff", None, None),
+            Err(UserError::NoSuchGroup("staff".into()))
+        );
     }
 
     #[test]
@@ -294,8 +342,14 @@ staff:x:50:
 
     #[test]
     fn out_of_range_ids() {
-        assert_eq!(resolve("99999999999"), Err(UserError::OutOfRange("99999999999".into())));
-        assert_eq!(resolve("app:4294967295"), Err(UserError::OutOfRange("4294967295".into())));
+        assert_eq!(
+            resolve("99999999999"),
+            Err(UserError::OutOfRange("99999999999".into()))
+        );
+        assert_eq!(
+            resolve("app:4294967295"),
+            Err(UserError::OutOfRange("4294967295".into()))
+        );
     }
 
     #[test]
