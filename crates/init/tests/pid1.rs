@@ -94,6 +94,9 @@ macro_rules! rootfs_or_skip {
 
 struct Rootfs {
     dir: tempfile::TempDir,
+    /// Outside the root, so the machine cannot see its own captured output.
+    logs: tempfile::TempDir,
+    runs: std::cell::Cell<u32>,
 }
 
 struct Outcome {
@@ -157,7 +160,15 @@ impl Rootfs {
             "root:x:0:\napp:x:1000:\nextra:x:2000:app\nother:x:3000:\n",
         )
         .unwrap();
-        Rootfs { dir }
+        let logs = tempfile::Builder::new()
+            .prefix("aloft-init-logs")
+            .tempdir()
+            .unwrap();
+        Rootfs {
+            dir,
+            logs,
+            runs: Default::default(),
+        }
     }
 
     fn path(&self) -> &Path {
@@ -181,8 +192,10 @@ impl Rootfs {
         config: &Value,
         deliver: Deliver,
     ) -> (Child, PathBuf, PathBuf) {
-        let out = self.path().join("../").join(format!("{}.out", self.name()));
-        let err = self.path().join("../").join(format!("{}.err", self.name()));
+        let run = self.runs.get() + 1;
+        self.runs.set(run);
+        let out = self.logs.path().join(format!("{run}.out"));
+        let err = self.logs.path().join(format!("{run}.err"));
         cmd.stdin(Stdio::null())
             .stdout(fs::File::create(&out).unwrap())
             .stderr(fs::File::create(&err).unwrap());
@@ -222,14 +235,6 @@ impl Rootfs {
         (child, out, err)
     }
 
-    fn name(&self) -> String {
-        self.path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
-    }
-
     fn run_with(&self, cmd: Command, config: &Value, deliver: Deliver) -> Outcome {
         let start = Instant::now();
         let (child, out, err) = self.spawn(cmd, config, deliver);
@@ -240,8 +245,6 @@ impl Rootfs {
             stderr: fs::read_to_string(&err).unwrap_or_default(),
             elapsed: start.elapsed(),
         };
-        let _ = fs::remove_file(out);
-        let _ = fs::remove_file(err);
         eprintln!(
             "--- stdout\n{}--- stderr\n{}---",
             outcome.stdout, outcome.stderr
