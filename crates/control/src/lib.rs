@@ -1,1 +1,160 @@
-//! The control plane: REST API, store, deploys, catalog stream
+//! The control plane: the Machines REST API, tokens, orgs/apps/machines/releases, placement,
+//! server-side deploys, and the catalog stream. Drives host agents over their HTTP API.
+
+pub mod api;
+pub mod auth;
+pub mod catalog;
+pub mod deploy;
+pub mod error;
+pub mod hosts;
+pub mod machines;
+pub mod names;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use aloft_api::token::Token;
+use anyhow::Context;
+
+use crate::auth::TokenKind;
+use crate::catalog::Catalog;
+use crate::hosts::AgentClient;
+use crate::store::{OrgRow, Store, TokenRow, now_rfc3339};
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Region of this host; where machines go when nothing says otherwise.
+    pub region: String,
+    /// Apps are served at `<app>.<base_domain>`.
+    pub base_domain: String,
+    /// The port the proxy serves plain HTTP on, for the URLs the CLI prints.
+    pub proxy_http_port: u16,
+}
+
+/// What the first start created, and what a local agent and proxy need.
+pub struct Credentials {
+    pub org_slug: String,
+    pub admin_token: String,
+    pub host_token: String,
+}
+
+pub struct ControlPlane {
+    pub config: ControlConfig,
+    pub store: Store,
+    pub catalog: Catalog,
+    host_token: String,
+    agents: Mutex<HashMap<String, AgentClient>>,
+    app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+pub const DEFAULT_ORG: &str = "personal";
+const SETTING_ADMIN_TOKEN_ID: &str = "admin_token_id";
+const SETTING_HOST_TOKEN_ID: &str = "host_token_id";
+
+impl ControlPlane {
+    /// Opens (or creates) the state under `data_dir`. On first start this creates the
+    /// `personal` org, an admin token for it, and a host token for platform components.
+    pub fn open(config: ControlConfig) -> anyhow::Result<(Arc<Self>, Credentials)> {
+        std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let db_path = config.data_dir.join("control.db");
+        let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+        let org = match store.org_by_slug(DEFAULT_ORG)? {
+            Some(org) => org,
+            None => {
+                let org = OrgRow { id: names::random_id(12), slug: DEFAULT_ORG.into(), name: "Personal".into(), created_at: now_rfc3339() };
+                store.create_org(&org)?;
+                org
+            }
+        };
+        let admin_token = ensure_token(&store, SETTING_ADMIN_TOKEN_ID, &org.id, TokenKind::Org, "admin")?;
+        let host_token = ensure_token(&store, SETTING_HOST_TOKEN_ID, "", TokenKind::Host, "local host")?;
+        let catalog = Catalog::new(&config.base_domain);
+        let plane = Arc::new(Self {
+            config,
+            store,
+            catalog,
+            host_token: host_token.clone(),
+            agents: Mutex::new(HashMap::new()),
+            app_locks: Mutex::new(HashMap::new()),
+        });
+        Ok((plane, Credentials { org_slug: org.slug, admin_token, host_token }))
+    }
+
+    /// The host token, used to call agents and to pull from the registry on their behalf.
+    pub fn host_token(&self) -> &str {
+        &self.host_token
+    }
+
+    pub fn registry_host(&self) -> String {
+        self.config.listen.to_string()
+    }
+
+    pub fn app_url(&self, app: &str) -> String {
+        let port = match self.config.proxy_http_port {
+            80 => String::new(),
+            other => format!(":{other}"),
+        };
+        format!("http://{app}.{}{port}/", self.config.base_domain)
+    }
+
+    fn agent(&self, host_id: &str) -> Result<AgentClient, error::ApiError> {
+        if let Some(agent) = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(host_id) {
+            return Ok(agent.clone());
+        }
+        let host = self
+            .store
+            .hosts()?
+            .into_iter()
+            .find(|h| h.id == host_id)
+            .ok_or_else(|| error::ApiError::unavailable(format!("host {host_id} is not registered")))?;
+        let client = AgentClient::new(&host.agent_url, &self.host_token);
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(host_id.to_string(), client.clone());
+        Ok(client)
+    }
+
+    fn forget_agent(&self, host_id: &str) {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).remove(host_id);
+    }
+
+    /// One deploy (or other app-wide change) at a time per app.
+    pub fn app_lock(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.app_locks.lock().unwrap_or_else(|p| p.into_inner()).entry(app.to_string()).or_default().clone()
+    }
+
+    /// Serves the API on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let router = api::router(self.clone());
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving the API")
+    }
+}
+
+/// Re-mints the token recorded under `setting`, creating it on first use. Tokens are
+/// deterministic from (id, key), so the same token comes back on every start.
+fn ensure_token(store: &Store, setting: &str, org_id: &str, kind: TokenKind, name: &str) -> anyhow::Result<String> {
+    if let Some(id) = store.setting(setting)? {
+        if let Some(row) = store.token(&id)? {
+            return Ok(Token::mint(&row.id, &row.key, Vec::new()).encode());
+        }
+    }
+    let row = TokenRow {
+        id: names::random_id(16),
+        org_id: org_id.to_string(),
+        kind: kind.as_str().to_string(),
+        name: name.to_string(),
+        key: names::random_key(),
+        created_at: now_rfc3339(),
+        revoked: false,
+    };
+    store.insert_token(&row)?;
+    store.set_setting(setting, &row.id)?;
+    Ok(Token::mint(&row.id, &row.key, Vec::new()).encode())
+}

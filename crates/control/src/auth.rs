@@ -1,0 +1,115 @@
+//! Who is calling: bearer tokens checked against the token table.
+
+use aloft_api::token::{Token, TokenError};
+
+use crate::error::ApiError;
+use crate::store::{AppRow, Store, TokenRow};
+
+/// The verified identity behind a request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub token_id: String,
+    pub org_id: String,
+    pub kind: TokenKind,
+    /// Apps this token is limited to; `None` = every app of the org.
+    pub apps: Option<Vec<String>>,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Full access to one organisation.
+    Org,
+    /// Deploy rights on some apps of one organisation.
+    Deploy,
+    /// Read-only access to one organisation.
+    ReadOnly,
+    /// A platform component (agent, proxy): every org, internal endpoints.
+    Host,
+}
+
+impl TokenKind {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "org" => Some(TokenKind::Org),
+            "deploy" => Some(TokenKind::Deploy),
+            "readonly" => Some(TokenKind::ReadOnly),
+            "host" => Some(TokenKind::Host),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Org => "org",
+            TokenKind::Deploy => "deploy",
+            TokenKind::ReadOnly => "readonly",
+            TokenKind::Host => "host",
+        }
+    }
+}
+
+/// Reads the token from an `Authorization` header value.
+pub fn authenticate(store: &Store, header: Option<&str>, now_secs: i64) -> Result<Caller, ApiError> {
+    let header = header.ok_or_else(|| ApiError::unauthorized("missing Authorization header; pass `Authorization: Bearer <token>`"))?;
+    let token = Token::decode(header).map_err(|e| ApiError::unauthorized(&format!("invalid token: {e}")))?;
+    let row = store.token(&token.id)?.ok_or_else(|| ApiError::unauthorized("invalid token: unknown token"))?;
+    check(&row, &token, now_secs)
+}
+
+fn check(row: &TokenRow, token: &Token, now_secs: i64) -> Result<Caller, ApiError> {
+    token.verify(&row.key).map_err(|e: TokenError| ApiError::unauthorized(&format!("invalid token: {e}")))?;
+    if row.revoked {
+        return Err(ApiError::unauthorized("token has been revoked"));
+    }
+    if let Some(expiry) = token.expires_at() {
+        if now_secs >= expiry {
+            return Err(ApiError::unauthorized("token has expired"));
+        }
+    }
+    let kind = TokenKind::parse(&row.kind).ok_or_else(|| ApiError::unauthorized("invalid token: unknown kind"))?;
+    Ok(Caller {
+        token_id: row.id.clone(),
+        org_id: row.org_id.clone(),
+        kind,
+        apps: token.allowed_apps(),
+        read_only: token.read_only() || kind == TokenKind::ReadOnly,
+    })
+}
+
+impl Caller {
+    pub fn is_host(&self) -> bool {
+        self.kind == TokenKind::Host
+    }
+
+    /// Whether the caller can see the app at all. Apps it cannot see answer 404, so a
+    /// token never learns that another org's app exists.
+    pub fn sees_app(&self, app: &AppRow) -> bool {
+        if self.is_host() {
+            return true;
+        }
+        if app.org_id != self.org_id {
+            return false;
+        }
+        match &self.apps {
+            Some(apps) => apps.iter().any(|a| a == &app.name),
+            None => true,
+        }
+    }
+
+    pub fn require_host(&self) -> Result<(), ApiError> {
+        if self.is_host() { Ok(()) } else { Err(ApiError::forbidden("this endpoint is for platform hosts only")) }
+    }
+
+    pub fn require_write(&self) -> Result<(), ApiError> {
+        if self.read_only { Err(ApiError::forbidden("this token is read-only")) } else { Ok(()) }
+    }
+
+    /// Creating apps and other org-wide writes need an org token without app caveats.
+    pub fn require_org_write(&self) -> Result<(), ApiError> {
+        self.require_write()?;
+        if self.apps.is_some() || self.kind == TokenKind::Deploy {
+            return Err(ApiError::forbidden("this token is limited to specific apps"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+//! The catalog: every change that proxies and DNS servers need (apps, machines), numbered,
+//! kept for a while so followers can resume, and broadcast as it happens.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use aloft_api::internal::{CatalogApp, CatalogMachine, CatalogUpdate};
+use tokio::sync::broadcast;
+
+use crate::store::{AppRow, MachineRow, Store, StoreResult};
+
+const HISTORY: usize = 4096;
+
+pub struct Catalog {
+    state: Mutex<History>,
+    sender: broadcast::Sender<CatalogUpdate>,
+    base_domain: String,
+}
+
+struct History {
+    seq: u64,
+    recent: VecDeque<CatalogUpdate>,
+}
+
+/// Where a follower starts: the changes it missed, or a fresh snapshot.
+pub enum Resume {
+    Replay(Vec<CatalogUpdate>),
+    Snapshot,
+}
+
+pub fn update_seq(update: &CatalogUpdate) -> u64 {
+    match update {
+        CatalogUpdate::Snapshot { seq, .. }
+        | CatalogUpdate::App { seq, .. }
+        | CatalogUpdate::AppRemoved { seq, .. }
+        | CatalogUpdate::Machine { seq, .. }
+        | CatalogUpdate::MachineRemoved { seq, .. } => *seq,
+    }
+}
+
+impl Catalog {
+    pub fn new(base_domain: &str) -> Self {
+        let (sender, _) = broadcast::channel(HISTORY);
+        Self { state: Mutex::new(History { seq: 0, recent: VecDeque::new() }), sender, base_domain: base_domain.to_string() }
+    }
+
+    pub fn app_entry(&self, app: &AppRow) -> CatalogApp {
+        CatalogApp {
+            name: app.name.clone(),
+            org: app.org_slug.clone(),
+            network: app.network.clone(),
+            hostnames: vec![format!("{}.{}", app.name, self.base_domain)],
+        }
+    }
+
+    pub fn machine_entry(machine: &MachineRow) -> CatalogMachine {
+        CatalogMachine {
+            id: machine.id.clone(),
+            app: machine.app_name.clone(),
+            state: machine.state,
+            region: machine.region.clone(),
+            host: machine.host_id.clone(),
+            instance_id: machine.instance_id.clone(),
+            process_group: machine.process_group().map(str::to_string),
+            private_ipv4: machine.private_ipv4.clone(),
+            private_ip: machine.private_ip.clone(),
+            services: machine.config.services.clone(),
+        }
+    }
+
+    fn publish(&self, make: impl FnOnce(u64) -> CatalogUpdate) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.seq += 1;
+        let update = make(state.seq);
+        if state.recent.len() == HISTORY {
+            state.recent.pop_front();
+        }
+        state.recent.push_back(update.clone());
+        // No receivers is fine: nobody follows yet.
+        let _ = self.sender.send(update);
+    }
+
+    pub fn app_changed(&self, app: &AppRow) {
+        let entry = self.app_entry(app);
+        self.publish(|seq| CatalogUpdate::App { seq, app: entry });
+    }
+
+    pub fn app_removed(&self, name: &str) {
+        self.publish(|seq| CatalogUpdate::AppRemoved { seq, name: name.to_string() });
+    }
+
+    pub fn machine_changed(&self, machine: &MachineRow) {
+        let entry = Self::machine_entry(machine);
+        self.publish(|seq| CatalogUpdate::Machine { seq, machine: entry });
+    }
+
+    pub fn machine_removed(&self, id: &str) {
+        self.publish(|seq| CatalogUpdate::MachineRemoved { seq, id: id.to_string() });
+    }
+
+    /// Subscribes, then says how the follower catches up from `last_seen`. Subscribing
+    /// first means nothing published in between is lost (at worst it is seen twice, and
+    /// every update is an idempotent upsert or removal).
+    pub fn follow(&self, last_seen: Option<u64>) -> (broadcast::Receiver<CatalogUpdate>, Resume, u64) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let receiver = self.sender.subscribe();
+        let current = state.seq;
+        let resume = match last_seen {
+            Some(seen) if seen == current => Resume::Replay(Vec::new()),
+            Some(seen) if seen < current => {
+                let oldest = state.recent.front().map(update_seq).unwrap_or(current + 1);
+                if seen + 1 >= oldest {
+                    Resume::Replay(state.recent.iter().filter(|u| update_seq(u) > seen).cloned().collect())
+                } else {
+                    Resume::Snapshot
+                }
+            }
+            _ => Resume::Snapshot,
+        };
+        (receiver, resume, current)
+    }
+
+    pub fn snapshot(&self, store: &Store, seq: u64) -> StoreResult<CatalogUpdate> {
+        let apps = store.list_apps(None)?.iter().map(|a| self.app_entry(a)).collect();
+        let machines = store.all_live_machines()?.iter().map(Self::machine_entry).collect();
+        Ok(CatalogUpdate::Snapshot { seq, apps, machines })
+    }
+}

@@ -1,0 +1,93 @@
+//! Hosts (one agent each), placement, and the client the control plane uses to drive agents.
+
+use aloft_api::internal::{AgentMachine, MachineSpec};
+use aloft_api::{StopRequest, regions};
+use aloft_client::{Client, ClientError};
+use http::Method;
+
+use crate::error::ApiError;
+use crate::store::HostRow;
+
+/// Where a machine goes: the host, and the region it is in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub host: HostRow,
+    pub region: String,
+}
+
+/// Picks a host in `wanted` (a region code), or in the nearest region that has one.
+pub fn place(hosts: &[HostRow], wanted: &str) -> Result<Placement, ApiError> {
+    let regions: Vec<String> = {
+        let mut r: Vec<String> = hosts.iter().map(|h| h.region.clone()).collect();
+        r.sort();
+        r.dedup();
+        r
+    };
+    let region = regions::nearest(wanted, &regions)
+        .ok_or_else(|| ApiError::unavailable("no hosts are registered; is the agent running?"))?
+        .to_string();
+    let host = hosts
+        .iter()
+        .find(|h| h.region == region)
+        .cloned()
+        .ok_or_else(|| ApiError::unavailable(format!("no host in region {region}")))?;
+    Ok(Placement { host, region })
+}
+
+/// Talks to one agent's API.
+#[derive(Clone)]
+pub struct AgentClient {
+    client: Client,
+}
+
+fn agent_error(err: ClientError) -> ApiError {
+    match err {
+        ClientError::Api { status, message } => ApiError::new(status, message),
+        other => ApiError::unavailable(format!("host agent unavailable: {other}")),
+    }
+}
+
+impl AgentClient {
+    pub fn new(agent_url: &str, token: &str) -> Self {
+        Self { client: Client::new(agent_url, Some(token.to_string())) }
+    }
+
+    pub async fn put(&self, spec: &MachineSpec) -> Result<AgentMachine, ApiError> {
+        self.client.put(&format!("/v1/machines/{}", spec.id), spec).await.map_err(agent_error)
+    }
+
+    pub async fn start(&self, id: &str) -> Result<AgentMachine, ApiError> {
+        self.client.post(&format!("/v1/machines/{id}/start"), &()).await.map_err(agent_error)
+    }
+
+    pub async fn stop(&self, id: &str, request: &StopRequest) -> Result<AgentMachine, ApiError> {
+        self.client.post(&format!("/v1/machines/{id}/stop"), request).await.map_err(agent_error)
+    }
+
+    pub async fn destroy(&self, id: &str) -> Result<AgentMachine, ApiError> {
+        self.client.json::<(), AgentMachine>(Method::DELETE, &format!("/v1/machines/{id}"), None).await.map_err(agent_error)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<AgentMachine, ApiError> {
+        self.client.get(&format!("/v1/machines/{id}")).await.map_err(agent_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: &str, region: &str) -> HostRow {
+        HostRow { id: id.into(), region: region.into(), agent_url: "http://x".into(), last_seen: String::new() }
+    }
+
+    #[test]
+    fn places_in_wanted_or_nearest_region() {
+        let hosts = vec![host("h1", "fra"), host("h2", "iad")];
+        assert_eq!(place(&hosts, "iad").unwrap().host.id, "h2");
+        assert_eq!(place(&hosts, "ams").unwrap().region, "fra");
+        let single = vec![host("h1", "local")];
+        assert_eq!(place(&single, "iad").unwrap().region, "local");
+        assert_eq!(place(&[], "iad").unwrap_err().status, http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
