@@ -29,12 +29,13 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// Positions the diagnostic at its key when the key was seen, else at `offset`.
     fn push(&mut self, mut diagnostic: Diagnostic, offset: Option<usize>) {
-        if let (Some(index), Some(offset)) = (self.index, offset) {
-            let (line, column) = index.position(offset);
+        if let Some(&(line, column)) = self.positions.get(&diagnostic.path) {
             diagnostic.line = Some(line);
             diagnostic.column = Some(column);
-        } else if let Some(&(line, column)) = self.positions.get(&diagnostic.path) {
+        } else if let (Some(index), Some(offset)) = (self.index, offset) {
+            let (line, column) = index.position(offset);
             diagnostic.line = Some(line);
             diagnostic.column = Some(column);
         }

@@ -42,7 +42,7 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 fn volume_gb(path: &str, value: &Option<String>) -> Result<Option<u32>, ConfigError> {
-    match value {
+    match value.as_ref().filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(text) => parse_volume_size_gb(text)
             .map(|gb| Some(u32::try_from(gb).unwrap_or(u32::MAX)))
@@ -114,6 +114,13 @@ impl Port {
     }
 }
 
+/// The documented default of `internal_port` when a file leaves it out.
+pub const DEFAULT_INTERNAL_PORT: u16 = 8080;
+
+fn or_default_port(port: u16) -> u16 {
+    if port == 0 { DEFAULT_INTERNAL_PORT } else { port }
+}
+
 fn api_headers(headers: &BTreeMap<String, String>) -> Vec<api::HttpHeader> {
     headers.iter().map(|(name, value)| api::HttpHeader { name: name.clone(), values: vec![value.clone()] }).collect()
 }
@@ -154,7 +161,7 @@ impl HttpService {
         let http_options = self.http_options.as_ref().map(HttpOptions::to_api);
         api::MachineService {
             protocol: "tcp".to_string(),
-            internal_port: self.internal_port,
+            internal_port: or_default_port(self.internal_port),
             ports: vec![
                 api::MachinePort {
                     port: Some(80),
@@ -185,7 +192,7 @@ impl Service {
     pub fn to_api(&self) -> api::MachineService {
         api::MachineService {
             protocol: self.protocol.clone(),
-            internal_port: self.internal_port,
+            internal_port: or_default_port(self.internal_port),
             ports: self.ports.iter().map(Port::to_api).collect(),
             checks: self
                 .tcp_checks
@@ -432,7 +439,7 @@ impl AppConfig {
             let port = match check.port {
                 Some(port) => port,
                 None => match self.http_service_for(group) {
-                    Some(http) => http.internal_port,
+                    Some(http) => or_default_port(http.internal_port),
                     None => {
                         return Err(ConfigError::CheckWithoutPort { check: name.clone(), group: group.to_string() });
                     }
@@ -467,7 +474,10 @@ impl AppConfig {
         Ok(vec![api::MachineMount {
             name: mount.source.clone(),
             path: mount.destination.clone(),
-            extend_threshold_percent: mount.auto_extend_size_threshold.and_then(|t| u32::try_from(t).ok()),
+            extend_threshold_percent: mount
+                .auto_extend_size_threshold
+                .filter(|t| *t != 0)
+                .and_then(|t| u32::try_from(t).ok()),
             add_size_gb: volume_gb(&format!("mounts[{i}].auto_extend_size_increment"), &mount.auto_extend_size_increment)?,
             size_gb_limit: volume_gb(&format!("mounts[{i}].auto_extend_size_limit"), &mount.auto_extend_size_limit)?,
             ..api::MachineMount::default()
