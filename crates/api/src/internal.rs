@@ -81,6 +81,9 @@ pub struct ExitStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentMachine {
     pub id: String,
+    /// The agent's event sequence number of this machine's latest change; the control
+    /// plane ignores anything older than what it already applied.
+    pub seq: u64,
     pub app: String,
     pub instance_id: String,
     pub state: MachineState,

@@ -3,6 +3,10 @@
 use aloft_api::token::{Token, TokenError};
 
 use crate::error::ApiError;
+use std::sync::Arc;
+
+use aloft_registry::{Action, AuthError, Authorizer};
+
 use crate::store::{AppRow, Store, TokenRow};
 
 /// The verified identity behind a request.
@@ -109,6 +113,33 @@ impl Caller {
         self.require_write()?;
         if self.apps.is_some() || self.kind == TokenKind::Deploy {
             return Err(ApiError::forbidden("this token is limited to specific apps"));
+        }
+        Ok(())
+    }
+}
+
+/// Registry access with the platform's tokens: a repository is named after its app, so a
+/// token may pull an app's images if it sees the app, and push if it may also write.
+pub struct RegistryAuth {
+    store: Arc<Store>,
+}
+
+impl RegistryAuth {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+impl Authorizer for RegistryAuth {
+    fn authorize(&self, token: Option<&str>, repository: &str, action: Action) -> Result<(), AuthError> {
+        let token = token.ok_or(AuthError::Unauthenticated)?;
+        let caller = authenticate(&self.store, Some(token), chrono::Utc::now().timestamp()).map_err(|_| AuthError::Unauthenticated)?;
+        if repository.is_empty() || caller.is_host() {
+            return Ok(());
+        }
+        let app = self.store.app(repository).ok().flatten().ok_or(AuthError::Denied)?;
+        if !caller.sees_app(&app) || (action != Action::Pull && caller.read_only) {
+            return Err(AuthError::Denied);
         }
         Ok(())
     }

@@ -45,7 +45,8 @@ pub struct Credentials {
 
 pub struct ControlPlane {
     pub config: ControlConfig,
-    pub store: Store,
+    pub store: Arc<Store>,
+    pub registry: Arc<aloft_registry::Registry>,
     pub catalog: Catalog,
     host_token: String,
     agents: Mutex<HashMap<String, AgentClient>>,
@@ -62,7 +63,7 @@ impl ControlPlane {
     pub fn open(config: ControlConfig) -> anyhow::Result<(Arc<Self>, Credentials)> {
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let db_path = config.data_dir.join("control.db");
-        let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+        let store = Arc::new(Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?);
         let org = match store.org_by_slug(DEFAULT_ORG)? {
             Some(org) => org,
             None => {
@@ -74,9 +75,15 @@ impl ControlPlane {
         let admin_token = ensure_token(&store, SETTING_ADMIN_TOKEN_ID, &org.id, TokenKind::Org, "admin")?;
         let host_token = ensure_token(&store, SETTING_HOST_TOKEN_ID, "", TokenKind::Host, "local host")?;
         let catalog = Catalog::new(&config.base_domain);
+        let registry = aloft_registry::Registry::open(
+            aloft_registry::RegistryConfig { root: config.data_dir.join("registry"), upstream: None },
+            Arc::new(auth::RegistryAuth::new(store.clone())),
+        )
+        .context("opening the image registry")?;
         let plane = Arc::new(Self {
             config,
             store,
+            registry,
             catalog,
             host_token: host_token.clone(),
             agents: Mutex::new(HashMap::new()),
@@ -132,7 +139,7 @@ impl ControlPlane {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let router = api::router(self.clone());
+        let router = api::router(self.clone()).merge(self.registry.router());
         axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving the API")
     }
 }
