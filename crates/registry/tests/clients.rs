@@ -22,13 +22,12 @@ fn have(bin: &str) -> bool {
 }
 
 async fn run(bin: &str, args: &[&str]) -> Output {
-    let out = tokio::process::Command::new(bin)
+    tokio::process::Command::new(bin)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
-    out
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"))
 }
 
 async fn run_ok(bin: &str, args: &[&str]) -> String {
