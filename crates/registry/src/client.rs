@@ -1,8 +1,9 @@
 //! Pull client for the host agent: resolves references to linux/amd64 image manifests
 //! and downloads blobs, verifying every digest.
 //!
-//! Plain HTTP (the registry is reached over loopback or the private network) with hyper 1
-//! and hyper-util. Authentication: a platform token is sent as `Bearer`; with user name
+//! HTTP (the platform's registry, over loopback or the private network) and HTTPS
+//! (upstream registries; rustls, trusting Debian's CA bundle plus any extra CA given) with
+//! hyper 1 and hyper-util. Authentication: a platform token is sent as `Bearer`; with user name
 //! and password, HTTP Basic. A `401` with a `Bearer realm=..` challenge (Docker-style
 //! token servers) is answered by fetching a token from the realm and retrying once.
 
@@ -16,7 +17,6 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 
@@ -24,6 +24,7 @@ use crate::RegistryError;
 use crate::digest::{Digest, Hasher};
 use crate::manifest::{self, Descriptor, MAX_MANIFEST_SIZE};
 use crate::names::{validate_repository, validate_tag};
+use crate::tls::Connector;
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
@@ -95,7 +96,7 @@ pub fn parse_reference(s: &str) -> Result<ImageReference> {
 /// Pull client. Cheap to clone-by-Arc; reuses connections.
 pub struct PullClient {
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     token: Option<String>,
     basic: Option<(String, String)>,
     /// Bearer tokens obtained from a token server, by scope.
@@ -197,7 +198,7 @@ impl PullClient {
     pub fn new(registry_url: &str, token: Option<String>) -> Self {
         PullClient {
             base: registry_url.trim_end_matches('/').to_string(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(Connector::new(None)),
             token,
             basic: None,
             bearer: Mutex::new(HashMap::new()),
@@ -209,6 +210,18 @@ impl PullClient {
         let mut c = PullClient::new(registry_url, None);
         c.basic = Some((username.to_string(), password.to_string()));
         c
+    }
+
+    /// Also trusts the CA certificates in `pem` for HTTPS registries.
+    pub fn with_extra_root_certificates(mut self, pem: &[u8]) -> Result<Self> {
+        let cfg = crate::tls::config_with_extra_roots(pem)?;
+        self.client = Client::builder(TokioExecutor::new()).build(Connector::new(Some(cfg)));
+        Ok(self)
+    }
+
+    pub(crate) fn with_tls_config(mut self, cfg: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.client = Client::builder(TokioExecutor::new()).build(Connector::new(Some(cfg)));
+        self
     }
 
     fn auth_header(&self, scope: &str) -> Option<String> {

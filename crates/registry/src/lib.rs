@@ -22,6 +22,7 @@ mod manifest;
 mod names;
 mod server;
 mod storage;
+mod tls;
 mod upstream;
 
 use std::collections::HashMap;
@@ -58,8 +59,8 @@ pub struct RegistryConfig {
 /// Pushes to proxied repositories are stored locally like any other push.
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
-    /// Base URL of the upstream registry, e.g. `http://127.0.0.1:5000`. Only plain `http`
-    /// is supported by the built-in client (see the crate README).
+    /// Base URL of the upstream registry, e.g. `https://registry-1.docker.io` or
+    /// `http://127.0.0.1:5000`. HTTPS trusts Debian's CA bundle and [`Self::ca_file`].
     pub url: String,
     /// Local repository prefix that is proxied (no trailing slash); empty proxies every
     /// repository.
@@ -70,6 +71,8 @@ pub struct UpstreamConfig {
     /// How long a tag fetched from upstream is served from the cache before the upstream
     /// is asked again. On upstream errors the cached tag is served regardless of age.
     pub tag_ttl: Duration,
+    /// Extra CA certificates (PEM) to trust for an HTTPS upstream.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl UpstreamConfig {
@@ -81,6 +84,7 @@ impl UpstreamConfig {
             username: None,
             password: None,
             tag_ttl: Duration::from_secs(300),
+            ca_file: None,
         }
     }
 }

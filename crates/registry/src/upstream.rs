@@ -18,9 +18,9 @@ pub(crate) struct Upstream {
 
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Result<Upstream> {
-        if !cfg.url.starts_with("http://") {
+        if !cfg.url.starts_with("http://") && !cfg.url.starts_with("https://") {
             return Err(RegistryError::Config(format!(
-                "upstream {:?}: only http:// upstreams are supported",
+                "upstream {:?}: the URL must start with http:// or https://",
                 cfg.url
             )));
         }
@@ -30,11 +30,14 @@ impl Upstream {
                 RegistryError::Config(format!("invalid upstream prefix {prefix:?}"))
             })?;
         }
-        let client = match (&cfg.username, &cfg.password) {
+        let mut client = match (&cfg.username, &cfg.password) {
             (Some(u), Some(p)) => PullClient::with_basic_auth(&cfg.url, u, p),
             (None, Some(p)) => PullClient::new(&cfg.url, Some(p.clone())),
             _ => PullClient::new(&cfg.url, None),
         };
+        if let Some(ca) = &cfg.ca_file {
+            client = client.with_tls_config(crate::tls::config_with_ca_file(ca)?);
+        }
         Ok(Upstream { cfg, client })
     }
 
