@@ -18,7 +18,11 @@ fn cases(dir: &Path, prefix: &str, out: &mut String) {
             .trim_end_matches(".toml")
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
-            .collect();
+            .collect::<String>()
+            .split('_')
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join("_");
         let _ = writeln!(
             out,
             "#[test]\nfn {prefix}_{ident}() {{ check_file(&corpus_dir().join({dir:?}).join({name:?})); }}",
