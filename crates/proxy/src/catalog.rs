@@ -1,0 +1,478 @@
+//! The proxy's view of the platform: apps, their hostnames and machines, fed by the
+//! control plane's catalog stream (or in-process through [`Catalog::apply`]).
+//!
+//! Writers (the catalog follower, tests) take a mutex, change the authoritative maps and
+//! publish a fresh immutable [`Snapshot`] through an `ArcSwap`. Readers on the request hot
+//! path only do a lock-free `load()` of the current snapshot: no lock is ever held while a
+//! request is routed, and a change never blocks in-flight requests. Per-machine runtime
+//! state (load counters, pooled backend connections) lives in [`Backend`]s that survive
+//! snapshot rebuilds, so a catalog change neither resets load accounting nor drops pooled
+//! connections.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aloft_api::internal::{CatalogApp, CatalogMachine, CatalogUpdate};
+use aloft_api::{MachineService, MachineState};
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::backend::Backend;
+
+/// One immutable view of the catalog. Cheap to load, never mutated once published.
+#[derive(Default)]
+pub struct Snapshot {
+    pub seq: u64,
+    /// App name → app.
+    pub apps: HashMap<String, Arc<AppView>>,
+    /// Lower-case hostname → app (`CatalogApp.hostnames`).
+    pub hosts: HashMap<String, Arc<AppView>>,
+    /// Dedicated IP address → app.
+    pub dedicated_ips: HashMap<IpAddr, Arc<AppView>>,
+    /// Every shared IP known to apps (routed by Host/SNI).
+    pub shared_ips: HashSet<IpAddr>,
+    /// Certificates by lower-case hostname (exact, or `*.domain` for wildcards).
+    pub certs: HashMap<String, Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl Snapshot {
+    /// The app a request's host names: `<app>.<base_domain>` or one of an app's hostnames.
+    /// `host` must already be lower case and without a port.
+    pub fn app_for_host(&self, host: &str, base_domain: &str) -> Option<&Arc<AppView>> {
+        if let Some(app) = self.hosts.get(host) {
+            return Some(app);
+        }
+        let prefix = host.strip_suffix(base_domain)?.strip_suffix('.')?;
+        if prefix.is_empty() || prefix.contains('.') {
+            return None;
+        }
+        self.apps.get(prefix)
+    }
+
+    /// The certificate for an SNI name: exact match, then a wildcard one level up.
+    pub fn cert_for(&self, host: &str) -> Option<&Arc<rustls::sign::CertifiedKey>> {
+        if let Some(cert) = self.certs.get(host) {
+            return Some(cert);
+        }
+        let (_, parent) = host.split_once('.')?;
+        let mut wildcard = String::with_capacity(parent.len() + 2);
+        wildcard.push_str("*.");
+        wildcard.push_str(parent);
+        self.certs.get(&wildcard)
+    }
+}
+
+/// An app as the router sees it.
+pub struct AppView {
+    pub name: String,
+    pub org: String,
+    pub network: String,
+    pub hostnames: Vec<String>,
+    pub machines: Vec<Arc<MachineView>>,
+    pub stats: Arc<crate::metrics::AppStats>,
+}
+
+impl AppView {
+    /// The service of the app that exposes `port` (first machine that has one, preferring
+    /// started machines), which decides the handlers of a connection.
+    pub fn port_config(&self, port: u16) -> Option<(&MachineService, &aloft_api::MachinePort)> {
+        let mut fallback = None;
+        for machine in &self.machines {
+            for service in &machine.services {
+                if let Some(p) = service.ports.iter().find(|p| p.covers(port)) {
+                    if machine.state == MachineState::Started {
+                        return Some((service, p));
+                    }
+                    if fallback.is_none() {
+                        fallback = Some((service, p));
+                    }
+                }
+            }
+        }
+        fallback
+    }
+
+    /// Every public port some service of the app exposes.
+    pub fn exposed_ports(&self) -> HashSet<u16> {
+        let mut ports = HashSet::new();
+        for machine in &self.machines {
+            for service in &machine.services {
+                if service.protocol == "udp" {
+                    continue;
+                }
+                for p in &service.ports {
+                    match (p.port, p.start_port, p.end_port) {
+                        (Some(port), _, _) => {
+                            ports.insert(port);
+                        }
+                        (None, Some(start), Some(end)) if end >= start && end - start < 1024 => {
+                            ports.extend(start..=end);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        ports
+    }
+}
+
+/// A machine as the router sees it.
+pub struct MachineView {
+    pub id: String,
+    pub app: String,
+    pub instance_id: String,
+    pub region: String,
+    pub host: String,
+    pub state: MachineState,
+    pub process_group: Option<String>,
+    pub private_ipv4: Option<IpAddr>,
+    pub services: Vec<MachineService>,
+    /// Service-level checks pass (or there are none).
+    pub healthy: bool,
+    /// One backend per service (same order as `services`): `private_ipv4:internal_port`.
+    pub backends: Vec<Option<Arc<Backend>>>,
+}
+
+impl MachineView {
+    /// The service (index) that exposes public `port`.
+    pub fn service_for_port(&self, port: u16) -> Option<usize> {
+        self.services
+            .iter()
+            .position(|s| s.ports.iter().any(|p| p.covers(port)))
+    }
+}
+
+/// Extra per-app data that the catalog stream may carry beyond the api types.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AppExtras {
+    /// Allocated public IPs: (address, shared).
+    pub ips: Vec<(IpAddr, bool)>,
+    /// The app's primary region (`min_machines_running` applies there only).
+    pub primary_region: Option<String>,
+}
+
+/// A certificate for one hostname, as PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificatePem {
+    pub hostname: String,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+#[derive(Default)]
+struct State {
+    seq: u64,
+    apps: HashMap<String, CatalogApp>,
+    machines: HashMap<String, CatalogMachine>,
+    extras: HashMap<String, AppExtras>,
+    /// Machine id → health, when a check status is known.
+    health: HashMap<String, bool>,
+    /// (machine id, internal port, address) → backend.
+    backends: HashMap<(String, u16, SocketAddr), Arc<Backend>>,
+    certs: HashMap<String, Arc<rustls::sign::CertifiedKey>>,
+}
+
+/// The catalog: authoritative maps behind a mutex (writers), published snapshots (readers).
+pub struct Catalog {
+    state: Mutex<State>,
+    snapshot: ArcSwap<Snapshot>,
+    changes: watch::Sender<u64>,
+    applied: AtomicU64,
+    backend_settings: crate::backend::PoolSettings,
+    stats: crate::metrics::StatsTable,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self::new(crate::backend::PoolSettings::default())
+    }
+}
+
+impl Catalog {
+    pub fn new(backend_settings: crate::backend::PoolSettings) -> Self {
+        let (changes, _) = watch::channel(0);
+        Catalog {
+            state: Mutex::new(State::default()),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            changes,
+            applied: AtomicU64::new(0),
+            backend_settings,
+            stats: crate::metrics::StatsTable::default(),
+        }
+    }
+
+    /// Request counters of every app.
+    pub fn stats(&self) -> &crate::metrics::StatsTable {
+        &self.stats
+    }
+
+    /// The current snapshot (lock-free).
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    /// The current snapshot, owned.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The sequence number of the last update applied (0 before any).
+    pub fn seq(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// A receiver that sees every published change (its value is the seq).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Applies one catalog update and publishes the new snapshot.
+    pub fn apply(&self, update: CatalogUpdate) {
+        self.apply_all(std::iter::once(update));
+    }
+
+    /// Applies several updates, publishing one snapshot at the end.
+    pub fn apply_all(&self, updates: impl IntoIterator<Item = CatalogUpdate>) {
+        let mut state = self.lock();
+        for update in updates {
+            apply_one(&mut state, update);
+        }
+        self.publish(&mut state);
+    }
+
+    /// Applies an update together with data the api types do not carry (from the raw
+    /// catalog JSON): app extras and machine health.
+    pub fn apply_with(
+        &self,
+        update: CatalogUpdate,
+        extras: Vec<(String, AppExtras)>,
+        health: Vec<(String, bool)>,
+    ) {
+        let mut state = self.lock();
+        let snapshot = matches!(update, CatalogUpdate::Snapshot { .. });
+        apply_one(&mut state, update);
+        if snapshot {
+            state.extras.clear();
+        }
+        for (app, e) in extras {
+            state.extras.insert(app, e);
+        }
+        for (id, healthy) in health {
+            state.health.insert(id, healthy);
+        }
+        self.publish(&mut state);
+    }
+
+    /// The primary region of an app, when the catalog says.
+    pub fn primary_region(&self, app: &str) -> Option<String> {
+        self.lock()
+            .extras
+            .get(app)
+            .and_then(|e| e.primary_region.clone())
+    }
+
+    /// Sets the extra data of an app (public IPs).
+    pub fn set_app_extras(&self, app: &str, extras: AppExtras) {
+        let mut state = self.lock();
+        if state.extras.get(app) == Some(&extras) {
+            return;
+        }
+        state.extras.insert(app.to_string(), extras);
+        self.publish(&mut state);
+    }
+
+    /// Marks a machine healthy or not (service-level checks); unhealthy machines get no traffic.
+    pub fn set_machine_health(&self, machine_id: &str, healthy: bool) {
+        let mut state = self.lock();
+        if state.health.get(machine_id) == Some(&healthy) {
+            return;
+        }
+        state.health.insert(machine_id.to_string(), healthy);
+        self.publish(&mut state);
+    }
+
+    /// Installs (or replaces) the certificate of a hostname.
+    pub fn set_certificate(&self, hostname: &str, key: Arc<rustls::sign::CertifiedKey>) {
+        let mut state = self.lock();
+        state.certs.insert(hostname.to_ascii_lowercase(), key);
+        self.publish(&mut state);
+    }
+
+    /// Drops the certificate of a hostname.
+    pub fn remove_certificate(&self, hostname: &str) {
+        let mut state = self.lock();
+        if state.certs.remove(&hostname.to_ascii_lowercase()).is_some() {
+            self.publish(&mut state);
+        }
+    }
+
+    /// Every hostname the proxy should hold a certificate for (app hostnames).
+    pub fn hostnames(&self) -> Vec<(String, String)> {
+        let state = self.lock();
+        let mut out = Vec::new();
+        for app in state.apps.values() {
+            for host in &app.hostnames {
+                out.push((app.name.clone(), host.to_ascii_lowercase()));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether the catalog holds a certificate for `hostname`.
+    pub fn has_certificate(&self, hostname: &str) -> bool {
+        self.lock()
+            .certs
+            .contains_key(&hostname.to_ascii_lowercase())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish(&self, state: &mut State) {
+        let snapshot = build_snapshot(state, &self.backend_settings, &self.stats);
+        let seq = snapshot.seq;
+        self.snapshot.store(Arc::new(snapshot));
+        self.applied.store(seq, Ordering::Release);
+        self.changes
+            .send_modify(|value| *value = value.wrapping_add(1));
+    }
+}
+
+fn apply_one(state: &mut State, update: CatalogUpdate) {
+    match update {
+        CatalogUpdate::Snapshot {
+            seq,
+            apps,
+            machines,
+        } => {
+            state.seq = seq;
+            state.apps = apps.into_iter().map(|a| (a.name.clone(), a)).collect();
+            state.machines = machines.into_iter().map(|m| (m.id.clone(), m)).collect();
+        }
+        CatalogUpdate::App { seq, app } => {
+            state.seq = state.seq.max(seq);
+            state.apps.insert(app.name.clone(), app);
+        }
+        CatalogUpdate::AppRemoved { seq, name } => {
+            state.seq = state.seq.max(seq);
+            state.apps.remove(&name);
+            state.extras.remove(&name);
+            state.machines.retain(|_, m| m.app != name);
+        }
+        CatalogUpdate::Machine { seq, machine } => {
+            state.seq = state.seq.max(seq);
+            if machine.state == MachineState::Destroyed {
+                state.machines.remove(&machine.id);
+            } else {
+                state.machines.insert(machine.id.clone(), machine);
+            }
+        }
+        CatalogUpdate::MachineRemoved { seq, id } => {
+            state.seq = state.seq.max(seq);
+            state.machines.remove(&id);
+            state.health.remove(&id);
+        }
+    }
+}
+
+fn build_snapshot(
+    state: &mut State,
+    settings: &crate::backend::PoolSettings,
+    stats: &crate::metrics::StatsTable,
+) -> Snapshot {
+    let mut live_backends = HashMap::new();
+    let mut machines_by_app: HashMap<&str, Vec<Arc<MachineView>>> = HashMap::new();
+    let mut ids: Vec<&String> = state.machines.keys().collect();
+    ids.sort();
+    for id in ids {
+        let m = &state.machines[id];
+        let ipv4 = m
+            .private_ipv4
+            .as_deref()
+            .and_then(|ip| ip.parse::<IpAddr>().ok());
+        let backends = m
+            .services
+            .iter()
+            .map(|service| {
+                let ip = ipv4?;
+                let addr = SocketAddr::new(ip, service.internal_port);
+                let key = (m.id.clone(), service.internal_port, addr);
+                let backend = state.backends.get(&key).cloned().unwrap_or_else(|| {
+                    Arc::new(Backend::new(addr, m.id.clone(), settings.clone()))
+                });
+                live_backends.insert(key, backend.clone());
+                Some(backend)
+            })
+            .collect();
+        let healthy = state.health.get(&m.id).copied().unwrap_or(true);
+        let view = MachineView {
+            id: m.id.clone(),
+            app: m.app.clone(),
+            instance_id: m.instance_id.clone(),
+            region: m.region.clone(),
+            host: m.host.clone(),
+            state: m.state,
+            process_group: m.process_group.clone(),
+            private_ipv4: ipv4,
+            services: m.services.clone(),
+            healthy,
+            backends,
+        };
+        machines_by_app
+            .entry(m.app.as_str())
+            .or_default()
+            .push(Arc::new(view));
+    }
+    // Backends of machines that went away: close their idle connections.
+    for (key, backend) in state.backends.iter() {
+        if !live_backends.contains_key(key) {
+            backend.retire();
+        }
+    }
+    state.backends = live_backends;
+
+    let mut snapshot = Snapshot {
+        seq: state.seq,
+        certs: state.certs.clone(),
+        ..Snapshot::default()
+    };
+    for app in state.apps.values() {
+        let view = Arc::new(AppView {
+            name: app.name.clone(),
+            org: app.org.clone(),
+            network: app.network.clone(),
+            hostnames: app
+                .hostnames
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            machines: machines_by_app
+                .remove(app.name.as_str())
+                .unwrap_or_default(),
+            stats: stats.for_app(&app.name),
+        });
+        for host in &view.hostnames {
+            snapshot.hosts.insert(host.clone(), view.clone());
+        }
+        if let Some(extras) = state.extras.get(&app.name) {
+            for (ip, shared) in &extras.ips {
+                if *shared {
+                    snapshot.shared_ips.insert(*ip);
+                } else {
+                    snapshot.dedicated_ips.insert(*ip, view.clone());
+                }
+            }
+        }
+        snapshot.apps.insert(app.name.clone(), view);
+    }
+    stats.retain(|name| state.apps.contains_key(name));
+    snapshot
+}

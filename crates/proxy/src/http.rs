@@ -1,0 +1,850 @@
+//! The `http` handler: routes each request by Host to an app, picks a machine, forwards
+//! the request with the platform headers over a pooled connection, and post-processes the
+//! response (headers, fly-replay, compression).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aloft_api::MachinePort;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+
+use crate::Proxy;
+use crate::backend::BackendError;
+use crate::body::{Attached, ReqBody, RespBody};
+use crate::catalog::AppView;
+use crate::headers::{self as h};
+use crate::lb::{self, Chosen, Constraints};
+use crate::metrics::RequestDone;
+
+/// Request bodies up to this size are buffered, so that fly-replay can re-deliver them.
+pub const REPLAY_BODY_LIMIT: u64 = 1024 * 1024;
+/// Most replays one request may go through.
+const MAX_REPLAYS: usize = 5;
+
+/// What the proxy knows about the client connection a request came on.
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+    /// The port services are matched against (80 for the default HTTP listener).
+    pub public_port: u16,
+    pub tls: bool,
+    /// The app, when the connection already determined it (dedicated IP, SNI).
+    pub fixed_app: Option<String>,
+    pub client_ip: HeaderValue,
+    pub local_port: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(
+        client: SocketAddr,
+        local: SocketAddr,
+        public_port: u16,
+        tls: bool,
+        fixed_app: Option<String>,
+    ) -> Self {
+        let client_ip = h::value_of(&client.ip().to_canonical().to_string());
+        let local_port = h::value_of(&local.port().to_string());
+        ConnInfo {
+            client,
+            local,
+            public_port,
+            tls,
+            fixed_app,
+            client_ip,
+            local_port,
+        }
+    }
+}
+
+/// A short plain-text error response.
+pub fn error_response(status: StatusCode, message: &str) -> Response<RespBody> {
+    let mut body = String::with_capacity(message.len() + 1);
+    body.push_str(message);
+    body.push('\n');
+    let mut resp = Response::new(RespBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The host a request names, lower case, without port.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(host) => host,
+        None => req.uri().authority()?.as_str(),
+    };
+    Some(normalize_host(raw))
+}
+
+/// Lower-cases a host and strips its port (`[v6]:port`, `name:port`) and a trailing dot.
+pub fn normalize_host(raw: &str) -> String {
+    let raw = raw.trim();
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match raw.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => raw,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase()
+    } else {
+        host.to_string()
+    }
+}
+
+/// Where a request goes and how its response is treated.
+struct Route {
+    app: Arc<AppView>,
+    port: MachinePort,
+}
+
+impl Route {
+    fn pristine(&self) -> bool {
+        self.port
+            .http_options
+            .as_ref()
+            .and_then(|o| o.response.as_ref())
+            .and_then(|r| r.pristine)
+            .unwrap_or(false)
+    }
+    fn h2_backend(&self) -> bool {
+        self.port
+            .http_options
+            .as_ref()
+            .and_then(|o| o.h2_backend)
+            .unwrap_or(false)
+    }
+}
+
+// Returned once per request by value; boxing the response would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    Response(Response<RespBody>),
+    Error(StatusCode, &'static str),
+}
+
+impl Proxy {
+    /// Entry point of the `http` handler for one request.
+    pub(crate) async fn handle_http(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let start = Instant::now();
+        let request_id = self.request_ids.next();
+        let client_version = req.version();
+        let (outcome, stats, pristine, route) = self.route_and_forward(&conn, req).await;
+        let mut resp = match outcome {
+            Outcome::Response(resp) => resp,
+            Outcome::Error(status, message) => error_response(status, message),
+        };
+        if !pristine {
+            let via = if client_version == Version::HTTP_2 {
+                &self.via_h2
+            } else {
+                &self.via_h1
+            };
+            h::append_list(resp.headers_mut(), &header::VIA, via);
+            resp.headers_mut()
+                .insert(h::FLY_REQUEST_ID.clone(), request_id);
+        }
+        if let Some(route) = &route {
+            apply_response_headers(resp.headers_mut(), &route.port);
+        }
+        let done = RequestDone {
+            stats,
+            edge: self.metrics.edge.clone(),
+            status: resp.status().as_u16(),
+            start,
+        };
+        match resp.body_mut() {
+            RespBody::Upstream { attached, .. } if attached.done.is_none() => {
+                attached.done = Some(done)
+            }
+            _ => done.finish(),
+        }
+        Ok(resp)
+    }
+
+    async fn route_and_forward(
+        self: &Arc<Self>,
+        conn: &Arc<ConnInfo>,
+        req: Request<Incoming>,
+    ) -> (
+        Outcome,
+        Option<Arc<crate::metrics::AppStats>>,
+        bool,
+        Option<Route>,
+    ) {
+        let host = request_host(&req).unwrap_or_default();
+        if !conn.tls
+            && let Some(token) = req
+                .uri()
+                .path()
+                .strip_prefix("/.well-known/acme-challenge/")
+            && let Some(answer) = self
+                .http01
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(token)
+                .cloned()
+        {
+            let mut resp = Response::new(RespBody::full(answer));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return (Outcome::Response(resp), None, false, None);
+        }
+        let app_name = match &conn.fixed_app {
+            Some(app) => Some(app.clone()),
+            None => {
+                let snapshot = self.catalog.load();
+                snapshot
+                    .app_for_host(&host, &self.config.base_domain)
+                    .map(|a| a.name.clone())
+            }
+        };
+        let Some(app_name) = app_name else {
+            return (
+                Outcome::Error(StatusCode::NOT_FOUND, "no app is served at this host"),
+                None,
+                false,
+                None,
+            );
+        };
+        let deadline = Instant::now() + self.config.machine_wait;
+        let route = match self.wait_route(&app_name, conn.public_port, deadline).await {
+            Ok(route) => route,
+            Err(outcome) => return (outcome, None, false, None),
+        };
+        let stats = Some(route.app.stats.clone());
+        let pristine = route.pristine();
+        let handlers = &route.port.handlers;
+        if !handlers.iter().any(|h| h == "http")
+            || (handlers.iter().any(|h| h == "tls") && !conn.tls)
+        {
+            return (
+                Outcome::Error(StatusCode::NOT_FOUND, "this port does not serve plain HTTP"),
+                stats,
+                pristine,
+                None,
+            );
+        }
+        if route.port.force_https == Some(true) && !conn.tls {
+            return (
+                Outcome::Response(redirect_https(&req, &host)),
+                stats,
+                pristine,
+                Some(route),
+            );
+        }
+        let outcome = self.forward(conn, req, &route, &host, deadline).await;
+        (outcome, stats, pristine, Some(route))
+    }
+
+    /// Finds the app and the service config of `port`, waiting (bounded) while the app
+    /// has no machine at all yet.
+    async fn wait_route(
+        &self,
+        app_name: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<Route, Outcome> {
+        let mut changes = self.catalog.subscribe();
+        loop {
+            {
+                let snapshot = self.catalog.load();
+                let Some(app) = snapshot.apps.get(app_name) else {
+                    return Err(Outcome::Error(
+                        StatusCode::NOT_FOUND,
+                        "no app is served at this host",
+                    ));
+                };
+                if let Some((_, port)) = app.port_config(port) {
+                    return Ok(Route {
+                        app: app.clone(),
+                        port: port.clone(),
+                    });
+                }
+                if !app.machines.is_empty() {
+                    return Err(Outcome::Error(
+                        StatusCode::NOT_FOUND,
+                        "no service of this app listens on this port",
+                    ));
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() {
+                    return Err(Outcome::Error(StatusCode::SERVICE_UNAVAILABLE, "no machine is available for this app"));
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(Outcome::Error(StatusCode::SERVICE_UNAVAILABLE, "no machine is available for this app"));
+                }
+            }
+        }
+    }
+
+    /// Chooses a machine, waiting (bounded) for one to start or for capacity to free up.
+    pub(crate) async fn choose(
+        self: &Arc<Self>,
+        app_name: &str,
+        port: u16,
+        constraints: &Constraints,
+        deadline: Instant,
+    ) -> Result<Chosen, (StatusCode, &'static str)> {
+        let mut changes = self.catalog.subscribe();
+        loop {
+            let pick = {
+                let snapshot = self.catalog.load();
+                let Some(app) = snapshot.apps.get(app_name) else {
+                    return Err((StatusCode::NOT_FOUND, "no app is served at this host"));
+                };
+                lb::pick(
+                    app,
+                    port,
+                    &self.rtt,
+                    &self.config.region,
+                    constraints,
+                    &self.released,
+                )
+            };
+            let queued = match pick {
+                lb::Pick::Chosen(chosen) => return Ok(chosen),
+                lb::Pick::OverSoft { chosen, startable } => {
+                    // Every running machine is over its soft limit: wake one more for the
+                    // requests to come, and serve this one where there is room.
+                    self.clone().start_in_background(&startable);
+                    return Ok(chosen);
+                }
+                lb::Pick::Startable(startable) => {
+                    self.clone().start_in_background(&startable);
+                    false
+                }
+                lb::Pick::Full => true,
+                lb::Pick::None => {
+                    if constraints.force_instance.is_some() || constraints.force_regions.is_some() {
+                        return Err((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no machine matches the requested region or instance",
+                        ));
+                    }
+                    false
+                }
+            };
+            // Wait for a catalog change (a machine started) or, when queued at the hard
+            // limit, for a slot to free up; 503 at the deadline.
+            let released = &self.released;
+            let notified = released.notify.notified();
+            tokio::pin!(notified);
+            if queued {
+                released
+                    .waiters
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                notified.as_mut().enable();
+            }
+            let poll = tokio::time::sleep(Duration::from_millis(if queued { 50 } else { 100 }));
+            let outcome = tokio::select! {
+                _ = changes.changed() => None,
+                _ = &mut notified, if queued => None,
+                _ = poll => None,
+                _ = tokio::time::sleep_until(deadline.into()) => Some(()),
+            };
+            if queued {
+                released
+                    .waiters
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if outcome.is_some() {
+                return Err(if queued {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "every machine of this app is at its hard limit",
+                    )
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no machine is available for this app",
+                    )
+                });
+            }
+        }
+    }
+
+    async fn forward(
+        self: &Arc<Self>,
+        conn: &Arc<ConnInfo>,
+        mut req: Request<Incoming>,
+        route: &Route,
+        host: &str,
+        deadline: Instant,
+    ) -> Outcome {
+        let upgrade = h::is_upgrade(req.headers()) && req.version() == Version::HTTP_11;
+        let client_upgrade = if upgrade {
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            None
+        };
+        let client_version = req.version();
+        let (mut parts, body) = req.into_parts();
+
+        let mut constraints = constraints_from_headers(&parts.headers);
+        self.prepare_request_headers(conn, &mut parts.headers, client_version, upgrade, host);
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let pq = parts.uri.path_and_query().cloned();
+            let mut uri_parts = http::uri::Parts::default();
+            uri_parts.path_and_query =
+                pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+            if let Ok(uri) = Uri::from_parts(uri_parts) {
+                parts.uri = uri;
+            }
+        }
+
+        // Bodies up to 1 MB are buffered so a fly-replay can re-deliver them.
+        let body = match read_body(body).await {
+            Ok(body) => body,
+            Err(outcome) => return outcome,
+        };
+        let mut body = Some(body);
+        let mut app_name = route.app.name.clone();
+        let mut route_h2 = route.h2_backend();
+        let mut replay_src: Option<HeaderValue> = None;
+        let mut replay_state = crate::replay::ReplayState::default();
+
+        for hop in 0..=MAX_REPLAYS {
+            let wait_until = replay_state.deadline(deadline);
+            let chosen = match self
+                .choose(&app_name, conn.public_port, &constraints, wait_until)
+                .await
+            {
+                Ok(chosen) => chosen,
+                Err((status, message)) => {
+                    let reason = if Instant::now() >= wait_until {
+                        "timeout"
+                    } else {
+                        "no_candidate"
+                    };
+                    if let Some(fallback) = replay_state.take_fallback(reason) {
+                        parts
+                            .headers
+                            .insert(h::FLY_REPLAY_FAILED.clone(), fallback.failed_header);
+                        parts.headers.remove(&h::FLY_REPLAY_SRC);
+                        replay_src = None;
+                        constraints = fallback.constraints;
+                        route_h2 = self.app_h2_backend(&fallback.app, conn.public_port);
+                        app_name = fallback.app;
+                        continue;
+                    }
+                    return Outcome::Error(status, message);
+                }
+            };
+            if let Some(id) = &chosen.preferred_unavailable {
+                parts.headers.insert(
+                    h::FLY_PREFERRED_INSTANCE_UNAVAILABLE.clone(),
+                    h::value_of(id),
+                );
+            }
+            if let Some(src) = &replay_src {
+                parts.headers.insert(h::FLY_REPLAY_SRC.clone(), src.clone());
+            }
+            let Some(this_body) = body.take() else {
+                return Outcome::Error(StatusCode::BAD_GATEWAY, "request body already consumed");
+            };
+            let replayable = this_body.try_clone();
+            let request = build_request(&parts, this_body);
+            let machine = chosen.machine.clone();
+            let mut sent = self.send(&chosen, request, route_h2, upgrade).await;
+            // A machine this proxy just started may still be booting: hold the request
+            // (bounded) until its app accepts connections.
+            while let Err(e) = &sent
+                && e.is_connect()
+                && self.recently_started(&machine.id)
+                && Instant::now() < deadline
+                && let Some(body) = replayable.as_ref().and_then(ReqBody::try_clone)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                sent = self
+                    .send(&chosen, build_request(&parts, body), route_h2, upgrade)
+                    .await;
+            }
+            let mut resp = match sent {
+                Ok(resp) => resp,
+                Err(e) => {
+                    tracing::debug!(app = %app_name, machine = %machine.id, error = %e, "backend request failed");
+                    return Outcome::Error(StatusCode::BAD_GATEWAY, "the app did not answer");
+                }
+            };
+
+            // fly-replay: the app asks for this request to be delivered elsewhere.
+            if hop < MAX_REPLAYS
+                && let Some(replay) = crate::replay::parse_response(&mut resp).await
+            {
+                let Some(replay) = replay else {
+                    return Outcome::Error(
+                        StatusCode::BAD_GATEWAY,
+                        "invalid fly-replay from the app",
+                    );
+                };
+                let Some(saved) = replayable else {
+                    return Outcome::Error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body over 1 MB cannot be replayed (use fly-prefer-region)",
+                    );
+                };
+                if replay_state.is_fallback {
+                    // A fallback delivery may not replay again.
+                    return Outcome::Error(
+                        StatusCode::BAD_GATEWAY,
+                        "a fallback request may not replay",
+                    );
+                }
+                self.metrics.replays.inc();
+                drop(resp);
+                let next = replay_state.begin(&replay, &machine, &self.config.region, &app_name);
+                replay_src = Some(next.src_header);
+                constraints = next.constraints;
+                if let Some(target) = next.app {
+                    if let Err(message) =
+                        self.replay_target_allowed(&app_name, &target, conn.public_port)
+                    {
+                        return Outcome::Error(StatusCode::BAD_GATEWAY, message);
+                    }
+                    route_h2 = self.app_h2_backend(&target, conn.public_port);
+                    app_name = target;
+                }
+                replay.transform(&mut parts);
+                body = Some(saved);
+                continue;
+            }
+
+            strip_response(&mut resp, upgrade);
+            if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client_upgrade) = client_upgrade {
+                    splice_upgrade(client_upgrade, &mut resp, chosen.guard);
+                }
+                return Outcome::Response(resp);
+            }
+            attach_load(&mut resp, chosen.guard);
+            if self.should_compress(route, &parts.headers, &resp) {
+                resp = crate::compress::compress_response(resp, &parts.headers).await;
+            }
+            return Outcome::Response(resp);
+        }
+        Outcome::Error(StatusCode::LOOP_DETECTED, "too many fly-replay hops")
+    }
+
+    fn prepare_request_headers(
+        &self,
+        conn: &ConnInfo,
+        headers: &mut HeaderMap,
+        version: Version,
+        upgrade: bool,
+        host: &str,
+    ) {
+        h::strip_hop_by_hop(headers, upgrade);
+        if !headers.contains_key(header::HOST) && !host.is_empty() {
+            headers.insert(header::HOST, h::value_of(host));
+        }
+        headers.insert(h::FLY_CLIENT_IP.clone(), conn.client_ip.clone());
+        headers.insert(h::FLY_FORWARDED_PORT.clone(), conn.local_port.clone());
+        headers.insert(h::FLY_REGION.clone(), self.region_value.clone());
+        h::append_list(headers, &h::X_FORWARDED_FOR, &conn.client_ip);
+        let (proto, ssl) = if conn.tls {
+            ("https", "on")
+        } else {
+            ("http", "off")
+        };
+        headers.insert(
+            h::X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(proto),
+        );
+        headers.insert(h::X_FORWARDED_SSL.clone(), HeaderValue::from_static(ssl));
+        if !headers.contains_key(&h::X_FORWARDED_PORT) {
+            headers.insert(h::X_FORWARDED_PORT.clone(), conn.local_port.clone());
+        }
+        let via = if version == Version::HTTP_2 {
+            &self.via_h2
+        } else {
+            &self.via_h1
+        };
+        h::append_list(headers, &header::VIA, via);
+    }
+
+    async fn send(
+        &self,
+        chosen: &Chosen,
+        mut request: Request<ReqBody>,
+        h2: bool,
+        upgrade: bool,
+    ) -> Result<Response<RespBody>, BackendError> {
+        let backend = chosen.guard.backend().clone();
+        if upgrade {
+            let resp = backend.send_upgrade(request).await?;
+            return Ok(resp.map(|inner| {
+                RespBody::upstream(
+                    inner,
+                    Attached {
+                        pooled: None,
+                        load: None,
+                        done: None,
+                    },
+                )
+            }));
+        }
+        if h2 {
+            *request.version_mut() = Version::HTTP_2;
+            let authority = request
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("localhost")
+                .to_string();
+            let pq = request
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            if let Ok(uri) = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(pq)
+                .build()
+            {
+                *request.uri_mut() = uri;
+            }
+            request.headers_mut().remove(header::HOST);
+            let resp = backend.send_h2(request).await?;
+            return Ok(resp.map(|inner| {
+                RespBody::upstream(
+                    inner,
+                    Attached {
+                        pooled: None,
+                        load: None,
+                        done: None,
+                    },
+                )
+            }));
+        }
+        *request.version_mut() = Version::HTTP_11;
+        let (resp, pooled) = backend.send_h1(request).await?;
+        Ok(resp.map(|inner| {
+            RespBody::upstream(
+                inner,
+                Attached {
+                    pooled: Some(pooled),
+                    load: None,
+                    done: None,
+                },
+            )
+        }))
+    }
+
+    /// Whether the app's service on `port` speaks h2c to its machines.
+    fn app_h2_backend(&self, app: &str, port: u16) -> bool {
+        let snapshot = self.catalog.load();
+        snapshot
+            .apps
+            .get(app)
+            .and_then(|a| a.port_config(port))
+            .and_then(|(_, p)| p.http_options.as_ref().and_then(|o| o.h2_backend))
+            .unwrap_or(false)
+    }
+
+    /// A replay to another app stays within the same organization and network.
+    fn replay_target_allowed(&self, from: &str, to: &str, port: u16) -> Result<(), &'static str> {
+        let snapshot = self.catalog.load();
+        let (Some(from), Some(to)) = (snapshot.apps.get(from), snapshot.apps.get(to)) else {
+            return Err("fly-replay names an app that does not exist");
+        };
+        if from.org != to.org || from.network != to.network {
+            return Err("fly-replay to an app of another organization or network is not allowed");
+        }
+        if to.port_config(port).is_none() && !to.machines.is_empty() {
+            return Err("the fly-replay target app has no service on this port");
+        }
+        Ok(())
+    }
+
+    fn should_compress(
+        &self,
+        route: &Route,
+        req_headers: &HeaderMap,
+        resp: &Response<RespBody>,
+    ) -> bool {
+        let enabled = route
+            .port
+            .http_options
+            .as_ref()
+            .and_then(|o| o.compress)
+            .unwrap_or(true);
+        enabled && crate::compress::wants_compression(req_headers, resp)
+    }
+}
+
+/// Moves the load slot of the chosen machine onto the response body, so the machine
+/// counts as busy until the response is fully sent.
+fn attach_load(resp: &mut Response<RespBody>, guard: crate::backend::LoadGuard) {
+    if let RespBody::Upstream { attached, .. } = resp.body_mut() {
+        attached.load = Some(guard);
+    }
+}
+
+fn build_request(parts: &http::request::Parts, body: ReqBody) -> Request<ReqBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+async fn read_body(body: Incoming) -> Result<ReqBody, Outcome> {
+    if body.is_end_stream() {
+        return Ok(ReqBody::Empty);
+    }
+    match body.size_hint().exact() {
+        Some(len) if len <= REPLAY_BODY_LIMIT => match body.collect().await {
+            Ok(collected) => Ok(ReqBody::Full(Some(collected.to_bytes()))),
+            Err(_) => Err(Outcome::Error(
+                StatusCode::BAD_REQUEST,
+                "could not read the request body",
+            )),
+        },
+        _ => Ok(ReqBody::Stream(body)),
+    }
+}
+
+fn constraints_from_headers(headers: &HeaderMap) -> Constraints {
+    let list = |name: &http::HeaderName| -> Option<Vec<String>> {
+        let value = headers.get(name)?.to_str().ok()?;
+        let items: Vec<String> = value
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        (!items.is_empty()).then_some(items)
+    };
+    let one = |name: &http::HeaderName| -> Option<String> {
+        let value = headers.get(name)?.to_str().ok()?.trim();
+        (!value.is_empty()).then(|| value.to_string())
+    };
+    if headers.is_empty() {
+        return Constraints::default();
+    }
+    Constraints {
+        force_regions: list(&h::FLY_FORCE_REGION),
+        prefer_regions: list(&h::FLY_PREFER_REGION),
+        force_instance: one(&h::FLY_FORCE_INSTANCE_ID),
+        prefer_instance: one(&h::FLY_PREFER_INSTANCE_ID),
+        exclude: None,
+    }
+}
+
+fn redirect_https<B>(req: &Request<B>, host: &str) -> Response<RespBody> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = format!("https://{host}{pq}");
+    let mut resp = error_response(StatusCode::MOVED_PERMANENTLY, "moved to https");
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, value);
+    }
+    resp
+}
+
+fn strip_response(resp: &mut Response<RespBody>, upgrade: bool) {
+    let keep_upgrade = upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    if headers.contains_key(header::CONNECTION)
+        || headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.contains_key(&h::KEEP_ALIVE)
+        || headers.contains_key(header::UPGRADE)
+        || headers.contains_key(header::TE)
+    {
+        h::strip_hop_by_hop(headers, keep_upgrade);
+    }
+}
+
+/// `http_options.response.headers`: a string sets, a list sets several values, `false` removes.
+fn apply_response_headers(headers: &mut HeaderMap, port: &MachinePort) {
+    let Some(custom) = port
+        .http_options
+        .as_ref()
+        .and_then(|o| o.response.as_ref())
+        .map(|r| &r.headers)
+    else {
+        return;
+    };
+    for (name, value) in custom {
+        let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        match value {
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {
+                headers.remove(&name);
+            }
+            serde_json::Value::Array(values) => {
+                headers.remove(&name);
+                for v in values {
+                    if let Some(v) = json_header_value(v) {
+                        headers.append(name.clone(), v);
+                    }
+                }
+            }
+            other => {
+                if let Some(v) = json_header_value(other) {
+                    headers.insert(name, v);
+                }
+            }
+        }
+    }
+}
+
+fn json_header_value(value: &serde_json::Value) -> Option<HeaderValue> {
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(true) => "true".to_string(),
+        _ => return None,
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+/// Splices an upgraded client connection with the upgraded backend connection.
+fn splice_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    resp: &mut Response<RespBody>,
+    guard: crate::backend::LoadGuard,
+) {
+    let backend = hyper::upgrade::on(&mut *resp);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (client, backend) = match tokio::try_join!(client, backend) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut backend = hyper_util::rt::TokioIo::new(backend);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+    });
+}

@@ -1,0 +1,634 @@
+//! Listeners and connections: accept loops, the per-connection handler pipeline (TLS,
+//! PROXY protocol, HTTP, raw TCP), dynamic listeners for the apps' IPs and ports, and
+//! graceful draining.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use aloft_api::MachinePort;
+use http::{Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::body::RespBody;
+use crate::http::ConnInfo;
+use crate::lb::Constraints;
+use crate::{BoundAddrs, Proxy, ProxyConfig};
+
+/// What a listener does with its connections.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Role {
+    /// Plain HTTP on a shared address, routed by Host.
+    Http {
+        public_port: u16,
+    },
+    /// TLS on a shared address, routed by SNI (then Host).
+    Https {
+        public_port: u16,
+    },
+    /// Another public port on a shared address: TLS by SNI or HTTP by Host.
+    Shared {
+        public_port: u16,
+    },
+    /// A dedicated IP of one app: handlers of the app's service on the port.
+    Dedicated {
+        app: String,
+        public_port: u16,
+    },
+    Metrics,
+}
+
+pub(crate) struct Bound {
+    listeners: Vec<(TcpListener, Role)>,
+}
+
+impl Bound {
+    pub(crate) fn addrs(&self) -> BoundAddrs {
+        let mut addrs = BoundAddrs::default();
+        for (listener, role) in &self.listeners {
+            let addr = listener.local_addr().ok();
+            match role {
+                Role::Http { .. } => addrs.http = addr,
+                Role::Https { .. } => addrs.https = addr,
+                Role::Metrics => addrs.metrics = addr,
+                _ => {}
+            }
+        }
+        addrs
+    }
+}
+
+/// A listening socket with a deep backlog, SO_REUSEADDR, and (for addresses that may not
+/// be configured yet) IP_FREEBIND.
+pub(crate) fn listen(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if freebind {
+        let _ = if addr.is_ipv4() {
+            socket.set_freebind_v4(true)
+        } else {
+            socket.set_freebind_v6(true)
+        };
+    }
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+pub(crate) fn bind_static(config: &ProxyConfig) -> anyhow::Result<Bound> {
+    let mut listeners = Vec::new();
+    let http = listen(config.http_listen, false)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_listen))?;
+    listeners.push((http, Role::Http { public_port: 80 }));
+    if let Some(addr) = config.https_listen {
+        let https =
+            listen(addr, false).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        listeners.push((https, Role::Https { public_port: 443 }));
+    }
+    if let Some(addr) = config.metrics_listen {
+        let metrics =
+            listen(addr, false).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        listeners.push((metrics, Role::Metrics));
+    }
+    Ok(Bound { listeners })
+}
+
+pub(crate) async fn serve(
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bound = proxy.bound.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let bound = match bound {
+        Some(bound) => bound,
+        None => {
+            let bound = bind_static(&proxy.config)?;
+            *proxy.addrs.lock().unwrap_or_else(|p| p.into_inner()) = bound.addrs();
+            bound
+        }
+    };
+    let _ = proxy.stop.send(false);
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    for (listener, role) in bound.listeners {
+        tasks.push(tokio::spawn(accept_loop(
+            proxy.clone(),
+            listener,
+            role,
+            proxy.stop.subscribe(),
+        )));
+    }
+    let background: Vec<JoinHandle<()>> = vec![
+        tokio::spawn(manage_listeners(proxy.clone())),
+        tokio::spawn(crate::autoscale::autostop_loop(proxy.clone())),
+        tokio::spawn(crate::tls::certificate_loop(proxy.clone())),
+    ];
+    shutdown.await;
+    tracing::info!(
+        connections = proxy.tracker.active(),
+        "shutting down: draining"
+    );
+    let _ = proxy.stop.send(true);
+    for task in background {
+        task.abort();
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    // Wait for open connections to finish their in-flight work.
+    let deadline = tokio::time::Instant::now() + proxy.config.drain_timeout;
+    loop {
+        let idle = proxy.tracker.idle.notified();
+        if proxy.tracker.active() == 0 {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, idle).await.is_err() {
+            tracing::warn!(
+                connections = proxy.tracker.active(),
+                "drain timeout: closing remaining connections"
+            );
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    role: Role,
+    mut stop: watch::Receiver<bool>,
+) {
+    let role = Arc::new(role);
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if proxy.tracker.active() >= proxy.config.max_connections {
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let proxy = proxy.clone();
+                let role = role.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let _track = proxy.tracker.enter();
+                    proxy.metrics.tcp_connects.inc();
+                    handle_connection(proxy.clone(), stream, peer, &role, stop).await;
+                    proxy.metrics.tcp_disconnects.inc();
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: &Role,
+    stop: watch::Receiver<bool>,
+) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    match role {
+        Role::Metrics => serve_metrics(proxy, stream).await,
+        Role::Http { public_port } => {
+            let info = Arc::new(ConnInfo::new(peer, local, *public_port, false, None));
+            serve_http(proxy, stream, info, stop).await;
+        }
+        Role::Https { public_port } => {
+            pipeline(proxy, stream, peer, local, *public_port, None, true, stop).await;
+        }
+        Role::Shared { public_port } => {
+            pipeline(proxy, stream, peer, local, *public_port, None, false, stop).await;
+        }
+        Role::Dedicated { app, public_port } => {
+            pipeline(
+                proxy,
+                stream,
+                peer,
+                local,
+                *public_port,
+                Some(app.clone()),
+                false,
+                stop,
+            )
+            .await;
+        }
+    }
+}
+
+/// Completes once shutdown has begun.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one client connection.
+pub(crate) async fn serve_http<I>(
+    proxy: Arc<Proxy>,
+    io: I,
+    info: Arc<ConnInfo>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.config.header_read_timeout)
+        .max_buf_size(proxy.config.max_header_bytes.max(8192))
+        .max_headers(proxy.config.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(proxy.config.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(64)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let handler = proxy.clone();
+    let service = service_fn(move |req| handler.clone().handle_http(info.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        }
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(proxy.config.drain_timeout, conn.as_mut()).await;
+        }
+    }
+}
+
+async fn serve_metrics(proxy: Arc<Proxy>, stream: TcpStream) {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let proxy = proxy.clone();
+        async move {
+            let resp = if req.uri().path() == "/metrics" {
+                let mut resp = Response::new(RespBody::full(proxy.render_metrics()));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            } else {
+                crate::http::error_response(StatusCode::NOT_FOUND, "not found")
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// Peeks at the first byte of a connection without consuming it.
+async fn peek_first(stream: &TcpStream, timeout: Duration) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut byte)).await {
+        Ok(Ok(1)) => Some(byte[0]),
+        _ => None,
+    }
+}
+
+/// The handler pipeline of a connection on a TLS, shared or dedicated listener.
+#[allow(clippy::too_many_arguments)]
+async fn pipeline(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    public_port: u16,
+    fixed_app: Option<String>,
+    tls_listener: bool,
+    stop: watch::Receiver<bool>,
+) {
+    let handshake_timeout = proxy.config.handshake_timeout;
+    // What the app (when already known) does on this port.
+    let known_port = fixed_app
+        .as_ref()
+        .and_then(|app| port_config(&proxy, app, public_port));
+    if fixed_app.is_some() && known_port.is_none() {
+        // Default-deny: no service exposes this port.
+        return;
+    }
+    let wants_tls = match &known_port {
+        Some(port) => has_handler(port, "tls"),
+        None => {
+            if tls_listener {
+                true
+            } else {
+                // Shared address, other port: TLS by SNI, or plain HTTP by Host.
+                match peek_first(&stream, handshake_timeout).await {
+                    Some(0x16) => true,
+                    Some(_) => false,
+                    None => return,
+                }
+            }
+        }
+    };
+
+    if !wants_tls {
+        match known_port {
+            Some(port) if has_handler(&port, "http") => {
+                let info = Arc::new(ConnInfo::new(peer, local, public_port, false, fixed_app));
+                serve_http(proxy, stream, info, stop).await;
+            }
+            Some(port) => {
+                let app = fixed_app.unwrap_or_default();
+                passthrough(proxy, stream, peer, local, &app, public_port, &port).await;
+            }
+            None => {
+                let info = Arc::new(ConnInfo::new(peer, local, public_port, false, None));
+                serve_http(proxy, stream, info, stop).await;
+            }
+        }
+        return;
+    }
+
+    let accepted = crate::tls::accept(
+        &proxy,
+        stream,
+        fixed_app.as_deref(),
+        public_port,
+        handshake_timeout,
+    )
+    .await;
+    let Some((tls_stream, app, port)) = accepted else {
+        return;
+    };
+    if has_handler(&port, "http") {
+        let info = Arc::new(ConnInfo::new(peer, local, public_port, true, Some(app)));
+        serve_http(proxy, tls_stream, info, stop).await;
+    } else {
+        passthrough(proxy, tls_stream, peer, local, &app, public_port, &port).await;
+    }
+}
+
+pub(crate) fn has_handler(port: &MachinePort, handler: &str) -> bool {
+    port.handlers.iter().any(|h| h == handler)
+}
+
+pub(crate) fn port_config(proxy: &Proxy, app: &str, public_port: u16) -> Option<MachinePort> {
+    let snapshot = proxy.catalog.load();
+    let app = snapshot.apps.get(app)?;
+    app.port_config(public_port).map(|(_, p)| p.clone())
+}
+
+/// Raw TCP to a machine (no `http` handler), with a PROXY protocol header when asked.
+async fn passthrough<S>(
+    proxy: Arc<Proxy>,
+    client: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    app: &str,
+    public_port: u16,
+    port: &MachinePort,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + proxy.config.machine_wait;
+    let chosen = match proxy
+        .choose(app, public_port, &Constraints::default(), deadline)
+        .await
+    {
+        Ok(chosen) => chosen,
+        Err((_, message)) => {
+            tracing::debug!(app, message, "no machine for a TCP connection");
+            return;
+        }
+    };
+    let backend = chosen.guard.backend().clone();
+    let mut upstream = match backend.connect_raw().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(app, error = %e, "backend connect failed");
+            return;
+        }
+    };
+    if has_handler(port, "proxy_proto") {
+        let v2 = port
+            .proxy_proto_options
+            .as_ref()
+            .is_some_and(|o| o.version == "v2");
+        let header = crate::proxy_proto::encode(peer, local, v2);
+        if upstream.write_all(&header).await.is_err() {
+            return;
+        }
+    }
+    let _guard = chosen.guard;
+    copy_with_idle(client, upstream, proxy.config.tcp_idle_timeout).await;
+}
+
+/// Copies both ways until both sides close, or until nothing moved for `idle`.
+pub(crate) async fn copy_with_idle<A, B>(a: A, b: B, idle: Duration)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut a = Activity {
+        inner: a,
+        activity: activity.clone(),
+        start,
+    };
+    let mut b = Activity {
+        inner: b,
+        activity: activity.clone(),
+        start,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let check = (idle / 4).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = tokio::time::sleep(check) => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if start.elapsed().saturating_sub(last) >= idle {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Activity<S> {
+    inner: S,
+    activity: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl<S> Activity<S> {
+    fn touch(&self) {
+        self.activity
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        result
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Keeps one listener per (address, port) that the catalog asks for: every public port
+/// the apps expose (on the shared address) and every port on each dedicated IP.
+async fn manage_listeners(proxy: Arc<Proxy>) {
+    if !proxy.config.service_listeners {
+        return;
+    }
+    let mut changes = proxy.catalog.subscribe();
+    let mut running: HashMap<(SocketAddr, Role), JoinHandle<()>> = HashMap::new();
+    let mut failed: HashSet<(SocketAddr, Role)> = HashSet::new();
+    let static_addrs: HashSet<SocketAddr> = [
+        Some(proxy.config.http_listen),
+        proxy.config.https_listen,
+        proxy.config.metrics_listen,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    loop {
+        let wanted = wanted_listeners(&proxy);
+        running.retain(|key, task| {
+            let keep = wanted.contains(key);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        failed.retain(|key| wanted.contains(key));
+        for key in wanted {
+            if running.contains_key(&key) || static_addrs.contains(&key.0) {
+                continue;
+            }
+            match listen(key.0, true) {
+                Ok(listener) => {
+                    failed.remove(&key);
+                    tracing::info!(addr = %key.0, role = ?key.1, "listening");
+                    let task = tokio::spawn(accept_loop(
+                        proxy.clone(),
+                        listener,
+                        key.1.clone(),
+                        proxy.stop.subscribe(),
+                    ));
+                    running.insert(key, task);
+                }
+                Err(e) => {
+                    if failed.insert(key.clone()) {
+                        tracing::warn!(addr = %key.0, error = %e, "cannot listen");
+                    }
+                }
+            }
+        }
+        if changes.changed().await.is_err() {
+            break;
+        }
+        // Coalesce bursts of catalog changes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn wanted_listeners(proxy: &Proxy) -> HashSet<(SocketAddr, Role)> {
+    let snapshot = proxy.catalog.load();
+    let shared_ip: IpAddr = proxy.config.http_listen.ip();
+    let static_ports: HashSet<u16> = [80u16, 443].into_iter().collect();
+    let mut wanted = HashSet::new();
+    for app in snapshot.apps.values() {
+        let ports = app.exposed_ports();
+        for port in &ports {
+            if static_ports.contains(port) {
+                continue;
+            }
+            // Shared addresses only route what can be told apart by Host or SNI.
+            if let Some((_, p)) = app.port_config(*port)
+                && (has_handler(p, "tls") || has_handler(p, "http"))
+            {
+                wanted.insert((
+                    SocketAddr::new(shared_ip, *port),
+                    Role::Shared { public_port: *port },
+                ));
+            }
+        }
+    }
+    for (ip, app) in &snapshot.dedicated_ips {
+        for port in app.exposed_ports() {
+            wanted.insert((
+                SocketAddr::new(*ip, port),
+                Role::Dedicated {
+                    app: app.name.clone(),
+                    public_port: port,
+                },
+            ));
+        }
+    }
+    wanted
+}
