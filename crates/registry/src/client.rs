@@ -28,6 +28,9 @@ use crate::tls::Connector;
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
+/// How long to wait for response headers, and between two pieces of a body.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// A manifest resolved for linux/amd64.
 #[derive(Clone, Debug)]
 pub struct ResolvedManifest {
@@ -256,10 +259,12 @@ impl PullClient {
         let req = b
             .body(Full::new(Bytes::new()))
             .map_err(|e| RegistryError::Http(format!("building request for {url}: {e}")))?;
-        self.client
-            .request(req)
-            .await
-            .map_err(|e| RegistryError::Http(format!("{method} {url}: {e}")))
+        match tokio::time::timeout(IDLE_TIMEOUT, self.client.request(req)).await {
+            Ok(r) => r.map_err(|e| RegistryError::Http(format!("{method} {url}: {e}"))),
+            Err(_) => Err(RegistryError::Http(format!(
+                "{method} {url}: no response within {IDLE_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// Fetches a token from a Bearer challenge's realm and caches it for `scope`.
@@ -540,7 +545,16 @@ impl PullClient {
         let mut body = resp.into_body();
         let mut file = tokio::fs::File::create(tmp).await?;
         let mut hasher = Hasher::new(expected.algorithm());
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(RegistryError::Http(format!(
+                        "blob {expected}: download stalled for {IDLE_TIMEOUT:?}"
+                    )));
+                }
+            };
             let frame =
                 frame.map_err(|e| RegistryError::Http(format!("reading blob {expected}: {e}")))?;
             if let Ok(data) = frame.into_data() {

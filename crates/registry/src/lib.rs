@@ -227,6 +227,11 @@ impl Registry {
     /// Garbage collection with explicit options. Pushes wait while it runs.
     pub fn gc_with(&self, opts: &GcOptions) -> Result<GcReport, RegistryError> {
         let report = self.store.gc(opts)?;
+        // Forget the hash state of upload sessions that no longer exist.
+        self.uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| self.store.upload_data_path(id).exists());
         tracing::info!(?report, "registry garbage collection done");
         Ok(report)
     }

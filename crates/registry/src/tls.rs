@@ -101,6 +101,7 @@ impl Connector {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
+        http.set_connect_timeout(Some(std::time::Duration::from_secs(15)));
         Connector {
             http,
             tls: tls.or_else(system_config),

@@ -1053,3 +1053,87 @@ async fn garbage_collection() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn interrupted_chunk_is_rolled_back_and_uploads_survive_a_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = TestRegistry::start().await;
+    let h = Http::new(&r.url());
+    let start = h
+        .send(
+            Method::POST,
+            "/v2/app-a/blobs/uploads/",
+            Some("tok-a"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    let loc = start.header("location").expect("location").to_string();
+    let c1 = h
+        .send(
+            Method::PATCH,
+            &loc,
+            Some("tok-a"),
+            &[("content-range", "0-3")],
+            Bytes::from_static(b"AAAA"),
+        )
+        .await;
+    assert_eq!(c1.header("range"), Some("0-3"));
+
+    // A client that dies half-way through a chunk.
+    let mut sock = tokio::net::TcpStream::connect(r.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "PATCH {loc} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-a\r\nContent-Range: 4-103\r\nContent-Length: 100\r\n\r\n"
+    );
+    sock.write_all(head.as_bytes()).await.expect("write");
+    sock.write_all(&[b'X'; 50]).await.expect("write");
+    sock.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sock.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), sock.read_to_end(&mut rest)).await;
+    drop(sock);
+    // The partial chunk is gone.
+    let mut range = String::new();
+    for _ in 0..50 {
+        let status = h.get(&loc, Some("tok-a")).await;
+        range = status.header("range").unwrap_or_default().to_string();
+        if range == "0-3" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(range, "0-3");
+
+    // Restart the registry: the session and its bytes are still there.
+    let r = r.restart().await;
+    let h = Http::new(&r.url());
+    let status = h.get(&loc, Some("tok-a")).await;
+    assert_eq!(status.status, StatusCode::NO_CONTENT);
+    assert_eq!(status.header("range"), Some("0-3"));
+    let c2 = h
+        .send(
+            Method::PATCH,
+            &loc,
+            Some("tok-a"),
+            &[("content-range", "4-7")],
+            Bytes::from_static(b"BBBB"),
+        )
+        .await;
+    assert_eq!(c2.header("range"), Some("0-7"));
+    let d = sha256(b"AAAABBBB");
+    let done = h
+        .send(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            Some("tok-a"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::CREATED, "{:?}", done.body);
+    let get = h.get(&format!("/v2/app-a/blobs/{d}"), Some("tok-a")).await;
+    assert_eq!(&get.body[..], b"AAAABBBB");
+}

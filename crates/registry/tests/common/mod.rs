@@ -45,7 +45,8 @@ impl Authorizer for TestAuth {
 pub struct TestRegistry {
     pub addr: SocketAddr,
     pub registry: Arc<Registry>,
-    pub dir: tempfile::TempDir,
+    pub dir: Arc<tempfile::TempDir>,
+    upstream: Option<UpstreamConfig>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -55,11 +56,24 @@ impl TestRegistry {
     }
 
     pub async fn start_with(upstream: Option<UpstreamConfig>) -> TestRegistry {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Self::start_in(dir, upstream).await
+    }
+
+    /// Stops this instance and starts a new one on the same storage (a restart).
+    pub async fn restart(self) -> TestRegistry {
+        self.stop();
+        Self::start_in(self.dir.clone(), self.upstream.clone()).await
+    }
+
+    async fn start_in(
+        dir: Arc<tempfile::TempDir>,
+        upstream: Option<UpstreamConfig>,
+    ) -> TestRegistry {
         let registry = Registry::open(
             RegistryConfig {
                 root: dir.path().join("registry"),
-                upstream,
+                upstream: upstream.clone(),
             },
             Arc::new(TestAuth),
         )
@@ -76,6 +90,7 @@ impl TestRegistry {
             addr,
             registry,
             dir,
+            upstream,
             server,
         }
     }
