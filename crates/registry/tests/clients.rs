@@ -11,6 +11,11 @@ use aloft_registry::{DOCKER_MANIFEST, OCI_INDEX, PullClient};
 use common::{Http, TestRegistry};
 use http::StatusCode;
 
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
 fn have(bin: &str) -> bool {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
@@ -44,6 +49,7 @@ async fn run_ok(bin: &str, args: &[&str]) -> String {
 struct Buildah {
     root: String,
     runroot: String,
+    env: Vec<(String, String)>,
 }
 
 impl Buildah {
@@ -51,6 +57,7 @@ impl Buildah {
         Buildah {
             root: dir.join("root").display().to_string(),
             runroot: dir.join("runroot").display().to_string(),
+            env: Vec::new(),
         }
     }
 
@@ -64,7 +71,13 @@ impl Buildah {
             &self.runroot,
         ];
         all.extend_from_slice(args);
-        run("buildah", &all).await
+        tokio::process::Command::new("buildah")
+            .args(&all)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("running buildah: {e}"))
     }
 
     async fn ok(&self, args: &[&str]) -> String {
@@ -369,4 +382,97 @@ async fn buildah_pushes_a_manifest_list_and_skopeo_copies_all() {
         .expect("copied index");
     assert_eq!(m2.digest, m.digest);
     assert!(m2.index_digest.is_some());
+}
+
+/// Production's pull-through: buildah resolves `FROM debian:bookworm-slim` through a
+/// docker.io mirror at `<registry>/dockerhub`, and the registry fetches it from its
+/// upstream (here a second registry instance; no internet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildah_from_resolves_through_pull_through_mirror() {
+    if !have("buildah") || !Path::new("/bin/busybox").is_file() {
+        println!("SKIPPED: buildah/busybox missing");
+        return;
+    }
+    let upstream = TestRegistry::start().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = Buildah::new(&tmp.path().join("b1"));
+    b.build_busybox(&tmp.path().join("ctx"), "localhost/fake-debian:1", "debian")
+        .await;
+    b.ok(&[
+        "push",
+        "--tls-verify=false",
+        "--creds",
+        "x:admin",
+        "localhost/fake-debian:1",
+        &format!("docker://{}/library/debian:bookworm-slim", upstream.addr),
+    ])
+    .await;
+
+    let mut cfg = aloft_registry::UpstreamConfig::new(upstream.url(), "dockerhub");
+    cfg.password = Some("admin".into());
+    let local = TestRegistry::start_with(Some(cfg)).await;
+    let conf = tmp.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "unqualified-search-registries = [\"docker.io\"]\nshort-name-mode = \"permissive\"\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n\n[[registry.mirror]]\nlocation = \"{}/dockerhub\"\ninsecure = true\n",
+            local.addr
+        ),
+    )
+    .expect("registries.conf");
+    // containers/image sends `--creds` only to the primary registry, never to a mirror:
+    // the mirror's credentials come from an auth file, keyed by its host.
+    let authfile = tmp.path().join("auth.json");
+    std::fs::write(
+        &authfile,
+        serde_json::json!({"auths": {local.addr.to_string(): {"auth": b64("x:admin")}}})
+            .to_string(),
+    )
+    .expect("auth.json");
+    let authfile = authfile.display().to_string();
+    let mut b2 = Buildah::new(&tmp.path().join("b2"));
+    b2.env.push((
+        "CONTAINERS_REGISTRIES_CONF".into(),
+        conf.display().to_string(),
+    ));
+    let ctx = tmp.path().join("app");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("app.txt"), "my app").expect("file");
+    std::fs::write(
+        ctx.join("Containerfile"),
+        "FROM debian:bookworm-slim\nCOPY app.txt /app.txt\n",
+    )
+    .expect("containerfile");
+    let ctx = ctx.display().to_string();
+    b2.ok(&[
+        "bud",
+        "--isolation",
+        "chroot",
+        "--authfile",
+        &authfile,
+        "-t",
+        "localhost/myapp:1",
+        &ctx,
+    ])
+    .await;
+    // The mirror pulled it from upstream and keeps it.
+    let tags = local
+        .registry
+        .list_tags("dockerhub/library/debian")
+        .expect("proxied repository");
+    assert_eq!(tags.len(), 1);
+    assert_eq!(tags[0].name, "bookworm-slim");
+    // The built image pushes to the app's repository.
+    b2.ok(&[
+        "push",
+        "--tls-verify=false",
+        "--creds",
+        "x:tok-a",
+        "localhost/myapp:1",
+        &format!("docker://{}/app-a/myapp:v1", local.addr),
+    ])
+    .await;
+    let c = PullClient::new(&local.url(), Some("tok-a".into()));
+    let m = c.manifest("app-a/myapp:v1").await.expect("built image");
+    assert_eq!(m.layers.len(), 2, "base layer + the COPY");
 }
