@@ -272,20 +272,17 @@ async fn handle(reg: &Arc<Registry>, route: Route, req: Request) -> Result<Respo
         Route::Upload { name, id } => {
             validate_repository(&name)?;
             reg.check(token, &name, Action::Push)?;
+            // The session must exist and belong to this repository before anything else.
+            let size = blocking(reg, {
+                let (name, id) = (name.clone(), id.clone());
+                move |r| r.store.upload_size(&name, &id)
+            })
+            .await?;
             match method {
-                Method::GET => {
-                    let size = blocking(reg, {
-                        let (name, id) = (name.clone(), id.clone());
-                        move |r| r.store.upload_size(&name, &id)
-                    })
-                    .await?;
-                    upload_status(&name, &id, size, StatusCode::NO_CONTENT)
-                }
+                Method::GET => upload_status(&name, &id, size, StatusCode::NO_CONTENT),
                 Method::PATCH => patch_upload(reg, &name, &id, req).await,
                 Method::PUT => put_upload(reg, &name, &id, &query, req).await,
                 Method::DELETE => {
-                    let (n2, i2) = (name.clone(), id.clone());
-                    blocking(reg, move |r| r.store.upload_size(&n2, &i2)).await?;
                     let state = reg.upload_state(&id);
                     let _guard = state.lock().await;
                     let i2 = id.clone();
@@ -842,15 +839,7 @@ async fn append_chunk(
 async fn patch_upload(reg: &Arc<Registry>, name: &str, id: &str, req: Request) -> Result<Response> {
     let state = reg.upload_state(id);
     let mut st = state.lock().await;
-    let size = match append_chunk(reg, name, id, &mut st, req).await {
-        Ok(size) => size,
-        Err(RegistryError::BlobUploadUnknown) => {
-            drop(st);
-            reg.forget_upload(id);
-            return Err(RegistryError::BlobUploadUnknown);
-        }
-        Err(e) => return Err(e),
-    };
+    let size = append_chunk(reg, name, id, &mut st, req).await?;
     upload_status(name, id, size, StatusCode::ACCEPTED)
 }
 
