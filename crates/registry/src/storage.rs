@@ -63,6 +63,15 @@ fn not_found(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
 }
 
+/// Flushes a directory entry change (a rename into `dir`) to disk.
+fn sync_dir(dir: Option<&Path>) {
+    if let Some(dir) = dir
+        && let Ok(d) = fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
 fn touch(path: &Path) {
     let now = SystemTime::now();
     if let Ok(f) = fs::OpenOptions::new().write(true).open(path) {
@@ -168,7 +177,9 @@ impl Store {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
-            fs::rename(&tmp, path)
+            fs::rename(&tmp, path)?;
+            sync_dir(path.parent());
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -239,6 +250,7 @@ impl Store {
             }
             fs::File::open(file)?.sync_all()?;
             fs::rename(file, &dest)?;
+            sync_dir(dest.parent());
         }
         self.link_blob_locked(repo, d)?;
         Ok(())
@@ -305,6 +317,7 @@ impl Store {
             }
             fs::OpenOptions::new().write(true).open(&data)?.sync_all()?;
             fs::rename(&data, &dest)?;
+            sync_dir(dest.parent());
         }
         self.link_blob_locked(repo, expected)?;
         drop(_g);
