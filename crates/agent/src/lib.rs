@@ -384,6 +384,11 @@ impl Agent {
         }
     }
 
+    /// Serves the agent API on `listener` forever.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+        axum::serve(listener, api::router(self)).await.context("serving the agent API")
+    }
+
     /// Registers with the control plane, then delivers events forever.
     pub async fn report(self: Arc<Self>) {
         let client = Client::new(&self.config.control_url, Some(self.config.token.clone())).with_timeout(Duration::from_secs(10));

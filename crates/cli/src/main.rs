@@ -1,1 +1,172 @@
-fn main() {}
+//! `aloft`: every user command, and the platform's daemons.
+
+mod commands;
+mod output;
+mod settings;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands::apps::AppsCommand;
+use crate::commands::deploy::DeployArgs;
+use crate::commands::server::ServerArgs;
+use crate::settings::ApiArgs;
+
+#[derive(Parser, Debug)]
+#[command(name = "aloft", version, about = "Aloft: a self-hosted application platform that runs fly.toml apps")]
+struct Cli {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a single-host platform in the foreground (API, registry, agent, proxy).
+    Server(ServerArgs),
+    /// Manage apps.
+    Apps {
+        #[command(subcommand)]
+        command: AppsCommand,
+    },
+    /// Deploy an app from fly.toml.
+    Deploy(DeployArgs),
+    /// Show an app's status and machines.
+    Status {
+        #[arg(short = 'a', long = "app")]
+        app: Option<String>,
+        #[arg(short = 'c', long = "config")]
+        config: Option<std::path::PathBuf>,
+        #[arg(short = 'j', long)]
+        json: bool,
+    },
+    /// Manage machines.
+    #[command(alias = "machines", alias = "m")]
+    Machine {
+        #[command(subcommand)]
+        command: MachineCommand,
+    },
+    /// Authentication.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+    /// The per-machine shim (started by the agent).
+    #[command(hide = true)]
+    Shim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MachineCommand {
+    /// List an app's machines.
+    #[command(alias = "ls")]
+    List {
+        #[arg(short = 'a', long = "app")]
+        app: Option<String>,
+        #[arg(short = 'c', long = "config")]
+        config: Option<std::path::PathBuf>,
+        #[arg(short = 'j', long)]
+        json: bool,
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Print the access token.
+    Token,
+}
+
+/// The app a command is about: `-a`, else `app` in the config file.
+fn app_name(app: Option<String>, config: Option<&std::path::Path>) -> anyhow::Result<String> {
+    if let Some(app) = app.filter(|a| !a.is_empty()) {
+        return Ok(app);
+    }
+    let cwd = std::env::current_dir()?;
+    let path = aloft_config::locate(config, &cwd);
+    if path.exists() {
+        let loaded = aloft_config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if !loaded.config.app.is_empty() {
+            return Ok(loaded.config.app);
+        }
+    }
+    anyhow::bail!("no app name: pass -a APP or run this in a directory whose fly.toml sets `app`")
+}
+
+fn runs_as_init() -> bool {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    argv0 == aloft_init::INIT_PATH || (std::process::id() == 1 && std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "init"))
+}
+
+fn main() {
+    // As PID 1 inside a machine, nothing else may run first: init owns fd 3 and signals.
+    if runs_as_init() {
+        aloft_init::run();
+    }
+    let cli = Cli::parse();
+    if let Command::Shim { args } = &cli.command {
+        std::process::exit(aloft_agent::shim::main(args));
+    }
+    let server = matches!(cli.command, Command::Server(_));
+    let default_filter = if server { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ALOFT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("Error: starting the async runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("Error: {}", one_line(&err));
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// The error and its causes on one line.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let api = cli.api;
+    match cli.command {
+        Command::Server(args) => commands::server::run(args).await?,
+        Command::Apps { command } => commands::apps::run(&api, command).await?,
+        Command::Deploy(args) => commands::deploy::run(&api, args).await?,
+        Command::Status { app, config, json } => {
+            let app = app_name(app, config.as_deref())?;
+            commands::status::status(&api, &app, json).await.map_err(|e| explain_app(e, &api, &app))?
+        }
+        Command::Machine { command: MachineCommand::List { app, config, json, quiet } } => {
+            let app = app_name(app, config.as_deref())?;
+            commands::status::machine_list(&api, &app, json, quiet).await.map_err(|e| explain_app(e, &api, &app))?
+        }
+        Command::Auth { command: AuthCommand::Token } => println!("{}", api.token()?),
+        Command::Shim { .. } => unreachable!("handled before the runtime starts"),
+    }
+    Ok(0)
+}
+
+fn explain_app(err: anyhow::Error, api: &ApiArgs, app: &str) -> anyhow::Error {
+    match err.downcast::<aloft_client::ClientError>() {
+        Ok(client_error) => commands::deploy::explain(client_error, &api.api_url().unwrap_or_default(), app),
+        Err(other) => other,
+    }
+}

@@ -41,6 +41,9 @@ impl ClientError {
 
 type Body = Full<Bytes>;
 
+/// The lines of a streamed response body.
+pub type LineStream = std::pin::Pin<Box<dyn Stream<Item = Result<String, ClientError>> + Send + 'static>>;
+
 /// A client for one base URL (`http://127.0.0.1:4280`) with an optional bearer token.
 #[derive(Clone)]
 pub struct Client {
@@ -166,7 +169,7 @@ impl Client {
         path: &str,
         body: Option<&B>,
         headers: &[(&str, &str)],
-    ) -> Result<impl Stream<Item = Result<String, ClientError>> + Send + 'static, ClientError> {
+    ) -> Result<LineStream, ClientError> {
         let payload = match body {
             Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::InvalidRequest(e.to_string()))?),
             None => None,
@@ -180,7 +183,7 @@ impl Client {
             return Err(api_error(status, &bytes));
         }
         let frames = BodyStream::new(response.into_body());
-        Ok(split_lines(frames, url))
+        Ok(Box::pin(split_lines(frames, url)))
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use aloft_api::internal::{DeployEvent, DeployRequest};
-use aloft_api::{CreateMachineRequest, MachineConfig, StopRequest, regions};
+use aloft_api::{CreateMachineRequest, MachineConfig, MachineState, StopRequest, regions};
 use aloft_config::{AppConfig, MachineConfigOptions, Severity};
 use tokio::sync::mpsc;
 
@@ -118,13 +118,13 @@ async fn roll_out(
             progress.say(format!("Creating a machine for process group '{group}' in region {region}")).await;
             let request = CreateMachineRequest { region: Some(region.to_string()), config: config.clone(), ..Default::default() };
             let machine = plane.create_machine(app, request).await?;
-            progress.say(format!("Machine {} [{group}] is {}", machine.id, machine.state)).await;
+            expect_started(plane, &machine, group, progress).await?;
             continue;
         }
         for machine in machines {
             progress.say(format!("Updating machine {} [{group}]", machine.id)).await;
             let updated = plane.update_machine(app, &machine, config.clone()).await?;
-            progress.say(format!("Machine {} [{group}] is {}", updated.id, updated.state)).await;
+            expect_started(plane, &updated, group, progress).await?;
         }
     }
     for (group, machines) in by_group {
@@ -136,4 +136,17 @@ async fn roll_out(
         }
     }
     Ok(())
+}
+
+async fn expect_started(plane: &ControlPlane, machine: &MachineRow, group: &str, progress: &Progress) -> ApiResult<()> {
+    if machine.state == MachineState::Started {
+        progress.say(format!("Machine {} [{group}] is started", machine.id)).await;
+        return Ok(());
+    }
+    Err(ApiError::unavailable(format!(
+        "machine {} [{group}] is {} instead of started: {}",
+        machine.id,
+        machine.state,
+        plane.failure_reason(&machine.id)
+    )))
 }

@@ -206,7 +206,7 @@ impl ControlPlane {
         let updated = self.reload(&row.id)?;
         self.record_event(&row.id, "update", updated.state, "user", None);
         self.agent(&updated.host_id)?.put(&self.spec(&updated, app)).await?;
-        if was_running || updated.state == MachineState::Created {
+        if was_running || matches!(updated.state, MachineState::Created | MachineState::Failed) {
             return self.start_machine(&updated).await;
         }
         self.catalog.machine_changed(&updated);
@@ -227,6 +227,17 @@ impl ControlPlane {
         self.record_event(&row.id, "destroy", MachineState::Destroyed, "user", None);
         self.catalog.machine_removed(&row.id);
         Ok(())
+    }
+
+    /// Why a machine is not running, from its latest event that says so.
+    pub fn failure_reason(&self, id: &str) -> String {
+        self.store
+            .events(id, 5)
+            .ok()
+            .into_iter()
+            .flatten()
+            .find_map(|e| e.request.and_then(|r| r.get("message").and_then(|m| m.as_str()).map(str::to_string)))
+            .unwrap_or_else(|| "no reason recorded".into())
     }
 
     /// After a failed call, asks the agent what the machine's state really is.

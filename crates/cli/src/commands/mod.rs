@@ -1,0 +1,4 @@
+pub mod apps;
+pub mod deploy;
+pub mod server;
+pub mod status;

@@ -1,0 +1,139 @@
+//! `aloft server`: a whole single-host platform in the foreground: the control plane's
+//! API (with the registry), one agent, and the proxy.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aloft_agent::{Agent, AgentConfig};
+use aloft_control::{ControlConfig, ControlPlane};
+use aloft_proxy::{Proxy, ProxyConfig};
+use anyhow::Context;
+
+use crate::settings::Settings;
+
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Where all state lives (SQLite databases, images, machines).
+    #[arg(long, env = "ALOFT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the Machines API (and the image registry under /v2/).
+    #[arg(long, default_value = "127.0.0.1:4280")]
+    pub api_listen: SocketAddr,
+    /// Address the proxy serves plain HTTP on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub proxy_listen: SocketAddr,
+    /// Address the proxy serves HTTPS on (off when not given).
+    #[arg(long)]
+    pub proxy_https_listen: Option<SocketAddr>,
+    /// Address of this host's agent API.
+    #[arg(long, default_value = "127.0.0.1:4281")]
+    pub agent_listen: SocketAddr,
+    /// This host's region.
+    #[arg(long, default_value = "local")]
+    pub region: String,
+    /// Apps are served at <app>.<base-domain>.
+    #[arg(long, default_value = "localhost")]
+    pub base_domain: String,
+    /// OCI runtime for containers: runc, crun or a path (default: whichever is installed).
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Leave machines running when the server exits (they are re-attached on the next start).
+    #[arg(long)]
+    pub keep_machines: bool,
+}
+
+fn default_data_dir() -> PathBuf {
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from("/var/lib/aloft");
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("aloft")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let (plane, credentials) = ControlPlane::open(ControlConfig {
+        data_dir: data_dir.clone(),
+        listen: args.api_listen,
+        region: args.region.clone(),
+        base_domain: args.base_domain.clone(),
+        proxy_http_port: args.proxy_listen.port(),
+    })?;
+    let api_url = format!("http://{}", args.api_listen);
+    let settings_path = Settings { api_url: Some(api_url.clone()), access_token: Some(credentials.admin_token.clone()) }
+        .save()
+        .context("saving the CLI settings")?;
+
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen).await.with_context(|| format!("binding the API to {}", args.api_listen))?;
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = tokio::spawn(plane.clone().serve(api_listener, async {
+        let _ = api_stopped.await;
+    }));
+
+    let agent = Agent::open(AgentConfig {
+        data_dir: data_dir.clone(),
+        listen: args.agent_listen,
+        region: args.region.clone(),
+        control_url: api_url.clone(),
+        token: credentials.host_token.clone(),
+        runtime: args.runtime.clone(),
+    })?;
+    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen).await.with_context(|| format!("binding the agent API to {}", args.agent_listen))?;
+    let agent_api = agent.clone();
+    tokio::spawn(async move {
+        if let Err(err) = agent_api.serve(agent_listener).await {
+            tracing::error!(error = %err, "agent API stopped");
+        }
+    });
+    tokio::spawn(agent.clone().report());
+    agent.reconcile().await.context("reconciling machines")?;
+
+    let proxy = Proxy::new(ProxyConfig {
+        http_listen: args.proxy_listen,
+        https_listen: args.proxy_https_listen,
+        region: args.region.clone(),
+        base_domain: args.base_domain.clone(),
+        control_url: api_url.clone(),
+        token: credentials.host_token.clone(),
+        ..ProxyConfig::default()
+    });
+    proxy.bind().await.context("binding the proxy")?;
+    tokio::spawn(proxy.clone().follow_catalog());
+    let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();
+    let proxy_task = tokio::spawn(proxy.clone().serve(async {
+        let _ = proxy_stopped.await;
+    }));
+
+    println!("Aloft is running (region {}, data in {})", args.region, data_dir.display());
+    println!("  API and registry  {api_url}");
+    println!("  Proxy             http://{}  (apps at http://<app>.{}:{}/)", args.proxy_listen, args.base_domain, args.proxy_listen.port());
+    println!("  Organization      {}", credentials.org_slug);
+    println!("  Access token      saved to {} (`aloft auth token` prints it)", settings_path.display());
+
+    shutdown_signal().await;
+    println!("Shutting down...");
+    if !args.keep_machines {
+        agent.stop_all_for_shutdown().await;
+    }
+    let _ = stop_proxy.send(());
+    let _ = stop_api.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), proxy_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    Ok(())
+}
