@@ -1,5 +1,6 @@
 //! Pull-through from an upstream registry.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,6 +15,8 @@ type Result<T, E = RegistryError> = std::result::Result<T, E>;
 pub(crate) struct Upstream {
     cfg: UpstreamConfig,
     client: PullClient,
+    /// One fetch per blob at a time: concurrent pulls of the same blob wait for the first.
+    inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Upstream {
@@ -38,7 +41,11 @@ impl Upstream {
         if let Some(ca) = &cfg.ca_file {
             client = client.with_tls_config(crate::tls::config_with_ca_file(ca)?);
         }
-        Ok(Upstream { cfg, client })
+        Ok(Upstream {
+            cfg,
+            client,
+            inflight: std::sync::Mutex::new(HashMap::new()),
+        })
     }
 
     /// The upstream repository for a local one, if it is proxied.
@@ -146,10 +153,38 @@ impl Upstream {
         let up_repo = self
             .upstream_repo(local)
             .ok_or_else(|| RegistryError::BlobUnknown(d.to_string()))?;
+        let key = format!("{local}@{d}");
+        let lock = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let result = self.fetch_blob(reg, local, &up_repo, d).await;
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        result
+    }
+
+    async fn fetch_blob(
+        &self,
+        reg: &Arc<Registry>,
+        local: &str,
+        up_repo: &str,
+        d: &Digest,
+    ) -> Result<(PathBuf, u64)> {
+        // A concurrent request may have fetched it while this one waited.
+        if let Some(found) = reg.store.repo_blob(local, d) {
+            return Ok(found);
+        }
         let tmp = reg.store.tmp_dir().join(crate::storage::random_id());
         match self
             .client
-            .blob_to_file(&up_repo, &d.to_string(), &tmp)
+            .blob_to_file(up_repo, &d.to_string(), &tmp)
             .await
         {
             Ok(()) => {}

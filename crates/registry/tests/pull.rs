@@ -290,3 +290,56 @@ fn non_http_upstream_is_rejected_clearly() {
     .expect("rejected");
     assert!(matches!(err, RegistryError::Config(_)), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_fetch_each_blob_from_upstream_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    let upstream = TestRegistry::start().await;
+    let uh = Http::new(&upstream.url());
+    let big = vec![7u8; 4 * 1024 * 1024];
+    let (_, _, _, layers) = uh.push_image("library/big", "1", "admin", &[&big]).await;
+
+    // A counting front for the upstream.
+    let blob_gets = Arc::new(AtomicUsize::new(0));
+    let backend = upstream.registry.router();
+    let counter = blob_gets.clone();
+    let front =
+        axum::Router::new().fallback(axum::routing::any(move |req: axum::extract::Request| {
+            let (backend, counter) = (backend.clone(), counter.clone());
+            async move {
+                if req.method() == http::Method::GET && req.uri().path().contains("/blobs/") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                backend.oneshot(req).await.unwrap_or_else(|e| match e {})
+            }
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let front_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, front).await;
+    });
+
+    let mut cfg = UpstreamConfig::new(format!("http://{front_addr}"), "hub");
+    cfg.password = Some("admin".into());
+    let local = TestRegistry::start_with(Some(cfg)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let url = local.url();
+        let digest = layers[0].clone();
+        tasks.push(tokio::spawn(async move {
+            let c = PullClient::new(&url, Some("admin".into()));
+            c.blob_bytes("hub/library/big", &digest)
+                .await
+                .map(|b| b.len())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("join").expect("pull"), big.len());
+    }
+    assert_eq!(blob_gets.load(Ordering::SeqCst), 1, "one upstream download");
+}
