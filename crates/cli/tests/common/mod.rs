@@ -1,0 +1,186 @@
+//! A real single-host platform for integration tests: `aloft server` in a network
+//! namespace the test creates, with its own data dir and HOME, driven by the real CLI
+//! and by curl from inside the namespace.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn aloft_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_aloft"))
+}
+
+/// The statically linked example app, built next to `aloft` by `cargo build --workspace`.
+pub fn hello_binary() -> PathBuf {
+    aloft_binary().with_file_name("hello")
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {program}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Why this machine can't run platform tests, if it can't.
+pub fn missing_prerequisite() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root (network namespaces, runc, overlay mounts)".into());
+    }
+    for program in ["ip", "nsenter", "runc", "buildah", "curl"] {
+        if !have(program) {
+            return Some(format!("needs `{program}` (scripts/setup.sh --test installs it)"));
+        }
+    }
+    None
+}
+
+/// Skips the calling test with a clear message when prerequisites are missing.
+#[macro_export]
+macro_rules! require_platform {
+    () => {
+        if let Some(reason) = common::missing_prerequisite() {
+            eprintln!("skipping platform test: {reason}");
+            return;
+        }
+    };
+}
+
+pub struct Platform {
+    pub netns: String,
+    pub root: tempfile::TempDir,
+    server: Option<Child>,
+}
+
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(output: Output) -> Self {
+        Self {
+            status: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+    pub fn ok(&self) -> bool {
+        self.status == 0
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.status, self.stdout, self.stderr)
+    }
+}
+
+impl Platform {
+    /// Starts `aloft server` in a fresh network namespace and waits until its API answers.
+    pub fn start() -> Self {
+        assert!(hello_binary().exists(), "{} is missing: run `cargo build --workspace` first", hello_binary().display());
+        let netns = format!("aloft-t{}", std::process::id() % 100_000 * 100 + rand_suffix());
+        let status = Command::new("ip").args(["netns", "add", &netns]).status().expect("ip netns add");
+        assert!(status.success(), "creating network namespace {netns}");
+        Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]).status().expect("ip link set lo up");
+        let root = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(root.path().join("home")).expect("home dir");
+        let mut platform = Self { netns, root, server: None };
+        platform.spawn_server();
+        platform
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.root.path().join("home")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    fn in_netns(&self, program: &Path) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{}", self.netns)).arg(program);
+        command.env("HOME", self.home()).env_remove("ALOFT_API_URL").env_remove("FLY_ACCESS_TOKEN").env_remove("FLY_API_TOKEN");
+        command
+    }
+
+    fn spawn_server(&mut self) {
+        let log = std::fs::File::create(self.root.path().join("server.log")).expect("server log");
+        let mut command = self.in_netns(&aloft_binary());
+        command.arg("server").arg("--data-dir").arg(self.data_dir()).stdout(log.try_clone().expect("log")).stderr(log);
+        self.server = Some(command.spawn().expect("starting aloft server"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.aloft(&["apps", "list"]).ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("aloft server did not come up:\n{}", self.server_log());
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI inside the namespace, in `dir` when given.
+    pub fn aloft_in(&self, dir: Option<&Path>, args: &[&str]) -> Run {
+        let mut command = self.in_netns(&aloft_binary());
+        command.args(args);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        Run::from(command.output().expect("running aloft"))
+    }
+
+    pub fn aloft(&self, args: &[&str]) -> Run {
+        self.aloft_in(None, args)
+    }
+
+    /// curl inside the namespace; `-s` and a time limit are always added.
+    pub fn curl(&self, args: &[&str]) -> Run {
+        let mut command = self.in_netns(Path::new("curl"));
+        command.args(["-s", "--max-time", "20"]).args(args);
+        Run::from(command.output().expect("running curl"))
+    }
+
+    /// A copy of examples/hello with the built binary, ready for `aloft deploy`.
+    pub fn hello_app_dir(&self, name: &str) -> PathBuf {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).expect("app dir");
+        for file in ["Dockerfile", "fly.toml", ".dockerignore"] {
+            std::fs::copy(example.join(file), dir.join(file)).expect("copying the example");
+        }
+        std::fs::copy(hello_binary(), dir.join("hello")).expect("copying the hello binary");
+        dir
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = server.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+fn rand_suffix() -> u32 {
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) / 1000) % 100
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}

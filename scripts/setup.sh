@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what Aloft needs on a Debian 12 machine (idempotent). Run as root.
+#   scripts/setup.sh          packages to run the platform
+#   scripts/setup.sh --test   also what the test suite and benchmarks use
+set -euo pipefail
+
+packages=(buildah runc iproute2 nftables busybox-static ca-certificates curl procps)
+if [[ "${1:-}" == "--test" ]]; then
+  packages+=(skopeo crun nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils)
+fi
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "setup: run as root (it installs Debian packages)" >&2
+  exit 1
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  # No systemd here: keep package scripts from starting daemons.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  [[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: no Rust toolchain; installing one with rustup"
+  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite (as root: integration tests use network
+# namespaces, runc and buildah; without root they skip with a message).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh --test
+export PATH="$HOME/.cargo/bin:$PATH"
+
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads=2
