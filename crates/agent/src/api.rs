@@ -36,18 +36,31 @@ type Result<T> = std::result::Result<Json<T>, ApiError>;
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/machines", get(list))
-        .route("/v1/machines/{id}", get(get_machine).put(put).delete(destroy))
+        .route(
+            "/v1/machines/{id}",
+            get(get_machine).put(put).delete(destroy),
+        )
         .route("/v1/machines/{id}/start", post(start))
         .route("/v1/machines/{id}/stop", post(stop))
-        .layer(axum::middleware::from_fn_with_state(agent.clone(), require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            require_token,
+        ))
         .with_state(agent)
 }
 
 async fn require_token(State(agent): State<Arc<Agent>>, request: Request, next: Next) -> Response {
     let expected = format!("Bearer {}", agent.config.token);
-    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if given != Some(expected.as_str()) {
-        return ApiError(StatusCode::UNAUTHORIZED, "this agent API needs the host token".into()).into_response();
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this agent API needs the host token".into(),
+        )
+        .into_response();
     }
     next.run(request).await
 }
@@ -56,13 +69,23 @@ async fn list(State(agent): State<Arc<Agent>>) -> Result<Vec<AgentMachine>> {
     Ok(Json(agent.list()?))
 }
 
-async fn get_machine(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<AgentMachine> {
+async fn get_machine(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<AgentMachine> {
     Ok(Json(agent.get(&id)?))
 }
 
-async fn put(State(agent): State<Arc<Agent>>, Path(id): Path<String>, Json(spec): Json<MachineSpec>) -> Result<AgentMachine> {
+async fn put(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(spec): Json<MachineSpec>,
+) -> Result<AgentMachine> {
     if spec.id != id {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("spec id {} does not match the path's {id}", spec.id)));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("spec id {} does not match the path's {id}", spec.id),
+        ));
     }
     Ok(Json(agent.put(spec).await?))
 }
@@ -71,7 +94,11 @@ async fn start(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Resul
     Ok(Json(agent.start(&id).await?))
 }
 
-async fn stop(State(agent): State<Arc<Agent>>, Path(id): Path<String>, body: Option<Json<StopRequest>>) -> Result<AgentMachine> {
+async fn stop(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    body: Option<Json<StopRequest>>,
+) -> Result<AgentMachine> {
     let request = body.map(|Json(r)| r).unwrap_or_default();
     Ok(Json(agent.stop(&id, &request).await?))
 }

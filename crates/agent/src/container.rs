@@ -25,7 +25,10 @@ pub enum DriverError {
     #[error("starting the container: {0}")]
     Start(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
@@ -58,8 +61,11 @@ const DEFAULT_CAPABILITIES: &[&str] = &[
 ];
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 impl ContainerDriver {
@@ -71,16 +77,35 @@ impl ContainerDriver {
         };
         let runtime = candidates
             .iter()
-            .find_map(|name| if name.contains('/') { Some(PathBuf::from(name)).filter(|p| p.is_file()) } else { find_in_path(name) })
-            .ok_or_else(|| DriverError::NoRuntime(format!("none of {} found; install runc (apt-get install runc)", candidates.join(", "))))?;
+            .find_map(|name| {
+                if name.contains('/') {
+                    Some(PathBuf::from(name)).filter(|p| p.is_file())
+                } else {
+                    find_in_path(name)
+                }
+            })
+            .ok_or_else(|| {
+                DriverError::NoRuntime(format!(
+                    "none of {} found; install runc (apt-get install runc)",
+                    candidates.join(", ")
+                ))
+            })?;
         let aloft_binary = std::env::current_exe().map_err(io("finding the aloft binary"))?;
         let runtime_root = state_dir.join("runtime");
-        std::fs::create_dir_all(&runtime_root).map_err(io(format!("creating {}", runtime_root.display())))?;
-        Ok(Self { runtime, runtime_root, aloft_binary })
+        std::fs::create_dir_all(&runtime_root)
+            .map_err(io(format!("creating {}", runtime_root.display())))?;
+        Ok(Self {
+            runtime,
+            runtime_root,
+            aloft_binary,
+        })
     }
 
     pub fn runtime_name(&self) -> String {
-        self.runtime.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        self.runtime
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     fn runtime_command(&self) -> Command {
@@ -91,7 +116,11 @@ impl ContainerDriver {
 
     /// Mounts a fresh overlay of the image's layers at `machine_dir/rootfs` (the root
     /// filesystem is rebuilt from the image on every start).
-    pub fn prepare_rootfs(&self, machine_dir: &Path, image: &PreparedImage) -> Result<PathBuf, DriverError> {
+    pub fn prepare_rootfs(
+        &self,
+        machine_dir: &Path,
+        image: &PreparedImage,
+    ) -> Result<PathBuf, DriverError> {
         let rootfs = machine_dir.join("rootfs");
         let upper = machine_dir.join("upper");
         let work = machine_dir.join("work");
@@ -105,27 +134,69 @@ impl ContainerDriver {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         }
         if image.layers.is_empty() {
-            return Err(DriverError::Rootfs(format!("image {} has no layers", image.reference)));
+            return Err(DriverError::Rootfs(format!(
+                "image {} has no layers",
+                image.reference
+            )));
         }
         // overlayfs lists lower directories top first.
-        let lower: Vec<String> = image.layers.iter().rev().map(|p| p.display().to_string()).collect();
-        let options = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
-        nix::mount::mount(Some("overlay"), &rootfs, Some("overlay"), nix::mount::MsFlags::empty(), Some(options.as_str()))
-            .map_err(|e| DriverError::Rootfs(format!("mounting overlay at {}: {e}", rootfs.display())))?;
+        let lower: Vec<String> = image
+            .layers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| {
+            DriverError::Rootfs(format!("mounting overlay at {}: {e}", rootfs.display()))
+        })?;
         Ok(rootfs)
     }
 
     /// Writes the OCI bundle's config.json.
-    pub fn write_bundle(&self, machine_dir: &Path, container_id: &str, hostname: &str, rootfs: &Path, link: &MachineLink, guest: &MachineGuest) -> Result<(), DriverError> {
+    pub fn write_bundle(
+        &self,
+        machine_dir: &Path,
+        container_id: &str,
+        hostname: &str,
+        rootfs: &Path,
+        link: &MachineLink,
+        guest: &MachineGuest,
+    ) -> Result<(), DriverError> {
         let bundle = machine_dir.join("bundle");
         std::fs::create_dir_all(&bundle).map_err(io(format!("creating {}", bundle.display())))?;
-        let spec = oci_spec(container_id, hostname, rootfs, &self.aloft_binary, link, guest);
-        let text = serde_json::to_vec_pretty(&spec).map_err(|e| DriverError::Start(e.to_string()))?;
+        let spec = oci_spec(
+            container_id,
+            hostname,
+            rootfs,
+            &self.aloft_binary,
+            link,
+            guest,
+        );
+        let text =
+            serde_json::to_vec_pretty(&spec).map_err(|e| DriverError::Start(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), text).map_err(io("writing config.json"))
     }
 
     /// Starts the machine's shim and waits until the container runs. Returns the shim's pid.
-    pub fn launch(&self, machine_dir: &Path, container_id: &str, init: &InitConfig) -> Result<i32, DriverError> {
+    pub fn launch(
+        &self,
+        machine_dir: &Path,
+        container_id: &str,
+        init: &InitConfig,
+    ) -> Result<i32, DriverError> {
         let mut command = Command::new(&self.aloft_binary);
         command
             .arg("shim")
@@ -146,7 +217,9 @@ impl ContainerDriver {
         let mut child = command.spawn().map_err(io("spawning the machine shim"))?;
         let config = serde_json::to_vec(init).map_err(|e| DriverError::Start(e.to_string()))?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(&config).map_err(io("handing the init config to the shim"))?;
+            stdin
+                .write_all(&config)
+                .map_err(io("handing the init config to the shim"))?;
         }
         let mut report = String::new();
         if let Some(stdout) = child.stdout.take() {
@@ -163,7 +236,9 @@ impl ContainerDriver {
         } else if let Some(reason) = report.strip_prefix("error ") {
             Err(DriverError::Start(reason.to_string()))
         } else {
-            Err(DriverError::Start("the machine shim exited without starting the container".into()))
+            Err(DriverError::Start(
+                "the machine shim exited without starting the container".into(),
+            ))
         }
     }
 
@@ -176,13 +251,22 @@ impl ContainerDriver {
         if output.status.success() {
             Ok(())
         } else {
-            Err(DriverError::Start(format!("{} kill {signal}: {}", self.runtime_name(), String::from_utf8_lossy(&output.stderr).trim())))
+            Err(DriverError::Start(format!(
+                "{} kill {signal}: {}",
+                self.runtime_name(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )))
         }
     }
 
     /// Removes what a run left: the container, the overlay mount and its upper layer.
     pub fn cleanup(&self, machine_dir: &Path, container_id: &str) {
-        let _ = self.runtime_command().args(["delete", "--force", container_id]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self
+            .runtime_command()
+            .args(["delete", "--force", container_id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         unmount(&machine_dir.join("rootfs"));
         let _ = std::fs::remove_dir_all(machine_dir.join("upper"));
         let _ = std::fs::remove_dir_all(machine_dir.join("work"));
@@ -201,11 +285,22 @@ fn unmount(path: &Path) {
 /// get the same ceiling but a smaller share under contention.
 fn cpu_resources(guest: &MachineGuest) -> serde_json::Value {
     let cpus = u64::from(guest.cpus.max(1));
-    let shares = if guest.cpu_kind == "performance" { 1024 * cpus } else { 128 * cpus };
+    let shares = if guest.cpu_kind == "performance" {
+        1024 * cpus
+    } else {
+        128 * cpus
+    };
     json!({ "shares": shares, "quota": (cpus * 100_000) as i64, "period": 100_000 })
 }
 
-fn oci_spec(container_id: &str, hostname: &str, rootfs: &Path, aloft_binary: &Path, link: &MachineLink, guest: &MachineGuest) -> serde_json::Value {
+fn oci_spec(
+    container_id: &str,
+    hostname: &str,
+    rootfs: &Path,
+    aloft_binary: &Path,
+    link: &MachineLink,
+    guest: &MachineGuest,
+) -> serde_json::Value {
     let memory_bytes = u64::from(guest.memory_mb.max(64)) * 1024 * 1024;
     json!({
         "ociVersion": "1.0.2",
@@ -267,11 +362,29 @@ mod tests {
     #[test]
     fn spec_carries_limits_namespace_and_init() {
         let link = MachineLink::for_machine("0123456789abcd", 3).unwrap();
-        let guest = MachineGuest { cpu_kind: "shared".into(), cpus: 2, memory_mb: 512, ..Default::default() };
-        let spec = oci_spec("0123456789abcd", "0123456789abcd", Path::new("/r"), Path::new("/usr/bin/aloft"), &link, &guest);
-        assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 512 * 1024 * 1024);
+        let guest = MachineGuest {
+            cpu_kind: "shared".into(),
+            cpus: 2,
+            memory_mb: 512,
+            ..Default::default()
+        };
+        let spec = oci_spec(
+            "0123456789abcd",
+            "0123456789abcd",
+            Path::new("/r"),
+            Path::new("/usr/bin/aloft"),
+            &link,
+            &guest,
+        );
+        assert_eq!(
+            spec["linux"]["resources"]["memory"]["limit"],
+            512 * 1024 * 1024
+        );
         assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 200_000);
-        assert_eq!(spec["linux"]["namespaces"][4]["path"], "/run/netns/aloft-0123456789abcd");
+        assert_eq!(
+            spec["linux"]["namespaces"][4]["path"],
+            "/run/netns/aloft-0123456789abcd"
+        );
         assert_eq!(spec["process"]["args"][0], "/.fly/init");
         assert_eq!(spec["mounts"][6]["source"], "/usr/bin/aloft");
     }

@@ -21,7 +21,10 @@ pub enum ImageError {
     #[error("unpacking layer {digest}: {reason}")]
     Unpack { digest: String, reason: String },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
@@ -68,9 +71,13 @@ pub struct ImageStore {
 impl ImageStore {
     pub fn new(root: &Path) -> Result<Self, ImageError> {
         for dir in ["layers", "blobs", "tmp"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(io(format!("creating {}", root.join(dir).display())))?;
+            std::fs::create_dir_all(root.join(dir))
+                .map_err(io(format!("creating {}", root.join(dir).display())))?;
         }
-        Ok(Self { root: root.to_path_buf(), locks: Default::default() })
+        Ok(Self {
+            root: root.to_path_buf(),
+            locks: Default::default(),
+        })
     }
 
     fn layer_dir(&self, digest: &str) -> PathBuf {
@@ -78,25 +85,41 @@ impl ImageStore {
     }
 
     fn lock_for(&self, digest: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(digest.to_string()).or_default().clone()
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Pulls `image` (manifest, config, missing layers) and unpacks what isn't cached.
     pub async fn prepare(&self, image: &ImagePull) -> Result<PreparedImage, ImageError> {
         let reference = image.reference.clone();
-        let pull_error = |reason: String| ImageError::Pull { reference: reference.clone(), reason };
+        let pull_error = |reason: String| ImageError::Pull {
+            reference: reference.clone(),
+            reason,
+        };
         if image.registry_url.is_empty() {
-            return Err(pull_error("only images in the platform's registry can be pulled on this host".into()));
+            return Err(pull_error(
+                "only images in the platform's registry can be pulled on this host".into(),
+            ));
         }
         let token = (!image.token.is_empty()).then(|| image.token.clone());
         let client = PullClient::new(&image.registry_url, token);
-        let manifest = client.manifest(&image.reference).await.map_err(|e| pull_error(e.to_string()))?;
+        let manifest = client
+            .manifest(&image.reference)
+            .await
+            .map_err(|e| pull_error(e.to_string()))?;
         let config_bytes = client
             .blob_bytes(&manifest.repository, &manifest.config.digest)
             .await
             .map_err(|e| pull_error(format!("image config: {e}")))?;
-        let document: ImageConfigDocument = serde_json::from_slice(&config_bytes)
-            .map_err(|e| ImageError::Invalid { reference: reference.clone(), reason: format!("image config is not valid JSON: {e}") })?;
+        let document: ImageConfigDocument =
+            serde_json::from_slice(&config_bytes).map_err(|e| ImageError::Invalid {
+                reference: reference.clone(),
+                reason: format!("image config is not valid JSON: {e}"),
+            })?;
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for layer in &manifest.layers {
             let dir = self.layer_dir(&layer.digest);
@@ -108,31 +131,52 @@ impl ImageStore {
                     .blob_to_file(&manifest.repository, &layer.digest, &blob)
                     .await
                     .map_err(|e| pull_error(format!("layer {}: {e}", layer.digest)))?;
-                let staging = self.root.join("tmp").join(format!("{}-{}", layer.digest.replace(':', "-"), std::process::id()));
+                let staging = self.root.join("tmp").join(format!(
+                    "{}-{}",
+                    layer.digest.replace(':', "-"),
+                    std::process::id()
+                ));
                 let digest = layer.digest.clone();
                 let (blob_for_task, staging_for_task) = (blob.clone(), staging.clone());
-                tokio::task::spawn_blocking(move || unpack_layer(&blob_for_task, &staging_for_task))
-                    .await
-                    .map_err(|e| ImageError::Unpack { digest: digest.clone(), reason: e.to_string() })?
-                    .map_err(|reason| ImageError::Unpack { digest: digest.clone(), reason })?;
-                std::fs::rename(&staging, &dir).map_err(io(format!("moving layer into {}", dir.display())))?;
+                tokio::task::spawn_blocking(move || {
+                    unpack_layer(&blob_for_task, &staging_for_task)
+                })
+                .await
+                .map_err(|e| ImageError::Unpack {
+                    digest: digest.clone(),
+                    reason: e.to_string(),
+                })?
+                .map_err(|reason| ImageError::Unpack {
+                    digest: digest.clone(),
+                    reason,
+                })?;
+                std::fs::rename(&staging, &dir)
+                    .map_err(io(format!("moving layer into {}", dir.display())))?;
                 let _ = std::fs::remove_file(&blob);
             }
             layers.push(dir);
         }
-        Ok(PreparedImage { reference, digest: manifest.digest, layers, run: document.config.unwrap_or_default() })
+        Ok(PreparedImage {
+            reference,
+            digest: manifest.digest,
+            layers,
+            run: document.config.unwrap_or_default(),
+        })
     }
 }
 
 fn open_layer(blob: &Path) -> Result<Box<dyn Read>, String> {
-    let mut file = std::fs::File::open(blob).map_err(|e| format!("opening {}: {e}", blob.display()))?;
+    let mut file =
+        std::fs::File::open(blob).map_err(|e| format!("opening {}: {e}", blob.display()))?;
     let mut magic = [0u8; 4];
     let read = file.read(&mut magic).map_err(|e| e.to_string())?;
     let file = std::fs::File::open(blob).map_err(|e| e.to_string())?;
     let reader = std::io::BufReader::new(file);
     Ok(match &magic[..read] {
         [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(reader)),
-        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::new(reader).map_err(|e| e.to_string())?),
+        [0x28, 0xb5, 0x2f, 0xfd] => {
+            Box::new(zstd::stream::read::Decoder::new(reader).map_err(|e| e.to_string())?)
+        }
         _ => Box::new(reader),
     })
 }
@@ -155,7 +199,11 @@ fn mknod_whiteout(path: &Path) -> Result<(), String> {
     // An overlayfs whiteout is a character device with device number 0:0.
     let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o000, 0) };
     if rc != 0 {
-        return Err(format!("creating whiteout {}: {}", path.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "creating whiteout {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -165,7 +213,11 @@ fn set_opaque(dir: &Path) -> Result<(), String> {
     let name = c"trusted.overlay.opaque";
     let rc = unsafe { libc::setxattr(c_path.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
     if rc != 0 {
-        return Err(format!("marking {} opaque: {}", dir.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "marking {} opaque: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -184,23 +236,34 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
     archive.set_overwrite(true);
     archive.set_preserve_mtime(true);
     let mut opaque_dirs = Vec::new();
-    for entry in archive.entries().map_err(|e| format!("reading layer: {e}"))? {
+    for entry in archive
+        .entries()
+        .map_err(|e| format!("reading layer: {e}"))?
+    {
         let mut entry = entry.map_err(|e| format!("reading layer entry: {e}"))?;
-        let path = entry.path().map_err(|e| format!("layer entry path: {e}"))?.into_owned();
+        let path = entry
+            .path()
+            .map_err(|e| format!("layer entry path: {e}"))?
+            .into_owned();
         let Some(relative) = safe_relative(&path) else {
             return Err(format!("layer entry {} escapes the layer", path.display()));
         };
-        let file_name = relative.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_name = relative
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let parent = relative.parent().map(Path::to_path_buf).unwrap_or_default();
         if file_name == ".wh..wh..opq" {
             let dir = dest.join(&parent);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             opaque_dirs.push(dir);
             continue;
         }
         if let Some(hidden) = file_name.strip_prefix(".wh.") {
             let dir = dest.join(&parent);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             let target = dir.join(hidden);
             if target.symlink_metadata().is_ok() {
                 let _ = std::fs::remove_file(&target).or_else(|_| std::fs::remove_dir_all(&target));
@@ -208,7 +271,9 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
             mknod_whiteout(&target)?;
             continue;
         }
-        entry.unpack_in(dest).map_err(|e| format!("unpacking {}: {e}", relative.display()))?;
+        entry
+            .unpack_in(dest)
+            .map_err(|e| format!("unpacking {}: {e}", relative.display()))?;
     }
     for dir in opaque_dirs {
         set_opaque(&dir)?;
@@ -276,7 +341,14 @@ mod tests {
         assert_eq!(whiteout.rdev(), 0);
         let mut value = [0u8; 4];
         let path = CString::new(dest.join("var").as_os_str().as_bytes()).unwrap();
-        let len = unsafe { libc::getxattr(path.as_ptr(), c"trusted.overlay.opaque".as_ptr(), value.as_mut_ptr().cast(), 4) };
+        let len = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                value.as_mut_ptr().cast(),
+                4,
+            )
+        };
         assert_eq!(&value[..len as usize], b"y");
     }
 
@@ -284,6 +356,9 @@ mod tests {
     fn entries_escaping_the_layer_are_refused() {
         assert!(safe_relative(Path::new("../etc/passwd")).is_none());
         assert!(safe_relative(Path::new("/abs")).is_none());
-        assert_eq!(safe_relative(Path::new("./a/b")), Some(PathBuf::from("a/b")));
+        assert_eq!(
+            safe_relative(Path::new("./a/b")),
+            Some(PathBuf::from("a/b"))
+        );
     }
 }

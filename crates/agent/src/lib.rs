@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_api::internal::{AgentEvent, AgentMachine, ExitStatus, HostRegistration, InitConfig, MachineSpec};
+use aloft_api::internal::{
+    AgentEvent, AgentMachine, ExitStatus, HostRegistration, InitConfig, MachineSpec,
+};
 use aloft_api::{MachineState, RestartPolicy, StopRequest};
 use aloft_client::Client;
 use anyhow::Context;
@@ -72,9 +74,11 @@ impl Agent {
         let host_id = host_id(&root)?;
         let store = Store::open(&root.join("agent.db")).context("opening the agent database")?;
         let images = ImageStore::new(&root.join("images")).context("opening the image cache")?;
-        let driver = ContainerDriver::new(&root, config.runtime.as_deref()).context("setting up the container driver")?;
+        let driver = ContainerDriver::new(&root, config.runtime.as_deref())
+            .context("setting up the container driver")?;
         let machines_dir = root.join("machines");
-        std::fs::create_dir_all(&machines_dir).with_context(|| format!("creating {}", machines_dir.display()))?;
+        std::fs::create_dir_all(&machines_dir)
+            .with_context(|| format!("creating {}", machines_dir.display()))?;
         tracing::info!(host = %host_id, runtime = %driver.runtime_name(), "agent ready");
         Ok(Arc::new(Self {
             config,
@@ -93,11 +97,18 @@ impl Agent {
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_default().clone()
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 
     fn record(&self, id: &str) -> Result<MachineRecord, AgentError> {
-        self.store.machine(id)?.ok_or_else(|| AgentError::NotFound(id.to_string()))
+        self.store
+            .machine(id)?
+            .ok_or_else(|| AgentError::NotFound(id.to_string()))
     }
 
     fn view(record: &MachineRecord) -> AgentMachine {
@@ -114,7 +125,14 @@ impl Agent {
     }
 
     /// Records a state change with its event (delivered to the control plane later).
-    fn transition(&self, record: &MachineRecord, kind: &str, state: MachineState, exit: Option<ExitStatus>, message: Option<String>) -> Result<MachineRecord, AgentError> {
+    fn transition(
+        &self,
+        record: &MachineRecord,
+        kind: &str,
+        state: MachineState,
+        exit: Option<ExitStatus>,
+        message: Option<String>,
+    ) -> Result<MachineRecord, AgentError> {
         let mut event = AgentEvent {
             seq: 0,
             machine_id: record.spec.id.clone(),
@@ -123,7 +141,9 @@ impl Agent {
             state,
             timestamp: now_millis(),
             exit: exit.clone(),
-            private_ipv4: MachineLink::for_machine(&record.spec.id, record.slot).ok().map(|l| l.machine_address.to_string()),
+            private_ipv4: MachineLink::for_machine(&record.spec.id, record.slot)
+                .ok()
+                .map(|l| l.machine_address.to_string()),
             message,
         };
         self.store.transition(&mut event, exit.as_ref())?;
@@ -144,7 +164,8 @@ impl Agent {
         let lock = self.lock(&spec.id);
         let _guard = lock.lock().await;
         let record = self.store.put_spec(&spec)?;
-        std::fs::create_dir_all(self.machine_dir(&spec.id)).map_err(|e| AgentError::Failed(format!("creating machine directory: {e}")))?;
+        std::fs::create_dir_all(self.machine_dir(&spec.id))
+            .map_err(|e| AgentError::Failed(format!("creating machine directory: {e}")))?;
         Ok(Self::view(&record))
     }
 
@@ -162,7 +183,11 @@ impl Agent {
     }
 
     /// Brings a machine up; on failure records why and leaves it `failed`.
-    async fn launch(self: &Arc<Self>, record: &MachineRecord, kind: &str) -> Result<MachineRecord, AgentError> {
+    async fn launch(
+        self: &Arc<Self>,
+        record: &MachineRecord,
+        kind: &str,
+    ) -> Result<MachineRecord, AgentError> {
         match self.try_launch(record).await {
             Ok(pid) => {
                 self.store.set_shim(&record.spec.id, Some(pid))?;
@@ -174,7 +199,13 @@ impl Agent {
                 let dir = self.machine_dir(&record.spec.id);
                 self.driver.cleanup(&dir, &record.spec.id);
                 self.store.set_desired(&record.spec.id, Desired::Stopped)?;
-                self.transition(record, kind, MachineState::Failed, None, Some(reason.clone()))?;
+                self.transition(
+                    record,
+                    kind,
+                    MachineState::Failed,
+                    None,
+                    Some(reason.clone()),
+                )?;
                 Err(AgentError::Failed(reason))
             }
         }
@@ -187,15 +218,25 @@ impl Agent {
         let image = self.image_for(spec, &dir).await?;
         let link = MachineLink::for_machine(&spec.id, record.slot).map_err(|e| e.to_string())?;
         let init = init_config(spec, &image, &link)?;
-        let guest = spec.config.guest.clone().unwrap_or_else(aloft_api::MachineGuest::default_shared);
+        let guest = spec
+            .config
+            .guest
+            .clone()
+            .unwrap_or_else(aloft_api::MachineGuest::default_shared);
         let driver_dir = dir.clone();
         let id = spec.id.clone();
         let driver = &self.driver;
         tokio::task::block_in_place(|| {
             network::ensure(&link).map_err(|e| format!("machine network: {e}"))?;
-            let rootfs = driver.prepare_rootfs(&driver_dir, &image).map_err(|e| e.to_string())?;
-            driver.write_bundle(&driver_dir, &id, &id, &rootfs, &link, &guest).map_err(|e| e.to_string())?;
-            driver.launch(&driver_dir, &id, &init).map_err(|e| e.to_string())
+            let rootfs = driver
+                .prepare_rootfs(&driver_dir, &image)
+                .map_err(|e| e.to_string())?;
+            driver
+                .write_bundle(&driver_dir, &id, &id, &rootfs, &link, &guest)
+                .map_err(|e| e.to_string())?;
+            driver
+                .launch(&driver_dir, &id, &init)
+                .map_err(|e| e.to_string())
         })
     }
 
@@ -204,12 +245,18 @@ impl Agent {
         let cache = dir.join("image.json");
         if let Ok(bytes) = std::fs::read(&cache) {
             if let Ok(image) = serde_json::from_slice::<PreparedImage>(&bytes) {
-                if image.reference == spec.image.reference && image.layers.iter().all(|l| l.exists()) {
+                if image.reference == spec.image.reference
+                    && image.layers.iter().all(|l| l.exists())
+                {
                     return Ok(image);
                 }
             }
         }
-        let image = self.images.prepare(&spec.image).await.map_err(|e| e.to_string())?;
+        let image = self
+            .images
+            .prepare(&spec.image)
+            .await
+            .map_err(|e| e.to_string())?;
         if let Ok(bytes) = serde_json::to_vec(&image) {
             let _ = std::fs::write(&cache, bytes);
         }
@@ -245,14 +292,23 @@ impl Agent {
             return;
         }
         let dir = self.machine_dir(id);
-        let mut exit = shim::read_exit(&dir).unwrap_or(ExitStatus { exit_code: -1, ..Default::default() });
+        let mut exit = shim::read_exit(&dir).unwrap_or(ExitStatus {
+            exit_code: -1,
+            ..Default::default()
+        });
         exit.requested_stop = record.desired == Desired::Stopped;
         self.driver.cleanup(&dir, id);
         if let Err(err) = self.store.set_shim(id, None) {
             tracing::error!(machine = id, error = %err, "recording the shim's exit failed");
             return;
         }
-        let record = match self.transition(&record, "exit", MachineState::Stopped, Some(exit.clone()), None) {
+        let record = match self.transition(
+            &record,
+            "exit",
+            MachineState::Stopped,
+            Some(exit.clone()),
+            None,
+        ) {
             Ok(record) => record,
             Err(err) => {
                 tracing::error!(machine = id, error = %err, "recording a machine exit failed");
@@ -283,7 +339,9 @@ impl Agent {
             tokio::time::sleep(backoff).await;
             let lock = agent.lock(&id);
             let _guard = lock.lock().await;
-            let Ok(record) = agent.record(&id) else { return };
+            let Ok(record) = agent.record(&id) else {
+                return;
+            };
             if record.desired != Desired::Started || record.shim_pid.is_some() {
                 return;
             }
@@ -295,16 +353,30 @@ impl Agent {
         });
     }
 
-    pub async fn stop(self: &Arc<Self>, id: &str, request: &StopRequest) -> Result<AgentMachine, AgentError> {
+    pub async fn stop(
+        self: &Arc<Self>,
+        id: &str,
+        request: &StopRequest,
+    ) -> Result<AgentMachine, AgentError> {
         let pid = {
             let lock = self.lock(id);
             let _guard = lock.lock().await;
             let record = self.record(id)?;
             self.store.set_desired(id, Desired::Stopped)?;
-            let Some(pid) = record.shim_pid else { return Ok(Self::view(&record)) };
+            let Some(pid) = record.shim_pid else {
+                return Ok(Self::view(&record));
+            };
             let stop_config = record.spec.config.stop_config.clone().unwrap_or_default();
-            let signal = request.signal.clone().or(stop_config.signal).unwrap_or_else(|| DEFAULT_KILL_SIGNAL.to_string());
-            let timeout = request.timeout.or(stop_config.timeout).map(|d| d.to_std()).unwrap_or(DEFAULT_KILL_TIMEOUT);
+            let signal = request
+                .signal
+                .clone()
+                .or(stop_config.signal)
+                .unwrap_or_else(|| DEFAULT_KILL_SIGNAL.to_string());
+            let timeout = request
+                .timeout
+                .or(stop_config.timeout)
+                .map(|d| d.to_std())
+                .unwrap_or(DEFAULT_KILL_TIMEOUT);
             if let Err(err) = self.driver.signal(id, &signal) {
                 tracing::debug!(machine = id, error = %err, "signalling the machine");
             }
@@ -321,7 +393,14 @@ impl Agent {
     pub async fn destroy(self: &Arc<Self>, id: &str) -> Result<AgentMachine, AgentError> {
         let record = self.record(id)?;
         if record.shim_pid.is_some() {
-            self.stop(id, &StopRequest { signal: Some("SIGKILL".into()), timeout: Some(aloft_api::Duration::from_secs(1)) }).await?;
+            self.stop(
+                id,
+                &StopRequest {
+                    signal: Some("SIGKILL".into()),
+                    timeout: Some(aloft_api::Duration::from_secs(1)),
+                },
+            )
+            .await?;
         }
         let lock = self.lock(id);
         let _guard = lock.lock().await;
@@ -369,7 +448,9 @@ impl Agent {
     /// Stops every running machine (the server is shutting down) but keeps them wanted,
     /// so the next start brings them back.
     pub async fn stop_all_for_shutdown(self: &Arc<Self>) {
-        let Ok(records) = self.store.machines() else { return };
+        let Ok(records) = self.store.machines() else {
+            return;
+        };
         let mut stops = Vec::new();
         for record in records.into_iter().filter(|r| r.shim_pid.is_some()) {
             let agent = self.clone();
@@ -386,12 +467,15 @@ impl Agent {
 
     /// Serves the agent API on `listener` forever.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-        axum::serve(listener, api::router(self)).await.context("serving the agent API")
+        axum::serve(listener, api::router(self))
+            .await
+            .context("serving the agent API")
     }
 
     /// Registers with the control plane, then delivers events forever.
     pub async fn report(self: Arc<Self>) {
-        let client = Client::new(&self.config.control_url, Some(self.config.token.clone())).with_timeout(Duration::from_secs(10));
+        let client = Client::new(&self.config.control_url, Some(self.config.token.clone()))
+            .with_timeout(Duration::from_secs(10));
         let registration = HostRegistration {
             id: self.host_id.clone(),
             region: self.config.region.clone(),
@@ -399,7 +483,10 @@ impl Agent {
         };
         let mut backoff = Duration::from_millis(100);
         loop {
-            match client.call(http::Method::POST, "/v1/hosts", Some(&registration)).await {
+            match client
+                .call(http::Method::POST, "/v1/hosts", Some(&registration))
+                .await
+            {
                 Ok(()) => break,
                 Err(err) => {
                     tracing::warn!(error = %err, "registering with the control plane");
@@ -464,19 +551,30 @@ fn host_id(root: &Path) -> anyhow::Result<String> {
             return Ok(id);
         }
     }
-    let id = format!("host-{}", &ulid::Ulid::new().to_string().to_lowercase()[16..]);
+    let id = format!(
+        "host-{}",
+        &ulid::Ulid::new().to_string().to_lowercase()[16..]
+    );
     std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
 }
 
 /// What init runs, with which environment: the machine config's init section over the
 /// image's entrypoint and cmd (Docker's rules), and the platform's variables.
-pub fn init_config(spec: &MachineSpec, image: &PreparedImage, link: &MachineLink) -> Result<InitConfig, String> {
+pub fn init_config(
+    spec: &MachineSpec,
+    image: &PreparedImage,
+    link: &MachineLink,
+) -> Result<InitConfig, String> {
     let init = spec.config.init.clone().unwrap_or_default();
     let argv = if !init.exec.is_empty() {
         init.exec.clone()
     } else {
-        let entrypoint = if init.entrypoint.is_empty() { image.run.entrypoint.clone().unwrap_or_default() } else { init.entrypoint.clone() };
+        let entrypoint = if init.entrypoint.is_empty() {
+            image.run.entrypoint.clone().unwrap_or_default()
+        } else {
+            init.entrypoint.clone()
+        };
         let cmd = if !init.cmd.is_empty() {
             init.cmd.clone()
         } else if init.entrypoint.is_empty() {
@@ -487,7 +585,10 @@ pub fn init_config(spec: &MachineSpec, image: &PreparedImage, link: &MachineLink
         entrypoint.into_iter().chain(cmd).collect()
     };
     if argv.is_empty() {
-        return Err(format!("image {} has no command to run: it sets no entrypoint or cmd, and the machine config gives none", image.reference));
+        return Err(format!(
+            "image {} has no command to run: it sets no entrypoint or cmd, and the machine config gives none",
+            image.reference
+        ));
     }
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for pair in image.run.env.clone().unwrap_or_default() {
@@ -495,12 +596,19 @@ pub fn init_config(spec: &MachineSpec, image: &PreparedImage, link: &MachineLink
             env.insert(key.to_string(), value.to_string());
         }
     }
-    env.entry("PATH".into()).or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     for (key, value) in &spec.config.env {
         env.insert(key.clone(), value.clone());
     }
     let group = spec.config.process_group().unwrap_or("app").to_string();
-    let memory = spec.config.guest.as_ref().map(|g| g.memory_mb).filter(|m| *m > 0).unwrap_or(256);
+    let memory = spec
+        .config
+        .guest
+        .as_ref()
+        .map(|g| g.memory_mb)
+        .filter(|m| *m > 0)
+        .unwrap_or(256);
     let platform = [
         ("FLY_APP_NAME", spec.app.clone()),
         ("FLY_MACHINE_ID", spec.id.clone()),
@@ -524,7 +632,15 @@ pub fn init_config(spec: &MachineSpec, image: &PreparedImage, link: &MachineLink
         .config
         .files
         .iter()
-        .filter_map(|f| f.raw_value.as_ref().map(|raw| aloft_api::internal::InitFile { path: f.guest_path.clone(), content: raw.clone(), mode: f.mode }))
+        .filter_map(|f| {
+            f.raw_value
+                .as_ref()
+                .map(|raw| aloft_api::internal::InitFile {
+                    path: f.guest_path.clone(),
+                    content: raw.clone(),
+                    mode: f.mode,
+                })
+        })
         .collect();
     Ok(InitConfig {
         argv,
@@ -559,9 +675,17 @@ mod tests {
     }
 
     fn spec() -> MachineSpec {
-        let mut spec = MachineSpec { id: "0123456789abcd".into(), app: "hello".into(), region: "local".into(), instance_id: "v1".into(), ..Default::default() };
+        let mut spec = MachineSpec {
+            id: "0123456789abcd".into(),
+            app: "hello".into(),
+            region: "local".into(),
+            instance_id: "v1".into(),
+            ..Default::default()
+        };
         spec.config.env.insert("A".into(), "config".into());
-        spec.config.metadata.insert("fly_process_group".into(), "web".into());
+        spec.config
+            .metadata
+            .insert("fly_process_group".into(), "web".into());
         spec
     }
 
@@ -571,13 +695,41 @@ mod tests {
         let mut s = spec();
         let i = init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link).unwrap();
         assert_eq!(i.argv, vec!["/ep", "a"]);
-        s.config.init = Some(aloft_api::MachineInit { cmd: vec!["b".into()], ..Default::default() });
-        assert_eq!(init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link).unwrap().argv, vec!["/ep", "b"]);
-        s.config.init = Some(aloft_api::MachineInit { entrypoint: vec!["/other".into()], ..Default::default() });
-        assert_eq!(init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link).unwrap().argv, vec!["/other"]);
-        s.config.init = Some(aloft_api::MachineInit { exec: vec!["/x".into()], ..Default::default() });
-        assert_eq!(init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link).unwrap().argv, vec!["/x"]);
-        assert!(init_config(&spec(), &image(None, None), &link).unwrap_err().contains("no command"));
+        s.config.init = Some(aloft_api::MachineInit {
+            cmd: vec!["b".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
+                .unwrap()
+                .argv,
+            vec!["/ep", "b"]
+        );
+        s.config.init = Some(aloft_api::MachineInit {
+            entrypoint: vec!["/other".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
+                .unwrap()
+                .argv,
+            vec!["/other"]
+        );
+        s.config.init = Some(aloft_api::MachineInit {
+            exec: vec!["/x".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
+                .unwrap()
+                .argv,
+            vec!["/x"]
+        );
+        assert!(
+            init_config(&spec(), &image(None, None), &link)
+                .unwrap_err()
+                .contains("no command")
+        );
     }
 
     #[test]

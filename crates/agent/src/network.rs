@@ -48,30 +48,73 @@ impl MachineLink {
 }
 
 fn ip(args: &[&str]) -> Result<(), NetworkError> {
-    let output = Command::new("ip").args(args).output().map_err(NetworkError::Spawn)?;
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(NetworkError::Spawn)?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(NetworkError::Command { args: args.join(" "), stderr: String::from_utf8_lossy(&output.stderr).trim().to_string() })
+        Err(NetworkError::Command {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
     }
 }
 
 /// Creates the namespace and link if they don't exist yet (idempotent: a restarted agent
 /// finds them in place).
 pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
-    if link.netns_path().exists() && std::path::Path::new("/sys/class/net").join(&link.host_interface).exists() {
+    if link.netns_path().exists()
+        && std::path::Path::new("/sys/class/net")
+            .join(&link.host_interface)
+            .exists()
+    {
         return Ok(());
     }
     teardown(link);
     ip(&["netns", "add", &link.netns])?;
     let result = (|| {
-        ip(&["link", "add", &link.host_interface, "type", "veth", "peer", "name", "eth0", "netns", &link.netns])?;
-        ip(&["addr", "add", &format!("{}/30", link.host_address), "dev", &link.host_interface])?;
+        ip(&[
+            "link",
+            "add",
+            &link.host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &link.netns,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", link.host_address),
+            "dev",
+            &link.host_interface,
+        ])?;
         ip(&["link", "set", &link.host_interface, "up"])?;
-        ip(&["-n", &link.netns, "addr", "add", &format!("{}/30", link.machine_address), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &link.netns,
+            "addr",
+            "add",
+            &format!("{}/30", link.machine_address),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &link.netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &link.netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &link.netns, "route", "add", "default", "via", &link.host_address.to_string()])
+        ip(&[
+            "-n",
+            &link.netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &link.host_address.to_string(),
+        ])
     })();
     if result.is_err() {
         teardown(link);

@@ -88,7 +88,9 @@ fn runtime_command(args: &ShimArgs) -> Command {
 
 fn launch(args: &ShimArgs) -> Result<Launched, String> {
     let mut init_config = Vec::new();
-    std::io::stdin().read_to_end(&mut init_config).map_err(|e| format!("reading init config: {e}"))?;
+    std::io::stdin()
+        .read_to_end(&mut init_config)
+        .map_err(|e| format!("reading init config: {e}"))?;
     let (config_read, mut config_write) = pipe()?;
     let (stdout_read, stdout_write) = pipe()?;
     let (stderr_read, stderr_write) = pipe()?;
@@ -97,7 +99,11 @@ fn launch(args: &ShimArgs) -> Result<Launched, String> {
     let _ = std::fs::remove_file(&pid_file);
     let _ = std::fs::remove_file(args.machine_dir.join(EXIT_FILE));
     // A container of the same name left by an earlier run would make `create` fail.
-    let _ = runtime_command(args).args(["delete", "--force", &args.container_id]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = runtime_command(args)
+        .args(["delete", "--force", &args.container_id])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 
     let config_fd = config_read.as_raw_fd();
     let mut create = runtime_command(args);
@@ -111,29 +117,57 @@ fn launch(args: &ShimArgs) -> Result<Launched, String> {
         .arg("1")
         .arg(&args.container_id)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout_write.try_clone().map_err(|e| e.to_string())?))
-        .stderr(Stdio::from(stderr_write.try_clone().map_err(|e| e.to_string())?));
+        .stdout(Stdio::from(
+            stdout_write.try_clone().map_err(|e| e.to_string())?,
+        ))
+        .stderr(Stdio::from(
+            stderr_write.try_clone().map_err(|e| e.to_string())?,
+        ));
     unsafe {
         create.pre_exec(move || {
             // dup2 onto itself would keep close-on-exec set, so clear it explicitly then.
-            let ok = if config_fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) >= 0 } else { libc::dup2(config_fd, 3) >= 0 };
-            if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            let ok = if config_fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(config_fd, 3) >= 0
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
         });
     }
-    let status = create.status().map_err(|e| format!("running {}: {e}", args.runtime.display()))?;
+    let status = create
+        .status()
+        .map_err(|e| format!("running {}: {e}", args.runtime.display()))?;
     drop(config_read);
     drop(stdout_write);
     drop(stderr_write);
     if !status.success() {
-        return Err(format!("{} create failed: {}", args.runtime.display(), drain(stderr_read)));
+        return Err(format!(
+            "{} create failed: {}",
+            args.runtime.display(),
+            drain(stderr_read)
+        ));
     }
     let pid = read_pid(&pid_file)?;
-    let start = runtime_command(args).args(["start", &args.container_id]).stderr(Stdio::piped()).stdout(Stdio::null()).output();
+    let start = runtime_command(args)
+        .args(["start", &args.container_id])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .output();
     match start {
         Ok(output) if output.status.success() => {}
         Ok(output) => {
-            let _ = runtime_command(args).args(["delete", "--force", &args.container_id]).status();
-            return Err(format!("{} start failed: {}", args.runtime.display(), String::from_utf8_lossy(&output.stderr).trim()));
+            let _ = runtime_command(args)
+                .args(["delete", "--force", &args.container_id])
+                .status();
+            return Err(format!(
+                "{} start failed: {}",
+                args.runtime.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
         }
         Err(e) => return Err(format!("running {}: {e}", args.runtime.display())),
     }
@@ -142,7 +176,11 @@ fn launch(args: &ShimArgs) -> Result<Launched, String> {
     std::thread::spawn(move || {
         let _ = config_write.write_all(&init_config);
     });
-    Ok(Launched { pid, stdout: stdout_read, stderr: stderr_read })
+    Ok(Launched {
+        pid,
+        stdout: stdout_read,
+        stderr: stderr_read,
+    })
 }
 
 fn drain(mut pipe: File) -> String {
@@ -153,12 +191,19 @@ fn drain(mut pipe: File) -> String {
     let mut text = String::new();
     let _ = pipe.read_to_string(&mut text);
     let text = text.trim();
-    if text.is_empty() { "no output".into() } else { text.lines().last().unwrap_or(text).to_string() }
+    if text.is_empty() {
+        "no output".into()
+    } else {
+        text.lines().last().unwrap_or(text).to_string()
+    }
 }
 
 fn read_pid(path: &Path) -> Result<i32, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    text.trim().parse().map_err(|_| format!("{} holds no pid", path.display()))
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{} holds no pid", path.display()))
 }
 
 fn redirect_stdout_to_null() {
@@ -178,14 +223,26 @@ impl LogWriter {
     fn open(dir: &Path) -> Self {
         let path = dir.join(LOG_FILE);
         let written = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let file = OpenOptions::new().create(true).append(true).open(&path).ok();
-        Self { path, file, written }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ok();
+        Self {
+            path,
+            file,
+            written,
+        }
     }
 
     fn line(&mut self, stream: &str, message: &str) {
         if self.written > LOG_ROTATE_BYTES {
             let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
-            self.file = OpenOptions::new().create(true).append(true).open(&self.path).ok();
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .ok();
             self.written = 0;
         }
         let record = serde_json::json!({
@@ -203,7 +260,11 @@ impl LogWriter {
     }
 }
 
-fn pump(stream: &'static str, pipe: File, log: std::sync::Arc<std::sync::Mutex<LogWriter>>) -> std::thread::JoinHandle<()> {
+fn pump(
+    stream: &'static str,
+    pipe: File,
+    log: std::sync::Arc<std::sync::Mutex<LogWriter>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut buffer = Vec::new();
@@ -214,7 +275,9 @@ fn pump(stream: &'static str, pipe: File, log: std::sync::Arc<std::sync::Mutex<L
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&buffer);
                     let text = text.trim_end_matches(['\n', '\r']);
-                    log.lock().unwrap_or_else(|p| p.into_inner()).line(stream, text);
+                    log.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .line(stream, text);
                 }
             }
         }
@@ -225,7 +288,10 @@ fn supervise(args: &ShimArgs, launched: Launched) -> i32 {
     let log = std::sync::Arc::new(std::sync::Mutex::new(LogWriter::open(&args.machine_dir)));
     let out = pump("stdout", launched.stdout, log.clone());
     let err = pump("stderr", launched.stderr, log.clone());
-    let mut status = ExitStatus { exit_code: -1, ..Default::default() };
+    let mut status = ExitStatus {
+        exit_code: -1,
+        ..Default::default()
+    };
     loop {
         let mut raw = 0;
         let pid = unsafe { libc::waitpid(-1, &mut raw, 0) };
@@ -247,7 +313,11 @@ fn supervise(args: &ShimArgs, launched: Launched) -> i32 {
     if status.signal.is_none() && status.exit_code > 128 {
         status.signal = Some(status.exit_code - 128);
     }
-    let _ = runtime_command(args).args(["delete", "--force", &args.container_id]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = runtime_command(args)
+        .args(["delete", "--force", &args.container_id])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     let _ = out.join();
     let _ = err.join();
     write_exit(&args.machine_dir, &status);
@@ -265,10 +335,17 @@ fn write_exit(dir: &Path, status: &ExitStatus) {
 
 /// How many processes the kernel's OOM killer killed in the container's memory cgroup.
 fn oom_kills(container_id: &str) -> u64 {
-    let path = Path::new("/sys/fs/cgroup/memory").join(cgroup_path(container_id).trim_start_matches('/')).join("memory.oom_control");
-    let Ok(text) = std::fs::read_to_string(path) else { return 0 };
+    let path = Path::new("/sys/fs/cgroup/memory")
+        .join(cgroup_path(container_id).trim_start_matches('/'))
+        .join("memory.oom_control");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
     text.lines()
-        .find_map(|line| line.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok()))
+        .find_map(|line| {
+            line.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -285,7 +362,9 @@ pub fn read_exit(machine_dir: &Path) -> Option<ExitStatus> {
 
 /// Whether `pid` is this machine's shim (guards against pid reuse after a restart).
 pub fn is_shim_of(pid: i32, machine_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     args.len() >= 3 && args[1] == b"shim" && args[2] == machine_dir.as_os_str().as_encoded_bytes()
 }
@@ -303,5 +382,6 @@ pub fn pidfd(pid: i32) -> std::io::Result<OwnedFd> {
 pub fn exit_watch(pid: i32) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     let fd = pidfd(pid)?;
     // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open while registered.
-    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| std::io::Error::other(e.to_string()))
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }

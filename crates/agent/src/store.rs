@@ -34,7 +34,11 @@ impl Desired {
         }
     }
     fn parse(text: &str) -> Self {
-        if text == "started" { Desired::Started } else { Desired::Stopped }
+        if text == "started" {
+            Desired::Started
+        } else {
+            Desired::Stopped
+        }
     }
 }
 
@@ -65,7 +69,11 @@ pub struct Store {
 }
 
 fn corrupt(err: impl std::fmt::Display) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, err.to_string().into())
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        err.to_string().into(),
+    )
 }
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRecord> {
@@ -75,7 +83,8 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRecord> {
     let last_exit: Option<String> = row.get(7)?;
     Ok(MachineRecord {
         spec: serde_json::from_str(&spec).map_err(corrupt)?,
-        state: MachineState::parse(&state).ok_or_else(|| corrupt(format!("unknown state {state}")))?,
+        state: MachineState::parse(&state)
+            .ok_or_else(|| corrupt(format!("unknown state {state}")))?,
         desired: Desired::parse(&desired),
         seq: row.get::<_, i64>(3)? as u64,
         slot: row.get(4)?,
@@ -109,13 +118,17 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> StoreResult<T> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard).map_err(|e| match e {
-            rusqlite::Error::FromSqlConversionFailure(_, _, inner) => StoreError::Corrupt(inner.to_string()),
+            rusqlite::Error::FromSqlConversionFailure(_, _, inner) => {
+                StoreError::Corrupt(inner.to_string())
+            }
             other => StoreError::Sqlite(other),
         })
     }
@@ -159,20 +172,42 @@ impl Store {
     }
 
     pub fn set_desired(&self, id: &str, desired: Desired) -> StoreResult<()> {
-        self.with(|c| c.execute("UPDATE machines SET desired = ?2 WHERE id = ?1", params![id, desired.as_str()]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET desired = ?2 WHERE id = ?1",
+                params![id, desired.as_str()],
+            )
+            .map(|_| ())
+        })
     }
 
     pub fn set_shim(&self, id: &str, pid: Option<i32>) -> StoreResult<()> {
-        self.with(|c| c.execute("UPDATE machines SET shim_pid = ?2 WHERE id = ?1", params![id, pid]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET shim_pid = ?2 WHERE id = ?1",
+                params![id, pid],
+            )
+            .map(|_| ())
+        })
     }
 
     pub fn set_restarts(&self, id: &str, restarts: u32) -> StoreResult<()> {
-        self.with(|c| c.execute("UPDATE machines SET restarts = ?2 WHERE id = ?1", params![id, restarts]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET restarts = ?2 WHERE id = ?1",
+                params![id, restarts],
+            )
+            .map(|_| ())
+        })
     }
 
     /// Records a state change and its event in one transaction: the state and the event
     /// that announces it can never disagree after a crash.
-    pub fn transition(&self, event: &mut AgentEvent, last_exit: Option<&ExitStatus>) -> StoreResult<u64> {
+    pub fn transition(
+        &self,
+        event: &mut AgentEvent,
+        last_exit: Option<&ExitStatus>,
+    ) -> StoreResult<u64> {
         self.with(|c| {
             let tx = c.transaction()?;
             let seq: i64 = tx
@@ -195,7 +230,10 @@ impl Store {
     }
 
     pub fn remove_machine(&self, id: &str) -> StoreResult<()> {
-        self.with(|c| c.execute("DELETE FROM machines WHERE id = ?1", [id]).map(|_| ()))
+        self.with(|c| {
+            c.execute("DELETE FROM machines WHERE id = ?1", [id])
+                .map(|_| ())
+        })
     }
 
     pub fn pending_events(&self, limit: usize) -> StoreResult<Vec<AgentEvent>> {
@@ -210,7 +248,10 @@ impl Store {
     }
 
     pub fn delivered(&self, up_to_seq: u64) -> StoreResult<()> {
-        self.with(|c| c.execute("DELETE FROM outbox WHERE seq <= ?1", [up_to_seq as i64]).map(|_| ()))
+        self.with(|c| {
+            c.execute("DELETE FROM outbox WHERE seq <= ?1", [up_to_seq as i64])
+                .map(|_| ())
+        })
     }
 }
 
@@ -219,7 +260,10 @@ mod tests {
     use super::*;
 
     fn spec(id: &str) -> MachineSpec {
-        MachineSpec { id: id.into(), ..Default::default() }
+        MachineSpec {
+            id: id.into(),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -22,7 +22,10 @@ pub struct ParseDurationError {
 
 impl ParseDurationError {
     fn new(reason: &'static str, input: &str) -> Self {
-        Self { reason, quoted: format!("{input:?}") }
+        Self {
+            reason,
+            quoted: format!("{input:?}"),
+        }
     }
 }
 
@@ -39,10 +42,14 @@ impl Duration {
         Self { nanos }
     }
     pub const fn from_millis(millis: i64) -> Self {
-        Self { nanos: millis.saturating_mul(NANOS_PER_MILLI) }
+        Self {
+            nanos: millis.saturating_mul(NANOS_PER_MILLI),
+        }
     }
     pub const fn from_secs(secs: i64) -> Self {
-        Self { nanos: secs.saturating_mul(NANOS_PER_SECOND) }
+        Self {
+            nanos: secs.saturating_mul(NANOS_PER_SECOND),
+        }
     }
     pub const fn as_nanos(self) -> i64 {
         self.nanos
@@ -131,13 +138,17 @@ impl Duration {
             }
         }
         let nanos = total as i64;
-        Ok(Self { nanos: if negative { -nanos } else { nanos } })
+        Ok(Self {
+            nanos: if negative { -nanos } else { nanos },
+        })
     }
 }
 
 impl From<StdDuration> for Duration {
     fn from(value: StdDuration) -> Self {
-        Self { nanos: i64::try_from(value.as_nanos()).unwrap_or(i64::MAX) }
+        Self {
+            nanos: i64::try_from(value.as_nanos()).unwrap_or(i64::MAX),
+        }
     }
 }
 
@@ -223,7 +234,9 @@ impl<'de> Deserialize<'de> for Duration {
                 Ok(Duration::from_nanos(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-                i64::try_from(v).map(Duration::from_nanos).map_err(|_| E::custom("duration out of range"))
+                i64::try_from(v)
+                    .map(Duration::from_nanos)
+                    .map_err(|_| E::custom("duration out of range"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
                 Ok(Duration::from_nanos(v as i64))
@@ -271,7 +284,10 @@ mod tests {
     fn parses_like_go() {
         assert_eq!(Duration::parse("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(Duration::parse("1.5h").unwrap(), Duration::from_secs(5400));
-        assert_eq!(Duration::parse("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            Duration::parse("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
         assert_eq!(Duration::parse("2µs").unwrap(), Duration::from_nanos(2000));
         assert_eq!(Duration::parse("-3s").unwrap(), Duration::from_secs(-3));
         assert_eq!(Duration::parse("0").unwrap(), Duration::ZERO);
@@ -296,6 +312,9 @@ mod tests {
         assert_eq!(d, Duration::from_secs(2));
         let d: Duration = serde_json::from_str("{\"time.Duration\": 1000}").unwrap();
         assert_eq!(d, Duration::from_nanos(1000));
-        assert_eq!(serde_json::to_string(&Duration::from_secs(90)).unwrap(), "\"1m30s\"");
+        assert_eq!(
+            serde_json::to_string(&Duration::from_secs(90)).unwrap(),
+            "\"1m30s\""
+        );
     }
 }

@@ -20,10 +20,19 @@ pub struct DeployRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeployEvent {
-    Progress { message: String },
-    Warning { message: String },
-    Done { release_version: u64, url: Option<String> },
-    Error { message: String },
+    Progress {
+        message: String,
+    },
+    Warning {
+        message: String,
+    },
+    Done {
+        release_version: u64,
+        url: Option<String>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,11 +165,27 @@ pub struct CatalogMachine {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CatalogUpdate {
-    Snapshot { seq: u64, apps: Vec<CatalogApp>, machines: Vec<CatalogMachine> },
-    App { seq: u64, app: CatalogApp },
-    AppRemoved { seq: u64, name: String },
-    Machine { seq: u64, machine: CatalogMachine },
-    MachineRemoved { seq: u64, id: String },
+    Snapshot {
+        seq: u64,
+        apps: Vec<CatalogApp>,
+        machines: Vec<CatalogMachine>,
+    },
+    App {
+        seq: u64,
+        app: CatalogApp,
+    },
+    AppRemoved {
+        seq: u64,
+        name: String,
+    },
+    Machine {
+        seq: u64,
+        machine: CatalogMachine,
+    },
+    MachineRemoved {
+        seq: u64,
+        id: String,
+    },
 }
 
 /// What `init` (PID 1 in a machine) is told to do. Built by the agent from the machine

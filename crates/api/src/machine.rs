@@ -113,7 +113,12 @@ pub struct MachineGuest {
 impl MachineGuest {
     /// The guest a machine gets when its config names none: `shared-cpu-1x`.
     pub fn default_shared() -> Self {
-        Self { cpu_kind: "shared".into(), cpus: 1, memory_mb: 256, ..Self::default() }
+        Self {
+            cpu_kind: "shared".into(),
+            cpus: 1,
+            memory_mb: 256,
+            ..Self::default()
+        }
     }
 }
 
@@ -564,7 +569,9 @@ impl ImageRef {
             None => (reference, String::new()),
         };
         let (registry, path) = match rest.split_once('/') {
-            Some((first, path)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            Some((first, path))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
                 (first.to_string(), path)
             }
             _ => (String::new(), rest),
@@ -573,7 +580,13 @@ impl ImageRef {
             Some((repo, tag)) if !tag.contains('/') => (repo.to_string(), tag.to_string()),
             _ => (path.to_string(), String::new()),
         };
-        ImageRef { registry, repository, tag, digest, labels: BTreeMap::new() }
+        ImageRef {
+            registry,
+            repository,
+            tag,
+            digest,
+            labels: BTreeMap::new(),
+        }
     }
 }
 
@@ -717,7 +730,10 @@ mod tests {
         }
         assert!(serde_json::from_str::<AutoStop>("\"sometimes\"").is_err());
         assert_eq!(serde_json::to_string(&AutoStop::Off).unwrap(), "false");
-        assert_eq!(serde_json::to_string(&AutoStop::Suspend).unwrap(), "\"suspend\"");
+        assert_eq!(
+            serde_json::to_string(&AutoStop::Suspend).unwrap(),
+            "\"suspend\""
+        );
     }
 
     #[test]

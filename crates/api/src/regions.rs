@@ -12,12 +12,38 @@ pub struct Region {
     pub deprecated: bool,
 }
 
-const fn region(code: &'static str, name: &'static str, latitude: f64, longitude: f64, gateway: bool) -> Region {
-    Region { code, name, latitude, longitude, gateway, deprecated: false }
+const fn region(
+    code: &'static str,
+    name: &'static str,
+    latitude: f64,
+    longitude: f64,
+    gateway: bool,
+) -> Region {
+    Region {
+        code,
+        name,
+        latitude,
+        longitude,
+        gateway,
+        deprecated: false,
+    }
 }
 
-const fn old(code: &'static str, name: &'static str, latitude: f64, longitude: f64, gateway: bool) -> Region {
-    Region { code, name, latitude, longitude, gateway, deprecated: true }
+const fn old(
+    code: &'static str,
+    name: &'static str,
+    latitude: f64,
+    longitude: f64,
+    gateway: bool,
+) -> Region {
+    Region {
+        code,
+        name,
+        latitude,
+        longitude,
+        gateway,
+        deprecated: true,
+    }
 }
 
 pub const REGIONS: &[Region] = &[
@@ -64,10 +90,29 @@ pub const REGIONS: &[Region] = &[
 
 /// Region groups usable in placement and routing (spec/platform.md §2.4).
 pub const REGION_GROUPS: &[(&str, &[&str])] = &[
-    ("eu", &["ams", "arn", "cdg", "fra", "lhr", "mad", "otp", "waw"]),
-    ("na", &["dfw", "ewr", "iad", "lax", "ord", "sjc", "yyz", "atl", "bos", "den", "mia", "phx", "sea", "yul", "gdl", "qro"]),
-    ("us", &["dfw", "ewr", "iad", "lax", "ord", "sjc", "atl", "bos", "den", "mia", "phx", "sea"]),
-    ("usa", &["dfw", "ewr", "iad", "lax", "ord", "sjc", "atl", "bos", "den", "mia", "phx", "sea"]),
+    (
+        "eu",
+        &["ams", "arn", "cdg", "fra", "lhr", "mad", "otp", "waw"],
+    ),
+    (
+        "na",
+        &[
+            "dfw", "ewr", "iad", "lax", "ord", "sjc", "yyz", "atl", "bos", "den", "mia", "phx",
+            "sea", "yul", "gdl", "qro",
+        ],
+    ),
+    (
+        "us",
+        &[
+            "dfw", "ewr", "iad", "lax", "ord", "sjc", "atl", "bos", "den", "mia", "phx", "sea",
+        ],
+    ),
+    (
+        "usa",
+        &[
+            "dfw", "ewr", "iad", "lax", "ord", "sjc", "atl", "bos", "den", "mia", "phx", "sea",
+        ],
+    ),
     ("sa", &["gru", "bog", "eze", "gig", "scl"]),
     ("apac", &["bom", "nrt", "sin", "syd", "hkg", "maa"]),
 ];
@@ -83,7 +128,12 @@ pub fn distance_km(a: &str, b: &str) -> Option<f64> {
         return Some(0.0);
     }
     let (a, b) = (find(a)?, find(b)?);
-    Some(haversine_km(a.latitude, a.longitude, b.latitude, b.longitude))
+    Some(haversine_km(
+        a.latitude,
+        a.longitude,
+        b.latitude,
+        b.longitude,
+    ))
 }
 
 fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {

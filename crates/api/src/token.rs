@@ -64,7 +64,11 @@ fn caveat_bytes(caveat: &Caveat) -> Vec<u8> {
 impl Token {
     /// Mints a token with `root_key` (known only to the issuer).
     pub fn mint(id: &str, root_key: &[u8], caveats: Vec<Caveat>) -> Self {
-        let mut token = Token { id: id.to_string(), caveats: Vec::new(), signature: chain(root_key, id.as_bytes()) };
+        let mut token = Token {
+            id: id.to_string(),
+            caveats: Vec::new(),
+            signature: chain(root_key, id.as_bytes()),
+        };
         for caveat in caveats {
             token = token.attenuate(caveat);
         }
@@ -84,12 +88,24 @@ impl Token {
         for caveat in &self.caveats {
             signature = chain(&signature, &caveat_bytes(caveat));
         }
-        let same = signature.iter().zip(self.signature.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if same { Ok(()) } else { Err(TokenError::BadSignature) }
+        let same = signature
+            .iter()
+            .zip(self.signature.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(TokenError::BadSignature)
+        }
     }
 
     pub fn encode(&self) -> String {
-        let wire = Wire { id: self.id.clone(), caveats: self.caveats.clone(), signature: hex::encode(self.signature) };
+        let wire = Wire {
+            id: self.id.clone(),
+            caveats: self.caveats.clone(),
+            signature: hex::encode(self.signature),
+        };
         let json = serde_json::to_vec(&wire).unwrap_or_default();
         format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
     }
@@ -97,16 +113,31 @@ impl Token {
     /// Parses a token as written by `encode`, with or without a `Bearer `/`FlyV1 ` scheme.
     pub fn decode(text: &str) -> Result<Self, TokenError> {
         let text = text.trim();
-        let text = text.strip_prefix("FlyV1 ").or_else(|| text.strip_prefix("Bearer ")).unwrap_or(text);
-        let body = text.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Malformed("missing fm1_ prefix"))?;
+        let text = text
+            .strip_prefix("FlyV1 ")
+            .or_else(|| text.strip_prefix("Bearer "))
+            .unwrap_or(text);
+        let body = text
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(TokenError::Malformed("missing fm1_ prefix"))?;
         if body.len() > 16 * 1024 {
             return Err(TokenError::Malformed("too long"));
         }
-        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed("not base64url"))?;
-        let wire: Wire = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed("not a token document"))?;
-        let bytes = hex::decode(&wire.signature).map_err(|_| TokenError::Malformed("signature is not hex"))?;
-        let signature: [u8; 32] = bytes.try_into().map_err(|_| TokenError::Malformed("signature has the wrong length"))?;
-        Ok(Token { id: wire.id, caveats: wire.caveats, signature })
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed("not base64url"))?;
+        let wire: Wire = serde_json::from_slice(&json)
+            .map_err(|_| TokenError::Malformed("not a token document"))?;
+        let bytes = hex::decode(&wire.signature)
+            .map_err(|_| TokenError::Malformed("signature is not hex"))?;
+        let signature: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| TokenError::Malformed("signature has the wrong length"))?;
+        Ok(Token {
+            id: wire.id,
+            caveats: wire.caveats,
+            signature,
+        })
     }
 
     /// The app names the token is limited to (intersection of every `Apps` caveat), or
@@ -130,7 +161,16 @@ impl Token {
 
     /// The earliest expiry of any caveat.
     pub fn expires_at(&self) -> Option<i64> {
-        self.caveats.iter().filter_map(|c| if let Caveat::ExpiresAt(t) = c { Some(*t) } else { None }).min()
+        self.caveats
+            .iter()
+            .filter_map(|c| {
+                if let Caveat::ExpiresAt(t) = c {
+                    Some(*t)
+                } else {
+                    None
+                }
+            })
+            .min()
     }
 }
 
@@ -150,7 +190,10 @@ mod tests {
     #[test]
     fn attenuation_works_offline_and_cannot_be_undone() {
         let token = Token::mint("tok1", b"k", vec![]);
-        let narrowed = token.clone().attenuate(Caveat::ReadOnly).attenuate(Caveat::ExpiresAt(100));
+        let narrowed = token
+            .clone()
+            .attenuate(Caveat::ReadOnly)
+            .attenuate(Caveat::ExpiresAt(100));
         narrowed.verify(b"k").unwrap();
         assert!(narrowed.read_only());
         assert_eq!(narrowed.expires_at(), Some(100));
@@ -164,13 +207,27 @@ mod tests {
 
     #[test]
     fn app_caveats_intersect() {
-        let token = Token::mint("t", b"k", vec![Caveat::Apps(vec!["a".into(), "b".into()]), Caveat::Apps(vec!["b".into(), "c".into()])]);
+        let token = Token::mint(
+            "t",
+            b"k",
+            vec![
+                Caveat::Apps(vec!["a".into(), "b".into()]),
+                Caveat::Apps(vec!["b".into(), "c".into()]),
+            ],
+        );
         assert_eq!(token.allowed_apps(), Some(vec!["b".to_string()]));
     }
 
     #[test]
     fn garbage_is_rejected_without_panicking() {
-        for text in ["", "fm1_", "fm1_!!!", "abc", "fm1_e30", "Bearer fm1_eyJpIjoxfQ"] {
+        for text in [
+            "",
+            "fm1_",
+            "fm1_!!!",
+            "abc",
+            "fm1_e30",
+            "Bearer fm1_eyJpIjoxfQ",
+        ] {
             assert!(Token::decode(text).is_err(), "{text}");
         }
     }

@@ -14,7 +14,11 @@ pub enum BuildError {
     MissingFile(String),
     /// The build failed; `step` is the Dockerfile step that failed and `output` what it printed.
     #[error("build failed at {step}: {reason}")]
-    Failed { step: String, reason: String, output: Vec<String> },
+    Failed {
+        step: String,
+        reason: String,
+        output: Vec<String>,
+    },
     #[error("pushing the image to {destination} failed: {reason}")]
     Push { destination: String, reason: String },
     #[error("running buildah: {0}")]
@@ -58,7 +62,10 @@ impl StepTracker {
             self.output.clear();
             return;
         }
-        if let Some(error) = line.strip_prefix("Error: ").or_else(|| line.strip_prefix("error: ")) {
+        if let Some(error) = line
+            .strip_prefix("Error: ")
+            .or_else(|| line.strip_prefix("error: "))
+        {
             self.error = Some(error.to_string());
             return;
         }
@@ -69,15 +76,27 @@ impl StepTracker {
     }
 
     fn failure(self, exit: std::process::ExitStatus) -> BuildError {
-        let step = if self.step.is_empty() { "the start of the build".to_string() } else { self.step };
-        let reason = self.error.unwrap_or_else(|| format!("buildah exited with {exit}"));
-        BuildError::Failed { step, reason, output: self.output }
+        let step = if self.step.is_empty() {
+            "the start of the build".to_string()
+        } else {
+            self.step
+        };
+        let reason = self
+            .error
+            .unwrap_or_else(|| format!("buildah exited with {exit}"));
+        BuildError::Failed {
+            step,
+            reason,
+            output: self.output,
+        }
     }
 }
 
 impl Buildah {
     pub fn new(storage_dir: &Path) -> Self {
-        Self { storage_dir: storage_dir.to_path_buf() }
+        Self {
+            storage_dir: storage_dir.to_path_buf(),
+        }
     }
 
     fn command(&self) -> Command {
@@ -93,19 +112,39 @@ impl Buildah {
     }
 
     pub fn available() -> bool {
-        std::process::Command::new("buildah").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        std::process::Command::new("buildah")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// Builds `build`, calling `output` with each line buildah prints as it prints it.
-    pub async fn build(&self, build: &DockerfileBuild, mut output: impl FnMut(&str)) -> Result<(), BuildError> {
+    pub async fn build(
+        &self,
+        build: &DockerfileBuild,
+        mut output: impl FnMut(&str),
+    ) -> Result<(), BuildError> {
         if !Self::available() {
             return Err(BuildError::BuildahMissing);
         }
         if !build.dockerfile.is_file() {
-            return Err(BuildError::MissingFile(format!("Dockerfile {}", build.dockerfile.display())));
+            return Err(BuildError::MissingFile(format!(
+                "Dockerfile {}",
+                build.dockerfile.display()
+            )));
         }
         let mut command = self.command();
-        command.arg("bud").arg("--isolation").arg("chroot").arg("--layers").arg("-f").arg(&build.dockerfile).arg("-t").arg(&build.tag);
+        command
+            .arg("bud")
+            .arg("--isolation")
+            .arg("chroot")
+            .arg("--layers")
+            .arg("-f")
+            .arg(&build.dockerfile)
+            .arg("-t")
+            .arg(&build.tag);
         for (name, value) in &build.build_args {
             command.arg("--build-arg").arg(format!("{name}={value}"));
         }
@@ -118,12 +157,20 @@ impl Buildah {
         if build.no_cache {
             command.arg("--no-cache");
         }
-        command.arg(&build.context).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+            .arg(&build.context)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = command.spawn()?;
         let mut tracker = StepTracker::default();
         let (stdout, stderr) = match (child.stdout.take(), child.stderr.take()) {
             (Some(out), Some(err)) => (out, err),
-            _ => return Err(BuildError::Io(std::io::Error::other("buildah's output is not captured"))),
+            _ => {
+                return Err(BuildError::Io(std::io::Error::other(
+                    "buildah's output is not captured",
+                )));
+            }
         };
         let mut out_lines = BufReader::new(stdout).lines();
         let mut err_lines = BufReader::new(stderr).lines();
@@ -141,13 +188,24 @@ impl Buildah {
             }
         }
         let status = child.wait().await?;
-        if status.success() { Ok(()) } else { Err(tracker.failure(status)) }
+        if status.success() {
+            Ok(())
+        } else {
+            Err(tracker.failure(status))
+        }
     }
 
     /// Pushes a locally built image to `destination` (`host:port/repo:tag`) over plain
     /// HTTP with `token` as the password, and returns the pushed manifest's digest.
-    pub async fn push(&self, image: &str, destination: &str, token: &str) -> Result<String, BuildError> {
-        let digest_file = self.storage_dir.join(format!("push-digest-{}", std::process::id()));
+    pub async fn push(
+        &self,
+        image: &str,
+        destination: &str,
+        token: &str,
+    ) -> Result<String, BuildError> {
+        let digest_file = self
+            .storage_dir
+            .join(format!("push-digest-{}", std::process::id()));
         let output = self
             .command()
             .arg("push")
@@ -163,10 +221,22 @@ impl Buildah {
             .await?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let reason = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
-            return Err(BuildError::Push { destination: destination.to_string(), reason });
+            let reason = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no output")
+                .trim()
+                .to_string();
+            return Err(BuildError::Push {
+                destination: destination.to_string(),
+                reason,
+            });
         }
-        let digest = std::fs::read_to_string(&digest_file).unwrap_or_default().trim().to_string();
+        let digest = std::fs::read_to_string(&digest_file)
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let _ = std::fs::remove_file(&digest_file);
         Ok(digest)
     }
@@ -179,12 +249,21 @@ mod tests {
     #[test]
     fn failures_name_the_step_and_keep_its_output() {
         let mut tracker = StepTracker::default();
-        for line in ["STEP 1/3: FROM scratch", "STEP 2/3: RUN false", "sh: oops", "Error: building at STEP \"RUN false\": exit status 1"] {
+        for line in [
+            "STEP 1/3: FROM scratch",
+            "STEP 2/3: RUN false",
+            "sh: oops",
+            "Error: building at STEP \"RUN false\": exit status 1",
+        ] {
             tracker.line(line);
         }
         let status = std::process::Command::new("false").status().unwrap();
         match tracker.failure(status) {
-            BuildError::Failed { step, reason, output } => {
+            BuildError::Failed {
+                step,
+                reason,
+                output,
+            } => {
                 assert_eq!(step, "STEP 2/3: RUN false");
                 assert_eq!(reason, "building at STEP \"RUN false\": exit status 1");
                 assert_eq!(output, vec!["sh: oops"]);
@@ -196,7 +275,9 @@ mod tests {
     #[tokio::test]
     async fn builds_and_reports_a_failing_step() {
         if !Buildah::available() || !std::path::Path::new("/bin/busybox").exists() {
-            eprintln!("skipping: needs buildah and /bin/busybox (apt-get install buildah busybox-static)");
+            eprintln!(
+                "skipping: needs buildah and /bin/busybox (apt-get install buildah busybox-static)"
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -213,11 +294,17 @@ mod tests {
             no_cache: true,
         };
         let mut seen = Vec::new();
-        let err = buildah.build(&build, |line| seen.push(line.to_string())).await.unwrap_err();
+        let err = buildah
+            .build(&build, |line| seen.push(line.to_string()))
+            .await
+            .unwrap_err();
         match err {
             BuildError::Failed { step, output, .. } => {
                 assert!(step.starts_with("STEP 3/3: RUN"), "{step}");
-                assert!(output.iter().any(|l| l.contains("step-output")), "{output:?}");
+                assert!(
+                    output.iter().any(|l| l.contains("step-output")),
+                    "{output:?}"
+                );
             }
             other => panic!("unexpected error: {other}"),
         }

@@ -12,7 +12,11 @@ use crate::commands::server::ServerArgs;
 use crate::settings::ApiArgs;
 
 #[derive(Parser, Debug)]
-#[command(name = "aloft", version, about = "Aloft: a self-hosted application platform that runs fly.toml apps")]
+#[command(
+    name = "aloft",
+    version,
+    about = "Aloft: a self-hosted application platform that runs fly.toml apps"
+)]
 struct Cli {
     #[command(flatten)]
     api: ApiArgs,
@@ -99,7 +103,11 @@ fn app_name(app: Option<String>, config: Option<&std::path::Path>) -> anyhow::Re
 
 fn runs_as_init() -> bool {
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    argv0 == aloft_init::INIT_PATH || (std::process::id() == 1 && std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "init"))
+    argv0 == aloft_init::INIT_PATH
+        || (std::process::id() == 1
+            && std::path::Path::new(&argv0)
+                .file_name()
+                .is_some_and(|n| n == "init"))
 }
 
 fn main() {
@@ -113,9 +121,16 @@ fn main() {
     }
     let server = matches!(cli.command, Command::Server(_));
     let default_filter = if server { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ALOFT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ALOFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("Error: starting the async runtime: {err}");
@@ -152,13 +167,27 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,
         Command::Status { app, config, json } => {
             let app = app_name(app, config.as_deref())?;
-            commands::status::status(&api, &app, json).await.map_err(|e| explain_app(e, &api, &app))?
+            commands::status::status(&api, &app, json)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
         }
-        Command::Machine { command: MachineCommand::List { app, config, json, quiet } } => {
+        Command::Machine {
+            command:
+                MachineCommand::List {
+                    app,
+                    config,
+                    json,
+                    quiet,
+                },
+        } => {
             let app = app_name(app, config.as_deref())?;
-            commands::status::machine_list(&api, &app, json, quiet).await.map_err(|e| explain_app(e, &api, &app))?
+            commands::status::machine_list(&api, &app, json, quiet)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
         }
-        Command::Auth { command: AuthCommand::Token } => println!("{}", api.token()?),
+        Command::Auth {
+            command: AuthCommand::Token,
+        } => println!("{}", api.token()?),
         Command::Shim { .. } => unreachable!("handled before the runtime starts"),
     }
     Ok(0)
@@ -166,7 +195,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 fn explain_app(err: anyhow::Error, api: &ApiArgs, app: &str) -> anyhow::Error {
     match err.downcast::<aloft_client::ClientError>() {
-        Ok(client_error) => commands::deploy::explain(client_error, &api.api_url().unwrap_or_default(), app),
+        Ok(client_error) => {
+            commands::deploy::explain(client_error, &api.api_url().unwrap_or_default(), app)
+        }
         Err(other) => other,
     }
 }

@@ -21,7 +21,9 @@ pub fn config_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("aloft"));
     }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context("HOME is not set; cannot find ~/.config/aloft")?;
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("HOME is not set; cannot find ~/.config/aloft")?;
     Ok(PathBuf::from(home).join(".config").join("aloft"))
 }
 
@@ -29,7 +31,9 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("aloft"));
     }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context("HOME is not set; cannot find ~/.cache/aloft")?;
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("HOME is not set; cannot find ~/.cache/aloft")?;
     Ok(PathBuf::from(home).join(".cache").join("aloft"))
 }
 
@@ -41,7 +45,9 @@ impl Settings {
     pub fn load() -> anyhow::Result<Self> {
         let path = settings_path()?;
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display())),
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("reading {}", path.display()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -64,7 +70,8 @@ impl Settings {
             .mode(0o600)
             .open(&temp)
             .with_context(|| format!("writing {}", temp.display()))?;
-        file.write_all(text.as_bytes()).with_context(|| format!("writing {}", temp.display()))?;
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", temp.display()))?;
         std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
@@ -77,7 +84,13 @@ pub struct ApiArgs {
     #[arg(long, global = true, env = "ALOFT_API_URL")]
     pub api_url: Option<String>,
     /// Access token (default: the one `aloft server` saved in ~/.config/aloft).
-    #[arg(short = 't', long, global = true, env = "FLY_ACCESS_TOKEN", hide_env_values = true)]
+    #[arg(
+        short = 't',
+        long,
+        global = true,
+        env = "FLY_ACCESS_TOKEN",
+        hide_env_values = true
+    )]
     pub access_token: Option<String>,
 }
 
@@ -86,11 +99,18 @@ impl ApiArgs {
         if let Some(url) = &self.api_url {
             return Ok(url.trim_end_matches('/').to_string());
         }
-        Ok(Settings::load()?.api_url.unwrap_or_else(|| DEFAULT_API_URL.to_string()))
+        Ok(Settings::load()?
+            .api_url
+            .unwrap_or_else(|| DEFAULT_API_URL.to_string()))
     }
 
     pub fn token(&self) -> anyhow::Result<String> {
-        if let Some(token) = self.access_token.clone().or_else(|| std::env::var("FLY_API_TOKEN").ok()).filter(|t| !t.is_empty()) {
+        if let Some(token) = self
+            .access_token
+            .clone()
+            .or_else(|| std::env::var("FLY_API_TOKEN").ok())
+            .filter(|t| !t.is_empty())
+        {
             return Ok(token);
         }
         Settings::load()?

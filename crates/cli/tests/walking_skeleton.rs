@@ -7,7 +7,11 @@ use common::Platform;
 use serde_json::Value;
 
 fn header_block(response: &str) -> String {
-    response.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase()
+    response
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
 }
 
 #[test]
@@ -16,30 +20,69 @@ fn deploys_the_example_and_serves_it_through_the_proxy() {
     let platform = Platform::start();
 
     let token = platform.aloft(&["auth", "token"]);
-    assert!(token.ok() && token.stdout.trim().starts_with("fm1_"), "{token}");
+    assert!(
+        token.ok() && token.stdout.trim().starts_with("fm1_"),
+        "{token}"
+    );
 
     let created = platform.aloft(&["apps", "create", "hello"]);
     assert!(created.ok(), "{created}");
-    assert!(created.stdout.contains("New app created: hello"), "{created}");
+    assert!(
+        created.stdout.contains("New app created: hello"),
+        "{created}"
+    );
     let listed = platform.aloft(&["apps", "list"]);
-    assert!(listed.stdout.lines().any(|l| l.starts_with("hello") && l.contains("personal")), "{listed}");
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("hello") && l.contains("personal")),
+        "{listed}"
+    );
 
     let dir = platform.hello_app_dir("hello");
     let deploy = platform.aloft_in(Some(&dir), &["deploy"]);
     assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
-    assert!(deploy.stdout.contains("STEP 2/3: COPY hello /hello"), "build output streams to the CLI: {deploy}");
-    let warnings: Vec<&str> = deploy.stderr.lines().filter(|l| l.starts_with("WARN region iad")).collect();
-    assert_eq!(warnings.len(), 1, "one warning naming the region asked for and the one used: {deploy}");
+    assert!(
+        deploy.stdout.contains("STEP 2/3: COPY hello /hello"),
+        "build output streams to the CLI: {deploy}"
+    );
+    let warnings: Vec<&str> = deploy
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("WARN region iad"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning naming the region asked for and the one used: {deploy}"
+    );
     assert!(warnings[0].contains("will run in local"), "{deploy}");
-    assert!(deploy.stdout.contains("http://hello.localhost:8080/"), "{deploy}");
+    assert!(
+        deploy.stdout.contains("http://hello.localhost:8080/"),
+        "{deploy}"
+    );
 
-    let response = platform.curl(&["-i", "-H", "Host: hello.localhost", "http://127.0.0.1:8080/"]);
+    let response = platform.curl(&[
+        "-i",
+        "-H",
+        "Host: hello.localhost",
+        "http://127.0.0.1:8080/",
+    ]);
     assert!(response.ok(), "{response}\n{}", platform.server_log());
     let head = header_block(&response.stdout);
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("\nvia: "), "Via on the response: {head}");
-    let request_id = head.lines().find_map(|l| l.strip_prefix("fly-request-id: ")).unwrap_or_default().trim().to_string();
-    assert!(request_id.ends_with("-local") && request_id.len() > 8, "Fly-Request-Id <id>-<region>: {head}");
+    let request_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("fly-request-id: "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(
+        request_id.ends_with("-local") && request_id.len() > 8,
+        "Fly-Request-Id <id>-<region>: {head}"
+    );
 
     let body = response.stdout.split("\r\n\r\n").nth(1).unwrap_or_default();
     let document: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
@@ -50,11 +93,26 @@ fn deploys_the_example_and_serves_it_through_the_proxy() {
     assert_eq!(env["FLY_ALLOC_ID"], machine_id);
     assert_eq!(env["FLY_APP_NAME"], "hello");
     assert_eq!(env["FLY_REGION"], "local");
-    assert_eq!(env["PRIMARY_REGION"], "local", "PRIMARY_REGION is where the primary machines actually run");
+    assert_eq!(
+        env["PRIMARY_REGION"], "local",
+        "PRIMARY_REGION is where the primary machines actually run"
+    );
     assert_eq!(env["FLY_PROCESS_GROUP"], "app");
     assert_eq!(env["FLY_VM_MEMORY_MB"], "256");
-    assert!(env["FLY_IMAGE_REF"].as_str().unwrap_or_default().contains("/hello:deployment-"), "{env}");
-    assert!(!env["FLY_MACHINE_VERSION"].as_str().unwrap_or_default().is_empty(), "{env}");
+    assert!(
+        env["FLY_IMAGE_REF"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/hello:deployment-"),
+        "{env}"
+    );
+    assert!(
+        !env["FLY_MACHINE_VERSION"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{env}"
+    );
     assert_eq!(env["GREETING"], "hello from aloft", "[env] from fly.toml");
     let headers = &document["headers"];
     assert_eq!(headers["fly-client-ip"][0], "127.0.0.1");
@@ -64,15 +122,35 @@ fn deploys_the_example_and_serves_it_through_the_proxy() {
     assert_eq!(headers["x-forwarded-proto"][0], "http");
     assert_eq!(headers["x-forwarded-port"][0], "8080");
     assert_eq!(headers["x-forwarded-ssl"][0], "off");
-    assert!(headers["via"][0].as_str().unwrap_or_default().contains("aloft"), "{headers}");
+    assert!(
+        headers["via"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("aloft"),
+        "{headers}"
+    );
 
     let status = platform.aloft_in(Some(&dir), &["status"]);
     assert!(status.ok(), "{status}");
-    assert!(status.stdout.contains(machine_id) && status.stdout.contains("started"), "{status}");
+    assert!(
+        status.stdout.contains(machine_id) && status.stdout.contains("started"),
+        "{status}"
+    );
     let machines = platform.aloft(&["machine", "list", "-a", "hello"]);
-    assert!(machines.ok() && machines.stdout.contains(machine_id), "{machines}");
+    assert!(
+        machines.ok() && machines.stdout.contains(machine_id),
+        "{machines}"
+    );
 
-    let unknown = platform.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: nope.localhost", "http://127.0.0.1:8080/"]);
+    let unknown = platform.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: nope.localhost",
+        "http://127.0.0.1:8080/",
+    ]);
     assert_eq!(unknown.stdout, "404", "{unknown}");
 
     // A second deploy replaces the machine with a new version, same app, still served.
@@ -80,16 +158,29 @@ fn deploys_the_example_and_serves_it_through_the_proxy() {
     assert!(again.ok(), "{again}");
     assert!(again.stdout.contains("Release v2"), "{again}");
     let response = platform.curl(&["-H", "Host: hello.localhost", "http://127.0.0.1:8080/"]);
-    let document: Value = serde_json::from_str(&response.stdout).unwrap_or_else(|e| panic!("{e}: {response}"));
-    assert_eq!(document["env"]["FLY_MACHINE_ID"], machine_id, "the group's machine is updated in place");
-    assert_ne!(document["env"]["FLY_MACHINE_VERSION"], env["FLY_MACHINE_VERSION"]);
+    let document: Value =
+        serde_json::from_str(&response.stdout).unwrap_or_else(|e| panic!("{e}: {response}"));
+    assert_eq!(
+        document["env"]["FLY_MACHINE_ID"], machine_id,
+        "the group's machine is updated in place"
+    );
+    assert_ne!(
+        document["env"]["FLY_MACHINE_VERSION"],
+        env["FLY_MACHINE_VERSION"]
+    );
 }
 
 fn assert_one_line_error(run: &common::Run, expected: &str) {
     assert_ne!(run.status, 0, "{run}");
     let last = run.stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with("Error: "), "the last line is the error: {run}");
-    assert!(last.contains(expected), "expected {expected:?} in the error line: {run}");
+    assert!(
+        last.starts_with("Error: "),
+        "the last line is the error: {run}"
+    );
+    assert!(
+        last.contains(expected),
+        "expected {expected:?} in the error line: {run}"
+    );
 }
 
 #[test]
@@ -102,28 +193,61 @@ fn bad_deploys_fail_clearly_and_the_server_keeps_serving() {
 
     let empty = platform.root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    assert_one_line_error(&platform.aloft_in(Some(&empty), &["deploy"]), "no app config found");
+    assert_one_line_error(
+        &platform.aloft_in(Some(&empty), &["deploy"]),
+        "no app config found",
+    );
 
     let malformed = platform.hello_app_dir("malformed");
-    std::fs::write(malformed.join("fly.toml"), "app = \"hello\"\n[http_service\ninternal_port = 8080\n").unwrap();
+    std::fs::write(
+        malformed.join("fly.toml"),
+        "app = \"hello\"\n[http_service\ninternal_port = 8080\n",
+    )
+    .unwrap();
     let run = platform.aloft_in(Some(&malformed), &["deploy"]);
     assert_one_line_error(&run, "fly.toml");
-    assert!(run.stderr.lines().last().unwrap_or_default().contains(":2"), "the error names the line: {run}");
+    assert!(
+        run.stderr.lines().last().unwrap_or_default().contains(":2"),
+        "the error names the line: {run}"
+    );
 
     let broken_build = platform.hello_app_dir("broken-build");
-    std::fs::write(broken_build.join("Dockerfile"), "FROM scratch\nCOPY missing-file /missing-file\n").unwrap();
+    std::fs::write(
+        broken_build.join("Dockerfile"),
+        "FROM scratch\nCOPY missing-file /missing-file\n",
+    )
+    .unwrap();
     let run = platform.aloft_in(Some(&broken_build), &["deploy"]);
-    assert_one_line_error(&run, "image build failed at STEP 2/2: COPY missing-file /missing-file");
+    assert_one_line_error(
+        &run,
+        "image build failed at STEP 2/2: COPY missing-file /missing-file",
+    );
     assert!(run.stderr.contains("Output of the failing step"), "{run}");
 
     let ghost = platform.hello_app_dir("ghost");
-    let text = std::fs::read_to_string(ghost.join("fly.toml")).unwrap().replace("app = \"hello\"", "app = \"ghost\"");
+    let text = std::fs::read_to_string(ghost.join("fly.toml"))
+        .unwrap()
+        .replace("app = \"hello\"", "app = \"ghost\"");
     std::fs::write(ghost.join("fly.toml"), text).unwrap();
-    assert_one_line_error(&platform.aloft_in(Some(&ghost), &["deploy"]), "app ghost not found");
+    assert_one_line_error(
+        &platform.aloft_in(Some(&ghost), &["deploy"]),
+        "app ghost not found",
+    );
 
     let run = platform.aloft_in(Some(&good), &["--api-url", "http://127.0.0.1:9", "deploy"]);
     assert_one_line_error(&run, "cannot reach the Aloft API at http://127.0.0.1:9");
 
-    let response = platform.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: hello.localhost", "http://127.0.0.1:8080/"]);
-    assert_eq!(response.stdout, "200", "the app deployed before is still served: {response}");
+    let response = platform.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: hello.localhost",
+        "http://127.0.0.1:8080/",
+    ]);
+    assert_eq!(
+        response.stdout, "200",
+        "the app deployed before is still served: {response}"
+    );
 }

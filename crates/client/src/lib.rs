@@ -42,7 +42,8 @@ impl ClientError {
 type Body = Full<Bytes>;
 
 /// The lines of a streamed response body.
-pub type LineStream = std::pin::Pin<Box<dyn Stream<Item = Result<String, ClientError>> + Send + 'static>>;
+pub type LineStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<String, ClientError>> + Send + 'static>>;
 
 /// A client for one base URL (`http://127.0.0.1:4280`) with an optional bearer token.
 #[derive(Clone)]
@@ -61,7 +62,12 @@ impl Client {
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Self { base: base.trim_end_matches('/').to_string(), token, http, timeout: Duration::from_secs(300) }
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+            timeout: Duration::from_secs(300),
+        }
     }
 
     /// Time limit for one whole request (not for streams).
@@ -82,7 +88,13 @@ impl Client {
         format!("{}{}", self.base, path)
     }
 
-    fn build(&self, method: Method, path: &str, body: Option<Vec<u8>>, extra: &[(&str, &str)]) -> Result<Request<Body>, ClientError> {
+    fn build(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        extra: &[(&str, &str)],
+    ) -> Result<Request<Body>, ClientError> {
         let mut builder = Request::builder().method(method).uri(self.url(path));
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -92,21 +104,41 @@ impl Client {
         }
         let body = match body {
             Some(bytes) => {
-                builder = builder.header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                builder = builder.header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 Full::new(Bytes::from(bytes))
             }
             None => Full::new(Bytes::new()),
         };
-        builder.body(body).map_err(|e| ClientError::InvalidRequest(e.to_string()))
+        builder
+            .body(body)
+            .map_err(|e| ClientError::InvalidRequest(e.to_string()))
     }
 
-    async fn send(&self, request: Request<Body>) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+    async fn send(
+        &self,
+        request: Request<Body>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let url = request.uri().to_string();
-        self.http.request(request).await.map_err(|e| ClientError::Unreachable { url, reason: connect_reason(&e) })
+        self.http
+            .request(request)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url,
+                reason: connect_reason(&e),
+            })
     }
 
     /// Sends a request and returns the raw status and body.
-    pub async fn raw(&self, method: Method, path: &str, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<(StatusCode, Bytes), ClientError> {
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let url = self.url(path);
         let request = self.build(method, path, body, headers)?;
         let exchange = async {
@@ -116,19 +148,32 @@ impl Client {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| ClientError::InvalidResponse { url: url.clone(), reason: e.to_string() })?
+                .map_err(|e| ClientError::InvalidResponse {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?
                 .to_bytes();
             Ok((status, bytes))
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| ClientError::Timeout { url: self.url(path), after: self.timeout })?
+            .map_err(|_| ClientError::Timeout {
+                url: self.url(path),
+                after: self.timeout,
+            })?
     }
 
     /// Sends `body` as JSON and decodes a JSON answer; error statuses become `ClientError::Api`.
-    pub async fn json<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&B>) -> Result<T, ClientError> {
+    pub async fn json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
         let payload = match body {
-            Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::InvalidRequest(e.to_string()))?),
+            Some(b) => Some(
+                serde_json::to_vec(b).map_err(|e| ClientError::InvalidRequest(e.to_string()))?,
+            ),
             None => None,
         };
         let (status, bytes) = self.raw(method, path, payload, &[]).await?;
@@ -139,18 +184,33 @@ impl Client {
         self.json::<(), T>(Method::GET, path, None).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         self.json(Method::POST, path, Some(body)).await
     }
 
-    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         self.json(Method::PUT, path, Some(body)).await
     }
 
     /// Sends a request whose answer body is ignored (error statuses still fail).
-    pub async fn call<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Result<(), ClientError> {
+    pub async fn call<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(), ClientError> {
         let payload = match body {
-            Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::InvalidRequest(e.to_string()))?),
+            Some(b) => Some(
+                serde_json::to_vec(b).map_err(|e| ClientError::InvalidRequest(e.to_string()))?,
+            ),
             None => None,
         };
         let (status, bytes) = self.raw(method, path, payload, &[]).await?;
@@ -171,7 +231,9 @@ impl Client {
         headers: &[(&str, &str)],
     ) -> Result<LineStream, ClientError> {
         let payload = match body {
-            Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::InvalidRequest(e.to_string()))?),
+            Some(b) => Some(
+                serde_json::to_vec(b).map_err(|e| ClientError::InvalidRequest(e.to_string()))?,
+            ),
             None => None,
         };
         let url = self.url(path);
@@ -179,7 +241,12 @@ impl Client {
         let response = self.send(request).await?;
         let status = response.status();
         if !status.is_success() {
-            let bytes = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
             return Err(api_error(status, &bytes));
         }
         let frames = BodyStream::new(response.into_body());
@@ -187,7 +254,10 @@ impl Client {
     }
 }
 
-fn split_lines<S, E>(frames: S, url: String) -> impl Stream<Item = Result<String, ClientError>> + Send + 'static
+fn split_lines<S, E>(
+    frames: S,
+    url: String,
+) -> impl Stream<Item = Result<String, ClientError>> + Send + 'static
 where
     S: Stream<Item = Result<hyper::body::Frame<Bytes>, E>> + Send + 'static,
     E: std::fmt::Display,
@@ -221,7 +291,10 @@ where
                         }
                     }
                     Some(Err(e)) => {
-                        let err = ClientError::InvalidResponse { url: url.clone(), reason: e.to_string() };
+                        let err = ClientError::InvalidResponse {
+                            url: url.clone(),
+                            reason: e.to_string(),
+                        };
                         return Some((Err(err), (frames, Vec::new(), true)));
                     }
                     None => finished = true,
@@ -249,17 +322,32 @@ pub fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
         .map(|e| e.error)
         .unwrap_or_else(|_| {
             let text = String::from_utf8_lossy(body).trim().to_string();
-            if text.is_empty() { status.to_string() } else { text }
+            if text.is_empty() {
+                status.to_string()
+            } else {
+                text
+            }
         });
     ClientError::Api { status, message }
 }
 
-fn decode<T: DeserializeOwned>(url: &str, status: StatusCode, body: &[u8]) -> Result<T, ClientError> {
+fn decode<T: DeserializeOwned>(
+    url: &str,
+    status: StatusCode,
+    body: &[u8],
+) -> Result<T, ClientError> {
     if !status.is_success() {
         return Err(api_error(status, body));
     }
-    let body = if body.is_empty() { b"null".as_slice() } else { body };
-    serde_json::from_slice(body).map_err(|e| ClientError::InvalidResponse { url: url.to_string(), reason: e.to_string() })
+    let body = if body.is_empty() {
+        b"null".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| ClientError::InvalidResponse {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Percent-encodes one path segment or query value.
@@ -294,7 +382,10 @@ mod tests {
             Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from_static(b"one\ntw"))),
             Ok(hyper::body::Frame::data(Bytes::from_static(b"o\r\nthree"))),
         ]);
-        let lines: Vec<String> = split_lines(frames, "u".into()).map(|l| l.unwrap()).collect().await;
+        let lines: Vec<String> = split_lines(frames, "u".into())
+            .map(|l| l.unwrap())
+            .collect()
+            .await;
         assert_eq!(lines, vec!["one", "two", "three"]);
     }
 

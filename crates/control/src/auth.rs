@@ -53,15 +53,26 @@ impl TokenKind {
 }
 
 /// Reads the token from an `Authorization` header value.
-pub fn authenticate(store: &Store, header: Option<&str>, now_secs: i64) -> Result<Caller, ApiError> {
-    let header = header.ok_or_else(|| ApiError::unauthorized("missing Authorization header; pass `Authorization: Bearer <token>`"))?;
-    let token = Token::decode(header).map_err(|e| ApiError::unauthorized(&format!("invalid token: {e}")))?;
-    let row = store.token(&token.id)?.ok_or_else(|| ApiError::unauthorized("invalid token: unknown token"))?;
+pub fn authenticate(
+    store: &Store,
+    header: Option<&str>,
+    now_secs: i64,
+) -> Result<Caller, ApiError> {
+    let header = header.ok_or_else(|| {
+        ApiError::unauthorized("missing Authorization header; pass `Authorization: Bearer <token>`")
+    })?;
+    let token = Token::decode(header)
+        .map_err(|e| ApiError::unauthorized(&format!("invalid token: {e}")))?;
+    let row = store
+        .token(&token.id)?
+        .ok_or_else(|| ApiError::unauthorized("invalid token: unknown token"))?;
     check(&row, &token, now_secs)
 }
 
 fn check(row: &TokenRow, token: &Token, now_secs: i64) -> Result<Caller, ApiError> {
-    token.verify(&row.key).map_err(|e: TokenError| ApiError::unauthorized(&format!("invalid token: {e}")))?;
+    token
+        .verify(&row.key)
+        .map_err(|e: TokenError| ApiError::unauthorized(&format!("invalid token: {e}")))?;
     if row.revoked {
         return Err(ApiError::unauthorized("token has been revoked"));
     }
@@ -70,7 +81,8 @@ fn check(row: &TokenRow, token: &Token, now_secs: i64) -> Result<Caller, ApiErro
             return Err(ApiError::unauthorized("token has expired"));
         }
     }
-    let kind = TokenKind::parse(&row.kind).ok_or_else(|| ApiError::unauthorized("invalid token: unknown kind"))?;
+    let kind = TokenKind::parse(&row.kind)
+        .ok_or_else(|| ApiError::unauthorized("invalid token: unknown kind"))?;
     Ok(Caller {
         token_id: row.id.clone(),
         org_id: row.org_id.clone(),
@@ -101,18 +113,30 @@ impl Caller {
     }
 
     pub fn require_host(&self) -> Result<(), ApiError> {
-        if self.is_host() { Ok(()) } else { Err(ApiError::forbidden("this endpoint is for platform hosts only")) }
+        if self.is_host() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "this endpoint is for platform hosts only",
+            ))
+        }
     }
 
     pub fn require_write(&self) -> Result<(), ApiError> {
-        if self.read_only { Err(ApiError::forbidden("this token is read-only")) } else { Ok(()) }
+        if self.read_only {
+            Err(ApiError::forbidden("this token is read-only"))
+        } else {
+            Ok(())
+        }
     }
 
     /// Creating apps and other org-wide writes need an org token without app caveats.
     pub fn require_org_write(&self) -> Result<(), ApiError> {
         self.require_write()?;
         if self.apps.is_some() || self.kind == TokenKind::Deploy {
-            return Err(ApiError::forbidden("this token is limited to specific apps"));
+            return Err(ApiError::forbidden(
+                "this token is limited to specific apps",
+            ));
         }
         Ok(())
     }
@@ -131,13 +155,24 @@ impl RegistryAuth {
 }
 
 impl Authorizer for RegistryAuth {
-    fn authorize(&self, token: Option<&str>, repository: &str, action: Action) -> Result<(), AuthError> {
+    fn authorize(
+        &self,
+        token: Option<&str>,
+        repository: &str,
+        action: Action,
+    ) -> Result<(), AuthError> {
         let token = token.ok_or(AuthError::Unauthenticated)?;
-        let caller = authenticate(&self.store, Some(token), chrono::Utc::now().timestamp()).map_err(|_| AuthError::Unauthenticated)?;
+        let caller = authenticate(&self.store, Some(token), chrono::Utc::now().timestamp())
+            .map_err(|_| AuthError::Unauthenticated)?;
         if repository.is_empty() || caller.is_host() {
             return Ok(());
         }
-        let app = self.store.app(repository).ok().flatten().ok_or(AuthError::Denied)?;
+        let app = self
+            .store
+            .app(repository)
+            .ok()
+            .flatten()
+            .ok_or(AuthError::Denied)?;
         if !caller.sees_app(&app) || (action != Action::Pull && caller.read_only) {
             return Err(AuthError::Denied);
         }

@@ -41,7 +41,14 @@ pub fn update_seq(update: &CatalogUpdate) -> u64 {
 impl Catalog {
     pub fn new(base_domain: &str) -> Self {
         let (sender, _) = broadcast::channel(HISTORY);
-        Self { state: Mutex::new(History { seq: 0, recent: VecDeque::new() }), sender, base_domain: base_domain.to_string() }
+        Self {
+            state: Mutex::new(History {
+                seq: 0,
+                recent: VecDeque::new(),
+            }),
+            sender,
+            base_domain: base_domain.to_string(),
+        }
     }
 
     pub fn app_entry(&self, app: &AppRow) -> CatalogApp {
@@ -86,22 +93,34 @@ impl Catalog {
     }
 
     pub fn app_removed(&self, name: &str) {
-        self.publish(|seq| CatalogUpdate::AppRemoved { seq, name: name.to_string() });
+        self.publish(|seq| CatalogUpdate::AppRemoved {
+            seq,
+            name: name.to_string(),
+        });
     }
 
     pub fn machine_changed(&self, machine: &MachineRow) {
         let entry = Self::machine_entry(machine);
-        self.publish(|seq| CatalogUpdate::Machine { seq, machine: entry });
+        self.publish(|seq| CatalogUpdate::Machine {
+            seq,
+            machine: entry,
+        });
     }
 
     pub fn machine_removed(&self, id: &str) {
-        self.publish(|seq| CatalogUpdate::MachineRemoved { seq, id: id.to_string() });
+        self.publish(|seq| CatalogUpdate::MachineRemoved {
+            seq,
+            id: id.to_string(),
+        });
     }
 
     /// Subscribes, then says how the follower catches up from `last_seen`. Subscribing
     /// first means nothing published in between is lost (at worst it is seen twice, and
     /// every update is an idempotent upsert or removal).
-    pub fn follow(&self, last_seen: Option<u64>) -> (broadcast::Receiver<CatalogUpdate>, Resume, u64) {
+    pub fn follow(
+        &self,
+        last_seen: Option<u64>,
+    ) -> (broadcast::Receiver<CatalogUpdate>, Resume, u64) {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let receiver = self.sender.subscribe();
         let current = state.seq;
@@ -110,7 +129,14 @@ impl Catalog {
             Some(seen) if seen < current => {
                 let oldest = state.recent.front().map(update_seq).unwrap_or(current + 1);
                 if seen + 1 >= oldest {
-                    Resume::Replay(state.recent.iter().filter(|u| update_seq(u) > seen).cloned().collect())
+                    Resume::Replay(
+                        state
+                            .recent
+                            .iter()
+                            .filter(|u| update_seq(u) > seen)
+                            .cloned()
+                            .collect(),
+                    )
                 } else {
                     Resume::Snapshot
                 }
@@ -121,8 +147,20 @@ impl Catalog {
     }
 
     pub fn snapshot(&self, store: &Store, seq: u64) -> StoreResult<CatalogUpdate> {
-        let apps = store.list_apps(None)?.iter().map(|a| self.app_entry(a)).collect();
-        let machines = store.all_live_machines()?.iter().map(Self::machine_entry).collect();
-        Ok(CatalogUpdate::Snapshot { seq, apps, machines })
+        let apps = store
+            .list_apps(None)?
+            .iter()
+            .map(|a| self.app_entry(a))
+            .collect();
+        let machines = store
+            .all_live_machines()?
+            .iter()
+            .map(Self::machine_entry)
+            .collect();
+        Ok(CatalogUpdate::Snapshot {
+            seq,
+            apps,
+            machines,
+        })
     }
 }

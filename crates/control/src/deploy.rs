@@ -21,10 +21,20 @@ struct Progress {
 impl Progress {
     async fn say(&self, message: impl Into<String>) {
         // The client may have gone away; the deploy goes on regardless.
-        let _ = self.sender.send(DeployEvent::Progress { message: message.into() }).await;
+        let _ = self
+            .sender
+            .send(DeployEvent::Progress {
+                message: message.into(),
+            })
+            .await;
     }
     async fn warn(&self, message: impl Into<String>) {
-        let _ = self.sender.send(DeployEvent::Warning { message: message.into() }).await;
+        let _ = self
+            .sender
+            .send(DeployEvent::Warning {
+                message: message.into(),
+            })
+            .await;
     }
     async fn finish(&self, event: DeployEvent) {
         let _ = self.sender.send(event).await;
@@ -32,20 +42,42 @@ impl Progress {
 }
 
 /// Runs a deploy to completion, reporting on `sender`.
-pub async fn run(plane: Arc<ControlPlane>, app: AppRow, request: DeployRequest, sender: mpsc::Sender<DeployEvent>) {
+pub async fn run(
+    plane: Arc<ControlPlane>,
+    app: AppRow,
+    request: DeployRequest,
+    sender: mpsc::Sender<DeployEvent>,
+) {
     let progress = Progress { sender };
     let lock = plane.app_lock(&app.name);
     let _guard = lock.lock().await;
     match deploy(&plane, &app, &request, &progress).await {
         Ok(version) => {
-            progress.finish(DeployEvent::Done { release_version: version, url: Some(plane.app_url(&app.name)) }).await;
+            progress
+                .finish(DeployEvent::Done {
+                    release_version: version,
+                    url: Some(plane.app_url(&app.name)),
+                })
+                .await;
         }
-        Err(err) => progress.finish(DeployEvent::Error { message: err.message }).await,
+        Err(err) => {
+            progress
+                .finish(DeployEvent::Error {
+                    message: err.message,
+                })
+                .await
+        }
     }
 }
 
-async fn deploy(plane: &ControlPlane, app: &AppRow, request: &DeployRequest, progress: &Progress) -> ApiResult<u64> {
-    let config = AppConfig::from_json_value(request.config.clone()).map_err(|e| ApiError::bad_request(format!("invalid app configuration: {e}")))?;
+async fn deploy(
+    plane: &ControlPlane,
+    app: &AppRow,
+    request: &DeployRequest,
+    progress: &Progress,
+) -> ApiResult<u64> {
+    let config = AppConfig::from_json_value(request.config.clone())
+        .map_err(|e| ApiError::bad_request(format!("invalid app configuration: {e}")))?;
     let problems: Vec<String> = config
         .validate()
         .into_iter()
@@ -53,16 +85,25 @@ async fn deploy(plane: &ControlPlane, app: &AppRow, request: &DeployRequest, pro
         .map(|d| d.to_string())
         .collect();
     if !problems.is_empty() {
-        return Err(ApiError::bad_request(format!("app configuration is not valid: {}", problems.join("; "))));
+        return Err(ApiError::bad_request(format!(
+            "app configuration is not valid: {}",
+            problems.join("; ")
+        )));
     }
     if request.image.trim().is_empty() {
         return Err(ApiError::bad_request("deploy needs an image"));
     }
 
-    let wanted_region = if config.primary_region.is_empty() { plane.config.region.clone() } else { config.primary_region.clone() };
+    let wanted_region = if config.primary_region.is_empty() {
+        plane.config.region.clone()
+    } else {
+        config.primary_region.clone()
+    };
     let placement = place(&plane.store.hosts()?, &wanted_region)?;
     if placement.region != wanted_region {
-        let known = regions::find(&wanted_region).map(|r| format!(" ({})", r.name)).unwrap_or_default();
+        let known = regions::find(&wanted_region)
+            .map(|r| format!(" ({})", r.name))
+            .unwrap_or_default();
         progress
             .warn(format!(
                 "region {wanted_region}{known} has no hosts here; machines will run in {}, the nearest region that has one",
@@ -71,9 +112,21 @@ async fn deploy(plane: &ControlPlane, app: &AppRow, request: &DeployRequest, pro
             .await;
     }
 
-    let config_json = serde_json::to_string(&config).map_err(|e| ApiError::internal(e.to_string()))?;
-    let release = plane.store.create_release(&app.id, &ulid::Ulid::new().to_string(), &request.image, &config_json, "deploy")?;
-    progress.say(format!("Release v{} created with image {}", release.version, request.image)).await;
+    let config_json =
+        serde_json::to_string(&config).map_err(|e| ApiError::internal(e.to_string()))?;
+    let release = plane.store.create_release(
+        &app.id,
+        &ulid::Ulid::new().to_string(),
+        &request.image,
+        &config_json,
+        "deploy",
+    )?;
+    progress
+        .say(format!(
+            "Release v{} created with image {}",
+            release.version, request.image
+        ))
+        .await;
 
     let options = MachineConfigOptions {
         image: request.image.clone(),
@@ -115,14 +168,24 @@ async fn roll_out(
     for (group, config) in wanted {
         let machines = by_group.remove(group).unwrap_or_default();
         if machines.is_empty() {
-            progress.say(format!("Creating a machine for process group '{group}' in region {region}")).await;
-            let request = CreateMachineRequest { region: Some(region.to_string()), config: config.clone(), ..Default::default() };
+            progress
+                .say(format!(
+                    "Creating a machine for process group '{group}' in region {region}"
+                ))
+                .await;
+            let request = CreateMachineRequest {
+                region: Some(region.to_string()),
+                config: config.clone(),
+                ..Default::default()
+            };
             let machine = plane.create_machine(app, request).await?;
             expect_started(plane, &machine, group, progress).await?;
             continue;
         }
         for machine in machines {
-            progress.say(format!("Updating machine {} [{group}]", machine.id)).await;
+            progress
+                .say(format!("Updating machine {} [{group}]", machine.id))
+                .await;
             let updated = plane.update_machine(app, &machine, config.clone()).await?;
             expect_started(plane, &updated, group, progress).await?;
         }
@@ -130,7 +193,10 @@ async fn roll_out(
     for (group, machines) in by_group {
         for machine in machines {
             progress.say(format!("Destroying machine {} of process group '{group}', which the config no longer has", machine.id)).await;
-            plane.stop_machine(&machine, &StopRequest::default()).await.ok();
+            plane
+                .stop_machine(&machine, &StopRequest::default())
+                .await
+                .ok();
             let current = plane.store.machine(&machine.id)?.unwrap_or(machine);
             plane.destroy_machine(&current, true).await?;
         }
@@ -138,9 +204,16 @@ async fn roll_out(
     Ok(())
 }
 
-async fn expect_started(plane: &ControlPlane, machine: &MachineRow, group: &str, progress: &Progress) -> ApiResult<()> {
+async fn expect_started(
+    plane: &ControlPlane,
+    machine: &MachineRow,
+    group: &str,
+    progress: &Progress,
+) -> ApiResult<()> {
     if machine.state == MachineState::Started {
-        progress.say(format!("Machine {} [{group}] is started", machine.id)).await;
+        progress
+            .say(format!("Machine {} [{group}] is started", machine.id))
+            .await;
         return Ok(());
     }
     Err(ApiError::unavailable(format!(

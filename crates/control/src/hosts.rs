@@ -49,27 +49,44 @@ fn agent_error(err: ClientError) -> ApiError {
 
 impl AgentClient {
     pub fn new(agent_url: &str, token: &str) -> Self {
-        Self { client: Client::new(agent_url, Some(token.to_string())) }
+        Self {
+            client: Client::new(agent_url, Some(token.to_string())),
+        }
     }
 
     pub async fn put(&self, spec: &MachineSpec) -> Result<AgentMachine, ApiError> {
-        self.client.put(&format!("/v1/machines/{}", spec.id), spec).await.map_err(agent_error)
+        self.client
+            .put(&format!("/v1/machines/{}", spec.id), spec)
+            .await
+            .map_err(agent_error)
     }
 
     pub async fn start(&self, id: &str) -> Result<AgentMachine, ApiError> {
-        self.client.post(&format!("/v1/machines/{id}/start"), &()).await.map_err(agent_error)
+        self.client
+            .post(&format!("/v1/machines/{id}/start"), &())
+            .await
+            .map_err(agent_error)
     }
 
     pub async fn stop(&self, id: &str, request: &StopRequest) -> Result<AgentMachine, ApiError> {
-        self.client.post(&format!("/v1/machines/{id}/stop"), request).await.map_err(agent_error)
+        self.client
+            .post(&format!("/v1/machines/{id}/stop"), request)
+            .await
+            .map_err(agent_error)
     }
 
     pub async fn destroy(&self, id: &str) -> Result<AgentMachine, ApiError> {
-        self.client.json::<(), AgentMachine>(Method::DELETE, &format!("/v1/machines/{id}"), None).await.map_err(agent_error)
+        self.client
+            .json::<(), AgentMachine>(Method::DELETE, &format!("/v1/machines/{id}"), None)
+            .await
+            .map_err(agent_error)
     }
 
     pub async fn get(&self, id: &str) -> Result<AgentMachine, ApiError> {
-        self.client.get(&format!("/v1/machines/{id}")).await.map_err(agent_error)
+        self.client
+            .get(&format!("/v1/machines/{id}"))
+            .await
+            .map_err(agent_error)
     }
 }
 
@@ -78,7 +95,12 @@ mod tests {
     use super::*;
 
     fn host(id: &str, region: &str) -> HostRow {
-        HostRow { id: id.into(), region: region.into(), agent_url: "http://x".into(), last_seen: String::new() }
+        HostRow {
+            id: id.into(),
+            region: region.into(),
+            agent_url: "http://x".into(),
+            last_seen: String::new(),
+        }
     }
 
     #[test]
@@ -88,6 +110,9 @@ mod tests {
         assert_eq!(place(&hosts, "ams").unwrap().region, "fra");
         let single = vec![host("h1", "local")];
         assert_eq!(place(&single, "iad").unwrap().region, "local");
-        assert_eq!(place(&[], "iad").unwrap_err().status, http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            place(&[], "iad").unwrap_err().status,
+            http::StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

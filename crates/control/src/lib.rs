@@ -61,22 +61,45 @@ impl ControlPlane {
     /// Opens (or creates) the state under `data_dir`. On first start this creates the
     /// `personal` org, an admin token for it, and a host token for platform components.
     pub fn open(config: ControlConfig) -> anyhow::Result<(Arc<Self>, Credentials)> {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let db_path = config.data_dir.join("control.db");
-        let store = Arc::new(Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?);
+        let store = Arc::new(
+            Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,
+        );
         let org = match store.org_by_slug(DEFAULT_ORG)? {
             Some(org) => org,
             None => {
-                let org = OrgRow { id: names::random_id(12), slug: DEFAULT_ORG.into(), name: "Personal".into(), created_at: now_rfc3339() };
+                let org = OrgRow {
+                    id: names::random_id(12),
+                    slug: DEFAULT_ORG.into(),
+                    name: "Personal".into(),
+                    created_at: now_rfc3339(),
+                };
                 store.create_org(&org)?;
                 org
             }
         };
-        let admin_token = ensure_token(&store, SETTING_ADMIN_TOKEN_ID, &org.id, TokenKind::Org, "admin")?;
-        let host_token = ensure_token(&store, SETTING_HOST_TOKEN_ID, "", TokenKind::Host, "local host")?;
+        let admin_token = ensure_token(
+            &store,
+            SETTING_ADMIN_TOKEN_ID,
+            &org.id,
+            TokenKind::Org,
+            "admin",
+        )?;
+        let host_token = ensure_token(
+            &store,
+            SETTING_HOST_TOKEN_ID,
+            "",
+            TokenKind::Host,
+            "local host",
+        )?;
         let catalog = Catalog::new(&config.base_domain);
         let registry = aloft_registry::Registry::open(
-            aloft_registry::RegistryConfig { root: config.data_dir.join("registry"), upstream: None },
+            aloft_registry::RegistryConfig {
+                root: config.data_dir.join("registry"),
+                upstream: None,
+            },
             Arc::new(auth::RegistryAuth::new(store.clone())),
         )
         .context("opening the image registry")?;
@@ -89,7 +112,14 @@ impl ControlPlane {
             agents: Mutex::new(HashMap::new()),
             app_locks: Mutex::new(HashMap::new()),
         });
-        Ok((plane, Credentials { org_slug: org.slug, admin_token, host_token }))
+        Ok((
+            plane,
+            Credentials {
+                org_slug: org.slug,
+                admin_token,
+                host_token,
+            },
+        ))
     }
 
     /// The host token, used to call agents and to pull from the registry on their behalf.
@@ -110,7 +140,12 @@ impl ControlPlane {
     }
 
     fn agent(&self, host_id: &str) -> Result<AgentClient, error::ApiError> {
-        if let Some(agent) = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(host_id) {
+        if let Some(agent) = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host_id)
+        {
             return Ok(agent.clone());
         }
         let host = self
@@ -118,19 +153,32 @@ impl ControlPlane {
             .hosts()?
             .into_iter()
             .find(|h| h.id == host_id)
-            .ok_or_else(|| error::ApiError::unavailable(format!("host {host_id} is not registered")))?;
+            .ok_or_else(|| {
+                error::ApiError::unavailable(format!("host {host_id} is not registered"))
+            })?;
         let client = AgentClient::new(&host.agent_url, &self.host_token);
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(host_id.to_string(), client.clone());
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host_id.to_string(), client.clone());
         Ok(client)
     }
 
     fn forget_agent(&self, host_id: &str) {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).remove(host_id);
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host_id);
     }
 
     /// One deploy (or other app-wide change) at a time per app.
     pub fn app_lock(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.app_locks.lock().unwrap_or_else(|p| p.into_inner()).entry(app.to_string()).or_default().clone()
+        self.app_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(app.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Serves the API on `listener` until `shutdown` resolves.
@@ -140,13 +188,22 @@ impl ControlPlane {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let router = api::router(self.clone()).merge(self.registry.router());
-        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving the API")
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving the API")
     }
 }
 
 /// Re-mints the token recorded under `setting`, creating it on first use. Tokens are
 /// deterministic from (id, key), so the same token comes back on every start.
-fn ensure_token(store: &Store, setting: &str, org_id: &str, kind: TokenKind, name: &str) -> anyhow::Result<String> {
+fn ensure_token(
+    store: &Store,
+    setting: &str,
+    org_id: &str,
+    kind: TokenKind,
+    name: &str,
+) -> anyhow::Result<String> {
     if let Some(id) = store.setting(setting)? {
         if let Some(row) = store.token(&id)? {
             return Ok(Token::mint(&row.id, &row.key, Vec::new()).encode());

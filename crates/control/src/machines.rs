@@ -2,7 +2,9 @@
 //! and what agents report back.
 
 use aloft_api::internal::{AgentEvent, AgentMachine, ImagePull, MachineSpec};
-use aloft_api::{CreateMachineRequest, ImageRef, Machine, MachineConfig, MachineEvent, MachineState, StopRequest};
+use aloft_api::{
+    CreateMachineRequest, ImageRef, Machine, MachineConfig, MachineEvent, MachineState, StopRequest,
+};
 
 use crate::ControlPlane;
 use crate::error::{ApiError, ApiResult};
@@ -37,7 +39,14 @@ impl ControlPlane {
         })
     }
 
-    fn record_event(&self, machine_id: &str, kind: &str, status: MachineState, source: &str, request: Option<serde_json::Value>) {
+    fn record_event(
+        &self,
+        machine_id: &str,
+        kind: &str,
+        status: MachineState,
+        source: &str,
+        request: Option<serde_json::Value>,
+    ) {
         let event = MachineEvent {
             id: ulid::Ulid::new().to_string(),
             kind: kind.to_string(),
@@ -52,7 +61,9 @@ impl ControlPlane {
     }
 
     fn reload(&self, id: &str) -> ApiResult<MachineRow> {
-        self.store.machine(id)?.ok_or_else(|| ApiError::not_found(format!("machine {id} not found")))
+        self.store
+            .machine(id)?
+            .ok_or_else(|| ApiError::not_found(format!("machine {id} not found")))
     }
 
     fn set_state(&self, row: &MachineRow, state: MachineState) -> ApiResult<MachineRow> {
@@ -75,8 +86,16 @@ impl ControlPlane {
             config: row.config.clone(),
             image: ImagePull {
                 reference: row.config.image.clone(),
-                registry_url: if ours { format!("http://{registry}") } else { String::new() },
-                token: if ours { self.host_token().to_string() } else { String::new() },
+                registry_url: if ours {
+                    format!("http://{registry}")
+                } else {
+                    String::new()
+                },
+                token: if ours {
+                    self.host_token().to_string()
+                } else {
+                    String::new()
+                },
             },
             private_ip: row.private_ip.clone(),
         }
@@ -84,7 +103,12 @@ impl ControlPlane {
 
     /// Applies an agent's answer about a machine; returns the machine as now stored.
     pub fn apply_agent_machine(&self, reported: &AgentMachine) -> ApiResult<MachineRow> {
-        if self.store.apply_agent_status(&reported.id, reported.seq, reported.state, reported.private_ipv4.as_deref())? {
+        if self.store.apply_agent_status(
+            &reported.id,
+            reported.seq,
+            reported.state,
+            reported.private_ipv4.as_deref(),
+        )? {
             let row = self.reload(&reported.id)?;
             self.catalog.machine_changed(&row);
             return Ok(row);
@@ -100,14 +124,29 @@ impl ControlPlane {
             if !self.store.advance_host_event_seq(host_id, event.seq)? {
                 continue;
             }
-            let Some(row) = self.store.machine(&event.machine_id)? else { continue };
-            let request = event.exit.as_ref().map(|exit| serde_json::json!({ "exit_event": exit, "message": event.message }));
-            let request = request.or_else(|| event.message.as_ref().map(|m| serde_json::json!({ "message": m })));
+            let Some(row) = self.store.machine(&event.machine_id)? else {
+                continue;
+            };
+            let request = event
+                .exit
+                .as_ref()
+                .map(|exit| serde_json::json!({ "exit_event": exit, "message": event.message }));
+            let request = request.or_else(|| {
+                event
+                    .message
+                    .as_ref()
+                    .map(|m| serde_json::json!({ "message": m }))
+            });
             self.record_event(&row.id, &event.kind, event.state, "flyd", request);
             if row.state == MachineState::Destroyed {
                 continue;
             }
-            if self.store.apply_agent_status(&row.id, event.seq, event.state, event.private_ipv4.as_deref())? {
+            if self.store.apply_agent_status(
+                &row.id,
+                event.seq,
+                event.state,
+                event.private_ipv4.as_deref(),
+            )? {
                 let row = self.reload(&row.id)?;
                 self.catalog.machine_changed(&row);
             }
@@ -115,19 +154,32 @@ impl ControlPlane {
         Ok(())
     }
 
-    pub async fn create_machine(&self, app: &AppRow, request: CreateMachineRequest) -> ApiResult<MachineRow> {
+    pub async fn create_machine(
+        &self,
+        app: &AppRow,
+        request: CreateMachineRequest,
+    ) -> ApiResult<MachineRow> {
         let config = request.config;
         if config.image.trim().is_empty() {
-            return Err(ApiError::bad_request("invalid config.image: an image is required"));
+            return Err(ApiError::bad_request(
+                "invalid config.image: an image is required",
+            ));
         }
-        let wanted = request.region.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| self.config.region.clone());
+        let wanted = request
+            .region
+            .clone()
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| self.config.region.clone());
         let placement = place(&self.store.hosts()?, &wanted)?;
         let now = now_rfc3339();
         let row = MachineRow {
             id: names::machine_id(),
             app_id: app.id.clone(),
             app_name: app.name.clone(),
-            name: request.name.filter(|n| !n.is_empty()).unwrap_or_else(names::machine_name),
+            name: request
+                .name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(names::machine_name),
             region: placement.region.clone(),
             host_id: placement.host.id.clone(),
             state: MachineState::Created,
@@ -155,9 +207,14 @@ impl ControlPlane {
 
     pub async fn start_machine(&self, row: &MachineRow) -> ApiResult<MachineRow> {
         match row.state {
-            MachineState::Created | MachineState::Stopped | MachineState::Suspended | MachineState::Failed => {}
+            MachineState::Created
+            | MachineState::Stopped
+            | MachineState::Suspended
+            | MachineState::Failed => {}
             other => {
-                return Err(ApiError::precondition(format!("unable to start machine from current state: '{other}'")));
+                return Err(ApiError::precondition(format!(
+                    "unable to start machine from current state: '{other}'"
+                )));
             }
         }
         let row = self.set_state(row, MachineState::Starting)?;
@@ -171,16 +228,31 @@ impl ControlPlane {
         }
     }
 
-    pub async fn stop_machine(&self, row: &MachineRow, request: &StopRequest) -> ApiResult<MachineRow> {
+    pub async fn stop_machine(
+        &self,
+        row: &MachineRow,
+        request: &StopRequest,
+    ) -> ApiResult<MachineRow> {
         match row.state {
             MachineState::Started | MachineState::Starting | MachineState::Stopping => {}
             MachineState::Stopped | MachineState::Created => return Ok(row.clone()),
-            other => return Err(ApiError::precondition(format!("unable to stop machine from current state: '{other}'"))),
+            other => {
+                return Err(ApiError::precondition(format!(
+                    "unable to stop machine from current state: '{other}'"
+                )));
+            }
         }
         let row = self.set_state(row, MachineState::Stopping)?;
         let request = StopRequest {
-            signal: request.signal.clone().or_else(|| row.config.stop_config.as_ref().and_then(|s| s.signal.clone())),
-            timeout: request.timeout.or_else(|| row.config.stop_config.as_ref().and_then(|s| s.timeout)),
+            signal: request.signal.clone().or_else(|| {
+                row.config
+                    .stop_config
+                    .as_ref()
+                    .and_then(|s| s.signal.clone())
+            }),
+            timeout: request
+                .timeout
+                .or_else(|| row.config.stop_config.as_ref().and_then(|s| s.timeout)),
         };
         let agent = self.agent(&row.host_id)?;
         match agent.stop(&row.id, &request).await {
@@ -193,19 +265,29 @@ impl ControlPlane {
     }
 
     /// Replaces a machine's config: a new instance, restarted if it was running.
-    pub async fn update_machine(&self, app: &AppRow, row: &MachineRow, config: MachineConfig) -> ApiResult<MachineRow> {
+    pub async fn update_machine(
+        &self,
+        app: &AppRow,
+        row: &MachineRow,
+        config: MachineConfig,
+    ) -> ApiResult<MachineRow> {
         if config.image.trim().is_empty() {
-            return Err(ApiError::bad_request("invalid config.image: an image is required"));
+            return Err(ApiError::bad_request(
+                "invalid config.image: an image is required",
+            ));
         }
         let was_running = matches!(row.state, MachineState::Started | MachineState::Starting);
         if was_running {
             self.stop_machine(row, &StopRequest::default()).await?;
         }
         let instance_id = ulid::Ulid::new().to_string();
-        self.store.update_machine_config(&row.id, &instance_id, &config)?;
+        self.store
+            .update_machine_config(&row.id, &instance_id, &config)?;
         let updated = self.reload(&row.id)?;
         self.record_event(&row.id, "update", updated.state, "user", None);
-        self.agent(&updated.host_id)?.put(&self.spec(&updated, app)).await?;
+        self.agent(&updated.host_id)?
+            .put(&self.spec(&updated, app))
+            .await?;
         if was_running || matches!(updated.state, MachineState::Created | MachineState::Failed) {
             return self.start_machine(&updated).await;
         }
@@ -223,7 +305,8 @@ impl ControlPlane {
         let agent = self.agent(&row.host_id)?;
         let reported = agent.destroy(&row.id).await?;
         self.apply_agent_machine(&reported)?;
-        self.store.set_machine_state(&row.id, MachineState::Destroyed)?;
+        self.store
+            .set_machine_state(&row.id, MachineState::Destroyed)?;
         self.record_event(&row.id, "destroy", MachineState::Destroyed, "user", None);
         self.catalog.machine_removed(&row.id);
         Ok(())
@@ -236,7 +319,13 @@ impl ControlPlane {
             .ok()
             .into_iter()
             .flatten()
-            .find_map(|e| e.request.and_then(|r| r.get("message").and_then(|m| m.as_str()).map(str::to_string)))
+            .find_map(|e| {
+                e.request.and_then(|r| {
+                    r.get("message")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string)
+                })
+            })
             .unwrap_or_else(|| "no reason recorded".into())
     }
 
@@ -247,7 +336,9 @@ impl ControlPlane {
                 Ok(reported) => {
                     let _ = self.apply_agent_machine(&reported);
                 }
-                Err(err) => tracing::warn!(machine = %row.id, error = %err, "cannot read machine state from its agent"),
+                Err(err) => {
+                    tracing::warn!(machine = %row.id, error = %err, "cannot read machine state from its agent")
+                }
             }
         }
     }

@@ -143,7 +143,11 @@ pub fn now_millis() -> i64 {
 }
 
 fn corrupt(what: &str, err: impl std::fmt::Display) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("{what}: {err}").into())
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("{what}: {err}").into(),
+    )
 }
 
 fn parse_state(text: &str) -> rusqlite::Result<MachineState> {
@@ -154,7 +158,8 @@ const MACHINE_COLUMNS: &str = "m.id, m.app_id, a.name, m.name, m.region, m.host_
 
 fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRow> {
     let config_text: String = row.get(8)?;
-    let config: MachineConfig = serde_json::from_str(&config_text).map_err(|e| corrupt("machine config", e))?;
+    let config: MachineConfig =
+        serde_json::from_str(&config_text).map_err(|e| corrupt("machine config", e))?;
     let state_text: String = row.get(6)?;
     Ok(MachineRow {
         id: row.get(0)?,
@@ -222,13 +227,20 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> StoreResult<T> {
-        let mut guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut guard).map_err(|e| match e {
-            rusqlite::Error::FromSqlConversionFailure(_, _, inner) => StoreError::Corrupt(inner.to_string()),
+            rusqlite::Error::FromSqlConversionFailure(_, _, inner) => {
+                StoreError::Corrupt(inner.to_string())
+            }
             other => StoreError::Sqlite(other),
         })
     }
@@ -236,7 +248,12 @@ impl Store {
     // ---- settings ----
 
     pub fn setting(&self, key: &str) -> StoreResult<Option<String>> {
-        self.with(|c| c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional())
+        self.with(|c| {
+            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
     }
 
     pub fn set_setting(&self, key: &str, value: &str) -> StoreResult<()> {
@@ -252,36 +269,69 @@ impl Store {
     // ---- orgs ----
 
     pub fn create_org(&self, org: &OrgRow) -> StoreResult<()> {
-        self.with(|c| c.execute("INSERT INTO orgs(id, slug, name, created_at) VALUES (?1, ?2, ?3, ?4)", params![org.id, org.slug, org.name, org.created_at]))
-            .map_err(|e| match e {
-                StoreError::Sqlite(ref inner) if is_unique_violation(inner) => StoreError::Conflict(format!("organization {} already exists", org.slug)),
-                other => other,
-            })?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO orgs(id, slug, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![org.id, org.slug, org.name, org.created_at],
+            )
+        })
+        .map_err(|e| match e {
+            StoreError::Sqlite(ref inner) if is_unique_violation(inner) => {
+                StoreError::Conflict(format!("organization {} already exists", org.slug))
+            }
+            other => other,
+        })?;
         Ok(())
     }
 
     pub fn org_by_slug(&self, slug: &str) -> StoreResult<Option<OrgRow>> {
         self.with(|c| {
-            c.query_row("SELECT id, slug, name, created_at FROM orgs WHERE slug = ?1", [slug], |r| {
-                Ok(OrgRow { id: r.get(0)?, slug: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
-            })
+            c.query_row(
+                "SELECT id, slug, name, created_at FROM orgs WHERE slug = ?1",
+                [slug],
+                |r| {
+                    Ok(OrgRow {
+                        id: r.get(0)?,
+                        slug: r.get(1)?,
+                        name: r.get(2)?,
+                        created_at: r.get(3)?,
+                    })
+                },
+            )
             .optional()
         })
     }
 
     pub fn org_by_id(&self, id: &str) -> StoreResult<Option<OrgRow>> {
         self.with(|c| {
-            c.query_row("SELECT id, slug, name, created_at FROM orgs WHERE id = ?1", [id], |r| {
-                Ok(OrgRow { id: r.get(0)?, slug: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
-            })
+            c.query_row(
+                "SELECT id, slug, name, created_at FROM orgs WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(OrgRow {
+                        id: r.get(0)?,
+                        slug: r.get(1)?,
+                        name: r.get(2)?,
+                        created_at: r.get(3)?,
+                    })
+                },
+            )
             .optional()
         })
     }
 
     pub fn list_orgs(&self) -> StoreResult<Vec<OrgRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT id, slug, name, created_at FROM orgs ORDER BY slug")?;
-            let rows = stmt.query_map([], |r| Ok(OrgRow { id: r.get(0)?, slug: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? }))?;
+            let mut stmt =
+                c.prepare("SELECT id, slug, name, created_at FROM orgs ORDER BY slug")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(OrgRow {
+                    id: r.get(0)?,
+                    slug: r.get(1)?,
+                    name: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            })?;
             rows.collect()
         })
     }
@@ -300,17 +350,21 @@ impl Store {
 
     pub fn token(&self, id: &str) -> StoreResult<Option<TokenRow>> {
         self.with(|c| {
-            c.query_row("SELECT id, org_id, kind, name, key, created_at, revoked FROM tokens WHERE id = ?1", [id], |r| {
-                Ok(TokenRow {
-                    id: r.get(0)?,
-                    org_id: r.get(1)?,
-                    kind: r.get(2)?,
-                    name: r.get(3)?,
-                    key: r.get(4)?,
-                    created_at: r.get(5)?,
-                    revoked: r.get(6)?,
-                })
-            })
+            c.query_row(
+                "SELECT id, org_id, kind, name, key, created_at, revoked FROM tokens WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(TokenRow {
+                        id: r.get(0)?,
+                        org_id: r.get(1)?,
+                        kind: r.get(2)?,
+                        name: r.get(3)?,
+                        key: r.get(4)?,
+                        created_at: r.get(5)?,
+                        revoked: r.get(6)?,
+                    })
+                },
+            )
             .optional()
         })
     }
@@ -332,12 +386,16 @@ impl Store {
     }
 
     pub fn app(&self, name: &str) -> StoreResult<Option<AppRow>> {
-        let sql = format!("SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE a.name = ?1");
+        let sql = format!(
+            "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE a.name = ?1"
+        );
         self.with(|c| c.query_row(&sql, [name], app_from_row).optional())
     }
 
     pub fn list_apps(&self, org_id: Option<&str>) -> StoreResult<Vec<AppRow>> {
-        let sql = format!("SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE (?1 IS NULL OR a.org_id = ?1) ORDER BY a.name");
+        let sql = format!(
+            "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE (?1 IS NULL OR a.org_id = ?1) ORDER BY a.name"
+        );
         self.with(|c| {
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt.query_map([org_id], app_from_row)?;
@@ -346,7 +404,13 @@ impl Store {
     }
 
     pub fn set_app_status(&self, app_id: &str, status: &str) -> StoreResult<()> {
-        self.with(|c| c.execute("UPDATE apps SET status = ?2 WHERE id = ?1", params![app_id, status]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE apps SET status = ?2 WHERE id = ?1",
+                params![app_id, status],
+            )
+            .map(|_| ())
+        })
     }
 
     pub fn delete_app(&self, app_id: &str) -> StoreResult<()> {
@@ -363,7 +427,8 @@ impl Store {
     // ---- machines ----
 
     pub fn insert_machine(&self, m: &MachineRow) -> StoreResult<()> {
-        let config = serde_json::to_string(&m.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let config =
+            serde_json::to_string(&m.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.with(|c| {
             c.execute(
                 "INSERT INTO machines(id, app_id, name, region, host_id, state, instance_id, config, private_ip, private_ipv4, created_at, updated_at)
@@ -375,11 +440,17 @@ impl Store {
     }
 
     pub fn machine(&self, id: &str) -> StoreResult<Option<MachineRow>> {
-        let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.id = ?1");
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.id = ?1"
+        );
         self.with(|c| c.query_row(&sql, [id], machine_from_row).optional())
     }
 
-    pub fn list_machines(&self, app_id: &str, include_destroyed: bool) -> StoreResult<Vec<MachineRow>> {
+    pub fn list_machines(
+        &self,
+        app_id: &str,
+        include_destroyed: bool,
+    ) -> StoreResult<Vec<MachineRow>> {
         let sql = format!(
             "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.app_id = ?1 AND (?2 OR m.state != 'destroyed') ORDER BY m.created_at, m.id"
         );
@@ -391,7 +462,9 @@ impl Store {
     }
 
     pub fn all_live_machines(&self) -> StoreResult<Vec<MachineRow>> {
-        let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.state != 'destroyed'");
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.state != 'destroyed'"
+        );
         self.with(|c| {
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt.query_map([], machine_from_row)?;
@@ -401,14 +474,24 @@ impl Store {
 
     pub fn count_machines(&self, app_id: &str) -> StoreResult<u64> {
         self.with(|c| {
-            c.query_row("SELECT COUNT(*) FROM machines WHERE app_id = ?1 AND state != 'destroyed'", [app_id], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
+            c.query_row(
+                "SELECT COUNT(*) FROM machines WHERE app_id = ?1 AND state != 'destroyed'",
+                [app_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
         })
     }
 
     /// Replaces a machine's config and instance (an update) in one write.
-    pub fn update_machine_config(&self, id: &str, instance_id: &str, config: &MachineConfig) -> StoreResult<()> {
-        let config = serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    pub fn update_machine_config(
+        &self,
+        id: &str,
+        instance_id: &str,
+        config: &MachineConfig,
+    ) -> StoreResult<()> {
+        let config =
+            serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.with(|c| {
             c.execute(
                 "UPDATE machines SET instance_id = ?2, config = ?3, updated_at = ?4 WHERE id = ?1",
@@ -420,12 +503,22 @@ impl Store {
 
     pub fn set_machine_state(&self, id: &str, state: MachineState) -> StoreResult<()> {
         self.with(|c| {
-            c.execute("UPDATE machines SET state = ?2, updated_at = ?3 WHERE id = ?1", params![id, state.as_str(), now_rfc3339()]).map(|_| ())
+            c.execute(
+                "UPDATE machines SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, state.as_str(), now_rfc3339()],
+            )
+            .map(|_| ())
         })
     }
 
     /// Applies what a machine's agent reports, unless something newer was already applied.
-    pub fn apply_agent_status(&self, id: &str, seq: u64, state: MachineState, ipv4: Option<&str>) -> StoreResult<bool> {
+    pub fn apply_agent_status(
+        &self,
+        id: &str,
+        seq: u64,
+        state: MachineState,
+        ipv4: Option<&str>,
+    ) -> StoreResult<bool> {
         self.with(|c| {
             let changed = c.execute(
                 "UPDATE machines SET state = ?3, private_ipv4 = COALESCE(?4, private_ipv4), agent_seq = ?2, updated_at = ?5
@@ -437,11 +530,20 @@ impl Store {
     }
 
     pub fn delete_machine(&self, id: &str) -> StoreResult<()> {
-        self.with(|c| c.execute("DELETE FROM machines WHERE id = ?1", [id]).map(|_| ()))
+        self.with(|c| {
+            c.execute("DELETE FROM machines WHERE id = ?1", [id])
+                .map(|_| ())
+        })
     }
 
     pub fn set_machine_ipv4(&self, id: &str, ipv4: Option<&str>) -> StoreResult<()> {
-        self.with(|c| c.execute("UPDATE machines SET private_ipv4 = ?2 WHERE id = ?1", params![id, ipv4]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET private_ipv4 = ?2 WHERE id = ?1",
+                params![id, ipv4],
+            )
+            .map(|_| ())
+        })
     }
 
     // ---- machine events ----
@@ -481,7 +583,14 @@ impl Store {
     // ---- releases ----
 
     /// Records a new release with the next version number for the app.
-    pub fn create_release(&self, app_id: &str, id: &str, image: &str, config: &str, description: &str) -> StoreResult<ReleaseRow> {
+    pub fn create_release(
+        &self,
+        app_id: &str,
+        id: &str,
+        image: &str,
+        config: &str,
+        description: &str,
+    ) -> StoreResult<ReleaseRow> {
         self.with(|c| {
             let tx = c.transaction()?;
             let version: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?1", [app_id], |r| r.get(0))?;
@@ -505,7 +614,13 @@ impl Store {
     }
 
     pub fn set_release_status(&self, id: &str, status: &str) -> StoreResult<()> {
-        self.with(|c| c.execute("UPDATE releases SET status = ?2 WHERE id = ?1", params![id, status]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE releases SET status = ?2 WHERE id = ?1",
+                params![id, status],
+            )
+            .map(|_| ())
+        })
     }
 
     /// Newest first.
@@ -534,8 +649,16 @@ impl Store {
 
     pub fn hosts(&self) -> StoreResult<Vec<HostRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT id, region, agent_url, last_seen FROM hosts ORDER BY id")?;
-            let rows = stmt.query_map([], |r| Ok(HostRow { id: r.get(0)?, region: r.get(1)?, agent_url: r.get(2)?, last_seen: r.get(3)? }))?;
+            let mut stmt =
+                c.prepare("SELECT id, region, agent_url, last_seen FROM hosts ORDER BY id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(HostRow {
+                    id: r.get(0)?,
+                    region: r.get(1)?,
+                    agent_url: r.get(2)?,
+                    last_seen: r.get(3)?,
+                })
+            })?;
             rows.collect()
         })
     }
@@ -558,7 +681,12 @@ mod tests {
 
     fn seeded() -> (Store, AppRow) {
         let store = Store::open_in_memory().unwrap();
-        let org = OrgRow { id: "o1".into(), slug: "personal".into(), name: "Personal".into(), created_at: now_rfc3339() };
+        let org = OrgRow {
+            id: "o1".into(),
+            slug: "personal".into(),
+            name: "Personal".into(),
+            created_at: now_rfc3339(),
+        };
         store.create_org(&org).unwrap();
         let app = AppRow {
             id: "a1".into(),
@@ -576,8 +704,16 @@ mod tests {
     #[test]
     fn apps_are_unique_by_name() {
         let (store, app) = seeded();
-        let err = store.create_app(&AppRow { id: "a2".into(), ..app }).unwrap_err();
-        assert!(matches!(err, StoreError::Conflict(ref m) if m == "app hello already exists"), "{err}");
+        let err = store
+            .create_app(&AppRow {
+                id: "a2".into(),
+                ..app
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict(ref m) if m == "app hello already exists"),
+            "{err}"
+        );
         assert_eq!(store.app("hello").unwrap().unwrap().org_slug, "personal");
         assert!(store.app("nope").unwrap().is_none());
     }
@@ -585,8 +721,13 @@ mod tests {
     #[test]
     fn machines_round_trip_with_config_and_state() {
         let (store, app) = seeded();
-        let mut config = MachineConfig { image: "img".into(), ..Default::default() };
-        config.metadata.insert("fly_process_group".into(), "web".into());
+        let mut config = MachineConfig {
+            image: "img".into(),
+            ..Default::default()
+        };
+        config
+            .metadata
+            .insert("fly_process_group".into(), "web".into());
         let row = MachineRow {
             id: "m1".into(),
             app_id: app.id.clone(),
@@ -603,11 +744,15 @@ mod tests {
             updated_at: now_rfc3339(),
         };
         store.insert_machine(&row).unwrap();
-        store.set_machine_state("m1", MachineState::Started).unwrap();
+        store
+            .set_machine_state("m1", MachineState::Started)
+            .unwrap();
         let loaded = store.machine("m1").unwrap().unwrap();
         assert_eq!(loaded.state, MachineState::Started);
         assert_eq!(loaded.process_group(), Some("web"));
-        store.set_machine_state("m1", MachineState::Destroyed).unwrap();
+        store
+            .set_machine_state("m1", MachineState::Destroyed)
+            .unwrap();
         assert!(store.list_machines(&app.id, false).unwrap().is_empty());
         assert_eq!(store.list_machines(&app.id, true).unwrap().len(), 1);
     }
@@ -615,16 +760,38 @@ mod tests {
     #[test]
     fn releases_count_up_per_app() {
         let (store, app) = seeded();
-        assert_eq!(store.create_release(&app.id, "r1", "img", "{}", "first").unwrap().version, 1);
-        assert_eq!(store.create_release(&app.id, "r2", "img", "{}", "second").unwrap().version, 2);
+        assert_eq!(
+            store
+                .create_release(&app.id, "r1", "img", "{}", "first")
+                .unwrap()
+                .version,
+            1
+        );
+        assert_eq!(
+            store
+                .create_release(&app.id, "r2", "img", "{}", "second")
+                .unwrap()
+                .version,
+            2
+        );
         let list = store.releases(&app.id, 10).unwrap();
-        assert_eq!(list.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(
+            list.iter().map(|r| r.version).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
     }
 
     #[test]
     fn host_event_cursor_drops_duplicates() {
         let (store, _) = seeded();
-        store.upsert_host(&HostRow { id: "h1".into(), region: "local".into(), agent_url: "http://x".into(), last_seen: now_rfc3339() }).unwrap();
+        store
+            .upsert_host(&HostRow {
+                id: "h1".into(),
+                region: "local".into(),
+                agent_url: "http://x".into(),
+                last_seen: now_rfc3339(),
+            })
+            .unwrap();
         assert!(store.advance_host_event_seq("h1", 1).unwrap());
         assert!(!store.advance_host_event_seq("h1", 1).unwrap());
         assert!(store.advance_host_event_seq("h1", 2).unwrap());

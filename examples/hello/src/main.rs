@@ -42,7 +42,10 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
             headers.push((name.trim().to_string(), value.trim().to_string()));
         }
     }
-    let connection = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("connection")).map(|(_, v)| v.to_ascii_lowercase());
+    let connection = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .map(|(_, v)| v.to_ascii_lowercase());
     let keep_alive = match connection.as_deref() {
         Some("close") => false,
         Some("keep-alive") => true,
@@ -57,7 +60,12 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         let mut body = vec![0u8; length.min(1 << 20)];
         std::io::Read::read_exact(reader, &mut body).ok()?;
     }
-    Some(Request { method, path, headers, keep_alive })
+    Some(Request {
+        method,
+        path,
+        headers,
+        keep_alive,
+    })
 }
 
 fn respond(stream: &mut TcpStream, request: &Request) -> std::io::Result<()> {
@@ -65,7 +73,10 @@ fn respond(stream: &mut TcpStream, request: &Request) -> std::io::Result<()> {
         let env: BTreeMap<String, String> = std::env::vars().collect();
         let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, value) in &request.headers {
-            headers.entry(name.to_ascii_lowercase()).or_default().push(value.clone());
+            headers
+                .entry(name.to_ascii_lowercase())
+                .or_default()
+                .push(value.clone());
         }
         let document = serde_json::json!({
             "method": request.method,
@@ -73,11 +84,21 @@ fn respond(stream: &mut TcpStream, request: &Request) -> std::io::Result<()> {
             "env": env,
             "headers": headers,
         });
-        ("200 OK", serde_json::to_string_pretty(&document).unwrap_or_default())
+        (
+            "200 OK",
+            serde_json::to_string_pretty(&document).unwrap_or_default(),
+        )
     } else {
-        ("405 Method Not Allowed", "{\"error\":\"only GET is supported\"}".to_string())
+        (
+            "405 Method Not Allowed",
+            "{\"error\":\"only GET is supported\"}".to_string(),
+        )
     };
-    let connection = if request.keep_alive { "keep-alive" } else { "close" };
+    let connection = if request.keep_alive {
+        "keep-alive"
+    } else {
+        "close"
+    };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
@@ -91,7 +112,9 @@ fn respond(stream: &mut TcpStream, request: &Request) -> std::io::Result<()> {
 
 fn serve(stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader) {
         if respond(&mut writer, &request).is_err() || !request.keep_alive {
@@ -101,7 +124,10 @@ fn serve(stream: TcpStream) {
 }
 
 fn main() {
-    let port = std::env::var("PORT").ok().and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
+    let port = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(8080);
     let listener = match TcpListener::bind(("0.0.0.0", port)) {
         Ok(listener) => listener,
         Err(err) => {

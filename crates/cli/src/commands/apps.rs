@@ -40,7 +40,12 @@ pub async fn run(api: &ApiArgs, command: AppsCommand) -> anyhow::Result<()> {
     let client = api.client()?;
     match command {
         AppsCommand::Create { name, org, network } => {
-            let request = CreateAppRequest { app_name: name.clone(), org_slug: org, network, enable_subdomains: None };
+            let request = CreateAppRequest {
+                app_name: name.clone(),
+                org_slug: org,
+                network,
+                enable_subdomains: None,
+            };
             let app: App = client.post("/v1/apps", &request).await?;
             println!("New app created: {}", app.name);
         }
@@ -60,20 +65,30 @@ pub async fn run(api: &ApiArgs, command: AppsCommand) -> anyhow::Result<()> {
                 .map(|app| {
                     vec![
                         app.name.clone(),
-                        app.organization.as_ref().map(|o| o.slug.clone()).unwrap_or_default(),
+                        app.organization
+                            .as_ref()
+                            .map(|o| o.slug.clone())
+                            .unwrap_or_default(),
                         app.status.clone().unwrap_or_default(),
                         app.latest_deploy.as_deref().map(when).unwrap_or_default(),
                     ]
                 })
                 .collect();
-            println!("{}", table(&["NAME", "OWNER", "STATUS", "LATEST DEPLOY"], rows));
+            println!(
+                "{}",
+                table(&["NAME", "OWNER", "STATUS", "LATEST DEPLOY"], rows)
+            );
         }
         AppsCommand::Destroy { name, yes } => {
             if !yes {
                 anyhow::bail!("destroying {name} deletes all its machines; pass --yes to confirm");
             }
             client
-                .call::<()>(http::Method::DELETE, &format!("/v1/apps/{}", aloft_client::encode_component(&name)), None)
+                .call::<()>(
+                    http::Method::DELETE,
+                    &format!("/v1/apps/{}", aloft_client::encode_component(&name)),
+                    None,
+                )
                 .await
                 .with_context(|| format!("destroying app {name}"))?;
             println!("Destroyed app {name}");

@@ -45,13 +45,17 @@ pub struct DeployArgs {
 pub fn explain(error: ClientError, api_url: &str, app: &str) -> anyhow::Error {
     match error {
         ClientError::Unreachable { reason, .. } => {
-            anyhow::anyhow!("cannot reach the Aloft API at {api_url} ({reason}); is `aloft server` running?")
+            anyhow::anyhow!(
+                "cannot reach the Aloft API at {api_url} ({reason}); is `aloft server` running?"
+            )
         }
         ClientError::Api { status, .. } if status == http::StatusCode::NOT_FOUND => {
             anyhow::anyhow!("app {app} not found; create it with `aloft apps create {app}`")
         }
         ClientError::Api { status, message } if status == http::StatusCode::UNAUTHORIZED => {
-            anyhow::anyhow!("the API refused the access token ({message}); check ~/.config/aloft/config.toml or --access-token")
+            anyhow::anyhow!(
+                "the API refused the access token ({message}); check ~/.config/aloft/config.toml or --access-token"
+            )
         }
         other => other.into(),
     }
@@ -61,13 +65,26 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let path = aloft_config::locate(args.config.as_deref(), &cwd);
     if !path.exists() {
-        bail!("no app config found at {}; run this in a directory with fly.toml, or pass -c PATH", path.display());
+        bail!(
+            "no app config found at {}; run this in a directory with fly.toml, or pass -c PATH",
+            path.display()
+        );
     }
     let loaded = aloft_config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    for warning in loaded.warnings.iter().filter(|d| d.severity == Severity::Warning) {
+    for warning in loaded
+        .warnings
+        .iter()
+        .filter(|d| d.severity == Severity::Warning)
+    {
         eprintln!("WARN {warning}");
     }
-    let errors: Vec<String> = loaded.config.validate().into_iter().filter(|d| d.severity == Severity::Error).map(|d| d.to_string()).collect();
+    let errors: Vec<String> = loaded
+        .config
+        .validate()
+        .into_iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(|d| d.to_string())
+        .collect();
     if !errors.is_empty() {
         for error in &errors[1..] {
             eprintln!("{error}");
@@ -75,18 +92,35 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
         bail!("{} is not valid: {}", path.display(), errors[0]);
     }
     let config = loaded.config;
-    let app_name = args.app.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| config.app.clone());
+    let app_name = args
+        .app
+        .clone()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| config.app.clone());
     if app_name.is_empty() {
-        bail!("no app name: set `app` in {} or pass -a APP", path.display());
+        bail!(
+            "no app name: set `app` in {} or pass -a APP",
+            path.display()
+        );
     }
 
     let api_url = api.api_url()?;
     let token = api.token()?;
     let client = api.client()?;
-    let _app: App = client.get(&format!("/v1/apps/{}", aloft_client::encode_component(&app_name))).await.map_err(|e| explain(e, &api_url, &app_name))?;
+    let _app: App = client
+        .get(&format!(
+            "/v1/apps/{}",
+            aloft_client::encode_component(&app_name)
+        ))
+        .await
+        .map_err(|e| explain(e, &api_url, &app_name))?;
 
     let config_dir = path.parent().map(Path::to_path_buf).unwrap_or(cwd);
-    let image = match args.image.clone().or_else(|| config.build.as_ref().and_then(|b| b.image.clone())) {
+    let image = match args
+        .image
+        .clone()
+        .or_else(|| config.build.as_ref().and_then(|b| b.image.clone()))
+    {
         Some(image) => {
             println!("Deploying image {image}");
             image
@@ -100,15 +134,22 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
         image,
         strategy: args.strategy.clone(),
     };
-    let path = format!("/v1/apps/{}/deploys", aloft_client::encode_component(&app_name));
-    let mut lines = client.lines(http::Method::POST, &path, Some(&request), &[]).await.map_err(|e| explain(e, &api_url, &app_name))?;
+    let path = format!(
+        "/v1/apps/{}/deploys",
+        aloft_client::encode_component(&app_name)
+    );
+    let mut lines = client
+        .lines(http::Method::POST, &path, Some(&request), &[])
+        .await
+        .map_err(|e| explain(e, &api_url, &app_name))?;
     let mut warned = std::collections::HashSet::new();
     while let Some(line) = lines.next().await {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        let event: DeployEvent = serde_json::from_str(&line).with_context(|| format!("unexpected deploy output: {line}"))?;
+        let event: DeployEvent = serde_json::from_str(&line)
+            .with_context(|| format!("unexpected deploy output: {line}"))?;
         match event {
             DeployEvent::Progress { message } => println!("  {message}"),
             DeployEvent::Warning { message } => {
@@ -116,7 +157,10 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
                     eprintln!("WARN {message}");
                 }
             }
-            DeployEvent::Done { release_version, url } => {
+            DeployEvent::Done {
+                release_version,
+                url,
+            } => {
                 println!("Release v{release_version} of {app_name} deployed");
                 if let Some(url) = url {
                     println!();
@@ -127,7 +171,9 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
             DeployEvent::Error { message } => bail!("deploy failed: {message}"),
         }
     }
-    bail!("the server stopped answering before the deploy finished; check `aloft status -a {app_name}`")
+    bail!(
+        "the server stopped answering before the deploy finished; check `aloft status -a {app_name}`"
+    )
 }
 
 async fn build_and_push(
@@ -144,14 +190,22 @@ async fn build_and_push(
         None => config_dir.join(build_section.dockerfile.as_deref().unwrap_or("Dockerfile")),
     };
     if !dockerfile.is_file() {
-        bail!("no Dockerfile at {}; add one, set [build] dockerfile or image in fly.toml, or pass --image", dockerfile.display());
+        bail!(
+            "no Dockerfile at {}; add one, set [build] dockerfile or image in fly.toml, or pass --image",
+            dockerfile.display()
+        );
     }
-    let registry = api_url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/');
+    let registry = api_url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
     let tag = format!("deployment-{}", ulid::Ulid::new());
     let reference = format!("{registry}/{app}:{tag}");
     let mut build_args: Vec<(String, String)> = build_section.args.clone().into_iter().collect();
     for pair in &args.build_args {
-        let (name, value) = pair.split_once('=').with_context(|| format!("--build-arg {pair:?} must be NAME=VALUE"))?;
+        let (name, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--build-arg {pair:?} must be NAME=VALUE"))?;
         build_args.push((name.to_string(), value.to_string()));
     }
     let build = DockerfileBuild {
@@ -159,15 +213,28 @@ async fn build_and_push(
         dockerfile: dockerfile.clone(),
         tag: reference.clone(),
         build_args,
-        target: args.build_target.clone().or(build_section.build_target.clone()),
-        ignorefile: build_section.ignorefile.as_ref().map(|f| config_dir.join(f)),
+        target: args
+            .build_target
+            .clone()
+            .or(build_section.build_target.clone()),
+        ignorefile: build_section
+            .ignorefile
+            .as_ref()
+            .map(|f| config_dir.join(f)),
         no_cache: args.no_cache,
     };
     let buildah = Buildah::new(&cache_dir()?.join("buildah"));
-    println!("==> Building image with buildah from {}", dockerfile.display());
+    println!(
+        "==> Building image with buildah from {}",
+        dockerfile.display()
+    );
     match buildah.build(&build, |line| println!("{line}")).await {
         Ok(()) => {}
-        Err(BuildError::Failed { step, reason, output }) => {
+        Err(BuildError::Failed {
+            step,
+            reason,
+            output,
+        }) => {
             eprintln!("--> Output of the failing step ({step}):");
             for line in output {
                 eprintln!("    {line}");
@@ -178,6 +245,13 @@ async fn build_and_push(
     }
     println!("==> Pushing image to {reference}");
     let digest = buildah.push(&reference, &reference, token).await?;
-    println!("--> Pushed {reference}{}", if digest.is_empty() { String::new() } else { format!(" ({digest})") });
+    println!(
+        "--> Pushed {reference}{}",
+        if digest.is_empty() {
+            String::new()
+        } else {
+            format!(" ({digest})")
+        }
+    );
     Ok(reference)
 }

@@ -56,7 +56,10 @@ fn default_data_dir() -> PathBuf {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -76,11 +79,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         proxy_http_port: args.proxy_listen.port(),
     })?;
     let api_url = format!("http://{}", args.api_listen);
-    let settings_path = Settings { api_url: Some(api_url.clone()), access_token: Some(credentials.admin_token.clone()) }
-        .save()
-        .context("saving the CLI settings")?;
+    let settings_path = Settings {
+        api_url: Some(api_url.clone()),
+        access_token: Some(credentials.admin_token.clone()),
+    }
+    .save()
+    .context("saving the CLI settings")?;
 
-    let api_listener = tokio::net::TcpListener::bind(args.api_listen).await.with_context(|| format!("binding the API to {}", args.api_listen))?;
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("binding the API to {}", args.api_listen))?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = tokio::spawn(plane.clone().serve(api_listener, async {
         let _ = api_stopped.await;
@@ -94,7 +102,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         token: credentials.host_token.clone(),
         runtime: args.runtime.clone(),
     })?;
-    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen).await.with_context(|| format!("binding the agent API to {}", args.agent_listen))?;
+    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
+        .await
+        .with_context(|| format!("binding the agent API to {}", args.agent_listen))?;
     let agent_api = agent.clone();
     tokio::spawn(async move {
         if let Err(err) = agent_api.serve(agent_listener).await {
@@ -120,11 +130,23 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let _ = proxy_stopped.await;
     }));
 
-    println!("Aloft is running (region {}, data in {})", args.region, data_dir.display());
+    println!(
+        "Aloft is running (region {}, data in {})",
+        args.region,
+        data_dir.display()
+    );
     println!("  API and registry  {api_url}");
-    println!("  Proxy             http://{}  (apps at http://<app>.{}:{}/)", args.proxy_listen, args.base_domain, args.proxy_listen.port());
+    println!(
+        "  Proxy             http://{}  (apps at http://<app>.{}:{}/)",
+        args.proxy_listen,
+        args.base_domain,
+        args.proxy_listen.port()
+    );
     println!("  Organization      {}", credentials.org_slug);
-    println!("  Access token      saved to {} (`aloft auth token` prints it)", settings_path.display());
+    println!(
+        "  Access token      saved to {} (`aloft auth token` prints it)",
+        settings_path.display()
+    );
 
     shutdown_signal().await;
     println!("Shutting down...");

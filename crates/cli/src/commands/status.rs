@@ -14,18 +14,31 @@ fn process_group(machine: &Machine) -> String {
 }
 
 fn release_version(machine: &Machine) -> String {
-    machine.config.metadata.get(aloft_api::METADATA_RELEASE_VERSION).cloned().unwrap_or_default()
+    machine
+        .config
+        .metadata
+        .get(aloft_api::METADATA_RELEASE_VERSION)
+        .cloned()
+        .unwrap_or_default()
 }
 
 pub async fn status(api: &ApiArgs, app_name: &str, json: bool) -> anyhow::Result<()> {
     let client = api.client()?;
     let app: App = client.get(&app_path(app_name)).await?;
-    let machines: Vec<Machine> = client.get(&format!("{}/machines", app_path(app_name))).await?;
+    let machines: Vec<Machine> = client
+        .get(&format!("{}/machines", app_path(app_name)))
+        .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "app": app, "machines": machines }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "app": app, "machines": machines }))?
+        );
         return Ok(());
     }
-    let image = machines.first().map(|m| m.config.image.clone()).unwrap_or_default();
+    let image = machines
+        .first()
+        .map(|m| m.config.image.clone())
+        .unwrap_or_default();
     println!("App");
     println!("  Name     = {}", app.name);
     println!("  Owner    = {}", app.organization.slug);
@@ -53,13 +66,35 @@ pub async fn status(api: &ApiArgs, app_name: &str, json: bool) -> anyhow::Result
         })
         .collect();
     println!("Machines");
-    println!("{}", table(&["PROCESS", "ID", "VERSION", "REGION", "STATE", "ROLE", "CHECKS", "LAST UPDATED"], rows));
+    println!(
+        "{}",
+        table(
+            &[
+                "PROCESS",
+                "ID",
+                "VERSION",
+                "REGION",
+                "STATE",
+                "ROLE",
+                "CHECKS",
+                "LAST UPDATED"
+            ],
+            rows
+        )
+    );
     Ok(())
 }
 
-pub async fn machine_list(api: &ApiArgs, app_name: &str, json: bool, quiet: bool) -> anyhow::Result<()> {
+pub async fn machine_list(
+    api: &ApiArgs,
+    app_name: &str,
+    json: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let client = api.client()?;
-    let machines: Vec<Machine> = client.get(&format!("{}/machines", app_path(app_name))).await?;
+    let machines: Vec<Machine> = client
+        .get(&format!("{}/machines", app_path(app_name)))
+        .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&machines)?);
         return Ok(());
@@ -74,7 +109,10 @@ pub async fn machine_list(api: &ApiArgs, app_name: &str, json: bool, quiet: bool
         println!("No machines are available on this app {app_name}");
         return Ok(());
     }
-    println!("{} machines have been retrieved from app {app_name}.", machines.len());
+    println!(
+        "{} machines have been retrieved from app {app_name}.",
+        machines.len()
+    );
     println!();
     let rows = machines
         .iter()
@@ -83,7 +121,18 @@ pub async fn machine_list(api: &ApiArgs, app_name: &str, json: bool, quiet: bool
                 .config
                 .guest
                 .as_ref()
-                .map(|g| format!("{}-cpu-{}x:{}MB", if g.cpu_kind.is_empty() { "shared" } else { &g.cpu_kind }, g.cpus.max(1), g.memory_mb))
+                .map(|g| {
+                    format!(
+                        "{}-cpu-{}x:{}MB",
+                        if g.cpu_kind.is_empty() {
+                            "shared"
+                        } else {
+                            &g.cpu_kind
+                        },
+                        g.cpus.max(1),
+                        g.memory_mb
+                    )
+                })
                 .unwrap_or_default();
             let image = format!("{}:{}", m.image_ref.repository, m.image_ref.tag);
             vec![
@@ -106,7 +155,21 @@ pub async fn machine_list(api: &ApiArgs, app_name: &str, json: bool, quiet: bool
     println!(
         "{}",
         table(
-            &["ID", "NAME", "STATE", "CHECKS", "REGION", "ROLE", "IMAGE", "IP ADDRESS", "VOLUME", "CREATED", "LAST UPDATED", "PROCESS GROUP", "SIZE"],
+            &[
+                "ID",
+                "NAME",
+                "STATE",
+                "CHECKS",
+                "REGION",
+                "ROLE",
+                "IMAGE",
+                "IP ADDRESS",
+                "VOLUME",
+                "CREATED",
+                "LAST UPDATED",
+                "PROCESS GROUP",
+                "SIZE"
+            ],
             rows
         )
     );

@@ -18,7 +18,12 @@ pub fn hello_binary() -> PathBuf {
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {program}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Why this machine can't run platform tests, if it can't.
@@ -28,7 +33,9 @@ pub fn missing_prerequisite() -> Option<String> {
     }
     for program in ["ip", "nsenter", "runc", "buildah", "curl"] {
         if !have(program) {
-            return Some(format!("needs `{program}` (scripts/setup.sh --test installs it)"));
+            return Some(format!(
+                "needs `{program}` (scripts/setup.sh --test installs it)"
+            ));
         }
     }
     None
@@ -72,21 +79,42 @@ impl Run {
 
 impl std::fmt::Display for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.status, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
     }
 }
 
 impl Platform {
     /// Starts `aloft server` in a fresh network namespace and waits until its API answers.
     pub fn start() -> Self {
-        assert!(hello_binary().exists(), "{} is missing: run `cargo build --workspace` first", hello_binary().display());
-        let netns = format!("aloft-t{}", std::process::id() % 100_000 * 100 + rand_suffix());
-        let status = Command::new("ip").args(["netns", "add", &netns]).status().expect("ip netns add");
+        assert!(
+            hello_binary().exists(),
+            "{} is missing: run `cargo build --workspace` first",
+            hello_binary().display()
+        );
+        let netns = format!(
+            "aloft-t{}",
+            std::process::id() % 100_000 * 100 + rand_suffix()
+        );
+        let status = Command::new("ip")
+            .args(["netns", "add", &netns])
+            .status()
+            .expect("ip netns add");
         assert!(status.success(), "creating network namespace {netns}");
-        Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]).status().expect("ip link set lo up");
+        Command::new("ip")
+            .args(["-n", &netns, "link", "set", "lo", "up"])
+            .status()
+            .expect("ip link set lo up");
         let root = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(root.path().join("home")).expect("home dir");
-        let mut platform = Self { netns, root, server: None };
+        let mut platform = Self {
+            netns,
+            root,
+            server: None,
+        };
         platform.spawn_server();
         platform
     }
@@ -101,15 +129,26 @@ impl Platform {
 
     fn in_netns(&self, program: &Path) -> Command {
         let mut command = Command::new("nsenter");
-        command.arg(format!("--net=/run/netns/{}", self.netns)).arg(program);
-        command.env("HOME", self.home()).env_remove("ALOFT_API_URL").env_remove("FLY_ACCESS_TOKEN").env_remove("FLY_API_TOKEN");
+        command
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(program);
+        command
+            .env("HOME", self.home())
+            .env_remove("ALOFT_API_URL")
+            .env_remove("FLY_ACCESS_TOKEN")
+            .env_remove("FLY_API_TOKEN");
         command
     }
 
     fn spawn_server(&mut self) {
         let log = std::fs::File::create(self.root.path().join("server.log")).expect("server log");
         let mut command = self.in_netns(&aloft_binary());
-        command.arg("server").arg("--data-dir").arg(self.data_dir()).stdout(log.try_clone().expect("log")).stderr(log);
+        command
+            .arg("server")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
         self.server = Some(command.spawn().expect("starting aloft server"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -160,7 +199,10 @@ impl Platform {
 
     pub fn stop(&mut self) {
         if let Some(mut server) = self.server.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(server.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = server.try_wait() {
@@ -175,12 +217,19 @@ impl Platform {
 }
 
 fn rand_suffix() -> u32 {
-    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) / 1000) % 100
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        / 1000)
+        % 100
 }
 
 impl Drop for Platform {
     fn drop(&mut self) {
         self.stop();
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
     }
 }
