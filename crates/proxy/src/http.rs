@@ -266,7 +266,7 @@ impl Proxy {
         port: u16,
         deadline: Instant,
     ) -> Result<Route, Outcome> {
-        let mut changes = self.catalog.subscribe();
+        let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
         loop {
             {
                 let snapshot = self.catalog.load();
@@ -289,6 +289,11 @@ impl Proxy {
                     ));
                 }
             }
+            // Subscribed only when waiting: the common path never touches the channel.
+            let Some(changes) = changes.as_mut() else {
+                changes = Some(self.catalog.subscribe());
+                continue;
+            };
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() {
                     return Err(Outcome::Error(StatusCode::SERVICE_UNAVAILABLE, "no machine is available for this app"));
@@ -308,7 +313,7 @@ impl Proxy {
         constraints: &Constraints,
         deadline: Instant,
     ) -> Result<Chosen, (StatusCode, &'static str)> {
-        let mut changes = self.catalog.subscribe();
+        let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
         loop {
             let pick = {
                 let snapshot = self.catalog.load();
@@ -349,6 +354,10 @@ impl Proxy {
             };
             // Wait for a catalog change (a machine started) or, when queued at the hard
             // limit, for a slot to free up; 503 at the deadline.
+            let Some(changes) = changes.as_mut() else {
+                changes = Some(self.catalog.subscribe());
+                continue;
+            };
             let released = &self.released;
             let notified = released.notify.notified();
             tokio::pin!(notified);

@@ -197,7 +197,20 @@ async fn accept_loop(
                 tokio::spawn(async move {
                     let _track = proxy.tracker.enter();
                     proxy.metrics.tcp_connects.inc();
-                    handle_connection(proxy.clone(), stream, peer, &role, stop).await;
+                    // An idle connection holds only this small future: the handler's
+                    // (much larger) state is allocated once the client sends something.
+                    let mut stop_wait = stop.clone();
+                    // (Dedicated IPs may carry server-speaks-first protocols: no wait.)
+                    let client_first = !matches!(*role, Role::Dedicated { .. } | Role::Metrics);
+                    let ready = !client_first
+                        || tokio::select! {
+                            ready = stream.readable() => ready.is_ok(),
+                            _ = stopped(&mut stop_wait) => false,
+                            _ = tokio::time::sleep(proxy.config.header_read_timeout) => false,
+                        };
+                    if ready {
+                        Box::pin(handle_connection(proxy.clone(), stream, peer, &role, stop)).await;
+                    }
                     proxy.metrics.tcp_disconnects.inc();
                 });
             }

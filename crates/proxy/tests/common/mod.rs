@@ -210,6 +210,7 @@ pub fn config() -> ProxyConfig {
         token: "proxy-token".into(),
         machine_wait: Duration::from_millis(500),
         service_listeners: false,
+        drain_timeout: Duration::from_secs(5),
         ..ProxyConfig::default()
     }
 }

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Benchmark of Aloft's edge proxy against nginx as a reverse proxy, side by side on this
+# machine, with the same backend (an nginx answering 'hello').
+#
+#   bench/proxy/run.sh            # full run (10 s per measurement)
+#   DURATION=5 bench/proxy/run.sh # shorter
+#
+# Prints req/s and p99 of wrk (HTTP/1.1 keep-alive, 64 connections), h2load (HTTP/2,
+# prior knowledge), new TLS handshakes per second (openssl s_time -new, 2 clients), the
+# proxy's RSS with 10,000 idle client connections, and the Aloft/nginx ratios.
+# Needs: nginx wrk nghttp2-client openssl python3 (apt-get install -y nginx wrk nghttp2-client).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+DURATION="${DURATION:-10}"
+WORK="$(mktemp -d /tmp/aloft-bench.XXXXXX)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-proxy}"
+BACKEND=127.0.0.1:18081
+NGINX_HTTP=127.0.0.1:18080
+NGINX_H2=127.0.0.1:18082
+NGINX_TLS=127.0.0.1:18444
+ALOFT_HTTP=127.0.0.1:18090
+ALOFT_TLS_IP=127.0.0.3
+ALOFT_TLS_PORT=18443
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
+  [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for tool in nginx wrk h2load openssl python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y nginx wrk nghttp2-client)"; exit 1; }
+done
+
+echo "== building the proxy (release)"
+(cd "$ROOT" && cargo build --release -q -p aloft-proxy --example bench-proxy)
+PROXY_BIN="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/examples/bench-proxy"
+[ -x "$PROXY_BIN" ] || PROXY_BIN="$CARGO_TARGET_DIR/release/examples/bench-proxy"
+
+# One ECDSA P-256 certificate for nginx (Aloft serves its own P-256 certificate).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=bench.test -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+
+mkdir -p "$WORK/tmp"
+common() {
+  cat <<EOF
+worker_processes 1;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy;
+  fastcgi_temp_path $WORK/tmp/fcgi; uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;
+  keepalive_requests 1000000;
+EOF
+}
+{ common backend; cat <<EOF
+  server { listen $BACKEND; location / { return 200 'hello'; } }
+}
+EOF
+} > "$WORK/backend.conf"
+{ common proxy; cat <<EOF
+  upstream be { server $BACKEND; keepalive 128; }
+  server {
+    listen $NGINX_HTTP;
+    listen $NGINX_H2 http2;
+    listen $NGINX_TLS ssl;
+    ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache off; ssl_session_tickets off;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+} > "$WORK/proxy.conf"
+
+nginx -c "$WORK/backend.conf"
+nginx -c "$WORK/proxy.conf"
+ulimit -n 20000 || true
+BENCH_WORKERS=1 "$PROXY_BIN" "$ALOFT_HTTP" "$BACKEND" "$ALOFT_TLS_IP" "$ALOFT_TLS_PORT" > "$WORK/aloft.log" 2>&1 &
+ALOFT_PID=$!
+PIDS+=("$ALOFT_PID")
+for _ in $(seq 1 100); do
+  curl -s -o /dev/null "http://$ALOFT_HTTP/" && curl -s -o /dev/null "http://$NGINX_HTTP/" && break
+  sleep 0.1
+done
+curl -sf "http://$ALOFT_HTTP/" >/dev/null || { echo "aloft proxy not answering"; cat "$WORK/aloft.log"; exit 1; }
+
+# wrk output → "rps p99_ms"
+wrk_run() {
+  local out rps p99
+  out="$(wrk -t2 -c64 -d"${DURATION}s" --latency "$1")"
+  rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
+  p99="$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}' <<<"$out")"
+  echo "$rps $p99"
+}
+h2_run() {
+  local out
+  out="$(h2load -c64 -m10 -t2 -D"$DURATION" "$1" 2>/dev/null)"
+  awk '/^finished in/ {gsub(",","",$4); print $4}' <<<"$out"
+}
+tls_run() {
+  # Two s_time clients in parallel, new sessions only; sum of connections per second.
+  local a b
+  a="$(openssl s_time -connect "$1" -new -time "$DURATION" 2>/dev/null | awk '/connections in .* real seconds/ {print $1/$4}' | tail -1)" &
+  local pa=$!
+  b="$(openssl s_time -connect "$1" -new -time "$DURATION" 2>/dev/null | awk '/connections in .* real seconds/ {print $1/$4}' | tail -1)"
+  wait $pa || true
+  echo "$b"
+}
+tls_pair() {
+  local f1="$WORK/tls1" f2="$WORK/tls2"
+  (openssl s_time -connect "$1" -new -time "$DURATION" 2>/dev/null | awk '/connections in .* real seconds/ {print $1/$4}' | tail -1 > "$f1") &
+  local pa=$!
+  (openssl s_time -connect "$1" -new -time "$DURATION" 2>/dev/null | awk '/connections in .* real seconds/ {print $1/$4}' | tail -1 > "$f2") &
+  local pb=$!
+  wait $pa $pb || true
+  awk '{s+=$1} END {printf "%.0f\n", s}' "$f1" "$f2"
+}
+
+echo "== HTTP/1.1 keep-alive, wrk -t2 -c64 -d${DURATION}s"
+read -r N_RPS N_P99 < <(wrk_run "http://$NGINX_HTTP/")
+read -r A_RPS A_P99 < <(wrk_run "http://$ALOFT_HTTP/")
+printf "nginx  %10.0f req/s  p99 %6.2f ms\naloft  %10.0f req/s  p99 %6.2f ms\n" "$N_RPS" "$N_P99" "$A_RPS" "$A_P99"
+
+echo "== HTTP/2 (h2c prior knowledge), h2load -c64 -m10 -D${DURATION}"
+N_H2="$(h2_run "http://$NGINX_H2/")"
+A_H2="$(h2_run "http://$ALOFT_HTTP/")"
+printf "nginx  %10.0f req/s\naloft  %10.0f req/s\n" "$N_H2" "$A_H2"
+
+echo "== new TLS handshakes per second (openssl s_time -new, 2 clients)"
+N_TLS="$(tls_pair "$NGINX_TLS")"
+A_TLS="$(tls_pair "$ALOFT_TLS_IP:$ALOFT_TLS_PORT")"
+printf "nginx  %10.0f handshakes/s\naloft  %10.0f handshakes/s\n" "$N_TLS" "$A_TLS"
+
+echo "== RSS of the Aloft proxy with 10,000 idle client connections"
+RSS_BEFORE="$(awk '/VmRSS/ {print $2}' /proc/$ALOFT_PID/status)"
+python3 - "$ALOFT_HTTP" "$ALOFT_PID" "$WORK/rss" <<'PY'
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+pid, out = sys.argv[2], sys.argv[3]
+socks = []
+for i in range(10000):
+    s = socket.socket()
+    s.connect((host, int(port)))
+    socks.append(s)
+time.sleep(1.0)
+rss = [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1]
+open(out, "w").write(rss)
+for s in socks:
+    s.close()
+PY
+RSS_IDLE="$(cat "$WORK/rss")"
+printf "aloft  RSS %d KiB before, %d KiB (%.1f MiB) with 10,000 idle connections\n" "$RSS_BEFORE" "$RSS_IDLE" "$(echo "$RSS_IDLE/1024" | bc -l)"
+
+echo "== ratios (Aloft / nginx)"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+echo "req/s        $(ratio "$A_RPS" "$N_RPS")x   (target >= 1.0)"
+echo "p99          $(ratio "$A_P99" "$N_P99")x   (target <= 1.0)"
+echo "h2 req/s     $(ratio "$A_H2" "$N_H2")x"
+echo "handshakes/s $(ratio "$A_TLS" "$N_TLS")x   (target >= 1.0)"
+echo "RSS@10k idle $(awk -v r="$RSS_IDLE" 'BEGIN { printf "%.1f MiB", r/1024 }')   (target < 64 MiB)"
