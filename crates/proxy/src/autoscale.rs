@@ -109,7 +109,7 @@ impl Proxy {
         for app in apps {
             let primary = self.catalog.primary_region(&app.name);
             // Group started machines by (service internal port, region) for services with autostop.
-            let mut groups: HashMap<(u16, String), Vec<Member>> = HashMap::new();
+            let mut groups: HashMap<(String, String), Vec<Member>> = HashMap::new();
             for machine in &app.machines {
                 if machine.state != MachineState::Started || machine.region != self.config.region {
                     continue;
@@ -131,7 +131,7 @@ impl Proxy {
                     let limits = Limits::of(service.concurrency.as_ref());
                     let min = service.min_machines_running.unwrap_or(0);
                     groups
-                        .entry((service.internal_port, machine.region.clone()))
+                        .entry((service_key(service), machine.region.clone()))
                         .or_default()
                         .push((machine.clone(), load, limits, mode, min));
                 }
@@ -174,6 +174,17 @@ impl Proxy {
         }
         plan
     }
+}
+
+/// What makes services of different machines "the same service": protocol and public ports.
+fn service_key(service: &aloft_api::MachineService) -> String {
+    let mut ports: Vec<String> = service
+        .ports
+        .iter()
+        .map(|p| format!("{:?}-{:?}-{:?}", p.port, p.start_port, p.end_port))
+        .collect();
+    ports.sort();
+    format!("{}/{}", service.protocol, ports.join(","))
 }
 
 /// A started machine in an autostop group: (machine, load, limits, mode, min running).
