@@ -16,7 +16,6 @@ use aloft_api::MachinePort;
 use http::{Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -202,9 +201,10 @@ async fn accept_loop(
                     let mut stop_wait = stop.clone();
                     // (Dedicated IPs may carry server-speaks-first protocols: no wait.)
                     let client_first = !matches!(*role, Role::Dedicated { .. } | Role::Metrics);
+                    let mut first = [0u8; 1];
                     let ready = !client_first
                         || tokio::select! {
-                            ready = stream.readable() => ready.is_ok(),
+                            peeked = stream.peek(&mut first) => matches!(peeked, Ok(n) if n > 0),
                             _ = stopped(&mut stop_wait) => false,
                             _ = tokio::time::sleep(proxy.config.header_read_timeout) => false,
                         };
@@ -236,8 +236,11 @@ async fn handle_connection(
     match role {
         Role::Metrics => serve_metrics(proxy, stream).await,
         Role::Http { public_port } => {
+            let Some(h2) = detect_h2(&stream, proxy.config.header_read_timeout).await else {
+                return;
+            };
             let info = Arc::new(ConnInfo::new(peer, local, *public_port, false, None));
-            serve_http(proxy, stream, info, stop).await;
+            serve_http(proxy, stream, info, stop, h2).await;
         }
         Role::Https { public_port } => {
             pipeline(proxy, stream, peer, local, *public_port, None, true, stop).await;
@@ -272,39 +275,83 @@ pub(crate) async fn serve_http<I>(
     io: I,
     info: Arc<ConnInfo>,
     mut stop: watch::Receiver<bool>,
+    h2: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(proxy.config.header_read_timeout)
-        .max_buf_size(proxy.config.max_header_bytes.max(8192))
-        .max_headers(proxy.config.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(proxy.config.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(64)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
     let handler = proxy.clone();
     let service = service_fn(move |req| handler.clone().handle_http(info.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "client connection ended with an error");
+    let drain = proxy.config.drain_timeout;
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(proxy.config.max_header_bytes as u32)
+            .max_pending_accept_reset_streams(64)
+            .max_local_error_reset_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "client h2 connection ended with an error");
+                }
+            }
+            _ = stopped(&mut stop) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(drain, conn.as_mut()).await;
             }
         }
-        _ = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(proxy.config.drain_timeout, conn.as_mut()).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(proxy.config.header_read_timeout)
+            .max_buf_size(proxy.config.max_header_bytes.max(8192))
+            .max_headers(proxy.config.max_headers)
+            .keep_alive(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+            }
+            _ = stopped(&mut stop) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(drain, conn.as_mut()).await;
+            }
         }
+    }
+}
+
+/// The HTTP/2 connection preface (prior knowledge, h2c).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain connection speaks HTTP/2 with prior knowledge: peeks until the first
+/// bytes differ from the preface (HTTP/1) or match all of it (h2). `None` on timeout/close.
+pub(crate) async fn detect_h2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => n,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // A prefix of the preface so far: wait for more bytes.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -381,16 +428,22 @@ async fn pipeline(
     if !wants_tls {
         match known_port {
             Some(port) if has_handler(&port, "http") => {
+                let Some(h2) = detect_h2(&stream, proxy.config.header_read_timeout).await else {
+                    return;
+                };
                 let info = Arc::new(ConnInfo::new(peer, local, public_port, false, fixed_app));
-                serve_http(proxy, stream, info, stop).await;
+                serve_http(proxy, stream, info, stop, h2).await;
             }
             Some(port) => {
                 let app = fixed_app.unwrap_or_default();
                 passthrough(proxy, stream, peer, local, &app, public_port, &port).await;
             }
             None => {
+                let Some(h2) = detect_h2(&stream, proxy.config.header_read_timeout).await else {
+                    return;
+                };
                 let info = Arc::new(ConnInfo::new(peer, local, public_port, false, None));
-                serve_http(proxy, stream, info, stop).await;
+                serve_http(proxy, stream, info, stop, h2).await;
             }
         }
         return;
@@ -408,8 +461,9 @@ async fn pipeline(
         return;
     };
     if has_handler(&port, "http") {
+        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
         let info = Arc::new(ConnInfo::new(peer, local, public_port, true, Some(app)));
-        serve_http(proxy, tls_stream, info, stop).await;
+        serve_http(proxy, tls_stream, info, stop, h2).await;
     } else {
         passthrough(proxy, tls_stream, peer, local, &app, public_port, &port).await;
     }
