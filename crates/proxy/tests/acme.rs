@@ -1,0 +1,331 @@
+//! Certificates from an ACME CA: Pebble (Debian package) as the CA, pebble-challtestsrv as
+//! its DNS (every name → 127.0.0.1), the proxy answering TLS-ALPN-01 or HTTP-01, then a
+//! real TLS client (rustls, openssl s_client) checking the chain against Pebble's root.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aloft_api::MachineState;
+use aloft_api::internal::CatalogUpdate;
+use aloft_proxy::AcmeConfig;
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Child(tokio::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn free_udp_port() -> u16 {
+    tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Pebble {
+    _pebble: Child,
+    _dns: Child,
+    directory: String,
+    management: SocketAddr,
+    https_ca: std::path::PathBuf,
+}
+
+/// Starts pebble-challtestsrv (DNS only) and Pebble validating on `http_port`/`tls_port`.
+async fn pebble(dir: &Path, http_port: u16, tls_port: u16) -> Pebble {
+    // Pebble's own HTTPS certificate, from a throwaway CA.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+    let https_ca = dir.join("pebble-https-ca.pem");
+    std::fs::write(&https_ca, ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("pebble-cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("pebble-key.pem"), leaf_key.serialize_pem()).unwrap();
+
+    let (listen, mgmt, dns, dns_mgmt) = (
+        free_port().await,
+        free_port().await,
+        free_udp_port().await,
+        free_port().await,
+    );
+    let config = serde_json::json!({"pebble": {
+        "listenAddress": format!("127.0.0.1:{listen}"),
+        "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+        "certificate": dir.join("pebble-cert.pem"),
+        "privateKey": dir.join("pebble-key.pem"),
+        "httpPort": http_port,
+        "tlsPort": tls_port,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": false
+    }});
+    std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+    let dns_child = tokio::process::Command::new("pebble-challtestsrv")
+        .args([
+            "-dns01",
+            &format!("127.0.0.1:{dns}"),
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+        ])
+        .args([
+            "-management",
+            &format!("127.0.0.1:{dns_mgmt}"),
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("pebble-challtestsrv (apt-get install pebble)");
+    let pebble_child = tokio::process::Command::new("pebble")
+        .args([
+            "-config",
+            dir.join("pebble.json").to_str().unwrap(),
+            "-dnsserver",
+            &format!("127.0.0.1:{dns}"),
+        ])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .env("PEBBLE_AUTHZREUSE", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("pebble (apt-get install pebble)");
+    for port in [listen, mgmt] {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        eventually("pebble listening", || async move {
+            TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+    }
+    Pebble {
+        _pebble: Child(pebble_child),
+        _dns: Child(dns_child),
+        directory: format!("https://127.0.0.1:{listen}/dir"),
+        management: format!("127.0.0.1:{mgmt}").parse().unwrap(),
+        https_ca,
+    }
+}
+
+impl Pebble {
+    /// The root that signs the certificates Pebble issues.
+    async fn issuing_root(&self, dir: &Path) -> std::path::PathBuf {
+        let out = tokio::process::Command::new("curl")
+            // (The management API presents its own self-signed certificate.)
+            .args(["-sSk", &format!("https://{}/roots/0", self.management)])
+            .output()
+            .await
+            .unwrap();
+        let path = dir.join("pebble-root.pem");
+        std::fs::write(&path, &out.stdout).unwrap();
+        path
+    }
+}
+
+/// A control plane that stores certificates the proxy obtained (and has none to give).
+async fn cert_store() -> (SocketAddr, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stored = Arc::new(Mutex::new(Vec::new()));
+    let s = stored.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let s = s.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let status = if req.method() == http::Method::PUT
+                            && path.starts_with("/v1/proxy/certificates/")
+                        {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            s.lock()
+                                .unwrap()
+                                .push((path, serde_json::from_slice(&body).unwrap()));
+                            200
+                        } else {
+                            404
+                        };
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from("{}")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, stored)
+}
+
+async fn verify_with(root: &Path, addr: SocketAddr, host: &str) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(root).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    connector
+        .connect(ServerName::try_from(host.to_string()).unwrap(), tcp)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn run(prefer_http01: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(echo("b1")).await;
+    let (http_port, tls_port) = (free_port().await, free_port().await);
+    let pebble = pebble(dir.path(), http_port, tls_port).await;
+    let (control, stored) = cert_store().await;
+    let mut cfg = config();
+    cfg.http_listen = format!("127.0.0.1:{http_port}").parse().unwrap();
+    cfg.https_listen = Some(format!("127.0.0.1:{tls_port}").parse().unwrap());
+    cfg.self_signed_fallback = false;
+    cfg.control_url = format!("http://{control}");
+    cfg.acme = Some(AcmeConfig {
+        directory_url: pebble.directory.clone(),
+        contact: vec!["mailto:ops@aloft.test".into()],
+        ca_root_pem: Some(pebble.https_ca.clone()),
+        prefer_http01,
+        retry_after: Duration::from_millis(200),
+        ..AcmeConfig::default()
+    });
+    let proxy = start(cfg).await;
+    let https = proxy.https.unwrap();
+    let mut web = app("web");
+    web.hostnames = vec!["web.aloft.test".into(), "www.example.com".into()];
+    proxy.proxy.catalog().apply(snapshot(
+        1,
+        vec![web],
+        vec![machine("m1", "web", "ams", be.addr, MachineState::Started)],
+    ));
+
+    let p = proxy.proxy.clone();
+    for host in ["web.aloft.test", "www.example.com"] {
+        let p = p.clone();
+        eventually(&format!("certificate for {host}"), || {
+            let p = p.clone();
+            async move { p.catalog().has_certificate(host) }
+        })
+        .await;
+    }
+    let root = pebble.issuing_root(dir.path()).await;
+    verify_with(&root, https, "web.aloft.test").await.unwrap();
+    verify_with(&root, https, "www.example.com").await.unwrap();
+    // SNI selects the certificate: openssl checks the chain and the name.
+    let out = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &https.to_string(),
+            "-servername",
+            "www.example.com",
+            "-verify_hostname",
+            "www.example.com",
+        ])
+        .args(["-CAfile", root.to_str().unwrap(), "-alpn", "h2,http/1.1"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+    // And the proxy stored what it obtained in the control plane.
+    let stored = stored.lock().unwrap().clone();
+    assert!(stored.iter().any(|(path, doc)| {
+        path == "/v1/proxy/certificates/web.aloft.test"
+            && doc["certificate"]
+                .as_str()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+            && doc["private_key"].as_str().unwrap().contains("PRIVATE KEY")
+    }));
+
+    // A removed hostname loses its certificate.
+    let mut web = app("web");
+    web.hostnames = vec!["web.aloft.test".into()];
+    proxy
+        .proxy
+        .catalog()
+        .apply(CatalogUpdate::App { seq: 2, app: web });
+    let p2 = proxy.proxy.clone();
+    eventually("certificate dropped", || {
+        let p2 = p2.clone();
+        async move { !p2.catalog().has_certificate("www.example.com") }
+    })
+    .await;
+    assert!(verify_with(&root, https, "www.example.com").await.is_err());
+    verify_with(&root, https, "web.aloft.test").await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn issues_certificates_with_tls_alpn_01() {
+    run(false).await;
+}
+
+#[tokio::test]
+async fn issues_certificates_with_http_01() {
+    run(true).await;
+}
