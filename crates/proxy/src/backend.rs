@@ -164,6 +164,13 @@ impl Backend {
         None
     }
 
+    /// Closes pooled connections idle for longer than the idle timeout.
+    pub fn expire_idle(&self) {
+        let mut idle = self.lock_idle();
+        let timeout = self.settings.idle_timeout;
+        idle.retain(|e| e.since.elapsed() < timeout && !e.sender.is_closed());
+    }
+
     fn push_idle(&self, sender: http1::SendRequest<ReqBody>) {
         if self.retired.load(Ordering::Acquire) || sender.is_closed() {
             return;

@@ -94,6 +94,24 @@ impl AppView {
         fallback
     }
 
+    /// Where `port_config` finds its answer: (machine, service, port) indices.
+    pub fn port_location(&self, port: u16) -> Option<(usize, usize, usize)> {
+        let mut fallback = None;
+        for (mi, machine) in self.machines.iter().enumerate() {
+            for (si, service) in machine.services.iter().enumerate() {
+                if let Some(pi) = service.ports.iter().position(|p| p.covers(port)) {
+                    if machine.state == MachineState::Started {
+                        return Some((mi, si, pi));
+                    }
+                    if fallback.is_none() {
+                        fallback = Some((mi, si, pi));
+                    }
+                }
+            }
+        }
+        fallback
+    }
+
     /// Every public port some service of the app exposes.
     pub fn exposed_ports(&self) -> HashSet<u16> {
         let mut ports = HashSet::new();

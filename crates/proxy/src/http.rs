@@ -110,12 +110,17 @@ pub fn normalize_host(raw: &str) -> String {
 /// Where a request goes and how its response is treated.
 struct Route {
     app: Arc<AppView>,
-    port: MachinePort,
+    /// (machine, service, port) indices of the port's config inside `app`.
+    at: (usize, usize, usize),
 }
 
 impl Route {
+    fn port(&self) -> &MachinePort {
+        let (m, s, p) = self.at;
+        &self.app.machines[m].services[s].ports[p]
+    }
     fn pristine(&self) -> bool {
-        self.port
+        self.port()
             .http_options
             .as_ref()
             .and_then(|o| o.response.as_ref())
@@ -123,7 +128,7 @@ impl Route {
             .unwrap_or(false)
     }
     fn h2_backend(&self) -> bool {
-        self.port
+        self.port()
             .http_options
             .as_ref()
             .and_then(|o| o.h2_backend)
@@ -164,7 +169,7 @@ impl Proxy {
                 .insert(h::FLY_REQUEST_ID.clone(), request_id);
         }
         if let Some(route) = &route {
-            apply_response_headers(resp.headers_mut(), &route.port);
+            apply_response_headers(resp.headers_mut(), route.port());
         }
         let done = RequestDone {
             stats,
@@ -235,7 +240,7 @@ impl Proxy {
         };
         let stats = Some(route.app.stats.clone());
         let pristine = route.pristine();
-        let handlers = &route.port.handlers;
+        let handlers = &route.port().handlers;
         if !handlers.iter().any(|h| h == "http")
             || (handlers.iter().any(|h| h == "tls") && !conn.tls)
         {
@@ -246,7 +251,7 @@ impl Proxy {
                 None,
             );
         }
-        if route.port.force_https == Some(true) && !conn.tls {
+        if route.port().force_https == Some(true) && !conn.tls {
             return (
                 Outcome::Response(redirect_https(&req, &host)),
                 stats,
@@ -276,10 +281,10 @@ impl Proxy {
                         "no app is served at this host",
                     ));
                 };
-                if let Some((_, port)) = app.port_config(port) {
+                if let Some(at) = app.port_location(port) {
                     return Ok(Route {
                         app: app.clone(),
-                        port: port.clone(),
+                        at,
                     });
                 }
                 if !app.machines.is_empty() {
@@ -697,7 +702,7 @@ impl Proxy {
         resp: &Response<RespBody>,
     ) -> bool {
         let enabled = route
-            .port
+            .port()
             .http_options
             .as_ref()
             .and_then(|o| o.compress)

@@ -185,6 +185,14 @@ pub fn pick(
     constraints: &Constraints,
     released: &Arc<crate::backend::Released>,
 ) -> Pick {
+    let unconstrained = constraints.force_regions.is_none()
+        && constraints.prefer_regions.is_none()
+        && constraints.force_instance.is_none()
+        && constraints.prefer_instance.is_none()
+        && constraints.exclude.is_none();
+    if unconstrained && let Some(chosen) = fast_pick(app, port, rtt, local_region, released) {
+        return Pick::Chosen(chosen);
+    }
     let mut rng_state: u32 = rand::random();
     let mut next_random = || {
         // xorshift: cheap per-candidate tie-break without touching a shared RNG.
@@ -336,6 +344,84 @@ pub fn pick(
         return Pick::Startable(startable);
     }
     Pick::Full
+}
+
+/// The common case without routing constraints, in one pass and without allocating:
+/// the best running machine by (remote, bucket, closeness, load, random). `None` defers to
+/// the full algorithm (stopped machines that could start, everything full, a lost race).
+fn fast_pick(
+    app: &AppView,
+    port: u16,
+    rtt: &RttTable,
+    local_region: &str,
+    released: &Arc<crate::backend::Released>,
+) -> Option<Chosen> {
+    let mut rng_state: u32 = rand::random::<u32>() | 1;
+    let mut best: Option<(
+        (bool, u8, f64, u32, u32),
+        &Arc<MachineView>,
+        usize,
+        &Arc<Backend>,
+        Limits,
+    )> = None;
+    for machine in &app.machines {
+        let Some(service) = machine.service_for_port(port) else {
+            continue;
+        };
+        let svc = &machine.services[service];
+        match machine.state {
+            MachineState::Started => {}
+            MachineState::Stopped | MachineState::Suspended if svc.autostart.unwrap_or(false) => {
+                return None;
+            }
+            _ => continue,
+        }
+        if !machine.healthy {
+            continue;
+        }
+        let Some(Some(backend)) = machine.backends.get(service) else {
+            continue;
+        };
+        let limits = Limits::of(svc.concurrency.as_ref());
+        let load = backend.load();
+        let bucket = limits.bucket(load);
+        if bucket >= 2 {
+            continue;
+        }
+        let remote = machine.region != local_region;
+        let closeness = if remote {
+            rtt.rtt(&machine.region)
+        } else {
+            0.0
+        };
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 17;
+        rng_state ^= rng_state << 5;
+        let key = (remote, bucket, closeness, load, rng_state);
+        let better = match &best {
+            None => true,
+            Some((k, ..)) => {
+                (key.0, key.1)
+                    .cmp(&(k.0, k.1))
+                    .then(key.2.total_cmp(&k.2))
+                    .then((key.3, key.4).cmp(&(k.3, k.4)))
+                    == std::cmp::Ordering::Less
+            }
+        };
+        if better {
+            best = Some((key, machine, service, backend, limits));
+        }
+    }
+    // (No machine could be started, or we would have returned above: over-soft is fine.)
+    let (_, machine, service, backend, limits) = best?;
+    let guard = backend.try_acquire(limits.hard, released)?;
+    Some(Chosen {
+        machine: machine.clone(),
+        service,
+        guard,
+        limits,
+        preferred_unavailable: None,
+    })
 }
 
 #[cfg(test)]

@@ -140,6 +140,7 @@ pub(crate) async fn serve(
         tokio::spawn(manage_listeners(proxy.clone())),
         tokio::spawn(crate::autoscale::autostop_loop(proxy.clone())),
         tokio::spawn(crate::tls::certificate_loop(proxy.clone())),
+        tokio::spawn(sweep_idle_backends(proxy.clone())),
     ];
     shutdown.await;
     tracing::info!(
@@ -260,6 +261,22 @@ async fn handle_connection(
                 stop,
             )
             .await;
+        }
+    }
+}
+
+/// Closes pooled backend connections that stayed idle too long, even without traffic.
+async fn sweep_idle_backends(proxy: Arc<Proxy>) {
+    let period = proxy.config.pool.idle_timeout.max(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(period).await;
+        let snapshot = proxy.catalog.snapshot();
+        for app in snapshot.apps.values() {
+            for machine in &app.machines {
+                for backend in machine.backends.iter().flatten() {
+                    backend.expire_idle();
+                }
+            }
         }
     }
 }
