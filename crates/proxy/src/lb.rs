@@ -346,6 +346,15 @@ pub fn pick(
     Pick::Full
 }
 
+/// The best candidate so far: (sort key, machine, service index, backend, limits).
+type Best<'a> = (
+    (bool, u8, f64, u32, u32),
+    &'a Arc<MachineView>,
+    usize,
+    &'a Arc<Backend>,
+    Limits,
+);
+
 /// The common case without routing constraints, in one pass and without allocating:
 /// the best running machine by (remote, bucket, closeness, load, random). `None` defers to
 /// the full algorithm (stopped machines that could start, everything full, a lost race).
@@ -357,13 +366,7 @@ fn fast_pick(
     released: &Arc<crate::backend::Released>,
 ) -> Option<Chosen> {
     let mut rng_state: u32 = rand::random::<u32>() | 1;
-    let mut best: Option<(
-        (bool, u8, f64, u32, u32),
-        &Arc<MachineView>,
-        usize,
-        &Arc<Backend>,
-        Limits,
-    )> = None;
+    let mut best: Option<Best<'_>> = None;
     for machine in &app.machines {
         let Some(service) = machine.service_for_port(port) else {
             continue;
