@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 fn cases(dir: &Path, prefix: &str, out: &mut String) {
     println!("cargo:rerun-if-changed={}", dir.display());
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -17,7 +19,13 @@ fn cases(dir: &Path, prefix: &str, out: &mut String) {
         let ident: String = name
             .trim_end_matches(".toml")
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .collect::<String>()
             .split('_')
             .filter(|part| !part.is_empty())
@@ -26,7 +34,10 @@ fn cases(dir: &Path, prefix: &str, out: &mut String) {
         let _ = writeln!(
             out,
             "#[test]\nfn {prefix}_{ident}() {{ check_file(&corpus_dir().join({dir:?}).join({name:?})); }}",
-            dir = dir.file_name().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default(),
+            dir = dir
+                .file_name()
+                .map(|d| d.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         );
     }
 }

@@ -13,6 +13,9 @@ use crate::suggest;
 
 pub(crate) struct Cx<'a> {
     pub diagnostics: Vec<Diagnostic>,
+    /// Suggestions cost an edit distance per known key; absurd files get them only for
+    /// their first unknown keys.
+    suggestions_left: usize,
     pub positions: BTreeMap<String, (usize, usize)>,
     index: Option<&'a LineIndex>,
     origin: &'a str,
@@ -20,22 +23,45 @@ pub(crate) struct Cx<'a> {
 
 impl<'a> Cx<'a> {
     pub fn new(index: Option<&'a LineIndex>, origin: &'a str) -> Self {
-        Self { diagnostics: Vec::new(), positions: BTreeMap::new(), index, origin }
+        Self {
+            diagnostics: Vec::new(),
+            suggestions_left: 1000,
+            positions: BTreeMap::new(),
+            index,
+            origin,
+        }
     }
 
     fn record(&mut self, path: &str, offset: Option<usize>) {
         if let (Some(index), Some(offset)) = (self.index, offset) {
-            self.positions.entry(path.to_string()).or_insert_with(|| index.position(offset));
+            self.positions
+                .entry(path.to_string())
+                .or_insert_with(|| index.position(offset));
         }
     }
 
-    /// Positions the diagnostic at its key when the key was seen, else at `offset`.
+    /// Nearest recorded position of `path` or one of its ancestors.
+    pub fn position_of(&self, path: &str) -> Option<(usize, usize)> {
+        let mut current = path;
+        loop {
+            if let Some(p) = self.positions.get(current) {
+                return Some(*p);
+            }
+            let cut = current.rfind(['.', '['])?;
+            current = &current[..cut];
+        }
+    }
+
+    /// Positions the diagnostic at its key when the key was seen, else at `offset`, else
+    /// at the nearest enclosing key (else the start of the file).
     fn push(&mut self, mut diagnostic: Diagnostic, offset: Option<usize>) {
-        if let Some(&(line, column)) = self.positions.get(&diagnostic.path) {
-            diagnostic.line = Some(line);
-            diagnostic.column = Some(column);
-        } else if let (Some(index), Some(offset)) = (self.index, offset) {
-            let (line, column) = index.position(offset);
+        let position = match (self.positions.get(&diagnostic.path), self.index, offset) {
+            (Some(&p), _, _) => Some(p),
+            (None, Some(index), Some(offset)) => Some(index.position(offset)),
+            (None, Some(_), None) => Some(self.position_of(&diagnostic.path).unwrap_or((1, 1))),
+            (None, None, _) => None,
+        };
+        if let Some((line, column)) = position {
             diagnostic.line = Some(line);
             diagnostic.column = Some(column);
         }
@@ -45,7 +71,10 @@ impl<'a> Cx<'a> {
 
     fn error(&mut self, path: &str, node: &Node, message: impl Into<String>) {
         let offset = node.span.as_ref().map(|s| s.start);
-        self.push(Diagnostic::error(DiagnosticCode::Type, path, message), offset);
+        self.push(
+            Diagnostic::error(DiagnosticCode::Type, path, message),
+            offset,
+        );
     }
 
     fn type_error(&mut self, path: &str, node: &Node, expected: &str) {
@@ -58,15 +87,19 @@ impl<'a> Cx<'a> {
         };
         let offset = node.span.as_ref().map(|s| s.start);
         self.push(
-            Diagnostic::error(DiagnosticCode::Type, path, format!("invalid type: {found}")).with_expected(expected),
+            Diagnostic::error(DiagnosticCode::Type, path, format!("invalid type: {found}"))
+                .with_expected(expected),
             offset,
         );
     }
-
 }
 
 pub(crate) fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn index_path(path: &str, i: usize) -> String {
@@ -95,9 +128,11 @@ struct Fields<'n> {
 impl<'n> Fields<'n> {
     fn open(cx: &mut Cx, node: &'n Node, path: &str, expected: &str) -> Option<Self> {
         match &node.kind {
-            Kind::Table(entries) => {
-                Some(Self { entries, used: vec![false; entries.len()], path: path.to_string() })
-            }
+            Kind::Table(entries) => Some(Self {
+                entries,
+                used: vec![false; entries.len()],
+                path: path.to_string(),
+            }),
             _ => {
                 cx.type_error(path, node, expected);
                 None
@@ -114,7 +149,12 @@ impl<'n> Fields<'n> {
         Some((&entry.value, path))
     }
 
-    fn get<T>(&mut self, cx: &mut Cx, key: &str, read: impl FnOnce(&mut Cx, &str, &Node) -> Option<T>) -> Option<T> {
+    fn get<T>(
+        &mut self,
+        cx: &mut Cx,
+        key: &str,
+        read: impl FnOnce(&mut Cx, &str, &Node) -> Option<T>,
+    ) -> Option<T> {
         let (node, path) = self.take(cx, key)?;
         read(cx, &path, node)
     }
@@ -129,17 +169,28 @@ impl<'n> Fields<'n> {
             let path = join(&self.path, &entry.key);
             cx.record(&path, entry.position());
             let is_section = matches!(entry.value.kind, Kind::Table(_) | Kind::Array(_));
-            let what = if self.path.is_empty() && is_section { "section" } else { "key" };
+            let what = if self.path.is_empty() && is_section {
+                "section"
+            } else {
+                "key"
+            };
             let legacy = LEGACY_KEYS.contains(&entry.key.as_str());
             let message = if legacy {
-                format!("unknown {what} `{}` (a legacy key flyctl ignores)", entry.key)
+                format!(
+                    "unknown {what} `{}` (a legacy key flyctl ignores)",
+                    entry.key
+                )
             } else {
                 format!("unknown {what} `{}` is ignored", entry.key)
             };
-            let suggestion =
-                if legacy { None } else { suggest::did_you_mean(&entry.key, known.iter().copied()) };
-            let diagnostic =
-                Diagnostic::warning(DiagnosticCode::UnknownKey, &path, message).with_suggestion(suggestion);
+            let suggestion = if legacy || cx.suggestions_left == 0 {
+                None
+            } else {
+                cx.suggestions_left -= 1;
+                suggest::did_you_mean(&entry.key, known.iter().copied())
+            };
+            let diagnostic = Diagnostic::warning(DiagnosticCode::UnknownKey, &path, message)
+                .with_suggestion(suggestion);
             cx.push(diagnostic, entry.position());
             extra.insert(entry.key.clone(), entry.value.to_json());
         }
@@ -222,8 +273,12 @@ fn port_lenient(cx: &mut Cx, path: &str, node: &Node) -> Option<u16> {
             Ok(i) => i,
             Err(err) => {
                 cx.push(
-                    Diagnostic::error(DiagnosticCode::Type, path, format!("Can not convert '{s}' to integer: {err}"))
-                        .with_expected("a port number from 0 to 65535"),
+                    Diagnostic::error(
+                        DiagnosticCode::Type,
+                        path,
+                        format!("Can not convert '{s}' to integer: {err}"),
+                    )
+                    .with_expected("a port number from 0 to 65535"),
                     node.span.as_ref().map(|s| s.start),
                 );
                 return None;
@@ -231,14 +286,24 @@ fn port_lenient(cx: &mut Cx, path: &str, node: &Node) -> Option<u16> {
         },
         _ => {
             cx.push(
-                Diagnostic::error(DiagnosticCode::Type, path, format!("Unknown type for cast: {}", node.go_type()))
-                    .with_expected("a port number from 0 to 65535"),
+                Diagnostic::error(
+                    DiagnosticCode::Type,
+                    path,
+                    format!("Unknown type for cast: {}", node.go_type()),
+                )
+                .with_expected("a port number from 0 to 65535"),
                 node.span.as_ref().map(|s| s.start),
             );
             return None;
         }
     };
-    integer(cx, path, &Node::new(Kind::Int(value), node.span.clone()), 0, 65535)
+    integer(
+        cx,
+        path,
+        &Node::new(Kind::Int(value), node.span.clone()),
+        0,
+        65535,
+    )
 }
 
 fn float(cx: &mut Cx, path: &str, node: &Node) -> Option<f64> {
@@ -307,7 +372,20 @@ fn duration(cx: &mut Cx, path: &str, node: &Node, unit: IntUnit) -> Option<Durat
             }
         },
         Kind::Int(i) => Some(match unit {
-            IntUnit::Nanos => Duration::from_nanos(*i),
+            IntUnit::Nanos => {
+                if *i != 0 && i.unsigned_abs() < 1_000_000 {
+                    cx.push(
+                        Diagnostic::warning(
+                            DiagnosticCode::Type,
+                            path,
+                            format!("the integer {i} is read as {i} nanoseconds here (flyctl does not convert it)"),
+                        )
+                        .with_suggestion(Some(format!("write a duration string such as \"{i}s\""))),
+                        node.span.as_ref().map(|s| s.start),
+                    );
+                }
+                Duration::from_nanos(*i)
+            }
             IntUnit::Millis => Duration::from_millis(*i),
             IntUnit::Seconds => Duration::from_secs(*i),
         }),
@@ -317,7 +395,11 @@ fn duration(cx: &mut Cx, path: &str, node: &Node, unit: IntUnit) -> Option<Durat
             IntUnit::Seconds => Duration::from_secs(*f as i64),
         }),
         _ => {
-            cx.error(path, node, format!("unknown duration type: {}", node.go_type()));
+            cx.error(
+                path,
+                node,
+                format!("unknown duration type: {}", node.go_type()),
+            );
             None
         }
     }
@@ -333,9 +415,16 @@ fn autostop(cx: &mut Cx, path: &str, node: &Node) -> Option<AutoStop> {
             Some(v) => Some(v),
             None => {
                 cx.push(
-                    Diagnostic::error(DiagnosticCode::Type, path, format!("invalid autostop string value {s:?}"))
-                        .with_expected(AUTOSTOP_VALUES)
-                        .with_suggestion(suggest::did_you_mean(s, ["off", "stop", "suspend", "true", "false"])),
+                    Diagnostic::error(
+                        DiagnosticCode::Type,
+                        path,
+                        format!("invalid autostop string value {s:?}"),
+                    )
+                    .with_expected(AUTOSTOP_VALUES)
+                    .with_suggestion(suggest::did_you_mean(
+                        s,
+                        ["off", "stop", "suspend", "true", "false"],
+                    )),
                     node.span.as_ref().map(|s| s.start),
                 );
                 None
@@ -396,7 +485,14 @@ fn table_items<'n>(cx: &mut Cx, path: &str, node: &'n Node, section: &str) -> Ve
         Kind::Array(items) => items.iter().collect(),
         Kind::Table(_) => vec![node],
         _ => {
-            cx.error(path, node, format!("Error processing {section}: unknown type {}", node.go_type()));
+            cx.error(
+                path,
+                node,
+                format!(
+                    "Error processing {section}: unknown type {}",
+                    node.go_type()
+                ),
+            );
             Vec::new()
         }
     }
@@ -462,8 +558,12 @@ pub(crate) fn decode_document(cx: &mut Cx, root: &Node) -> AppConfig {
     config.app = t.get(cx, "app", string).unwrap_or_default();
     config.primary_region = t.get(cx, "primary_region", string).unwrap_or_default();
     config.kill_signal = t.get(cx, "kill_signal", string);
-    config.kill_timeout = t.get(cx, "kill_timeout", |cx, p, n| duration(cx, p, n, IntUnit::Seconds));
-    config.swap_size_mb = t.get(cx, "swap_size_mb", |cx, p, n| integer(cx, p, n, 0, i64::MAX));
+    config.kill_timeout = t.get(cx, "kill_timeout", |cx, p, n| {
+        duration(cx, p, n, IntUnit::Seconds)
+    });
+    config.swap_size_mb = t.get(cx, "swap_size_mb", |cx, p, n| {
+        integer(cx, p, n, 0, i64::MAX)
+    });
     config.console_command = t.get(cx, "console_command", string);
     config.host_dedication_id = t.get(cx, "host_dedication_id", string);
     config.machine_config = t.get(cx, "machine_config", string);
@@ -526,10 +626,10 @@ pub(crate) fn decode_document(cx: &mut Cx, root: &Node) -> AppConfig {
             }
         }
     }
-    if config.metrics.is_empty() {
-        if let Some(metrics) = promoted_metrics {
-            config.metrics.push(metrics);
-        }
+    if config.metrics.is_empty()
+        && let Some(metrics) = promoted_metrics
+    {
+        config.metrics.push(metrics);
     }
     if let Some((node, path)) = t.take(cx, "services") {
         let mut index = 0;
@@ -572,11 +672,23 @@ fn decode_env(cx: &mut Cx, path: &str, node: &Node, env: &mut BTreeMap<String, S
                 stringified_map(cx, path, item, env);
             }
         }
-        _ => cx.error(path, node, format!("Do not know how to process 'env' section of type: {}", node.go_type())),
+        _ => cx.error(
+            path,
+            node,
+            format!(
+                "Do not know how to process 'env' section of type: {}",
+                node.go_type()
+            ),
+        ),
     }
 }
 
-fn decode_processes(cx: &mut Cx, path: &str, node: &Node, processes: &mut BTreeMap<String, String>) {
+fn decode_processes(
+    cx: &mut Cx,
+    path: &str,
+    node: &Node,
+    processes: &mut BTreeMap<String, String>,
+) {
     match &node.kind {
         Kind::Table(entries) => {
             for entry in entries {
@@ -604,7 +716,9 @@ fn decode_processes(cx: &mut Cx, path: &str, node: &Node, processes: &mut BTreeM
                 if item.is_empty_table() {
                     continue;
                 }
-                let Some(mut t) = Fields::open(cx, item, &item_path, "a table with `name` and `command`") else {
+                let Some(mut t) =
+                    Fields::open(cx, item, &item_path, "a table with `name` and `command`")
+                else {
                     continue;
                 };
                 let name = t.get(cx, "name", string);
@@ -618,7 +732,11 @@ fn decode_processes(cx: &mut Cx, path: &str, node: &Node, processes: &mut BTreeM
                 }
             }
         }
-        _ => cx.error(path, node, format!("Unknown processes type: {}", node.go_type())),
+        _ => cx.error(
+            path,
+            node,
+            format!("Unknown processes type: {}", node.go_type()),
+        ),
     }
 }
 
@@ -637,9 +755,17 @@ const EXPERIMENTAL_KEYS: &[&str] = &[
     "metrics_path",
 ];
 
-fn decode_experimental(cx: &mut Cx, path: &str, node: &Node) -> (Option<Experimental>, Option<Duration>, Option<Metrics>) {
+fn decode_experimental(
+    cx: &mut Cx,
+    path: &str,
+    node: &Node,
+) -> (Option<Experimental>, Option<Duration>, Option<Metrics>) {
     if node.as_table().is_none() {
-        cx.error(path, node, format!("Experimental section of unknown type: {}", node.go_type()));
+        cx.error(
+            path,
+            node,
+            format!("Experimental section of unknown type: {}", node.go_type()),
+        );
         return (None, None, None);
     }
     let Some(mut t) = Fields::open(cx, node, path, "a table") else {
@@ -657,7 +783,9 @@ fn decode_experimental(cx: &mut Cx, path: &str, node: &Node) -> (Option<Experime
         attached: t.get(cx, "attached", |_, _, n| Some(n.to_json())),
         extra: Extra::new(),
     };
-    let kill_timeout = t.get(cx, "kill_timeout", |cx, p, n| duration(cx, p, n, IntUnit::Seconds));
+    let kill_timeout = t.get(cx, "kill_timeout", |cx, p, n| {
+        duration(cx, p, n, IntUnit::Seconds)
+    });
     let metrics_port = t.get(cx, "metrics_port", port_lenient);
     let metrics_path = t.get(cx, "metrics_path", string);
     let metrics = (metrics_port.is_some() || metrics_path.is_some()).then(|| Metrics {
@@ -687,7 +815,11 @@ const BUILD_KEYS: &[&str] = &[
 
 fn decode_build(cx: &mut Cx, path: &str, node: &Node) -> Option<Build> {
     if node.as_table().is_none() {
-        cx.error(path, node, format!("Build section of unknown type: {}", node.go_type()));
+        cx.error(
+            path,
+            node,
+            format!("Build section of unknown type: {}", node.go_type()),
+        );
         return None;
     }
     let mut t = Fields::open(cx, node, path, "a table")?;
@@ -722,7 +854,10 @@ fn decode_build(cx: &mut Cx, path: &str, node: &Node) -> Option<Build> {
                         Diagnostic::error(
                             DiagnosticCode::Type,
                             &key_path,
-                            format!("invalid type: {} (build args are not converted)", entry.value.describe()),
+                            format!(
+                                "invalid type: {} (build args are not converted)",
+                                entry.value.describe()
+                            ),
                         )
                         .with_expected("a string"),
                         entry.value.span.as_ref().map(|s| s.start),
@@ -734,7 +869,12 @@ fn decode_build(cx: &mut Cx, path: &str, node: &Node) -> Option<Build> {
         }
     }
     build.compose = t.get(cx, "compose", |cx, p, n| {
-        let mut c = Fields::open(cx, n, p, "a table such as { file = \"docker-compose.yml\" }")?;
+        let mut c = Fields::open(
+            cx,
+            n,
+            p,
+            "a table such as { file = \"docker-compose.yml\" }",
+        )?;
         let file = c.get(cx, "file", string);
         let extra = c.finish(cx, &["file"]);
         Some(Compose { file, extra })
@@ -758,7 +898,9 @@ fn decode_deploy(cx: &mut Cx, path: &str, node: &Node) -> Option<Deploy> {
     let mut deploy = Deploy {
         strategy: t.get(cx, "strategy", string),
         max_unavailable: t.get(cx, "max_unavailable", float),
-        wait_timeout: t.get(cx, "wait_timeout", |cx, p, n| duration(cx, p, n, IntUnit::Nanos)),
+        wait_timeout: t.get(cx, "wait_timeout", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Nanos)
+        }),
         release_command: t.get(cx, "release_command", string),
         release_command_timeout: t.get(cx, "release_command_timeout", |cx, p, n| {
             duration(cx, p, n, IntUnit::Nanos)
@@ -869,7 +1011,8 @@ fn decode_service_concurrency(cx: &mut Cx, path: &str, node: &Node) -> Option<Co
     match &node.kind {
         Kind::Table(_) => decode_concurrency_table(cx, path, node),
         Kind::Str(s) => {
-            let limits: Vec<Option<u32>> = s.split(',').map(|p| p.trim().parse::<u32>().ok()).collect();
+            let limits: Vec<Option<u32>> =
+                s.split(',').map(|p| p.trim().parse::<u32>().ok()).collect();
             match limits.as_slice() {
                 [Some(soft), Some(hard)] => Some(Concurrency {
                     kind: "requests".to_string(),
@@ -918,8 +1061,14 @@ fn decode_tls_options(cx: &mut Cx, path: &str, node: &Node) -> Option<TlsOptions
     Some(options)
 }
 
-const HTTP_OPTIONS_KEYS: &[&str] =
-    &["compress", "h2_backend", "idle_timeout", "headers_read_timeout", "response", "replay_cache"];
+const HTTP_OPTIONS_KEYS: &[&str] = &[
+    "compress",
+    "h2_backend",
+    "idle_timeout",
+    "headers_read_timeout",
+    "response",
+    "replay_cache",
+];
 
 fn decode_http_options(cx: &mut Cx, path: &str, node: &Node) -> Option<HttpOptions> {
     let mut t = Fields::open(cx, node, path, "a table")?;
@@ -936,15 +1085,21 @@ fn decode_http_options(cx: &mut Cx, path: &str, node: &Node) -> Option<HttpOptio
                 for (name, value) in &map {
                     let ok = match value {
                         serde_json::Value::String(_) | serde_json::Value::Bool(false) => true,
-                        serde_json::Value::Array(items) => items.iter().all(serde_json::Value::is_string),
+                        serde_json::Value::Array(items) => {
+                            items.iter().all(serde_json::Value::is_string)
+                        }
                         _ => false,
                     };
                     if !ok {
                         let header_path = join(p, name);
                         let offset = None;
                         cx.push(
-                            Diagnostic::error(DiagnosticCode::Type, &header_path, format!("invalid header value {value}"))
-                                .with_expected("a string, an array of strings, or false"),
+                            Diagnostic::error(
+                                DiagnosticCode::Type,
+                                &header_path,
+                                format!("invalid header value {value}"),
+                            )
+                            .with_expected("a string, an array of strings, or false"),
                             offset,
                         );
                     }
@@ -952,7 +1107,11 @@ fn decode_http_options(cx: &mut Cx, path: &str, node: &Node) -> Option<HttpOptio
                 Some(map)
             });
             let extra = r.finish(cx, &["pristine", "headers"]);
-            Some(HttpResponseOptions { pristine, headers: headers.unwrap_or_default(), extra })
+            Some(HttpResponseOptions {
+                pristine,
+                headers: headers.unwrap_or_default(),
+                extra,
+            })
         }),
         replay_cache: Vec::new(),
         extra: Extra::new(),
@@ -962,13 +1121,18 @@ fn decode_http_options(cx: &mut Cx, path: &str, node: &Node) -> Option<HttpOptio
             let mut r = Fields::open(cx, n, p, "a table")?;
             let mut rule = ReplayCache {
                 path_prefix: r.get(cx, "path_prefix", string).unwrap_or_default(),
-                ttl_seconds: r.get(cx, "ttl_seconds", |cx, p, n| integer(cx, p, n, 0, i64::MAX)).unwrap_or_default(),
+                ttl_seconds: r
+                    .get(cx, "ttl_seconds", |cx, p, n| integer(cx, p, n, 0, i64::MAX))
+                    .unwrap_or_default(),
                 kind: r.get(cx, "type", string).unwrap_or_default(),
                 name: r.get(cx, "name", string).unwrap_or_default(),
                 allow_bypass: r.get(cx, "allow_bypass", boolean).unwrap_or_default(),
                 extra: Extra::new(),
             };
-            rule.extra = r.finish(cx, &["path_prefix", "ttl_seconds", "type", "name", "allow_bypass"]);
+            rule.extra = r.finish(
+                cx,
+                &["path_prefix", "ttl_seconds", "type", "name", "allow_bypass"],
+            );
             Some(rule)
         });
     }
@@ -1025,9 +1189,15 @@ const HTTP_CHECK_KEYS: &[&str] = &[
 fn decode_tcp_check(cx: &mut Cx, path: &str, node: &Node) -> Option<TcpCheck> {
     let mut t = Fields::open(cx, node, path, "a table")?;
     let mut check = TcpCheck {
-        interval: t.get(cx, "interval", |cx, p, n| duration(cx, p, n, IntUnit::Millis)),
-        timeout: t.get(cx, "timeout", |cx, p, n| duration(cx, p, n, IntUnit::Millis)),
-        grace_period: t.get(cx, "grace_period", |cx, p, n| duration(cx, p, n, IntUnit::Millis)),
+        interval: t.get(cx, "interval", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Millis)
+        }),
+        timeout: t.get(cx, "timeout", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Millis)
+        }),
+        grace_period: t.get(cx, "grace_period", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Millis)
+        }),
         extra: Extra::new(),
     };
     check.extra = t.finish(cx, TCP_CHECK_KEYS);
@@ -1042,7 +1212,8 @@ fn decode_headers(cx: &mut Cx, path: &str, node: &Node, legacy: bool) -> BTreeMa
         Kind::Array(items) if legacy => {
             for (i, item) in items.iter().enumerate() {
                 let item_path = index_path(path, i);
-                let Some(mut t) = Fields::open(cx, item, &item_path, "a table { name, value }") else {
+                let Some(mut t) = Fields::open(cx, item, &item_path, "a table { name, value }")
+                else {
                     continue;
                 };
                 let name = t.get(cx, "name", stringify);
@@ -1052,7 +1223,11 @@ fn decode_headers(cx: &mut Cx, path: &str, node: &Node, legacy: bool) -> BTreeMa
                     (Some(name), Some(value)) => {
                         headers.insert(name, value);
                     }
-                    _ => cx.error(&item_path, item, "Unsupported headers format: expected { name, value }"),
+                    _ => cx.error(
+                        &item_path,
+                        item,
+                        "Unsupported headers format: expected { name, value }",
+                    ),
                 }
             }
         }
@@ -1061,7 +1236,13 @@ fn decode_headers(cx: &mut Cx, path: &str, node: &Node, legacy: bool) -> BTreeMa
     headers
 }
 
-fn decode_http_check(cx: &mut Cx, path: &str, node: &Node, unit: IntUnit, legacy_headers: bool) -> Option<HttpCheck> {
+fn decode_http_check(
+    cx: &mut Cx,
+    path: &str,
+    node: &Node,
+    unit: IntUnit,
+    legacy_headers: bool,
+) -> Option<HttpCheck> {
     let mut t = Fields::open(cx, node, path, "a table")?;
     let mut check = HttpCheck {
         interval: t.get(cx, "interval", |cx, p, n| duration(cx, p, n, unit)),
@@ -1072,14 +1253,24 @@ fn decode_http_check(cx: &mut Cx, path: &str, node: &Node, unit: IntUnit, legacy
         protocol: t.get(cx, "protocol", string),
         tls_skip_verify: t.get(cx, "tls_skip_verify", boolean),
         tls_server_name: t.get(cx, "tls_server_name", string),
-        headers: t.get(cx, "headers", |cx, p, n| Some(decode_headers(cx, p, n, legacy_headers))).unwrap_or_default(),
+        headers: t
+            .get(cx, "headers", |cx, p, n| {
+                Some(decode_headers(cx, p, n, legacy_headers))
+            })
+            .unwrap_or_default(),
         extra: Extra::new(),
     };
     check.extra = t.finish(cx, HTTP_CHECK_KEYS);
     Some(check)
 }
 
-const MACHINE_CHECK_KEYS: &[&str] = &["command", "image", "entrypoint", "kill_signal", "kill_timeout"];
+const MACHINE_CHECK_KEYS: &[&str] = &[
+    "command",
+    "image",
+    "entrypoint",
+    "kill_signal",
+    "kill_timeout",
+];
 
 fn decode_machine_check(cx: &mut Cx, path: &str, node: &Node) -> Option<MachineCheckConfig> {
     let mut t = Fields::open(cx, node, path, "a table")?;
@@ -1088,7 +1279,9 @@ fn decode_machine_check(cx: &mut Cx, path: &str, node: &Node) -> Option<MachineC
         image: t.get(cx, "image", string),
         entrypoint: t.get(cx, "entrypoint", string_list).unwrap_or_default(),
         kill_signal: t.get(cx, "kill_signal", string),
-        kill_timeout: t.get(cx, "kill_timeout", |cx, p, n| duration(cx, p, n, IntUnit::Nanos)),
+        kill_timeout: t.get(cx, "kill_timeout", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Nanos)
+        }),
         extra: Extra::new(),
     };
     check.extra = t.finish(cx, MACHINE_CHECK_KEYS);
@@ -1126,7 +1319,9 @@ fn decode_http_service(cx: &mut Cx, path: &str, node: &Node) -> Option<HttpServi
         extra: Extra::new(),
     };
     if let Some((node, p)) = t.take(cx, "checks") {
-        service.checks = list_of(cx, &p, node, "checks", |cx, p, n| decode_http_check(cx, p, n, IntUnit::Nanos, false));
+        service.checks = list_of(cx, &p, node, "checks", |cx, p, n| {
+            decode_http_check(cx, p, n, IntUnit::Nanos, false)
+        });
     }
     if let Some((node, p)) = t.take(cx, "machine_checks") {
         service.machine_checks = list_of(cx, &p, node, "machine_checks", decode_machine_check);
@@ -1168,8 +1363,9 @@ fn decode_service(cx: &mut Cx, path: &str, node: &Node) -> Option<Service> {
         service.tcp_checks = list_of(cx, &p, node, "tcp_checks", decode_tcp_check);
     }
     if let Some((node, p)) = t.take(cx, "http_checks") {
-        service.http_checks =
-            list_of(cx, &p, node, "http_checks", |cx, p, n| decode_http_check(cx, p, n, IntUnit::Millis, true));
+        service.http_checks = list_of(cx, &p, node, "http_checks", |cx, p, n| {
+            decode_http_check(cx, p, n, IntUnit::Millis, true)
+        });
     }
     if let Some((node, p)) = t.take(cx, "machine_checks") {
         service.machine_checks = list_of(cx, &p, node, "machine_checks", decode_machine_check);
@@ -1193,7 +1389,12 @@ const CHECK_KEYS: &[&str] = &[
     "processes",
 ];
 
-fn decode_checks(cx: &mut Cx, path: &str, node: &Node, checks: &mut BTreeMap<String, TopLevelCheck>) {
+fn decode_checks(
+    cx: &mut Cx,
+    path: &str,
+    node: &Node,
+    checks: &mut BTreeMap<String, TopLevelCheck>,
+) {
     match &node.kind {
         Kind::Table(entries) => {
             for entry in entries {
@@ -1218,7 +1419,11 @@ fn decode_checks(cx: &mut Cx, path: &str, node: &Node, checks: &mut BTreeMap<Str
                 }
             }
         }
-        _ => cx.error(path, node, format!("'checks' section of unknown type: {}", node.go_type())),
+        _ => cx.error(
+            path,
+            node,
+            format!("'checks' section of unknown type: {}", node.go_type()),
+        ),
     }
 }
 
@@ -1230,15 +1435,25 @@ fn decode_check(cx: &mut Cx, path: &str, node: &Node, named: bool) -> Option<Top
     let mut check = TopLevelCheck {
         check_type: t.get(cx, "type", string),
         port: t.get(cx, "port", u16_strict),
-        interval: t.get(cx, "interval", |cx, p, n| duration(cx, p, n, IntUnit::Millis)),
-        timeout: t.get(cx, "timeout", |cx, p, n| duration(cx, p, n, IntUnit::Millis)),
-        grace_period: t.get(cx, "grace_period", |cx, p, n| duration(cx, p, n, IntUnit::Millis)),
+        interval: t.get(cx, "interval", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Millis)
+        }),
+        timeout: t.get(cx, "timeout", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Millis)
+        }),
+        grace_period: t.get(cx, "grace_period", |cx, p, n| {
+            duration(cx, p, n, IntUnit::Millis)
+        }),
         method: t.get(cx, "method", string),
         path: t.get(cx, "path", string),
         protocol: t.get(cx, "protocol", string),
         tls_skip_verify: t.get(cx, "tls_skip_verify", boolean),
         tls_server_name: t.get(cx, "tls_server_name", string),
-        headers: t.get(cx, "headers", |cx, p, n| Some(decode_headers(cx, p, n, true))).unwrap_or_default(),
+        headers: t
+            .get(cx, "headers", |cx, p, n| {
+                Some(decode_headers(cx, p, n, true))
+            })
+            .unwrap_or_default(),
         processes: t.get(cx, "processes", string_list).unwrap_or_default(),
         extra: Extra::new(),
     };
@@ -1256,7 +1471,16 @@ fn decode_file(cx: &mut Cx, path: &str, node: &Node) -> Option<FileConfig> {
         processes: t.get(cx, "processes", string_list).unwrap_or_default(),
         extra: Extra::new(),
     };
-    file.extra = t.finish(cx, &["guest_path", "local_path", "raw_value", "secret_name", "processes"]);
+    file.extra = t.finish(
+        cx,
+        &[
+            "guest_path",
+            "local_path",
+            "raw_value",
+            "secret_name",
+            "processes",
+        ],
+    );
     Some(file)
 }
 
@@ -1281,6 +1505,14 @@ fn decode_static(cx: &mut Cx, path: &str, node: &Node) -> Option<StaticConfig> {
         index_document: t.get(cx, "index_document", string),
         extra: Extra::new(),
     };
-    statics.extra = t.finish(cx, &["guest_path", "url_prefix", "tigris_bucket", "index_document"]);
+    statics.extra = t.finish(
+        cx,
+        &[
+            "guest_path",
+            "url_prefix",
+            "tigris_bucket",
+            "index_document",
+        ],
+    );
     Some(statics)
 }

@@ -43,7 +43,11 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn error(code: DiagnosticCode, path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn error(
+        code: DiagnosticCode,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             severity: Severity::Error,
             code,
@@ -57,8 +61,15 @@ impl Diagnostic {
         }
     }
 
-    pub fn warning(code: DiagnosticCode, path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Warning, ..Self::error(code, path, message) }
+    pub fn warning(
+        code: DiagnosticCode,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(code, path, message)
+        }
     }
 
     pub fn with_expected(mut self, expected: impl Into<String>) -> Self {
@@ -126,13 +137,30 @@ pub enum LoadError {
     #[error("{file}: the file is {size} bytes; config files larger than {limit} bytes are refused")]
     TooLarge { file: String, size: u64, limit: u64 },
     #[error("{file}:{line}:{column}: the file is not valid UTF-8")]
-    InvalidUtf8 { file: String, line: usize, column: usize },
+    InvalidUtf8 {
+        file: String,
+        line: usize,
+        column: usize,
+    },
     #[error("{file}:{line}:{column}: {message}")]
-    Syntax { file: String, line: usize, column: usize, message: String },
+    Syntax {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{file}:{line}:{column}: nesting deeper than {limit} levels")]
-    TooDeep { file: String, line: usize, column: usize, limit: usize },
+    TooDeep {
+        file: String,
+        line: usize,
+        column: usize,
+        limit: usize,
+    },
     #[error("{file}: the config is not valid:\n{}", list(diagnostics))]
-    Invalid { file: String, diagnostics: Vec<Diagnostic> },
+    Invalid {
+        file: String,
+        diagnostics: Vec<Diagnostic>,
+    },
 }
 
 impl LoadError {
@@ -149,7 +177,11 @@ impl LoadError {
 }
 
 fn list(diagnostics: &[Diagnostic]) -> String {
-    diagnostics.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n")
+    diagnostics
+        .iter()
+        .map(|d| format!("  {d}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Why a config cannot be turned into a machine config.
@@ -159,7 +191,9 @@ pub enum ConfigError {
     InvalidConfig(String),
     #[error("process group '{group}' is not defined in [processes]; defined groups: {}", defined.join(", "))]
     UnknownGroup { group: String, defined: Vec<String> },
-    #[error("Could not parse command for '{group}' process group; check [processes] section: {message}")]
+    #[error(
+        "Could not parse command for '{group}' process group; check [processes] section: {message}"
+    )]
     ProcessCommand { group: String, message: String },
     #[error("Can't shell split release command: '{0}'")]
     ReleaseCommand(String),

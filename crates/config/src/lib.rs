@@ -106,16 +106,29 @@ pub fn locate(explicit: Option<&Path>, cwd: &Path) -> PathBuf {
 
 /// Loads a config file (`path` may be a directory, meaning `DIR/fly.toml`).
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
-    let path = if path.is_dir() { locate(None, path) } else { path.to_path_buf() };
-    let io = |source| LoadError::Io { path: path.clone(), source };
+    let path = if path.is_dir() {
+        locate(None, path)
+    } else {
+        path.to_path_buf()
+    };
+    let io = |source| LoadError::Io {
+        path: path.clone(),
+        source,
+    };
     let origin = path.display().to_string();
     let file = std::fs::File::open(&path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
     if size > MAX_FILE_SIZE {
-        return Err(LoadError::TooLarge { file: origin, size, limit: MAX_FILE_SIZE });
+        return Err(LoadError::TooLarge {
+            file: origin,
+            size,
+            limit: MAX_FILE_SIZE,
+        });
     }
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes).map_err(io)?;
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
     let mut loaded = parse_bytes(&bytes, Format::from_path(&path), &origin)?;
     loaded.config.source.path = Some(path.clone());
     loaded.path = path;
@@ -125,14 +138,25 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
 /// Parses raw bytes (checked for size and UTF-8 first).
 pub fn parse_bytes(bytes: &[u8], format: Format, origin: &str) -> Result<Loaded, LoadError> {
     if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err(LoadError::TooLarge { file: origin.to_string(), size: bytes.len() as u64, limit: MAX_FILE_SIZE });
+        return Err(LoadError::TooLarge {
+            file: origin.to_string(),
+            size: bytes.len() as u64,
+            limit: MAX_FILE_SIZE,
+        });
     }
     let text = std::str::from_utf8(bytes).map_err(|err| {
         let valid = &bytes[..err.valid_up_to()];
         let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
         let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let column = String::from_utf8_lossy(&valid[line_start..]).chars().count() + 1;
-        LoadError::InvalidUtf8 { file: origin.to_string(), line, column }
+        let column = String::from_utf8_lossy(&valid[line_start..])
+            .chars()
+            .count()
+            + 1;
+        LoadError::InvalidUtf8 {
+            file: origin.to_string(),
+            line,
+            column,
+        }
     })?;
     parse_str(text, format, origin)
 }
@@ -140,7 +164,11 @@ pub fn parse_bytes(bytes: &[u8], format: Format, origin: &str) -> Result<Loaded,
 /// Parses config text; `origin` names the source in messages.
 pub fn parse_str(text: &str, format: Format, origin: &str) -> Result<Loaded, LoadError> {
     if text.len() as u64 > MAX_FILE_SIZE {
-        return Err(LoadError::TooLarge { file: origin.to_string(), size: text.len() as u64, limit: MAX_FILE_SIZE });
+        return Err(LoadError::TooLarge {
+            file: origin.to_string(),
+            size: text.len() as u64,
+            limit: MAX_FILE_SIZE,
+        });
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let index = node::LineIndex::new(text);
@@ -151,8 +179,12 @@ pub fn parse_str(text: &str, format: Format, origin: &str) -> Result<Loaded, Loa
     };
     let mut cx = decode::Cx::new(Some(&index), origin);
     let config = decode::decode_document(&mut cx, &root);
-    let (config, warnings) = finish_decode(config, cx, origin, &root);
-    Ok(Loaded { config, path: PathBuf::from(origin), warnings })
+    let (config, warnings) = finish_decode(config, cx, origin, &root, true);
+    Ok(Loaded {
+        config,
+        path: PathBuf::from(origin),
+        warnings,
+    })
 }
 
 /// Splits decode findings into load errors (kept in the config) and warnings.
@@ -161,10 +193,12 @@ fn finish_decode(
     cx: decode::Cx,
     origin: &str,
     root: &node::Node,
+    from_text: bool,
 ) -> (AppConfig, Vec<Diagnostic>) {
     let (errors, warnings): (Vec<Diagnostic>, Vec<Diagnostic>) =
         cx.diagnostics.into_iter().partition(Diagnostic::is_error);
     config.source.origin = Some(origin.to_string());
+    config.source.from_text = from_text;
     config.source.positions = Arc::new(cx.positions);
     if errors.is_empty() {
         return (config, warnings);
@@ -180,9 +214,23 @@ fn finish_decode(
             load_errors.push(diagnostic);
         }
     }
-    let app = root.get("app").and_then(node::Node::as_str).unwrap_or_default().to_string();
-    let source = SourceInfo { load_errors, ..config.source };
-    (AppConfig { app, source, ..AppConfig::default() }, warnings)
+    let app = root
+        .get("app")
+        .and_then(node::Node::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let source = SourceInfo {
+        load_errors,
+        ..config.source
+    };
+    (
+        AppConfig {
+            app,
+            source,
+            ..AppConfig::default()
+        },
+        warnings,
+    )
 }
 
 impl AppConfig {
@@ -191,16 +239,29 @@ impl AppConfig {
     pub fn from_json_value(value: serde_json::Value) -> Result<AppConfig, LoadError> {
         let origin = "config";
         if node::json_depth(&value) > MAX_DEPTH + 1 {
-            return Err(LoadError::TooDeep { file: origin.to_string(), line: 1, column: 1, limit: MAX_DEPTH });
+            return Err(LoadError::TooDeep {
+                file: origin.to_string(),
+                line: 1,
+                column: 1,
+                limit: MAX_DEPTH,
+            });
         }
         let root = node::Node::from_json(&value);
         let mut cx = decode::Cx::new(None, origin);
         let config = decode::decode_document(&mut cx, &root);
-        let errors: Vec<Diagnostic> = cx.diagnostics.iter().filter(|d| d.is_error()).cloned().collect();
+        let errors: Vec<Diagnostic> = cx
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .cloned()
+            .collect();
         if !errors.is_empty() {
-            return Err(LoadError::Invalid { file: origin.to_string(), diagnostics: errors });
+            return Err(LoadError::Invalid {
+                file: origin.to_string(),
+                diagnostics: errors,
+            });
         }
-        let (config, _) = finish_decode(config, cx, origin, &root);
+        let (config, _) = finish_decode(config, cx, origin, &root, false);
         Ok(config)
     }
 
@@ -243,7 +304,11 @@ impl AppConfig {
         if self.processes.is_empty() || self.processes.contains_key(DEFAULT_PROCESS_GROUP) {
             DEFAULT_PROCESS_GROUP.to_string()
         } else {
-            self.processes.keys().next().cloned().unwrap_or_else(|| DEFAULT_PROCESS_GROUP.to_string())
+            self.processes
+                .keys()
+                .next()
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_PROCESS_GROUP.to_string())
         }
     }
 
@@ -262,10 +327,16 @@ impl AppConfig {
     /// next to the config file.
     pub fn compose_file(&self) -> Option<PathBuf> {
         let compose = self.build.as_ref()?.compose.as_ref()?;
-        let dir = self.config_path().and_then(Path::parent).unwrap_or(Path::new("."));
+        let dir = self
+            .config_path()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
         match &compose.file {
             Some(file) => Some(dir.join(file)),
-            None => COMPOSE_FILE_NAMES.iter().map(|n| dir.join(n)).find(|p| p.is_file()),
+            None => COMPOSE_FILE_NAMES
+                .iter()
+                .map(|n| dir.join(n))
+                .find(|p| p.is_file()),
         }
     }
 

@@ -28,7 +28,11 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -46,7 +50,10 @@ fn volume_gb(path: &str, value: &Option<String>) -> Result<Option<u32>, ConfigEr
         None => Ok(None),
         Some(text) => parse_volume_size_gb(text)
             .map(|gb| Some(u32::try_from(gb).unwrap_or(u32::MAX)))
-            .map_err(|message| ConfigError::Invalid { path: path.to_string(), message }),
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_string(),
+                message,
+            }),
     }
 }
 
@@ -106,10 +113,11 @@ impl Port {
             force_https: self.force_https.then_some(true),
             tls_options: self.tls_options.as_ref().map(TlsOptions::to_api),
             http_options: self.http_options.as_ref().map(HttpOptions::to_api),
-            proxy_proto_options: self
-                .proxy_proto_options
-                .as_ref()
-                .map(|p| api::ProxyProtoOptions { version: p.version.clone() }),
+            proxy_proto_options: self.proxy_proto_options.as_ref().map(|p| {
+                api::ProxyProtoOptions {
+                    version: p.version.clone(),
+                }
+            }),
         }
     }
 }
@@ -118,11 +126,21 @@ impl Port {
 pub const DEFAULT_INTERNAL_PORT: u16 = 8080;
 
 fn or_default_port(port: u16) -> u16 {
-    if port == 0 { DEFAULT_INTERNAL_PORT } else { port }
+    if port == 0 {
+        DEFAULT_INTERNAL_PORT
+    } else {
+        port
+    }
 }
 
 fn api_headers(headers: &BTreeMap<String, String>) -> Vec<api::HttpHeader> {
-    headers.iter().map(|(name, value)| api::HttpHeader { name: name.clone(), values: vec![value.clone()] }).collect()
+    headers
+        .iter()
+        .map(|(name, value)| api::HttpHeader {
+            name: name.clone(),
+            values: vec![value.clone()],
+        })
+        .collect()
 }
 
 impl TcpCheck {
@@ -283,7 +301,12 @@ impl AppConfig {
         if self.source.load_errors.is_empty() {
             return Ok(());
         }
-        let messages: Vec<String> = self.source.load_errors.iter().map(ToString::to_string).collect();
+        let messages: Vec<String> = self
+            .source
+            .load_errors
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         Err(ConfigError::InvalidConfig(messages.join("; ")))
     }
 
@@ -313,7 +336,10 @@ impl AppConfig {
             let metadata = std::fs::metadata(&path)
                 .map_err(|e| ConfigError::MachineConfig(format!("{}: {e}", path.display())))?;
             if metadata.len() > crate::MAX_FILE_SIZE {
-                return Err(ConfigError::MachineConfig(format!("{}: file too large", path.display())));
+                return Err(ConfigError::MachineConfig(format!(
+                    "{}: file too large",
+                    path.display()
+                )));
             }
             std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError::MachineConfig(format!("{}: {e}", path.display())))?
@@ -326,29 +352,48 @@ impl AppConfig {
         serde_json::from_value(value).map_err(|e| ConfigError::MachineConfig(e.to_string()))
     }
 
-    fn machine_env(&self, group: &str, opts: &MachineConfigOptions, base: &mut BTreeMap<String, String>) {
+    fn machine_env(
+        &self,
+        group: &str,
+        opts: &MachineConfigOptions,
+        base: &mut BTreeMap<String, String>,
+    ) {
         base.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let region = opts.primary_region.as_deref().filter(|r| !r.is_empty()).unwrap_or(&self.primary_region);
+        let region = opts
+            .primary_region
+            .as_deref()
+            .filter(|r| !r.is_empty())
+            .unwrap_or(&self.primary_region);
         if !region.is_empty() {
             base.insert("PRIMARY_REGION".to_string(), region.to_string());
         }
         base.insert("FLY_PROCESS_GROUP".to_string(), group.to_string());
     }
 
-    fn machine_metadata(&self, group: &str, opts: &MachineConfigOptions, metadata: &mut BTreeMap<String, String>) {
+    fn machine_metadata(
+        &self,
+        group: &str,
+        opts: &MachineConfigOptions,
+        metadata: &mut BTreeMap<String, String>,
+    ) {
         metadata.insert(api::METADATA_PLATFORM_VERSION.to_string(), "v2".to_string());
         metadata.insert(api::METADATA_PROCESS_GROUP.to_string(), group.to_string());
         if let Some(id) = &opts.release_id {
             metadata.insert(api::METADATA_RELEASE_ID.to_string(), id.clone());
         }
         if let Some(version) = opts.release_version {
-            metadata.insert(api::METADATA_RELEASE_VERSION.to_string(), version.to_string());
+            metadata.insert(
+                api::METADATA_RELEASE_VERSION.to_string(),
+                version.to_string(),
+            );
         }
     }
 
     fn stop_config(&self) -> Option<api::StopConfig> {
-        (self.kill_signal.is_some() || self.kill_timeout.is_some())
-            .then(|| api::StopConfig { timeout: self.kill_timeout, signal: self.kill_signal.clone() })
+        (self.kill_signal.is_some() || self.kill_timeout.is_some()).then(|| api::StopConfig {
+            timeout: self.kill_timeout,
+            signal: self.kill_signal.clone(),
+        })
     }
 
     fn image_or(&self, opts: &MachineConfigOptions, base: &str) -> String {
@@ -376,10 +421,15 @@ impl AppConfig {
         let Some(vm) = self.vm_for_group(group) else {
             return Ok(None);
         };
-        let index = self.vm.iter().position(|v| std::ptr::eq(v, vm)).unwrap_or(0);
-        let mut guest = vm
-            .to_guest()
-            .map_err(|message| ConfigError::Invalid { path: format!("vm[{index}]"), message })?;
+        let index = self
+            .vm
+            .iter()
+            .position(|v| std::ptr::eq(v, vm))
+            .unwrap_or(0);
+        let mut guest = vm.to_guest().map_err(|message| ConfigError::Invalid {
+            path: format!("vm[{index}]"),
+            message,
+        })?;
         if guest.host_dedication_id.is_none() {
             guest.host_dedication_id = self.host_dedication_id.clone().filter(|h| !h.is_empty());
         }
@@ -403,7 +453,10 @@ impl AppConfig {
             if !self.applies_to(&file.processes, group) {
                 continue;
             }
-            let mut out = api::File { guest_path: file.guest_path.clone(), ..api::File::default() };
+            let mut out = api::File {
+                guest_path: file.guest_path.clone(),
+                ..api::File::default()
+            };
             if let Some(raw) = &file.raw_value {
                 out.raw_value = Some(base64(raw.as_bytes()));
             } else if let Some(secret) = &file.secret_name {
@@ -413,12 +466,18 @@ impl AppConfig {
                     Some(dir) => dir.join(local),
                     None => Path::new(local).to_path_buf(),
                 };
-                let error = |message: String| ConfigError::File { path: format!("files[{i}].local_path"), message };
-                let size = std::fs::metadata(&path).map_err(|e| error(format!("{}: {e}", path.display())))?.len();
+                let error = |message: String| ConfigError::File {
+                    path: format!("files[{i}].local_path"),
+                    message,
+                };
+                let size = std::fs::metadata(&path)
+                    .map_err(|e| error(format!("{}: {e}", path.display())))?
+                    .len();
                 if size > crate::MAX_FILE_SIZE {
                     return Err(error(format!("{}: file too large", path.display())));
                 }
-                let bytes = std::fs::read(&path).map_err(|e| error(format!("{}: {e}", path.display())))?;
+                let bytes =
+                    std::fs::read(&path).map_err(|e| error(format!("{}: {e}", path.display())))?;
                 out.raw_value = Some(base64(&bytes));
             }
             files.push(out);
@@ -427,7 +486,9 @@ impl AppConfig {
     }
 
     fn http_service_for(&self, group: &str) -> Option<&HttpService> {
-        self.http_service.as_ref().filter(|h| self.applies_to(&h.processes, group))
+        self.http_service
+            .as_ref()
+            .filter(|h| self.applies_to(&h.processes, group))
     }
 
     fn checks_for(&self, group: &str) -> Result<BTreeMap<String, api::MachineCheck>, ConfigError> {
@@ -441,7 +502,10 @@ impl AppConfig {
                 None => match self.http_service_for(group) {
                     Some(http) => or_default_port(http.internal_port),
                     None => {
-                        return Err(ConfigError::CheckWithoutPort { check: name.clone(), group: group.to_string() });
+                        return Err(ConfigError::CheckWithoutPort {
+                            check: name.clone(),
+                            group: group.to_string(),
+                        });
                     }
                 },
             };
@@ -467,7 +531,11 @@ impl AppConfig {
     }
 
     fn mounts_for(&self, group: &str) -> Result<Vec<api::MachineMount>, ConfigError> {
-        let Some((i, mount)) = self.mounts.iter().enumerate().find(|(_, m)| self.applies_to(&m.processes, group))
+        let Some((i, mount)) = self
+            .mounts
+            .iter()
+            .enumerate()
+            .find(|(_, m)| self.applies_to(&m.processes, group))
         else {
             return Ok(Vec::new());
         };
@@ -478,30 +546,56 @@ impl AppConfig {
                 .auto_extend_size_threshold
                 .filter(|t| *t != 0)
                 .and_then(|t| u32::try_from(t).ok()),
-            add_size_gb: volume_gb(&format!("mounts[{i}].auto_extend_size_increment"), &mount.auto_extend_size_increment)?,
-            size_gb_limit: volume_gb(&format!("mounts[{i}].auto_extend_size_limit"), &mount.auto_extend_size_limit)?,
+            add_size_gb: volume_gb(
+                &format!("mounts[{i}].auto_extend_size_increment"),
+                &mount.auto_extend_size_increment,
+            )?,
+            size_gb_limit: volume_gb(
+                &format!("mounts[{i}].auto_extend_size_limit"),
+                &mount.auto_extend_size_limit,
+            )?,
             ..api::MachineMount::default()
         }])
     }
 
     /// The machine config of process group `group` (spec/flytoml.md §5).
-    pub fn to_machine_config(&self, group: &str, opts: &MachineConfigOptions) -> Result<api::MachineConfig, ConfigError> {
+    pub fn to_machine_config(
+        &self,
+        group: &str,
+        opts: &MachineConfigOptions,
+    ) -> Result<api::MachineConfig, ConfigError> {
         self.ensure_loadable()?;
-        let groups = self.process_groups();
-        if !groups.iter().any(|g| g == group) {
-            return Err(ConfigError::UnknownGroup { group: group.to_string(), defined: groups });
+        let known = if self.processes.is_empty() {
+            group == crate::DEFAULT_PROCESS_GROUP
+        } else {
+            self.processes.contains_key(group)
+        };
+        if !known {
+            return Err(ConfigError::UnknownGroup {
+                group: group.to_string(),
+                defined: self.process_groups(),
+            });
         }
         let mut config = self.base_machine_config()?;
         config.image = self.image_or(opts, &config.image);
         self.machine_env(group, opts, &mut config.env);
         self.machine_metadata(group, opts, &mut config.metadata);
 
-        let command = self.processes.get(group).map(String::as_str).unwrap_or_default();
+        let command = self
+            .processes
+            .get(group)
+            .map(String::as_str)
+            .unwrap_or_default();
         let cmd = if !command.trim().is_empty() {
-            shell_split(command)
-                .map_err(|message| ConfigError::ProcessCommand { group: group.to_string(), message })?
+            shell_split(command).map_err(|message| ConfigError::ProcessCommand {
+                group: group.to_string(),
+                message,
+            })?
         } else {
-            self.experimental.as_ref().map(|e| e.cmd.clone()).unwrap_or_default()
+            self.experimental
+                .as_ref()
+                .map(|e| e.cmd.clone())
+                .unwrap_or_default()
         };
         let base_init = config.init.take().unwrap_or_default();
         let mut init = self.init_for(cmd);
@@ -509,8 +603,17 @@ impl AppConfig {
         init.kernel_args = base_init.kernel_args;
         config.init = Some(init);
 
-        let mut services: Vec<api::MachineService> = self.http_service_for(group).map(HttpService::to_api).into_iter().collect();
-        services.extend(self.services.iter().filter(|s| self.applies_to(&s.processes, group)).map(Service::to_api));
+        let mut services: Vec<api::MachineService> = self
+            .http_service_for(group)
+            .map(HttpService::to_api)
+            .into_iter()
+            .collect();
+        services.extend(
+            self.services
+                .iter()
+                .filter(|s| self.applies_to(&s.processes, group))
+                .map(Service::to_api),
+        );
         config.services = services;
         config.checks = self.checks_for(group)?;
         config.mounts = self.mounts_for(group)?;
@@ -520,14 +623,16 @@ impl AppConfig {
         config.restart = self
             .restart
             .iter()
-            .filter(|r| self.applies_to(&r.processes, group))
-            .next_back()
+            .rfind(|r| self.applies_to(&r.processes, group))
             .map(|r| -> Result<api::MachineRestart, ConfigError> {
                 let policy = restart_policy(&r.policy).ok_or_else(|| ConfigError::Invalid {
                     path: "restart".to_string(),
                     message: format!("invalid restart policy: {}", r.policy),
                 })?;
-                Ok(api::MachineRestart { policy, max_retries: r.retries })
+                Ok(api::MachineRestart {
+                    policy,
+                    max_retries: r.retries,
+                })
             })
             .transpose()?;
         config.stop_config = self.stop_config();
@@ -541,11 +646,15 @@ impl AppConfig {
                 index_document: s.index_document.clone(),
             })
             .collect();
-        config.metrics = self.metrics.iter().find(|m| self.applies_to(&m.processes, group)).map(|m| api::MachineMetrics {
-            port: m.port.unwrap_or_default(),
-            path: m.path.clone().unwrap_or_default(),
-            https: m.https,
-        });
+        config.metrics = self
+            .metrics
+            .iter()
+            .find(|m| self.applies_to(&m.processes, group))
+            .map(|m| api::MachineMetrics {
+                port: m.port.unwrap_or_default(),
+                path: m.path.clone().unwrap_or_default(),
+                https: m.https,
+            });
         let mut files = config.files.clone();
         for file in self.files_for(group)? {
             files.retain(|f| f.guest_path != file.guest_path);
@@ -556,15 +665,25 @@ impl AppConfig {
     }
 
     /// Machine configs of every process group, in group order.
-    pub fn machine_configs(&self, opts: &MachineConfigOptions) -> Result<Vec<(String, api::MachineConfig)>, ConfigError> {
+    pub fn machine_configs(
+        &self,
+        opts: &MachineConfigOptions,
+    ) -> Result<Vec<(String, api::MachineConfig)>, ConfigError> {
         self.process_groups()
             .into_iter()
-            .map(|group| self.to_machine_config(&group, opts).map(|config| (group, config)))
+            .map(|group| {
+                self.to_machine_config(&group, opts)
+                    .map(|config| (group, config))
+            })
             .collect()
     }
 
     /// A throw-away machine for a one-off command (release command, console).
-    fn ephemeral_machine(&self, group: &str, opts: &MachineConfigOptions) -> Result<api::MachineConfig, ConfigError> {
+    fn ephemeral_machine(
+        &self,
+        group: &str,
+        opts: &MachineConfigOptions,
+    ) -> Result<api::MachineConfig, ConfigError> {
         self.ensure_loadable()?;
         let mut config = self.base_machine_config()?;
         config.image = self.image_or(opts, &config.image);
@@ -573,9 +692,15 @@ impl AppConfig {
         config.services.clear();
         config.checks.clear();
         config.mounts.clear();
-        config.restart = Some(api::MachineRestart { policy: api::RestartPolicy::No, max_retries: None });
+        config.restart = Some(api::MachineRestart {
+            policy: api::RestartPolicy::No,
+            max_retries: None,
+        });
         config.auto_destroy = true;
-        config.dns.get_or_insert_with(api::DnsConfig::default).skip_registration = true;
+        config
+            .dns
+            .get_or_insert_with(api::DnsConfig::default)
+            .skip_registration = true;
         config.stop_config = self.stop_config();
         config.statics.clear();
         config.metrics = None;
@@ -587,15 +712,27 @@ impl AppConfig {
         &self,
         opts: &MachineConfigOptions,
     ) -> Option<Result<api::MachineConfig, ConfigError>> {
-        let command = self.deploy.as_ref()?.release_command.as_ref().filter(|c| !c.trim().is_empty())?;
+        let command = self
+            .deploy
+            .as_ref()?
+            .release_command
+            .as_ref()
+            .filter(|c| !c.trim().is_empty())?;
         Some((|| {
             let mut config = self.ephemeral_machine(RELEASE_COMMAND_GROUP, opts)?;
-            config.env.insert("RELEASE_COMMAND".to_string(), "1".to_string());
-            let cmd = shell_split(command).map_err(|_| ConfigError::ReleaseCommand(command.clone()))?;
+            config
+                .env
+                .insert("RELEASE_COMMAND".to_string(), "1".to_string());
+            let cmd =
+                shell_split(command).map_err(|_| ConfigError::ReleaseCommand(command.clone()))?;
             let mut init = self.init_for(cmd);
             init.exec.clear();
             config.init = Some(init);
-            if let Some(vm) = self.deploy.as_ref().and_then(|d| d.release_command_vm.as_ref()) {
+            if let Some(vm) = self
+                .deploy
+                .as_ref()
+                .and_then(|d| d.release_command_vm.as_ref())
+            {
                 let guest = vm.to_guest().map_err(|message| ConfigError::Invalid {
                     path: "deploy.release_command_vm".to_string(),
                     message,
@@ -607,7 +744,10 @@ impl AppConfig {
     }
 
     /// The machine `fly console` starts: sleeps forever so a shell can be attached.
-    pub fn console_machine_config(&self, opts: &MachineConfigOptions) -> Result<api::MachineConfig, ConfigError> {
+    pub fn console_machine_config(
+        &self,
+        opts: &MachineConfigOptions,
+    ) -> Result<api::MachineConfig, ConfigError> {
         let mut config = self.ephemeral_machine(CONSOLE_GROUP, opts)?;
         config.init = Some(api::MachineInit {
             exec: vec!["/bin/sleep".to_string(), "inf".to_string()],

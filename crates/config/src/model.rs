@@ -25,7 +25,10 @@ fn is_zero(value: &u16) -> bool {
 }
 
 #[allow(clippy::ref_option)]
-fn autostop_as_str<S: Serializer>(value: &Option<AutoStop>, serializer: S) -> Result<S::Ok, S::Error> {
+fn autostop_as_str<S: Serializer>(
+    value: &Option<AutoStop>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     match value {
         Some(v) => serializer.serialize_str(v.as_str()),
         None => serializer.serialize_none(),
@@ -38,6 +41,8 @@ fn autostop_as_str<S: Serializer>(value: &Option<AutoStop>, serializer: S) -> Re
 pub struct SourceInfo {
     pub(crate) origin: Option<String>,
     pub(crate) path: Option<PathBuf>,
+    /// The config was read from text, so every diagnostic can name a line.
+    pub(crate) from_text: bool,
     /// Normalised key path → (line, column).
     pub(crate) positions: Arc<BTreeMap<String, (usize, usize)>>,
     /// Type/shape errors found while reading (flyctl's "stored load error").
@@ -174,8 +179,12 @@ pub struct Compose {
     pub extra: Extra,
 }
 
-pub const COMPOSE_FILE_NAMES: [&str; 4] =
-    ["compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml"];
+pub const COMPOSE_FILE_NAMES: [&str; 4] = [
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yaml",
+    "docker-compose.yml",
+];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Deploy {
@@ -300,7 +309,10 @@ pub struct HttpService {
     pub internal_port: u16,
     #[serde(skip_serializing_if = "is_false")]
     pub force_https: bool,
-    #[serde(serialize_with = "autostop_as_str", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        serialize_with = "autostop_as_str",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub auto_stop_machines: Option<AutoStop>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_start_machines: Option<bool>,
@@ -327,7 +339,10 @@ pub struct Service {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub protocol: String,
     pub internal_port: u16,
-    #[serde(serialize_with = "autostop_as_str", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        serialize_with = "autostop_as_str",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub auto_stop_machines: Option<AutoStop>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_start_machines: Option<bool>,

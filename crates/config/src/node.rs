@@ -37,7 +37,10 @@ pub struct Entry {
 impl Entry {
     /// Where to point when reporting about this key.
     pub fn position(&self) -> Option<usize> {
-        self.key_span.as_ref().or(self.value.span.as_ref()).map(|s| s.start)
+        self.key_span
+            .as_ref()
+            .or(self.value.span.as_ref())
+            .map(|s| s.start)
     }
 }
 
@@ -65,7 +68,10 @@ impl Node {
     }
 
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.as_table()?.iter().find(|e| e.key == key).map(|e| &e.value)
+        self.as_table()?
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| &e.value)
     }
 
     pub fn is_empty_table(&self) -> bool {
@@ -110,9 +116,12 @@ impl Node {
             Kind::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
             Kind::Str(s) | Kind::Datetime(s) => Value::String(s.clone()),
             Kind::Array(items) => Value::Array(items.iter().map(Node::to_json).collect()),
-            Kind::Table(entries) => {
-                Value::Object(entries.iter().map(|e| (e.key.clone(), e.value.to_json())).collect())
-            }
+            Kind::Table(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.to_json()))
+                    .collect(),
+            ),
         }
     }
 
@@ -130,7 +139,11 @@ impl Node {
             Value::Array(items) => Kind::Array(items.iter().map(Node::from_json).collect()),
             Value::Object(map) => Kind::Table(
                 map.iter()
-                    .map(|(k, v)| Entry { key: k.clone(), key_span: None, value: Node::from_json(v) })
+                    .map(|(k, v)| Entry {
+                        key: k.clone(),
+                        key_span: None,
+                        value: Node::from_json(v),
+                    })
                     .collect(),
             ),
         };
@@ -157,6 +170,7 @@ pub fn json_depth(value: &serde_json::Value) -> usize {
 #[derive(Clone, Debug, Default)]
 pub struct LineIndex {
     starts: Vec<usize>,
+    ascii_lines: Vec<bool>,
     text: String,
 }
 
@@ -164,26 +178,62 @@ impl LineIndex {
     pub fn new(text: &str) -> Self {
         let mut starts = vec![0];
         starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        Self { starts, text: text.to_string() }
+        let ascii_lines = starts
+            .iter()
+            .enumerate()
+            .map(|(i, &start)| {
+                let end = starts.get(i + 1).copied().unwrap_or(text.len());
+                text.as_bytes()[start..end].is_ascii()
+            })
+            .collect();
+        Self {
+            starts,
+            ascii_lines,
+            text: text.to_string(),
+        }
     }
 
     pub fn position(&self, offset: usize) -> (usize, usize) {
+        // Counting characters is only needed (and only done) on short non-ASCII lines,
+        // so that positions in a huge one-line document stay cheap.
+        const COUNT_LIMIT: usize = 64 * 1024;
         let offset = offset.min(self.text.len());
-        let line = self.starts.partition_point(|&s| s <= offset).saturating_sub(1);
+        let line = self
+            .starts
+            .partition_point(|&s| s <= offset)
+            .saturating_sub(1);
         let start = self.starts.get(line).copied().unwrap_or(0);
-        let column = self.text.get(start..offset).map_or(offset - start, |s| s.chars().count()) + 1;
-        (line + 1, column)
+        let bytes = offset - start;
+        let ascii = self.ascii_lines.get(line).copied().unwrap_or(true);
+        let column = if ascii || bytes > COUNT_LIMIT {
+            bytes
+        } else {
+            self.text
+                .get(start..offset)
+                .map_or(bytes, |s| s.chars().count())
+        };
+        (line + 1, column + 1)
     }
 }
 
 fn syntax(origin: &str, index: &LineIndex, offset: usize, message: impl Into<String>) -> LoadError {
     let (line, column) = index.position(offset);
-    LoadError::Syntax { file: origin.to_string(), line, column, message: message.into() }
+    LoadError::Syntax {
+        file: origin.to_string(),
+        line,
+        column,
+        message: message.into(),
+    }
 }
 
 fn too_deep(origin: &str, index: &LineIndex, offset: usize) -> LoadError {
     let (line, column) = index.position(offset);
-    LoadError::TooDeep { file: origin.to_string(), line, column, limit: MAX_DEPTH }
+    LoadError::TooDeep {
+        file: origin.to_string(),
+        line,
+        column,
+        limit: MAX_DEPTH,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -278,7 +328,12 @@ pub fn parse_toml(text: &str, origin: &str, index: &LineIndex) -> Result<Node, L
     let document = toml_edit::ImDocument::parse(text).map_err(|err| {
         let offset = err.span().map_or(0, |s| s.start);
         let message = err.message().trim().to_string();
-        syntax(origin, index, offset, format!("TOML syntax error: {message}"))
+        syntax(
+            origin,
+            index,
+            offset,
+            format!("TOML syntax error: {message}"),
+        )
     })?;
     let root = toml_table(document.as_table(), 0).ok_or_else(|| too_deep(origin, index, 0))?;
     Ok(root)
@@ -292,7 +347,11 @@ fn toml_table(table: &toml_edit::Table, depth: usize) -> Option<Node> {
     for (key, item) in table.iter() {
         let key_span = table.key(key).and_then(|k| k.span());
         let value = toml_item(item, depth + 1)?;
-        entries.push(Entry { key: key.to_string(), key_span, value });
+        entries.push(Entry {
+            key: key.to_string(),
+            key_span,
+            value,
+        });
     }
     Some(Node::new(Kind::Table(entries), table.span()))
 }
@@ -306,7 +365,10 @@ fn toml_item(item: &toml_edit::Item, depth: usize) -> Option<Node> {
         toml_edit::Item::Value(value) => toml_value(value, depth),
         toml_edit::Item::Table(table) => toml_table(table, depth),
         toml_edit::Item::ArrayOfTables(array) => {
-            let items = array.iter().map(|t| toml_table(t, depth + 1)).collect::<Option<Vec<_>>>()?;
+            let items = array
+                .iter()
+                .map(|t| toml_table(t, depth + 1))
+                .collect::<Option<Vec<_>>>()?;
             Some(Node::new(Kind::Array(items), array.span()))
         }
     }
@@ -324,14 +386,21 @@ fn toml_value(value: &toml_edit::Value, depth: usize) -> Option<Node> {
         Value::Float(f) => Kind::Float(*f.value()),
         Value::Boolean(b) => Kind::Bool(*b.value()),
         Value::Datetime(d) => Kind::Datetime(d.value().to_string()),
-        Value::Array(array) => {
-            Kind::Array(array.iter().map(|v| toml_value(v, depth + 1)).collect::<Option<Vec<_>>>()?)
-        }
+        Value::Array(array) => Kind::Array(
+            array
+                .iter()
+                .map(|v| toml_value(v, depth + 1))
+                .collect::<Option<Vec<_>>>()?,
+        ),
         Value::InlineTable(table) => {
             let mut entries = Vec::with_capacity(table.len());
             for (key, item) in table.iter() {
                 let key_span = table.key(key).and_then(|k| k.span());
-                entries.push(Entry { key: key.to_string(), key_span, value: toml_value(item, depth + 1)? });
+                entries.push(Entry {
+                    key: key.to_string(),
+                    key_span,
+                    value: toml_value(item, depth + 1)?,
+                });
             }
             Kind::Table(entries)
         }
@@ -343,7 +412,13 @@ fn toml_value(value: &toml_edit::Value, depth: usize) -> Option<Node> {
 // JSON: a small parser of our own, so every key keeps its position and depth is bounded.
 
 pub fn parse_json(text: &str, origin: &str, index: &LineIndex) -> Result<Node, LoadError> {
-    let mut parser = JsonParser { bytes: text.as_bytes(), text, pos: 0, origin, index };
+    let mut parser = JsonParser {
+        bytes: text.as_bytes(),
+        text,
+        pos: 0,
+        origin,
+        index,
+    };
     parser.skip_ws();
     if parser.pos >= parser.bytes.len() {
         return Ok(Node::table(Vec::new()));
@@ -366,7 +441,12 @@ struct JsonParser<'a> {
 
 impl JsonParser<'_> {
     fn error(&self, message: &str) -> LoadError {
-        syntax(self.origin, self.index, self.pos, format!("JSON syntax error: {message}"))
+        syntax(
+            self.origin,
+            self.index,
+            self.pos,
+            format!("JSON syntax error: {message}"),
+        )
     }
 
     fn skip_ws(&mut self) {
@@ -395,6 +475,8 @@ impl JsonParser<'_> {
             Some(b'{') => {
                 self.pos += 1;
                 let mut entries: Vec<Entry> = Vec::new();
+                let mut seen: std::collections::HashMap<String, usize> =
+                    std::collections::HashMap::new();
                 self.skip_ws();
                 if self.bytes.get(self.pos) == Some(&b'}') {
                     self.pos += 1;
@@ -407,10 +489,22 @@ impl JsonParser<'_> {
                         self.skip_ws();
                         self.expect(b':')?;
                         let value = self.value(depth + 1)?;
-                        if let Some(existing) = entries.iter_mut().find(|e| e.key == key) {
-                            *existing = Entry { key, key_span, value };
-                        } else {
-                            entries.push(Entry { key, key_span, value });
+                        match seen.get(&key) {
+                            Some(&i) => {
+                                entries[i] = Entry {
+                                    key,
+                                    key_span,
+                                    value,
+                                }
+                            }
+                            None => {
+                                seen.insert(key.clone(), entries.len());
+                                entries.push(Entry {
+                                    key,
+                                    key_span,
+                                    value,
+                                });
+                            }
                         }
                         self.skip_ws();
                         match self.bytes.get(self.pos) {
@@ -529,7 +623,10 @@ impl JsonParser<'_> {
                             } else {
                                 high
                             };
-                            out.push(char::from_u32(code).ok_or_else(|| self.error("invalid \\u escape"))?);
+                            out.push(
+                                char::from_u32(code)
+                                    .ok_or_else(|| self.error("invalid \\u escape"))?,
+                            );
                         }
                         _ => return Err(self.error("invalid escape")),
                     }
@@ -555,10 +652,65 @@ impl JsonParser<'_> {
 // YAML: serde_yaml has no positions, so keys are found again in the text, in document
 // order (best effort).
 
+/// Refuses YAML whose flow collections (`[...]`, `{...}`) nest deeper than [`MAX_DEPTH`]:
+/// the YAML parser slows down badly on such input long before its own limit applies.
+fn check_yaml_depth(text: &str, origin: &str, index: &LineIndex) -> Result<(), LoadError> {
+    let bytes = text.as_bytes();
+    let starts_token = |previous: u8| {
+        matches!(
+            previous,
+            b' ' | b'\t' | b'\r' | b'\n' | b',' | b'[' | b'{' | b':'
+        )
+    };
+    let mut depth = 0usize;
+    let mut previous = b'\n';
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'#' if previous.is_ascii_whitespace() => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' if starts_token(previous) => {
+                i += 1;
+                while i < bytes.len() {
+                    if b == b'"' && bytes[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if bytes[i] == b {
+                        if b == b'\'' && bytes.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'[' | b'{' if depth > 0 || starts_token(previous) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(too_deep(origin, index, i));
+                }
+            }
+            b']' | b'}' if depth > 0 => depth -= 1,
+            _ => {}
+        }
+        previous = b;
+        i += 1;
+    }
+    Ok(())
+}
+
 pub fn parse_yaml(text: &str, origin: &str, index: &LineIndex) -> Result<Node, LoadError> {
     if text.trim().is_empty() {
         return Ok(Node::table(Vec::new()));
     }
+    check_yaml_depth(text, origin, index)?;
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|err| {
         let offset = err.location().map_or(0, |l| l.index());
         syntax(origin, index, offset, format!("YAML syntax error: {err}"))
@@ -567,7 +719,12 @@ pub fn parse_yaml(text: &str, origin: &str, index: &LineIndex) -> Result<Node, L
     yaml_node(&value, text, &mut cursor, 0).ok_or_else(|| too_deep(origin, index, 0))
 }
 
-fn yaml_node(value: &serde_yaml::Value, text: &str, cursor: &mut usize, depth: usize) -> Option<Node> {
+fn yaml_node(
+    value: &serde_yaml::Value,
+    text: &str,
+    cursor: &mut usize,
+    depth: usize,
+) -> Option<Node> {
     use serde_yaml::Value;
     if depth > MAX_DEPTH {
         return None;
@@ -581,7 +738,10 @@ fn yaml_node(value: &serde_yaml::Value, text: &str, cursor: &mut usize, depth: u
         },
         Value::String(s) => Kind::Str(s.clone()),
         Value::Sequence(items) => Kind::Array(
-            items.iter().map(|i| yaml_node(i, text, cursor, depth + 1)).collect::<Option<Vec<_>>>()?,
+            items
+                .iter()
+                .map(|i| yaml_node(i, text, cursor, depth + 1))
+                .collect::<Option<Vec<_>>>()?,
         ),
         Value::Mapping(map) => {
             let mut entries = Vec::with_capacity(map.len());
@@ -595,7 +755,11 @@ fn yaml_node(value: &serde_yaml::Value, text: &str, cursor: &mut usize, depth: u
                 };
                 let key_span = find_yaml_key(text, &key, cursor);
                 let value = yaml_node(v, text, cursor, depth + 1)?;
-                entries.push(Entry { key, key_span, value });
+                entries.push(Entry {
+                    key,
+                    key_span,
+                    value,
+                });
             }
             Kind::Table(entries)
         }
@@ -605,9 +769,22 @@ fn yaml_node(value: &serde_yaml::Value, text: &str, cursor: &mut usize, depth: u
 }
 
 fn find_yaml_key(text: &str, key: &str, cursor: &mut usize) -> Option<Range<usize>> {
-    let rest = text.get(*cursor..)?;
-    let candidates = [format!("{key}:"), format!("\"{key}\":"), format!("'{key}':")];
-    let found = candidates.iter().filter_map(|c| rest.find(c.as_str())).min()?;
+    // A bounded look-ahead keeps this linear when keys are written in unexpected ways.
+    const WINDOW: usize = 4096;
+    let mut end = (*cursor + WINDOW + key.len()).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let rest = text.get(*cursor..end)?;
+    let candidates = [
+        format!("{key}:"),
+        format!("\"{key}\":"),
+        format!("'{key}':"),
+    ];
+    let found = candidates
+        .iter()
+        .filter_map(|c| rest.find(c.as_str()))
+        .min()?;
     let start = *cursor + found;
     *cursor = start + key.len();
     Some(start..start + key.len())

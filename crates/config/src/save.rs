@@ -14,7 +14,8 @@ use crate::{AppConfig, Format};
 pub fn render(config: &AppConfig, format: Format) -> String {
     match format {
         Format::Json => {
-            let mut text = serde_json::to_string_pretty(config).unwrap_or_else(|_| "{}".to_string());
+            let mut text =
+                serde_json::to_string_pretty(config).unwrap_or_else(|_| "{}".to_string());
             text.push('\n');
             text
         }
@@ -22,7 +23,11 @@ pub fn render(config: &AppConfig, format: Format) -> String {
         Format::Toml => {
             let header = format!(
                 "# fly.toml app configuration file generated for {} on {}\n#\n# See https://fly.io/docs/reference/configuration/ for information about how to use this file.\n#\n\n",
-                if config.app.is_empty() { "<app>" } else { &config.app },
+                if config.app.is_empty() {
+                    "<app>"
+                } else {
+                    &config.app
+                },
                 rfc3339_now()
             );
             header + &normalized_document(config).to_string()
@@ -59,7 +64,8 @@ pub fn save(config: &AppConfig, path: &Path) -> std::io::Result<()> {
 /// The config as a TOML document, keys in schema order.
 fn normalized_document(config: &AppConfig) -> DocumentMut {
     let json = serde_json::to_string(config).unwrap_or_else(|_| "{}".to_string());
-    let root = node::parse_json(&json, "config", &LineIndex::new(&json)).unwrap_or_else(|_| Node::table(Vec::new()));
+    let root = node::parse_json(&json, "config", &LineIndex::new(&json))
+        .unwrap_or_else(|_| Node::table(Vec::new()));
     let mut document = DocumentMut::new();
     if let Kind::Table(entries) = &root.kind {
         fill_table(document.as_table_mut(), entries);
@@ -88,7 +94,9 @@ fn to_item(node: &Node) -> Option<Item> {
             fill_table(&mut table, entries);
             Some(Item::Table(table))
         }
-        Kind::Array(items) if !items.is_empty() && items.iter().all(|i| matches!(i.kind, Kind::Table(_))) => {
+        Kind::Array(items)
+            if !items.is_empty() && items.iter().all(|i| matches!(i.kind, Kind::Table(_))) =>
+        {
             let mut array = ArrayOfTables::new();
             for item in items {
                 if let Kind::Table(entries) = &item.kind {
@@ -156,7 +164,9 @@ fn merge_table(original: &mut Table, normalized: &Table) {
                 original.remove(&key);
             }
             Some(new) => {
-                let Some(old) = original.get_mut(&key) else { continue };
+                let Some(old) = original.get_mut(&key) else {
+                    continue;
+                };
                 let was_value = old.is_value();
                 merge_item(old, new);
                 if was_value && !old.is_value() {
@@ -180,7 +190,9 @@ fn merge_table(original: &mut Table, normalized: &Table) {
 fn merge_item(old: &mut Item, new: &Item) {
     match (&mut *old, new) {
         (Item::Table(old_table), Item::Table(new_table)) => merge_table(old_table, new_table),
-        (Item::ArrayOfTables(old_array), Item::ArrayOfTables(new_array)) if old_array.len() == new_array.len() => {
+        (Item::ArrayOfTables(old_array), Item::ArrayOfTables(new_array))
+            if old_array.len() == new_array.len() =>
+        {
             for (old_table, new_table) in old_array.iter_mut().zip(new_array.iter()) {
                 merge_table(old_table, new_table);
             }
@@ -218,7 +230,9 @@ fn set_position(table: &mut Table, position: Option<usize>) {
 }
 
 fn rfc3339_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (proleptic Gregorian).
@@ -247,10 +261,18 @@ mod tests {
     #[test]
     fn rewrites_only_what_changed() {
         let original = "# my app\napp = \"x\"  # the name\nkill_timeout = 5\n\n[build]\n  # which file\n  dockerfile = 'Dockerfile'\n  build_target = \"prod\"\n\n[mounts]\n  source = \"data\"\n  destination = \"/data\"\n";
-        let config = parse_str(original, Format::Toml, "fly.toml").unwrap().config;
+        let config = parse_str(original, Format::Toml, "fly.toml")
+            .unwrap()
+            .config;
         let saved = render_preserving(&config, original);
-        assert!(saved.starts_with("# my app\napp = \"x\"  # the name\nkill_timeout = \"5s\""), "{saved}");
-        assert!(saved.contains("  # which file\n  dockerfile = 'Dockerfile'\n"), "{saved}");
+        assert!(
+            saved.starts_with("# my app\napp = \"x\"  # the name\nkill_timeout = \"5s\""),
+            "{saved}"
+        );
+        assert!(
+            saved.contains("  # which file\n  dockerfile = 'Dockerfile'\n"),
+            "{saved}"
+        );
         assert!(saved.contains("build-target = \"prod\""), "{saved}");
         assert!(!saved.contains("build_target"), "{saved}");
         assert!(saved.contains("[[mounts]]"), "{saved}");
@@ -268,10 +290,16 @@ mod tests {
         .unwrap()
         .config;
         let text = render(&config, Format::Toml);
-        assert!(text.starts_with("# fly.toml app configuration file generated for x on 20"), "{text}");
+        assert!(
+            text.starts_with("# fly.toml app configuration file generated for x on 20"),
+            "{text}"
+        );
         assert!(text.contains("\n[http_service]\n"), "{text}");
         assert!(text.contains("[http_service.concurrency]"), "{text}");
         assert!(text.contains("[[vm]]"), "{text}");
-        assert_eq!(parse_str(&text, Format::Toml, "fly.toml").unwrap().config, config);
+        assert_eq!(
+            parse_str(&text, Format::Toml, "fly.toml").unwrap().config,
+            config
+        );
     }
 }

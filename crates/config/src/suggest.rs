@@ -8,13 +8,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in rows.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        rows[0][j] = j;
-    }
+    rows[0] = (0..=b.len()).collect();
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (rows[i - 1][j] + 1).min(rows[i][j - 1] + 1).min(rows[i - 1][j - 1] + cost);
+            let mut best = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 best = best.min(rows[i - 2][j - 2] + 1);
             }
@@ -67,7 +67,10 @@ pub fn closest<'a>(input: &str, candidates: impl IntoIterator<Item = &'a str>) -
     best.map(|(_, c)| c)
 }
 
-pub fn did_you_mean<'a>(input: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    input: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     closest(input, candidates).map(|c| format!("did you mean `{c}`?"))
 }
 
@@ -77,14 +80,31 @@ mod tests {
 
     #[test]
     fn suggests_near_misses() {
-        let keys = ["internal_port", "auto_stop_machines", "min_machines_running", "processes"];
+        let keys = [
+            "internal_port",
+            "auto_stop_machines",
+            "min_machines_running",
+            "processes",
+        ];
         assert_eq!(closest("internal_prot", keys), Some("internal_port"));
         assert_eq!(closest("intenal_port", keys), Some("internal_port"));
-        assert_eq!(closest("auto_machine_stop", keys), Some("auto_stop_machines"));
-        assert_eq!(closest("min_machine_running", keys), Some("min_machines_running"));
+        assert_eq!(
+            closest("auto_machine_stop", keys),
+            Some("auto_stop_machines")
+        );
+        assert_eq!(
+            closest("min_machine_running", keys),
+            Some("min_machines_running")
+        );
         assert_eq!(closest("process", keys), Some("processes"));
         assert_eq!(closest("redis", keys), None);
-        assert_eq!(closest("htp", ["http", "tls", "proxy_proto", "pg_tls"]), Some("http"));
-        assert_eq!(closest("https", ["http", "tls", "proxy_proto", "pg_tls"]), Some("http"));
+        assert_eq!(
+            closest("htp", ["http", "tls", "proxy_proto", "pg_tls"]),
+            Some("http")
+        );
+        assert_eq!(
+            closest("https", ["http", "tls", "proxy_proto", "pg_tls"]),
+            Some("http")
+        );
     }
 }

@@ -12,15 +12,36 @@ pub struct GuestPreset {
 }
 
 const fn shared(name: &'static str, cpus: u32) -> GuestPreset {
-    GuestPreset { name, cpu_kind: "shared", cpus, memory_mb: 256 * cpus, gpus: 0, gpu_kind: None }
+    GuestPreset {
+        name,
+        cpu_kind: "shared",
+        cpus,
+        memory_mb: 256 * cpus,
+        gpus: 0,
+        gpu_kind: None,
+    }
 }
 
 const fn performance(name: &'static str, cpus: u32) -> GuestPreset {
-    GuestPreset { name, cpu_kind: "performance", cpus, memory_mb: 2048 * cpus, gpus: 0, gpu_kind: None }
+    GuestPreset {
+        name,
+        cpu_kind: "performance",
+        cpus,
+        memory_mb: 2048 * cpus,
+        gpus: 0,
+        gpu_kind: None,
+    }
 }
 
 const fn gpu(name: &'static str, kind: &'static str) -> GuestPreset {
-    GuestPreset { name, cpu_kind: "performance", cpus: 8, memory_mb: 32768, gpus: 1, gpu_kind: Some(kind) }
+    GuestPreset {
+        name,
+        cpu_kind: "performance",
+        cpus: 8,
+        memory_mb: 32768,
+        gpus: 1,
+        gpu_kind: Some(kind),
+    }
 }
 
 pub const VM_SIZES: &[GuestPreset] = &[
@@ -63,7 +84,10 @@ pub fn cpu_limits(cpu_kind: &str) -> Option<(&'static [u32], u32, u32)> {
 /// Splits `"1.5 GiB"` into (1.5, 'g'); `None` when it does not look like a size.
 fn split_size(text: &str) -> Option<(f64, Option<char>)> {
     let text = text.trim();
-    let number_len = text.bytes().take_while(|b| b.is_ascii_digit() || *b == b'.').count();
+    let number_len = text
+        .bytes()
+        .take_while(|b| b.is_ascii_digit() || *b == b'.')
+        .count();
     let (number, rest) = text.split_at(number_len);
     if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
         return None;
@@ -98,7 +122,9 @@ fn power(unit: Option<char>) -> i32 {
 pub fn parse_memory_mb(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()) {
-        return trimmed.parse::<u64>().map_err(|e| format!("invalid memory size '{text}': {e}"));
+        return trimmed
+            .parse::<u64>()
+            .map_err(|e| format!("invalid memory size '{text}': {e}"));
     }
     let (value, unit) = split_size(trimmed).ok_or_else(|| format!("invalid size: '{text}'"))?;
     let bytes = value * 1024f64.powi(power(unit));
@@ -110,7 +136,9 @@ pub fn parse_memory_mb(text: &str) -> Result<u64, String> {
 pub fn parse_volume_size_gb(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()) {
-        return trimmed.parse::<u64>().map_err(|e| format!("invalid size: '{text}': {e}"));
+        return trimmed
+            .parse::<u64>()
+            .map_err(|e| format!("invalid size: '{text}': {e}"));
     }
     let (value, unit) = split_size(trimmed).ok_or_else(|| format!("invalid size: '{text}'"))?;
     let bytes = value * 1000f64.powi(power(unit));
@@ -153,6 +181,9 @@ mod tests {
         assert_eq!((p.cpu_kind, p.cpus, p.memory_mb), ("performance", 2, 4096));
         let p = preset("shared-cpu-4x").unwrap();
         assert_eq!((p.cpu_kind, p.cpus, p.memory_mb), ("shared", 4, 1024));
-        assert_eq!(preset("a100-40gb").unwrap().gpu_kind, Some("a100-pcie-40gb"));
+        assert_eq!(
+            preset("a100-40gb").unwrap().gpu_kind,
+            Some("a100-pcie-40gb")
+        );
     }
 }

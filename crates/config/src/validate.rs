@@ -1,7 +1,7 @@
 //! The rules of `fly config validate` (spec/flytoml.md §6.2), plus the checks the platform
 //! would otherwise only reject at deploy time (ports, handlers, VM sizes, regions).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aloft_api::{Duration, regions};
 
@@ -9,7 +9,9 @@ use crate::diagnostic::{ConfigError, Diagnostic, DiagnosticCode};
 use crate::machine::{MachineConfigOptions, restart_policy, shell_split};
 use crate::model::*;
 use crate::suggest::did_you_mean;
-use crate::units::{CPU_KINDS, GPU_KINDS, VM_SIZES, cpu_limits, parse_memory_mb, parse_volume_size_gb, preset};
+use crate::units::{
+    CPU_KINDS, GPU_KINDS, VM_SIZES, cpu_limits, parse_memory_mb, parse_volume_size_gb, preset,
+};
 
 pub const HANDLERS: &[&str] = &["http", "tls", "proxy_proto", "pg_tls"];
 pub const PROTOCOLS: &[&str] = &["tcp", "udp"];
@@ -18,7 +20,9 @@ pub const RESTART_POLICIES: &[&str] = &["always", "never", "on-failure"];
 pub const CONCURRENCY_TYPES: &[&str] = &["connections", "requests"];
 pub const CHECK_TYPES: &[&str] = &["http", "tcp"];
 pub const CHECK_PROTOCOLS: &[&str] = &["http", "https"];
-pub const KILL_SIGNALS: &[&str] = &["SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGSTOP"];
+pub const KILL_SIGNALS: &[&str] = &[
+    "SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGSTOP",
+];
 pub const PERSIST_ROOTFS: &[&str] = &["never", "restart", "always"];
 pub const COMPRESSIONS: &[&str] = &["gzip", "zstd"];
 pub const PROXY_PROTO_VERSIONS: &[&str] = &["v1", "v2"];
@@ -29,7 +33,32 @@ fn one_of(values: &[&str]) -> String {
 
 struct Validator<'a> {
     config: &'a AppConfig,
+    groups: BTreeSet<String>,
+    /// "one of <groups>", built once.
+    groups_expected: String,
+    /// Suggestions among many groups are costly; absurd files get only the first ones.
+    group_suggestions_left: usize,
     out: Vec<Diagnostic>,
+}
+
+/// Per-group conversion is checked for at most this many groups (each check is linear in
+/// the config, so this bounds validation time on absurd inputs).
+const MAX_GROUPS_CONVERTED: usize = 100;
+
+/// "one of a, b, c", shortened when the list is long.
+fn one_of_names<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
+    const SHOWN: usize = 20;
+    let names: Vec<&String> = names.into_iter().collect();
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(", … ({} in all)", names.len()));
+    }
+    format!("one of {text}")
 }
 
 impl Validator<'_> {
@@ -46,7 +75,11 @@ impl Validator<'_> {
     }
 
     fn push(&mut self, mut diagnostic: Diagnostic) {
-        if let Some((line, column)) = self.position(&diagnostic.path) {
+        let fallback = self.config.source.from_text;
+        if let Some((line, column)) = self
+            .position(&diagnostic.path)
+            .or(fallback.then_some((1, 1)))
+        {
             diagnostic.line = Some(line);
             diagnostic.column = Some(column);
         }
@@ -68,17 +101,20 @@ impl Validator<'_> {
             return true;
         }
         self.push(
-            Diagnostic::error(DiagnosticCode::Invalid, path, format!("unknown {what} `{value}`"))
-                .with_expected(one_of(allowed))
-                .with_suggestion(did_you_mean(value, allowed.iter().copied())),
+            Diagnostic::error(
+                DiagnosticCode::Invalid,
+                path,
+                format!("unknown {what} `{value}`"),
+            )
+            .with_expected(one_of(allowed))
+            .with_suggestion(did_you_mean(value, allowed.iter().copied())),
         );
         false
     }
 
     fn groups_exist(&mut self, path: &str, processes: &[String], section: &str) {
-        let groups = self.config.process_groups();
         for (i, group) in processes.iter().enumerate() {
-            if groups.contains(group) {
+            if self.groups.contains(group) {
                 continue;
             }
             let message = if self.config.processes.is_empty() {
@@ -91,10 +127,21 @@ impl Validator<'_> {
                     "{section} specifies '{group}' as one of its processes, but no processes are defined with that name"
                 )
             };
+            let suggestion = if self.group_suggestions_left > 0 && self.groups.len() <= 200 {
+                self.group_suggestions_left -= 1;
+                did_you_mean(group, self.groups.iter().map(String::as_str))
+            } else {
+                None
+            };
+            let expected = self.groups_expected.clone();
             self.push(
-                Diagnostic::error(DiagnosticCode::Invalid, format!("{path}.processes[{i}]"), message)
-                    .with_expected(one_of(&groups.iter().map(String::as_str).collect::<Vec<_>>()))
-                    .with_suggestion(did_you_mean(group, groups.iter().map(String::as_str))),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    format!("{path}.processes[{i}]"),
+                    message,
+                )
+                .with_expected(expected)
+                .with_suggestion(suggestion),
             );
         }
     }
@@ -107,7 +154,15 @@ impl Validator<'_> {
 }
 
 pub(crate) fn validate(config: &AppConfig) -> Vec<Diagnostic> {
-    let mut v = Validator { config, out: Vec::new() };
+    let groups: BTreeSet<String> = config.process_groups().into_iter().collect();
+    let groups_expected = one_of_names(&groups);
+    let mut v = Validator {
+        config,
+        groups,
+        groups_expected,
+        group_suggestions_left: 100,
+        out: Vec::new(),
+    };
     top_level(&mut v);
     build(&mut v);
     deploy(&mut v);
@@ -128,24 +183,35 @@ fn top_level(v: &mut Validator) {
     let c = v.config;
     let region = c.primary_region.as_str();
     if !region.is_empty() {
-        let well_formed = region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let well_formed = region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         let codes = regions::REGIONS.iter().map(|r| r.code);
         match regions::find(region) {
             _ if !well_formed => v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, "primary_region", format!("invalid region code `{region}`"))
-                    .with_expected("a region code such as ams, iad or ord")
-                    .with_suggestion(did_you_mean(&region.trim().to_ascii_lowercase(), codes)),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    "primary_region",
+                    format!("invalid region code `{region}`"),
+                )
+                .with_expected("a region code such as ams, iad or ord")
+                .with_suggestion(did_you_mean(&region.trim().to_ascii_lowercase(), codes)),
             ),
             Some(r) if r.deprecated => v.warning(
                 "primary_region",
-                format!("`{region}` ({}) is no longer a Fly.io deployable region", r.name),
+                format!(
+                    "`{region}` ({}) is no longer a Fly.io deployable region",
+                    r.name
+                ),
             ),
             Some(_) => {}
             None => v.push(
                 Diagnostic::warning(
                     DiagnosticCode::Invalid,
                     "primary_region",
-                    format!("`{region}` is not a Fly.io region code (fine if this platform defines it)"),
+                    format!(
+                        "`{region}` is not a Fly.io region code (fine if this platform defines it)"
+                    ),
                 )
                 .with_suggestion(did_you_mean(region, codes)),
             ),
@@ -156,20 +222,33 @@ fn top_level(v: &mut Validator) {
     }
     if let Some(timeout) = c.kill_timeout {
         if timeout < Duration::ZERO {
-            v.error("kill_timeout", format!("kill_timeout {timeout} is negative"));
+            v.error(
+                "kill_timeout",
+                format!("kill_timeout {timeout} is negative"),
+            );
         } else if timeout > Duration::from_secs(300) {
-            v.warning("kill_timeout", format!("kill_timeout {timeout} is longer than the 5m0s maximum and will be capped"));
+            v.warning(
+                "kill_timeout",
+                format!(
+                    "kill_timeout {timeout} is longer than the 5m0s maximum and will be capped"
+                ),
+            );
         }
     }
     if let Some(command) = &c.console_command {
-        v.shell_command("console_command", command, |c| format!("Can't shell split console command: '{c}'"));
+        v.shell_command("console_command", command, |c| {
+            format!("Can't shell split console command: '{c}'")
+        });
     }
     for name in c.env.keys() {
         let path = format!("env.{name}");
         if name.is_empty() {
             v.error(path, "environment variable names cannot be empty");
         } else if name.starts_with("FLY_") {
-            v.warning(path, format!("`{name}`: names starting with FLY_ are reserved for the platform"));
+            v.warning(
+                path,
+                format!("`{name}`: names starting with FLY_ are reserved for the platform"),
+            );
         }
     }
 }
@@ -190,11 +269,18 @@ fn build(v: &mut Validator) {
         strategies.push("the \"builtin\" config");
     }
     if strategies.len() > 1 {
-        v.warning("build", format!("more than one build configuration found: [{}]", strategies.join(", ")));
+        v.warning(
+            "build",
+            format!(
+                "more than one build configuration found: [{}]",
+                strategies.join(", ")
+            ),
+        );
     }
-    if let Some(compression) = &build.compression {
-        if !COMPRESSIONS.contains(&compression.as_str()) {
-            v.push(
+    if let Some(compression) = &build.compression
+        && !COMPRESSIONS.contains(&compression.as_str())
+    {
+        v.push(
                 Diagnostic::error(
                     DiagnosticCode::Invalid,
                     "build.compression",
@@ -203,11 +289,11 @@ fn build(v: &mut Validator) {
                 .with_expected(one_of(COMPRESSIONS))
                 .with_suggestion(did_you_mean(compression, COMPRESSIONS.iter().copied())),
             );
-        }
     }
-    if let Some(level) = build.compression_level {
-        if !(0..=9).contains(&level) {
-            v.push(
+    if let Some(level) = build.compression_level
+        && !(0..=9).contains(&level)
+    {
+        v.push(
                 Diagnostic::error(
                     DiagnosticCode::Invalid,
                     "build.compression_level",
@@ -215,14 +301,17 @@ fn build(v: &mut Validator) {
                 )
                 .with_expected("an integer from 0 to 9"),
             );
-        }
     }
 }
 
 fn deploy(v: &mut Validator) {
-    let Some(deploy) = &v.config.deploy else { return };
+    let Some(deploy) = &v.config.deploy else {
+        return;
+    };
     if let Some(command) = &deploy.release_command {
-        v.shell_command("deploy.release_command", command, |c| format!("Can't shell split release command: '{c}'"));
+        v.shell_command("deploy.release_command", command, |c| {
+            format!("Can't shell split release command: '{c}'")
+        });
     }
     if let Some(strategy) = &deploy.strategy {
         if !STRATEGIES.contains(&strategy.as_str()) {
@@ -240,21 +329,31 @@ fn deploy(v: &mut Validator) {
             );
         }
         if strategy == "canary" && !v.config.mounts.is_empty() {
-            v.error("deploy.strategy", "error canary deployment strategy is not supported when using mounted volumes");
+            v.error(
+                "deploy.strategy",
+                "error canary deployment strategy is not supported when using mounted volumes",
+            );
         }
         if strategy == "bluegreen" && !has_any_checks(v.config) {
             v.warning("deploy.strategy", "bluegreen deployments need health checks to decide when to cut over; none are defined");
         }
     }
-    if let Some(max) = deploy.max_unavailable {
-        if max.is_nan() || max <= 0.0 {
-            v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, "deploy.max_unavailable", format!("max_unavailable {max} must be positive"))
-                    .with_expected("a fraction below 1 (e.g. 0.33) or a machine count of 1 or more"),
-            );
-        }
+    if let Some(max) = deploy.max_unavailable
+        && (max.is_nan() || max <= 0.0)
+    {
+        v.push(
+            Diagnostic::error(
+                DiagnosticCode::Invalid,
+                "deploy.max_unavailable",
+                format!("max_unavailable {max} must be positive"),
+            )
+            .with_expected("a fraction below 1 (e.g. 0.33) or a machine count of 1 or more"),
+        );
     }
-    for (key, value) in [("wait_timeout", deploy.wait_timeout), ("release_command_timeout", deploy.release_command_timeout)] {
+    for (key, value) in [
+        ("wait_timeout", deploy.wait_timeout),
+        ("release_command_timeout", deploy.release_command_timeout),
+    ] {
         if value.is_some_and(|d| d < Duration::ZERO) {
             v.error(format!("deploy.{key}"), format!("{key} is negative"));
         }
@@ -266,8 +365,14 @@ fn deploy(v: &mut Validator) {
 
 fn has_any_checks(config: &AppConfig) -> bool {
     !config.checks.is_empty()
-        || config.http_service.as_ref().is_some_and(|h| !h.checks.is_empty())
-        || config.services.iter().any(|s| !s.tcp_checks.is_empty() || !s.http_checks.is_empty())
+        || config
+            .http_service
+            .as_ref()
+            .is_some_and(|h| !h.checks.is_empty())
+        || config
+            .services
+            .iter()
+            .any(|s| !s.tcp_checks.is_empty() || !s.http_checks.is_empty())
 }
 
 fn processes(v: &mut Validator) {
@@ -277,7 +382,9 @@ fn processes(v: &mut Validator) {
         }
         let path = format!("processes.{group}");
         v.shell_command(&path, command, |_| {
-            format!("Could not parse command for '{group}' process group; check [processes] section")
+            format!(
+                "Could not parse command for '{group}' process group; check [processes] section"
+            )
         });
     }
 }
@@ -318,13 +425,22 @@ fn services(v: &mut Validator) {
         let path = "http_service";
         service_groups(v, path, &http.processes);
         if http.internal_port == 0 {
-            v.warning(format!("{path}.internal_port"), "internal_port is not set; the app must listen on 8080");
+            v.warning(
+                format!("{path}.internal_port"),
+                "internal_port is not set; the app must listen on 8080",
+            );
         }
         if let Some(c) = &http.concurrency {
             concurrency(v, &format!("{path}.concurrency"), c);
         }
         for (i, check) in http.checks.iter().enumerate() {
-            service_check_timing(v, &format!("{path}.checks[{i}]"), check.interval, check.timeout, check.grace_period);
+            service_check_timing(
+                v,
+                &format!("{path}.checks[{i}]"),
+                check.interval,
+                check.timeout,
+                check.grace_period,
+            );
             http_check_fields(v, &format!("{path}.checks[{i}]"), check);
         }
         machine_checks(v, &format!("{path}.machine_checks"), &http.machine_checks);
@@ -342,11 +458,23 @@ fn services(v: &mut Validator) {
         let path = format!("services[{i}]");
         service_groups(v, &path, &service.processes);
         if service.internal_port == 0 {
-            v.warning(format!("{path}.internal_port"), "internal_port is not set; the app must listen on 8080");
+            v.warning(
+                format!("{path}.internal_port"),
+                "internal_port is not set; the app must listen on 8080",
+            );
         }
-        let protocol = if service.protocol.is_empty() { "tcp" } else { service.protocol.as_str() };
+        let protocol = if service.protocol.is_empty() {
+            "tcp"
+        } else {
+            service.protocol.as_str()
+        };
         if !service.protocol.is_empty() {
-            v.enumerated(&format!("{path}.protocol"), "protocol", &service.protocol, PROTOCOLS);
+            v.enumerated(
+                &format!("{path}.protocol"),
+                "protocol",
+                &service.protocol,
+                PROTOCOLS,
+            );
         }
         if service.ports.is_empty() {
             v.warning(
@@ -371,32 +499,64 @@ fn services(v: &mut Validator) {
             }
         }
         for (j, check) in service.tcp_checks.iter().enumerate() {
-            service_check_timing(v, &format!("{path}.tcp_checks[{j}]"), check.interval, check.timeout, check.grace_period);
+            service_check_timing(
+                v,
+                &format!("{path}.tcp_checks[{j}]"),
+                check.interval,
+                check.timeout,
+                check.grace_period,
+            );
         }
         for (j, check) in service.http_checks.iter().enumerate() {
             let check_path = format!("{path}.http_checks[{j}]");
-            service_check_timing(v, &check_path, check.interval, check.timeout, check.grace_period);
+            service_check_timing(
+                v,
+                &check_path,
+                check.interval,
+                check.timeout,
+                check.grace_period,
+            );
             http_check_fields(v, &check_path, check);
         }
-        machine_checks(v, &format!("{path}.machine_checks"), &service.machine_checks);
+        machine_checks(
+            v,
+            &format!("{path}.machine_checks"),
+            &service.machine_checks,
+        );
     }
-    for (i, later) in exposed.iter().enumerate() {
-        let clash = exposed[..i].iter().find(|earlier| {
-            earlier.protocol == later.protocol && earlier.start <= later.end && later.start <= earlier.end
-        });
-        if let Some(earlier) = clash {
-            let port = later.start.max(earlier.start);
-            v.push(
-                Diagnostic::error(
-                    DiagnosticCode::Invalid,
-                    later.path.clone(),
-                    format!(
-                        "port {port}/{} is already exposed by {} (the proxy routes each external port to one service)",
-                        later.protocol, earlier.owner
-                    ),
-                )
-                .with_suggestion(Some(format!("pick another external port than {port}"))),
-            );
+    // Sorted sweep: each entry is compared with the widest range seen so far.
+    let mut order: Vec<usize> = (0..exposed.len()).collect();
+    order.sort_by(|&a, &b| {
+        (&exposed[a].protocol, exposed[a].start, a).cmp(&(
+            &exposed[b].protocol,
+            exposed[b].start,
+            b,
+        ))
+    });
+    let mut widest: Option<usize> = None;
+    for &i in &order {
+        let later = &exposed[i];
+        if let Some(w) = widest {
+            let earlier = &exposed[w];
+            if earlier.protocol == later.protocol && later.start <= earlier.end {
+                let port = later.start;
+                v.push(
+                    Diagnostic::error(
+                        DiagnosticCode::Invalid,
+                        later.path.clone(),
+                        format!(
+                            "port {port}/{} is already exposed by {} (the proxy routes each external port to one service)",
+                            later.protocol, earlier.owner
+                        ),
+                    )
+                    .with_suggestion(Some(format!("pick another external port than {port}"))),
+                );
+            }
+        }
+        let replace = widest
+            .is_none_or(|w| exposed[w].protocol != later.protocol || later.end > exposed[w].end);
+        if replace {
+            widest = Some(i);
         }
     }
 }
@@ -429,18 +589,30 @@ fn port_entry(v: &mut Validator, path: &str, port: &Port, protocol: &str) -> Opt
         }
         (None, _, _) => {
             v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, path, "the port entry exposes no port")
-                    .with_expected("`port`, or both `start_port` and `end_port`"),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    path,
+                    "the port entry exposes no port",
+                )
+                .with_expected("`port`, or both `start_port` and `end_port`"),
             );
             None
         }
     };
     let mut ok_range = range;
-    for (key, value) in [("port", port.port), ("start_port", port.start_port), ("end_port", port.end_port)] {
+    for (key, value) in [
+        ("port", port.port),
+        ("start_port", port.start_port),
+        ("end_port", port.end_port),
+    ] {
         if value == Some(0) {
             v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, format!("{path}.{key}"), "port 0 is not a valid port")
-                    .with_expected("a port from 1 to 65535"),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    format!("{path}.{key}"),
+                    "port 0 is not a valid port",
+                )
+                .with_expected("a port from 1 to 65535"),
             );
             ok_range = None;
         }
@@ -448,7 +620,12 @@ fn port_entry(v: &mut Validator, path: &str, port: &Port, protocol: &str) -> Opt
     let handlers_path = format!("{path}.handlers");
     let mut known = true;
     for (i, handler) in port.handlers.iter().enumerate() {
-        known &= v.enumerated(&format!("{handlers_path}[{i}]"), "handler", handler, HANDLERS);
+        known &= v.enumerated(
+            &format!("{handlers_path}[{i}]"),
+            "handler",
+            handler,
+            HANDLERS,
+        );
     }
     let has = |h: &str| port.handlers.iter().any(|x| x == h);
     if known {
@@ -457,15 +634,22 @@ fn port_entry(v: &mut Validator, path: &str, port: &Port, protocol: &str) -> Opt
                 Diagnostic::error(
                     DiagnosticCode::Invalid,
                     handlers_path.clone(),
-                    format!("handler pg_tls cannot be combined with http or tls (handlers = {:?})", port.handlers),
+                    format!(
+                        "handler pg_tls cannot be combined with http or tls (handlers = {:?})",
+                        port.handlers
+                    ),
                 )
                 .with_expected("[\"pg_tls\"] alone"),
             );
         }
         if protocol == "udp" && !port.handlers.is_empty() {
             v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, handlers_path.clone(), "UDP ports cannot have handlers")
-                    .with_suggestion(Some("remove `handlers` from UDP services".to_string())),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    handlers_path.clone(),
+                    "UDP ports cannot have handlers",
+                )
+                .with_suggestion(Some("remove `handlers` from UDP services".to_string())),
             );
         }
     }
@@ -476,21 +660,37 @@ fn port_entry(v: &mut Validator, path: &str, port: &Port, protocol: &str) -> Opt
                 format!("{path}.force_https"),
                 "force_https needs the http handler on this port",
             )
-            .with_suggestion(Some("add \"http\" to `handlers`, or remove force_https".to_string())),
+            .with_suggestion(Some(
+                "add \"http\" to `handlers`, or remove force_https".to_string(),
+            )),
         );
     }
     if port.http_options.is_some() && !has("http") {
-        v.warning(format!("{path}.http_options"), "http_options has no effect without the http handler");
+        v.warning(
+            format!("{path}.http_options"),
+            "http_options has no effect without the http handler",
+        );
     }
     if port.tls_options.is_some() && !has("tls") {
-        v.warning(format!("{path}.tls_options"), "tls_options has no effect without the tls handler");
+        v.warning(
+            format!("{path}.tls_options"),
+            "tls_options has no effect without the tls handler",
+        );
     }
     if let Some(options) = &port.proxy_proto_options {
         if !has("proxy_proto") {
-            v.warning(format!("{path}.proxy_proto_options"), "proxy_proto_options has no effect without the proxy_proto handler");
+            v.warning(
+                format!("{path}.proxy_proto_options"),
+                "proxy_proto_options has no effect without the proxy_proto handler",
+            );
         }
         if !options.version.is_empty() {
-            v.enumerated(&format!("{path}.proxy_proto_options.version"), "PROXY protocol version", &options.version, PROXY_PROTO_VERSIONS);
+            v.enumerated(
+                &format!("{path}.proxy_proto_options.version"),
+                "PROXY protocol version",
+                &options.version,
+                PROXY_PROTO_VERSIONS,
+            );
         }
     }
     ok_range
@@ -498,43 +698,77 @@ fn port_entry(v: &mut Validator, path: &str, port: &Port, protocol: &str) -> Opt
 
 fn concurrency(v: &mut Validator, path: &str, c: &Concurrency) {
     if !c.kind.is_empty() {
-        v.enumerated(&format!("{path}.type"), "concurrency type", &c.kind, CONCURRENCY_TYPES);
+        v.enumerated(
+            &format!("{path}.type"),
+            "concurrency type",
+            &c.kind,
+            CONCURRENCY_TYPES,
+        );
     }
-    if let (Some(soft), Some(hard)) = (c.soft_limit, c.hard_limit) {
-        if soft > hard {
-            v.warning(format!("{path}.soft_limit"), format!("soft_limit {soft} is above hard_limit {hard}"));
-        }
+    if let (Some(soft), Some(hard)) = (c.soft_limit, c.hard_limit)
+        && soft > hard
+    {
+        v.warning(
+            format!("{path}.soft_limit"),
+            format!("soft_limit {soft} is above hard_limit {hard}"),
+        );
     }
 }
 
-fn service_check_timing(v: &mut Validator, path: &str, interval: Option<Duration>, timeout: Option<Duration>, grace: Option<Duration>) {
+fn service_check_timing(
+    v: &mut Validator,
+    path: &str,
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    grace: Option<Duration>,
+) {
     let second = Duration::from_secs(1);
     let minute = Duration::from_secs(60);
     for (key, value) in [("interval", interval), ("timeout", timeout)] {
         match value {
-            Some(d) if d < second => v.warning(format!("{path}.{key}"), format!("{key} {d} is less than 1s and will be raised to 1s")),
-            Some(d) if d > minute => v.warning(format!("{path}.{key}"), format!("{key} {d} is more than 1m0s and will be lowered to 1m0s")),
+            Some(d) if d < second => v.warning(
+                format!("{path}.{key}"),
+                format!("{key} {d} is less than 1s and will be raised to 1s"),
+            ),
+            Some(d) if d > minute => v.warning(
+                format!("{path}.{key}"),
+                format!("{key} {d} is more than 1m0s and will be lowered to 1m0s"),
+            ),
             _ => {}
         }
     }
     if let Some(d) = grace.filter(|d| !d.is_zero() && *d < second) {
-        v.warning(format!("{path}.grace_period"), format!("grace_period {d} is less than 1s and will be raised to 1s"));
+        v.warning(
+            format!("{path}.grace_period"),
+            format!("grace_period {d} is less than 1s and will be raised to 1s"),
+        );
     }
 }
 
 fn http_check_fields(v: &mut Validator, path: &str, check: &HttpCheck) {
     if let Some(protocol) = &check.protocol {
-        v.enumerated(&format!("{path}.protocol"), "check protocol", protocol, CHECK_PROTOCOLS);
+        v.enumerated(
+            &format!("{path}.protocol"),
+            "check protocol",
+            protocol,
+            CHECK_PROTOCOLS,
+        );
     }
     if let Some(p) = check.path.as_ref().filter(|p| !p.starts_with('/')) {
-        v.warning(format!("{path}.path"), format!("check path `{p}` does not start with /"));
+        v.warning(
+            format!("{path}.path"),
+            format!("check path `{p}` does not start with /"),
+        );
     }
 }
 
 fn machine_checks(v: &mut Validator, path: &str, checks: &[MachineCheckConfig]) {
     for (i, check) in checks.iter().enumerate() {
         if check.command.is_empty() {
-            v.error(format!("{path}[{i}].command"), "missing command for test machine");
+            v.error(
+                format!("{path}[{i}].command"),
+                "missing command for test machine",
+            );
         }
     }
 }
@@ -560,7 +794,9 @@ fn checks(v: &mut Validator) {
                 Diagnostic::error(
                     DiagnosticCode::Invalid,
                     format!("{path}.interval"),
-                    format!("Check '{name}' interval is too short: {interval}, minimum is 2 seconds"),
+                    format!(
+                        "Check '{name}' interval is too short: {interval}, minimum is 2 seconds"
+                    ),
                 )
                 .with_expected("at least 2s"),
             );
@@ -579,7 +815,12 @@ fn checks(v: &mut Validator) {
             v.error(format!("{path}.port"), "port 0 is not a valid port");
         }
         if let Some(protocol) = &check.protocol {
-            v.enumerated(&format!("{path}.protocol"), "check protocol", protocol, CHECK_PROTOCOLS);
+            v.enumerated(
+                &format!("{path}.protocol"),
+                "check protocol",
+                protocol,
+                CHECK_PROTOCOLS,
+            );
         }
         v.groups_exist(&path, &check.processes, "Check");
     }
@@ -608,14 +849,31 @@ fn mounts(v: &mut Validator) {
         let path = format!("mounts[{i}]");
         let source = mount.source.as_str();
         if source.is_empty() {
-            v.error(format!("{path}.source"), "mount has no source (volume name)");
-        } else if !source.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            v.warning(format!("{path}.source"), format!("volume name '{source}' should contain only letters, digits and underscores"));
+            v.error(
+                format!("{path}.source"),
+                "mount has no source (volume name)",
+            );
+        } else if !source
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            v.warning(
+                format!("{path}.source"),
+                format!(
+                    "volume name '{source}' should contain only letters, digits and underscores"
+                ),
+            );
         }
         if mount.destination.is_empty() {
-            v.error(format!("{path}.destination"), "mount has no destination path");
+            v.error(
+                format!("{path}.destination"),
+                "mount has no destination path",
+            );
         } else if mount.destination == "/" {
-            v.error(format!("{path}.destination"), "a volume cannot be mounted at /");
+            v.error(
+                format!("{path}.destination"),
+                "a volume cannot be mounted at /",
+            );
         }
         if let Some(size) = &mount.initial_size {
             let key_path = format!("{path}.initial_size");
@@ -630,9 +888,10 @@ fn mounts(v: &mut Validator) {
                 );
             }
         }
-        if let Some(days) = mount.snapshot_retention {
-            if !(1..=60).contains(&days) {
-                v.push(
+        if let Some(days) = mount.snapshot_retention
+            && !(1..=60).contains(&days)
+        {
+            v.push(
                     Diagnostic::error(
                         DiagnosticCode::Invalid,
                         format!("{path}.snapshot_retention"),
@@ -640,12 +899,17 @@ fn mounts(v: &mut Validator) {
                     )
                     .with_expected("1 to 60"),
                 );
-            }
         }
         // flyctl reads these as Go zero values: 0 and "" mean unset.
         let threshold = mount.auto_extend_size_threshold.filter(|t| *t != 0);
-        let increment = mount.auto_extend_size_increment.clone().filter(|s| !s.is_empty());
-        let limit = mount.auto_extend_size_limit.clone().filter(|s| !s.is_empty());
+        let increment = mount
+            .auto_extend_size_increment
+            .clone()
+            .filter(|s| !s.is_empty());
+        let limit = mount
+            .auto_extend_size_limit
+            .clone()
+            .filter(|s| !s.is_empty());
         let extend = [threshold.is_some(), increment.is_some(), limit.is_some()];
         if extend.iter().any(|x| *x) && !extend.iter().all(|x| *x) {
             v.error(
@@ -672,9 +936,10 @@ fn mounts(v: &mut Validator) {
         ] {
             if let Some(value) = value {
                 let key_path = format!("{path}.{key}");
-                if let Some(gb) = size_gb(v, &key_path, source, key, value) {
-                    if !(1..=max).contains(&gb) {
-                        v.push(
+                if let Some(gb) = size_gb(v, &key_path, source, key, value)
+                    && !(1..=max).contains(&gb)
+                {
+                    v.push(
                             Diagnostic::error(
                                 DiagnosticCode::Invalid,
                                 key_path,
@@ -682,49 +947,77 @@ fn mounts(v: &mut Validator) {
                             )
                             .with_expected(format!("1GB to {max}GB")),
                         );
-                    }
                 }
             }
         }
         v.groups_exist(&path, &mount.processes, "Mount");
     }
-    for group in config.process_groups() {
-        let mut applicable = config.mounts.iter().enumerate().filter(|(_, m)| config.applies_to(&m.processes, &group));
-        if let (Some(_), Some((second, _))) = (applicable.next(), applicable.next()) {
-            v.error(format!("mounts[{second}]"), format!("group '{group}' has more than one [[mounts]] section defined"));
+    let default_group = config.default_process_group();
+    let mut first_mount: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut reported: BTreeSet<&str> = BTreeSet::new();
+    for (i, mount) in config.mounts.iter().enumerate() {
+        let groups: Vec<&str> = if mount.processes.is_empty() {
+            vec![default_group.as_str()]
+        } else {
+            mount
+                .processes
+                .iter()
+                .map(String::as_str)
+                .filter(|g| v.groups.contains(*g))
+                .collect()
+        };
+        for group in groups {
+            if first_mount.insert(group, i).is_some() && reported.insert(group) {
+                v.error(
+                    format!("mounts[{i}]"),
+                    format!("group '{group}' has more than one [[mounts]] section defined"),
+                );
+            }
         }
     }
 }
 
 fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
-    if let Some(size) = &vm.size {
-        if preset(size).is_none() {
-            let names: Vec<&str> = VM_SIZES.iter().map(|p| p.name).collect();
-            v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, format!("{path}.size"), format!("'{size}' is an invalid machine size"))
-                    .with_expected(one_of(&names))
-                    .with_suggestion(did_you_mean(size, names.iter().copied())),
-            );
-            return;
-        }
+    if let Some(size) = &vm.size
+        && preset(size).is_none()
+    {
+        let names: Vec<&str> = VM_SIZES.iter().map(|p| p.name).collect();
+        v.push(
+            Diagnostic::error(
+                DiagnosticCode::Invalid,
+                format!("{path}.size"),
+                format!("'{size}' is an invalid machine size"),
+            )
+            .with_expected(one_of(&names))
+            .with_suggestion(did_you_mean(size, names.iter().copied())),
+        );
+        return;
     }
-    if let Some(kind) = &vm.cpu_kind {
-        if !v.enumerated(&format!("{path}.cpu_kind"), "cpu_kind", kind, CPU_KINDS) {
-            return;
-        }
+    if let Some(kind) = &vm.cpu_kind
+        && !v.enumerated(&format!("{path}.cpu_kind"), "cpu_kind", kind, CPU_KINDS)
+    {
+        return;
     }
-    if let Some(kind) = &vm.gpu_kind {
-        if !v.enumerated(&format!("{path}.gpu_kind"), "gpu_kind", kind, GPU_KINDS) {
-            return;
-        }
+    if let Some(kind) = &vm.gpu_kind
+        && !v.enumerated(&format!("{path}.gpu_kind"), "gpu_kind", kind, GPU_KINDS)
+    {
+        return;
     }
     if let Some(persist) = &vm.persist_rootfs {
-        v.enumerated(&format!("{path}.persist_rootfs"), "persist_rootfs value", persist, PERSIST_ROOTFS);
+        v.enumerated(
+            &format!("{path}.persist_rootfs"),
+            "persist_rootfs value",
+            persist,
+            PERSIST_ROOTFS,
+        );
     }
     if let Some(memory) = &vm.memory {
         match parse_memory_mb(memory) {
             Ok(0) => {
-                v.error(format!("{path}.memory"), format!("memory '{memory}' is zero"));
+                v.error(
+                    format!("{path}.memory"),
+                    format!("memory '{memory}' is zero"),
+                );
                 return;
             }
             Err(err) => {
@@ -744,7 +1037,9 @@ fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
     if guest.gpu_kind.is_some() {
         return;
     }
-    let Some((cpu_counts, min_per_cpu, max_per_cpu)) = cpu_limits(&guest.cpu_kind) else { return };
+    let Some((cpu_counts, min_per_cpu, max_per_cpu)) = cpu_limits(&guest.cpu_kind) else {
+        return;
+    };
     let kind = guest.cpu_kind.as_str();
     if !cpu_counts.contains(&guest.cpus) {
         let counts: Vec<String> = cpu_counts.iter().map(u32::to_string).collect();
@@ -752,14 +1047,21 @@ fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
             Diagnostic::error(
                 DiagnosticCode::Invalid,
                 format!("{path}.cpus"),
-                format!("{} {kind} CPUs is not an available machine size", guest.cpus),
+                format!(
+                    "{} {kind} CPUs is not an available machine size",
+                    guest.cpus
+                ),
             )
             .with_expected(format!("one of {} for cpu_kind {kind}", counts.join(", "))),
         );
         return;
     }
     let (min, max) = (min_per_cpu * guest.cpus, max_per_cpu * guest.cpus);
-    let memory_path = if vm.memory_mb.is_some() { format!("{path}.memory_mb") } else { format!("{path}.memory") };
+    let memory_path = if vm.memory_mb.is_some() {
+        format!("{path}.memory_mb")
+    } else {
+        format!("{path}.memory")
+    };
     if guest.memory_mb < min || guest.memory_mb > max {
         let fitting = VM_SIZES
             .iter()
@@ -771,9 +1073,15 @@ fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
             Diagnostic::error(
                 DiagnosticCode::Invalid,
                 memory_path,
-                format!("{} MB of memory does not fit {} {kind} CPU(s)", guest.memory_mb, guest.cpus),
+                format!(
+                    "{} MB of memory does not fit {} {kind} CPU(s)",
+                    guest.memory_mb, guest.cpus
+                ),
             )
-            .with_expected(format!("between {min} and {max} MB for {} {kind} CPU(s)", guest.cpus))
+            .with_expected(format!(
+                "between {min} and {max} MB for {} {kind} CPU(s)",
+                guest.cpus
+            ))
             .with_suggestion(fitting.map(|name| format!("did you mean size `{name}`?"))),
         );
     } else if guest.memory_mb % 256 != 0 {
@@ -781,7 +1089,10 @@ fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
             Diagnostic::error(
                 DiagnosticCode::Invalid,
                 memory_path,
-                format!("{} MB of memory is not a multiple of 256 MB", guest.memory_mb),
+                format!(
+                    "{} MB of memory is not a multiple of 256 MB",
+                    guest.memory_mb
+                ),
             )
             .with_expected("a multiple of 256 MB"),
         );
@@ -795,11 +1106,22 @@ fn vms(v: &mut Validator) {
         let path = format!("vm[{i}]");
         vm_section(v, &path, vm);
         v.groups_exist(&path, &vm.processes, "VM section");
-        let keys: Vec<String> = if vm.processes.is_empty() { vec![String::new()] } else { vm.processes.clone() };
+        let keys: Vec<String> = if vm.processes.is_empty() {
+            vec![String::new()]
+        } else {
+            vm.processes.clone()
+        };
         for key in keys {
             if let Some(previous) = seen.insert(key.clone(), i) {
-                let whom = if key.is_empty() { "every group".to_string() } else { format!("group '{key}'") };
-                v.warning(path.clone(), format!("vm[{previous}] already sizes {whom}; this section takes precedence"));
+                let whom = if key.is_empty() {
+                    "every group".to_string()
+                } else {
+                    format!("group '{key}'")
+                };
+                v.warning(
+                    path.clone(),
+                    format!("vm[{previous}] already sizes {whom}; this section takes precedence"),
+                );
             }
         }
     }
@@ -810,9 +1132,16 @@ fn restarts(v: &mut Validator) {
         let path = format!("restart[{i}]");
         if restart_policy(&restart.policy).is_none() {
             v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, format!("{path}.policy"), format!("invalid restart policy: {}", restart.policy))
-                    .with_expected(one_of(RESTART_POLICIES))
-                    .with_suggestion(did_you_mean(&restart.policy, RESTART_POLICIES.iter().copied())),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    format!("{path}.policy"),
+                    format!("invalid restart policy: {}", restart.policy),
+                )
+                .with_expected(one_of(RESTART_POLICIES))
+                .with_suggestion(did_you_mean(
+                    &restart.policy,
+                    RESTART_POLICIES.iter().copied(),
+                )),
             );
         }
         v.groups_exist(&path, &restart.processes, "Restart policy");
@@ -824,14 +1153,21 @@ fn metrics(v: &mut Validator) {
         let path = format!("metrics[{i}]");
         match metrics.port {
             None => v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, format!("{path}.port"), "metrics has no port")
-                    .with_expected("the port of the Prometheus endpoint"),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    format!("{path}.port"),
+                    "metrics has no port",
+                )
+                .with_expected("the port of the Prometheus endpoint"),
             ),
             Some(0) => v.error(format!("{path}.port"), "port 0 is not a valid port"),
             Some(_) => {}
         }
         if let Some(p) = metrics.path.as_ref().filter(|p| !p.starts_with('/')) {
-            v.warning(format!("{path}.path"), format!("metrics path `{p}` does not start with /"));
+            v.warning(
+                format!("{path}.path"),
+                format!("metrics path `{p}` does not start with /"),
+            );
         }
         v.groups_exist(&path, &metrics.processes, "Metrics");
     }
@@ -843,13 +1179,24 @@ fn files(v: &mut Validator) {
         if file.guest_path.is_empty() {
             v.error(format!("{path}.guest_path"), "file has no guest_path");
         } else if !file.guest_path.starts_with('/') {
-            v.error(format!("{path}.guest_path"), format!("guest_path '{}' must be absolute", file.guest_path));
+            v.error(
+                format!("{path}.guest_path"),
+                format!("guest_path '{}' must be absolute", file.guest_path),
+            );
         }
-        let sources = [file.local_path.is_some(), file.raw_value.is_some(), file.secret_name.is_some()];
+        let sources = [
+            file.local_path.is_some(),
+            file.raw_value.is_some(),
+            file.secret_name.is_some(),
+        ];
         if sources.iter().filter(|x| **x).count() != 1 {
             v.push(
-                Diagnostic::error(DiagnosticCode::Invalid, path.clone(), "a file needs exactly one source")
-                    .with_expected("one of local_path, raw_value, secret_name"),
+                Diagnostic::error(
+                    DiagnosticCode::Invalid,
+                    path.clone(),
+                    "a file needs exactly one source",
+                )
+                .with_expected("one of local_path, raw_value, secret_name"),
             );
         }
         v.groups_exist(&path, &file.processes, "File");
@@ -861,17 +1208,32 @@ fn statics(v: &mut Validator) {
     for (i, s) in v.config.statics.iter().enumerate() {
         let path = format!("statics[{i}]");
         if s.guest_path.is_empty() {
-            v.error(format!("{path}.guest_path"), "statics entry has no guest_path");
+            v.error(
+                format!("{path}.guest_path"),
+                "statics entry has no guest_path",
+            );
         }
         if s.url_prefix.is_empty() {
-            v.error(format!("{path}.url_prefix"), "statics entry has no url_prefix");
+            v.error(
+                format!("{path}.url_prefix"),
+                "statics entry has no url_prefix",
+            );
         } else if prefixes.contains(&s.url_prefix.as_str()) {
-            v.error(format!("{path}.url_prefix"), format!("url_prefix '{}' is mapped twice", s.url_prefix));
+            v.error(
+                format!("{path}.url_prefix"),
+                format!("url_prefix '{}' is mapped twice", s.url_prefix),
+            );
         }
         prefixes.push(&s.url_prefix);
     }
     if v.config.statics.len() > 10 {
-        v.warning("statics", format!("{} statics mappings; the platform honours at most 10", v.config.statics.len()));
+        v.warning(
+            "statics",
+            format!(
+                "{} statics mappings; the platform honours at most 10",
+                v.config.statics.len()
+            ),
+        );
     }
 }
 
@@ -880,7 +1242,11 @@ fn statics(v: &mut Validator) {
 fn conversion(v: &mut Validator) {
     let config = v.config;
     let opts = MachineConfigOptions::default();
-    for group in config.process_groups() {
+    for group in config
+        .process_groups()
+        .into_iter()
+        .take(MAX_GROUPS_CONVERTED)
+    {
         let error = match config.to_machine_config(&group, &opts) {
             Ok(_) => continue,
             Err(error) => error,
@@ -889,11 +1255,19 @@ fn conversion(v: &mut Validator) {
             ConfigError::CheckWithoutPort { check, .. } => format!("checks.{check}.port"),
             ConfigError::MachineConfig(_) => "machine_config".to_string(),
             ConfigError::File { path, message } => {
-                v.push(Diagnostic::warning(DiagnosticCode::Conversion, path.clone(), format!("{message}; deploy will fail")));
+                v.push(Diagnostic::warning(
+                    DiagnosticCode::Conversion,
+                    path.clone(),
+                    format!("{message}; deploy will fail"),
+                ));
                 continue;
             }
             _ => continue,
         };
-        v.push(Diagnostic::error(DiagnosticCode::Conversion, path, error.to_string()));
+        v.push(Diagnostic::error(
+            DiagnosticCode::Conversion,
+            path,
+            error.to_string(),
+        ));
     }
 }

@@ -18,12 +18,19 @@ fn fixture(name: &str) -> Loaded {
 
 fn config(name: &str) -> AppConfig {
     let loaded = fixture(name);
-    assert!(loaded.config.load_errors().is_empty(), "{name}: {:?}", loaded.config.load_errors());
+    assert!(
+        loaded.config.load_errors().is_empty(),
+        "{name}: {:?}",
+        loaded.config.load_errors()
+    );
     loaded.config
 }
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -35,11 +42,18 @@ fn secs(s: i64) -> Option<Duration> {
 }
 
 fn machine(config: &AppConfig, group: &str) -> MachineConfig {
-    config.to_machine_config(group, &MachineConfigOptions::default()).unwrap_or_else(|e| panic!("{group}: {e}"))
+    config
+        .to_machine_config(group, &MachineConfigOptions::default())
+        .unwrap_or_else(|e| panic!("{group}: {e}"))
 }
 
 fn errors(config: &AppConfig) -> Vec<String> {
-    config.validate().into_iter().filter(|d| d.severity == Severity::Error).map(|d| d.to_string()).collect()
+    config
+        .validate()
+        .into_iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(|d| d.to_string())
+        .collect()
 }
 
 #[test]
@@ -54,7 +68,11 @@ fn every_fixture_is_covered_and_loads() {
     for name in names {
         let loaded = fixture(&name);
         let expect_load_error = name == "appconfig__always-invalid-v2.toml";
-        assert_eq!(!loaded.config.load_errors().is_empty(), expect_load_error, "{name}");
+        assert_eq!(
+            !loaded.config.load_errors().is_empty(),
+            expect_load_error,
+            "{name}"
+        );
     }
 }
 
@@ -63,27 +81,81 @@ fn every_fixture_is_covered_and_loads() {
 #[test]
 fn simple_sections() {
     assert_eq!(config("appconfig__app-name.toml").app, "test-app");
-    assert_eq!(config("appconfig__build.toml").build.unwrap().builder.as_deref(), Some("builder/name"));
-    assert_eq!(config("appconfig__image.toml").build.unwrap().image.as_deref(), Some("image/name"));
-    assert_eq!(config("appconfig__docker.toml").build.unwrap().dockerfile.as_deref(), Some("./Dockerfile"));
-    assert_eq!(config("appconfig__build-with-args.toml").build.unwrap().args, map(&[("A", "B"), ("C", "D")]));
-    assert!(config("appconfig__services-emptysection.toml").services.is_empty());
+    assert_eq!(
+        config("appconfig__build.toml")
+            .build
+            .unwrap()
+            .builder
+            .as_deref(),
+        Some("builder/name")
+    );
+    assert_eq!(
+        config("appconfig__image.toml")
+            .build
+            .unwrap()
+            .image
+            .as_deref(),
+        Some("image/name")
+    );
+    assert_eq!(
+        config("appconfig__docker.toml")
+            .build
+            .unwrap()
+            .dockerfile
+            .as_deref(),
+        Some("./Dockerfile")
+    );
+    assert_eq!(
+        config("appconfig__build-with-args.toml")
+            .build
+            .unwrap()
+            .args,
+        map(&[("A", "B"), ("C", "D")])
+    );
+    assert!(
+        config("appconfig__services-emptysection.toml")
+            .services
+            .is_empty()
+    );
     assert_eq!(config("appconfig__mounts-array.toml").mounts.len(), 1);
     let mount = &config("appconfig__mounts-array.toml").mounts[0];
-    assert_eq!((mount.source.as_str(), mount.destination.as_str()), ("pg_data", "/data"));
+    assert_eq!(
+        (mount.source.as_str(), mount.destination.as_str()),
+        ("pg_data", "/data")
+    );
 }
 
 #[test]
 fn compose_file_and_autodetection() {
     let c = config("appconfig__compose.toml");
-    assert_eq!(c.build.as_ref().unwrap().compose.as_ref().unwrap().file.as_deref(), Some("docker-compose.yml"));
-    assert_eq!(c.compose_file().unwrap().file_name().unwrap(), "docker-compose.yml");
+    assert_eq!(
+        c.build
+            .as_ref()
+            .unwrap()
+            .compose
+            .as_ref()
+            .unwrap()
+            .file
+            .as_deref(),
+        Some("docker-compose.yml")
+    );
+    assert_eq!(
+        c.compose_file().unwrap().file_name().unwrap(),
+        "docker-compose.yml"
+    );
 
     let c = config("appconfig__compose-autodetect.toml");
-    assert_eq!(c.build.as_ref().unwrap().compose.as_ref().unwrap().file, None);
+    assert_eq!(
+        c.build.as_ref().unwrap().compose.as_ref().unwrap().file,
+        None
+    );
     let dir = std::env::temp_dir().join(format!("aloft-compose-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(fixtures_dir().join("appconfig__compose-autodetect.toml"), dir.join("fly.toml")).unwrap();
+    std::fs::copy(
+        fixtures_dir().join("appconfig__compose-autodetect.toml"),
+        dir.join("fly.toml"),
+    )
+    .unwrap();
     std::fs::write(dir.join("docker-compose.yml"), "services: {}\n").unwrap();
     std::fs::write(dir.join("compose.yml"), "services: {}\n").unwrap();
     let c = load(&dir).unwrap().config;
@@ -108,7 +180,10 @@ fn services_ports_options() {
     let headers = &http.response.as_ref().unwrap().headers;
     assert_eq!(headers["fly-request-id"], serde_json::json!(false));
     assert_eq!(headers["fly-wasnt-here"], serde_json::json!("yes, it was"));
-    assert_eq!(headers["multi-valued"], serde_json::json!(["value1", "value2"]));
+    assert_eq!(
+        headers["multi-valued"],
+        serde_json::json!(["value1", "value2"])
+    );
     let p1 = &s.ports[1];
     assert_eq!(p1.port, Some(82));
     assert_eq!(p1.handlers, strings(&["proxy_proto"]));
@@ -123,12 +198,22 @@ fn services_multi() {
         .iter()
         .map(|s| {
             let cc = s.concurrency.as_ref().unwrap();
-            (s.protocol.as_str(), s.internal_port, cc.kind.as_str(), cc.soft_limit, cc.hard_limit, s.ports.len())
+            (
+                s.protocol.as_str(),
+                s.internal_port,
+                cc.kind.as_str(),
+                cc.soft_limit,
+                cc.hard_limit,
+                s.ports.len(),
+            )
         })
         .collect();
     assert_eq!(
         summary,
-        vec![("tcp", 8081, "requests", Some(13), Some(22), 0), ("tcp", 9999, "connections", Some(8), Some(10), 0)]
+        vec![
+            ("tcp", 8081, "requests", Some(13), Some(22), 0),
+            ("tcp", 9999, "connections", Some(8), Some(10), 0)
+        ]
     );
 }
 
@@ -140,12 +225,23 @@ fn always_invalid_keeps_only_app_and_the_error() {
     assert!(c.build.is_none());
     assert!(c.services.is_empty());
     let first = &c.load_errors()[0];
-    assert!(first.message.contains("Unknown type for service concurrency: int64"), "{first}");
+    assert!(
+        first
+            .message
+            .contains("Unknown type for service concurrency: int64"),
+        "{first}"
+    );
     assert_eq!(first.path, "services[0].concurrency");
     assert_eq!((first.line, first.column), (Some(24), Some(3)));
     assert!(!is_valid(&c.validate()));
-    let err = c.to_machine_config("app", &MachineConfigOptions::default()).unwrap_err();
-    assert!(err.to_string().starts_with("can not flatten an invalid v2 application config: "), "{err}");
+    let err = c
+        .to_machine_config("app", &MachineConfigOptions::default())
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("can not flatten an invalid v2 application config: "),
+        "{err}"
+    );
 }
 
 #[test]
@@ -157,7 +253,10 @@ fn experimental_alternative_forms() {
     assert_eq!(e.entrypoint, strings(&["entrypoint"]));
     assert_eq!(c.kill_timeout, secs(3));
     assert_eq!(c.metrics.len(), 1);
-    assert_eq!((c.metrics[0].port, c.metrics[0].path.as_deref()), (Some(9000), Some("/foo")));
+    assert_eq!(
+        (c.metrics[0].port, c.metrics[0].path.as_deref()),
+        (Some(9000), Some("/foo"))
+    );
     let json = serde_json::to_value(e).unwrap();
     let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
     assert_eq!(keys, ["cmd", "entrypoint", "exec"]);
@@ -169,26 +268,44 @@ fn format_quirks() {
     assert_eq!(c.vm.len(), 1);
     assert_eq!(c.vm[0].memory.as_deref(), Some("512"));
     let m = &c.mounts[0];
-    assert_eq!((m.source.as_str(), m.destination.as_str()), ("data", "/data"));
+    assert_eq!(
+        (m.source.as_str(), m.destination.as_str()),
+        ("data", "/data")
+    );
     assert_eq!(m.initial_size.as_deref(), Some("200"));
     assert_eq!(m.snapshot_retention, Some(10));
 }
 
 #[test]
 fn env_list_is_merged_and_stringified() {
-    assert_eq!(config("appconfig__env-list.toml").env, map(&[("FOO", "BAR"), ("TWO", "2"), ("TRUE", "true")]));
+    assert_eq!(
+        config("appconfig__env-list.toml").env,
+        map(&[("FOO", "BAR"), ("TWO", "2"), ("TRUE", "true")])
+    );
 }
 
 #[test]
 fn old_format() {
     let c = config("appconfig__old-format.toml");
     assert_eq!(c.app, "foo");
-    assert_eq!(c.build.as_ref().unwrap().build_target.as_deref(), Some("thalayer"));
+    assert_eq!(
+        c.build.as_ref().unwrap().build_target.as_deref(),
+        Some("thalayer")
+    );
     assert_eq!(c.env, map(&[("FOO", "STRING"), ("BAR", "123")]));
     assert_eq!(c.mounts.len(), 1);
-    assert_eq!((c.mounts[0].source.as_str(), c.mounts[0].destination.as_str()), ("data", "/data"));
+    assert_eq!(
+        (
+            c.mounts[0].source.as_str(),
+            c.mounts[0].destination.as_str()
+        ),
+        ("data", "/data")
+    );
     assert_eq!(c.metrics.len(), 1);
-    assert_eq!((c.metrics[0].port, c.metrics[0].path.as_deref()), (Some(9999), Some("/metrics")));
+    assert_eq!(
+        (c.metrics[0].port, c.metrics[0].path.as_deref()),
+        (Some(9999), Some("/metrics"))
+    );
     assert!(c.experimental.is_none());
     assert!(c.processes.is_empty());
     assert_eq!(c.services.len(), 1);
@@ -197,30 +314,60 @@ fn old_format() {
     assert_eq!(s.protocol, "");
     assert_eq!(s.auto_stop_machines, Some(AutoStop::Off));
     assert_eq!(s.ports.len(), 1);
-    assert_eq!((s.ports[0].port, s.ports[0].handlers.clone()), (Some(80), strings(&["http"])));
+    assert_eq!(
+        (s.ports[0].port, s.ports[0].handlers.clone()),
+        (Some(80), strings(&["http"]))
+    );
     let cc = s.concurrency.as_ref().unwrap();
-    assert_eq!((cc.kind.as_str(), cc.hard_limit, cc.soft_limit), ("requests", Some(23), Some(12)));
-    let tcp: Vec<_> = s.tcp_checks.iter().map(|c| (c.interval, c.timeout)).collect();
+    assert_eq!(
+        (cc.kind.as_str(), cc.hard_limit, cc.soft_limit),
+        ("requests", Some(23), Some(12))
+    );
+    let tcp: Vec<_> = s
+        .tcp_checks
+        .iter()
+        .map(|c| (c.interval, c.timeout))
+        .collect();
     assert_eq!(tcp, vec![(secs(10), secs(2)), (secs(20), secs(3))]);
-    let http: Vec<_> = s.http_checks.iter().map(|c| (c.interval, c.timeout, c.grace_period)).collect();
-    assert_eq!(http, vec![(secs(30), secs(4), None), (secs(20), secs(3), None)]);
-    assert_eq!(s.http_checks[0].headers, map(&[("origin", "http://localhost:8000")]));
+    let http: Vec<_> = s
+        .http_checks
+        .iter()
+        .map(|c| (c.interval, c.timeout, c.grace_period))
+        .collect();
+    assert_eq!(
+        http,
+        vec![(secs(30), secs(4), None), (secs(20), secs(3), None)]
+    );
+    assert_eq!(
+        s.http_checks[0].headers,
+        map(&[("origin", "http://localhost:8000")])
+    );
     assert_eq!(
         s.http_checks[1].headers,
-        map(&[("fly-healthcheck", "1"), ("metoo", "true"), ("astring", "string")])
+        map(&[
+            ("fly-healthcheck", "1"),
+            ("metoo", "true"),
+            ("astring", "string")
+        ])
     );
 }
 
 #[test]
 fn old_processes_and_pg_checks() {
     let c = config("appconfig__old-processes.toml");
-    assert_eq!(c.processes, map(&[("web", "./web"), ("worker", "./worker")]));
+    assert_eq!(
+        c.processes,
+        map(&[("web", "./web"), ("worker", "./worker")])
+    );
     assert_eq!(c.app, "");
 
     let c = config("appconfig__old-pg-checks.toml");
     assert_eq!(c.checks.len(), 1);
     let pg = &c.checks["pg"];
-    assert_eq!((pg.port, pg.check_type.as_deref(), pg.path.as_deref()), (Some(5500), Some("http"), Some("/flycheck/pg")));
+    assert_eq!(
+        (pg.port, pg.check_type.as_deref(), pg.path.as_deref()),
+        (Some(5500), Some("http"), Some("/flycheck/pg"))
+    );
     assert!(pg.headers.is_empty());
 }
 
@@ -238,19 +385,38 @@ fn full_reference() {
     assert_eq!(vm.size.as_deref(), Some("shared-cpu-1x"));
     assert_eq!(vm.memory.as_deref(), Some("8gb"));
     assert_eq!(vm.cpu_kind.as_deref(), Some("performance"));
-    assert_eq!((vm.cpus, vm.memory_mb, vm.gpus), (Some(8), Some(8192), Some(2)));
+    assert_eq!(
+        (vm.cpus, vm.memory_mb, vm.gpus),
+        (Some(8), Some(8192), Some(2))
+    );
     assert_eq!(vm.gpu_kind.as_deref(), Some("a100-pcie-40gb"));
     assert_eq!(vm.host_dedication_id.as_deref(), Some("isolated-xxx"));
     assert_eq!(vm.kernel_args, strings(&["quiet"]));
     assert_eq!(vm.processes, strings(&["app"]));
-    assert_eq!(serde_json::to_value(&c.vm[1]).unwrap(), serde_json::json!({"memory_mb": 4096}));
+    assert_eq!(
+        serde_json::to_value(&c.vm[1]).unwrap(),
+        serde_json::json!({"memory_mb": 4096})
+    );
 
     let e = c.experimental.as_ref().unwrap();
-    assert_eq!((e.cmd.clone(), e.entrypoint.clone(), e.exec.clone()), (strings(&["cmd"]), strings(&["entrypoint"]), strings(&["exec"])));
-    assert_eq!((e.auto_rollback, e.enable_consul, e.enable_etcd), (Some(true), Some(true), Some(true)));
+    assert_eq!(
+        (e.cmd.clone(), e.entrypoint.clone(), e.exec.clone()),
+        (
+            strings(&["cmd"]),
+            strings(&["entrypoint"]),
+            strings(&["exec"])
+        )
+    );
+    assert_eq!(
+        (e.auto_rollback, e.enable_consul, e.enable_etcd),
+        (Some(true), Some(true), Some(true))
+    );
 
     assert_eq!(c.restart.len(), 1);
-    assert_eq!((c.restart[0].policy.as_str(), c.restart[0].retries), ("always", Some(3)));
+    assert_eq!(
+        (c.restart[0].policy.as_str(), c.restart[0].retries),
+        ("always", Some(3))
+    );
     assert_eq!(c.restart[0].processes, strings(&["web"]));
 
     let b = c.build.as_ref().unwrap();
@@ -271,13 +437,23 @@ fn full_reference() {
     assert_eq!(d.release_command.as_deref(), Some("release command"));
     assert_eq!(d.release_command_timeout, secs(180));
     let rvm = d.release_command_vm.as_ref().unwrap();
-    assert_eq!((rvm.size.as_deref(), rvm.memory.as_deref()), (Some("performance-2x"), Some("8g")));
+    assert_eq!(
+        (rvm.size.as_deref(), rvm.memory.as_deref()),
+        (Some("performance-2x"), Some("8g"))
+    );
 
     assert_eq!(c.env, map(&[("FOO", "BAR")]));
-    let metrics: Vec<_> = c.metrics.iter().map(|m| (m.port, m.path.clone(), m.processes.clone())).collect();
+    let metrics: Vec<_> = c
+        .metrics
+        .iter()
+        .map(|m| (m.port, m.path.clone(), m.processes.clone()))
+        .collect();
     assert_eq!(
         metrics,
-        vec![(Some(9999), Some("/metrics".into()), vec![]), (Some(9998), Some("/metrics".into()), strings(&["web"]))]
+        vec![
+            (Some(9999), Some("/metrics".into()), vec![]),
+            (Some(9998), Some("/metrics".into()), strings(&["web"]))
+        ]
     );
 
     let h = c.http_service.as_ref().unwrap();
@@ -287,65 +463,159 @@ fn full_reference() {
     assert_eq!(h.auto_stop_machines, Some(AutoStop::Off));
     assert_eq!(h.min_machines_running, Some(0));
     let cc = h.concurrency.as_ref().unwrap();
-    assert_eq!((cc.kind.as_str(), cc.hard_limit, cc.soft_limit), ("donuts", Some(10), Some(4)));
-    assert_eq!(h.tls_options.as_ref().unwrap().default_self_signed, Some(false));
+    assert_eq!(
+        (cc.kind.as_str(), cc.hard_limit, cc.soft_limit),
+        ("donuts", Some(10), Some(4))
+    );
+    assert_eq!(
+        h.tls_options.as_ref().unwrap().default_self_signed,
+        Some(false)
+    );
     let ho = h.http_options.as_ref().unwrap();
     assert_eq!((ho.compress, ho.idle_timeout), (Some(true), Some(600)));
     assert_eq!(ho.response.as_ref().unwrap().headers.len(), 3);
     let check = &h.checks[0];
-    assert_eq!((check.interval, check.timeout, check.grace_period), (secs(81), secs(7), secs(2)));
-    assert_eq!((check.method.as_deref(), check.path.as_deref(), check.protocol.as_deref()), (Some("GET"), Some("/"), Some("https")));
-    assert_eq!((check.tls_skip_verify, check.tls_server_name.as_deref()), (Some(true), Some("sni2.com")));
+    assert_eq!(
+        (check.interval, check.timeout, check.grace_period),
+        (secs(81), secs(7), secs(2))
+    );
+    assert_eq!(
+        (
+            check.method.as_deref(),
+            check.path.as_deref(),
+            check.protocol.as_deref()
+        ),
+        (Some("GET"), Some("/"), Some("https"))
+    );
+    assert_eq!(
+        (check.tls_skip_verify, check.tls_server_name.as_deref()),
+        (Some(true), Some("sni2.com"))
+    );
     assert_eq!(check.headers, map(&[("My-Custom-Header", "whatever")]));
     let mc = &h.machine_checks[0];
     assert_eq!(mc.command, strings(&["curl", "https://fly.io"]));
     assert_eq!(mc.image.as_deref(), Some("curlimages/curl"));
     assert_eq!(mc.entrypoint, strings(&["/bin/sh"]));
-    assert_eq!((mc.kill_signal.as_deref(), mc.kill_timeout), (Some("SIGKILL"), secs(5)));
+    assert_eq!(
+        (mc.kill_signal.as_deref(), mc.kill_timeout),
+        (Some("SIGKILL"), secs(5))
+    );
     assert_eq!(c.machine_checks, h.machine_checks);
 
     let st = &c.statics[0];
     assert_eq!(
-        (st.guest_path.as_str(), st.url_prefix.as_str(), st.tigris_bucket.as_deref(), st.index_document.as_deref()),
-        ("/path/to/statics", "/static-assets", Some("example-bucket"), Some("index.html"))
+        (
+            st.guest_path.as_str(),
+            st.url_prefix.as_str(),
+            st.tigris_bucket.as_deref(),
+            st.index_document.as_deref()
+        ),
+        (
+            "/path/to/statics",
+            "/static-assets",
+            Some("example-bucket"),
+            Some("index.html")
+        )
     );
     assert_eq!(c.files.len(), 3);
     assert_eq!(c.files[0].raw_value.as_deref(), Some("aGVsbG8gd29ybGQK"));
     assert_eq!(c.files[1].secret_name.as_deref(), Some("SUPER_SECRET"));
-    assert_eq!(c.files[2].local_path.as_deref(), Some("/local/path/config.yaml"));
+    assert_eq!(
+        c.files[2].local_path.as_deref(),
+        Some("/local/path/config.yaml")
+    );
     assert_eq!(c.files[2].processes, strings(&["web"]));
 
     let m = &c.mounts[0];
-    assert_eq!((m.source.as_str(), m.destination.as_str(), m.initial_size.as_deref()), ("data", "/data", Some("30gb")));
-    assert_eq!((m.snapshot_retention, m.scheduled_snapshots), (Some(17), Some(true)));
-    assert_eq!(c.processes, map(&[("web", "run web"), ("task", "task all day")]));
+    assert_eq!(
+        (
+            m.source.as_str(),
+            m.destination.as_str(),
+            m.initial_size.as_deref()
+        ),
+        ("data", "/data", Some("30gb"))
+    );
+    assert_eq!(
+        (m.snapshot_retention, m.scheduled_snapshots),
+        (Some(17), Some(true))
+    );
+    assert_eq!(
+        c.processes,
+        map(&[("web", "run web"), ("task", "task all day")])
+    );
 
     let status = &c.checks["status"];
-    assert_eq!((status.port, status.check_type.as_deref()), (Some(2020), Some("http")));
-    assert_eq!((status.interval, status.timeout, status.grace_period), (secs(10), secs(2), secs(27)));
-    assert_eq!((status.method.as_deref(), status.path.as_deref()), (Some("GET"), Some("/status")));
+    assert_eq!(
+        (status.port, status.check_type.as_deref()),
+        (Some(2020), Some("http"))
+    );
+    assert_eq!(
+        (status.interval, status.timeout, status.grace_period),
+        (secs(10), secs(2), secs(27))
+    );
+    assert_eq!(
+        (status.method.as_deref(), status.path.as_deref()),
+        (Some("GET"), Some("/status"))
+    );
     assert_eq!(status.tls_server_name.as_deref(), Some("sni3.com"));
     assert_eq!(status.headers.len(), 2);
 
     assert_eq!(c.services.len(), 1);
     let s = &c.services[0];
-    assert_eq!((s.internal_port, s.protocol.as_str(), s.processes.clone()), (8081, "tcp", strings(&["app"])));
-    assert_eq!((s.auto_start_machines, s.auto_stop_machines, s.min_machines_running), (Some(false), Some(AutoStop::Off), Some(1)));
+    assert_eq!(
+        (s.internal_port, s.protocol.as_str(), s.processes.clone()),
+        (8081, "tcp", strings(&["app"]))
+    );
+    assert_eq!(
+        (
+            s.auto_start_machines,
+            s.auto_stop_machines,
+            s.min_machines_running
+        ),
+        (Some(false), Some(AutoStop::Off), Some(1))
+    );
     let cc = s.concurrency.as_ref().unwrap();
-    assert_eq!((cc.kind.as_str(), cc.hard_limit, cc.soft_limit), ("requests", Some(22), Some(13)));
+    assert_eq!(
+        (cc.kind.as_str(), cc.hard_limit, cc.soft_limit),
+        ("requests", Some(22), Some(13))
+    );
     let p = &s.ports[0];
-    assert_eq!((p.port, p.start_port, p.end_port, p.force_https), (Some(80), Some(100), Some(200), true));
+    assert_eq!(
+        (p.port, p.start_port, p.end_port, p.force_https),
+        (Some(80), Some(100), Some(200), true)
+    );
     assert_eq!(p.handlers, strings(&["https"]));
     assert_eq!(p.http_options.as_ref().unwrap().idle_timeout, Some(600));
-    assert_eq!((s.tcp_checks[0].interval, s.tcp_checks[0].timeout, s.tcp_checks[0].grace_period), (secs(21), secs(4), secs(1)));
+    assert_eq!(
+        (
+            s.tcp_checks[0].interval,
+            s.tcp_checks[0].timeout,
+            s.tcp_checks[0].grace_period
+        ),
+        (secs(21), secs(4), secs(1))
+    );
     assert_eq!(s.http_checks.len(), 2);
     assert_eq!(s.http_checks[0].tls_server_name.as_deref(), Some("sni.com"));
     let c2 = &s.http_checks[1];
-    assert_eq!((c2.interval, c2.timeout, c2.method.as_deref(), c2.path.as_deref()), (secs(33), secs(10), Some("POST"), Some("/check2")));
+    assert_eq!(
+        (
+            c2.interval,
+            c2.timeout,
+            c2.method.as_deref(),
+            c2.path.as_deref()
+        ),
+        (secs(33), secs(10), Some("POST"), Some("/check2"))
+    );
     assert_eq!(s.machine_checks.len(), 1);
 
     // Accepted at load, rejected by Validate.
-    assert!(errors(&c).iter().any(|e| e.contains("unsupported deployment strategy 'rolling-eyes'")), "{:?}", errors(&c));
+    assert!(
+        errors(&c)
+            .iter()
+            .any(|e| e.contains("unsupported deployment strategy 'rolling-eyes'")),
+        "{:?}",
+        errors(&c)
+    );
 }
 
 #[test]
@@ -371,8 +641,16 @@ fn process_groups() {
     let cases: &[(&str, &str, &[&str])] = &[
         ("appconfig__app-name.toml", "app", &["app"]),
         ("appconfig__processes-one.toml", "web", &["web"]),
-        ("appconfig__processes-multi.toml", "bar", &["bar", "foo", "zzz"]),
-        ("appconfig__processes-multiwithapp.toml", "app", &["aaa", "abc", "app", "ass", "bbb"]),
+        (
+            "appconfig__processes-multi.toml",
+            "bar",
+            &["bar", "foo", "zzz"],
+        ),
+        (
+            "appconfig__processes-multiwithapp.toml",
+            "app",
+            &["aaa", "abc", "app", "ass", "bbb"],
+        ),
         ("appconfig__processes-none.toml", "app", &["app"]),
     ];
     for (name, default, groups) in cases {
@@ -392,7 +670,10 @@ fn setter_fixtures() {
     assert_eq!(c.http_service.as_ref().unwrap().internal_port, 9999);
     assert!(c.services.is_empty());
     let c = config("appconfig__setters-deploy.toml");
-    assert_eq!(c.deploy.as_ref().unwrap().strategy.as_deref(), Some("immediate"));
+    assert_eq!(
+        c.deploy.as_ref().unwrap().strategy.as_deref(),
+        Some("immediate")
+    );
     let c = config("appconfig__setters-experimental.toml");
     assert_eq!(c.experimental.as_ref().unwrap().exec, strings(&["/exec"]));
     let c = config("appconfig__setters-processes.toml");
@@ -405,26 +686,73 @@ fn setter_fixtures() {
 fn tomachine() {
     let c = config("appconfig__tomachine.toml");
     let m = machine(&c, "app");
-    assert_eq!(m.env, map(&[("FOO", "BAR"), ("PRIMARY_REGION", "mia"), ("FLY_PROCESS_GROUP", "app")]));
+    assert_eq!(
+        m.env,
+        map(&[
+            ("FOO", "BAR"),
+            ("PRIMARY_REGION", "mia"),
+            ("FLY_PROCESS_GROUP", "app")
+        ])
+    );
     assert_eq!(m.services.len(), 1);
     let s = &m.services[0];
     assert_eq!((s.protocol.as_str(), s.internal_port), ("tcp", 8080));
-    assert_eq!((s.ports[0].port, s.ports[0].handlers.clone(), s.ports[0].force_https), (Some(80), strings(&["http"]), Some(true)));
-    assert_eq!((s.ports[1].port, s.ports[1].handlers.clone(), s.ports[1].force_https), (Some(443), strings(&["http", "tls"]), None));
+    assert_eq!(
+        (
+            s.ports[0].port,
+            s.ports[0].handlers.clone(),
+            s.ports[0].force_https
+        ),
+        (Some(80), strings(&["http"]), Some(true))
+    );
+    assert_eq!(
+        (
+            s.ports[1].port,
+            s.ports[1].handlers.clone(),
+            s.ports[1].force_https
+        ),
+        (Some(443), strings(&["http", "tls"]), None)
+    );
     assert_eq!(m.metadata["fly_platform_version"], "v2");
     assert_eq!(m.metadata["fly_process_group"], "app");
-    assert_eq!(m.metrics.as_ref().map(|x| (x.port, x.path.as_str())), Some((9999, "/metrics")));
+    assert_eq!(
+        m.metrics.as_ref().map(|x| (x.port, x.path.as_str())),
+        Some((9999, "/metrics"))
+    );
     assert_eq!(m.statics.len(), 1);
-    assert_eq!(m.statics[0].tigris_bucket.as_deref(), Some("example-bucket"));
+    assert_eq!(
+        m.statics[0].tigris_bucket.as_deref(),
+        Some("example-bucket")
+    );
     assert_eq!(m.mounts.len(), 1);
-    assert_eq!((m.mounts[0].name.as_str(), m.mounts[0].path.as_str()), ("data", "/data"));
+    assert_eq!(
+        (m.mounts[0].name.as_str(), m.mounts[0].path.as_str()),
+        ("data", "/data")
+    );
     assert_eq!(m.checks.len(), 2);
-    assert_eq!((m.checks["listening"].port, m.checks["listening"].check_type.as_str()), (Some(8080), "tcp"));
+    assert_eq!(
+        (
+            m.checks["listening"].port,
+            m.checks["listening"].check_type.as_str()
+        ),
+        (Some(8080), "tcp")
+    );
     let status = &m.checks["status"];
-    assert_eq!((status.port, status.check_type.as_str(), status.interval, status.timeout), (Some(8080), "http", secs(10), secs(1)));
+    assert_eq!(
+        (
+            status.port,
+            status.check_type.as_str(),
+            status.interval,
+            status.timeout
+        ),
+        (Some(8080), "http", secs(10), secs(1))
+    );
     assert_eq!(status.path.as_deref(), Some("/status"));
     let stop = m.stop_config.as_ref().unwrap();
-    assert_eq!((stop.timeout, stop.signal.as_deref()), (secs(10), Some("SIGTERM")));
+    assert_eq!(
+        (stop.timeout, stop.signal.as_deref()),
+        (secs(10), Some("SIGTERM"))
+    );
     assert_eq!(m.init.as_ref().unwrap().swap_size_mb, Some(512));
     assert_eq!(m.restart.as_ref().unwrap().policy, RestartPolicy::Always);
     assert_eq!(m.dns.as_ref().unwrap().nameservers, strings(&["1.2.3.4"]));
@@ -449,30 +777,63 @@ fn tomachine() {
 #[test]
 fn tomachine_release_command_and_console() {
     let c = config("appconfig__tomachine.toml");
-    let m = c.release_command_machine_config(&MachineConfigOptions::default()).unwrap().unwrap();
+    let m = c
+        .release_command_machine_config(&MachineConfigOptions::default())
+        .unwrap()
+        .unwrap();
     let init = m.init.as_ref().unwrap();
-    assert_eq!((init.cmd.clone(), init.swap_size_mb), (strings(&["migrate-db"]), Some(512)));
+    assert_eq!(
+        (init.cmd.clone(), init.swap_size_mb),
+        (strings(&["migrate-db"]), Some(512))
+    );
     assert_eq!(
         m.env,
-        map(&[("FOO", "BAR"), ("PRIMARY_REGION", "mia"), ("RELEASE_COMMAND", "1"), ("FLY_PROCESS_GROUP", "fly_app_release_command")])
+        map(&[
+            ("FOO", "BAR"),
+            ("PRIMARY_REGION", "mia"),
+            ("RELEASE_COMMAND", "1"),
+            ("FLY_PROCESS_GROUP", "fly_app_release_command")
+        ])
     );
     assert_eq!(m.metadata["fly_process_group"], "fly_app_release_command");
     assert!(m.auto_destroy);
     assert_eq!(m.restart.as_ref().unwrap().policy, RestartPolicy::No);
     assert!(m.dns.as_ref().unwrap().skip_registration);
-    assert_eq!(m.stop_config.as_ref().unwrap().signal.as_deref(), Some("SIGTERM"));
+    assert_eq!(
+        m.stop_config.as_ref().unwrap().signal.as_deref(),
+        Some("SIGTERM")
+    );
     let guest = m.guest.as_ref().unwrap();
-    assert_eq!((guest.cpu_kind.as_str(), guest.cpus, guest.memory_mb), ("performance", 2, 4096));
+    assert_eq!(
+        (guest.cpu_kind.as_str(), guest.cpus, guest.memory_mb),
+        ("performance", 2, 4096)
+    );
     assert!(m.services.is_empty() && m.mounts.is_empty());
 
-    let m = c.console_machine_config(&MachineConfigOptions::default()).unwrap();
-    assert_eq!(m.init.as_ref().unwrap().exec, strings(&["/bin/sleep", "inf"]));
-    assert_eq!(m.env, map(&[("FOO", "BAR"), ("PRIMARY_REGION", "mia"), ("FLY_PROCESS_GROUP", "fly_app_console")]));
+    let m = c
+        .console_machine_config(&MachineConfigOptions::default())
+        .unwrap();
+    assert_eq!(
+        m.init.as_ref().unwrap().exec,
+        strings(&["/bin/sleep", "inf"])
+    );
+    assert_eq!(
+        m.env,
+        map(&[
+            ("FOO", "BAR"),
+            ("PRIMARY_REGION", "mia"),
+            ("FLY_PROCESS_GROUP", "fly_app_console")
+        ])
+    );
     assert!(m.auto_destroy);
     assert_eq!(m.restart.as_ref().unwrap().policy, RestartPolicy::No);
     assert!(m.dns.as_ref().unwrap().skip_registration);
 
-    assert!(config("appconfig__app-name.toml").release_command_machine_config(&MachineConfigOptions::default()).is_none());
+    assert!(
+        config("appconfig__app-name.toml")
+            .release_command_machine_config(&MachineConfigOptions::default())
+            .is_none()
+    );
 }
 
 #[test]
@@ -482,28 +843,53 @@ fn tomachine_experimental() {
     assert_eq!(init.cmd, strings(&["/call", "me"]));
     assert_eq!(init.entrypoint, strings(&["/IgoFirst"]));
     assert_eq!(init.exec, strings(&["ignore", "others"]));
-    c.processes.insert("app".into(), "/override experimental".into());
-    assert_eq!(machine(&c, "app").init.unwrap().cmd, strings(&["/override", "experimental"]));
+    c.processes
+        .insert("app".into(), "/override experimental".into());
+    assert_eq!(
+        machine(&c, "app").init.unwrap().cmd,
+        strings(&["/override", "experimental"])
+    );
 }
 
 #[test]
 fn tomachine_process_groups() {
     let c = config("appconfig__tomachine-processgroups.toml");
-    let ports = |m: &MachineConfig| m.services.iter().map(|s| (s.protocol.clone(), s.internal_port)).collect::<Vec<_>>();
+    let ports = |m: &MachineConfig| {
+        m.services
+            .iter()
+            .map(|s| (s.protocol.clone(), s.internal_port))
+            .collect::<Vec<_>>()
+    };
 
     let app = machine(&c, "app");
     assert_eq!(app.init.as_ref().unwrap().cmd, strings(&["run-nginx"]));
-    assert_eq!(ports(&app), vec![("tcp".into(), 8080), ("tcp".into(), 1111)]);
-    assert_eq!(app.services[0].ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![Some(80), Some(443)]);
+    assert_eq!(
+        ports(&app),
+        vec![("tcp".into(), 8080), ("tcp".into(), 1111)]
+    );
+    assert_eq!(
+        app.services[0]
+            .ports
+            .iter()
+            .map(|p| p.port)
+            .collect::<Vec<_>>(),
+        vec![Some(80), Some(443)]
+    );
     assert_eq!(app.checks.keys().collect::<Vec<_>>(), ["listening"]);
 
     let vpn = machine(&c, "vpn");
     assert_eq!(vpn.init.as_ref().unwrap().cmd, strings(&["run-tailscale"]));
-    assert_eq!(ports(&vpn), vec![("udp".into(), 9999), ("tcp".into(), 1111)]);
+    assert_eq!(
+        ports(&vpn),
+        vec![("udp".into(), 9999), ("tcp".into(), 1111)]
+    );
     assert!(vpn.checks.is_empty());
 
     let foo = machine(&c, "foo");
-    assert_eq!(foo.init.as_ref().unwrap().cmd, strings(&["keep", "me", "alive"]));
+    assert_eq!(
+        foo.init.as_ref().unwrap().cmd,
+        strings(&["keep", "me", "alive"])
+    );
     assert_eq!(ports(&foo), vec![("tcp".into(), 1111)]);
     assert_eq!(foo.checks.keys().collect::<Vec<_>>(), ["listening"]);
     for group in ["app", "vpn", "foo"] {
@@ -515,22 +901,44 @@ fn tomachine_process_groups() {
 fn tomachine_default_for_new_apps() {
     let mut c = config("appconfig__tomachine-default-for-new-apps.toml");
     let m = machine(&c, "app");
-    assert_eq!(m.env, map(&[("PRIMARY_REGION", "ord"), ("FLY_PROCESS_GROUP", "app")]));
+    assert_eq!(
+        m.env,
+        map(&[("PRIMARY_REGION", "ord"), ("FLY_PROCESS_GROUP", "app")])
+    );
     assert_eq!(m.services.len(), 1);
     let alive = &m.checks["alive"];
     assert_eq!((alive.port, alive.check_type.as_str()), (Some(8080), "tcp"));
-    assert_eq!((alive.interval, alive.timeout, alive.grace_period), (secs(15), secs(2), secs(5)));
+    assert_eq!(
+        (alive.interval, alive.timeout, alive.grace_period),
+        (secs(15), secs(2), secs(5))
+    );
 
     c.http_service = None;
-    let err = c.to_machine_config("app", &MachineConfigOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("has no port set and the group has no http_service to take it from"), "{err}");
-    assert!(errors(&c).iter().any(|e| e.contains("checks.alive.port")), "{:?}", errors(&c));
+    let err = c
+        .to_machine_config("app", &MachineConfigOptions::default())
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("has no port set and the group has no http_service to take it from"),
+        "{err}"
+    );
+    assert!(
+        errors(&c).iter().any(|e| e.contains("checks.alive.port")),
+        "{:?}",
+        errors(&c)
+    );
 }
 
 #[test]
 fn tomachine_mounts() {
     let c = config("appconfig__tomachine-mounts.toml");
-    let mounts = |g: &str| machine(&c, g).mounts.iter().map(|m| (m.name.clone(), m.path.clone())).collect::<Vec<_>>();
+    let mounts = |g: &str| {
+        machine(&c, g)
+            .mounts
+            .iter()
+            .map(|m| (m.name.clone(), m.path.clone()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(mounts("app"), vec![("data".into(), "/data".into())]);
     assert_eq!(mounts("back"), vec![("trash".into(), "/trash".into())]);
     assert!(mounts("hola").is_empty());
@@ -540,7 +948,11 @@ fn tomachine_mounts() {
 fn tomachine_services_autostop_autostart() {
     let c = config("appconfig__tomachine-services.toml");
     let m = machine(&c, "app");
-    let got: Vec<_> = m.services.iter().map(|s| (s.internal_port, s.autostart, s.autostop)).collect();
+    let got: Vec<_> = m
+        .services
+        .iter()
+        .map(|s| (s.internal_port, s.autostart, s.autostop))
+        .collect();
     assert_eq!(
         got,
         vec![
@@ -554,7 +966,10 @@ fn tomachine_services_autostop_autostart() {
     );
     let json = serde_json::to_value(&m.services[5]).unwrap();
     assert!(json.get("autostop").is_none() && json.get("autostart").is_none());
-    assert_eq!(serde_json::to_value(&m.services[2]).unwrap()["autostop"], false);
+    assert_eq!(
+        serde_json::to_value(&m.services[2]).unwrap()["autostop"],
+        false
+    );
 }
 
 #[test]
@@ -563,13 +978,26 @@ fn tomachine_compute() {
     let guest = |g: &str| machine(&c, g).guest.unwrap();
     for group in ["app", "worker"] {
         let g = guest(group);
-        assert_eq!((g.cpu_kind.as_str(), g.cpus, g.memory_mb), ("shared", 2, 512), "{group}");
+        assert_eq!(
+            (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+            ("shared", 2, 512),
+            "{group}"
+        );
     }
     let g = guest("whisper");
-    assert_eq!((g.cpu_kind.as_str(), g.cpus, g.memory_mb), ("performance", 8, 65536));
-    assert_eq!((g.gpu_kind.as_deref(), g.gpus.unwrap_or(0)), (Some("a100-pcie-40gb"), 0));
+    assert_eq!(
+        (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+        ("performance", 8, 65536)
+    );
+    assert_eq!(
+        (g.gpu_kind.as_deref(), g.gpus.unwrap_or(0)),
+        (Some("a100-pcie-40gb"), 0)
+    );
     let g = guest("isolated");
-    assert_eq!((g.cpu_kind.as_str(), g.cpus, g.memory_mb), ("shared", 1, 256));
+    assert_eq!(
+        (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+        ("shared", 1, 256)
+    );
     assert_eq!(g.host_dedication_id.as_deref(), Some("lookma-iamsolo"));
 }
 
@@ -579,7 +1007,10 @@ fn tomachine_compute_without_default() {
     assert!(machine(&c, "app").guest.is_none());
     assert!(machine(&c, "woo").guest.is_none());
     let g = machine(&c, "bar").guest.unwrap();
-    assert_eq!((g.cpu_kind.as_str(), g.cpus, g.memory_mb), ("performance", 4, 8192));
+    assert_eq!(
+        (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+        ("performance", 4, 8192)
+    );
 }
 
 #[test]
@@ -588,9 +1019,25 @@ fn tomachine_host_dedication_id() {
     assert_eq!(c.host_dedication_id.as_deref(), Some("toplevel"));
     assert!(machine(&c, "front").guest.is_none());
     let g = machine(&c, "back").guest.unwrap();
-    assert_eq!((g.cpu_kind.as_str(), g.cpus, g.memory_mb, g.host_dedication_id.as_deref()), ("shared", 1, 256, Some("specific")));
+    assert_eq!(
+        (
+            g.cpu_kind.as_str(),
+            g.cpus,
+            g.memory_mb,
+            g.host_dedication_id.as_deref()
+        ),
+        ("shared", 1, 256, Some("specific"))
+    );
     let g = machine(&c, "other").guest.unwrap();
-    assert_eq!((g.cpu_kind.as_str(), g.cpus, g.memory_mb, g.host_dedication_id.as_deref()), ("shared", 4, 1024, Some("toplevel")));
+    assert_eq!(
+        (
+            g.cpu_kind.as_str(),
+            g.cpus,
+            g.memory_mb,
+            g.host_dedication_id.as_deref()
+        ),
+        ("shared", 4, 1024, Some("toplevel"))
+    );
 }
 
 #[test]
@@ -614,7 +1061,12 @@ fn validate_groups() {
     assert!(errors(&c).is_empty(), "{:?}", errors(&c));
     c.deploy.get_or_insert_with(Default::default).strategy = Some("canary".into());
     let errs = errors(&c);
-    assert!(errs.iter().any(|e| e.contains("error canary deployment strategy is not supported when using mounted volumes")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains(
+            "error canary deployment strategy is not supported when using mounted volumes"
+        )),
+        "{errs:?}"
+    );
     let foo = machine(&c, "foo");
     assert!(foo.mounts.is_empty());
     assert_eq!(machine(&c, "app").mounts.len(), 1);
@@ -624,10 +1076,27 @@ fn validate_groups() {
 fn validate_mounts() {
     let c = config("appconfig__validate-mounts.toml");
     let errs = errors(&c);
-    assert!(errs.iter().any(|e| e.contains("has an initial_size '15Mb' value which is smaller than 1GB")), "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("with initial_size 'unparseable' will fail because of")), "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("group 'app' has more than one [[mounts]] section defined")), "{errs:?}");
-    assert!(!errs.iter().any(|e| e.contains("group 'vpn'") || e.contains("group 'foo'")), "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("has an initial_size '15Mb' value which is smaller than 1GB")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("with initial_size 'unparseable' will fail because of")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("group 'app' has more than one [[mounts]] section defined")),
+        "{errs:?}"
+    );
+    assert!(
+        !errs
+            .iter()
+            .any(|e| e.contains("group 'vpn'") || e.contains("group 'foo'")),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -635,8 +1104,15 @@ fn validate_services() {
     let c = config("appconfig__validate-services.toml");
     let all = c.validate();
     let errs = errors(&c);
-    assert!(errs.iter().any(|e| e.contains("Service has no processes set but app has 3 processes defined")), "{errs:?}");
-    let warning = all.iter().find(|d| d.message.contains("Service must expose at least one port")).unwrap();
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("Service has no processes set but app has 3 processes defined")),
+        "{errs:?}"
+    );
+    let warning = all
+        .iter()
+        .find(|d| d.message.contains("Service must expose at least one port"))
+        .unwrap();
     assert_eq!(warning.severity, Severity::Warning);
     assert_eq!(warning.path, "services[0]");
     assert_eq!(warning.line, Some(12));
@@ -648,18 +1124,43 @@ fn validate_services() {
 #[test]
 fn other_fixtures() {
     let c = config("deploy-basic__fly.toml");
-    assert_eq!((c.app.as_str(), c.primary_region.as_str()), ("test-basic", "ord"));
+    assert_eq!(
+        (c.app.as_str(), c.primary_region.as_str()),
+        ("test-basic", "ord")
+    );
 
     let c = config("preflight-deploy-node__fly.toml");
     let vm = &c.vm[0];
-    assert_eq!((vm.memory.as_deref(), vm.cpu_kind.as_deref(), vm.cpus), (Some("1gb"), Some("shared"), Some(1)));
+    assert_eq!(
+        (vm.memory.as_deref(), vm.cpu_kind.as_deref(), vm.cpus),
+        (Some("1gb"), Some("shared"), Some(1))
+    );
     assert!(!c.http_service.as_ref().unwrap().checks.is_empty());
 
-    for name in ["preflight-example__fly.toml", "preflight-example-buildpack__fly.toml"] {
+    for name in [
+        "preflight-example__fly.toml",
+        "preflight-example-buildpack__fly.toml",
+    ] {
         let c = config(name);
         let ports: Vec<_> = c.services[0].ports.iter().map(|p| p.port).collect();
-        assert!(ports.contains(&Some(443)) && ports.contains(&Some(80)), "{name}: {ports:?}");
-        assert!(c.services[0].tcp_checks.iter().all(|t| t.interval >= secs(1)), "{name}");
+        assert!(
+            ports.contains(&Some(443)) && ports.contains(&Some(80)),
+            "{name}: {ports:?}"
+        );
+        assert!(
+            c.services[0]
+                .tcp_checks
+                .iter()
+                .all(|t| t.interval >= secs(1)),
+            "{name}"
+        );
     }
-    assert_eq!(config("preflight-example-buildpack__fly.toml").build.unwrap().builder.as_deref(), Some("heroku/builder:24"));
+    assert_eq!(
+        config("preflight-example-buildpack__fly.toml")
+            .build
+            .unwrap()
+            .builder
+            .as_deref(),
+        Some("heroku/builder:24")
+    );
 }

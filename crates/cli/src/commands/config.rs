@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aloft_config::{
-    AppConfig, CONSOLE_GROUP, Diagnostic, Loaded, MachineConfigOptions, RELEASE_COMMAND_GROUP, Severity,
+    AppConfig, CONSOLE_GROUP, Diagnostic, Loaded, MachineConfigOptions, RELEASE_COMMAND_GROUP,
+    Severity,
 };
 use anyhow::Context;
 
@@ -47,9 +48,13 @@ pub enum ConfigCommand {
 pub fn run(cmd: ConfigCommand) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir().context("reading the current directory")?;
     match cmd {
-        ConfigCommand::Validate { config, strict } => validate(&resolve(config.as_deref(), &cwd), strict),
+        ConfigCommand::Validate { config, strict } => {
+            validate(&resolve(config.as_deref(), &cwd), strict)
+        }
         ConfigCommand::Show { config } => show(&resolve(config.as_deref(), &cwd)),
-        ConfigCommand::MachineConfig { config, group } => machine_config(&resolve(config.as_deref(), &cwd), group),
+        ConfigCommand::MachineConfig { config, group } => {
+            machine_config(&resolve(config.as_deref(), &cwd), group)
+        }
         ConfigCommand::Save { config } => save(&resolve(config.as_deref(), &cwd)),
     }
 }
@@ -83,10 +88,16 @@ fn validate(path: &Path, strict: bool) -> anyhow::Result<i32> {
         return Ok(1);
     };
     let diagnostics = loaded.diagnostics(strict);
-    for diagnostic in diagnostics.iter().filter(|d| d.severity == Severity::Warning) {
+    for diagnostic in diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Warning)
+    {
         print_problem(diagnostic);
     }
-    let errors: Vec<&Diagnostic> = diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
+    let errors: Vec<&Diagnostic> = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .collect();
     if errors.is_empty() {
         println!("✓ Configuration is valid");
         return Ok(0);
@@ -94,7 +105,9 @@ fn validate(path: &Path, strict: bool) -> anyhow::Result<i32> {
     for error in &errors {
         print_problem(error);
     }
-    let unknown_only = errors.iter().all(|d| d.code == aloft_config::DiagnosticCode::UnknownKey);
+    let unknown_only = errors
+        .iter()
+        .all(|d| d.code == aloft_config::DiagnosticCode::UnknownKey);
     if strict && unknown_only {
         eprintln!("Error: strict validation failed");
     } else {
@@ -133,7 +146,11 @@ fn machine_config(path: &Path, group: Option<String>) -> anyhow::Result<i32> {
         return Ok(1);
     }
     let opts = MachineConfigOptions {
-        image: config.build.as_ref().and_then(|b| b.image.clone()).unwrap_or_default(),
+        image: config
+            .build
+            .as_ref()
+            .and_then(|b| b.image.clone())
+            .unwrap_or_default(),
         ..MachineConfigOptions::default()
     };
     let output = match group.as_deref() {
