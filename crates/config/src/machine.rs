@@ -8,7 +8,7 @@ use aloft_api as api;
 use crate::diagnostic::ConfigError;
 use crate::model::*;
 use crate::units::{parse_memory_mb, parse_volume_size_gb, preset};
-use crate::{CONSOLE_GROUP, RELEASE_COMMAND_GROUP};
+use crate::{CONSOLE_GROUP, RELEASE_COMMAND_GROUP, TEST_MACHINE_GROUP};
 
 /// What a deploy adds to the config: the image, the release, and the region really used.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -755,6 +755,160 @@ impl AppConfig {
             ..api::MachineInit::default()
         });
         Ok(config)
+    }
+}
+
+impl AppConfig {
+    /// The throw-away machine that runs a deploy-time `machine_check` against
+    /// `tested` (the machine config of the group under test, at `tested_ip`).
+    pub fn test_machine_config(
+        &self,
+        check: &MachineCheckConfig,
+        tested: &api::MachineConfig,
+        tested_ip: &str,
+        opts: &MachineConfigOptions,
+    ) -> Result<api::MachineConfig, ConfigError> {
+        self.ensure_loadable()?;
+        if check.command.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: "machine_checks".to_string(),
+                message: "missing command for test machine".to_string(),
+            });
+        }
+        let image = check.image.clone().filter(|i| !i.is_empty());
+        let own_image = image.is_some();
+        let image = image.unwrap_or_else(|| self.image_or(opts, &tested.image));
+        if image.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: "machine_checks".to_string(),
+                message: "missing image for test machine".to_string(),
+            });
+        }
+        let mut config = api::MachineConfig {
+            image,
+            ..api::MachineConfig::default()
+        };
+        if !own_image {
+            config.env = tested.env.clone();
+        }
+        self.machine_env(TEST_MACHINE_GROUP, opts, &mut config.env);
+        config
+            .env
+            .insert("FLY_TEST_COMMAND".to_string(), "1".to_string());
+        config
+            .env
+            .insert("FLY_TEST_MACHINE_IP".to_string(), tested_ip.to_string());
+        self.machine_metadata(TEST_MACHINE_GROUP, opts, &mut config.metadata);
+        let experimental_entrypoint = self
+            .experimental
+            .as_ref()
+            .map(|e| e.entrypoint.clone())
+            .unwrap_or_default();
+        let entrypoint = [&check.entrypoint, &experimental_entrypoint]
+            .into_iter()
+            .find(|e| !e.is_empty())
+            .cloned()
+            .or_else(|| tested.init.as_ref().map(|i| i.entrypoint.clone()))
+            .unwrap_or_default();
+        config.init = Some(api::MachineInit {
+            cmd: check.command.clone(),
+            entrypoint,
+            swap_size_mb: self.swap_size_mb,
+            ..api::MachineInit::default()
+        });
+        let (signal, timeout) = if own_image {
+            (check.kill_signal.clone(), check.kill_timeout)
+        } else {
+            (
+                check.kill_signal.clone().or(self.kill_signal.clone()),
+                check.kill_timeout.or(self.kill_timeout),
+            )
+        };
+        config.stop_config = Some(api::StopConfig { timeout, signal });
+        config.restart = Some(api::MachineRestart {
+            policy: api::RestartPolicy::No,
+            max_retries: None,
+        });
+        config.auto_destroy = true;
+        config.dns = Some(api::DnsConfig {
+            skip_registration: true,
+            ..api::DnsConfig::default()
+        });
+        Ok(config)
+    }
+
+    /// The machine checks that apply to `group`: those of its `http_service` and
+    /// `[[services]]`, then the top-level ones.
+    pub fn machine_checks_for(&self, group: &str) -> Vec<&MachineCheckConfig> {
+        let mut checks: Vec<&MachineCheckConfig> = self
+            .http_service_for(group)
+            .map(|h| h.machine_checks.iter().collect())
+            .unwrap_or_default();
+        for service in self
+            .services
+            .iter()
+            .filter(|s| self.applies_to(&s.processes, group))
+        {
+            checks.extend(&service.machine_checks);
+        }
+        checks.extend(&self.machine_checks);
+        checks
+    }
+
+    /// Makes the config self-contained before it leaves this machine (the control plane
+    /// cannot read files next to fly.toml): a `machine_config` path becomes its JSON, and
+    /// `[[files]] local_path` entries become `raw_value` (text files only).
+    pub fn inline_local_files(&mut self) -> Result<(), ConfigError> {
+        let dir = self.config_dir().map(Path::to_path_buf);
+        let resolve = |p: &str| match &dir {
+            Some(dir) => dir.join(p),
+            None => Path::new(p).to_path_buf(),
+        };
+        let read = |path: &Path, what: &str| -> Result<String, ConfigError> {
+            let error = |message: String| ConfigError::File {
+                path: what.to_string(),
+                message,
+            };
+            let size = std::fs::metadata(path)
+                .map_err(|e| error(format!("{}: {e}", path.display())))?
+                .len();
+            if size > crate::MAX_FILE_SIZE {
+                return Err(error(format!("{}: file too large", path.display())));
+            }
+            let bytes =
+                std::fs::read(path).map_err(|e| error(format!("{}: {e}", path.display())))?;
+            String::from_utf8(bytes).map_err(|_| {
+                error(format!(
+                    "{}: not UTF-8 text; use secret_name for binary content",
+                    path.display()
+                ))
+            })
+        };
+        for (what, field) in [
+            ("machine_config", Some(&mut self.machine_config)),
+            (
+                "experimental.machine_config",
+                self.experimental.as_mut().map(|e| &mut e.machine_config),
+            ),
+        ] {
+            let Some(field) = field else { continue };
+            if let Some(source) = field
+                .as_ref()
+                .filter(|s| !s.trim().is_empty() && !s.trim_start().starts_with('{'))
+            {
+                let text = read(&resolve(source), what)?;
+                *field = Some(text);
+            }
+        }
+        for (i, file) in self.files.iter_mut().enumerate() {
+            if file.raw_value.is_some() || file.secret_name.is_some() {
+                continue;
+            }
+            if let Some(local) = file.local_path.take() {
+                file.raw_value = Some(read(&resolve(&local), &format!("files[{i}].local_path"))?);
+            }
+        }
+        Ok(())
     }
 }
 

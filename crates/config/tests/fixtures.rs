@@ -1164,3 +1164,91 @@ fn other_fixtures() {
         Some("heroku/builder:24")
     );
 }
+
+#[test]
+fn tomachine_machine_check_test_machine() {
+    let c = config("appconfig__tomachine-machinechecks.toml");
+    let checks = c.machine_checks_for("greeting");
+    assert_eq!(checks.len(), 1);
+    assert!(c.machine_checks_for("farewell").is_empty());
+    let tested = machine(&c, "greeting");
+    let m = c
+        .test_machine_config(checks[0], &tested, "", &MachineConfigOptions::default())
+        .unwrap();
+    let init = m.init.as_ref().unwrap();
+    assert_eq!(init.cmd, strings(&["curl", "https://fly.io"]));
+    assert_eq!(init.entrypoint, strings(&["/bin/sh"]));
+    assert_eq!(init.swap_size_mb, Some(512));
+    assert_eq!(m.image, "curlimages/curl");
+    assert_eq!(
+        m.env,
+        map(&[
+            ("PRIMARY_REGION", "mia"),
+            ("FLY_TEST_COMMAND", "1"),
+            ("FLY_PROCESS_GROUP", "fly_app_test_machine_command"),
+            ("FLY_TEST_MACHINE_IP", ""),
+        ])
+    );
+    assert_eq!(
+        m.metadata["fly_process_group"],
+        "fly_app_test_machine_command"
+    );
+    assert!(m.auto_destroy);
+    assert_eq!(m.restart.as_ref().unwrap().policy, RestartPolicy::No);
+    assert!(m.dns.as_ref().unwrap().skip_registration);
+    assert_eq!(
+        m.stop_config,
+        Some(aloft_api::StopConfig {
+            timeout: None,
+            signal: None
+        })
+    );
+
+    // Without its own image the check runs the tested machine's image with its env.
+    let mut check = checks[0].clone();
+    check.image = None;
+    let mut tested = tested;
+    tested.image = "registry.local/foo:v1".into();
+    let m = c
+        .test_machine_config(&check, &tested, "fdaa::3", &MachineConfigOptions::default())
+        .unwrap();
+    assert_eq!(m.image, "registry.local/foo:v1");
+    assert_eq!(m.env["FLY_TEST_MACHINE_IP"], "fdaa::3");
+    assert_eq!(m.env["FLY_PROCESS_GROUP"], "fly_app_test_machine_command");
+    check.command.clear();
+    let err = c
+        .test_machine_config(&check, &tested, "", &MachineConfigOptions::default())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("missing command for test machine"),
+        "{err}"
+    );
+}
+
+#[test]
+fn local_files_are_inlined_before_leaving_the_machine() {
+    let dir = std::env::temp_dir().join(format!("aloft-inline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hello.txt"), "hello world\n").unwrap();
+    std::fs::write(
+        dir.join("machine.json"),
+        "{\"dns\": {\"nameservers\": [\"9.9.9.9\"]}}",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("fly.toml"),
+        "app = \"x\"\nmachine_config = \"machine.json\"\n[[files]]\nguest_path = \"/etc/hello\"\nlocal_path = \"hello.txt\"\n",
+    )
+    .unwrap();
+    let mut c = load(&dir).unwrap().config;
+    let from_disk = machine(&c, "app");
+    c.inline_local_files().unwrap();
+    assert_eq!(c.files[0].raw_value.as_deref(), Some("hello world\n"));
+    assert!(c.files[0].local_path.is_none());
+    let remote = AppConfig::from_json_value(serde_json::to_value(&c).unwrap()).unwrap();
+    let m = machine(&remote, "app");
+    assert_eq!(m, from_disk);
+    assert_eq!(m.files[0].raw_value.as_deref(), Some("aGVsbG8gd29ybGQK"));
+    assert_eq!(m.dns.unwrap().nameservers, strings(&["9.9.9.9"]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
