@@ -6,7 +6,6 @@
 //! flyctl, the config then keeps only `app` and carries the errors, which
 //! [`AppConfig::validate`] reports and which make machine conversion fail.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -338,10 +337,5 @@ impl AppConfig {
                 .map(|n| dir.join(n))
                 .find(|p| p.is_file()),
         }
-    }
-
-    /// `[env]` as it reaches machines (without the per-group additions).
-    pub fn env_map(&self) -> &BTreeMap<String, String> {
-        &self.env
     }
 }

@@ -57,7 +57,7 @@ pub fn closest<'a>(input: &str, candidates: impl IntoIterator<Item = &'a str>) -
         let distance = if candidate.eq_ignore_ascii_case(input) || word_bag(candidate) == bag {
             0
         } else {
-            edit_distance(&lowered, candidate)
+            edit_distance(&lowered, &candidate.to_ascii_lowercase())
         };
         let limit = (candidate.chars().count().max(input.chars().count()) / 3).max(1);
         if distance <= limit && best.is_none_or(|(d, _)| distance < d) {
