@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: MachineCommand,
     },
+    /// Validate, show and convert the app's fly.toml.
+    Config {
+        #[command(subcommand)]
+        command: commands::config::ConfigCommand,
+    },
     /// Authentication.
     Auth {
         #[command(subcommand)]
@@ -165,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Server(args) => commands::server::run(args).await?,
         Command::Apps { command } => commands::apps::run(&api, command).await?,
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,
+        Command::Config { command } => return commands::config::run(command),
         Command::Status { app, config, json } => {
             let app = app_name(app, config.as_deref())?;
             commands::status::status(&api, &app, json)

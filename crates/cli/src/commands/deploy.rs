@@ -91,7 +91,10 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
         }
         bail!("{} is not valid: {}", path.display(), errors[0]);
     }
-    let config = loaded.config;
+    let mut config = loaded.config;
+    config
+        .inline_local_files()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let app_name = args
         .app
         .clone()

@@ -1,4 +1,5 @@
 pub mod apps;
+pub mod config;
 pub mod deploy;
 pub mod server;
 pub mod status;
