@@ -297,7 +297,9 @@ pub(crate) async fn serve_http<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handler = proxy.clone();
-    let service = service_fn(move |req| handler.clone().handle_http(info.clone(), req));
+    // Boxed per request: hyper keeps room for one service future per connection for the
+    // connection's whole life, and an idle keep-alive connection should not pin ~6 KiB.
+    let service = service_fn(move |req| Box::pin(handler.clone().handle_http(info.clone(), req)));
     let drain = proxy.config.drain_timeout;
     if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
