@@ -97,16 +97,6 @@ fn main() -> anyhow::Result<()> {
                 },
             );
         }
-        proxy
-            .serve(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("signal handler");
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            })
-            .await
+        proxy.serve(aloft_proxy::shutdown_signal()).await
     })
 }

@@ -57,8 +57,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(&name);
         }
     }
+    // `TE: trailers` is end-to-end in effect (gRPC needs it through to h2 backends).
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
     for name in HOP_BY_HOP {
         if keep_upgrade && (*name == header::CONNECTION || *name == header::UPGRADE) {
+            continue;
+        }
+        if te_trailers && *name == header::TE {
             continue;
         }
         headers.remove(name);
@@ -165,11 +173,15 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
     }
 
     #[test]

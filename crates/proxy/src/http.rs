@@ -167,6 +167,8 @@ impl Proxy {
             h::append_list(resp.headers_mut(), &header::VIA, via);
             resp.headers_mut()
                 .insert(h::FLY_REQUEST_ID.clone(), request_id);
+            resp.headers_mut()
+                .insert(header::SERVER, self.server_value.clone());
         }
         if let Some(route) = &route {
             apply_response_headers(resp.headers_mut(), route.port());

@@ -117,6 +117,23 @@ impl Default for ProxyConfig {
     }
 }
 
+/// Completes on SIGTERM or SIGINT: the usual `shutdown` future for [`Proxy::serve`], so
+/// a `SIGTERM` drains gracefully.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// Addresses the proxy's listeners are bound to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BoundAddrs {
@@ -163,6 +180,7 @@ pub struct Proxy {
     pub(crate) via_h1: HeaderValue,
     pub(crate) via_h2: HeaderValue,
     pub(crate) region_value: HeaderValue,
+    pub(crate) server_value: HeaderValue,
     pub(crate) control: Option<control::ControlClient>,
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) certs: tls::CertStore,
@@ -195,6 +213,11 @@ impl Proxy {
             via_h1: headers::value_of(&format!("1.1 {}", config.via_name)),
             via_h2: headers::value_of(&format!("2 {}", config.via_name)),
             region_value: headers::value_of(&config.region),
+            server_value: headers::value_of(&format!(
+                "{}/{}",
+                config.via_name,
+                env!("CARGO_PKG_VERSION")
+            )),
             certs: tls::CertStore::new(),
             catalog,
             metrics,

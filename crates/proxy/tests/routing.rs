@@ -493,3 +493,48 @@ async fn autostop_keeps_machines_that_carry_load() {
     assert_eq!(r2.await.unwrap().status, 200);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn catalog_changes_apply_at_once_without_dropping_in_flight_requests() {
+    let (open, gate) = watch::channel(false);
+    let old = backend(gated("old", gate)).await;
+    let new = backend(echo("new")).await;
+    let proxy = start(config()).await;
+    let c = proxy.proxy.catalog();
+    c.apply(snapshot(
+        1,
+        vec![app("web")],
+        vec![machine(
+            "m-old",
+            "web",
+            "ams",
+            old.addr,
+            MachineState::Started,
+        )],
+    ));
+    let addr = proxy.http;
+    let inflight = tokio::spawn(async move { get(addr, "web.aloft.test", "/", &[]).await });
+    eventually("request at the old machine", || async {
+        old.requests.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    // The old machine is destroyed and a new one started: the next request goes to it.
+    c.apply_all([
+        CatalogUpdate::MachineRemoved {
+            seq: 2,
+            id: "m-old".into(),
+        },
+        CatalogUpdate::Machine {
+            seq: 3,
+            machine: machine("m-new", "web", "ams", new.addr, MachineState::Started),
+        },
+    ]);
+    let r = get(addr, "web.aloft.test", "/", &[]).await;
+    assert_eq!(r.header("x-backend"), Some("new"));
+    // The request in flight on the old machine still completes.
+    open.send(true).unwrap();
+    let r = inflight.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-backend"), Some("old"));
+    proxy.shutdown().await;
+}
