@@ -69,6 +69,8 @@ impl Limits {
 pub struct RttTable {
     local_region: String,
     measured: ArcSwap<HashMap<String, f64>>,
+    /// Regions whose RTT was set explicitly (tests, operators): probes leave them alone.
+    pinned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl RttTable {
@@ -76,10 +78,38 @@ impl RttTable {
         RttTable {
             local_region: local_region.to_string(),
             measured: ArcSwap::from_pointee(HashMap::new()),
+            pinned: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
+    /// Sets a region's RTT and pins it (probes no longer change it).
     pub fn set(&self, region: &str, rtt_ms: f64) {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(region.to_string());
+        self.store(region, rtt_ms);
+    }
+
+    /// Records a probe measurement (smoothed), unless the region is pinned.
+    pub fn observe(&self, region: &str, rtt_ms: f64) {
+        if region == self.local_region
+            || self
+                .pinned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(region)
+        {
+            return;
+        }
+        let smoothed = match self.measured.load().get(region) {
+            Some(old) => old * 0.7 + rtt_ms * 0.3,
+            None => rtt_ms,
+        };
+        self.store(region, smoothed);
+    }
+
+    fn store(&self, region: &str, rtt_ms: f64) {
         let mut map = HashMap::clone(&self.measured.load());
         map.insert(region.to_string(), rtt_ms);
         self.measured.store(Arc::new(map));
@@ -462,5 +492,12 @@ mod tests {
         assert!(t.rtt("fra") < t.rtt("syd"));
         t.set("syd", 1.0);
         assert_eq!(t.rtt("syd"), 1.0);
+        // Probes smooth into unpinned regions and leave pinned ones alone.
+        t.observe("syd", 50.0);
+        assert_eq!(t.rtt("syd"), 1.0);
+        t.observe("fra", 10.0);
+        assert_eq!(t.rtt("fra"), 10.0);
+        t.observe("fra", 20.0);
+        assert!((t.rtt("fra") - 13.0).abs() < 1e-9);
     }
 }

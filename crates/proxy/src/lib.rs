@@ -87,6 +87,9 @@ pub struct ProxyConfig {
     pub self_signed_fallback: bool,
     /// Backend connection pool.
     pub pool: backend::PoolSettings,
+    /// How often to measure RTT to other regions' machines. `None`: never (distances and
+    /// `Proxy::set_rtt` only).
+    pub rtt_probe_interval: Option<Duration>,
 }
 
 impl Default for ProxyConfig {
@@ -113,6 +116,7 @@ impl Default for ProxyConfig {
             acme: None,
             self_signed_fallback: true,
             pool: backend::PoolSettings::default(),
+            rtt_probe_interval: Some(Duration::from_secs(30)),
         }
     }
 }

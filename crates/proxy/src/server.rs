@@ -141,6 +141,7 @@ pub(crate) async fn serve(
         tokio::spawn(crate::autoscale::autostop_loop(proxy.clone())),
         tokio::spawn(crate::tls::certificate_loop(proxy.clone())),
         tokio::spawn(sweep_idle_backends(proxy.clone())),
+        tokio::spawn(probe_rtt(proxy.clone())),
     ];
     shutdown.await;
     tracing::info!(
@@ -278,6 +279,45 @@ async fn sweep_idle_backends(proxy: Arc<Proxy>) {
                 }
             }
         }
+    }
+}
+
+/// Measures the round trip to other regions: the time a TCP connect takes to a started
+/// machine there (over the backhaul in production), smoothed into the RTT table.
+async fn probe_rtt(proxy: Arc<Proxy>) {
+    let Some(period) = proxy.config.rtt_probe_interval else {
+        return;
+    };
+    loop {
+        let mut targets: HashMap<String, SocketAddr> = HashMap::new();
+        {
+            let snapshot = proxy.catalog.snapshot();
+            for app in snapshot.apps.values() {
+                for machine in &app.machines {
+                    if machine.region == proxy.config.region
+                        || machine.state != aloft_api::MachineState::Started
+                    {
+                        continue;
+                    }
+                    if let Some(backend) = machine.backends.iter().flatten().next() {
+                        targets
+                            .entry(machine.region.clone())
+                            .or_insert(backend.addr);
+                    }
+                }
+            }
+        }
+        for (region, addr) in targets {
+            let started = Instant::now();
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+            {
+                proxy
+                    .rtt
+                    .observe(&region, started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        tokio::time::sleep(period).await;
     }
 }
 

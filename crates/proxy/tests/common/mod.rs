@@ -211,6 +211,8 @@ pub fn config() -> ProxyConfig {
         machine_wait: Duration::from_millis(500),
         service_listeners: false,
         drain_timeout: Duration::from_secs(5),
+        // Every "region" is on this machine: tests inject RTTs instead.
+        rtt_probe_interval: None,
         ..ProxyConfig::default()
     }
 }
