@@ -217,6 +217,9 @@ pub struct SseStream {
     _sender: http1::SendRequest<Full<Bytes>>,
 }
 
+/// A catalog stream with no bytes for this long is considered dead.
+const STREAM_IDLE: Duration = Duration::from_secs(60);
+
 /// Largest single event accepted (a snapshot of a big platform can be large).
 const MAX_EVENT: usize = 256 * 1024 * 1024;
 
@@ -230,7 +233,12 @@ impl SseStream {
             if self.buf.len() > MAX_EVENT {
                 return Err(ControlError::Stream("event too large".into()));
             }
-            match self.body.frame().await {
+            // The control plane sends a keep-alive comment every 15 s: a silent stream is
+            // a dead connection (half-open TCP), so give up on it and reconnect.
+            let frame = tokio::time::timeout(STREAM_IDLE, self.body.frame())
+                .await
+                .map_err(|_| ControlError::Stream("no data for 60 s".into()))?;
+            match frame {
                 None => return Ok(None),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(frame)) => {
