@@ -167,6 +167,13 @@ impl Pebble {
 
 /// A control plane that stores certificates the proxy obtained (and has none to give).
 async fn cert_store() -> (SocketAddr, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+    cert_store_with(None).await
+}
+
+/// Like `cert_store`, also answering GET for one hostname with `stored`.
+async fn cert_store_with(
+    stored_cert: Option<(String, serde_json::Value)>,
+) -> (SocketAddr, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stored = Arc::new(Mutex::new(Vec::new()));
@@ -176,12 +183,20 @@ async fn cert_store() -> (SocketAddr, Arc<Mutex<Vec<(String, serde_json::Value)>
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let s = s.clone();
+            let (s, stored_cert) = (s.clone(), stored_cert.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
-                    let s = s.clone();
+                    let (s, stored_cert) = (s.clone(), stored_cert.clone());
                     async move {
                         let path = req.uri().path().to_string();
+                        if req.method() == http::Method::GET
+                            && let Some((host, doc)) = &stored_cert
+                            && path == format!("/v1/proxy/certificates/{host}")
+                        {
+                            return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                                doc.to_string(),
+                            ))));
+                        }
                         let status = if req.method() == http::Method::PUT
                             && path.starts_with("/v1/proxy/certificates/")
                         {
@@ -328,4 +343,87 @@ async fn issues_certificates_with_tls_alpn_01() {
 #[tokio::test]
 async fn issues_certificates_with_http_01() {
     run(true).await;
+}
+
+/// (year, month, day) of a Unix day number (Howard Hinnant's civil-from-days).
+fn civil(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+#[tokio::test]
+async fn renews_a_stored_certificate_close_to_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(echo("b1")).await;
+    // The control plane holds a certificate (from some other CA) expiring in two days.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let today = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400) as i64;
+    let (y, m, d) = civil(today + 2);
+    let (y0, m0, d0) = civil(today - 60);
+    let mut leaf_params =
+        rcgen::CertificateParams::new(vec!["web.aloft.test".to_string()]).unwrap();
+    leaf_params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+    leaf_params.not_after = rcgen::date_time_ymd(y, m, d);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let doc = serde_json::json!({
+        "hostname": "web.aloft.test",
+        "certificate": format!("{}{}", leaf.pem(), ca_cert.pem()),
+        "private_key": leaf_key.serialize_pem(),
+    });
+    let (control, stored) = cert_store_with(Some(("web.aloft.test".into(), doc))).await;
+
+    let (http_port, tls_port) = (free_port().await, free_port().await);
+    let pebble = pebble(dir.path(), http_port, tls_port).await;
+    let mut cfg = config();
+    cfg.http_listen = format!("127.0.0.1:{http_port}").parse().unwrap();
+    cfg.https_listen = Some(format!("127.0.0.1:{tls_port}").parse().unwrap());
+    cfg.self_signed_fallback = false;
+    cfg.control_url = format!("http://{control}");
+    cfg.acme = Some(AcmeConfig {
+        directory_url: pebble.directory.clone(),
+        ca_root_pem: Some(pebble.https_ca.clone()),
+        retry_after: Duration::from_millis(200),
+        ..AcmeConfig::default()
+    });
+    let proxy = start(cfg).await;
+    let mut web = app("web");
+    web.hostnames = vec!["web.aloft.test".into()];
+    proxy.proxy.catalog().apply(snapshot(
+        1,
+        vec![web],
+        vec![machine("m1", "web", "ams", be.addr, MachineState::Started)],
+    ));
+    let root = pebble.issuing_root(dir.path()).await;
+    let https = proxy.https.unwrap();
+    // Renewed from the ACME CA (the stored one had under 30 days left) and stored back.
+    eventually("renewed certificate served", || {
+        let root = root.clone();
+        async move { verify_with(&root, https, "web.aloft.test").await.is_ok() }
+    })
+    .await;
+    assert!(
+        stored
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, _)| p == "/v1/proxy/certificates/web.aloft.test")
+    );
+    proxy.shutdown().await;
 }
