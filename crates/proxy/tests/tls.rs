@@ -472,3 +472,64 @@ async fn dedicated_ip_raw_tcp_proxy_protocol_tls_passthrough_and_default_deny() 
     drop(open);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn other_public_ports_on_the_shared_address_route_by_host_and_sni() {
+    let be = backend(echo("b1")).await;
+    let pki = pki();
+    let http_port = free_port("127.0.0.1").await;
+    let tls_port = free_port("127.0.0.1").await;
+    let port = |p: u16, handlers: &[&str]| MachinePort {
+        port: Some(p),
+        handlers: handlers.iter().map(|h| h.to_string()).collect(),
+        ..MachinePort::default()
+    };
+    let service = MachineService {
+        protocol: "tcp".into(),
+        internal_port: be.addr.port(),
+        ports: vec![port(http_port, &["http"]), port(tls_port, &["tls", "http"])],
+        ..MachineService::default()
+    };
+    let mut cfg = tls_config();
+    cfg.service_listeners = true;
+    let proxy = start(cfg).await;
+    proxy.proxy.catalog().apply(snapshot(
+        1,
+        vec![app("web")],
+        vec![machine_with(
+            "m1",
+            "web",
+            "ams",
+            be.addr,
+            MachineState::Started,
+            vec![service],
+        )],
+    ));
+    pki.install(&proxy.proxy, "web.aloft.test");
+    let http_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    connect_when_listening(http_addr).await;
+    let r = get(http_addr, "web.aloft.test", "/shared", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        echoed(&r.json(), "fly-forwarded-port"),
+        Some(http_port.to_string().as_str())
+    );
+    // Another host on the same port: no such app.
+    assert_eq!(
+        get(http_addr, "nope.aloft.test", "/", &[]).await.status,
+        404
+    );
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    connect_when_listening(tls_addr).await;
+    let client = pki.client(&["h2", "http/1.1"], &[&rustls::version::TLS13]);
+    let (alpn, status, json) = tls_get(&client, tls_addr, "web.aloft.test", "/tls")
+        .await
+        .unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(status, 200);
+    assert_eq!(echoed(&json, "x-forwarded-proto"), Some("https"));
+    // Plain HTTP to the TLS port is not let through.
+    let r = get(tls_addr, "web.aloft.test", "/", &[]).await;
+    assert_eq!(r.status, 404);
+    proxy.shutdown().await;
+}
