@@ -75,36 +75,84 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<RespBody> {
     resp
 }
 
-/// The host a request names, lower case, without port.
-pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(host) => host,
-        None => req.uri().authority()?.as_str(),
+/// The host a request names, lower case, without port. Borrowed from the request's
+/// `Host` header (a cheap shared clone) unless it had to be lower-cased.
+pub struct HostKey {
+    value: Option<HeaderValue>,
+    range: (usize, usize),
+    owned: Option<String>,
+}
+
+impl HostKey {
+    pub fn as_str(&self) -> &str {
+        if let Some(owned) = &self.owned {
+            return owned;
+        }
+        match &self.value {
+            Some(v) => std::str::from_utf8(&v.as_bytes()[self.range.0..self.range.1]).unwrap_or(""),
+            None => "",
+        }
+    }
+}
+
+pub fn request_host<B>(req: &Request<B>) -> HostKey {
+    let empty = HostKey {
+        value: None,
+        range: (0, 0),
+        owned: None,
     };
-    Some(normalize_host(raw))
+    if let Some(value) = req.headers().get(header::HOST) {
+        let Ok(raw) = value.to_str() else {
+            return empty;
+        };
+        let (start, end) = host_range(raw);
+        let host = &raw[start..end];
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            return HostKey {
+                value: None,
+                range: (0, 0),
+                owned: Some(host.to_ascii_lowercase()),
+            };
+        }
+        return HostKey {
+            value: Some(value.clone()),
+            range: (start, end),
+            owned: None,
+        };
+    }
+    match req.uri().authority() {
+        Some(authority) => HostKey {
+            value: None,
+            range: (0, 0),
+            owned: Some(normalize_host(authority.as_str())),
+        },
+        None => empty,
+    }
+}
+
+/// Where the host name sits in a `Host` value: trimmed, without `[...]`, port or final dot.
+fn host_range(raw: &str) -> (usize, usize) {
+    let lead = raw.len() - raw.trim_start().len();
+    let trimmed = raw.trim();
+    let (mut start, mut end) = (lead, lead + trimmed.len());
+    if let Some(rest) = trimmed.strip_prefix('[') {
+        start += 1;
+        end = start + rest.find(']').unwrap_or(rest.len());
+    } else if let Some(colon) = trimmed.rfind(':')
+        && trimmed[colon + 1..].bytes().all(|b| b.is_ascii_digit())
+    {
+        end = lead + colon;
+    }
+    if end > start && raw.as_bytes()[end - 1] == b'.' {
+        end -= 1;
+    }
+    (start, end)
 }
 
 /// Lower-cases a host and strips its port (`[v6]:port`, `name:port`) and a trailing dot.
 pub fn normalize_host(raw: &str) -> String {
-    let raw = raw.trim();
-    let host = if let Some(rest) = raw.strip_prefix('[') {
-        rest.split(']').next().unwrap_or(rest)
-    } else {
-        match raw.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => raw,
-        }
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        host.to_ascii_lowercase()
-    } else {
-        host.to_string()
-    }
+    let (start, end) = host_range(raw);
+    raw[start..end].to_ascii_lowercase()
 }
 
 /// Where a request goes and how its response is treated.
@@ -198,7 +246,8 @@ impl Proxy {
         bool,
         Option<Route>,
     ) {
-        let host = request_host(&req).unwrap_or_default();
+        let host_key = request_host(&req);
+        let host = host_key.as_str();
         if !conn.tls
             && let Some(token) = req
                 .uri()
@@ -218,16 +267,17 @@ impl Proxy {
             );
             return (Outcome::Response(resp), None, false, None);
         }
-        let app_name = match &conn.fixed_app {
-            Some(app) => Some(app.clone()),
-            None => {
-                let snapshot = self.catalog.load();
-                snapshot
-                    .app_for_host(&host, &self.config.base_domain)
-                    .map(|a| a.name.clone())
+        // The app, as a shared handle (no name copies on the hot path).
+        let app: Option<Arc<AppView>> = {
+            let snapshot = self.catalog.load();
+            match &conn.fixed_app {
+                Some(name) => snapshot.apps.get(name.as_str()).cloned(),
+                None => snapshot
+                    .app_for_host(host, &self.config.base_domain)
+                    .cloned(),
             }
         };
-        let Some(app_name) = app_name else {
+        let Some(app) = app else {
             return (
                 Outcome::Error(StatusCode::NOT_FOUND, "no app is served at this host"),
                 None,
@@ -236,7 +286,7 @@ impl Proxy {
             );
         };
         let deadline = Instant::now() + self.config.machine_wait;
-        let route = match self.wait_route(&app_name, conn.public_port, deadline).await {
+        let route = match self.wait_route(&app.name, conn.public_port, deadline).await {
             Ok(route) => route,
             Err(outcome) => return (outcome, None, false, None),
         };
@@ -255,13 +305,13 @@ impl Proxy {
         }
         if route.port().force_https == Some(true) && !conn.tls {
             return (
-                Outcome::Response(redirect_https(&req, &host)),
+                Outcome::Response(redirect_https(&req, host)),
                 stats,
                 pristine,
                 Some(route),
             );
         }
-        let outcome = self.forward(conn, req, &route, &host, deadline).await;
+        let outcome = self.forward(conn, req, &route, host, deadline).await;
         (outcome, stats, pristine, Some(route))
     }
 
@@ -437,7 +487,8 @@ impl Proxy {
             Err(outcome) => return outcome,
         };
         let mut body = Some(body);
-        let mut app_name = route.app.name.clone();
+        // Which app this delivery goes to: the route's, or a fly-replay target.
+        let mut target: Arc<AppView> = route.app.clone();
         let mut route_h2 = route.h2_backend();
         let mut replay_src: Option<HeaderValue> = None;
         let mut replay_state = crate::replay::ReplayState::default();
@@ -445,7 +496,7 @@ impl Proxy {
         for hop in 0..=MAX_REPLAYS {
             let wait_until = replay_state.deadline(deadline);
             let chosen = match self
-                .choose(&app_name, conn.public_port, &constraints, wait_until)
+                .choose(&target.name, conn.public_port, &constraints, wait_until)
                 .await
             {
                 Ok(chosen) => chosen,
@@ -463,7 +514,10 @@ impl Proxy {
                         replay_src = None;
                         constraints = fallback.constraints;
                         route_h2 = self.app_h2_backend(&fallback.app, conn.public_port);
-                        app_name = fallback.app;
+                        match self.catalog.load().apps.get(fallback.app.as_str()) {
+                            Some(app) => target = app.clone(),
+                            None => return Outcome::Error(status, message),
+                        }
                         continue;
                     }
                     return Outcome::Error(status, message);
@@ -501,7 +555,7 @@ impl Proxy {
             let mut resp = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
-                    tracing::debug!(app = %app_name, machine = %machine.id, error = %e, "backend request failed");
+                    tracing::debug!(app = %target.name, machine = %machine.id, error = %e, "backend request failed");
                     return Outcome::Error(StatusCode::BAD_GATEWAY, "the app did not answer");
                 }
             };
@@ -531,17 +585,25 @@ impl Proxy {
                 }
                 self.metrics.replays.inc();
                 drop(resp);
-                let next = replay_state.begin(&replay, &machine, &self.config.region, &app_name);
+                let next = replay_state.begin(&replay, &machine, &self.config.region, &target.name);
                 replay_src = Some(next.src_header);
                 constraints = next.constraints;
-                if let Some(target) = next.app {
+                if let Some(next_app) = next.app {
                     if let Err(message) =
-                        self.replay_target_allowed(&app_name, &target, conn.public_port)
+                        self.replay_target_allowed(&target.name, &next_app, conn.public_port)
                     {
                         return Outcome::Error(StatusCode::BAD_GATEWAY, message);
                     }
-                    route_h2 = self.app_h2_backend(&target, conn.public_port);
-                    app_name = target;
+                    route_h2 = self.app_h2_backend(&next_app, conn.public_port);
+                    match self.catalog.load().apps.get(next_app.as_str()) {
+                        Some(app) => target = app.clone(),
+                        None => {
+                            return Outcome::Error(
+                                StatusCode::BAD_GATEWAY,
+                                "fly-replay names an app that does not exist",
+                            );
+                        }
+                    }
                 }
                 replay.transform(&mut parts);
                 body = Some(saved);
@@ -863,4 +925,25 @@ fn splice_upgrade(
         let mut backend = hyper_util::rt::TokioIo::new(backend);
         let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
     });
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn hosts_normalize() {
+        for (raw, want) in [
+            ("web.aloft.test", "web.aloft.test"),
+            ("web.aloft.test:8080", "web.aloft.test"),
+            (" Web.Aloft.Test. ", "web.aloft.test"),
+            ("[::1]:443", "::1"),
+            ("127.0.0.1:80", "127.0.0.1"),
+            ("", ""),
+        ] {
+            assert_eq!(normalize_host(raw), want, "{raw:?}");
+            let req = Request::builder().header("host", raw).body(()).unwrap();
+            assert_eq!(request_host(&req).as_str(), want, "{raw:?}");
+        }
+    }
 }
