@@ -89,7 +89,11 @@ impl HostKey {
             return owned;
         }
         match &self.value {
-            Some(v) => std::str::from_utf8(&v.as_bytes()[self.range.0..self.range.1]).unwrap_or(""),
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|t| t.get(self.range.0..self.range.1))
+                .unwrap_or(""),
             None => "",
         }
     }
