@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::Duration;
 use crate::machine::{MachineConfig, MachineService, MachineState};
 
 /// `POST /v1/apps/{app}/deploys`: roll out `config` (a parsed fly.toml, as JSON) with `image`.
@@ -12,19 +13,57 @@ use crate::machine::{MachineConfig, MachineService, MachineState};
 pub struct DeployRequest {
     pub config: serde_json::Value,
     pub image: String,
+    /// `rolling`, `immediate`, `canary` or `bluegreen`; overrides `[deploy] strategy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
+    /// Overrides `[deploy] max_unavailable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<f64>,
+    /// Overrides `[deploy] wait_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_timeout: Option<Duration>,
+    /// Overrides `[deploy] release_command_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_command_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skip_release_command: bool,
+    /// First-deploy redundancy (`--ha`, default true): two machines per new process group
+    /// that has services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<bool>,
+    /// What the release list shows as its description (default `deploy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// One line of the NDJSON stream a deploy answers with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeployEvent {
+    /// The deploy was accepted and runs on the server from now on, whatever the client does.
+    Started {
+        deploy_id: String,
+    },
+    /// The release this deploy rolls out was recorded.
+    Release {
+        version: u64,
+        image: String,
+        strategy: String,
+    },
     Progress {
         message: String,
     },
     Warning {
         message: String,
+    },
+    /// Output of the release command or of a failing machine, as it is known.
+    Log {
+        machine_id: String,
+        line: String,
     },
     Done {
         release_version: u64,
@@ -32,7 +71,28 @@ pub enum DeployEvent {
     },
     Error {
         message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<DeployFailure>,
     },
+}
+
+/// Which machine stopped a deploy, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployFailure {
+    pub machine_id: String,
+    #[serde(default)]
+    pub process_group: String,
+    /// The check that failed, if a check did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub check_output: String,
+    /// How the machine's main process ended, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
+    /// The machine's last log lines (at most 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +103,9 @@ pub struct Release {
     pub description: String,
     pub image: String,
     pub created_at: String,
+    /// Who deployed it (the token's name).
+    #[serde(default)]
+    pub user: String,
 }
 
 /// Where and how an agent pulls an image from the platform's registry.

@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 
 use crate::commands::apps::AppsCommand;
 use crate::commands::deploy::DeployArgs;
+use crate::commands::launch::LaunchArgs;
+use crate::commands::registry::RegistryCommand;
+use crate::commands::scale::ScaleCommand;
 use crate::commands::server::ServerArgs;
 use crate::settings::ApiArgs;
 
@@ -35,6 +38,38 @@ enum Command {
     },
     /// Deploy an app from fly.toml.
     Deploy(DeployArgs),
+    /// Create an app from a directory of source code: writes fly.toml (and a Dockerfile).
+    Launch(LaunchArgs),
+    /// List an app's releases.
+    Releases {
+        #[arg(short = 'a', long = "app")]
+        app: Option<String>,
+        #[arg(short = 'c', long = "config")]
+        config: Option<std::path::PathBuf>,
+        /// Show each release's image.
+        #[arg(long)]
+        image: bool,
+        #[arg(short = 'j', long)]
+        json: bool,
+    },
+    /// Scale an app's machines: count, size, memory.
+    Scale {
+        #[command(subcommand)]
+        command: ScaleCommand,
+    },
+    /// The platform's image registry.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+    /// Serve a directory of static files (the server inside images of the static builder).
+    #[command(name = "static-server", hide = true)]
+    StaticServer {
+        dir: std::path::PathBuf,
+        /// Port (default: $PORT, else 8080).
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Show an app's status and machines.
     Status {
         #[arg(short = 'a', long = "app")]
@@ -171,6 +206,38 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Apps { command } => commands::apps::run(&api, command).await?,
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,
         Command::Config { command } => return commands::config::run(command),
+        Command::Launch(args) => commands::launch::run(&api, args).await?,
+        Command::Releases {
+            app,
+            config,
+            image,
+            json,
+        } => {
+            let app = app_name(app, config.as_deref())?;
+            commands::releases::run(&api, &app, image, json)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
+        }
+        Command::Scale { command } => {
+            let (app, config) = match &command {
+                ScaleCommand::Count { app, config, .. }
+                | ScaleCommand::Show { app, config, .. }
+                | ScaleCommand::Vm { app, config, .. }
+                | ScaleCommand::Memory { app, config, .. } => (app.clone(), config.clone()),
+            };
+            let app = app_name(app, config.as_deref())?;
+            commands::scale::run(&api, &app, command)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
+        }
+        Command::Registry { command } => commands::registry::run(&api, command).await?,
+        Command::StaticServer { dir, port } => {
+            let port = port
+                .or_else(|| std::env::var("PORT").ok().and_then(|p| p.parse().ok()))
+                .unwrap_or(aloft_build::static_site::DEFAULT_PORT);
+            aloft_build::static_site::serve(dir, std::net::SocketAddr::from(([0, 0, 0, 0], port)))
+                .await?
+        }
         Command::Status { app, config, json } => {
             let app = app_name(app, config.as_deref())?;
             commands::status::status(&api, &app, json)

@@ -153,21 +153,59 @@ fn deploys_the_example_and_serves_it_through_the_proxy() {
     ]);
     assert_eq!(unknown.stdout, "404", "{unknown}");
 
-    // A second deploy replaces the machine with a new version, same app, still served.
+    // First deploy: two machines for the group with services (Fly's HA default).
+    let before = machine_ids_and_versions(&platform);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.iter().any(|(id, _)| id == machine_id), "{before:?}");
+
+    // A second deploy updates the same machines to a new version, still served.
     let again = platform.aloft_in(Some(&dir), &["deploy"]);
     assert!(again.ok(), "{again}");
     assert!(again.stdout.contains("Release v2"), "{again}");
+    let after = machine_ids_and_versions(&platform);
+    let ids = |list: &[(String, String)]| list.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&after),
+        ids(&before),
+        "the group's machines are updated in place"
+    );
+    assert!(after.iter().all(|(_, release)| release == "2"), "{after:?}");
     let response = platform.curl(&["-H", "Host: hello.localhost", "http://127.0.0.1:8080/"]);
     let document: Value =
         serde_json::from_str(&response.stdout).unwrap_or_else(|e| panic!("{e}: {response}"));
-    assert_eq!(
-        document["env"]["FLY_MACHINE_ID"], machine_id,
-        "the group's machine is updated in place"
+    assert!(
+        ids(&after)
+            .iter()
+            .any(|id| document["env"]["FLY_MACHINE_ID"] == id.as_str()),
+        "{document}"
     );
     assert_ne!(
         document["env"]["FLY_MACHINE_VERSION"],
         env["FLY_MACHINE_VERSION"]
     );
+}
+
+/// (machine id, release version) of the app's machines, sorted by id.
+fn machine_ids_and_versions(platform: &Platform) -> Vec<(String, String)> {
+    let listed = platform.aloft(&["machine", "list", "-a", "hello", "--json"]);
+    assert!(listed.ok(), "{listed}");
+    let machines: Value =
+        serde_json::from_str(&listed.stdout).unwrap_or_else(|e| panic!("{e}: {listed}"));
+    let mut list: Vec<(String, String)> = machines
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let id = m["id"].as_str().unwrap_or_default().to_string();
+            let release = m["config"]["metadata"]["fly_release_version"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (id, release)
+        })
+        .collect();
+    list.sort();
+    list
 }
 
 fn assert_one_line_error(run: &common::Run, expected: &str) {

@@ -4,9 +4,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use aloft_api::internal::{
-    AgentEvent, CatalogUpdate, DeployEvent, DeployRequest, HostRegistration, Release,
-};
+use aloft_api::internal::{AgentEvent, CatalogUpdate, HostRegistration};
 use aloft_api::{
     App, CreateAppRequest, CreateMachineRequest, ListApp, ListAppsResponse, Machine, MachineEvent,
     Organization, StopRequest, UpdateMachineRequest,
@@ -51,11 +49,10 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/v1/apps/{app}/machines/{id}/start", post(start_machine))
         .route("/v1/apps/{app}/machines/{id}/stop", post(stop_machine))
         .route("/v1/apps/{app}/machines/{id}/events", get(machine_events))
-        .route("/v1/apps/{app}/deploys", post(start_deploy))
-        .route("/v1/apps/{app}/releases", get(list_releases))
         .route("/v1/catalog/watch", get(watch_catalog))
         .route("/v1/hosts", post(register_host))
         .route("/v1/hosts/{id}/events", post(host_events))
+        .merge(crate::deploy::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(plane)
@@ -109,7 +106,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
 }
 
 /// Finds an app the caller may see; apps of other orgs answer exactly like missing ones.
-fn visible_app(plane: &ControlPlane, caller: &Caller, name: &str) -> ApiResult<AppRow> {
+pub(crate) fn visible_app(plane: &ControlPlane, caller: &Caller, name: &str) -> ApiResult<AppRow> {
     match plane.store.app(name)? {
         Some(app) if caller.sees_app(&app) => Ok(app),
         _ => Err(ApiError::not_found(format!("app not found: {name}"))),
@@ -404,56 +401,6 @@ async fn machine_events(
     let app = visible_app(&plane, &caller, &name)?;
     let row = visible_machine(&plane, &app, &id)?;
     Ok(Json(plane.store.events(&row.id, 1000)?))
-}
-
-async fn start_deploy(
-    State(plane): Plane,
-    caller: Caller,
-    Path(name): Path<String>,
-    JsonBody(request): JsonBody<DeployRequest>,
-) -> ApiResult<Response> {
-    let app = visible_app(&plane, &caller, &name)?;
-    caller.require_write()?;
-    let (sender, receiver) = tokio::sync::mpsc::channel::<DeployEvent>(64);
-    tokio::spawn(crate::deploy::run(plane.clone(), app, request, sender));
-    let lines = tokio_stream_from(receiver).map(|event| {
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, Infallible>(Bytes::from(line))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
-    )
-        .into_response())
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut receiver: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> + Send {
-    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
-}
-
-async fn list_releases(
-    State(plane): Plane,
-    caller: Caller,
-    Path(name): Path<String>,
-) -> ApiResult<Json<Vec<Release>>> {
-    let app = visible_app(&plane, &caller, &name)?;
-    let releases = plane
-        .store
-        .releases(&app.id, 50)?
-        .into_iter()
-        .map(|r| Release {
-            id: r.id,
-            version: r.version,
-            status: r.status,
-            description: r.description,
-            image: r.image,
-            created_at: r.created_at,
-        })
-        .collect();
-    Ok(Json(releases))
 }
 
 fn sse_frame(update: &CatalogUpdate) -> Bytes {

@@ -1,7 +1,7 @@
 //! The catalog: every change that proxies and DNS servers need (apps, machines), numbered,
 //! kept for a while so followers can resume, and broadcast as it happens.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use aloft_api::internal::{CatalogApp, CatalogMachine, CatalogUpdate};
@@ -15,6 +15,9 @@ pub struct Catalog {
     state: Mutex<History>,
     sender: broadcast::Sender<CatalogUpdate>,
     base_domain: String,
+    /// Machines kept out of routing (published without services): new machines of a
+    /// deploy until they are healthy, old ones while they drain.
+    cordoned: Mutex<HashSet<String>>,
 }
 
 struct History {
@@ -48,6 +51,7 @@ impl Catalog {
             }),
             sender,
             base_domain: base_domain.to_string(),
+            cordoned: Mutex::new(HashSet::new()),
         }
     }
 
@@ -72,6 +76,37 @@ impl Catalog {
             private_ipv4: machine.private_ipv4.clone(),
             private_ip: machine.private_ip.clone(),
             services: machine.config.services.clone(),
+        }
+    }
+
+    /// The entry followers see: a cordoned machine has no services, so no proxy routes to it.
+    fn routed_entry(&self, machine: &MachineRow) -> CatalogMachine {
+        let mut entry = Self::machine_entry(machine);
+        if self.is_cordoned(&machine.id) {
+            entry.services.clear();
+        }
+        entry
+    }
+
+    pub fn is_cordoned(&self, machine_id: &str) -> bool {
+        self.cordoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(machine_id)
+    }
+
+    /// Takes a machine out of routing (or puts it back) and tells the followers.
+    pub fn set_cordoned(&self, machine: &MachineRow, cordoned: bool) {
+        let changed = {
+            let mut set = self.cordoned.lock().unwrap_or_else(|p| p.into_inner());
+            if cordoned {
+                set.insert(machine.id.clone())
+            } else {
+                set.remove(&machine.id)
+            }
+        };
+        if changed {
+            self.machine_changed(machine);
         }
     }
 
@@ -100,7 +135,7 @@ impl Catalog {
     }
 
     pub fn machine_changed(&self, machine: &MachineRow) {
-        let entry = Self::machine_entry(machine);
+        let entry = self.routed_entry(machine);
         self.publish(|seq| CatalogUpdate::Machine {
             seq,
             machine: entry,
@@ -108,6 +143,10 @@ impl Catalog {
     }
 
     pub fn machine_removed(&self, id: &str) {
+        self.cordoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.publish(|seq| CatalogUpdate::MachineRemoved {
             seq,
             id: id.to_string(),
@@ -155,7 +194,7 @@ impl Catalog {
         let machines = store
             .all_live_machines()?
             .iter()
-            .map(Self::machine_entry)
+            .map(|m| self.routed_entry(m))
             .collect();
         Ok(CatalogUpdate::Snapshot {
             seq,

@@ -1,83 +1,367 @@
 //! Server-side deploys: a parsed fly.toml plus an image become a release and one machine
-//! config per process group, rolled out here so a deploy survives the client going away.
+//! config per process group, rolled out here with the chosen strategy (rolling, immediate,
+//! canary, bluegreen), so a deploy goes on whatever the client does. The client watches an
+//! NDJSON stream of [`DeployEvent`]s; other clients can join it by the deploy's id.
+//!
+//! Every strategy keeps new machines out of routing until they are healthy and drains
+//! machines before they stop, so the proxies only ever route to started, healthy machines.
+//! A machine that exits or fails a check stops the deploy at once; the machines it had
+//! already changed go back to their previous config, so the previous release keeps serving.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use aloft_api::internal::{DeployEvent, DeployRequest};
-use aloft_api::{CreateMachineRequest, MachineConfig, MachineState, StopRequest, regions};
-use aloft_config::{AppConfig, MachineConfigOptions, Severity};
-use tokio::sync::mpsc;
+use aloft_api::internal::{DeployEvent, DeployFailure, DeployRequest, ExitStatus};
+use aloft_api::{
+    MachineConfig, MachineInit, MachineRestart, MachineState, RestartPolicy, StopRequest, regions,
+};
+use aloft_config::{AppConfig, MachineConfigOptions, RELEASE_COMMAND_GROUP, Severity};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::header;
+use tokio::sync::broadcast;
 
 use crate::ControlPlane;
+use crate::api::{JsonBody, visible_app};
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::place;
-use crate::store::{AppRow, MachineRow};
+use crate::rollout::{self, MachineFailure, group_of};
+use crate::store::{AppRow, MachineRow, StoreError};
 
-struct Progress {
-    sender: mpsc::Sender<DeployEvent>,
+const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_MAX_UNAVAILABLE: f64 = 0.33;
+/// Finished deploys kept in memory so a client can still read how they ended.
+const KEPT_OPERATIONS: usize = 64;
+
+pub const STRATEGIES: [&str; 4] = ["rolling", "immediate", "canary", "bluegreen"];
+
+pub fn routes() -> Router<Arc<ControlPlane>> {
+    Router::new()
+        .route("/v1/apps/{app}/deploys", post(start_deploy))
+        .route("/v1/apps/{app}/deploys/{id}", get(watch_deploy))
+        .merge(crate::releases::routes())
+        .merge(crate::scale::routes())
+}
+
+// ---- operations: deploys (and scalings) in progress, with their event log ----
+
+/// Recent deploys and scalings, by id.
+#[derive(Default)]
+pub struct Deploys {
+    recent: Mutex<VecDeque<Arc<Operation>>>,
+}
+
+/// One server-side operation and everything it has reported so far.
+pub struct Operation {
+    pub id: String,
+    pub app: String,
+    events: Mutex<Vec<DeployEvent>>,
+    sender: broadcast::Sender<DeployEvent>,
+    finished: AtomicBool,
+}
+
+impl Deploys {
+    pub fn begin(&self, app: &str) -> Arc<Operation> {
+        let (sender, _) = broadcast::channel(1024);
+        let operation = Arc::new(Operation {
+            id: ulid::Ulid::new().to_string().to_lowercase(),
+            app: app.to_string(),
+            events: Mutex::new(Vec::new()),
+            sender,
+            finished: AtomicBool::new(false),
+        });
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= KEPT_OPERATIONS
+            && let Some(position) = recent
+                .iter()
+                .position(|o| o.finished.load(Ordering::SeqCst))
+        {
+            recent.remove(position);
+        }
+        recent.push_back(operation.clone());
+        operation
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Operation>> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|o| o.id == id)
+            .cloned()
+    }
+}
+
+fn is_terminal(event: &DeployEvent) -> bool {
+    matches!(event, DeployEvent::Done { .. } | DeployEvent::Error { .. })
+}
+
+impl Operation {
+    pub fn emit(&self, event: DeployEvent) {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if is_terminal(&event) {
+            self.finished.store(true, Ordering::SeqCst);
+        }
+        events.push(event.clone());
+        // Nobody may be watching: the operation goes on regardless.
+        let _ = self.sender.send(event);
+    }
+
+    /// Everything reported so far, then what comes, up to and including the final event.
+    pub fn stream(self: &Arc<Self>) -> Body {
+        let (past, receiver) = {
+            let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            (events.clone(), self.sender.subscribe())
+        };
+        let done = past.iter().any(is_terminal);
+        let replay = futures_util::stream::iter(
+            past.into_iter()
+                .map(|e| Ok::<_, std::convert::Infallible>(ndjson(&e))),
+        );
+        let live =
+            futures_util::stream::unfold((receiver, done), |(mut receiver, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    match receiver.recv().await {
+                        Ok(event) => {
+                            let last = is_terminal(&event);
+                            return Some((Ok(ndjson(&event)), (receiver, last)));
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+        use futures_util::StreamExt;
+        Body::from_stream(replay.chain(live))
+    }
+}
+
+fn ndjson(event: &DeployEvent) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Reports an operation's progress.
+#[derive(Clone)]
+pub struct Progress {
+    operation: Arc<Operation>,
 }
 
 impl Progress {
-    async fn say(&self, message: impl Into<String>) {
-        // The client may have gone away; the deploy goes on regardless.
-        let _ = self
-            .sender
-            .send(DeployEvent::Progress {
-                message: message.into(),
-            })
-            .await;
+    pub fn new(operation: Arc<Operation>) -> Self {
+        Self { operation }
     }
-    async fn warn(&self, message: impl Into<String>) {
-        let _ = self
-            .sender
-            .send(DeployEvent::Warning {
-                message: message.into(),
-            })
-            .await;
+    pub async fn say(&self, message: impl Into<String>) {
+        self.operation.emit(DeployEvent::Progress {
+            message: message.into(),
+        });
     }
-    async fn finish(&self, event: DeployEvent) {
-        let _ = self.sender.send(event).await;
+    pub async fn warn(&self, message: impl Into<String>) {
+        self.operation.emit(DeployEvent::Warning {
+            message: message.into(),
+        });
+    }
+    pub async fn log(&self, machine_id: &str, line: &str) {
+        self.operation.emit(DeployEvent::Log {
+            machine_id: machine_id.to_string(),
+            line: line.to_string(),
+        });
+    }
+    pub fn emit(&self, event: DeployEvent) {
+        self.operation.emit(event);
     }
 }
 
-/// Runs a deploy to completion, reporting on `sender`.
+pub fn ndjson_response(operation: &Arc<Operation>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        operation.stream(),
+    )
+        .into_response()
+}
+
+type Plane = State<Arc<ControlPlane>>;
+
+async fn start_deploy(
+    State(plane): Plane,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(request): JsonBody<DeployRequest>,
+) -> ApiResult<Response> {
+    let app = visible_app(&plane, &caller, &name)?;
+    caller.require_write()?;
+    let user = plane
+        .store
+        .token(&caller.token_id)?
+        .map(|t| t.name)
+        .unwrap_or_default();
+    let operation = plane.deploys.begin(&app.name);
+    operation.emit(DeployEvent::Started {
+        deploy_id: operation.id.clone(),
+    });
+    let response = ndjson_response(&operation);
+    tokio::spawn(run(
+        plane.clone(),
+        app,
+        request,
+        caller,
+        user,
+        Progress::new(operation),
+    ));
+    Ok(response)
+}
+
+async fn watch_deploy(
+    State(plane): Plane,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let app = visible_app(&plane, &caller, &name)?;
+    match plane.deploys.get(&id) {
+        Some(operation) if operation.app == app.name => Ok(ndjson_response(&operation)),
+        _ => Err(ApiError::not_found(format!(
+            "deploy {id} not found for app {}",
+            app.name
+        ))),
+    }
+}
+
+// ---- the deploy ----
+
+/// Why a deploy stopped.
+#[derive(Debug)]
+pub struct DeployError {
+    pub message: String,
+    pub failure: Option<Box<DeployFailure>>,
+}
+
+impl From<ApiError> for DeployError {
+    fn from(err: ApiError) -> Self {
+        Self {
+            message: err.message,
+            failure: None,
+        }
+    }
+}
+
+impl From<StoreError> for DeployError {
+    fn from(err: StoreError) -> Self {
+        ApiError::from(err).into()
+    }
+}
+
+impl From<MachineFailure> for DeployError {
+    fn from(failure: MachineFailure) -> Self {
+        let failure_detail =
+            (!failure.failure.machine_id.is_empty()).then(|| Box::new(failure.failure));
+        Self {
+            message: failure.message,
+            failure: failure_detail,
+        }
+    }
+}
+
+fn bad(message: impl Into<String>) -> DeployError {
+    DeployError {
+        message: message.into(),
+        failure: None,
+    }
+}
+
+/// Runs a deploy to completion, one per app at a time.
 pub async fn run(
     plane: Arc<ControlPlane>,
     app: AppRow,
     request: DeployRequest,
-    sender: mpsc::Sender<DeployEvent>,
+    caller: Caller,
+    user: String,
+    progress: Progress,
 ) {
-    let progress = Progress { sender };
     let lock = plane.app_lock(&app.name);
-    let _guard = lock.lock().await;
-    match deploy(&plane, &app, &request, &progress).await {
-        Ok(version) => {
+    let _guard = match lock.clone().try_lock_owned() {
+        Ok(guard) => guard,
+        Err(_) => {
             progress
-                .finish(DeployEvent::Done {
-                    release_version: version,
-                    url: Some(plane.app_url(&app.name)),
-                })
+                .say(format!(
+                    "Waiting for the deploy or scaling of {} in progress to finish",
+                    app.name
+                ))
                 .await;
+            lock.lock_owned().await
         }
-        Err(err) => {
-            progress
-                .finish(DeployEvent::Error {
-                    message: err.message,
-                })
-                .await
-        }
+    };
+    let deployer = Deployer {
+        plane: &plane,
+        app: &app,
+        progress: &progress,
+    };
+    match deployer.deploy(&request, &caller, &user).await {
+        Ok(version) => progress.emit(DeployEvent::Done {
+            release_version: version,
+            url: Some(plane.app_url(&app.name)),
+        }),
+        Err(err) => progress.emit(DeployEvent::Error {
+            message: err.message,
+            failure: err.failure.map(|f| *f),
+        }),
     }
 }
 
-async fn deploy(
-    plane: &ControlPlane,
-    app: &AppRow,
-    request: &DeployRequest,
-    progress: &Progress,
-) -> ApiResult<u64> {
-    let config = AppConfig::from_json_value(request.config.clone())
-        .map_err(|e| ApiError::bad_request(format!("invalid app configuration: {e}")))?;
+/// Settings of one rollout.
+#[derive(Clone, Debug)]
+pub struct RolloutSettings {
+    pub strategy: String,
+    pub max_unavailable: f64,
+    pub wait_timeout: Duration,
+    pub ha: bool,
+}
+
+impl RolloutSettings {
+    /// How many machines of `total` may be down at once.
+    pub fn batch_size(&self, total: usize) -> usize {
+        let size = if self.max_unavailable >= 1.0 {
+            self.max_unavailable.floor() as usize
+        } else {
+            (self.max_unavailable * total as f64).ceil() as usize
+        };
+        size.clamp(1, total.max(1))
+    }
+}
+
+/// A machine a rollout changed, to put back if the rollout fails.
+enum Touched {
+    Updated {
+        id: String,
+        previous: Box<MachineConfig>,
+        was_running: bool,
+    },
+    Created {
+        id: String,
+    },
+}
+
+pub struct Deployer<'a> {
+    pub plane: &'a ControlPlane,
+    pub app: &'a AppRow,
+    pub progress: &'a Progress,
+}
+
+fn parse_config(value: &serde_json::Value) -> Result<AppConfig, DeployError> {
+    let config = AppConfig::from_json_value(value.clone())
+        .map_err(|e| bad(format!("invalid app configuration: {e}")))?;
     let problems: Vec<String> = config
         .validate()
         .into_iter()
@@ -85,141 +369,1164 @@ async fn deploy(
         .map(|d| d.to_string())
         .collect();
     if !problems.is_empty() {
-        return Err(ApiError::bad_request(format!(
+        return Err(bad(format!(
             "app configuration is not valid: {}",
             problems.join("; ")
         )));
     }
-    if request.image.trim().is_empty() {
-        return Err(ApiError::bad_request("deploy needs an image"));
+    Ok(config)
+}
+
+fn settings_for(
+    config: &AppConfig,
+    request: &DeployRequest,
+) -> Result<RolloutSettings, DeployError> {
+    let section = config.deploy.clone().unwrap_or_default();
+    let strategy = request
+        .strategy
+        .clone()
+        .filter(|s| !s.is_empty())
+        .or(section.strategy)
+        .unwrap_or_else(|| "rolling".into())
+        .to_lowercase();
+    if !STRATEGIES.contains(&strategy.as_str()) {
+        return Err(bad(format!(
+            "unsupported deployment strategy '{strategy}'; use one of: {}",
+            STRATEGIES.join(", ")
+        )));
+    }
+    let max_unavailable = request
+        .max_unavailable
+        .or(section.max_unavailable)
+        .unwrap_or(DEFAULT_MAX_UNAVAILABLE);
+    if max_unavailable.is_nan() || max_unavailable <= 0.0 || !max_unavailable.is_finite() {
+        return Err(bad(format!(
+            "max_unavailable must be a fraction between 0 and 1 or a machine count of 1 or more, not {max_unavailable}"
+        )));
+    }
+    let wait_timeout = request
+        .wait_timeout
+        .or(section.wait_timeout)
+        .map(|d| d.to_std())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(DEFAULT_WAIT_TIMEOUT);
+    Ok(RolloutSettings {
+        strategy,
+        max_unavailable,
+        wait_timeout,
+        ha: request.ha.unwrap_or(true),
+    })
+}
+
+impl Deployer<'_> {
+    async fn say(&self, message: impl Into<String>) {
+        self.progress.say(message).await;
     }
 
-    let wanted_region = if config.primary_region.is_empty() {
-        plane.config.region.clone()
-    } else {
-        config.primary_region.clone()
-    };
-    let placement = place(&plane.store.hosts()?, &wanted_region)?;
-    if placement.region != wanted_region {
-        let known = regions::find(&wanted_region)
-            .map(|r| format!(" ({})", r.name))
-            .unwrap_or_default();
-        progress
-            .warn(format!(
-                "region {wanted_region}{known} has no hosts here; machines will run in {}, the nearest region that has one",
-                placement.region
-            ))
-            .await;
-    }
+    async fn deploy(
+        &self,
+        request: &DeployRequest,
+        caller: &Caller,
+        user: &str,
+    ) -> Result<u64, DeployError> {
+        let config = parse_config(&request.config)?;
+        let settings = settings_for(&config, request)?;
+        let image = self.resolve_image(&request.image, caller).await?;
 
-    let config_json =
-        serde_json::to_string(&config).map_err(|e| ApiError::internal(e.to_string()))?;
-    let release = plane.store.create_release(
-        &app.id,
-        &ulid::Ulid::new().to_string(),
-        &request.image,
-        &config_json,
-        "deploy",
-    )?;
-    progress
-        .say(format!(
-            "Release v{} created with image {}",
-            release.version, request.image
+        let wanted_region = if config.primary_region.is_empty() {
+            self.plane.config.region.clone()
+        } else {
+            config.primary_region.clone()
+        };
+        let placement = place(&self.plane.store.hosts()?, &wanted_region)?;
+        if placement.region != wanted_region {
+            let known = regions::find(&wanted_region)
+                .map(|r| format!(" ({})", r.name))
+                .unwrap_or_default();
+            self.progress
+                .warn(format!("region {wanted_region}{known} has no hosts here; machines will run in {}, the nearest region that has one", placement.region))
+                .await;
+        }
+
+        let config_json = serde_json::to_string(&config).map_err(|e| bad(e.to_string()))?;
+        let description = request
+            .description
+            .clone()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "deploy".into());
+        let release = self.plane.store.create_release(
+            &self.app.id,
+            &ulid::Ulid::new().to_string(),
+            &image,
+            &config_json,
+            &description,
+            user,
+        )?;
+        self.progress.emit(DeployEvent::Release {
+            version: release.version,
+            image: image.clone(),
+            strategy: settings.strategy.clone(),
+        });
+        self.say(format!(
+            "Release v{} created with image {image}",
+            release.version
         ))
         .await;
 
-    let options = MachineConfigOptions {
-        image: request.image.clone(),
-        release_id: Some(release.id.clone()),
-        release_version: Some(release.version),
-        primary_region: Some(placement.region.clone()),
-    };
-    let mut wanted: BTreeMap<String, MachineConfig> = BTreeMap::new();
-    for group in config.process_groups() {
-        let machine_config = config
-            .to_machine_config(&group, &options)
-            .map_err(|e| ApiError::bad_request(format!("process group {group}: {e}")))?;
-        wanted.insert(group, machine_config);
+        let options = MachineConfigOptions {
+            image: image.clone(),
+            release_id: Some(release.id.clone()),
+            release_version: Some(release.version),
+            primary_region: Some(placement.region.clone()),
+        };
+        let result = self
+            .roll_out_release(&config, request, &options, &settings, &placement.region)
+            .await;
+        let status = if result.is_ok() { "complete" } else { "failed" };
+        self.plane.store.set_release_status(&release.id, status)?;
+        result?;
+        self.plane.store.set_app_status(&self.app.id, "deployed")?;
+        crate::releases::collect_old_images_later(self.plane, self.app);
+        Ok(release.version)
     }
 
-    let result = roll_out(plane, app, &wanted, &placement.region, progress).await;
-    let status = if result.is_ok() { "complete" } else { "failed" };
-    plane.store.set_release_status(&release.id, status)?;
-    result?;
-    plane.store.set_app_status(&app.id, "deployed")?;
-    Ok(release.version)
-}
-
-/// Rolling update: each existing machine of a group is updated in turn; a group with no
-/// machine gets one; machines of groups no longer in the config are destroyed.
-async fn roll_out(
-    plane: &ControlPlane,
-    app: &AppRow,
-    wanted: &BTreeMap<String, MachineConfig>,
-    region: &str,
-    progress: &Progress,
-) -> ApiResult<()> {
-    let existing = plane.store.list_machines(&app.id, false)?;
-    let mut by_group: BTreeMap<String, Vec<MachineRow>> = BTreeMap::new();
-    for machine in existing {
-        let group = machine.process_group().unwrap_or("app").to_string();
-        by_group.entry(group).or_default().push(machine);
+    async fn roll_out_release(
+        &self,
+        config: &AppConfig,
+        request: &DeployRequest,
+        options: &MachineConfigOptions,
+        settings: &RolloutSettings,
+        region: &str,
+    ) -> Result<(), DeployError> {
+        let mut wanted: BTreeMap<String, MachineConfig> = BTreeMap::new();
+        for group in config.process_groups() {
+            let machine_config = config
+                .to_machine_config(&group, options)
+                .map_err(|e| bad(format!("process group {group}: {e}")))?;
+            wanted.insert(group, machine_config);
+        }
+        if !request.skip_release_command {
+            let timeout = request
+                .release_command_timeout
+                .or(config
+                    .deploy
+                    .as_ref()
+                    .and_then(|d| d.release_command_timeout))
+                .map(|d| d.to_std())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(DEFAULT_RELEASE_COMMAND_TIMEOUT);
+            self.release_command(config, options, region, timeout)
+                .await?;
+        }
+        if matches!(settings.strategy.as_str(), "rolling" | "canary") {
+            self.machine_checks(config, &wanted, region, settings)
+                .await?;
+        }
+        self.roll_out(&wanted, region, settings).await
     }
-    for (group, config) in wanted {
-        let machines = by_group.remove(group).unwrap_or_default();
-        if machines.is_empty() {
-            progress
-                .say(format!(
-                    "Creating a machine for process group '{group}' in region {region}"
-                ))
+
+    /// Copies an image from elsewhere into the platform's registry (hosts pull only from
+    /// there), and checks that an image of ours exists and may be used by this app.
+    async fn resolve_image(&self, image: &str, caller: &Caller) -> Result<String, DeployError> {
+        let image = image.trim();
+        if image.is_empty() {
+            return Err(bad("deploy needs an image"));
+        }
+        let ours = self.plane.registry_host();
+        let reference = aloft_registry::client::parse_reference(image)
+            .map_err(|e| bad(format!("image {image:?} is not a valid reference: {e}")))?;
+        if reference.host.as_deref() == Some(ours.as_str()) {
+            let repo_app = self.plane.store.app(&reference.repository)?;
+            if !repo_app.is_some_and(|a| caller.sees_app(&a)) {
+                return Err(bad(format!(
+                    "image {image} is in repository {}, which this app's token may not pull from",
+                    reference.repository
+                )));
+            }
+            if !aloft_registry::Digest::looks_like_digest(&reference.reference) {
+                let found = self
+                    .plane
+                    .registry
+                    .resolve_tag(&reference.repository, &reference.reference)
+                    .map_err(|e| bad(format!("looking up image {image}: {e}")))?;
+                if found.is_none() {
+                    return Err(bad(format!(
+                        "image {image} is not in the registry (it was never pushed, or garbage collection removed it)"
+                    )));
+                }
+            }
+            return Ok(image.to_string());
+        }
+        self.import_image(image, &reference).await
+    }
+
+    async fn import_image(
+        &self,
+        image: &str,
+        reference: &aloft_registry::client::ImageReference,
+    ) -> Result<String, DeployError> {
+        let (url, repository) = match reference.host.as_deref() {
+            None | Some("docker.io") | Some("index.docker.io") => {
+                let repo = if reference.repository.contains('/') {
+                    reference.repository.clone()
+                } else {
+                    format!("library/{}", reference.repository)
+                };
+                ("https://registry-1.docker.io".to_string(), repo)
+            }
+            Some(host) => {
+                let plain = host.starts_with("localhost")
+                    || host.starts_with("127.")
+                    || host.starts_with("[::1]");
+                (
+                    format!("{}://{host}", if plain { "http" } else { "https" }),
+                    reference.repository.clone(),
+                )
+            }
+        };
+        let source_reference = if aloft_registry::Digest::looks_like_digest(&reference.reference) {
+            format!("{repository}@{}", reference.reference)
+        } else {
+            format!("{repository}:{}", reference.reference)
+        };
+        let destination = format!(
+            "{}/{}:deployment-{}",
+            self.plane.registry_host(),
+            self.app.name,
+            ulid::Ulid::new()
+        );
+        self.say(format!(
+            "Copying image {image} into the platform registry as {destination}"
+        ))
+        .await;
+        let source = aloft_registry::PullClient::new(&url, None);
+        let target = aloft_build::oci::PushClient::new(
+            &self.plane.registry_host(),
+            Some(self.plane.host_token().to_string()),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let scratch = self
+            .plane
+            .config
+            .data_dir
+            .join("tmp")
+            .join(format!("import-{}", ulid::Ulid::new()));
+        let copied = aloft_build::oci::copy_image(
+            &source,
+            &source_reference,
+            &target,
+            &destination,
+            &scratch,
+            |_| {},
+        )
+        .await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        let copied = copied.map_err(|e| {
+            bad(format!(
+                "copying image {image} into the platform registry failed: {e}"
+            ))
+        })?;
+        self.say(format!(
+            "Image copied ({} layers, {} new blobs, {})",
+            copied.layers, copied.blobs_copied, copied.digest
+        ))
+        .await;
+        Ok(destination)
+    }
+
+    // ---- one-off machines: release command, machine checks ----
+
+    /// Runs a machine until its main process exits; returns the exit and the log lines.
+    async fn run_once(
+        &self,
+        config: MachineConfig,
+        region: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(MachineRow, ExitStatus, Vec<String>), DeployError> {
+        let (row, started_ms) =
+            rollout::launch_unrouted(self.plane, self.app, config, region, true)
+                .await
+                .map_err(DeployError::from)?;
+        let outcome = self.wait_for_exit(&row, started_ms, timeout, what).await;
+        let logs = rollout::machine_logs(self.plane, &self.app.name, &row.id).await;
+        if let Ok(current) = self.plane.store.machine(&row.id)
+            && let Some(current) = current.filter(|m| m.state != MachineState::Destroyed)
+            && let Err(err) = rollout::retire(self.plane, &current).await
+        {
+            tracing::warn!(machine = %row.id, error = %err, "destroying a one-off machine");
+        }
+        let exit = outcome?;
+        Ok((row, exit, logs))
+    }
+
+    async fn wait_for_exit(
+        &self,
+        row: &MachineRow,
+        started_ms: i64,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<ExitStatus, DeployError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (mut wake, _, _) = self.plane.catalog.follow(None);
+        let mut stopped_since: Option<tokio::time::Instant> = None;
+        loop {
+            let events = self.plane.store.events(&row.id, 20)?;
+            let exit = events
+                .iter()
+                .filter(|e| e.timestamp >= started_ms && e.kind == "exit")
+                .find_map(|e| {
+                    e.request
+                        .as_ref()
+                        .and_then(|r| r.get("exit_event"))
+                        .and_then(|x| serde_json::from_value::<ExitStatus>(x.clone()).ok())
+                });
+            if let Some(exit) = exit {
+                return Ok(exit);
+            }
+            let current = self
+                .plane
+                .store
+                .machine(&row.id)?
+                .ok_or_else(|| bad(format!("the {what} machine {} disappeared", row.id)))?;
+            match current.state {
+                MachineState::Failed => {
+                    return Err(bad(format!(
+                        "the {what} machine {} failed to start: {}",
+                        row.id,
+                        self.plane.failure_reason(&row.id)
+                    )));
+                }
+                MachineState::Stopped | MachineState::Destroyed => {
+                    // The exit event is on its way; give it a moment.
+                    let since = *stopped_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > Duration::from_secs(3) {
+                        return Ok(ExitStatus {
+                            exit_code: -1,
+                            ..Default::default()
+                        });
+                    }
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let kill = StopRequest {
+                    signal: Some("SIGKILL".into()),
+                    timeout: Some(aloft_api::Duration::from_secs(1)),
+                };
+                let _ = self.plane.stop_machine(&current, &kill).await;
+                return Err(bad(format!(
+                    "the {what} did not finish within {}; it was killed",
+                    rollout::humantime(timeout)
+                )));
+            }
+            tokio::select! {
+                _ = wake.recv() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    async fn release_command(
+        &self,
+        config: &AppConfig,
+        options: &MachineConfigOptions,
+        region: &str,
+        timeout: Duration,
+    ) -> Result<(), DeployError> {
+        let Some(machine_config) = config.release_command_machine_config(options) else {
+            return Ok(());
+        };
+        let machine_config = machine_config.map_err(|e| bad(format!("release_command: {e}")))?;
+        let command = config
+            .deploy
+            .as_ref()
+            .and_then(|d| d.release_command.clone())
+            .unwrap_or_default();
+        self.say(format!("Running release command: {command}"))
+            .await;
+        let (row, exit, logs) = self
+            .run_once(machine_config, region, timeout, "release command")
+            .await?;
+        for line in &logs {
+            self.progress.log(&row.id, line).await;
+        }
+        if exit.exit_code == 0 && exit.signal.is_none() {
+            self.say(format!(
+                "Release command finished successfully on machine {}",
+                row.id
+            ))
+            .await;
+            return Ok(());
+        }
+        let how = match exit.signal {
+            Some(signal) => format!("was killed by signal {signal}"),
+            None if exit.exit_code < 0 => "stopped without an exit status".to_string(),
+            None => format!("exited with code {}", exit.exit_code),
+        };
+        Err(DeployError {
+            message: format!(
+                "release command failed on machine {}: `{command}` {how}; the deploy stopped before any machine was changed",
+                row.id
+            ),
+            failure: Some(Box::new(DeployFailure {
+                machine_id: row.id.clone(),
+                process_group: RELEASE_COMMAND_GROUP.to_string(),
+                exit: Some(exit),
+                logs,
+                ..Default::default()
+            })),
+        })
+    }
+
+    /// `machine_checks`: for each group that has them, a test machine of the new release,
+    /// and a throwaway machine per check that must exit 0 (with `FLY_TEST_MACHINE_IP`).
+    async fn machine_checks(
+        &self,
+        config: &AppConfig,
+        wanted: &BTreeMap<String, MachineConfig>,
+        region: &str,
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        for (group, machine_config) in wanted {
+            let checks = machine_checks_for(config, group);
+            if checks.is_empty() {
+                continue;
+            }
+            self.say(format!(
+                "Running {} machine check(s) for process group '{group}'",
+                checks.len()
+            ))
+            .await;
+            let (tested, started_ms) = rollout::launch_unrouted(
+                self.plane,
+                self.app,
+                machine_config.clone(),
+                region,
+                true,
+            )
+            .await?;
+            let result = self
+                .run_machine_checks(
+                    &tested,
+                    started_ms,
+                    machine_config,
+                    &checks,
+                    region,
+                    settings,
+                )
                 .await;
-            let request = CreateMachineRequest {
-                region: Some(region.to_string()),
-                config: config.clone(),
+            if let Err(err) = rollout::retire(self.plane, &tested).await {
+                tracing::warn!(machine = %tested.id, error = %err, "destroying the machine-check test machine");
+            }
+            result?;
+        }
+        Ok(())
+    }
+
+    async fn run_machine_checks(
+        &self,
+        tested: &MachineRow,
+        started_ms: i64,
+        machine_config: &MachineConfig,
+        checks: &[aloft_config::MachineCheckConfig],
+        region: &str,
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        let healthy = rollout::wait_healthy(
+            self.plane,
+            &tested.id,
+            started_ms,
+            settings.wait_timeout,
+            self.progress,
+        )
+        .await;
+        let healthy = match healthy {
+            Ok(row) => row,
+            Err(failure) => {
+                return Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                    .await
+                    .into());
+            }
+        };
+        let address = healthy
+            .private_ip
+            .clone()
+            .or(healthy.private_ipv4.clone())
+            .unwrap_or_default();
+        for (index, check) in checks.iter().enumerate() {
+            let mut config = MachineConfig {
+                image: check
+                    .image
+                    .clone()
+                    .filter(|i| !i.is_empty())
+                    .unwrap_or_else(|| machine_config.image.clone()),
+                env: machine_config.env.clone(),
+                guest: machine_config.guest.clone(),
+                metadata: machine_config.metadata.clone(),
+                restart: Some(MachineRestart {
+                    policy: RestartPolicy::No,
+                    max_retries: None,
+                }),
+                auto_destroy: true,
                 ..Default::default()
             };
-            let machine = plane.create_machine(app, request).await?;
-            expect_started(plane, &machine, group, progress).await?;
-            continue;
+            config.metadata.insert(
+                aloft_api::METADATA_PROCESS_GROUP.into(),
+                aloft_config::TEST_MACHINE_GROUP.into(),
+            );
+            config
+                .env
+                .insert("FLY_TEST_MACHINE_IP".into(), address.clone());
+            config.init = Some(MachineInit {
+                entrypoint: check.entrypoint.clone(),
+                cmd: check.command.clone(),
+                ..Default::default()
+            });
+            let timeout = check
+                .kill_timeout
+                .map(|d| d.to_std())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(settings.wait_timeout);
+            let (row, exit, logs) = self
+                .run_once(config, region, timeout, "machine check")
+                .await?;
+            for line in &logs {
+                self.progress.log(&row.id, line).await;
+            }
+            if exit.exit_code != 0 || exit.signal.is_some() {
+                return Err(DeployError {
+                    message: format!(
+                        "machine check {index} failed against machine {}: it exited with code {}",
+                        tested.id, exit.exit_code
+                    ),
+                    failure: Some(Box::new(DeployFailure {
+                        machine_id: row.id.clone(),
+                        process_group: aloft_config::TEST_MACHINE_GROUP.into(),
+                        check: Some(format!("machine_checks[{index}]")),
+                        exit: Some(exit),
+                        logs,
+                        ..Default::default()
+                    })),
+                });
+            }
+            self.say(format!(
+                "Machine check {index} passed against machine {}",
+                tested.id
+            ))
+            .await;
         }
-        for machine in machines {
-            progress
-                .say(format!("Updating machine {} [{group}]", machine.id))
+        Ok(())
+    }
+
+    // ---- rollout ----
+
+    /// Existing machines of the app by process group (one-off machines left aside).
+    fn machines_by_group(&self) -> Result<BTreeMap<String, Vec<MachineRow>>, DeployError> {
+        let mut by_group: BTreeMap<String, Vec<MachineRow>> = BTreeMap::new();
+        for machine in self.plane.store.list_machines(&self.app.id, false)? {
+            let group = group_of(&machine).to_string();
+            if group.starts_with("fly_app_") {
+                continue;
+            }
+            by_group.entry(group).or_default().push(machine);
+        }
+        Ok(by_group)
+    }
+
+    pub async fn roll_out(
+        &self,
+        wanted: &BTreeMap<String, MachineConfig>,
+        region: &str,
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        let mut by_group = self.machines_by_group()?;
+        let mut targets: Vec<(MachineRow, MachineConfig)> = Vec::new();
+        let mut new_groups: Vec<(String, MachineConfig)> = Vec::new();
+        for (group, config) in wanted {
+            match by_group.remove(group) {
+                Some(machines) if !machines.is_empty() => {
+                    targets.extend(machines.into_iter().map(|m| (m, config.clone())))
+                }
+                _ => new_groups.push((group.clone(), config.clone())),
+            }
+        }
+        let obsolete: Vec<MachineRow> = by_group.into_values().flatten().collect();
+
+        for (group, config) in wanted {
+            if (settings.strategy == "bluegreen" || settings.strategy == "canary")
+                && !config.mounts.is_empty()
+            {
+                return Err(bad(format!(
+                    "the {} strategy cannot be used with volumes (process group '{group}' mounts one); use rolling or immediate",
+                    settings.strategy
+                )));
+            }
+            if settings.strategy == "bluegreen"
+                && !config.services.is_empty()
+                && rollout::expected_checks(config).is_empty()
+            {
+                return Err(bad(format!(
+                    "the bluegreen strategy needs at least one health check: process group '{group}' has services but no checks; add [[http_service.checks]] (or [[services.http_checks]]/[[services.tcp_checks]]) to fly.toml"
+                )));
+            }
+        }
+
+        if !targets.is_empty() {
+            self.say(format!(
+                "Updating existing machines in '{}' with {} strategy",
+                self.app.name, settings.strategy
+            ))
+            .await;
+            match settings.strategy.as_str() {
+                "bluegreen" => self.bluegreen(&targets, settings).await?,
+                "immediate" => self.in_place(&targets, |n| n, false, settings).await?,
+                "canary" => {
+                    self.canary(&targets, settings).await?;
+                    self.in_place(&targets, |n| settings.batch_size(n), true, settings)
+                        .await?;
+                }
+                _ => {
+                    self.in_place(&targets, |n| settings.batch_size(n), true, settings)
+                        .await?
+                }
+            }
+        }
+        for (group, config) in &new_groups {
+            self.create_group(group, config, region, settings).await?;
+        }
+        for machine in obsolete {
+            self.say(format!(
+                "Destroying machine {} of process group '{}', which the config no longer has",
+                machine.id,
+                group_of(&machine)
+            ))
+            .await;
+            rollout::retire(self.plane, &machine).await?;
+        }
+        Ok(())
+    }
+
+    /// First machines of a group: two when it has services and HA is on, else one.
+    async fn create_group(
+        &self,
+        group: &str,
+        config: &MachineConfig,
+        region: &str,
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        let count = if settings.ha && !config.services.is_empty() && config.mounts.is_empty() {
+            2
+        } else {
+            1
+        };
+        self.say(format!(
+            "Creating {count} machine(s) for process group '{group}' in region {region}"
+        ))
+        .await;
+        let launches = (0..count).map(|_| self.launch_healthy(config.clone(), region, settings));
+        let results = join_all(launches).await;
+        let mut created = Vec::new();
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok(id) => created.push(id),
+                Err((id, err)) => {
+                    created.extend(id);
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        if let Some(err) = first_error {
+            for id in &created {
+                self.destroy_quietly(id).await;
+            }
+            return Err(err);
+        }
+        for id in &created {
+            rollout::set_routed(self.plane, id, true)?;
+            self.say(format!("Machine {id} [{group}] is started and healthy"))
                 .await;
-            let updated = plane.update_machine(app, &machine, config.clone()).await?;
-            expect_started(plane, &updated, group, progress).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates and starts a machine out of routing and waits for it to be healthy.
+    /// On failure returns the machine's id (if one was created) with the error.
+    pub(crate) async fn launch_healthy(
+        &self,
+        config: MachineConfig,
+        region: &str,
+        settings: &RolloutSettings,
+    ) -> Result<String, (Option<String>, DeployError)> {
+        let (row, started_ms) =
+            match rollout::launch_unrouted(self.plane, self.app, config, region, true).await {
+                Ok(launched) => launched,
+                Err(failure) => {
+                    let id = (!failure.failure.machine_id.is_empty())
+                        .then(|| failure.failure.machine_id.clone());
+                    return Err((
+                        id,
+                        rollout::with_logs(self.plane, &self.app.name, failure)
+                            .await
+                            .into(),
+                    ));
+                }
+            };
+        match rollout::wait_healthy(
+            self.plane,
+            &row.id,
+            started_ms,
+            settings.wait_timeout,
+            self.progress,
+        )
+        .await
+        {
+            Ok(_) => Ok(row.id),
+            Err(failure) => Err((
+                Some(row.id),
+                rollout::with_logs(self.plane, &self.app.name, failure)
+                    .await
+                    .into(),
+            )),
         }
     }
-    for (group, machines) in by_group {
-        for machine in machines {
-            progress.say(format!("Destroying machine {} of process group '{group}', which the config no longer has", machine.id)).await;
-            plane
-                .stop_machine(&machine, &StopRequest::default())
+
+    async fn destroy_quietly(&self, id: &str) {
+        if let Ok(Some(row)) = self.plane.store.machine(id)
+            && row.state != MachineState::Destroyed
+            && let Err(err) = rollout::retire(self.plane, &row).await
+        {
+            tracing::warn!(machine = id, error = %err, "destroying a machine of a failed deploy");
+        }
+    }
+
+    /// A rolling update of `targets` (machine, new config), as a deploy does it.
+    pub(crate) async fn update_in_place(
+        &self,
+        targets: &[(MachineRow, MachineConfig)],
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        self.in_place(targets, |n| settings.batch_size(n), true, settings)
+            .await
+    }
+
+    /// Updates machines in place, each process group `batch(group size)` machines at a
+    /// time; with `wait`, each batch must be healthy before the next. A group's only
+    /// serving machine is replaced by a new one that is healthy before the old one stops,
+    /// so a single machine serves throughout.
+    async fn in_place(
+        &self,
+        targets: &[(MachineRow, MachineConfig)],
+        batch: impl Fn(usize) -> usize,
+        wait: bool,
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        let mut groups: BTreeMap<&str, Vec<&(MachineRow, MachineConfig)>> = BTreeMap::new();
+        for target in targets {
+            groups.entry(group_of(&target.0)).or_default().push(target);
+        }
+        let mut touched: Vec<Touched> = Vec::new();
+        let total = targets.len();
+        let mut done = 0;
+        for members in groups.values() {
+            let serving = members
+                .iter()
+                .filter(|(row, _)| {
+                    row.state == MachineState::Started && !row.config.services.is_empty()
+                })
+                .count();
+            for chunk in members.chunks(batch(members.len()).max(1)) {
+                let steps = chunk.iter().map(|(row, config)| {
+                    let surge = wait
+                        && serving == 1
+                        && row.state == MachineState::Started
+                        && !row.config.services.is_empty()
+                        && row.config.mounts.is_empty();
+                    self.update_one(row, config.clone(), surge, wait, settings)
+                });
+                let mut failed = None;
+                for (mut changes, outcome) in join_all(steps).await {
+                    touched.append(&mut changes);
+                    match outcome {
+                        Ok(message) => {
+                            done += 1;
+                            self.say(format!("[{done}/{total}] {message}")).await;
+                        }
+                        Err(err) => {
+                            failed.get_or_insert(err);
+                        }
+                    }
+                }
+                if let Some(err) = failed {
+                    self.revert(touched, settings).await;
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One machine of a rolling or immediate update. Returns what it changed (for a revert)
+    /// and a line for the progress report.
+    async fn update_one(
+        &self,
+        row: &MachineRow,
+        config: MachineConfig,
+        surge: bool,
+        wait: bool,
+        settings: &RolloutSettings,
+    ) -> (Vec<Touched>, Result<String, DeployError>) {
+        let group = group_of(row).to_string();
+        if surge {
+            return match self.launch_healthy(config, &row.region, settings).await {
+                Ok(id) => {
+                    let mut touched = vec![Touched::Created { id: id.clone() }];
+                    if let Err(err) = rollout::set_routed(self.plane, &id, true) {
+                        return (touched, Err(err.into()));
+                    }
+                    match rollout::retire(self.plane, row).await {
+                        Ok(()) => {
+                            touched.clear();
+                            (
+                                touched,
+                                Ok(format!(
+                                    "Machine {} [{group}] replaced by {id}, which is healthy",
+                                    row.id
+                                )),
+                            )
+                        }
+                        Err(err) => (touched, Err(err.into())),
+                    }
+                }
+                Err((id, err)) => (
+                    id.map(|id| Touched::Created { id }).into_iter().collect(),
+                    Err(err),
+                ),
+            };
+        }
+        let was_running = matches!(row.state, MachineState::Started | MachineState::Starting);
+        let touched = vec![Touched::Updated {
+            id: row.id.clone(),
+            previous: Box::new(row.config.clone()),
+            was_running,
+        }];
+        let (updated, started_ms) =
+            match rollout::update_unrouted(self.plane, self.app, row, config).await {
+                Ok(updated) => updated,
+                Err(failure) => {
+                    return (
+                        touched,
+                        Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                            .await
+                            .into()),
+                    );
+                }
+            };
+        let starts = was_running || updated.state == MachineState::Started;
+        if starts && wait {
+            if let Err(failure) = rollout::wait_healthy(
+                self.plane,
+                &row.id,
+                started_ms,
+                settings.wait_timeout,
+                self.progress,
+            )
+            .await
+            {
+                return (
+                    touched,
+                    Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                        .await
+                        .into()),
+                );
+            }
+        } else if starts && updated.state != MachineState::Started {
+            let failure = MachineFailure::from_api(
+                &updated,
+                ApiError::unavailable(format!("it is {} instead of started", updated.state)),
+            );
+            return (
+                touched,
+                Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                    .await
+                    .into()),
+            );
+        }
+        if let Err(err) = rollout::set_routed(self.plane, &row.id, true) {
+            return (touched, Err(err.into()));
+        }
+        let state = if starts {
+            if wait {
+                "started and healthy"
+            } else {
+                "started"
+            }
+        } else {
+            "updated (left stopped)"
+        };
+        (
+            touched,
+            Ok(format!(
+                "Machine {} [{group}] update finished: {state}",
+                row.id
+            )),
+        )
+    }
+
+    /// Puts machines a failed rollout changed back as they were.
+    async fn revert(&self, touched: Vec<Touched>, settings: &RolloutSettings) {
+        if touched.is_empty() {
+            return;
+        }
+        self.say("Rolling back the machines this deploy changed to the previous release")
+            .await;
+        for change in touched.into_iter().rev() {
+            match change {
+                Touched::Created { id } => self.destroy_quietly(&id).await,
+                Touched::Updated {
+                    id,
+                    previous,
+                    was_running,
+                } => {
+                    let Ok(Some(row)) = self.plane.store.machine(&id) else {
+                        continue;
+                    };
+                    if let Err(err) = self.restore(&row, *previous, was_running, settings).await {
+                        self.progress
+                            .warn(format!(
+                                "machine {id} could not be put back on the previous release: {}",
+                                err.message
+                            ))
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn restore(
+        &self,
+        row: &MachineRow,
+        previous: MachineConfig,
+        was_running: bool,
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        let (updated, started_ms) =
+            rollout::update_unrouted(self.plane, self.app, row, previous).await?;
+        if was_running && updated.state != MachineState::Started {
+            let current = self.plane.start_machine(&updated).await?;
+            if current.state != MachineState::Started {
+                return Err(bad(format!("machine {} is {}", row.id, current.state)));
+            }
+        }
+        if was_running {
+            rollout::wait_healthy(
+                self.plane,
+                &row.id,
+                started_ms,
+                settings.wait_timeout,
+                self.progress,
+            )
+            .await?;
+        } else if updated.state == MachineState::Started {
+            let _ = self
+                .plane
+                .stop_machine(&updated, &StopRequest::default())
+                .await;
+        }
+        rollout::set_routed(self.plane, &row.id, true)?;
+        self.say(format!(
+            "Machine {} is back on the previous release",
+            row.id
+        ))
+        .await;
+        Ok(())
+    }
+
+    /// Canary: one extra machine of the new release per group, healthy, then destroyed.
+    async fn canary(
+        &self,
+        targets: &[(MachineRow, MachineConfig)],
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (row, config) in targets {
+            let group = group_of(row).to_string();
+            if !seen.insert(group.clone()) {
+                continue;
+            }
+            self.say(format!(
+                "Creating a canary machine for process group '{group}'"
+            ))
+            .await;
+            match self
+                .launch_healthy(config.clone(), &row.region, settings)
                 .await
-                .ok();
-            let current = plane.store.machine(&machine.id)?.unwrap_or(machine);
-            plane.destroy_machine(&current, true).await?;
+            {
+                Ok(id) => {
+                    self.say(format!(
+                        "Canary machine {id} [{group}] is healthy; destroying it"
+                    ))
+                    .await;
+                    self.destroy_quietly(&id).await;
+                }
+                Err((id, err)) => {
+                    if let Some(id) = id {
+                        self.destroy_quietly(&id).await;
+                    }
+                    return Err(err);
+                }
+            }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Blue/green: a new (green) machine for every running (blue) one, all out of routing;
+    /// once every green machine is healthy traffic switches to them and the blue ones are
+    /// destroyed. If any green machine fails, the green ones go and the blue ones stay.
+    async fn bluegreen(
+        &self,
+        targets: &[(MachineRow, MachineConfig)],
+        settings: &RolloutSettings,
+    ) -> Result<(), DeployError> {
+        let (running, idle): (Vec<_>, Vec<_>) = targets.iter().partition(|(row, _)| {
+            matches!(row.state, MachineState::Started | MachineState::Starting)
+        });
+        self.say(format!("Creating {} green machine(s)", running.len()))
+            .await;
+        let launches = running
+            .iter()
+            .map(|(row, config)| self.launch_healthy(config.clone(), &row.region, settings));
+        let results = join_all(launches).await;
+        let mut green = Vec::new();
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok(id) => green.push(id),
+                Err((id, err)) => {
+                    green.extend(id);
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        if let Some(err) = first_error {
+            self.say(
+                "A green machine failed; destroying the green machines, the blue ones keep serving",
+            )
+            .await;
+            for id in &green {
+                self.destroy_quietly(id).await;
+            }
+            return Err(err);
+        }
+        self.say(format!(
+            "All {} green machine(s) are healthy; switching traffic to them",
+            green.len()
+        ))
+        .await;
+        for id in &green {
+            rollout::set_routed(self.plane, id, true)?;
+        }
+        let retirements = running
+            .iter()
+            .map(|(row, _)| rollout::retire(self.plane, row));
+        for (result, (row, _)) in join_all(retirements).await.into_iter().zip(&running) {
+            match result {
+                Ok(()) => self.say(format!("Blue machine {} destroyed", row.id)).await,
+                Err(err) => {
+                    self.progress
+                        .warn(format!(
+                            "blue machine {} could not be destroyed: {}",
+                            row.id, err.message
+                        ))
+                        .await
+                }
+            }
+        }
+        for (row, config) in idle {
+            self.plane
+                .update_machine(self.app, row, config.clone())
+                .await?;
+        }
+        Ok(())
+    }
 }
 
-async fn expect_started(
-    plane: &ControlPlane,
-    machine: &MachineRow,
-    group: &str,
-    progress: &Progress,
-) -> ApiResult<()> {
-    if machine.state == MachineState::Started {
-        progress
-            .say(format!("Machine {} [{group}] is started", machine.id))
-            .await;
-        return Ok(());
+/// The `machine_checks` that apply to a process group.
+fn machine_checks_for(config: &AppConfig, group: &str) -> Vec<aloft_config::MachineCheckConfig> {
+    let mut checks = config.machine_checks.clone();
+    if let Some(http) = &config.http_service
+        && config.applies_to(&http.processes, group)
+    {
+        checks.extend(http.machine_checks.iter().cloned());
     }
-    Err(ApiError::unavailable(format!(
-        "machine {} [{group}] is {} instead of started: {}",
-        machine.id,
-        machine.state,
-        plane.failure_reason(&machine.id)
-    )))
+    for service in &config.services {
+        if config.applies_to(&service.processes, group) {
+            checks.extend(service.machine_checks.iter().cloned());
+        }
+    }
+    checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(max_unavailable: f64) -> RolloutSettings {
+        RolloutSettings {
+            strategy: "rolling".into(),
+            max_unavailable,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            ha: true,
+        }
+    }
+
+    #[test]
+    fn batches_follow_max_unavailable() {
+        assert_eq!(settings(0.33).batch_size(3), 1);
+        assert_eq!(settings(0.33).batch_size(10), 4);
+        assert_eq!(settings(0.5).batch_size(1), 1);
+        assert_eq!(settings(2.0).batch_size(5), 2);
+        assert_eq!(settings(10.0).batch_size(3), 3);
+        assert_eq!(settings(1.0).batch_size(0), 1);
+    }
+
+    #[test]
+    fn strategy_comes_from_the_request_then_the_config() {
+        let config = AppConfig::from_json_value(serde_json::json!({"app": "a", "deploy": {"strategy": "canary", "wait_timeout": "30s"}})).unwrap();
+        let request = DeployRequest::default();
+        let chosen = settings_for(&config, &request).unwrap();
+        assert_eq!(chosen.strategy, "canary");
+        assert_eq!(chosen.wait_timeout, Duration::from_secs(30));
+        let request = DeployRequest {
+            strategy: Some("bluegreen".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            settings_for(&config, &request).unwrap().strategy,
+            "bluegreen"
+        );
+        let request = DeployRequest {
+            strategy: Some("yolo".into()),
+            ..Default::default()
+        };
+        let err = settings_for(&config, &request).unwrap_err();
+        assert!(
+            err.message
+                .contains("unsupported deployment strategy 'yolo'"),
+            "{}",
+            err.message
+        );
+        let request = DeployRequest {
+            max_unavailable: Some(0.0),
+            ..Default::default()
+        };
+        assert!(
+            settings_for(&config, &request)
+                .unwrap_err()
+                .message
+                .contains("max_unavailable")
+        );
+    }
 }

@@ -9,6 +9,9 @@ pub mod error;
 pub mod hosts;
 pub mod machines;
 pub mod names;
+pub mod releases;
+pub mod rollout;
+pub mod scale;
 pub mod store;
 
 use std::collections::HashMap;
@@ -34,6 +37,8 @@ pub struct ControlConfig {
     pub base_domain: String,
     /// The port the proxy serves plain HTTP on, for the URLs the CLI prints.
     pub proxy_http_port: u16,
+    /// Pull-through from an upstream registry (off when `None`).
+    pub registry_upstream: Option<aloft_registry::UpstreamConfig>,
 }
 
 /// What the first start created, and what a local agent and proxy need.
@@ -48,6 +53,7 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     pub registry: Arc<aloft_registry::Registry>,
     pub catalog: Catalog,
+    pub deploys: deploy::Deploys,
     host_token: String,
     agents: Mutex<HashMap<String, AgentClient>>,
     app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -95,10 +101,17 @@ impl ControlPlane {
             "local host",
         )?;
         let catalog = Catalog::new(&config.base_domain);
+        let interrupted = store.interrupt_running_releases()?;
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                "releases whose deploy was cut short by a restart are marked interrupted"
+            );
+        }
         let registry = aloft_registry::Registry::open(
             aloft_registry::RegistryConfig {
                 root: config.data_dir.join("registry"),
-                upstream: None,
+                upstream: config.registry_upstream.clone(),
             },
             Arc::new(auth::RegistryAuth::new(store.clone())),
         )
@@ -108,6 +121,7 @@ impl ControlPlane {
             store,
             registry,
             catalog,
+            deploys: deploy::Deploys::default(),
             host_token: host_token.clone(),
             agents: Mutex::new(HashMap::new()),
             app_locks: Mutex::new(HashMap::new()),

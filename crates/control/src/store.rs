@@ -83,6 +83,8 @@ pub struct ReleaseRow {
     pub image: String,
     pub config: String,
     pub created_at: String,
+    /// Who made the release (the name of the token used).
+    pub user: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,7 +204,30 @@ fn release_from_row(row: &Row<'_>) -> rusqlite::Result<ReleaseRow> {
         image: row.get(5)?,
         config: row.get(6)?,
         created_at: row.get(7)?,
+        user: row.get(8)?,
     })
+}
+
+const RELEASE_COLUMNS: &str =
+    "id, app_id, version, status, description, image, config, created_at, created_by";
+
+/// Adds a column that a newer version of the schema has to a database made by an older one.
+fn add_column_if_missing(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    definition: &str,
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let present = stmt
+        .query_map([], |r| r.get::<_, String>(1))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    if !present.iter().any(|c| c == column) {
+        conn.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+        ))?;
+    }
+    Ok(())
 }
 
 fn is_unique_violation(err: &rusqlite::Error) -> bool {
@@ -227,6 +252,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_column_if_missing(&conn, "releases", "created_by", "TEXT NOT NULL DEFAULT ''")?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -590,14 +616,15 @@ impl Store {
         image: &str,
         config: &str,
         description: &str,
+        user: &str,
     ) -> StoreResult<ReleaseRow> {
         self.with(|c| {
             let tx = c.transaction()?;
             let version: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?1", [app_id], |r| r.get(0))?;
             let created_at = now_rfc3339();
             tx.execute(
-                "INSERT INTO releases(id, app_id, version, status, description, image, config, created_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7)",
-                params![id, app_id, version, description, image, config, created_at],
+                "INSERT INTO releases(id, app_id, version, status, description, image, config, created_at, created_by) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8)",
+                params![id, app_id, version, description, image, config, created_at, user],
             )?;
             tx.commit()?;
             Ok(ReleaseRow {
@@ -609,6 +636,7 @@ impl Store {
                 image: image.to_string(),
                 config: config.to_string(),
                 created_at,
+                user: user.to_string(),
             })
         })
     }
@@ -626,11 +654,19 @@ impl Store {
     /// Newest first.
     pub fn releases(&self, app_id: &str, limit: usize) -> StoreResult<Vec<ReleaseRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, app_id, version, status, description, image, config, created_at FROM releases WHERE app_id = ?1 ORDER BY version DESC LIMIT ?2",
-            )?;
+            let mut stmt = c.prepare(&format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE app_id = ?1 ORDER BY version DESC LIMIT ?2"))?;
             let rows = stmt.query_map(params![app_id, limit as i64], release_from_row)?;
             rows.collect()
+        })
+    }
+
+    /// Marks releases whose deploy was cut short (the control plane stopped mid-deploy).
+    pub fn interrupt_running_releases(&self) -> StoreResult<usize> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE releases SET status = 'interrupted' WHERE status = 'running'",
+                [],
+            )
         })
     }
 
@@ -762,14 +798,14 @@ mod tests {
         let (store, app) = seeded();
         assert_eq!(
             store
-                .create_release(&app.id, "r1", "img", "{}", "first")
+                .create_release(&app.id, "r1", "img", "{}", "first", "admin")
                 .unwrap()
                 .version,
             1
         );
         assert_eq!(
             store
-                .create_release(&app.id, "r2", "img", "{}", "second")
+                .create_release(&app.id, "r2", "img", "{}", "second", "admin")
                 .unwrap()
                 .version,
             2

@@ -1,5 +1,9 @@
 pub mod apps;
 pub mod config;
 pub mod deploy;
+pub mod launch;
+pub mod registry;
+pub mod releases;
+pub mod scale;
 pub mod server;
 pub mod status;

@@ -41,6 +41,17 @@ pub struct ServerArgs {
     /// Leave machines running when the server exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
+    /// Keep the images of this many most recent releases per app; older ones are
+    /// garbage-collected after each deploy.
+    #[arg(long, default_value_t = aloft_control::releases::DEFAULT_KEEP_RELEASES)]
+    pub keep_releases: usize,
+    /// Pull-through from this upstream registry (e.g. https://registry-1.docker.io), so
+    /// `FROM debian:bookworm-slim` resolves through the platform's registry. Off by default.
+    #[arg(long)]
+    pub registry_upstream: Option<String>,
+    /// The repository prefix that is pulled through from the upstream.
+    #[arg(long, default_value = "dockerhub")]
+    pub registry_upstream_prefix: String,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -77,7 +88,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         region: args.region.clone(),
         base_domain: args.base_domain.clone(),
         proxy_http_port: args.proxy_listen.port(),
+        registry_upstream: args.registry_upstream.as_ref().map(|url| {
+            aloft_registry::UpstreamConfig::new(
+                url.trim_end_matches('/'),
+                args.registry_upstream_prefix.trim_matches('/'),
+            )
+        }),
     })?;
+    plane
+        .store
+        .set_setting(
+            aloft_control::releases::SETTING_KEEP_RELEASES,
+            &args.keep_releases.max(1).to_string(),
+        )
+        .context("saving the release retention setting")?;
     let api_url = format!("http://{}", args.api_listen);
     let settings_path = Settings {
         api_url: Some(api_url.clone()),
