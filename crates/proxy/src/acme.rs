@@ -70,6 +70,10 @@ pub struct StoredCertificate {
 
 #[derive(Default)]
 struct HostState {
+    /// The app version whose certificates were last looked at.
+    seen_version: Option<u64>,
+    /// Fetch again from the control plane (the app was republished).
+    refetch: bool,
     next_attempt: Option<Instant>,
     backoff: Duration,
     expires: Option<SystemTime>,
@@ -92,8 +96,8 @@ pub(crate) async fn certificate_loop(proxy: Arc<Proxy>) {
     let account: Arc<tokio::sync::Mutex<Option<Account>>> = Arc::new(tokio::sync::Mutex::new(None));
     let mut changes = proxy.catalog.subscribe();
     loop {
-        let hostnames = proxy.catalog.hostnames();
-        let wanted: HashSet<String> = hostnames.iter().map(|(_, h)| h.clone()).collect();
+        let hostnames = proxy.catalog.hostnames_with_versions();
+        let wanted: HashSet<String> = hostnames.iter().map(|(_, h, _)| h.clone()).collect();
         {
             let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
             let gone: Vec<String> = states
@@ -107,10 +111,17 @@ pub(crate) async fn certificate_loop(proxy: Arc<Proxy>) {
                 tracing::info!(host, "hostname removed: certificate dropped");
             }
         }
-        for (app, host) in hostnames {
+        for (app, host, version) in hostnames {
             let due = {
                 let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
                 let state = states.entry(host.clone()).or_default();
+                // The app was republished (e.g. a certificate was added or replaced in
+                // the control plane): look again now.
+                if state.seen_version.is_some_and(|seen| seen != version) {
+                    state.refetch = true;
+                    state.next_attempt = None;
+                }
+                state.seen_version = Some(version);
                 let renew_before = proxy
                     .config
                     .acme
@@ -119,11 +130,16 @@ pub(crate) async fn certificate_loop(proxy: Arc<Proxy>) {
                     .unwrap_or_default();
                 let needed =
                     !proxy.catalog.has_certificate(&host) || needs_renewal(state, renew_before);
-                needed && state.next_attempt.is_none_or(|t| Instant::now() >= t)
+                let due = (needed || state.refetch)
+                    && state.next_attempt.is_none_or(|t| Instant::now() >= t);
+                state.refetch = false;
+                due.then_some(needed)
             };
-            if !due {
+            // `acme_allowed`: only a missing or expiring certificate goes to the CA; a
+            // republished app only makes the proxy fetch from the control plane again.
+            let Some(acme_allowed) = due else {
                 continue;
-            }
+            };
             if !in_flight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -138,7 +154,7 @@ pub(crate) async fn certificate_loop(proxy: Arc<Proxy>) {
                 account.clone(),
             );
             tokio::spawn(async move {
-                let result = obtain(&proxy, &app, &host, &account).await;
+                let result = obtain(&proxy, &app, &host, &account, acme_allowed).await;
                 let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
                 let state = states.entry(host.clone()).or_default();
                 match result {
@@ -186,6 +202,7 @@ async fn obtain(
     app: &str,
     host: &str,
     account: &tokio::sync::Mutex<Option<Account>>,
+    acme_allowed: bool,
 ) -> Result<Option<(SystemTime, Option<SystemTime>)>, AcmeError> {
     let renew_before = proxy
         .config
@@ -215,7 +232,7 @@ async fn obtain(
             Err(e) => tracing::debug!(host, error = %e, "no stored certificate"),
         }
     }
-    let Some(config) = &proxy.config.acme else {
+    let Some(config) = proxy.config.acme.as_ref().filter(|_| acme_allowed) else {
         return Ok(None);
     };
     let (chain, key) = issue(proxy, config, host, account).await?;

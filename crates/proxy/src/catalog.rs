@@ -191,6 +191,9 @@ struct State {
     /// (machine id, internal port, address) → backend.
     backends: HashMap<(String, u16, SocketAddr), Arc<Backend>>,
     certs: HashMap<String, Arc<rustls::sign::CertifiedKey>>,
+    /// App name → the seq of its last `app` (or snapshot) update: a republished app tells
+    /// the proxy to look again at its certificates.
+    app_versions: HashMap<String, u64>,
 }
 
 /// The catalog: authoritative maps behind a mutex (writers), published snapshots (readers).
@@ -329,11 +332,20 @@ impl Catalog {
 
     /// Every hostname the proxy should hold a certificate for (app hostnames).
     pub fn hostnames(&self) -> Vec<(String, String)> {
+        self.hostnames_with_versions()
+            .into_iter()
+            .map(|(app, host, _)| (app, host))
+            .collect()
+    }
+
+    /// (app, hostname, version of the app's last update) for every app hostname.
+    pub fn hostnames_with_versions(&self) -> Vec<(String, String, u64)> {
         let state = self.lock();
         let mut out = Vec::new();
         for app in state.apps.values() {
+            let version = state.app_versions.get(&app.name).copied().unwrap_or(0);
             for host in &app.hostnames {
-                out.push((app.name.clone(), host.to_ascii_lowercase()));
+                out.push((app.name.clone(), host.to_ascii_lowercase(), version));
             }
         }
         out.sort();
@@ -373,10 +385,12 @@ fn apply_one(state: &mut State, update: CatalogUpdate) {
         } => {
             state.seq = seq;
             state.apps = apps.into_iter().map(|a| (a.name.clone(), a)).collect();
+            state.app_versions = state.apps.keys().map(|name| (name.clone(), seq)).collect();
             state.machines = machines.into_iter().map(|m| (m.id.clone(), m)).collect();
         }
         CatalogUpdate::App { seq, app } => {
             state.seq = state.seq.max(seq);
+            state.app_versions.insert(app.name.clone(), seq);
             state.apps.insert(app.name.clone(), app);
         }
         CatalogUpdate::AppRemoved { seq, name } => {

@@ -170,9 +170,18 @@ async fn cert_store() -> (SocketAddr, Arc<Mutex<Vec<(String, serde_json::Value)>
     cert_store_with(None).await
 }
 
+type StoredDoc = Arc<Mutex<Option<(String, serde_json::Value)>>>;
+
 /// Like `cert_store`, also answering GET for one hostname with `stored`.
 async fn cert_store_with(
     stored_cert: Option<(String, serde_json::Value)>,
+) -> (SocketAddr, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+    cert_store_shared(Arc::new(Mutex::new(stored_cert))).await
+}
+
+/// A control plane whose stored certificate (for GET) the test can replace.
+async fn cert_store_shared(
+    stored_cert: StoredDoc,
 ) -> (SocketAddr, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -189,8 +198,9 @@ async fn cert_store_with(
                     let (s, stored_cert) = (s.clone(), stored_cert.clone());
                     async move {
                         let path = req.uri().path().to_string();
+                        let current = stored_cert.lock().unwrap().clone();
                         if req.method() == http::Method::GET
-                            && let Some((host, doc)) = &stored_cert
+                            && let Some((host, doc)) = current
                             && path == format!("/v1/proxy/certificates/{host}")
                         {
                             return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
@@ -425,5 +435,70 @@ async fn renews_a_stored_certificate_close_to_expiry() {
             .iter()
             .any(|(p, _)| p == "/v1/proxy/certificates/web.aloft.test")
     );
+    proxy.shutdown().await;
+}
+
+/// (CA PEM, stored-certificate document) for `host`, from a fresh CA.
+fn ca_and_doc(host: &str) -> (String, serde_json::Value) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![host.to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let doc = serde_json::json!({
+        "hostname": host,
+        "certificate": format!("{}{}", leaf.pem(), ca_cert.pem()),
+        "private_key": leaf_key.serialize_pem(),
+    });
+    (ca_cert.pem(), doc)
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_in_the_control_plane_is_served_after_the_app_is_republished() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(echo("b1")).await;
+    let (ca1, doc1) = ca_and_doc("web.aloft.test");
+    let (ca2, doc2) = ca_and_doc("web.aloft.test");
+    let (ca1_path, ca2_path) = (dir.path().join("ca1.pem"), dir.path().join("ca2.pem"));
+    std::fs::write(&ca1_path, ca1).unwrap();
+    std::fs::write(&ca2_path, ca2).unwrap();
+    let shared: StoredDoc = Arc::new(Mutex::new(Some(("web.aloft.test".into(), doc1))));
+    let (control, _) = cert_store_shared(shared.clone()).await;
+    let mut cfg = config();
+    cfg.https_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.self_signed_fallback = false;
+    cfg.control_url = format!("http://{control}");
+    let proxy = start(cfg).await;
+    let https = proxy.https.unwrap();
+    let mut web = app("web");
+    web.hostnames = vec!["web.aloft.test".into()];
+    proxy.proxy.catalog().apply(snapshot(
+        1,
+        vec![web.clone()],
+        vec![machine("m1", "web", "ams", be.addr, MachineState::Started)],
+    ));
+    let p1 = ca1_path.clone();
+    eventually("stored certificate served", || {
+        let p1 = p1.clone();
+        async move { verify_with(&p1, https, "web.aloft.test").await.is_ok() }
+    })
+    .await;
+    // `aloft certs import` (say) replaces it; the control plane republishes the app.
+    *shared.lock().unwrap() = Some(("web.aloft.test".into(), doc2));
+    proxy
+        .proxy
+        .catalog()
+        .apply(CatalogUpdate::App { seq: 2, app: web });
+    let p2 = ca2_path.clone();
+    eventually("replacement served", || {
+        let p2 = p2.clone();
+        async move { verify_with(&p2, https, "web.aloft.test").await.is_ok() }
+    })
+    .await;
     proxy.shutdown().await;
 }
