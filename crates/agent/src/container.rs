@@ -1,40 +1,24 @@
 //! The container driver: an OCI runtime (runc or crun) runs each machine from an overlay of
-//! its image's cached layers, in the machine's own network namespace, under cgroup limits,
-//! with the `aloft` binary bind-mounted as `/.fly/init` to be PID 1.
+//! its image's cached layers, in the machine's own network namespace, under cgroup limits
+//! and a seccomp filter, with the `aloft` binary bind-mounted as `/.fly/init` to be PID 1.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use aloft_api::MachineGuest;
-use aloft_api::internal::InitConfig;
+use aloft_api::internal::{InitConfig, ProcessStat};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::json;
 
+use crate::driver::{
+    Driver, DriverError, ExecCommand, ExecIo, ExecProcess, ResourceUsage, StartRequest, io,
+};
 use crate::images::PreparedImage;
 use crate::network::MachineLink;
-use crate::shim::cgroup_path;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    #[error("no working OCI runtime: {0}")]
-    NoRuntime(String),
-    #[error("preparing the root filesystem: {0}")]
-    Rootfs(String),
-    #[error("starting the container: {0}")]
-    Start(String),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
-}
-
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
-    let context = context.into();
-    move |source| DriverError::Io { context, source }
-}
+use crate::procfs;
 
 pub struct ContainerDriver {
     runtime: PathBuf,
@@ -60,12 +44,118 @@ const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
+/// System calls a machine may not make (they fail with EPERM): kernel modules and
+/// images, clocks, keyrings, mounts and namespaces, tracing other processes' memory,
+/// swap, reboot, and other host-wide or obsolete calls. Everything else is allowed, so
+/// ordinary programs behave as under Docker's default profile.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
+
 fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")
         .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// The cgroup every machine's container lives in (under each controller).
+pub fn cgroup_path(container_id: &str) -> String {
+    format!("/aloft/{container_id}")
+}
+
+fn cgroup_file(controller: &str, container_id: &str, file: &str) -> PathBuf {
+    Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(cgroup_path(container_id).trim_start_matches('/'))
+        .join(file)
+}
+
+fn read_number(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// How many processes the kernel's OOM killer killed in the container's memory cgroup.
+pub fn oom_kills(container_id: &str) -> u64 {
+    let Ok(text) =
+        std::fs::read_to_string(cgroup_file("memory", container_id, "memory.oom_control"))
+    else {
+        return 0;
+    };
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// This host's memory in MB (`MemTotal`).
+pub fn host_memory_mb() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024)
 }
 
 impl ContainerDriver {
@@ -101,17 +191,29 @@ impl ContainerDriver {
         })
     }
 
-    pub fn runtime_name(&self) -> String {
-        self.runtime
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    }
-
     fn runtime_command(&self) -> Command {
         let mut command = Command::new(&self.runtime);
         command.arg("--root").arg(&self.runtime_root);
         command
+    }
+
+    fn run_runtime(&self, args: &[&str]) -> Result<(), DriverError> {
+        let output = self
+            .runtime_command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io(format!("running {}", self.runtime.display())))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(DriverError::Operation(format!(
+                "{} {}: {}",
+                self.name(),
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )))
+        }
     }
 
     /// Mounts a fresh overlay of the image's layers at `machine_dir/rootfs` (the root
@@ -185,13 +287,12 @@ impl ContainerDriver {
             link,
             guest,
         );
-        let text =
-            serde_json::to_vec_pretty(&spec).map_err(|e| DriverError::Start(e.to_string()))?;
+        let text = serde_json::to_vec(&spec).map_err(|e| DriverError::Start(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), text).map_err(io("writing config.json"))
     }
 
     /// Starts the machine's shim and waits until the container runs. Returns the shim's pid.
-    pub fn launch(
+    fn launch(
         &self,
         machine_dir: &Path,
         container_id: &str,
@@ -242,34 +343,219 @@ impl ContainerDriver {
         }
     }
 
-    pub fn signal(&self, container_id: &str, signal: &str) -> Result<(), DriverError> {
-        let output = self
-            .runtime_command()
-            .args(["kill", container_id, signal])
-            .output()
-            .map_err(io(format!("running {} kill", self.runtime.display())))?;
-        if output.status.success() {
-            Ok(())
+    /// The host pid of the container's init, while it runs.
+    fn init_pid(&self, machine_dir: &Path) -> Result<Pid, DriverError> {
+        let text = std::fs::read_to_string(machine_dir.join(crate::shim::PID_FILE))
+            .map_err(|_| DriverError::NotRunning)?;
+        let pid: i32 = text.trim().parse().map_err(|_| DriverError::NotRunning)?;
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(DriverError::NotRunning);
+        }
+        Ok(Pid::from_raw(pid))
+    }
+
+    fn frozen(container_id: &str) -> bool {
+        std::fs::read_to_string(cgroup_file("freezer", container_id, "freezer.state"))
+            .is_ok_and(|s| s.trim() != "THAWED")
+    }
+}
+
+impl Driver for ContainerDriver {
+    fn name(&self) -> String {
+        self.runtime
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn start(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
+        let rootfs = self.prepare_rootfs(request.machine_dir, request.image)?;
+        self.write_bundle(
+            request.machine_dir,
+            request.machine_id,
+            &request.init.hostname,
+            &rootfs,
+            request.link,
+            request.guest,
+        )?;
+        self.launch(request.machine_dir, request.machine_id, request.init)
+    }
+
+    fn signal(
+        &self,
+        _machine_id: &str,
+        machine_dir: &Path,
+        signal: Signal,
+    ) -> Result<(), DriverError> {
+        let init = self.init_pid(machine_dir)?;
+        // init forwards the usual stop and control signals; others go straight to the
+        // main process, which init would otherwise swallow.
+        let target = if signal == Signal::SIGKILL || aloft_init::FORWARDED_SIGNALS.contains(&signal)
+        {
+            init
         } else {
-            Err(DriverError::Start(format!(
-                "{} kill {signal}: {}",
-                self.runtime_name(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            )))
+            procfs::children(init.as_raw())
+                .first()
+                .map(|p| Pid::from_raw(*p))
+                .unwrap_or(init)
+        };
+        kill(target, signal)
+            .map_err(|e| DriverError::Operation(format!("sending {signal} to pid {target}: {e}")))
+    }
+
+    fn kill(&self, machine_id: &str, machine_dir: &Path) -> Result<(), DriverError> {
+        let init = self.init_pid(machine_dir)?;
+        kill(init, Signal::SIGKILL)
+            .map_err(|e| DriverError::Operation(format!("killing pid {init}: {e}")))?;
+        if Self::frozen(machine_id) {
+            // Frozen processes die only once thawed.
+            let _ = std::fs::write(
+                cgroup_file("freezer", machine_id, "freezer.state"),
+                "THAWED",
+            );
+        }
+        Ok(())
+    }
+
+    fn suspend(&self, machine_id: &str, _machine_dir: &Path) -> Result<(), DriverError> {
+        self.run_runtime(&["pause", machine_id])
+    }
+
+    fn resume(&self, machine_id: &str, _machine_dir: &Path) -> Result<(), DriverError> {
+        self.run_runtime(&["resume", machine_id])
+    }
+
+    fn exec(
+        &self,
+        machine_id: &str,
+        machine_dir: &Path,
+        command: &ExecCommand,
+    ) -> Result<ExecProcess, DriverError> {
+        self.init_pid(machine_dir)?;
+        if command.argv.is_empty() || command.argv[0].is_empty() {
+            return Err(DriverError::Operation("no command given".into()));
+        }
+        let mut runc = self.runtime_command();
+        runc.arg("exec").arg("--cwd").arg("/");
+        for (key, value) in &command.env {
+            runc.arg("--env").arg(format!("{key}={value}"));
+        }
+        if command.tty.is_some() {
+            runc.arg("--tty");
+            if !command.env.contains_key("TERM") {
+                runc.arg("--env").arg("TERM=xterm");
+            }
+        }
+        runc.arg(machine_id).args(&command.argv);
+        match command.tty {
+            Some(size) => {
+                let winsize = nix::pty::Winsize {
+                    ws_row: size.rows,
+                    ws_col: size.cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                let pty = nix::pty::openpty(Some(&winsize), None)
+                    .map_err(|e| DriverError::Operation(format!("allocating a terminal: {e}")))?;
+                let slave = pty.slave;
+                let for_stdin = slave.try_clone().map_err(io("duplicating the terminal"))?;
+                let for_stdout = slave.try_clone().map_err(io("duplicating the terminal"))?;
+                runc.stdin(Stdio::from(for_stdin))
+                    .stdout(Stdio::from(for_stdout))
+                    .stderr(Stdio::from(slave));
+                unsafe {
+                    // The runtime gets the terminal as its controlling one, so it follows
+                    // window size changes (SIGWINCH) into the machine.
+                    runc.pre_exec(|| {
+                        libc::setsid();
+                        libc::ioctl(0, libc::TIOCSCTTY, 0);
+                        Ok(())
+                    });
+                }
+                let child = runc
+                    .spawn()
+                    .map_err(io(format!("running {}", self.runtime.display())))?;
+                drop(runc);
+                Ok(ExecProcess {
+                    child,
+                    io: ExecIo::Terminal(pty.master),
+                })
+            }
+            None => {
+                runc.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut child = runc
+                    .spawn()
+                    .map_err(io(format!("running {}", self.runtime.display())))?;
+                let stdin = child.stdin.take();
+                let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take())
+                else {
+                    return Err(DriverError::Operation(
+                        "the exec'd command has no output pipes".into(),
+                    ));
+                };
+                Ok(ExecProcess {
+                    child,
+                    io: ExecIo::Pipes {
+                        stdin,
+                        stdout,
+                        stderr,
+                    },
+                })
+            }
         }
     }
 
-    /// Removes what a run left: the container, the overlay mount and its upper layer.
-    pub fn cleanup(&self, machine_dir: &Path, container_id: &str) {
+    fn processes(
+        &self,
+        machine_id: &str,
+        machine_dir: &Path,
+    ) -> Result<Vec<ProcessStat>, DriverError> {
+        self.init_pid(machine_dir)?;
+        let pids = procfs::cgroup_pids(&cgroup_file("pids", machine_id, "cgroup.procs"));
+        Ok(pids.into_iter().filter_map(procfs::process_stat).collect())
+    }
+
+    fn usage(&self, machine_id: &str, machine_dir: &Path) -> Option<ResourceUsage> {
+        self.init_pid(machine_dir).ok()?;
+        Some(ResourceUsage {
+            cpu_nanoseconds: read_number(&cgroup_file("cpuacct", machine_id, "cpuacct.usage"))
+                .unwrap_or(0),
+            memory_bytes: read_number(&cgroup_file("memory", machine_id, "memory.usage_in_bytes"))
+                .unwrap_or(0),
+            memory_limit_bytes: read_number(&cgroup_file(
+                "memory",
+                machine_id,
+                "memory.limit_in_bytes",
+            ))
+            .unwrap_or(0),
+            oom_kills: oom_kills(machine_id),
+        })
+    }
+
+    fn cleanup(&self, machine_id: &str, machine_dir: &Path) {
+        if Self::frozen(machine_id) {
+            let _ = std::fs::write(
+                cgroup_file("freezer", machine_id, "freezer.state"),
+                "THAWED",
+            );
+        }
         let _ = self
             .runtime_command()
-            .args(["delete", "--force", container_id])
+            .args(["delete", "--force", machine_id])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
         unmount(&machine_dir.join("rootfs"));
         let _ = std::fs::remove_dir_all(machine_dir.join("upper"));
         let _ = std::fs::remove_dir_all(machine_dir.join("work"));
+        // The runtime removes the leaf cgroups it made, except when it never got that far.
+        for controller in [
+            "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd",
+        ] {
+            let _ = std::fs::remove_dir(cgroup_file(controller, machine_id, ""));
+        }
     }
 }
 
@@ -291,6 +577,14 @@ fn cpu_resources(guest: &MachineGuest) -> serde_json::Value {
         128 * cpus
     };
     json!({ "shares": shares, "quota": (cpus * 100_000) as i64, "period": 100_000 })
+}
+
+fn seccomp_profile() -> serde_json::Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM }]
+    })
 }
 
 fn oci_spec(
@@ -327,6 +621,7 @@ fn oci_spec(
             { "destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
             { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"] },
             { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] },
+            { "destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", "size=65536k"] },
             { "destination": "/.fly/init", "type": "bind", "source": aloft_binary, "options": ["bind", "ro"] }
         ],
         "linux": {
@@ -340,9 +635,11 @@ fn oci_spec(
             "cgroupsPath": cgroup_path(container_id),
             "resources": {
                 "devices": [{ "allow": false, "access": "rwm" }],
-                "memory": { "limit": memory_bytes },
-                "cpu": cpu_resources(guest)
+                "memory": { "limit": memory_bytes, "swap": memory_bytes },
+                "cpu": cpu_resources(guest),
+                "pids": { "limit": 32768 }
             },
+            "seccomp": seccomp_profile(),
             "maskedPaths": [
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
                 "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"
@@ -352,15 +649,12 @@ fn oci_spec(
     })
 }
 
-/// How long to wait between checks for a stopping machine.
-pub const STOP_POLL: Duration = Duration::from_millis(20);
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn spec_carries_limits_namespace_and_init() {
+    fn spec_carries_limits_namespace_seccomp_and_init() {
         let link = MachineLink::for_machine("0123456789abcd", 3).unwrap();
         let guest = MachineGuest {
             cpu_kind: "shared".into(),
@@ -381,11 +675,45 @@ mod tests {
             512 * 1024 * 1024
         );
         assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 200_000);
+        assert_eq!(spec["linux"]["resources"]["cpu"]["shares"], 256);
         assert_eq!(
             spec["linux"]["namespaces"][4]["path"],
             "/run/netns/aloft-0123456789abcd"
         );
         assert_eq!(spec["process"]["args"][0], "/.fly/init");
-        assert_eq!(spec["mounts"][6]["source"], "/usr/bin/aloft");
+        assert!(
+            spec["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["source"] == "/usr/bin/aloft" && m["destination"] == "/.fly/init")
+        );
+        let denied = spec["linux"]["seccomp"]["syscalls"][0]["names"]
+            .as_array()
+            .unwrap();
+        assert!(denied.iter().any(|n| n == "kexec_load") && !denied.iter().any(|n| n == "ptrace"));
+        assert_eq!(
+            spec["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            14
+        );
+    }
+
+    #[test]
+    fn performance_cpus_weigh_more_than_shared() {
+        let shared = cpu_resources(&MachineGuest {
+            cpu_kind: "shared".into(),
+            cpus: 1,
+            ..Default::default()
+        });
+        let performance = cpu_resources(&MachineGuest {
+            cpu_kind: "performance".into(),
+            cpus: 1,
+            ..Default::default()
+        });
+        assert!(performance["shares"].as_u64() > shared["shares"].as_u64());
+        assert_eq!(performance["quota"], shared["quota"]);
     }
 }

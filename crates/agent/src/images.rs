@@ -63,6 +63,9 @@ pub struct PreparedImage {
     pub run: RunConfig,
 }
 
+/// How long a freshly unpacked layer is safe from garbage collection.
+pub const LAYER_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub struct ImageStore {
     root: PathBuf,
     locks: std::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
@@ -163,6 +166,39 @@ impl ImageStore {
             run: document.config.unwrap_or_default(),
         })
     }
+
+    /// Removes unpacked layers that are not in `used`, except ones unpacked in the last
+    /// `LAYER_GRACE` (a pull may be about to use them). Returns how many went.
+    pub fn remove_unused(
+        &self,
+        used: &std::collections::HashSet<PathBuf>,
+    ) -> Result<usize, ImageError> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.root.join("layers");
+        let entries = std::fs::read_dir(&dir).map_err(io(format!("listing {}", dir.display())))?;
+        let now = chrono::Utc::now().timestamp();
+        let mut removed = 0;
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if used.contains(&path) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if now - meta.ctime() < LAYER_GRACE.as_secs() as i64 {
+                continue;
+            }
+            let lock = self.lock_for(&entry.file_name().to_string_lossy().replacen('-', ":", 1));
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            if std::fs::remove_dir_all(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 fn open_layer(blob: &Path) -> Result<Box<dyn Read>, String> {
@@ -181,6 +217,17 @@ fn open_layer(blob: &Path) -> Result<Box<dyn Read>, String> {
     })
 }
 
+/// An error and what caused it, on one line.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 /// A relative path inside a layer with no `..`, no root and no prefix.
 fn safe_relative(path: &Path) -> Option<PathBuf> {
     let mut clean = PathBuf::new();
@@ -197,7 +244,7 @@ fn safe_relative(path: &Path) -> Option<PathBuf> {
 fn mknod_whiteout(path: &Path) -> Result<(), String> {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
     // An overlayfs whiteout is a character device with device number 0:0.
-    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o000, 0) };
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR, 0) };
     if rc != 0 {
         return Err(format!(
             "creating whiteout {}: {}",
@@ -273,7 +320,7 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
         }
         entry
             .unpack_in(dest)
-            .map_err(|e| format!("unpacking {}: {e}", relative.display()))?;
+            .map_err(|e| format!("unpacking {}: {}", relative.display(), with_causes(&e)))?;
     }
     for dir in opaque_dirs {
         set_opaque(&dir)?;
@@ -289,6 +336,9 @@ mod tests {
         let mut builder = tar::Builder::new(Vec::new());
         for (path, content) in entries {
             let mut header = tar::Header::new_gnu();
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
             match content {
                 Some(bytes) => {
                     header.set_entry_type(tar::EntryType::Regular);

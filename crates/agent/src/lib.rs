@@ -1,28 +1,42 @@
 //! The host agent (Fly's flyd): a durable state machine per machine, images to root
-//! filesystems, the container driver, machine networking, restart policy, and the report
+//! filesystems, the runtime driver (containers; microVMs slot in behind [`Driver`]),
+//! machine networking, restart policy, health checks, logs, exec, metrics, and the report
 //! of every state change to the control plane.
 
 pub mod api;
+pub mod checks;
+pub mod console;
 pub mod container;
+pub mod driver;
 pub mod images;
+pub mod init_config;
+pub mod logs;
+pub mod metrics;
 pub mod network;
+pub mod procfs;
 pub mod shim;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_api::internal::{
-    AgentEvent, AgentMachine, ExitStatus, HostRegistration, InitConfig, MachineSpec,
+    AgentEvent, AgentMachine, ExecResponse, ExitStatus, HostRegistration, MachineExecRequest,
+    MachineSpec, ProcessStat,
 };
 use aloft_api::{MachineState, RestartPolicy, StopRequest};
 use aloft_client::Client;
 use anyhow::Context;
+use nix::sys::signal::Signal;
+
+pub use crate::driver::Driver;
+pub use crate::init_config::init_config;
 
 use crate::container::ContainerDriver;
+use crate::driver::{DriverError, ExecCommand, StartRequest};
 use crate::images::{ImageStore, PreparedImage};
 use crate::network::MachineLink;
 use crate::store::{Desired, MachineRecord, Store};
@@ -44,6 +58,12 @@ pub enum AgentError {
     NotFound(String),
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error(transparent)]
     Store(#[from] store::StoreError),
 }
@@ -53,33 +73,82 @@ pub struct Agent {
     pub host_id: String,
     store: Store,
     images: ImageStore,
-    driver: ContainerDriver,
+    driver: Arc<dyn Driver>,
     machines_dir: PathBuf,
+    logs_archive: PathBuf,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: tokio::sync::Notify,
+    checks: checks::Checks,
 }
 
 const DEFAULT_KILL_SIGNAL: &str = "SIGINT";
 const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_RETRIES: u32 = 10;
+/// Longest wait between two restarts of a crashing machine.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A machine needs at least this much memory to run init and a program.
+const MIN_MEMORY_MB: u32 = 64;
 
 fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+fn driver_failure(err: DriverError) -> AgentError {
+    match err {
+        DriverError::NotRunning => AgentError::Conflict("the machine is not running".into()),
+        other => AgentError::Failed(other.to_string()),
+    }
+}
+
+/// Wait after the `restarts`-th consecutive restart: 200 ms doubling, at most 5 s.
+pub fn restart_backoff(restarts: u32) -> Duration {
+    Duration::from_millis(100u64 << restarts.clamp(1, 16)).min(MAX_BACKOFF)
+}
+
+/// Whether the restart policy brings a machine back after `exit`, given how many times
+/// it was restarted in a row already.
+pub fn should_restart(
+    policy: Option<&aloft_api::MachineRestart>,
+    exit: &ExitStatus,
+    restarts: u32,
+) -> bool {
+    let restart = policy.cloned().unwrap_or_default();
+    let failed = exit.exit_code != 0 || exit.signal.is_some() || exit.oom_killed;
+    match restart.policy {
+        RestartPolicy::No | RestartPolicy::SpotPrice => false,
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure => {
+            failed && restarts < restart.max_retries.unwrap_or(DEFAULT_MAX_RETRIES)
+        }
+    }
 }
 
 impl Agent {
     pub fn open(config: AgentConfig) -> anyhow::Result<Arc<Self>> {
         let root = config.data_dir.join("agent");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let driver = ContainerDriver::new(&root, config.runtime.as_deref())
+            .context("setting up the container driver")?;
+        Self::open_with_driver(config, Arc::new(driver))
+    }
+
+    /// Opens the agent with a given runtime driver (containers, microVMs).
+    pub fn open_with_driver(
+        config: AgentConfig,
+        driver: Arc<dyn Driver>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let root = config.data_dir.join("agent");
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let host_id = host_id(&root)?;
         let store = Store::open(&root.join("agent.db")).context("opening the agent database")?;
         let images = ImageStore::new(&root.join("images")).context("opening the image cache")?;
-        let driver = ContainerDriver::new(&root, config.runtime.as_deref())
-            .context("setting up the container driver")?;
         let machines_dir = root.join("machines");
-        std::fs::create_dir_all(&machines_dir)
-            .with_context(|| format!("creating {}", machines_dir.display()))?;
-        tracing::info!(host = %host_id, runtime = %driver.runtime_name(), "agent ready");
+        let logs_archive = root.join("logs");
+        for dir in [&machines_dir, &logs_archive] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        logs::expire(&logs_archive, logs::RETENTION);
+        tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
         Ok(Arc::new(Self {
             config,
             host_id,
@@ -87,9 +156,15 @@ impl Agent {
             images,
             driver,
             machines_dir,
+            logs_archive,
             locks: Default::default(),
             outbox: tokio::sync::Notify::new(),
+            checks: checks::Checks::default(),
         }))
+    }
+
+    pub fn driver_name(&self) -> String {
+        self.driver.name()
     }
 
     fn machine_dir(&self, id: &str) -> PathBuf {
@@ -159,19 +234,44 @@ impl Agent {
         Ok(Self::view(&self.record(id)?))
     }
 
-    /// Stores a machine's spec; it applies from the next start.
+    /// Stores a machine's spec and pulls its image (layers already cached are not pulled
+    /// again); the spec applies from the next start.
     pub async fn put(&self, spec: MachineSpec) -> Result<AgentMachine, AgentError> {
         let lock = self.lock(&spec.id);
         let _guard = lock.lock().await;
-        let record = self.store.put_spec(&spec)?;
-        std::fs::create_dir_all(self.machine_dir(&spec.id))
+        let dir = self.machine_dir(&spec.id);
+        std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::Failed(format!("creating machine directory: {e}")))?;
+        self.image_for(&spec, &dir)
+            .await
+            .map_err(AgentError::Failed)?;
+        let record = self.store.put_spec(&spec)?;
         Ok(Self::view(&record))
     }
 
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<AgentMachine, AgentError> {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
+        let record = self.record(id)?;
+        if record.state == MachineState::Suspended && record.shim_pid.is_some() {
+            let dir = self.machine_dir(id);
+            let driver = self.driver.clone();
+            let resumed =
+                tokio::task::spawn_blocking(move || driver.resume(&record.spec.id, &dir)).await;
+            if let Ok(Ok(())) = resumed {
+                self.store.set_desired(id, Desired::Started)?;
+                let record = self.record(id)?;
+                let record =
+                    self.transition(&record, "resume", MachineState::Started, None, None)?;
+                self.checks.watch(self, &record);
+                return Ok(Self::view(&record));
+            }
+            // It could not be thawed: fall back to a cold start.
+            let record = self.record(id)?;
+            if let Some(pid) = record.shim_pid {
+                self.kill_and_wait(id, pid).await;
+            }
+        }
         let record = self.record(id)?;
         if record.state == MachineState::Started && record.shim_pid.is_some() {
             return Ok(Self::view(&record));
@@ -193,11 +293,12 @@ impl Agent {
                 self.store.set_shim(&record.spec.id, Some(pid))?;
                 let started = self.transition(record, kind, MachineState::Started, None, None)?;
                 self.watch(&record.spec.id, pid);
+                self.checks.watch(self, &started);
                 Ok(started)
             }
             Err(reason) => {
                 let dir = self.machine_dir(&record.spec.id);
-                self.driver.cleanup(&dir, &record.spec.id);
+                self.driver.cleanup(&record.spec.id, &dir);
                 self.store.set_desired(&record.spec.id, Desired::Stopped)?;
                 self.transition(
                     record,
@@ -215,42 +316,43 @@ impl Agent {
         let spec = &record.spec;
         let dir = self.machine_dir(&spec.id);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let image = self.image_for(spec, &dir).await?;
-        let link = MachineLink::for_machine(&spec.id, record.slot).map_err(|e| e.to_string())?;
-        let init = init_config(spec, &image, &link)?;
         let guest = spec
             .config
             .guest
             .clone()
             .unwrap_or_else(aloft_api::MachineGuest::default_shared);
-        let driver_dir = dir.clone();
+        check_guest(&guest)?;
+        let image = self.image_for(spec, &dir).await?;
+        let link = MachineLink::for_machine(&spec.id, record.slot).map_err(|e| e.to_string())?;
+        let init = init_config(spec, &image, &link)?;
+        let _ = std::fs::remove_file(dir.join(driver::EXIT_FILE));
+        let driver = self.driver.clone();
         let id = spec.id.clone();
-        let driver = &self.driver;
-        tokio::task::block_in_place(|| {
+        tokio::task::spawn_blocking(move || {
             network::ensure(&link).map_err(|e| format!("machine network: {e}"))?;
-            let rootfs = driver
-                .prepare_rootfs(&driver_dir, &image)
-                .map_err(|e| e.to_string())?;
-            driver
-                .write_bundle(&driver_dir, &id, &id, &rootfs, &link, &guest)
-                .map_err(|e| e.to_string())?;
-            driver
-                .launch(&driver_dir, &id, &init)
-                .map_err(|e| e.to_string())
+            let request = StartRequest {
+                machine_id: &id,
+                machine_dir: &dir,
+                image: &image,
+                link: &link,
+                guest: &guest,
+                init: &init,
+            };
+            driver.start(&request).map_err(|e| e.to_string())
         })
+        .await
+        .map_err(|e| format!("starting the machine: {e}"))?
     }
 
     /// The prepared image for the spec's reference, pulled once per machine and cached.
     async fn image_for(&self, spec: &MachineSpec, dir: &Path) -> Result<PreparedImage, String> {
         let cache = dir.join("image.json");
-        if let Ok(bytes) = std::fs::read(&cache) {
-            if let Ok(image) = serde_json::from_slice::<PreparedImage>(&bytes) {
-                if image.reference == spec.image.reference
-                    && image.layers.iter().all(|l| l.exists())
-                {
-                    return Ok(image);
-                }
-            }
+        if let Ok(bytes) = std::fs::read(&cache)
+            && let Ok(image) = serde_json::from_slice::<PreparedImage>(&bytes)
+            && image.reference == spec.image.reference
+            && image.layers.iter().all(|l| l.exists())
+        {
+            return Ok(image);
         }
         let image = self
             .images
@@ -263,27 +365,48 @@ impl Agent {
         Ok(image)
     }
 
-    /// Follows the shim until it exits, then handles the exit.
+    /// Follows the supervisor until it exits, then handles the exit.
     fn watch(self: &Arc<Self>, id: &str, pid: i32) {
         let agent = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            match shim::exit_watch(pid) {
-                Ok(fd) => {
-                    let _ = fd.readable().await;
-                }
-                Err(err) => {
-                    tracing::warn!(machine = %id, error = %err, "cannot watch the machine shim; polling");
-                    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
+            wait_for_exit(pid, None).await;
             agent.handle_exit(&id, pid).await;
         });
     }
 
-    /// A machine's shim has exited: record how, then apply the restart policy.
+    /// Why a run ended, in words, from its exit status and init's last words in the log.
+    fn exit_reason(
+        &self,
+        id: &str,
+        exit: &ExitStatus,
+        guest: &aloft_api::MachineGuest,
+    ) -> Option<String> {
+        if exit.oom_killed {
+            return Some(format!(
+                "out of memory: the machine used all of its {} MB (guest.memory_mb) and was killed",
+                guest.memory_mb.max(MIN_MEMORY_MB)
+            ));
+        }
+        if exit.requested_stop || exit.exit_code == 0 {
+            return None;
+        }
+        let log = self.machine_dir(id).join(logs::LOG_FILE);
+        let said = logs::tail(&log, 20)
+            .into_iter()
+            .rev()
+            .find(|r| r.message.starts_with("init: ") && !r.message.starts_with("init: main child"))
+            .map(|r| r.message.trim_start_matches("init: ").to_string());
+        Some(match (said, exit.signal) {
+            (Some(said), _) => said,
+            (None, Some(signal)) => {
+                format!("the main process was killed by {}", signal_name(signal))
+            }
+            (None, None) => format!("the main process exited with code {}", exit.exit_code),
+        })
+    }
+
+    /// A machine's supervisor has exited: record how, then apply the restart policy.
     async fn handle_exit(self: &Arc<Self>, id: &str, pid: i32) {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
@@ -291,23 +414,38 @@ impl Agent {
         if record.shim_pid != Some(pid) {
             return;
         }
+        self.checks.forget(id);
         let dir = self.machine_dir(id);
-        let mut exit = shim::read_exit(&dir).unwrap_or(ExitStatus {
+        let mut exit = driver::read_exit(&dir).unwrap_or(ExitStatus {
             exit_code: -1,
             ..Default::default()
         });
         exit.requested_stop = record.desired == Desired::Stopped;
-        self.driver.cleanup(&dir, id);
+        {
+            let driver = self.driver.clone();
+            let (id, dir) = (id.to_string(), dir.clone());
+            let _ = tokio::task::spawn_blocking(move || driver.cleanup(&id, &dir)).await;
+        }
         if let Err(err) = self.store.set_shim(id, None) {
-            tracing::error!(machine = id, error = %err, "recording the shim's exit failed");
+            tracing::error!(machine = id, error = %err, "recording the machine's exit failed");
             return;
         }
+        let guest = record
+            .spec
+            .config
+            .guest
+            .clone()
+            .unwrap_or_else(aloft_api::MachineGuest::default_shared);
+        let message = self.exit_reason(id, &exit, &guest);
+        let again = record.desired == Desired::Started
+            && should_restart(record.spec.config.restart.as_ref(), &exit, record.restarts);
+        exit.restarting = again;
         let record = match self.transition(
             &record,
             "exit",
             MachineState::Stopped,
             Some(exit.clone()),
-            None,
+            message,
         ) {
             Ok(record) => record,
             Err(err) => {
@@ -315,24 +453,14 @@ impl Agent {
                 return;
             }
         };
-        if record.desired != Desired::Started {
-            return;
-        }
-        let restart = record.spec.config.restart.clone().unwrap_or_default();
-        let failed = exit.exit_code != 0 || exit.signal.is_some() || exit.oom_killed;
-        let max_retries = restart.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
-        let again = match restart.policy {
-            RestartPolicy::No | RestartPolicy::SpotPrice => false,
-            RestartPolicy::Always => true,
-            RestartPolicy::OnFailure => failed && record.restarts < max_retries,
-        };
         if !again {
             let _ = self.store.set_desired(id, Desired::Stopped);
             return;
         }
         let restarts = record.restarts + 1;
         let _ = self.store.set_restarts(id, restarts);
-        let backoff = Duration::from_millis((100u64 << restarts.min(6)).min(5_000));
+        let _ = self.store.count_restart(id);
+        let backoff = restart_backoff(restarts);
         let agent = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
@@ -345,12 +473,58 @@ impl Agent {
             if record.desired != Desired::Started || record.shim_pid.is_some() {
                 return;
             }
-            let restarts = record.restarts;
             if let Err(err) = agent.launch(&record, "restart").await {
                 tracing::warn!(machine = %id, error = %err, "restart failed");
             }
-            let _ = agent.store.set_restarts(&id, restarts);
         });
+    }
+
+    /// SIGKILL and wait until the supervisor is gone (a frozen machine is thawed for it).
+    async fn kill_and_wait(&self, id: &str, pid: i32) {
+        let driver = self.driver.clone();
+        let (machine, dir) = (id.to_string(), self.machine_dir(id));
+        let _ = tokio::task::spawn_blocking(move || driver.kill(&machine, &dir)).await;
+        wait_for_exit(pid, Some(Duration::from_secs(10))).await;
+    }
+
+    /// Sends the stop signal, waits up to the timeout, then kills. Returns the supervisor
+    /// pid that was running, if any. The caller holds the machine's lock.
+    async fn stop_locked(
+        &self,
+        id: &str,
+        request: &StopRequest,
+    ) -> Result<Option<i32>, AgentError> {
+        let record = self.record(id)?;
+        let Some(pid) = record.shim_pid else {
+            return Ok(None);
+        };
+        self.checks.forget(id);
+        if record.state == MachineState::Suspended {
+            self.kill_and_wait(id, pid).await;
+            return Ok(Some(pid));
+        }
+        let stop_config = record.spec.config.stop_config.clone().unwrap_or_default();
+        let signal_name = request
+            .signal
+            .clone()
+            .or(stop_config.signal)
+            .unwrap_or_else(|| DEFAULT_KILL_SIGNAL.to_string());
+        let signal = driver::parse_signal(&signal_name).unwrap_or(Signal::SIGINT);
+        let timeout = request
+            .timeout
+            .or(stop_config.timeout)
+            .map(|d| d.to_std())
+            .unwrap_or(DEFAULT_KILL_TIMEOUT);
+        let driver = self.driver.clone();
+        let (machine, dir) = (id.to_string(), self.machine_dir(id));
+        let sent = tokio::task::spawn_blocking(move || driver.signal(&machine, &dir, signal)).await;
+        if let Ok(Err(err)) = sent {
+            tracing::debug!(machine = id, error = %err, "signalling the machine");
+        }
+        if !wait_for_exit(pid, Some(timeout)).await {
+            self.kill_and_wait(id, pid).await;
+        }
+        Ok(Some(pid))
     }
 
     pub async fn stop(
@@ -358,36 +532,229 @@ impl Agent {
         id: &str,
         request: &StopRequest,
     ) -> Result<AgentMachine, AgentError> {
+        if let Some(signal) = &request.signal {
+            driver::parse_signal(signal).map_err(AgentError::BadRequest)?;
+        }
         let pid = {
             let lock = self.lock(id);
             let _guard = lock.lock().await;
-            let record = self.record(id)?;
+            self.record(id)?;
             self.store.set_desired(id, Desired::Stopped)?;
-            let Some(pid) = record.shim_pid else {
-                return Ok(Self::view(&record));
-            };
-            let stop_config = record.spec.config.stop_config.clone().unwrap_or_default();
-            let signal = request
-                .signal
-                .clone()
-                .or(stop_config.signal)
-                .unwrap_or_else(|| DEFAULT_KILL_SIGNAL.to_string());
-            let timeout = request
-                .timeout
-                .or(stop_config.timeout)
-                .map(|d| d.to_std())
-                .unwrap_or(DEFAULT_KILL_TIMEOUT);
-            if let Err(err) = self.driver.signal(id, &signal) {
-                tracing::debug!(machine = id, error = %err, "signalling the machine");
-            }
-            if !wait_for_exit(pid, timeout).await {
-                let _ = self.driver.signal(id, "SIGKILL");
-                wait_for_exit(pid, Duration::from_secs(10)).await;
-            }
-            pid
+            self.stop_locked(id, request).await?
         };
-        self.handle_exit(id, pid).await;
+        if let Some(pid) = pid {
+            self.handle_exit(id, pid).await;
+        }
         self.get(id)
+    }
+
+    /// Stops the machine (signal, timeout) and starts it again from a fresh root filesystem.
+    pub async fn restart(
+        self: &Arc<Self>,
+        id: &str,
+        request: &StopRequest,
+    ) -> Result<AgentMachine, AgentError> {
+        if let Some(signal) = &request.signal {
+            driver::parse_signal(signal).map_err(AgentError::BadRequest)?;
+        }
+        let lock = self.lock(id);
+        let _guard = lock.lock().await;
+        let record = self.record(id)?;
+        if !matches!(
+            record.state,
+            MachineState::Started | MachineState::Suspended
+        ) {
+            return Err(AgentError::Conflict(format!(
+                "unable to restart machine from current state: '{}'",
+                record.state
+            )));
+        }
+        // Stopped on purpose, so the exit is not the restart policy's business.
+        self.store.set_desired(id, Desired::Stopped)?;
+        if let Some(pid) = self.stop_locked(id, request).await? {
+            self.checks.forget(id);
+            let dir = self.machine_dir(id);
+            let mut exit = driver::read_exit(&dir).unwrap_or(ExitStatus {
+                exit_code: -1,
+                ..Default::default()
+            });
+            exit.requested_stop = true;
+            exit.restarting = true;
+            let driver = self.driver.clone();
+            let (machine, dir_for_cleanup) = (id.to_string(), dir.clone());
+            let _ = tokio::task::spawn_blocking(move || driver.cleanup(&machine, &dir_for_cleanup))
+                .await;
+            if self.record(id)?.shim_pid == Some(pid) {
+                self.store.set_shim(id, None)?;
+                let record = self.record(id)?;
+                self.transition(&record, "exit", MachineState::Stopped, Some(exit), None)?;
+            }
+        }
+        self.store.set_desired(id, Desired::Started)?;
+        self.store.set_restarts(id, 0)?;
+        let record = self.record(id)?;
+        let record = self.launch(&record, "restart").await?;
+        Ok(Self::view(&record))
+    }
+
+    /// Sends a signal to the machine's main process.
+    pub async fn signal(&self, id: &str, signal: &str) -> Result<(), AgentError> {
+        let signal = driver::parse_signal(signal).map_err(AgentError::BadRequest)?;
+        let record = self.record(id)?;
+        if record.state != MachineState::Started {
+            return Err(AgentError::Conflict(format!(
+                "unable to signal machine in state '{}': it is not running",
+                record.state
+            )));
+        }
+        let driver = self.driver.clone();
+        let (machine, dir) = (id.to_string(), self.machine_dir(id));
+        tokio::task::spawn_blocking(move || driver.signal(&machine, &dir, signal))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(driver_failure)
+    }
+
+    /// Freezes a running machine in place (the cgroup freezer for containers).
+    pub async fn suspend(self: &Arc<Self>, id: &str) -> Result<AgentMachine, AgentError> {
+        let lock = self.lock(id);
+        let _guard = lock.lock().await;
+        let record = self.record(id)?;
+        match record.state {
+            MachineState::Suspended => return Ok(Self::view(&record)),
+            MachineState::Started if record.shim_pid.is_some() => {}
+            other => {
+                return Err(AgentError::Conflict(format!(
+                    "unable to suspend machine from current state: '{other}'"
+                )));
+            }
+        }
+        self.checks.forget(id);
+        let driver = self.driver.clone();
+        let (machine, dir) = (id.to_string(), self.machine_dir(id));
+        tokio::task::spawn_blocking(move || driver.suspend(&machine, &dir))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(driver_failure)?;
+        let record = self.transition(&record, "suspend", MachineState::Suspended, None, None)?;
+        Ok(Self::view(&record))
+    }
+
+    /// The environment commands run with inside the machine (what its main process got).
+    async fn machine_env(
+        &self,
+        record: &MachineRecord,
+    ) -> Result<std::collections::BTreeMap<String, String>, AgentError> {
+        let dir = self.machine_dir(&record.spec.id);
+        let image = self
+            .image_for(&record.spec, &dir)
+            .await
+            .map_err(AgentError::Failed)?;
+        let link = MachineLink::for_machine(&record.spec.id, record.slot)
+            .map_err(|e| AgentError::Failed(e.to_string()))?;
+        let mut env = init_config(&record.spec, &image, &link)
+            .map(|c| c.env)
+            .unwrap_or_default();
+        env.entry("HOME".into()).or_insert_with(|| "/root".into());
+        Ok(env)
+    }
+
+    fn running_record(&self, id: &str) -> Result<MachineRecord, AgentError> {
+        let record = self.record(id)?;
+        if record.state != MachineState::Started || record.shim_pid.is_none() {
+            return Err(AgentError::Conflict(format!(
+                "machine {id} is not running (state '{}')",
+                record.state
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Runs a command in the machine and returns its output.
+    pub async fn exec(
+        &self,
+        id: &str,
+        request: &MachineExecRequest,
+    ) -> Result<ExecResponse, AgentError> {
+        let argv = console::exec_argv(request).map_err(AgentError::BadRequest)?;
+        let record = self.running_record(id)?;
+        let env = self.machine_env(&record).await?;
+        let command = ExecCommand {
+            argv,
+            env,
+            tty: None,
+        };
+        let timeout = Duration::from_secs(
+            request
+                .timeout
+                .filter(|t| *t > 0)
+                .unwrap_or(console::DEFAULT_EXEC_TIMEOUT_SECS),
+        );
+        let stdin = request.stdin.clone().unwrap_or_default().into_bytes();
+        let driver = self.driver.clone();
+        let dir = self.machine_dir(id);
+        let machine = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let process = driver
+                .exec(&machine, &dir, &command)
+                .map_err(driver_failure)?;
+            console::collect(process, &stdin, timeout)
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?
+    }
+
+    /// Starts an interactive command in the machine (`aloft ssh console`).
+    pub async fn exec_session(
+        &self,
+        id: &str,
+        argv: Vec<String>,
+        tty: Option<driver::WindowSize>,
+    ) -> Result<driver::ExecProcess, AgentError> {
+        let record = self.running_record(id)?;
+        let env = self.machine_env(&record).await?;
+        let command = ExecCommand { argv, env, tty };
+        let driver = self.driver.clone();
+        let dir = self.machine_dir(id);
+        let machine = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            driver
+                .exec(&machine, &dir, &command)
+                .map_err(driver_failure)
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?
+    }
+
+    /// The machine's processes.
+    pub async fn processes(&self, id: &str) -> Result<Vec<ProcessStat>, AgentError> {
+        self.running_record(id)?;
+        let driver = self.driver.clone();
+        let dir = self.machine_dir(id);
+        let machine = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            driver.processes(&machine, &dir).map_err(driver_failure)
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?
+    }
+
+    /// The machine's log file (in its directory, or archived after destroy) and its record.
+    pub fn log_source(&self, id: &str) -> Result<(PathBuf, Option<MachineRecord>), AgentError> {
+        if let Some(record) = self.store.machine(id)? {
+            return Ok((self.machine_dir(id).join(logs::LOG_FILE), Some(record)));
+        }
+        let archived = self.logs_archive.join(id).join(logs::LOG_FILE);
+        if archived.parent().is_some_and(|p| p.exists()) {
+            return Ok((archived, None));
+        }
+        Err(AgentError::NotFound(id.to_string()))
+    }
+
+    /// The latest check results of a machine.
+    pub fn check_results(&self, id: &str) -> Result<Vec<aloft_api::CheckStatus>, AgentError> {
+        self.record(id)?;
+        Ok(self.checks.results(id))
     }
 
     pub async fn destroy(self: &Arc<Self>, id: &str) -> Result<AgentMachine, AgentError> {
@@ -405,19 +772,54 @@ impl Agent {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
         let record = self.record(id)?;
+        self.checks.forget(id);
         let dir = self.machine_dir(id);
-        self.driver.cleanup(&dir, id);
-        if let Ok(link) = MachineLink::for_machine(id, record.slot) {
-            tokio::task::block_in_place(|| network::teardown(&link));
-        }
+        let driver = self.driver.clone();
+        let link = MachineLink::for_machine(id, record.slot).ok();
+        let machine = id.to_string();
+        let dir_for_cleanup = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            driver.cleanup(&machine, &dir_for_cleanup);
+            if let Some(link) = link {
+                network::teardown(&link);
+            }
+        })
+        .await;
         let record = self.transition(&record, "destroy", MachineState::Destroyed, None, None)?;
         self.store.remove_machine(id)?;
+        self.checks.removed(id);
+        logs::archive(&dir, &self.logs_archive, id);
         let _ = std::fs::remove_dir_all(&dir);
+        self.collect_garbage();
         Ok(Self::view(&record))
     }
 
-    /// After a restart: re-attach to machines whose shims still run, account for those
-    /// that ended meanwhile, and bring back machines that should be running.
+    /// Removes cached image layers no machine on this host uses any more.
+    pub fn collect_garbage(&self) {
+        let Ok(records) = self.store.machines() else {
+            return;
+        };
+        let mut used = std::collections::HashSet::new();
+        for record in &records {
+            let Ok(bytes) = std::fs::read(self.machine_dir(&record.spec.id).join("image.json"))
+            else {
+                continue;
+            };
+            if let Ok(image) = serde_json::from_slice::<PreparedImage>(&bytes) {
+                used.extend(image.layers);
+            }
+        }
+        match self.images.remove_unused(&used) {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed unused image layers"),
+            Err(err) => tracing::warn!(error = %err, "removing unused image layers"),
+        }
+        logs::expire(&self.logs_archive, logs::RETENTION);
+    }
+
+    /// After a restart: re-attach to machines whose supervisors still run, account for
+    /// those that ended meanwhile (through their restart policy), and bring back machines
+    /// that should be running.
     pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
         for record in self.store.machines()? {
             let id = record.spec.id.clone();
@@ -425,6 +827,9 @@ impl Agent {
                 Some(pid) if shim::is_shim_of(pid, &self.machine_dir(&id)) => {
                     tracing::info!(machine = %id, pid, "re-attached to running machine");
                     self.watch(&id, pid);
+                    if record.state == MachineState::Started {
+                        self.checks.watch(self, &record);
+                    }
                 }
                 Some(pid) => self.handle_exit(&id, pid).await,
                 None if record.desired == Desired::Started => {
@@ -432,25 +837,31 @@ impl Agent {
                     tokio::spawn(async move {
                         let lock = agent.lock(&id);
                         let _guard = lock.lock().await;
-                        if let Ok(record) = agent.record(&id) {
-                            if record.shim_pid.is_none() {
-                                let _ = agent.launch(&record, "start").await;
-                            }
+                        if let Ok(record) = agent.record(&id)
+                            && record.shim_pid.is_none()
+                        {
+                            let _ = agent.launch(&record, "start").await;
                         }
                     });
                 }
                 None => {}
             }
         }
+        self.collect_garbage();
         Ok(())
     }
 
     /// Stops every running machine (the server is shutting down) but keeps them wanted,
-    /// so the next start brings them back.
+    /// so the next start brings them back; their network namespaces go too (a start
+    /// makes them again).
     pub async fn stop_all_for_shutdown(self: &Arc<Self>) {
         let Ok(records) = self.store.machines() else {
             return;
         };
+        let links: Vec<MachineLink> = records
+            .iter()
+            .filter_map(|r| MachineLink::for_machine(&r.spec.id, r.slot).ok())
+            .collect();
         let mut stops = Vec::new();
         for record in records.into_iter().filter(|r| r.shim_pid.is_some()) {
             let agent = self.clone();
@@ -463,6 +874,7 @@ impl Agent {
         for stop in stops {
             let _ = stop.await;
         }
+        let _ = tokio::task::spawn_blocking(move || links.iter().for_each(network::teardown)).await;
     }
 
     /// Serves the agent API on `listener` forever.
@@ -472,7 +884,7 @@ impl Agent {
             .context("serving the agent API")
     }
 
-    /// Registers with the control plane, then delivers events forever.
+    /// Registers with the control plane, then delivers events and check results forever.
     pub async fn report(self: Arc<Self>) {
         let client = Client::new(&self.config.control_url, Some(self.config.token.clone()))
             .with_timeout(Duration::from_secs(10));
@@ -495,6 +907,7 @@ impl Agent {
                 }
             }
         }
+        tokio::spawn(checks::report(self.clone(), client.clone()));
         let path = format!("/v1/hosts/{}/events", self.host_id);
         loop {
             let events = match self.store.pending_events(256) {
@@ -526,20 +939,52 @@ impl Agent {
     }
 }
 
-async fn wait_for_exit(pid: i32, timeout: Duration) -> bool {
+/// Refuses guest sizes no machine can have on this host.
+fn check_guest(guest: &aloft_api::MachineGuest) -> Result<(), String> {
+    if let Some(host) = container::host_memory_mb()
+        && u64::from(guest.memory_mb) > host
+    {
+        return Err(format!(
+            "guest.memory_mb {} is more memory than this host has ({host} MB): ask for less (a multiple of 256, e.g. 256 or 1024)",
+            guest.memory_mb
+        ));
+    }
+    if guest.cpus > 64 {
+        return Err(format!(
+            "guest.cpus {} is more than a machine can have (at most 64)",
+            guest.cpus
+        ));
+    }
+    Ok(())
+}
+
+fn signal_name(signal: i32) -> String {
+    Signal::try_from(signal)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {signal}"))
+}
+
+/// Waits until `pid` exits (`true`), or `timeout` passes (`false`).
+async fn wait_for_exit(pid: i32, timeout: Option<Duration>) -> bool {
     let exited = async {
         match shim::exit_watch(pid) {
             Ok(fd) => {
                 let _ = fd.readable().await;
             }
             Err(_) => {
-                while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                    tokio::time::sleep(container::STOP_POLL).await;
+                while Path::new(&format!("/proc/{pid}")).exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
         }
     };
-    tokio::time::timeout(timeout, exited).await.is_ok()
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, exited).await.is_ok(),
+        None => {
+            exited.await;
+            true
+        }
+    }
 }
 
 /// This host's stable identity, created on first start.
@@ -559,191 +1004,74 @@ fn host_id(root: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// What init runs, with which environment: the machine config's init section over the
-/// image's entrypoint and cmd (Docker's rules), and the platform's variables.
-pub fn init_config(
-    spec: &MachineSpec,
-    image: &PreparedImage,
-    link: &MachineLink,
-) -> Result<InitConfig, String> {
-    let init = spec.config.init.clone().unwrap_or_default();
-    let argv = if !init.exec.is_empty() {
-        init.exec.clone()
-    } else {
-        let entrypoint = if init.entrypoint.is_empty() {
-            image.run.entrypoint.clone().unwrap_or_default()
-        } else {
-            init.entrypoint.clone()
-        };
-        let cmd = if !init.cmd.is_empty() {
-            init.cmd.clone()
-        } else if init.entrypoint.is_empty() {
-            image.run.cmd.clone().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        entrypoint.into_iter().chain(cmd).collect()
-    };
-    if argv.is_empty() {
-        return Err(format!(
-            "image {} has no command to run: it sets no entrypoint or cmd, and the machine config gives none",
-            image.reference
-        ));
-    }
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    for pair in image.run.env.clone().unwrap_or_default() {
-        if let Some((key, value)) = pair.split_once('=') {
-            env.insert(key.to_string(), value.to_string());
-        }
-    }
-    env.entry("PATH".into())
-        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    for (key, value) in &spec.config.env {
-        env.insert(key.clone(), value.clone());
-    }
-    let group = spec.config.process_group().unwrap_or("app").to_string();
-    let memory = spec
-        .config
-        .guest
-        .as_ref()
-        .map(|g| g.memory_mb)
-        .filter(|m| *m > 0)
-        .unwrap_or(256);
-    let platform = [
-        ("FLY_APP_NAME", spec.app.clone()),
-        ("FLY_MACHINE_ID", spec.id.clone()),
-        ("FLY_ALLOC_ID", spec.id.clone()),
-        ("FLY_REGION", spec.region.clone()),
-        ("FLY_IMAGE_REF", spec.config.image.clone()),
-        ("FLY_MACHINE_VERSION", spec.instance_id.clone()),
-        ("FLY_PROCESS_GROUP", group),
-        ("FLY_VM_MEMORY_MB", memory.to_string()),
-        ("FLY_PRIVATE_IPV4", link.machine_address.to_string()),
-    ];
-    for (key, value) in platform {
-        env.insert(key.to_string(), value);
-    }
-    let mut etc_hosts = vec![(link.machine_address.to_string(), spec.id.clone())];
-    if let Some(ip) = spec.private_ip.as_ref().filter(|ip| !ip.is_empty()) {
-        env.insert("FLY_PRIVATE_IP".into(), ip.clone());
-        etc_hosts.push((ip.clone(), "fly-local-6pn".into()));
-    }
-    let files = spec
-        .config
-        .files
-        .iter()
-        .filter_map(|f| {
-            f.raw_value
-                .as_ref()
-                .map(|raw| aloft_api::internal::InitFile {
-                    path: f.guest_path.clone(),
-                    content: raw.clone(),
-                    mode: f.mode,
-                })
-        })
-        .collect();
-    Ok(InitConfig {
-        argv,
-        env,
-        user: image.run.user.clone().unwrap_or_default(),
-        workdir: image.run.working_dir.clone().unwrap_or_default(),
-        hostname: spec.id.clone(),
-        etc_hosts,
-        nameservers: Vec::new(),
-        files,
-        mount_standard_filesystems: false,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::images::RunConfig;
+    use aloft_api::MachineRestart;
 
-    fn image(entrypoint: Option<Vec<&str>>, cmd: Option<Vec<&str>>) -> PreparedImage {
-        PreparedImage {
-            reference: "r".into(),
-            digest: "d".into(),
-            layers: vec![],
-            run: RunConfig {
-                entrypoint: entrypoint.map(|v| v.into_iter().map(String::from).collect()),
-                cmd: cmd.map(|v| v.into_iter().map(String::from).collect()),
-                env: Some(vec!["PATH=/bin".into(), "A=image".into()]),
-                ..Default::default()
-            },
+    fn exit(code: i32) -> ExitStatus {
+        ExitStatus {
+            exit_code: code,
+            ..Default::default()
         }
     }
 
-    fn spec() -> MachineSpec {
-        let mut spec = MachineSpec {
-            id: "0123456789abcd".into(),
-            app: "hello".into(),
-            region: "local".into(),
-            instance_id: "v1".into(),
-            ..Default::default()
-        };
-        spec.config.env.insert("A".into(), "config".into());
-        spec.config
-            .metadata
-            .insert("fly_process_group".into(), "web".into());
-        spec
-    }
-
     #[test]
-    fn command_follows_docker_rules() {
-        let link = MachineLink::for_machine("0123456789abcd", 0).unwrap();
-        let mut s = spec();
-        let i = init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link).unwrap();
-        assert_eq!(i.argv, vec!["/ep", "a"]);
-        s.config.init = Some(aloft_api::MachineInit {
-            cmd: vec!["b".into()],
-            ..Default::default()
-        });
-        assert_eq!(
-            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
-                .unwrap()
-                .argv,
-            vec!["/ep", "b"]
+    fn restart_policies() {
+        let no = MachineRestart {
+            policy: RestartPolicy::No,
+            max_retries: None,
+        };
+        let always = MachineRestart {
+            policy: RestartPolicy::Always,
+            max_retries: None,
+        };
+        let on_failure = MachineRestart {
+            policy: RestartPolicy::OnFailure,
+            max_retries: Some(2),
+        };
+        assert!(!should_restart(Some(&no), &exit(1), 0));
+        assert!(should_restart(Some(&always), &exit(0), 100));
+        assert!(!should_restart(Some(&on_failure), &exit(0), 0));
+        assert!(should_restart(Some(&on_failure), &exit(3), 1));
+        assert!(
+            !should_restart(Some(&on_failure), &exit(3), 2),
+            "max_retries reached"
         );
-        s.config.init = Some(aloft_api::MachineInit {
-            entrypoint: vec!["/other".into()],
-            ..Default::default()
-        });
-        assert_eq!(
-            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
-                .unwrap()
-                .argv,
-            vec!["/other"]
-        );
-        s.config.init = Some(aloft_api::MachineInit {
-            exec: vec!["/x".into()],
-            ..Default::default()
-        });
-        assert_eq!(
-            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
-                .unwrap()
-                .argv,
-            vec!["/x"]
+        let oom = ExitStatus {
+            oom_killed: true,
+            ..exit(0)
+        };
+        assert!(
+            should_restart(Some(&on_failure), &oom, 0),
+            "an OOM kill is a failure"
         );
         assert!(
-            init_config(&spec(), &image(None, None), &link)
-                .unwrap_err()
-                .contains("no command")
+            should_restart(None, &exit(1), 9),
+            "on-failure with 10 retries by default"
         );
+        assert!(!should_restart(None, &exit(1), 10));
     }
 
     #[test]
-    fn env_layers_image_config_and_platform() {
-        let link = MachineLink::for_machine("0123456789abcd", 0).unwrap();
-        let i = init_config(&spec(), &image(None, Some(vec!["/bin/app"])), &link).unwrap();
-        assert_eq!(i.env["A"], "config");
-        assert_eq!(i.env["PATH"], "/bin");
-        assert_eq!(i.env["FLY_APP_NAME"], "hello");
-        assert_eq!(i.env["FLY_MACHINE_ID"], "0123456789abcd");
-        assert_eq!(i.env["FLY_ALLOC_ID"], "0123456789abcd");
-        assert_eq!(i.env["FLY_PROCESS_GROUP"], "web");
-        assert_eq!(i.env["FLY_MACHINE_VERSION"], "v1");
-        assert_eq!(i.env["FLY_VM_MEMORY_MB"], "256");
-        assert_eq!(i.hostname, "0123456789abcd");
+    fn backoff_doubles_up_to_a_ceiling() {
+        assert_eq!(restart_backoff(1), Duration::from_millis(200));
+        assert_eq!(restart_backoff(2), Duration::from_millis(400));
+        assert_eq!(restart_backoff(30), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn impossible_guests_are_refused() {
+        let huge = aloft_api::MachineGuest {
+            memory_mb: 100_000_000,
+            cpus: 1,
+            ..Default::default()
+        };
+        assert!(
+            check_guest(&huge)
+                .unwrap_err()
+                .contains("guest.memory_mb 100000000")
+        );
+        assert!(check_guest(&aloft_api::MachineGuest::default_shared()).is_ok());
     }
 }

@@ -7,7 +7,7 @@
 //! `exit.json` before removing the container.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -15,9 +15,12 @@ use std::process::{Command, Stdio};
 
 use aloft_api::internal::ExitStatus;
 
-pub const EXIT_FILE: &str = "exit.json";
-pub const LOG_FILE: &str = "machine.log";
-const LOG_ROTATE_BYTES: u64 = 8 * 1024 * 1024;
+use crate::container::oom_kills;
+use crate::driver::{EXIT_FILE, write_exit};
+use crate::logs::{LogWriter, pump};
+
+/// Where the container's init pid is recorded (host pid namespace).
+pub const PID_FILE: &str = "container.pid";
 
 struct ShimArgs {
     machine_dir: PathBuf,
@@ -95,20 +98,25 @@ fn launch(args: &ShimArgs) -> Result<Launched, String> {
     let (stdout_read, stdout_write) = pipe()?;
     let (stderr_read, stderr_write) = pipe()?;
     let bundle = args.machine_dir.join("bundle");
-    let pid_file = args.machine_dir.join("container.pid");
+    let pid_file = args.machine_dir.join(PID_FILE);
     let _ = std::fs::remove_file(&pid_file);
     let _ = std::fs::remove_file(args.machine_dir.join(EXIT_FILE));
-    // A container of the same name left by an earlier run would make `create` fail.
-    let _ = runtime_command(args)
-        .args(["delete", "--force", &args.container_id])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    // A container of the same name left by an earlier run would make `run` fail.
+    if args.runtime_root.join(&args.container_id).exists() {
+        let _ = runtime_command(args)
+            .args(["delete", "--force", &args.container_id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 
     let config_fd = config_read.as_raw_fd();
+    // `run --detach` creates and starts in one runtime invocation; the container's
+    // first process is re-parented to us (a subreaper) when it returns.
     let mut create = runtime_command(args);
     create
-        .arg("create")
+        .arg("run")
+        .arg("--detach")
         .arg("--bundle")
         .arg(&bundle)
         .arg("--pid-file")
@@ -145,32 +153,15 @@ fn launch(args: &ShimArgs) -> Result<Launched, String> {
     drop(stdout_write);
     drop(stderr_write);
     if !status.success() {
-        return Err(format!(
-            "{} create failed: {}",
-            args.runtime.display(),
-            drain(stderr_read)
-        ));
+        let reason = drain(stderr_read);
+        let _ = runtime_command(args)
+            .args(["delete", "--force", &args.container_id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        return Err(format!("{} run failed: {reason}", args.runtime.display()));
     }
     let pid = read_pid(&pid_file)?;
-    let start = runtime_command(args)
-        .args(["start", &args.container_id])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .output();
-    match start {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => {
-            let _ = runtime_command(args)
-                .args(["delete", "--force", &args.container_id])
-                .status();
-            return Err(format!(
-                "{} start failed: {}",
-                args.runtime.display(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
-        Err(e) => return Err(format!("running {}: {e}", args.runtime.display())),
-    }
     // init reads its config only once started; the pipe is written after that so a
     // config larger than the pipe buffer cannot block us.
     std::thread::spawn(move || {
@@ -212,78 +203,6 @@ fn redirect_stdout_to_null() {
     }
 }
 
-/// Appends timestamped lines to the machine log, rotating it at a size bound.
-struct LogWriter {
-    path: PathBuf,
-    file: Option<File>,
-    written: u64,
-}
-
-impl LogWriter {
-    fn open(dir: &Path) -> Self {
-        let path = dir.join(LOG_FILE);
-        let written = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .ok();
-        Self {
-            path,
-            file,
-            written,
-        }
-    }
-
-    fn line(&mut self, stream: &str, message: &str) {
-        if self.written > LOG_ROTATE_BYTES {
-            let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
-            self.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .ok();
-            self.written = 0;
-        }
-        let record = serde_json::json!({
-            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-            "stream": stream,
-            "message": message,
-        });
-        if let Some(file) = self.file.as_mut() {
-            let mut line = record.to_string();
-            line.push('\n');
-            if file.write_all(line.as_bytes()).is_ok() {
-                self.written += line.len() as u64;
-            }
-        }
-    }
-}
-
-fn pump(
-    stream: &'static str,
-    pipe: File,
-    log: std::sync::Arc<std::sync::Mutex<LogWriter>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut buffer = Vec::new();
-        loop {
-            buffer.clear();
-            match reader.read_until(b'\n', &mut buffer) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&buffer);
-                    let text = text.trim_end_matches(['\n', '\r']);
-                    log.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .line(stream, text);
-                }
-            }
-        }
-    })
-}
-
 fn supervise(args: &ShimArgs, launched: Launched) -> i32 {
     let log = std::sync::Arc::new(std::sync::Mutex::new(LogWriter::open(&args.machine_dir)));
     let out = pump("stdout", launched.stdout, log.clone());
@@ -310,6 +229,8 @@ fn supervise(args: &ShimArgs, launched: Launched) -> i32 {
         }
     }
     status.oom_killed = oom_kills(&args.container_id) > 0;
+    status.exited_at =
+        Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     if status.signal.is_none() && status.exit_code > 128 {
         status.signal = Some(status.exit_code - 128);
     }
@@ -322,42 +243,6 @@ fn supervise(args: &ShimArgs, launched: Launched) -> i32 {
     let _ = err.join();
     write_exit(&args.machine_dir, &status);
     0
-}
-
-fn write_exit(dir: &Path, status: &ExitStatus) {
-    let temp = dir.join("exit.json.tmp");
-    if let Ok(text) = serde_json::to_vec(status) {
-        if std::fs::write(&temp, text).is_ok() {
-            let _ = std::fs::rename(&temp, dir.join(EXIT_FILE));
-        }
-    }
-}
-
-/// How many processes the kernel's OOM killer killed in the container's memory cgroup.
-fn oom_kills(container_id: &str) -> u64 {
-    let path = Path::new("/sys/fs/cgroup/memory")
-        .join(cgroup_path(container_id).trim_start_matches('/'))
-        .join("memory.oom_control");
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return 0;
-    };
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix("oom_kill ")
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// The cgroup every machine's container lives in.
-pub fn cgroup_path(container_id: &str) -> String {
-    format!("/aloft/{container_id}")
-}
-
-/// Reads how a machine's last run ended, if it has ended.
-pub fn read_exit(machine_dir: &Path) -> Option<ExitStatus> {
-    let text = std::fs::read(machine_dir.join(EXIT_FILE)).ok()?;
-    serde_json::from_slice(&text).ok()
 }
 
 /// Whether `pid` is this machine's shim (guards against pid reuse after a restart).

@@ -51,6 +51,8 @@ pub struct MachineRecord {
     pub slot: u32,
     pub shim_pid: Option<i32>,
     pub restarts: u32,
+    /// Every restart the policy made, for metrics.
+    pub restart_total: u64,
     pub last_exit: Option<ExitStatus>,
 }
 
@@ -90,6 +92,7 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRecord> {
         slot: row.get(4)?,
         shim_pid: row.get(5)?,
         restarts: row.get(6)?,
+        restart_total: row.get::<_, i64>(8)? as u64,
         last_exit: match last_exit {
             Some(text) => Some(serde_json::from_str(&text).map_err(corrupt)?),
             None => None,
@@ -97,7 +100,8 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRecord> {
     })
 }
 
-const COLUMNS: &str = "spec, state, desired, seq, slot, shim_pid, restarts, last_exit";
+const COLUMNS: &str =
+    "spec, state, desired, seq, slot, shim_pid, restarts, last_exit, restart_total";
 
 /// The smallest slot number not in `sorted_slots`.
 fn lowest_free_slot(sorted_slots: &[u32]) -> u32 {
@@ -118,6 +122,14 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let has_restart_total: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('machines') WHERE name = 'restart_total'")?
+            .exists([])?;
+        if !has_restart_total {
+            conn.execute_batch(
+                "ALTER TABLE machines ADD COLUMN restart_total INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -186,6 +198,17 @@ impl Store {
             c.execute(
                 "UPDATE machines SET shim_pid = ?2 WHERE id = ?1",
                 params![id, pid],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Counts one restart made by the restart policy.
+    pub fn count_restart(&self, id: &str) -> StoreResult<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET restart_total = restart_total + 1 WHERE id = ?1",
+                [id],
             )
             .map(|_| ())
         })

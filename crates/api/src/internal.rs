@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::Duration;
-use crate::machine::{MachineConfig, MachineService, MachineState};
+use crate::machine::{CheckStatus, MachineConfig, MachineService, MachineState};
 
 /// `POST /v1/apps/{app}/deploys`: roll out `config` (a parsed fly.toml, as JSON) with `image`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -147,6 +147,12 @@ pub struct ExitStatus {
     /// The exit followed a stop the platform asked for.
     #[serde(default)]
     pub requested_stop: bool,
+    /// When the main process ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_at: Option<String>,
+    /// The restart policy brings the machine back after this exit.
+    #[serde(default)]
+    pub restarting: bool,
 }
 
 /// An agent's view of one machine (`GET /v1/machines/{id}` on the agent).
@@ -186,6 +192,148 @@ pub struct AgentEvent {
     pub message: Option<String>,
 }
 
+/// `POST /v1/apps/{app}/machines/{id}/exec` (the Machines API's `MachineExecRequest`;
+/// the agent takes the same body at `POST /v1/machines/{id}/exec`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineExecRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Deprecated: a command line split like a shell would (use `command`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    /// Seconds before the command is killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// Bytes fed to the command's standard input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// The answer to an exec (`flydv1.ExecResponse`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    #[serde(default)]
+    pub exit_signal: i32,
+    #[serde(default)]
+    pub stdout: String,
+    #[serde(default)]
+    pub stderr: String,
+}
+
+/// One process of a machine (`GET .../ps`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStat {
+    pub pid: i32,
+    #[serde(default)]
+    pub command: String,
+    #[serde(default)]
+    pub directory: String,
+    /// CPU time used, in clock ticks (user + system).
+    #[serde(default)]
+    pub cpu: u64,
+    /// Resident memory, in bytes.
+    #[serde(default)]
+    pub rss: u64,
+    /// User-mode CPU time in milliseconds.
+    #[serde(default)]
+    pub rtime: u64,
+    /// Kernel-mode CPU time in milliseconds.
+    #[serde(default)]
+    pub stime: u64,
+    #[serde(default)]
+    pub listen_sockets: Vec<ListenSocket>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenSocket {
+    pub proto: String,
+    pub address: String,
+}
+
+/// The health checks of the machines on one host, as an agent reports them
+/// (`POST /v1/hosts/{id}/checks`): each entry replaces what was known of that machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksReport {
+    pub machines: Vec<MachineChecks>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineChecks {
+    pub machine_id: String,
+    pub checks: Vec<CheckStatus>,
+}
+
+/// One line of a machine's log, as the log streams carry it (NDJSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// RFC 3339 with nanoseconds, UTC.
+    pub timestamp: String,
+    #[serde(default)]
+    pub app: String,
+    pub machine_id: String,
+    #[serde(default)]
+    pub region: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// `info` for the machine's own output.
+    #[serde(default = "info_level")]
+    pub level: String,
+    pub message: String,
+}
+
+fn info_level() -> String {
+    "info".to_string()
+}
+
+/// Frames of an interactive exec session (`aloft ssh console`), both directions:
+/// one type byte, a big-endian u32 length, then the payload.
+pub mod console_frame {
+    /// The `Upgrade` protocol name of interactive sessions.
+    pub const PROTOCOL: &str = "aloft-console";
+    /// Client → machine: bytes for the process's standard input.
+    pub const STDIN: u8 = 0;
+    /// Machine → client: output (the terminal's, or standard output).
+    pub const STDOUT: u8 = 1;
+    /// Machine → client: standard error (sessions without a terminal).
+    pub const STDERR: u8 = 2;
+    /// Machine → client: the process ended; payload is its exit code, i32 big-endian.
+    pub const EXIT: u8 = 3;
+    /// Client → machine: the terminal's new size; payload is cols u16 then rows u16.
+    pub const RESIZE: u8 = 4;
+    /// Client → machine: standard input has ended.
+    pub const STDIN_EOF: u8 = 5;
+
+    /// Encodes one frame.
+    pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(5 + payload.len());
+        frame.push(kind);
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// Splits the first complete frame off `buffer`, if there is one.
+    pub fn decode(buffer: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+        if buffer.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+        if buffer.len() < 5 + len {
+            return None;
+        }
+        let kind = buffer[0];
+        let payload = buffer[5..5 + len].to_vec();
+        buffer.drain(..5 + len);
+        Some((kind, payload))
+    }
+
+    /// Largest payload a peer accepts in one frame.
+    pub const MAX_PAYLOAD: usize = 1 << 20;
+}
+
 /// An agent introducing itself to the control plane.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRegistration {
@@ -222,6 +370,9 @@ pub struct CatalogMachine {
     pub private_ip: Option<String>,
     #[serde(default)]
     pub services: Vec<MachineService>,
+    /// The latest result of each of the machine's health checks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckStatus>,
 }
 
 /// One message of the catalog stream (`GET /v1/catalog`, NDJSON).

@@ -90,6 +90,18 @@ enum Command {
         #[command(subcommand)]
         command: commands::config::ConfigCommand,
     },
+    /// Stream an app's logs.
+    Logs(commands::logs::LogsArgs),
+    /// Shells inside machines.
+    Ssh {
+        #[command(subcommand)]
+        command: commands::ssh::SshCommand,
+    },
+    /// Health checks.
+    Checks {
+        #[command(subcommand)]
+        command: commands::checks::ChecksCommand,
+    },
     /// Authentication.
     Auth {
         #[command(subcommand)]
@@ -117,6 +129,10 @@ enum MachineCommand {
         #[arg(short = 'q', long)]
         quiet: bool,
     },
+    /// Run a command in a machine.
+    Exec(commands::exec::ExecArgs),
+    /// Show a machine's state, config and events.
+    Status(commands::machine_status::MachineStatusArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -255,6 +271,44 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             let app = app_name(app, config.as_deref())?;
             commands::status::machine_list(&api, &app, json, quiet)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
+        }
+        Command::Machine {
+            command: MachineCommand::Exec(args),
+        } => {
+            let app = app_name(args.app.clone(), args.config.as_deref())?;
+            return commands::exec::run(&api, &app, &args)
+                .await
+                .map_err(|e| explain_app(e, &api, &app));
+        }
+        Command::Machine {
+            command: MachineCommand::Status(args),
+        } => {
+            let app = app_name(args.app.clone(), args.config.as_deref())?;
+            commands::machine_status::run(&api, &app, &args)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
+        }
+        Command::Logs(args) => {
+            let app = app_name(args.app.clone(), args.config.as_deref())?;
+            commands::logs::run(&api, &app, &args)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
+        }
+        Command::Ssh {
+            command: commands::ssh::SshCommand::Console(args),
+        } => {
+            let app = app_name(args.app.clone(), args.config.as_deref())?;
+            return commands::ssh::console(&api, &app, &args)
+                .await
+                .map_err(|e| explain_app(e, &api, &app));
+        }
+        Command::Checks {
+            command: commands::checks::ChecksCommand::List(args),
+        } => {
+            let app = app_name(args.app.clone(), args.config.as_deref())?;
+            commands::checks::list(&api, &app, &args)
                 .await
                 .map_err(|e| explain_app(e, &api, &app))?
         }

@@ -53,6 +53,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/v1/hosts", post(register_host))
         .route("/v1/hosts/{id}/events", post(host_events))
         .merge(crate::deploy::routes())
+        .merge(crate::runtime::router())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(plane)

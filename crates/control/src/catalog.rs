@@ -18,6 +18,8 @@ pub struct Catalog {
     /// Machines kept out of routing (published without services): new machines of a
     /// deploy until they are healthy, old ones while they drain.
     cordoned: Mutex<HashSet<String>>,
+    /// Machines' latest health check results, carried in their catalog entries.
+    pub checks: crate::checks::CheckBoard,
 }
 
 struct History {
@@ -52,6 +54,7 @@ impl Catalog {
             sender,
             base_domain: base_domain.to_string(),
             cordoned: Mutex::new(HashSet::new()),
+            checks: Default::default(),
         }
     }
 
@@ -76,12 +79,14 @@ impl Catalog {
             private_ipv4: machine.private_ipv4.clone(),
             private_ip: machine.private_ip.clone(),
             services: machine.config.services.clone(),
+            checks: Vec::new(),
         }
     }
 
     /// The entry followers see: a cordoned machine has no services, so no proxy routes to it.
     fn routed_entry(&self, machine: &MachineRow) -> CatalogMachine {
         let mut entry = Self::machine_entry(machine);
+        entry.checks = self.checks.get(&machine.id);
         if self.is_cordoned(&machine.id) {
             entry.services.clear();
         }

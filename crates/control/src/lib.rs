@@ -4,13 +4,16 @@
 pub mod api;
 pub mod auth;
 pub mod catalog;
+pub mod checks;
 pub mod deploy;
 pub mod error;
 pub mod hosts;
+pub mod logs;
 pub mod machines;
 pub mod names;
 pub mod releases;
 pub mod rollout;
+pub mod runtime;
 pub mod scale;
 pub mod store;
 

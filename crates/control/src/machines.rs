@@ -31,7 +31,7 @@ impl ControlPlane {
             created_at: row.created_at.clone(),
             updated_at: row.updated_at.clone(),
             events,
-            checks: Vec::new(),
+            checks: self.machine_checks(&row.id),
             nonce: None,
             host_status: "ok".into(),
             cordoned: None,

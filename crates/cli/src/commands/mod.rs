@@ -1,9 +1,14 @@
 pub mod apps;
+pub mod checks;
 pub mod config;
 pub mod deploy;
+pub mod exec;
 pub mod launch;
+pub mod logs;
+pub mod machine_status;
 pub mod registry;
 pub mod releases;
 pub mod scale;
 pub mod server;
+pub mod ssh;
 pub mod status;

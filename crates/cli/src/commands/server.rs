@@ -103,6 +103,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )
         .context("saving the release retention setting")?;
     let api_url = format!("http://{}", args.api_listen);
+    write_private(&data_dir.join("host.token"), &credentials.host_token)
+        .context("saving the host token")?;
     let settings_path = Settings {
         api_url: Some(api_url.clone()),
         access_token: Some(credentials.admin_token.clone()),
@@ -182,4 +184,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), proxy_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     Ok(())
+}
+
+/// Writes a credential readable by its owner only (the host token, which agents joining
+/// from other hosts and operators' tools need).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
 }

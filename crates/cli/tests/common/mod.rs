@@ -141,7 +141,11 @@ impl Platform {
     }
 
     fn spawn_server(&mut self) {
-        let log = std::fs::File::create(self.root.path().join("server.log")).expect("server log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("server.log"))
+            .expect("server log");
         let mut command = self.in_netns(&aloft_binary());
         command
             .arg("server")
@@ -158,6 +162,47 @@ impl Platform {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("aloft server did not come up:\n{}", self.server_log());
+    }
+
+    /// Kills the server with SIGKILL, as a crash would (machines keep running).
+    pub fn kill_server(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    /// Starts the server again on the same data dir and waits until its API answers.
+    pub fn restart_server(&mut self) {
+        self.spawn_server();
+    }
+
+    /// The host token the server saved (what agents and the control plane share).
+    pub fn host_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("host.token"))
+            .expect("the server saves host.token in its data dir")
+            .trim()
+            .to_string()
+    }
+
+    /// A request to this host's agent API (127.0.0.1:4281) with the host token; the
+    /// status code is the last line of stdout.
+    pub fn agent(&self, method: &str, path: &str, body: Option<&str>) -> Run {
+        let url = format!("http://127.0.0.1:4281{path}");
+        let auth = format!("Authorization: Bearer {}", self.host_token());
+        let mut args = vec![
+            "-X",
+            method,
+            "-H",
+            auth.as_str(),
+            "-w",
+            "\n%{http_code}",
+            url.as_str(),
+        ];
+        if let Some(body) = body {
+            args.extend(["-H", "Content-Type: application/json", "-d", body]);
+        }
+        self.curl(&args)
     }
 
     pub fn server_log(&self) -> String {

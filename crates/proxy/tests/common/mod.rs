@@ -190,6 +190,7 @@ pub fn machine_with(
         private_ipv4: Some(addr.ip().to_string()),
         private_ip: None,
         services,
+        checks: Vec::new(),
     }
 }
 

@@ -1,0 +1,194 @@
+//! The runtime driver seam: what the agent asks of whatever runs a machine (OCI
+//! containers now, microVMs later). The agent owns state, restart policy, events, checks
+//! and logs; a driver only builds, runs, signals and inspects one machine at a time.
+//!
+//! The contract every driver keeps:
+//! - `start` returns the pid of a supervisor process that outlives the agent. When the
+//!   machine ends, the supervisor writes `exit.json` (an [`ExitStatus`]) into the
+//!   machine directory and then exits; the agent watches that pid.
+//! - The machine's stdout and stderr go, as JSON lines, to `machine.log` in the machine
+//!   directory (see [`crate::logs`]).
+//! - Methods block (they may run processes); the agent calls them off the async executor.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout};
+
+use aloft_api::MachineGuest;
+use aloft_api::internal::{ExitStatus, InitConfig, ProcessStat};
+use nix::sys::signal::Signal;
+
+use crate::images::PreparedImage;
+use crate::network::MachineLink;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("no working OCI runtime: {0}")]
+    NoRuntime(String),
+    #[error("preparing the root filesystem: {0}")]
+    Rootfs(String),
+    #[error("starting the machine: {0}")]
+    Start(String),
+    #[error("the machine is not running")]
+    NotRunning,
+    #[error("{0}")]
+    Operation(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+    let context = context.into();
+    move |source| DriverError::Io { context, source }
+}
+
+/// Everything needed to bring one machine up.
+pub struct StartRequest<'a> {
+    pub machine_id: &'a str,
+    pub machine_dir: &'a Path,
+    pub image: &'a PreparedImage,
+    pub link: &'a MachineLink,
+    pub guest: &'a MachineGuest,
+    pub init: &'a InitConfig,
+}
+
+/// A terminal's size in characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// A command to run inside a running machine, in its namespaces.
+#[derive(Clone, Debug, Default)]
+pub struct ExecCommand {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Allocate a terminal of this size; `None` runs the command on pipes.
+    pub tty: Option<WindowSize>,
+}
+
+/// A running exec'd command: the process that stands for it on the host, and its I/O.
+pub struct ExecProcess {
+    pub child: Child,
+    pub io: ExecIo,
+}
+
+pub enum ExecIo {
+    /// The controlling side of the command's terminal (stdin and output in one).
+    Terminal(OwnedFd),
+    Pipes {
+        stdin: Option<ChildStdin>,
+        stdout: ChildStdout,
+        stderr: ChildStderr,
+    },
+}
+
+/// Resource use of one machine, from its cgroups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    /// CPU time used since the machine started, in nanoseconds.
+    pub cpu_nanoseconds: u64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    /// Times the kernel's OOM killer killed a process of the machine.
+    pub oom_kills: u64,
+}
+
+pub trait Driver: Send + Sync + 'static {
+    /// A short name for logs and metrics (`runc`, `crun`, `qemu`).
+    fn name(&self) -> String;
+
+    /// Builds the machine from its image (a fresh root filesystem every time) and starts
+    /// it. Returns the supervisor's pid.
+    fn start(&self, request: &StartRequest<'_>) -> Result<i32, DriverError>;
+
+    /// Sends `signal` to the machine's main process (through init where init forwards it).
+    fn signal(
+        &self,
+        machine_id: &str,
+        machine_dir: &Path,
+        signal: Signal,
+    ) -> Result<(), DriverError>;
+
+    /// Ends the machine at once (every process, no grace).
+    fn kill(&self, machine_id: &str, machine_dir: &Path) -> Result<(), DriverError>;
+
+    /// Freezes the machine in place; [`Driver::resume`] thaws it.
+    fn suspend(&self, machine_id: &str, machine_dir: &Path) -> Result<(), DriverError>;
+
+    fn resume(&self, machine_id: &str, machine_dir: &Path) -> Result<(), DriverError>;
+
+    /// Starts `command` inside the running machine.
+    fn exec(
+        &self,
+        machine_id: &str,
+        machine_dir: &Path,
+        command: &ExecCommand,
+    ) -> Result<ExecProcess, DriverError>;
+
+    /// The machine's processes.
+    fn processes(
+        &self,
+        machine_id: &str,
+        machine_dir: &Path,
+    ) -> Result<Vec<ProcessStat>, DriverError>;
+
+    /// The machine's resource use, if it is running.
+    fn usage(&self, machine_id: &str, machine_dir: &Path) -> Option<ResourceUsage>;
+
+    /// Removes what a run left (runtime state, mounts, cgroups). Idempotent.
+    fn cleanup(&self, machine_id: &str, machine_dir: &Path);
+}
+
+/// Reads how a machine's last run ended, if it has ended.
+pub fn read_exit(machine_dir: &Path) -> Option<ExitStatus> {
+    let text = std::fs::read(machine_dir.join(EXIT_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Where a supervisor records how the machine ended.
+pub const EXIT_FILE: &str = "exit.json";
+
+/// Writes `exit.json` atomically (a supervisor's last act).
+pub fn write_exit(machine_dir: &Path, status: &ExitStatus) {
+    let temp = machine_dir.join("exit.json.tmp");
+    if let Ok(text) = serde_json::to_vec(status)
+        && std::fs::write(&temp, text).is_ok()
+    {
+        let _ = std::fs::rename(&temp, machine_dir.join(EXIT_FILE));
+    }
+}
+
+/// Parses `SIGTERM`, `TERM` or `15` into a signal.
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    let trimmed = text.trim();
+    if let Ok(number) = trimmed.parse::<i32>() {
+        return Signal::try_from(number).map_err(|_| format!("unknown signal {number}"));
+    }
+    let upper = trimmed.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>()
+        .map_err(|_| format!("unknown signal {trimmed:?}: use a name like SIGTERM or SIGUSR1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_short_name_and_number() {
+        assert_eq!(parse_signal("SIGTERM").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("usr1").unwrap(), Signal::SIGUSR1);
+        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert!(parse_signal("SIGNOPE").unwrap_err().contains("SIGNOPE"));
+    }
+}

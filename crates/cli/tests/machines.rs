@@ -1,0 +1,687 @@
+//! Machines on a real host agent (runc, init, overlay rootfs, netns): logs, exec, ssh
+//! console, health checks, ps, metrics, signals and the restart policy, suspend/resume,
+//! restart, surviving a `kill -9` of the platform, and bad input ending in clear states.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Platform, Run};
+use serde_json::Value;
+
+const LAB_TOML: &str = r#"
+app = "lab"
+primary_region = "local"
+
+[env]
+  PORT = "8080"
+
+[http_service]
+  internal_port = 8080
+  auto_stop_machines = "off"
+  auto_start_machines = false
+  min_machines_running = 1
+
+  [[http_service.checks]]
+    grace_period = "0s"
+    interval = "2s"
+    timeout = "1s"
+    method = "GET"
+    path = "/"
+
+[checks.alive]
+  type = "tcp"
+  port = 8080
+  interval = "2s"
+  timeout = "1s"
+  grace_period = "0s"
+
+[[vm]]
+  memory = "256mb"
+"#;
+
+/// An app directory whose image has busybox (a shell and tools) next to the example app,
+/// and a file that is executable but no program.
+fn lab_app(platform: &Platform) -> PathBuf {
+    let dir = platform.hello_app_dir("lab");
+    std::fs::write(dir.join("fly.toml"), LAB_TOML).unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+    for applet in [
+        "sh", "echo", "cat", "sleep", "hostname", "env", "id", "ls", "ps", "head", "tr",
+    ] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    let not_a_program = bin.join("not-a-program");
+    std::fs::write(&not_a_program, "this is text, not a program\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&not_a_program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY bin /bin\nCOPY hello /hello\nCMD [\"/hello\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join(".dockerignore"), "fly.toml\n").unwrap();
+    dir
+}
+
+fn deploy_lab(platform: &Platform) -> (PathBuf, String) {
+    assert!(platform.aloft(&["apps", "create", "lab"]).ok());
+    let dir = lab_app(platform);
+    let deploy = platform.aloft_in(Some(&dir), &["deploy"]);
+    assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
+    let ids = platform.aloft(&["machine", "list", "-a", "lab", "-q"]);
+    let id = ids
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 14, "{ids}");
+    (dir, id)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<String>) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match check() {
+            None => return last,
+            Some(state) => last = state,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}; last seen:\n{last}");
+}
+
+/// The agent's answer as JSON, asserting the status code.
+fn agent_json(
+    platform: &Platform,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    status: &str,
+) -> Value {
+    let run = platform.agent(method, path, body);
+    let (body, code) = run.stdout.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(code, status, "{method} {path}: {run}");
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+fn machine_state(platform: &Platform, id: &str) -> Value {
+    agent_json(platform, "GET", &format!("/v1/machines/{id}"), None, "200")
+}
+
+fn init_pid(platform: &Platform, id: &str) -> i32 {
+    let path = platform
+        .data_dir()
+        .join("agent/machines")
+        .join(id)
+        .join("container.pid");
+    std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+fn alive(pid: i32) -> bool {
+    pid > 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn answers(platform: &Platform, ipv4: &str) -> bool {
+    platform
+        .curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            &format!("http://{ipv4}:8080/"),
+        ])
+        .stdout
+        == "200"
+}
+
+fn events(platform: &Platform, id: &str) -> Vec<Value> {
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let run = platform.curl(&[
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        &format!("http://127.0.0.1:4280/v1/apps/lab/machines/{id}/events"),
+    ]);
+    serde_json::from_str(&run.stdout).unwrap_or_default()
+}
+
+#[test]
+fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
+    require_platform!();
+    let platform = Platform::start();
+    let (_dir, id) = deploy_lab(&platform);
+    let ipv4 = machine_state(&platform, &id)["private_ipv4"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(answers(&platform, &ipv4));
+
+    // Logs, in flyctl's line format and as JSON.
+    let expected = format!("app[{id}] local [info] hello: listening on 0.0.0.0:8080");
+    let logs = wait_until(
+        "the app's first line in the logs",
+        Duration::from_secs(20),
+        || {
+            let run = platform.aloft(&["logs", "-a", "lab", "--no-tail"]);
+            (!run.stdout.contains(&expected)).then(|| run.to_string())
+        },
+    );
+    let _ = logs;
+    let line = platform
+        .aloft(&["logs", "-a", "lab", "--no-tail"])
+        .stdout
+        .lines()
+        .find(|l| l.contains(&expected))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        line.len() > 20 && line.as_bytes()[4] == b'-' && line.contains("Z app["),
+        "{line}"
+    );
+    let json = platform.aloft(&["logs", "-a", "lab", "--no-tail", "--json", "--machine", &id]);
+    let entry: Value = json
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|v: &Value| v["message"] == "hello: listening on 0.0.0.0:8080")
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(
+        (
+            entry["machine_id"].as_str(),
+            entry["region"].as_str(),
+            entry["stream"].as_str()
+        ),
+        (Some(id.as_str()), Some("local"), Some("stdout"))
+    );
+    assert!(
+        platform
+            .aloft(&["logs", "-a", "lab", "--no-tail", "--region", "fra"])
+            .stdout
+            .trim()
+            .is_empty(),
+        "region filter"
+    );
+
+    // exec: output, exit code, the machine's environment.
+    let echo = platform.aloft(&[
+        "machine", "exec", &id, "-a", "lab", "--", "echo", "hi from", "inside",
+    ]);
+    assert!(echo.ok(), "{echo}");
+    assert_eq!(echo.stdout, "hi from inside\n");
+    let failing = platform.aloft(&[
+        "machine",
+        "exec",
+        &id,
+        "-a",
+        "lab",
+        "sh -c 'echo oops >&2; exit 3'",
+    ]);
+    assert_eq!(
+        (failing.status, failing.stderr.contains("oops")),
+        (3, true),
+        "{failing}"
+    );
+    let env = platform.aloft(&[
+        "machine",
+        "exec",
+        &id,
+        "-a",
+        "lab",
+        "--",
+        "sh",
+        "-c",
+        "echo $FLY_MACHINE_ID $FLY_APP_NAME $PORT",
+    ]);
+    assert_eq!(env.stdout.trim(), format!("{id} lab 8080"), "{env}");
+    let missing = platform.aloft(&[
+        "machine",
+        "exec",
+        &id,
+        "-a",
+        "lab",
+        "--",
+        "/no/such/program",
+    ]);
+    assert_ne!(missing.status, 0, "{missing}");
+
+    // ssh console with a command runs in the machine's namespaces.
+    let console = platform.aloft(&["ssh", "console", "-a", "lab", "--command", "hostname"]);
+    assert!(console.ok(), "{console}");
+    assert_eq!(console.stdout.trim(), id);
+    let pid_one = platform.aloft(&["ssh", "console", "-a", "lab", "-C", "cat /proc/1/cmdline"]);
+    assert!(
+        pid_one.stdout.starts_with("/.fly/init"),
+        "init is PID 1: {pid_one}"
+    );
+    let tty = platform.aloft(&[
+        "ssh",
+        "console",
+        "-a",
+        "lab",
+        "--pty",
+        "-C",
+        "sh -c 'test -t 0 && echo terminal'",
+    ]);
+    assert!(
+        tty.stdout.contains("terminal"),
+        "--pty gives the command a terminal: {tty}"
+    );
+
+    // Health checks: both pass and show in `checks list` and on the machine.
+    wait_until("passing checks", Duration::from_secs(30), || {
+        let run = platform.aloft(&["checks", "list", "-a", "lab"]);
+        let passing = run
+            .stdout
+            .lines()
+            .filter(|l| l.contains("passing") && l.contains(&id))
+            .count();
+        (passing < 2).then(|| run.to_string())
+    });
+    let listed = platform.aloft(&["checks", "list", "-a", "lab"]).stdout;
+    assert!(
+        listed.contains("servicecheck-00-http-8080") && listed.contains("alive"),
+        "{listed}"
+    );
+
+    // ps: the app and its listening socket.
+    let processes = agent_json(
+        &platform,
+        "GET",
+        &format!("/v1/machines/{id}/ps"),
+        None,
+        "200",
+    );
+    let hello = processes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["command"] == "/hello")
+        .unwrap_or_else(|| panic!("{processes}"));
+    assert!(
+        hello["listen_sockets"].to_string().contains("0.0.0.0:8080"),
+        "{processes}"
+    );
+    assert!(hello["rss"].as_u64().unwrap_or(0) > 0);
+
+    // Metrics from cgroups.
+    let metrics = platform.agent("GET", "/metrics", None).stdout;
+    let labels = format!("{{app=\"lab\",machine=\"{id}\",region=\"local\"}}");
+    assert!(
+        metrics.contains(&format!("aloft_machine_up{labels} 1")),
+        "{metrics}"
+    );
+    let memory: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("aloft_machine_memory_bytes{labels} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(memory > 0.0, "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "aloft_machine_memory_limit_bytes{labels} 268435456"
+        )),
+        "{metrics}"
+    );
+
+    // A signal the app does not handle ends it; on-failure brings it back.
+    let before = init_pid(&platform, &id);
+    agent_json(
+        &platform,
+        "POST",
+        &format!("/v1/machines/{id}/signal"),
+        Some(r#"{"signal":"SIGUSR1"}"#),
+        "200",
+    );
+    wait_until("a restart after SIGUSR1", Duration::from_secs(30), || {
+        let now = init_pid(&platform, &id);
+        let state = machine_state(&platform, &id);
+        (now == before || !alive(now) || state["state"] != "started").then(|| state.to_string())
+    });
+    let exit = wait_until("the exit event", Duration::from_secs(10), || {
+        let found = events(&platform, &id)
+            .into_iter()
+            .any(|e| e["type"] == "exit" && e["request"]["exit_event"]["signal"] == 10);
+        (!found).then(|| format!("{:?}", events(&platform, &id)))
+    });
+    let _ = exit;
+    let exit_event = events(&platform, &id)
+        .into_iter()
+        .find(|e| e["type"] == "exit")
+        .unwrap();
+    assert_eq!(
+        exit_event["request"]["exit_event"]["restarting"], true,
+        "{exit_event}"
+    );
+    assert!(
+        exit_event["request"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("SIGUSR1"),
+        "{exit_event}"
+    );
+    let metrics = platform.agent("GET", "/metrics", None).stdout;
+    assert!(
+        metrics.contains(&format!("aloft_machine_restarts_total{labels} 1")),
+        "{metrics}"
+    );
+    assert!(
+        agent_json(
+            &platform,
+            "POST",
+            &format!("/v1/machines/{id}/signal"),
+            Some(r#"{"signal":"SIGNOPE"}"#),
+            "400"
+        )["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("SIGNOPE")
+    );
+
+    // Suspend freezes the machine in place; start thaws it (same processes).
+    wait_until("the app after its restart", Duration::from_secs(20), || {
+        (!answers(&platform, &ipv4)).then(String::new)
+    });
+    let frozen_pid = init_pid(&platform, &id);
+    assert_eq!(
+        agent_json(
+            &platform,
+            "POST",
+            &format!("/v1/machines/{id}/suspend"),
+            None,
+            "200"
+        )["state"],
+        "suspended"
+    );
+    assert!(
+        !answers(&platform, &ipv4),
+        "a suspended machine does not answer"
+    );
+    assert_eq!(
+        agent_json(
+            &platform,
+            "POST",
+            &format!("/v1/machines/{id}/start"),
+            None,
+            "200"
+        )["state"],
+        "started"
+    );
+    assert!(answers(&platform, &ipv4));
+    assert_eq!(
+        init_pid(&platform, &id),
+        frozen_pid,
+        "resumed, not rebooted"
+    );
+
+    // Restart: a new run from a fresh root filesystem.
+    platform.aloft(&[
+        "machine",
+        "exec",
+        &id,
+        "-a",
+        "lab",
+        "--",
+        "sh",
+        "-c",
+        "echo scribble > /scribble",
+    ]);
+    let restarted = agent_json(
+        &platform,
+        "POST",
+        &format!("/v1/machines/{id}/restart?timeout=2s&signal=SIGTERM"),
+        None,
+        "200",
+    );
+    assert_eq!(restarted["state"], "started");
+    assert_ne!(init_pid(&platform, &id), frozen_pid);
+    let scribble = platform.aloft(&[
+        "machine",
+        "exec",
+        &id,
+        "-a",
+        "lab",
+        "--",
+        "cat",
+        "/scribble",
+    ]);
+    assert_ne!(
+        scribble.status, 0,
+        "the root filesystem is rebuilt from the image: {scribble}"
+    );
+
+    // Destroy removes the machine; its logs stay readable.
+    assert!(
+        agent_json(
+            &platform,
+            "DELETE",
+            &format!("/v1/machines/{id}"),
+            None,
+            "200"
+        )["state"]
+            == "destroyed"
+    );
+    let kept = platform.agent("GET", &format!("/v1/machines/{id}/logs"), None);
+    assert!(kept.stdout.contains("hello: listening"), "{kept}");
+    assert!(
+        !Path::new(&format!("/run/netns/aloft-{id}")).exists(),
+        "the network namespace is gone"
+    );
+}
+
+#[test]
+fn machines_survive_a_killed_platform_and_exits_meanwhile_go_through_the_restart_policy() {
+    require_platform!();
+    let mut platform = Platform::start();
+    let (_dir, id) = deploy_lab(&platform);
+    let ipv4 = machine_state(&platform, &id)["private_ipv4"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pid = init_pid(&platform, &id);
+    assert!(alive(pid));
+
+    platform.kill_server();
+    assert!(alive(pid), "the machine outlives the platform");
+    assert!(answers(&platform, &ipv4), "and keeps serving");
+
+    platform.restart_server();
+    let state = machine_state(&platform, &id);
+    assert_eq!(state["state"], "started", "{state}");
+    assert_eq!(init_pid(&platform, &id), pid, "re-attached, not restarted");
+    let exits_before = events(&platform, &id)
+        .iter()
+        .filter(|e| e["type"] == "exit")
+        .count();
+
+    // The machine dies while the platform is down.
+    platform.kill_server();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the machine to die", Duration::from_secs(10), || {
+        alive(pid).then(String::new)
+    });
+    platform.restart_server();
+    wait_until(
+        "the restart policy to bring the machine back",
+        Duration::from_secs(30),
+        || {
+            let state = machine_state(&platform, &id);
+            let now = init_pid(&platform, &id);
+            (state["state"] != "started" || now == pid || !alive(now)).then(|| state.to_string())
+        },
+    );
+    assert!(answers(&platform, &ipv4));
+    let all = wait_until(
+        "the exit event at the control plane",
+        Duration::from_secs(10),
+        || {
+            let exits = events(&platform, &id)
+                .iter()
+                .filter(|e| e["type"] == "exit")
+                .count();
+            (exits <= exits_before).then(|| format!("{:?}", events(&platform, &id)))
+        },
+    );
+    let _ = all;
+    let exit = events(&platform, &id)
+        .into_iter()
+        .find(|e| e["type"] == "exit")
+        .unwrap();
+    assert_eq!(exit["request"]["exit_event"]["restarting"], true, "{exit}");
+    let status = platform.aloft(&["machine", "status", &id, "-a", "lab"]);
+    assert!(
+        status.ok() && status.stdout.contains("restarting=true"),
+        "{status}"
+    );
+}
+
+fn create_machine(platform: &Platform, app: &str, config: &Value) -> (Run, String) {
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let body = serde_json::json!({ "config": config, "region": "local" }).to_string();
+    let run = platform.curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        &format!("http://127.0.0.1:4280/v1/apps/{app}/machines"),
+    ]);
+    let id = serde_json::from_str::<Value>(&run.stdout)
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (run, id)
+}
+
+#[test]
+fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
+    require_platform!();
+    let platform = Platform::start();
+    let (_dir, good) = deploy_lab(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let machine: Value = serde_json::from_str(
+        &platform
+            .curl(&[
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                &format!("http://127.0.0.1:4280/v1/apps/lab/machines/{good}"),
+            ])
+            .stdout,
+    )
+    .unwrap();
+    let image = machine["config"]["image"].as_str().unwrap().to_string();
+
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            serde_json::json!({ "image": image, "init": { "exec": ["/no/such/entrypoint"] }, "restart": { "policy": "no" } }),
+            "/no/such/entrypoint",
+        ),
+        (
+            serde_json::json!({ "image": image, "init": { "exec": ["/bin/not-a-program"] }, "restart": { "policy": "no" } }),
+            "Exec format error",
+        ),
+        (
+            serde_json::json!({ "image": image, "init": { "exec": ["/hello"] }, "guest": { "cpu_kind": "shared", "cpus": 1, "memory_mb": 100000000 }, "restart": { "policy": "no" } }),
+            "guest.memory_mb 100000000",
+        ),
+        (
+            serde_json::json!({ "image": image, "init": { "exec": ["/bin/sh", "-c", "exit 9"] }, "restart": { "policy": "on-failure", "max_retries": 1 } }),
+            "exited with code 9",
+        ),
+    ];
+    for (config, reason) in cases {
+        let (run, id) = create_machine(&platform, "lab", &config);
+        assert!(!id.is_empty() || run.stdout.contains(reason), "{run}");
+        if id.is_empty() {
+            continue;
+        }
+        let status = wait_until(reason, Duration::from_secs(30), || {
+            let run = platform.aloft(&["machine", "status", &id, "-a", "lab"]);
+            let settled =
+                run.stdout.contains("State: stopped") || run.stdout.contains("State: failed");
+            (!(settled && run.stdout.contains(reason))).then(|| run.to_string())
+        });
+        let _ = status;
+    }
+
+    // An image with no command, and an image user that does not exist (its deploy fails).
+    assert!(platform.aloft(&["apps", "create", "bare"]).ok());
+    let dir = platform.hello_app_dir("bare");
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY hello /hello\nUSER ghost\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("fly.toml"),
+        "app = \"bare\"\nprimary_region = \"local\"\n",
+    )
+    .unwrap();
+    let deploy = platform.aloft_in(Some(&dir), &["deploy"]);
+    assert_ne!(deploy.status, 0, "{deploy}");
+    let listed: Vec<Value> = serde_json::from_str(
+        &platform
+            .aloft(&["machine", "list", "-a", "bare", "--json"])
+            .stdout,
+    )
+    .unwrap_or_default();
+    let bare_image = listed
+        .iter()
+        .find_map(|m| m["config"]["image"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("{deploy}\n{listed:?}"));
+    let no_command = create_machine(
+        &platform,
+        "bare",
+        &serde_json::json!({ "image": bare_image, "restart": { "policy": "no" } }),
+    );
+    let no_user = create_machine(
+        &platform,
+        "bare",
+        &serde_json::json!({ "image": bare_image, "init": { "exec": ["/hello"] }, "restart": { "policy": "no" } }),
+    );
+    for ((run, id), reason) in [(no_command, "has no command to run"), (no_user, "ghost")] {
+        if id.is_empty() {
+            assert!(
+                run.stdout.contains(reason),
+                "the failed start says why: {run}"
+            );
+            continue;
+        }
+        wait_until(reason, Duration::from_secs(30), || {
+            let run = platform.aloft(&["machine", "status", &id, "-a", "bare"]);
+            (!run.stdout.contains(reason)).then(|| run.to_string())
+        });
+    }
+
+    // The good machine and the agent are unaffected.
+    assert_eq!(machine_state(&platform, &good)["state"], "started");
+    let response = platform.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: lab.localhost",
+        "http://127.0.0.1:8080/",
+    ]);
+    assert_eq!(response.stdout, "200", "{response}");
+}
