@@ -173,6 +173,15 @@ impl ImageStore {
         &self,
         used: &std::collections::HashSet<PathBuf>,
     ) -> Result<usize, ImageError> {
+        self.remove_unused_older_than(used, LAYER_GRACE)
+    }
+
+    /// [`ImageStore::remove_unused`] with a given grace period.
+    pub fn remove_unused_older_than(
+        &self,
+        used: &std::collections::HashSet<PathBuf>,
+        grace: std::time::Duration,
+    ) -> Result<usize, ImageError> {
         use std::os::unix::fs::MetadataExt;
         let dir = self.root.join("layers");
         let entries = std::fs::read_dir(&dir).map_err(io(format!("listing {}", dir.display())))?;
@@ -186,7 +195,7 @@ impl ImageStore {
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
-            if now - meta.ctime() < LAYER_GRACE.as_secs() as i64 {
+            if now - meta.ctime() < grace.as_secs() as i64 {
                 continue;
             }
             let lock = self.lock_for(&entry.file_name().to_string_lossy().replacen('-', ":", 1));
@@ -400,6 +409,29 @@ mod tests {
             )
         };
         assert_eq!(&value[..len as usize], b"y");
+    }
+
+    #[test]
+    fn unused_layers_are_collected_after_their_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(dir.path()).unwrap();
+        let used = store.layer_dir("sha256:aaaa");
+        let unused = store.layer_dir("sha256:bbbb");
+        std::fs::create_dir_all(used.join("etc")).unwrap();
+        std::fs::create_dir_all(unused.join("etc")).unwrap();
+        let keep = std::collections::HashSet::from([used.clone()]);
+        assert_eq!(
+            store.remove_unused(&keep).unwrap(),
+            0,
+            "fresh layers are spared"
+        );
+        assert_eq!(
+            store
+                .remove_unused_older_than(&keep, std::time::Duration::ZERO)
+                .unwrap(),
+            1
+        );
+        assert!(used.exists() && !unused.exists());
     }
 
     #[test]

@@ -291,6 +291,7 @@ impl Agent {
         match self.try_launch(record).await {
             Ok(pid) => {
                 self.store.set_shim(&record.spec.id, Some(pid))?;
+                wait_for_services(record, pid).await;
                 let started = self.transition(record, kind, MachineState::Started, None, None)?;
                 self.watch(&record.spec.id, pid);
                 self.checks.watch(self, &started);
@@ -935,6 +936,48 @@ impl Agent {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// Longest a start waits for the machine's services to accept connections.
+const SERVICE_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits (up to [`SERVICE_WAIT`]) until every TCP service port of a machine that just
+/// started accepts connections, so `started` means traffic can flow: a deploy that sees
+/// the machine started does not send requests to a port not yet bound. Gives up early
+/// when the machine ends.
+async fn wait_for_services(record: &MachineRecord, supervisor: i32) {
+    let ports: Vec<u16> = record
+        .spec
+        .config
+        .services
+        .iter()
+        .filter(|s| s.protocol.is_empty() || s.protocol.eq_ignore_ascii_case("tcp"))
+        .map(|s| s.internal_port)
+        .filter(|p| *p != 0)
+        .collect();
+    let Ok(link) = MachineLink::for_machine(&record.spec.id, record.slot) else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + SERVICE_WAIT;
+    for port in ports {
+        let address = std::net::SocketAddr::new(link.machine_address.into(), port);
+        loop {
+            if let Ok(Ok(_)) = tokio::time::timeout(
+                Duration::from_millis(100),
+                tokio::net::TcpStream::connect(address),
+            )
+            .await
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline
+                || !Path::new(&format!("/proc/{supervisor}")).exists()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }

@@ -606,6 +606,10 @@ fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
             serde_json::json!({ "image": image, "init": { "exec": ["/bin/sh", "-c", "exit 9"] }, "restart": { "policy": "on-failure", "max_retries": 1 } }),
             "exited with code 9",
         ),
+        (
+            serde_json::json!({ "image": image, "init": { "exec": ["/bin/sh", "-c", "x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo survived"] }, "guest": { "cpu_kind": "shared", "cpus": 1, "memory_mb": 256 }, "restart": { "policy": "no" } }),
+            "out of memory",
+        ),
     ];
     for (config, reason) in cases {
         let (run, id) = create_machine(&platform, "lab", &config);

@@ -89,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             private_ipv4: Some(backend.ip().to_string()),
             private_ip: None,
             services: vec![service],
+            checks: Vec::new(),
         };
         proxy.catalog().apply(CatalogUpdate::Snapshot {
             seq: 1,
