@@ -641,17 +641,14 @@ fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
     .unwrap();
     let deploy = platform.aloft_in(Some(&dir), &["deploy"]);
     assert_ne!(deploy.status, 0, "{deploy}");
-    let listed: Vec<Value> = serde_json::from_str(
-        &platform
-            .aloft(&["machine", "list", "-a", "bare", "--json"])
-            .stdout,
-    )
-    .unwrap_or_default();
-    let bare_image = listed
-        .iter()
-        .find_map(|m| m["config"]["image"].as_str())
+    assert!(deploy.stderr.contains("has no command to run"), "{deploy}");
+    let bare_image = deploy
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("--> Pushed "))
+        .and_then(|l| l.split(" (").next())
         .map(str::to_string)
-        .unwrap_or_else(|| panic!("{deploy}\n{listed:?}"));
+        .unwrap_or_else(|| panic!("no pushed image in the deploy output: {deploy}"));
     let no_command = create_machine(
         &platform,
         "bare",
