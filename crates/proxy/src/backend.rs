@@ -264,7 +264,8 @@ impl Backend {
                 },
             }
         }
-        let mut sender = self.connect_h1(false).await?;
+        // (Boxed: the connect path is rare and large; keep the common future small.)
+        let mut sender = Box::pin(self.connect_h1(false)).await?;
         sender
             .ready()
             .await

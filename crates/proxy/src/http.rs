@@ -290,9 +290,16 @@ impl Proxy {
             );
         };
         let deadline = Instant::now() + self.config.machine_wait;
-        let route = match self.wait_route(&app.name, conn.public_port, deadline).await {
-            Ok(route) => route,
-            Err(outcome) => return (outcome, None, false, None),
+        // Common case without awaiting (the waiting path is boxed, keeping this future small).
+        let route = match app.port_location(conn.public_port) {
+            Some(at) => Route {
+                app: app.clone(),
+                at,
+            },
+            None => match Box::pin(self.wait_route(&app.name, conn.public_port, deadline)).await {
+                Ok(route) => route,
+                Err(outcome) => return (outcome, None, false, None),
+            },
         };
         let stats = Some(route.app.stats.clone());
         let pristine = route.pristine();
@@ -363,6 +370,26 @@ impl Proxy {
                     return Err(Outcome::Error(StatusCode::SERVICE_UNAVAILABLE, "no machine is available for this app"));
                 }
             }
+        }
+    }
+
+    /// A machine that can take the request right now, without waiting or starting one.
+    fn try_choose_now(
+        &self,
+        app: &AppView,
+        port: u16,
+        constraints: &Constraints,
+    ) -> Option<Chosen> {
+        match lb::pick(
+            app,
+            port,
+            &self.rtt,
+            &self.config.region,
+            constraints,
+            &self.released,
+        ) {
+            lb::Pick::Chosen(chosen) => Some(chosen),
+            _ => None,
         }
     }
 
@@ -486,7 +513,7 @@ impl Proxy {
         }
 
         // Bodies up to 1 MB are buffered so a fly-replay can re-deliver them.
-        let body = match read_body(body).await {
+        let body = match Box::pin(read_body(body)).await {
             Ok(body) => body,
             Err(outcome) => return outcome,
         };
@@ -499,10 +526,14 @@ impl Proxy {
 
         for hop in 0..=MAX_REPLAYS {
             let wait_until = replay_state.deadline(deadline);
-            let chosen = match self
-                .choose(&target.name, conn.public_port, &constraints, wait_until)
-                .await
-            {
+            let now = match self.try_choose_now(&target, conn.public_port, &constraints) {
+                Some(chosen) => Ok(chosen),
+                None => {
+                    Box::pin(self.choose(&target.name, conn.public_port, &constraints, wait_until))
+                        .await
+                }
+            };
+            let chosen = match now {
                 Ok(chosen) => chosen,
                 Err((status, message)) => {
                     let reason = if Instant::now() >= wait_until {
@@ -566,7 +597,8 @@ impl Proxy {
 
             // fly-replay: the app asks for this request to be delivered elsewhere.
             if hop < MAX_REPLAYS
-                && let Some(replay) = crate::replay::parse_response(&mut resp).await
+                && crate::replay::may_replay(&resp)
+                && let Some(replay) = Box::pin(crate::replay::parse_response(&mut resp)).await
             {
                 let Some(replay) = replay else {
                     return Outcome::Error(
@@ -623,7 +655,7 @@ impl Proxy {
             }
             attach_load(&mut resp, chosen.guard);
             if self.should_compress(route, &parts.headers, &resp) {
-                resp = crate::compress::compress_response(resp, &parts.headers).await;
+                resp = Box::pin(crate::compress::compress_response(resp, &parts.headers)).await;
             }
             return Outcome::Response(resp);
         }
@@ -676,7 +708,7 @@ impl Proxy {
     ) -> Result<Response<RespBody>, BackendError> {
         let backend = chosen.guard.backend().clone();
         if upgrade {
-            let resp = backend.send_upgrade(request).await?;
+            let resp = Box::pin(backend.send_upgrade(request)).await?;
             return Ok(resp.map(|inner| {
                 RespBody::upstream(
                     inner,
@@ -711,7 +743,7 @@ impl Proxy {
                 *request.uri_mut() = uri;
             }
             request.headers_mut().remove(header::HOST);
-            let resp = backend.send_h2(request).await?;
+            let resp = Box::pin(backend.send_h2(request)).await?;
             return Ok(resp.map(|inner| {
                 RespBody::upstream(
                     inner,

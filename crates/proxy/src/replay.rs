@@ -153,6 +153,15 @@ pub fn parse_json(body: &[u8]) -> Result<Replay, InvalidReplay> {
     })
 }
 
+/// Cheap check: does the response carry a `fly-replay` header or the JSON content type?
+pub fn may_replay(resp: &Response<RespBody>) -> bool {
+    resp.headers().contains_key(&h::FLY_REPLAY)
+        || resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/vnd.fly.replay"))
+}
+
 /// Whether a backend response asks for a replay: `None` when not, `Some(None)` when it
 /// does but cannot be understood, `Some(Some(replay))` otherwise.
 pub async fn parse_response(resp: &mut Response<RespBody>) -> Option<Option<Replay>> {
