@@ -513,9 +513,13 @@ impl Proxy {
         }
 
         // Bodies up to 1 MB are buffered so a fly-replay can re-deliver them.
-        let body = match Box::pin(read_body(body)).await {
-            Ok(body) => body,
-            Err(outcome) => return outcome,
+        let body = if body.is_end_stream() {
+            ReqBody::Empty
+        } else {
+            match Box::pin(read_body(body)).await {
+                Ok(body) => body,
+                Err(outcome) => return outcome,
+            }
         };
         let mut body = Some(body);
         // Which app this delivery goes to: the route's, or a fly-replay target.
