@@ -501,7 +501,9 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
 
         let mut constraints = constraints_from_headers(&parts.headers);
-        self.prepare_request_headers(conn, &mut parts.headers, client_version, upgrade, host);
+        // HTTP/2 clients name the host in :authority (port included): the app gets it as Host.
+        let authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or(host);
+        self.prepare_request_headers(conn, &mut parts.headers, client_version, upgrade, authority);
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let pq = parts.uri.path_and_query().cloned();
             let mut uri_parts = http::uri::Parts::default();
