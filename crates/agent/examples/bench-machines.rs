@@ -139,6 +139,9 @@ impl Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
+        if let Ok(copy) = std::env::var("BENCH_SERVER_LOG") {
+            let _ = std::fs::copy(self.work.path().join("server.log"), copy);
+        }
         if let Some(mut server) = self.server.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(server.id() as i32),
@@ -165,12 +168,20 @@ impl Floor {
             .rev()
             .map(|p| p.display().to_string())
             .collect();
-        let options = format!("lowerdir={}", lower.join(":"));
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        std::fs::create_dir_all(&upper)?;
+        std::fs::create_dir_all(&work)?;
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
         nix::mount::mount(
             Some("overlay"),
             &rootfs,
             Some("overlay"),
-            nix::mount::MsFlags::MS_RDONLY,
+            nix::mount::MsFlags::empty(),
             Some(options.as_str()),
         )
         .context("mounting the floor's rootfs")?;
@@ -199,7 +210,7 @@ impl Floor {
                 "env": ["PATH=/usr/bin:/bin", format!("PORT={hello_port}")], "cwd": "/",
                 "capabilities": { "bounding": ["CAP_NET_BIND_SERVICE"], "effective": ["CAP_NET_BIND_SERVICE"], "permitted": ["CAP_NET_BIND_SERVICE"] }
             },
-            "root": { "path": rootfs, "readonly": true },
+            "root": { "path": rootfs, "readonly": false },
             "hostname": "floor",
             "mounts": [
                 { "destination": "/proc", "type": "proc", "source": "proc" },
@@ -272,15 +283,20 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn shim_pids() -> Vec<u32> {
+/// Supervisors of this bench's machines (their machine directory is under `data_dir`).
+fn shim_pids(data_dir: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let prefix = data_dir.as_os_str().as_encoded_bytes();
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"shim"))
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.get(1) == Some(&b"shim".as_slice())
+                    && args.get(2).is_some_and(|dir| dir.starts_with(prefix))
+            })
         })
         .collect()
 }
@@ -307,7 +323,8 @@ fn main() -> anyhow::Result<()> {
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
             .context("entering the bench network namespace")?;
         ip(&["link", "set", "lo", "up"])?;
-        bench(Path::new(aloft), Path::new(hello), Path::new(example))
+        let absolute = |p: &str| std::fs::canonicalize(p).with_context(|| format!("finding {p}"));
+        bench(&absolute(aloft)?, &absolute(hello)?, &absolute(example)?)
     })();
     let _ = ip(&["netns", "del", &netns]);
     result
@@ -471,7 +488,7 @@ fn bench(aloft: &Path, hello: &Path, example: &Path) -> anyhow::Result<()> {
     let took = begin.elapsed();
     std::thread::sleep(Duration::from_secs(3));
     let server_kb = rss_kb(bench.server_pid());
-    let shims = shim_pids();
+    let shims = shim_pids(&bench.work.path().join("data"));
     let shim_kb: u64 = shims.iter().map(|p| rss_kb(*p)).sum();
     let cgroup_bytes: u64 = ids.iter().map(|id| cgroup_memory(id)).sum();
     let count = ids.len().max(1) as f64;

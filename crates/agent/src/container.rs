@@ -308,13 +308,6 @@ impl ContainerDriver {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        unsafe {
-            // Its own session, so signals aimed at the agent's process group miss it.
-            command.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
         let mut child = command.spawn().map_err(io("spawning the machine shim"))?;
         let config = serde_json::to_vec(init).map_err(|e| DriverError::Start(e.to_string()))?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -333,6 +326,7 @@ impl ContainerDriver {
         });
         let report = report.trim();
         if report.starts_with("started ") {
+            tracing::debug!(machine = container_id, report, "shim report");
             Ok(pid)
         } else if let Some(reason) = report.strip_prefix("error ") {
             Err(DriverError::Start(reason.to_string()))
@@ -369,7 +363,9 @@ impl Driver for ContainerDriver {
     }
 
     fn start(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
+        let began = std::time::Instant::now();
         let rootfs = self.prepare_rootfs(request.machine_dir, request.image)?;
+        let mounted = began.elapsed();
         self.write_bundle(
             request.machine_dir,
             request.machine_id,
@@ -378,7 +374,10 @@ impl Driver for ContainerDriver {
             request.link,
             request.guest,
         )?;
-        self.launch(request.machine_dir, request.machine_id, request.init)
+        let bundled = began.elapsed();
+        let pid = self.launch(request.machine_dir, request.machine_id, request.init)?;
+        tracing::debug!(machine = request.machine_id, ?mounted, ?bundled, total = ?began.elapsed(), "container started");
+        Ok(pid)
     }
 
     fn signal(

@@ -291,7 +291,9 @@ impl Agent {
         match self.try_launch(record).await {
             Ok(pid) => {
                 self.store.set_shim(&record.spec.id, Some(pid))?;
+                let waiting = std::time::Instant::now();
                 wait_for_services(record, pid).await;
+                tracing::debug!(machine = %record.spec.id, waited = ?waiting.elapsed(), "services accept connections");
                 let started = self.transition(record, kind, MachineState::Started, None, None)?;
                 self.watch(&record.spec.id, pid);
                 self.checks.watch(self, &started);
@@ -315,6 +317,7 @@ impl Agent {
 
     async fn try_launch(&self, record: &MachineRecord) -> Result<i32, String> {
         let spec = &record.spec;
+        let began = std::time::Instant::now();
         let dir = self.machine_dir(&spec.id);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let guest = spec
@@ -329,8 +332,10 @@ impl Agent {
         let _ = std::fs::remove_file(dir.join(driver::EXIT_FILE));
         let driver = self.driver.clone();
         let id = spec.id.clone();
+        let prepared = began.elapsed();
         tokio::task::spawn_blocking(move || {
             network::ensure(&link).map_err(|e| format!("machine network: {e}"))?;
+            let networked = began.elapsed();
             let request = StartRequest {
                 machine_id: &id,
                 machine_dir: &dir,
@@ -339,7 +344,9 @@ impl Agent {
                 guest: &guest,
                 init: &init,
             };
-            driver.start(&request).map_err(|e| e.to_string())
+            let started = driver.start(&request).map_err(|e| e.to_string());
+            tracing::debug!(machine = %id, ?prepared, ?networked, total = ?began.elapsed(), "machine launched");
+            started
         })
         .await
         .map_err(|e| format!("starting the machine: {e}"))?

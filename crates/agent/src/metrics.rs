@@ -34,14 +34,6 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn interface_counter(interface: &str, counter: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/sys/class/net/{interface}/statistics/{counter}"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 impl Agent {
     /// Renders every metric.
     pub fn render_metrics(&self) -> String {
@@ -108,10 +100,10 @@ impl Agent {
             }
             if let Ok(link) = MachineLink::for_machine(id, record.slot) {
                 // The host side's receive counter is what the machine sent, and back.
-                if let (Some(rx), Some(tx)) = (
-                    interface_counter(&link.host_interface, "tx_bytes"),
-                    interface_counter(&link.host_interface, "rx_bytes"),
-                ) {
+                if let Some((host_received, host_sent)) =
+                    crate::procfs::interface_bytes(&link.host_interface)
+                {
+                    let (rx, tx) = (host_sent, host_received);
                     received.samples.push((labels.clone(), rx as f64));
                     sent.samples.push((labels, tx as f64));
                 }

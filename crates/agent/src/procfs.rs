@@ -151,6 +151,28 @@ fn parse_socket_address(text: &str) -> Option<String> {
     }
 }
 
+/// Received and sent bytes of a network interface in this process's network namespace
+/// (from `/proc/self/net/dev`, which follows the namespace; `/sys/class/net` shows the
+/// one sysfs was mounted in).
+pub fn interface_bytes(interface: &str) -> Option<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/self/net/dev").ok()?;
+    parse_net_dev(&table, interface)
+}
+
+fn parse_net_dev(table: &str, interface: &str) -> Option<(u64, u64)> {
+    table.lines().skip(2).find_map(|line| {
+        let (name, counters) = line.split_once(':')?;
+        if name.trim() != interface {
+            return None;
+        }
+        let fields: Vec<u64> = counters
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        Some((*fields.first()?, *fields.get(8)?))
+    })
+}
+
 /// Resident memory of `pid` in bytes.
 pub fn rss_of(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -183,6 +205,15 @@ mod tests {
     fn cpu_ticks_skip_command_names_with_spaces() {
         let stat = "42 (my app) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 100 1000 10";
         assert_eq!(cpu_ticks(stat), Some((7, 3)));
+    }
+
+    #[test]
+    fn interface_counters_come_from_the_namespace_table() {
+        let table = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:    1234      10    0    0    0     0          0         0     1234      10    0    0    0     0       0          0\nal0123: 500 5 0 0 0 0 0 0 700 7 0 0 0 0 0 0\n";
+        assert_eq!(parse_net_dev(table, "al0123"), Some((500, 700)));
+        assert_eq!(parse_net_dev(table, "lo"), Some((1234, 1234)));
+        assert_eq!(parse_net_dev(table, "eth9"), None);
+        assert!(interface_bytes("lo").is_some());
     }
 
     #[test]

@@ -50,13 +50,17 @@ pub fn main(args: &[String]) -> i32 {
             return 2;
         }
     };
+    // Its own session, so signals aimed at the agent's process group miss it. Done here
+    // rather than between fork and exec so the agent can spawn us without forking.
+    unsafe { libc::setsid() };
     // Become a subreaper: the container's first process is re-parented to us when the
     // runtime's `create` exits, so we can wait for it.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let mut report = unsafe { File::from_raw_fd(1) };
     match launch(&args) {
         Ok(launched) => {
-            let _ = writeln!(report, "started {}", launched.pid);
+            let runtime_ms = RUNTIME_MILLIS.load(std::sync::atomic::Ordering::Relaxed);
+            let _ = writeln!(report, "started {} runtime_ms={runtime_ms}", launched.pid);
             let _ = report.flush();
             drop(report);
             redirect_stdout_to_null();
@@ -146,9 +150,14 @@ fn launch(args: &ShimArgs) -> Result<Launched, String> {
             }
         });
     }
+    let began = std::time::Instant::now();
     let status = create
         .status()
         .map_err(|e| format!("running {}: {e}", args.runtime.display()))?;
+    RUNTIME_MILLIS.store(
+        began.elapsed().as_millis() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     drop(config_read);
     drop(stdout_write);
     drop(stderr_write);
@@ -270,3 +279,6 @@ pub fn exit_watch(pid: i32) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>
     unsafe { tokio::io::unix::AsyncFd::register(fd) }
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
+
+/// How long the runtime's `run` took, for the start report.
+static RUNTIME_MILLIS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -334,6 +334,15 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
         )),
         "{metrics}"
     );
+    let received: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("aloft_machine_net_receive_bytes_total{labels} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        received > 0.0,
+        "the checks' and curl's traffic is counted: {metrics}"
+    );
 
     // A signal the app does not handle ends it; on-failure brings it back.
     let before = init_pid(&platform, &id);
