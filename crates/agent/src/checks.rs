@@ -663,4 +663,61 @@ mod tests {
         assert!(output.contains("timed out after 200ms"), "{output}");
         drop(listener);
     }
+
+    #[tokio::test]
+    async fn https_checks_verify_unless_told_not_to_and_send_the_server_name() {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["app.internal".to_string()]).unwrap();
+        let cert = rustls::pki_types::CertificateDer::from(certified.cert.der().to_vec());
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()),
+        );
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let mut names = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    continue;
+                };
+                names.push(tls.get_ref().1.server_name().map(str::to_string));
+                let mut request = vec![0u8; 2048];
+                let _ = tls.read(&mut request).await;
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+                let _ = tls.shutdown().await;
+                if names.len() == 1 {
+                    return names;
+                }
+            }
+            names
+        });
+        let mut check = http_check(port, "/");
+        check.https = true;
+        check.tls_server_name = Some("app.internal".into());
+        let (status, output) = run(&check, "127.0.0.1".parse().unwrap()).await;
+        assert_eq!(
+            status, CRITICAL,
+            "a self-signed certificate fails verification: {output}"
+        );
+        assert!(output.contains("TLS"), "{output}");
+        check.tls_skip_verify = true;
+        let (status, output) = run(&check, "127.0.0.1".parse().unwrap()).await;
+        assert_eq!(status, PASSING, "{output}");
+        assert!(output.starts_with("GET https://"), "{output}");
+        assert_eq!(
+            server.await.unwrap(),
+            vec![Some("app.internal".to_string())]
+        );
+    }
 }

@@ -79,6 +79,8 @@ pub struct Agent {
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: tokio::sync::Notify,
     checks: checks::Checks,
+    /// When each running machine's current run began (this agent's lifetime only).
+    run_started: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 const DEFAULT_KILL_SIGNAL: &str = "SIGINT";
@@ -86,6 +88,8 @@ const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_RETRIES: u32 = 10;
 /// Longest wait between two restarts of a crashing machine.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// `max_retries` counts restarts of runs shorter than this (Fly's 5-minute window).
+const RESTART_WINDOW: Duration = Duration::from_secs(300);
 /// A machine needs at least this much memory to run init and a program.
 const MIN_MEMORY_MB: u32 = 64;
 
@@ -160,6 +164,7 @@ impl Agent {
             locks: Default::default(),
             outbox: tokio::sync::Notify::new(),
             checks: checks::Checks::default(),
+            run_started: Default::default(),
         }))
     }
 
@@ -295,6 +300,10 @@ impl Agent {
                 wait_for_services(record, pid).await;
                 tracing::debug!(machine = %record.spec.id, waited = ?waiting.elapsed(), "services accept connections");
                 let started = self.transition(record, kind, MachineState::Started, None, None)?;
+                self.run_started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(record.spec.id.clone(), std::time::Instant::now());
                 self.watch(&record.spec.id, pid);
                 self.checks.watch(self, &started);
                 Ok(started)
@@ -445,6 +454,19 @@ impl Agent {
             .clone()
             .unwrap_or_else(aloft_api::MachineGuest::default_shared);
         let message = self.exit_reason(id, &exit, &guest);
+        // Retries count within a window: a machine that ran for a while before failing
+        // starts counting again (one unknown to this agent ran since before its start).
+        let ran_for = self
+            .run_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .map(|t| t.elapsed());
+        let mut record = record;
+        if ran_for.is_none_or(|d| d >= RESTART_WINDOW) && record.restarts > 0 {
+            let _ = self.store.set_restarts(id, 0);
+            record.restarts = 0;
+        }
         let again = record.desired == Desired::Started
             && should_restart(record.spec.config.restart.as_ref(), &exit, record.restarts);
         exit.restarting = again;
