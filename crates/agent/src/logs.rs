@@ -91,7 +91,7 @@ pub fn pump(
     pipe: impl Read + Send + 'static,
     log: std::sync::Arc<std::sync::Mutex<LogWriter>>,
 ) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+    let copy = move || {
         let mut reader = BufReader::new(pipe);
         let mut buffer = Vec::new();
         loop {
@@ -111,7 +111,12 @@ pub fn pump(
                 }
             }
         }
-    })
+    };
+    // A small stack: these threads live as long as the machine, in every supervisor.
+    std::thread::Builder::new()
+        .stack_size(64 * 1024)
+        .spawn(copy)
+        .unwrap_or_else(|_| std::thread::spawn(|| {}))
 }
 
 fn parse_lines(text: &str) -> impl Iterator<Item = Record> + '_ {

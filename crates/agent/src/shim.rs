@@ -64,6 +64,8 @@ pub fn main(args: &[String]) -> i32 {
             let _ = report.flush();
             drop(report);
             redirect_stdout_to_null();
+            // What launching needed is not needed again: give the heap back.
+            unsafe { libc::malloc_trim(0) };
             supervise(&args, launched)
         }
         Err(reason) => {

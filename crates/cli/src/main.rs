@@ -171,10 +171,13 @@ fn main() {
     if runs_as_init() {
         aloft_init::run();
     }
-    let cli = Cli::parse();
-    if let Command::Shim { args } = &cli.command {
-        std::process::exit(aloft_agent::shim::main(args));
+    // A machine's supervisor stays for the machine's life: it skips argument parsing
+    // and everything else the CLI sets up, to stay small.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("shim") {
+        std::process::exit(aloft_agent::shim::main(&args[2..]));
     }
+    let cli = Cli::parse();
     let server = matches!(cli.command, Command::Server(_));
     let default_filter = if server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ALOFT_LOG")
