@@ -343,6 +343,7 @@ impl Agent {
         let id = spec.id.clone();
         let prepared = began.elapsed();
         tokio::task::spawn_blocking(move || {
+            let scheduled = began.elapsed();
             network::ensure(&link).map_err(|e| format!("machine network: {e}"))?;
             let networked = began.elapsed();
             let request = StartRequest {
@@ -354,7 +355,7 @@ impl Agent {
                 init: &init,
             };
             let started = driver.start(&request).map_err(|e| e.to_string());
-            tracing::debug!(machine = %id, ?prepared, ?networked, total = ?began.elapsed(), "machine launched");
+            tracing::debug!(machine = %id, ?prepared, ?scheduled, ?networked, total = ?began.elapsed(), "machine launched");
             started
         })
         .await
