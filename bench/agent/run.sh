@@ -15,7 +15,8 @@ if [[ $(id -u) -ne 0 ]]; then
   echo "bench/agent: run as root (network namespaces, runc, overlay mounts)" >&2
   exit 1
 fi
-cargo build --release -q -p aloft -p hello -p aloft-agent --example bench-machines
+cargo build --release -q -p aloft -p hello
+cargo build --release -q -p aloft-agent --example bench-machines
 TARGET="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 find_bin() { find "$TARGET" -path "*/release/$1" -type f -perm -u+x | head -1; }
 ALOFT="$(find_bin aloft)"
