@@ -344,6 +344,10 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
         "the checks' and curl's traffic is counted: {metrics}"
     );
 
+    // A follower of the logs sees the lines of the next run as they come.
+    let followed = platform.root.path().join("followed.log");
+    let mut follower = platform.spawn_aloft(&["logs", "-a", "lab"], &followed);
+
     // A signal the app does not handle ends it; on-failure brings it back.
     let before = init_pid(&platform, &id);
     agent_json(
@@ -397,6 +401,17 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
             .unwrap_or_default()
             .contains("SIGNOPE")
     );
+
+    wait_until(
+        "the follower to see the restarted app",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(&followed).unwrap_or_default();
+            (text.matches("hello: listening on 0.0.0.0:8080").count() < 2).then_some(text)
+        },
+    );
+    let _ = follower.kill();
+    let _ = follower.wait();
 
     // Suspend freezes the machine in place; start thaws it (same processes).
     wait_until("the app after its restart", Duration::from_secs(20), || {

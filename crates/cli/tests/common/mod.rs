@@ -219,6 +219,14 @@ impl Platform {
         Run::from(command.output().expect("running aloft"))
     }
 
+    /// Starts the CLI inside the namespace without waiting, its stdout going to `stdout`.
+    pub fn spawn_aloft(&self, args: &[&str], stdout: &Path) -> Child {
+        let file = std::fs::File::create(stdout).expect("output file");
+        let mut command = self.in_netns(&aloft_binary());
+        command.args(args).stdout(file).stderr(Stdio::null());
+        command.spawn().expect("starting aloft")
+    }
+
     pub fn aloft(&self, args: &[&str]) -> Run {
         self.aloft_in(None, args)
     }
