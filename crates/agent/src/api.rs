@@ -377,9 +377,8 @@ async fn console(
             }
             Err(err) => {
                 tracing::warn!(error = %err, "console upgrade failed");
-                let mut child = process.child;
-                let _ = child.kill();
-                let _ = child.wait();
+                let mut handle = process.handle;
+                handle.kill();
             }
         }
     });

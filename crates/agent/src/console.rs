@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use aloft_api::internal::console_frame as frame;
@@ -13,7 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::AgentError;
-use crate::driver::{ExecIo, ExecProcess};
+#[cfg(test)]
+use crate::driver::HostProcess;
+use crate::driver::{ExecHandle, ExecIo, ExecProcess};
 
 /// Seconds an exec may run when the request sets no timeout.
 pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 30;
@@ -53,30 +54,20 @@ fn read_capped(mut pipe: impl Read) -> String {
     String::from_utf8_lossy(&kept).into_owned()
 }
 
-fn exit_of(status: std::process::ExitStatus) -> (i32, i32) {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => (code, 0),
-        (None, Some(signal)) => (128 + signal, signal),
-        (None, None) => (-1, 0),
-    }
-}
-
 /// Feeds `stdin`, collects the output and waits, killing the command after `timeout`.
 pub fn collect(
     process: ExecProcess,
     stdin: &[u8],
     timeout: Duration,
 ) -> Result<ExecResponse, AgentError> {
-    let ExecProcess { mut child, io } = process;
+    let ExecProcess { mut handle, io } = process;
     let ExecIo::Pipes {
         stdin: input,
         stdout,
         stderr,
     } = io
     else {
-        let _ = child.kill();
-        let _ = child.wait();
+        handle.kill();
         return Err(AgentError::Failed(
             "a one-shot exec runs without a terminal".into(),
         ));
@@ -90,11 +81,11 @@ pub fn collect(
     let out = std::thread::spawn(move || read_capped(stdout));
     let err = std::thread::spawn(move || read_capped(stderr));
     let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
+    let exit_code = loop {
+        match handle.try_wait() {
+            Ok(Some(code)) => break code,
             Ok(None) if Instant::now() >= deadline => {
-                end(&mut child);
+                end(handle.as_mut());
                 return Err(AgentError::Timeout(format!(
                     "deadline exceeded: the command ran longer than {}s and was killed",
                     timeout.as_secs()
@@ -104,7 +95,12 @@ pub fn collect(
             Err(e) => return Err(AgentError::Failed(format!("waiting for the command: {e}"))),
         }
     };
-    let (exit_code, exit_signal) = exit_of(status);
+    // The runtime reports a command killed by a signal as 128 + the signal.
+    let exit_signal = if (129..=192).contains(&exit_code) {
+        exit_code - 128
+    } else {
+        0
+    };
     Ok(ExecResponse {
         exit_code,
         exit_signal,
@@ -113,18 +109,16 @@ pub fn collect(
     })
 }
 
-/// Ends an exec'd command: the runtime passes SIGTERM on to it; SIGKILL a second later.
-fn end(child: &mut Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+/// Ends an exec'd command: asked first, killed a second later.
+fn end(handle: &mut dyn ExecHandle) {
+    handle.terminate();
     for _ in 0..100 {
-        if let Ok(Some(_)) = child.try_wait() {
+        if let Ok(Some(_)) = handle.try_wait() {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    handle.kill();
 }
 
 fn set_window(fd: &OwnedFd, cols: u16, rows: u16) {
@@ -164,7 +158,7 @@ pub async fn bridge<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     process: ExecProcess,
     connection: C,
 ) {
-    let ExecProcess { mut child, io } = process;
+    let ExecProcess { handle, io } = process;
     let (output_tx, mut output_rx) = mpsc::channel::<Vec<u8>>(64);
     let (mut reader, mut writer) = tokio::io::split(connection);
     let (stdin_sink, terminal): (Option<Box<dyn Write + Send>>, Option<OwnedFd>) = match io {
@@ -189,14 +183,23 @@ pub async fn bridge<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         } => {
             spawn_reader(frame::STDOUT, stdout, output_tx.clone());
             spawn_reader(frame::STDERR, stderr, output_tx.clone());
-            (stdin.map(|s| Box::new(s) as Box<dyn Write + Send>), None)
+            (stdin, None)
         }
     };
     drop(output_tx);
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel::<i32>();
-    let child_pid = child.id() as i32;
+    // The waiter polls so the session can still end the command when the client leaves.
+    let handle = std::sync::Arc::new(std::sync::Mutex::new(handle));
+    let waited = handle.clone();
     std::thread::spawn(move || {
-        let code = child.wait().map(|s| exit_of(s).0).unwrap_or(-1);
+        let code = loop {
+            let status = waited.lock().unwrap_or_else(|p| p.into_inner()).try_wait();
+            match status {
+                Ok(Some(code)) => break code,
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break -1,
+            }
+        };
         let _ = exit_tx.send(code);
     });
     // Input is written on a blocking thread so a full pipe cannot stall the session.
@@ -259,9 +262,7 @@ pub async fn bridge<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     };
     if !client_open {
         // The client went away: end the command (the runtime passes SIGHUP/SIGTERM on).
-        let pid = nix::unistd::Pid::from_raw(child_pid);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        handle.lock().unwrap_or_else(|p| p.into_inner()).terminate();
         return;
     }
     // Flush what the command printed before it exited.
@@ -310,11 +311,17 @@ mod tests {
             .spawn()
             .unwrap();
         let io = ExecIo::Pipes {
-            stdin: child.stdin.take(),
-            stdout: child.stdout.take().unwrap(),
-            stderr: child.stderr.take().unwrap(),
+            stdin: child
+                .stdin
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Write + Send>),
+            stdout: Box::new(child.stdout.take().unwrap()),
+            stderr: Box::new(child.stderr.take().unwrap()),
         };
-        ExecProcess { child, io }
+        ExecProcess {
+            handle: Box::new(HostProcess(child)),
+            io,
+        }
     }
 
     #[test]

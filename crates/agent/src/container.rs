@@ -14,7 +14,8 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use crate::driver::{
-    Driver, DriverError, ExecCommand, ExecIo, ExecProcess, ResourceUsage, StartRequest, io,
+    Driver, DriverError, ExecCommand, ExecIo, ExecProcess, HostProcess, ResourceUsage,
+    StartRequest, io,
 };
 use crate::images::PreparedImage;
 use crate::network::MachineLink;
@@ -476,7 +477,7 @@ impl Driver for ContainerDriver {
                     .map_err(io(format!("running {}", self.runtime.display())))?;
                 drop(runc);
                 Ok(ExecProcess {
-                    child,
+                    handle: Box::new(HostProcess(child)),
                     io: ExecIo::Terminal(pty.master),
                 })
             }
@@ -495,11 +496,11 @@ impl Driver for ContainerDriver {
                     ));
                 };
                 Ok(ExecProcess {
-                    child,
+                    handle: Box::new(HostProcess(child)),
                     io: ExecIo::Pipes {
-                        stdin,
-                        stdout,
-                        stderr,
+                        stdin: stdin.map(|s| Box::new(s) as Box<dyn std::io::Write + Send>),
+                        stdout: Box::new(stdout),
+                        stderr: Box::new(stderr),
                     },
                 })
             }

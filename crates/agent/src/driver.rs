@@ -11,9 +11,10 @@
 //! - Methods block (they may run processes); the agent calls them off the async executor.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout};
+use std::process::Child;
 
 use aloft_api::MachineGuest;
 use aloft_api::internal::{ExitStatus, InitConfig, ProcessStat};
@@ -72,9 +73,20 @@ pub struct ExecCommand {
     pub tty: Option<WindowSize>,
 }
 
-/// A running exec'd command: the process that stands for it on the host, and its I/O.
+/// A command running in a machine, however the driver runs it (a runtime `exec` process
+/// on the host for containers; a request to init over the guest channel for microVMs).
+pub trait ExecHandle: Send {
+    /// Its exit code (128 + signal when killed) once it has ended.
+    fn try_wait(&mut self) -> std::io::Result<Option<i32>>;
+    /// Asks it to end (SIGTERM; SIGHUP too for a terminal session).
+    fn terminate(&mut self);
+    /// Ends it now.
+    fn kill(&mut self);
+}
+
+/// A started command and its I/O.
 pub struct ExecProcess {
-    pub child: Child,
+    pub handle: Box<dyn ExecHandle>,
     pub io: ExecIo,
 }
 
@@ -82,10 +94,35 @@ pub enum ExecIo {
     /// The controlling side of the command's terminal (stdin and output in one).
     Terminal(OwnedFd),
     Pipes {
-        stdin: Option<ChildStdin>,
-        stdout: ChildStdout,
-        stderr: ChildStderr,
+        stdin: Option<Box<dyn Write + Send>>,
+        stdout: Box<dyn Read + Send>,
+        stderr: Box<dyn Read + Send>,
     },
+}
+
+/// An exec'd command that is a process on the host.
+pub struct HostProcess(pub Child);
+
+impl ExecHandle for HostProcess {
+    fn try_wait(&mut self) -> std::io::Result<Option<i32>> {
+        use std::os::unix::process::ExitStatusExt;
+        Ok(self.0.try_wait()?.map(|status| {
+            status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+        }))
+    }
+
+    fn terminate(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGHUP);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Resource use of one machine, from its cgroups.
