@@ -170,37 +170,26 @@ async fn run_streaming(
     program: &str,
     mut output: impl FnMut(&str),
 ) -> Result<(), BuildError> {
+    // stdout and stderr share one pipe, so lines arrive in the order they were written
+    // (a step's output always after its `STEP` line).
+    let (reader, writer) = std::io::pipe()?;
     command
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(Stdio::from(writer.try_clone()?))
+        .stderr(Stdio::from(writer));
     let mut child = command.spawn()?;
+    // The child has its copies; ours must go, or the pipe never reaches its end.
+    drop(command);
     let mut tracker = StepTracker {
         program: program.to_string(),
         ..StepTracker::default()
     };
-    let (stdout, stderr) = match (child.stdout.take(), child.stderr.take()) {
-        (Some(out), Some(err)) => (out, err),
-        _ => {
-            return Err(BuildError::Io(std::io::Error::other(format!(
-                "{program}'s output is not captured"
-            ))));
-        }
-    };
-    let mut out_lines = BufReader::new(stdout).lines();
-    let mut err_lines = BufReader::new(stderr).lines();
-    let (mut out_open, mut err_open) = (true, true);
-    while out_open || err_open {
-        tokio::select! {
-            line = out_lines.next_line(), if out_open => match line? {
-                Some(line) => { tracker.line(&line); output(&line); }
-                None => out_open = false,
-            },
-            line = err_lines.next_line(), if err_open => match line? {
-                Some(line) => { tracker.line(&line); output(&line); }
-                None => err_open = false,
-            },
-        }
+    let reader =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(reader))?;
+    let mut lines = BufReader::new(reader).lines();
+    while let Some(line) = lines.next_line().await? {
+        tracker.line(&line);
+        output(&line);
     }
     let status = child.wait().await?;
     if status.success() {
@@ -230,7 +219,19 @@ const KEPT_STEP_LINES: usize = 40;
 
 impl StepTracker {
     fn line(&mut self, line: &str) {
-        if line.starts_with("STEP ") {
+        // buildah: `STEP 2/3: COPY ...`, in multi-stage builds `[2/2] STEP 1/2: ...`.
+        let unstaged = match line
+            .strip_prefix('[')
+            .and_then(|rest| rest.split_once("] "))
+        {
+            Some((stage, rest))
+                if stage.contains('/') && stage.chars().all(|c| c.is_ascii_digit() || c == '/') =>
+            {
+                rest
+            }
+            _ => line,
+        };
+        if unstaged.starts_with("STEP ") {
             self.step = line.trim_end_matches(':').to_string();
             self.output.clear();
             return;
@@ -275,6 +276,7 @@ impl StepTracker {
         };
         let reason = self
             .error
+            .map(|e| shorten(&e))
             .unwrap_or_else(|| format!("{program} exited with {exit}"));
         BuildError::Failed {
             step,
@@ -282,6 +284,29 @@ impl StepTracker {
             output: self.output,
         }
     }
+}
+
+/// A builder's error without the internal structures some of them dump into it.
+fn shorten(error: &str) -> String {
+    const LIMIT: usize = 400;
+    let mut text = error.to_string();
+    for marker in [" for copier.request{", " &imagebuilder.Step{"] {
+        if let Some(at) = text.find(marker) {
+            let rest = text[at..]
+                .rsplit_once(": ")
+                .map(|(_, last)| format!(": {last}"))
+                .unwrap_or_default();
+            text = format!("{}{rest}", &text[..at]);
+        }
+    }
+    if text.len() > LIMIT {
+        let mut cut = LIMIT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text = format!("{}...", &text[..cut]);
+    }
+    text
 }
 
 impl Buildah {
@@ -623,6 +648,17 @@ mod tests {
         );
         assert_eq!(base64_encode(b"x:token"), "eDp0b2tlbg==");
         assert_eq!(base64_encode(b"ab"), "YWI=");
+    }
+
+    #[test]
+    fn builder_dumps_are_cut_from_errors() {
+        let error = "building at STEP \"COPY . /ctx\": reading \"/tmp/x\": error during bulk transfer for copier.request{Request:\"GET\", Root:\"/\"}: copier: get: \"/\": lstat /a/b: file name too long";
+        assert_eq!(
+            shorten(error),
+            "building at STEP \"COPY . /ctx\": reading \"/tmp/x\": error during bulk transfer: file name too long"
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(shorten(&long).len(), 403);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use aloft_registry::client::{PullClient, parse_reference};
+use aloft_registry::client::{PullClient, ResolvedManifest, parse_reference};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -263,6 +263,34 @@ impl PushClient {
     }
 }
 
+/// Media types of runnable image manifests and their configs.
+const IMAGE_MANIFESTS: &[&str] = &[
+    aloft_registry::OCI_MANIFEST,
+    aloft_registry::DOCKER_MANIFEST,
+];
+const IMAGE_CONFIGS: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
+/// Whether a resolved manifest is a container image a machine can run; the reason if not.
+pub fn check_runnable(manifest: &ResolvedManifest) -> Result<(), String> {
+    if !IMAGE_MANIFESTS.contains(&manifest.media_type.as_str()) {
+        return Err(format!(
+            "its manifest has media type {:?}, which is not a container image (expected {} or an index of them)",
+            manifest.media_type,
+            IMAGE_MANIFESTS.join(" or ")
+        ));
+    }
+    if !IMAGE_CONFIGS.contains(&manifest.config.media_type.as_str()) {
+        return Err(format!(
+            "its config has media type {:?}, which is not a container image config",
+            manifest.config.media_type
+        ));
+    }
+    Ok(())
+}
+
 /// What was copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Copied {
@@ -293,6 +321,7 @@ pub async fn copy_image(
         .manifest(source_reference)
         .await
         .map_err(|e| source_error(e.to_string()))?;
+    check_runnable(&manifest).map_err(source_error)?;
     let (_, repo, tag) = split_reference(destination_reference)?;
     std::fs::create_dir_all(scratch).map_err(|e| PushError::Io {
         context: format!("creating {}", scratch.display()),

@@ -139,6 +139,8 @@ fn dir_header() -> tar::Header {
     let mut header = tar::Header::new_gnu();
     header.set_size(0);
     header.set_mode(0o755);
+    header.set_uid(0);
+    header.set_gid(0);
     header.set_mtime(0);
     header.set_entry_type(tar::EntryType::Directory);
     header
@@ -532,5 +534,16 @@ mod tests {
         );
         assert!(names.contains(&"public/css/a.css".to_string()), "{names:?}");
         assert!(!names.iter().any(|n| n.contains("fly.toml")), "{names:?}");
+        // Unpacks as the agent unpacks layers (owners and modes kept).
+        let dest = dir.path().join("unpacked");
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+        archive.set_preserve_permissions(true);
+        archive.set_preserve_ownerships(true);
+        archive.set_preserve_mtime(true);
+        archive.unpack(&dest).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dest.join("public/css/a.css")).unwrap(),
+            "h1{}"
+        );
     }
 }

@@ -146,11 +146,24 @@ impl Caller {
 /// token may pull an app's images if it sees the app, and push if it may also write.
 pub struct RegistryAuth {
     store: Arc<Store>,
+    /// Repositories under this prefix are pulled through from an upstream registry
+    /// (public base images): any valid token may pull them; only hosts may write.
+    pull_through_prefix: Option<String>,
 }
 
 impl RegistryAuth {
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            pull_through_prefix: None,
+        }
+    }
+
+    pub fn with_pull_through_prefix(mut self, prefix: Option<String>) -> Self {
+        self.pull_through_prefix = prefix
+            .map(|p| p.trim_matches('/').to_string())
+            .filter(|p| !p.is_empty());
+        self
     }
 }
 
@@ -166,6 +179,17 @@ impl Authorizer for RegistryAuth {
             .map_err(|_| AuthError::Unauthenticated)?;
         if repository.is_empty() || caller.is_host() {
             return Ok(());
+        }
+        if let Some(prefix) = &self.pull_through_prefix
+            && repository
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+        {
+            return if action == Action::Pull {
+                Ok(())
+            } else {
+                Err(AuthError::Denied)
+            };
         }
         let app = self
             .store

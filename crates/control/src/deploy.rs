@@ -543,15 +543,24 @@ impl Deployer<'_> {
                     reference.repository
                 )));
             }
-            if !aloft_registry::Digest::looks_like_digest(&reference.reference) {
-                let found = self
-                    .plane
-                    .registry
-                    .resolve_tag(&reference.repository, &reference.reference)
-                    .map_err(|e| bad(format!("looking up image {image}: {e}")))?;
-                if found.is_none() {
+            let pull = aloft_registry::PullClient::new(
+                &format!("http://{ours}"),
+                Some(self.plane.host_token().to_string()),
+            );
+            match pull.manifest(image).await {
+                Ok(manifest) => aloft_build::oci::check_runnable(&manifest)
+                    .map_err(|reason| bad(format!("image {image} cannot be deployed: {reason}")))?,
+                Err(
+                    aloft_registry::RegistryError::ManifestUnknown(_)
+                    | aloft_registry::RegistryError::NameUnknown(_),
+                ) => {
                     return Err(bad(format!(
                         "image {image} is not in the registry (it was never pushed, or garbage collection removed it)"
+                    )));
+                }
+                Err(err) => {
+                    return Err(bad(format!(
+                        "reading image {image} from the registry: {err}"
                     )));
                 }
             }

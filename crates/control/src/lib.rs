@@ -116,7 +116,11 @@ impl ControlPlane {
                 root: config.data_dir.join("registry"),
                 upstream: config.registry_upstream.clone(),
             },
-            Arc::new(auth::RegistryAuth::new(store.clone())),
+            Arc::new(
+                auth::RegistryAuth::new(store.clone()).with_pull_through_prefix(
+                    config.registry_upstream.as_ref().map(|u| u.prefix.clone()),
+                ),
+            ),
         )
         .context("opening the image registry")?;
         let plane = Arc::new(Self {

@@ -514,12 +514,20 @@ async fn health(
     for expected in &checks {
         let grace = expected.check.grace_period.map(|g| g.to_std());
         let past_grace = elapsed >= grace.unwrap_or_default();
+        // Silence (nothing listening yet) is given one more check interval after the
+        // grace period; an explicit failure answer counts as soon as the grace period ends.
+        let interval = expected
+            .check
+            .interval
+            .map(|i| i.to_std())
+            .filter(|i| !i.is_zero())
+            .unwrap_or(Duration::from_secs(10));
+        let past_patience = grace.is_some_and(|g| elapsed >= g + interval);
         // The agent's verdict can fail a deploy; passing is confirmed from here too, so a
         // result left over from the machine's previous run never lets traffic in early.
         if let Some(status) = reported.get(&expected.name)
             && status.status == "critical"
-            && past_grace
-            && grace.is_some()
+            && past_patience
         {
             return Health::Failing {
                 check: expected.name.clone(),
@@ -534,7 +542,7 @@ async fn health(
                     output,
                 };
             }
-            Probe::NoAnswer(output) if past_grace && grace.is_some() => {
+            Probe::NoAnswer(output) if past_patience => {
                 return Health::Failing {
                     check: expected.name.clone(),
                     output,
@@ -557,7 +565,7 @@ pub async fn machine_logs(plane: &ControlPlane, app: &str, machine_id: &str) -> 
     let client = aloft_client::Client::new(&base, Some(plane.host_token().to_string()))
         .with_timeout(Duration::from_secs(3));
     let path = format!(
-        "/v1/apps/{}/logs?instance={machine_id}&no_tail=true",
+        "/v1/apps/{}/logs?machine={machine_id}&lines={LOG_LINES}",
         aloft_client::encode_component(app)
     );
     let Ok((status, body)) = client.raw(http::Method::GET, &path, None, &[]).await else {

@@ -56,6 +56,7 @@ pub struct Platform {
     pub netns: String,
     pub root: tempfile::TempDir,
     server: Option<Child>,
+    server_args: Vec<String>,
 }
 
 pub struct Run {
@@ -65,7 +66,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(output: Output) -> Self {
+    pub fn from(output: Output) -> Self {
         Self {
             status: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -90,6 +91,11 @@ impl std::fmt::Display for Run {
 impl Platform {
     /// Starts `aloft server` in a fresh network namespace and waits until its API answers.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`Platform::start`], with extra `aloft server` arguments.
+    pub fn start_with(server_args: &[&str]) -> Self {
         assert!(
             hello_binary().exists(),
             "{} is missing: run `cargo build --workspace` first",
@@ -114,6 +120,7 @@ impl Platform {
             netns,
             root,
             server: None,
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
         };
         platform.spawn_server();
         platform
@@ -127,7 +134,7 @@ impl Platform {
         self.root.path().join("data")
     }
 
-    fn in_netns(&self, program: &Path) -> Command {
+    pub fn in_netns(&self, program: &Path) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/run/netns/{}", self.netns))
@@ -151,6 +158,7 @@ impl Platform {
             .arg("server")
             .arg("--data-dir")
             .arg(self.data_dir())
+            .args(&self.server_args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         self.server = Some(command.spawn().expect("starting aloft server"));
