@@ -313,6 +313,11 @@ fn a_failing_machine_stops_the_deploy_and_the_previous_release_keeps_serving() {
         run.stderr.contains("main process ended: exit code 3"),
         "{run}"
     );
+    let logs = run.stderr.split("--> Last ").nth(1).unwrap_or_default();
+    assert!(
+        logs.contains("booting the bad release") && logs.contains("giving up"),
+        "the failing machine's last log lines: {run}"
+    );
     let last = run.stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("Error: deploy failed: machine ")
@@ -472,6 +477,10 @@ fn the_release_command_runs_first_and_its_failure_stops_the_deploy() {
     assert!(
         run.stderr.contains("main process ended: exit code 7"),
         "{run}"
+    );
+    assert!(
+        run.stderr.contains("migration failed"),
+        "the release command's log lines: {run}"
     );
     let after = machines(&platform, "rel");
     assert_eq!(after.len(), 2);
