@@ -217,8 +217,44 @@ fn rolling_and_bluegreen_deploys_drop_no_requests() {
         "apps create",
         &platform,
     );
+    let v0 = app_dir(&platform, "v0", "zdt", "v0", CHECKED_SERVICE);
+    must(
+        deploy(&platform, &v0, &["--ha=false"]),
+        "first deploy",
+        &platform,
+    );
+    let single = machines(&platform, "zdt");
+    assert_eq!(single.len(), 1);
+
+    // One machine: the rolling deploy starts its replacement, waits for it to be
+    // healthy, and only then drains and destroys the old one.
     let v1 = app_dir(&platform, "v1", "zdt", "v1", CHECKED_SERVICE);
-    must(deploy(&platform, &v1, &[]), "first deploy", &platform);
+    let load = Load::start(&platform, "zdt.localhost", 50);
+    let run = must(
+        deploy(&platform, &v1, &[]),
+        "rolling deploy of one machine",
+        &platform,
+    );
+    wait_for("answers from v1", Duration::from_secs(30), || {
+        get(&platform, "zdt.localhost").1 == "v1"
+    });
+    let (sent, failures) = load.finish();
+    println!(
+        "single-machine rolling deploy: {sent} requests, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed: {failures:?}\n{run}",
+        failures.len()
+    );
+    let replaced = machines(&platform, "zdt");
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(
+        replaced[0]["id"], single[0]["id"],
+        "the machine was replaced, not restarted"
+    );
+
     must(
         platform.aloft(&["scale", "count", "3", "-a", "zdt", "--yes"]),
         "scale count 3",
