@@ -81,6 +81,17 @@ pub fn init_config(
         env.insert("FLY_PRIVATE_IP".into(), ip.clone());
         etc_hosts.push((ip.clone(), "fly-local-6pn".into()));
     }
+    // The config's own nameservers, else the platform's resolver for `.internal` names
+    // (recursive for everything else) when the machine is on the private network.
+    let mut nameservers = spec
+        .config
+        .dns
+        .as_ref()
+        .map(|d| d.nameservers.clone())
+        .unwrap_or_default();
+    if nameservers.is_empty() && link.private_ip.is_some() {
+        nameservers.push(aloft_api::sixpn::DNS.to_string());
+    }
     let files = spec
         .config
         .files
@@ -102,12 +113,7 @@ pub fn init_config(
         workdir: image.run.working_dir.clone().unwrap_or_default(),
         hostname: spec.id.clone(),
         etc_hosts,
-        nameservers: spec
-            .config
-            .dns
-            .as_ref()
-            .map(|d| d.nameservers.clone())
-            .unwrap_or_default(),
+        nameservers,
         files,
         mount_standard_filesystems: false,
     })
@@ -203,5 +209,36 @@ mod tests {
         assert_eq!(i.env["FLY_MACHINE_VERSION"], "v1");
         assert_eq!(i.env["FLY_VM_MEMORY_MB"], "256");
         assert_eq!(i.hostname, "0123456789abcd");
+        assert!(
+            !i.env.contains_key("FLY_PRIVATE_IP"),
+            "no 6PN address, no variable"
+        );
+        assert!(i.nameservers.is_empty());
+    }
+
+    #[test]
+    fn six_pn_address_reaches_env_hosts_and_resolver() {
+        let mut s = spec();
+        s.private_ip = Some("fdaa:0:1:0:1:0:7:2".into());
+        let link = MachineLink::for_machine("0123456789abcd", 0)
+            .unwrap()
+            .with_private_ip(s.private_ip.as_deref());
+        let i = init_config(&s, &image(None, Some(vec!["/bin/app"])), &link).unwrap();
+        assert_eq!(i.env["FLY_PRIVATE_IP"], "fdaa:0:1:0:1:0:7:2");
+        assert!(i.etc_hosts.contains(&(
+            "fdaa:0:1:0:1:0:7:2".to_string(),
+            "fly-local-6pn".to_string()
+        )));
+        assert_eq!(i.nameservers, vec!["fdaa::3".to_string()]);
+        s.config.dns = Some(aloft_api::DnsConfig {
+            nameservers: vec!["1.1.1.1".into()],
+            ..Default::default()
+        });
+        let own = init_config(&s, &image(None, Some(vec!["/bin/app"])), &link).unwrap();
+        assert_eq!(
+            own.nameservers,
+            vec!["1.1.1.1".to_string()],
+            "the config's nameservers win"
+        );
     }
 }

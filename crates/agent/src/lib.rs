@@ -336,7 +336,9 @@ impl Agent {
             .unwrap_or_else(aloft_api::MachineGuest::default_shared);
         check_guest(&guest)?;
         let image = self.image_for(spec, &dir).await?;
-        let link = MachineLink::for_machine(&spec.id, record.slot).map_err(|e| e.to_string())?;
+        let link = MachineLink::for_machine(&spec.id, record.slot)
+            .map_err(|e| e.to_string())?
+            .with_private_ip(spec.private_ip.as_deref());
         let init = init_config(spec, &image, &link)?;
         let _ = std::fs::remove_file(dir.join(driver::EXIT_FILE));
         let driver = self.driver.clone();

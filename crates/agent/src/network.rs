@@ -1,18 +1,44 @@
-//! Machine networking on a host: each machine gets its own network namespace and a routed
-//! veth link with a private /30 IPv4 that only this host's proxy uses.
+//! Machine networking on a host. Each machine gets its own network namespace and its own
+//! routed veth link (no shared L2 between machines) with
+//! - its 6PN address (`fdaa:<network>:<host>:<machine>::2/112`, see `aloft_api::sixpn`),
+//!   routing `fdaa::/16` to the host, which routes the machine's /112 back down the link;
+//! - a private /30 IPv4 that only this host's proxy uses, with IPv4 egress NATed.
+//!
+//! nftables (table `inet aloft`, see [`RULESET`]) lets a machine reach its own network's
+//! 6PN addresses, the host's DNS (`fdaa::3`) and the sockets the host binds in the
+//! machine's network (Flycast listeners of the proxy, the network's DNS address), and the
+//! outside world over IPv4; nothing of another network, no other machine's private IPv4,
+//! and no other port of the host. Per-machine facts live in three sets keyed by the
+//! host-side interface name, so the rules never change when machines come and go.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use aloft_api::sixpn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("network slot {0} is out of range")]
     SlotOutOfRange(u32),
-    #[error("`ip {args}` failed: {stderr}")]
-    Command { args: String, stderr: String },
-    #[error("running `ip`: {0} (is iproute2 installed?)")]
-    Spawn(std::io::Error),
+    #[error("`{program} {args}` failed: {stderr}")]
+    Command {
+        program: &'static str,
+        args: String,
+        stderr: String,
+    },
+    #[error("running `{program}`: {source} (is {package} installed?)")]
+    Spawn {
+        program: &'static str,
+        package: &'static str,
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Sysctl {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// The addresses of one machine's link.
@@ -22,10 +48,20 @@ pub struct MachineLink {
     pub host_interface: String,
     pub host_address: Ipv4Addr,
     pub machine_address: Ipv4Addr,
+    /// The machine's 6PN address, when the control plane assigned one.
+    pub private_ip: Option<Ipv6Addr>,
 }
 
 const PRIVATE_BASE: u32 = u32::from_be_bytes([172, 19, 0, 0]);
 const MAX_SLOTS: u32 = 1 << 14;
+/// Every machine's private IPv4 is in here.
+pub const PRIVATE_V4_CIDR: &str = "172.19.0.0/16";
+/// The host end of every machine link (the machine's IPv6 next hop).
+pub const HOST_LINK_LOCAL: &str = "fe80::1";
+/// The machine end of every machine link.
+pub const MACHINE_LINK_LOCAL: &str = "fe80::2";
+/// Host-side machine interfaces are `al<first 12 characters of the machine id>`.
+pub const INTERFACE_PREFIX: &str = "al";
 
 impl MachineLink {
     pub fn for_machine(machine_id: &str, slot: u32) -> Result<Self, NetworkError> {
@@ -36,10 +72,19 @@ impl MachineLink {
         let short: String = machine_id.chars().take(12).collect();
         Ok(Self {
             netns: format!("aloft-{machine_id}"),
-            host_interface: format!("al{short}"),
+            host_interface: format!("{INTERFACE_PREFIX}{short}"),
             host_address: Ipv4Addr::from(base + 1),
             machine_address: Ipv4Addr::from(base + 2),
+            private_ip: None,
         })
+    }
+
+    /// The link with the machine's 6PN address (ignored unless it is in `fdaa::/16`).
+    pub fn with_private_ip(mut self, private_ip: Option<&str>) -> Self {
+        self.private_ip = private_ip
+            .and_then(|ip| ip.parse::<Ipv6Addr>().ok())
+            .filter(|ip| sixpn::parts(ip).is_some());
+        self
     }
 
     pub fn netns_path(&self) -> PathBuf {
@@ -47,85 +92,348 @@ impl MachineLink {
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), NetworkError> {
-    let output = Command::new("ip")
+fn run(
+    program: &'static str,
+    package: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<(), NetworkError> {
+    let mut command = Command::new(program);
+    command
         .args(args)
-        .output()
-        .map_err(NetworkError::Spawn)?;
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = command.spawn().map_err(|source| NetworkError::Spawn {
+        program,
+        package,
+        source,
+    })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        pipe.write_all(text.as_bytes())
+            .map_err(|source| NetworkError::Spawn {
+                program,
+                package,
+                source,
+            })?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|source| NetworkError::Spawn {
+            program,
+            package,
+            source,
+        })?;
     if output.status.success() {
         Ok(())
     } else {
         Err(NetworkError::Command {
+            program,
             args: args.join(" "),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         })
     }
 }
 
-/// Creates the namespace and link if they don't exist yet (idempotent: a restarted agent
-/// finds them in place).
-pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
-    if link.netns_path().exists()
-        && std::path::Path::new("/sys/class/net")
-            .join(&link.host_interface)
-            .exists()
-    {
-        return Ok(());
-    }
-    teardown(link);
-    ip(&["netns", "add", &link.netns])?;
-    let result = (|| {
-        ip(&[
-            "link",
-            "add",
-            &link.host_interface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &link.netns,
-        ])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/30", link.host_address),
-            "dev",
-            &link.host_interface,
-        ])?;
-        ip(&["link", "set", &link.host_interface, "up"])?;
-        ip(&[
-            "-n",
-            &link.netns,
-            "addr",
-            "add",
-            &format!("{}/30", link.machine_address),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &link.netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &link.netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &link.netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &link.host_address.to_string(),
-        ])
-    })();
-    if result.is_err() {
-        teardown(link);
-    }
-    result
+fn ip(args: &[&str]) -> Result<(), NetworkError> {
+    run("ip", "iproute2", args, None)
 }
 
-/// Removes the namespace (and with it the veth pair). Missing pieces are not an error.
+fn nft(script: &str) -> Result<(), NetworkError> {
+    run("nft", "nftables", &["-f", "-"], Some(script))
+}
+
+fn sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
+    let full = format!("/proc/sys/{path}");
+    if std::fs::read_to_string(&full).is_ok_and(|current| current.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&full, value).map_err(|source| NetworkError::Sysctl { path: full, source })
+}
+
+/// The host's packet filter and NAT. Sets are created once and keep their elements when
+/// the agent restarts; chains are flushed and refilled, all in one transaction.
+pub const RULESET: &str = r#"
+add table inet aloft
+add set inet aloft machine_nets6 { type ifname . ipv6_addr; flags interval; }
+add set inet aloft machine_addrs6 { type ifname . ipv6_addr; }
+add set inet aloft machine_addrs4 { type ifname . ipv4_addr; }
+add chain inet aloft input { type filter hook input priority filter; policy accept; }
+add chain inet aloft forward { type filter hook forward priority filter; policy accept; }
+add chain inet aloft postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add chain inet aloft machine_to_host
+add chain inet aloft from_machine
+add chain inet aloft to_machine
+flush chain inet aloft input
+flush chain inet aloft forward
+flush chain inet aloft postrouting
+flush chain inet aloft machine_to_host
+flush chain inet aloft from_machine
+flush chain inet aloft to_machine
+add rule inet aloft input iifname "al*" jump machine_to_host
+add rule inet aloft machine_to_host ct state established,related accept
+add rule inet aloft machine_to_host ct state invalid drop
+add rule inet aloft machine_to_host icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept
+add rule inet aloft machine_to_host iifname . ip6 saddr != @machine_addrs6 drop
+add rule inet aloft machine_to_host iifname . ip saddr != @machine_addrs4 drop
+add rule inet aloft machine_to_host ip6 daddr fdaa::3 meta l4proto { tcp, udp } th dport 53 accept
+add rule inet aloft machine_to_host iifname . ip6 daddr @machine_nets6 socket wildcard 0 accept
+add rule inet aloft machine_to_host meta l4proto tcp reject with tcp reset
+add rule inet aloft machine_to_host reject with icmpx type admin-prohibited
+add rule inet aloft forward iifname "al*" jump from_machine
+add rule inet aloft forward oifname "al*" jump to_machine
+add rule inet aloft from_machine ct state established,related accept
+add rule inet aloft from_machine ct state invalid drop
+add rule inet aloft from_machine iifname . ip6 saddr != @machine_addrs6 drop
+add rule inet aloft from_machine iifname . ip saddr != @machine_addrs4 drop
+add rule inet aloft from_machine iifname . ip6 daddr @machine_nets6 accept
+add rule inet aloft from_machine meta nfproto ipv6 meta l4proto tcp reject with tcp reset
+add rule inet aloft from_machine meta nfproto ipv6 reject with icmpx type admin-prohibited
+add rule inet aloft from_machine ip daddr 172.19.0.0/16 meta l4proto tcp reject with tcp reset
+add rule inet aloft from_machine ip daddr 172.19.0.0/16 reject with icmpx type admin-prohibited
+add rule inet aloft from_machine accept
+add rule inet aloft to_machine ct state established,related accept
+add rule inet aloft to_machine oifname . ip6 saddr @machine_nets6 accept
+add rule inet aloft to_machine meta l4proto tcp reject with tcp reset
+add rule inet aloft to_machine reject with icmpx type admin-prohibited
+add rule inet aloft postrouting ip saddr 172.19.0.0/16 oifname != "al*" masquerade
+"#;
+
+static HOST_READY: Mutex<bool> = Mutex::new(false);
+
+/// Prepares the host once per process: forwarding on, `fdaa::3` on `lo` (the DNS
+/// server's address), and the packet filter. Idempotent; safe while machines run.
+pub fn prepare_host() -> Result<(), NetworkError> {
+    let mut ready = HOST_READY.lock().unwrap_or_else(|p| p.into_inner());
+    if *ready {
+        return Ok(());
+    }
+    sysctl("net/ipv4/ip_forward", "1")?;
+    sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    ip(&["link", "set", "lo", "up"])?;
+    ip(&[
+        "-6",
+        "addr",
+        "replace",
+        &format!("{}/128", sixpn::DNS),
+        "dev",
+        "lo",
+    ])?;
+    nft(RULESET)?;
+    *ready = true;
+    Ok(())
+}
+
+/// Makes a network's service block (`fdaa:<network>::/80`: Flycast addresses and the
+/// network's DNS address) local to this host, so the sockets bound there receive.
+pub fn ensure_service_block(network: u32) -> Result<(), NetworkError> {
+    ip(&[
+        "-6",
+        "route",
+        "replace",
+        "local",
+        &sixpn::service_cidr(network),
+        "dev",
+        "lo",
+    ])
+}
+
+/// Creates the namespace and link if they don't exist yet, and (again, idempotently) the
+/// routes and filter entries: a restarted agent finds everything in place.
+pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
+    prepare_host()?;
+    let exists = link.netns_path().exists()
+        && std::path::Path::new("/sys/class/net")
+            .join(&link.host_interface)
+            .exists();
+    if !exists {
+        teardown(link);
+        ip(&["netns", "add", &link.netns])?;
+        if let Err(err) = create_link(link) {
+            teardown(link);
+            return Err(err);
+        }
+    }
+    if let Err(err) = apply_machine_addressing(link) {
+        if !exists {
+            teardown(link);
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
+fn create_link(link: &MachineLink) -> Result<(), NetworkError> {
+    let host = link.host_interface.as_str();
+    let ns = link.netns.as_str();
+    ip(&[
+        "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    // Fixed link-local addresses without duplicate address detection: IPv6 works the
+    // moment the machine starts.
+    ip(&["link", "set", host, "addrgenmode", "none"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "addrgenmode", "none"])?;
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/30", link.host_address),
+        "dev",
+        host,
+    ])?;
+    ip(&[
+        "addr",
+        "add",
+        &format!("{HOST_LINK_LOCAL}/64"),
+        "dev",
+        host,
+        "nodad",
+    ])?;
+    ip(&["link", "set", host, "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{}/30", link.machine_address),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{MACHINE_LINK_LOCAL}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &link.host_address.to_string(),
+    ])
+}
+
+fn apply_machine_addressing(link: &MachineLink) -> Result<(), NetworkError> {
+    let host = link.host_interface.as_str();
+    let mut elements = format!(
+        "add element inet aloft machine_addrs4 {{ \"{host}\" . {} }}\n",
+        link.machine_address
+    );
+    if let Some(address) = link.private_ip {
+        let ns = link.netns.as_str();
+        let cidr = sixpn::machine_cidr(&address);
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "replace",
+            &format!("{address}/{}", sixpn::MACHINE_PREFIX_LEN),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "replace",
+            "fdaa::/16",
+            "via",
+            HOST_LINK_LOCAL,
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-6",
+            "route",
+            "replace",
+            &cidr,
+            "via",
+            MACHINE_LINK_LOCAL,
+            "dev",
+            host,
+        ])?;
+        if let Some(network) = sixpn::network_of(&address) {
+            elements.push_str(&format!(
+                "add element inet aloft machine_addrs6 {{ \"{host}\" . {address} }}\n"
+            ));
+            elements.push_str(&format!(
+                "add element inet aloft machine_nets6 {{ \"{host}\" . {} }}\n",
+                sixpn::network_cidr(network)
+            ));
+            // The network's Flycast addresses must be local here for its machines to reach them.
+            ensure_service_block(network)?;
+        }
+    }
+    nft(&elements)
+}
+
+/// Removes the namespace (and with it the veth pair and its route) and the machine's
+/// filter entries, found by interface name (the caller need not know the 6PN address).
+/// Missing pieces are not an error.
 pub fn teardown(link: &MachineLink) {
-    let _ = ip(&["link", "del", &link.host_interface]);
+    let host = link.host_interface.as_str();
+    let mut deletions = vec![format!(
+        "delete element inet aloft machine_addrs4 {{ \"{host}\" . {} }}",
+        link.machine_address
+    )];
+    for set in ["machine_addrs6", "machine_nets6"] {
+        for value in set_values_of(set, host) {
+            deletions.push(format!(
+                "delete element inet aloft {set} {{ \"{host}\" . {value} }}"
+            ));
+        }
+    }
+    // One at a time: a missing element fails its own transaction only.
+    for deletion in deletions {
+        let _ = nft(&deletion);
+    }
+    let _ = ip(&["link", "del", host]);
     let _ = ip(&["netns", "del", &link.netns]);
+}
+
+/// The values paired with `interface` in one of the table's `ifname . address` sets.
+fn set_values_of(set: &str, interface: &str) -> Vec<String> {
+    let Ok(output) = Command::new("nft")
+        .args(["list", "set", "inet", "aloft", set])
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    elements_of(&String::from_utf8_lossy(&output.stdout), interface)
+}
+
+fn elements_of(listing: &str, interface: &str) -> Vec<String> {
+    let key = format!("\"{interface}\" . ");
+    let mut values = Vec::new();
+    let mut rest = listing;
+    while let Some(at) = rest.find(&key) {
+        rest = &rest[at + key.len()..];
+        let value: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.' | '/'))
+            .collect();
+        if !value.is_empty() {
+            values.push(value);
+        }
+    }
+    values
 }
 
 #[cfg(test)]
@@ -142,5 +450,36 @@ mod tests {
         let b = MachineLink::for_machine("0123456789abcd", 100).unwrap();
         assert_eq!(b.machine_address, Ipv4Addr::new(172, 19, 1, 146));
         assert!(MachineLink::for_machine("x", MAX_SLOTS).is_err());
+    }
+
+    #[test]
+    fn only_6pn_addresses_are_taken() {
+        let link = MachineLink::for_machine("0123456789abcd", 0).unwrap();
+        let with = link.clone().with_private_ip(Some("fdaa:0:1:0:1:0:5:2"));
+        assert_eq!(with.private_ip, Some("fdaa:0:1:0:1:0:5:2".parse().unwrap()));
+        assert_eq!(
+            link.clone().with_private_ip(Some("2001:db8::1")).private_ip,
+            None
+        );
+        assert_eq!(
+            link.clone().with_private_ip(Some("garbage")).private_ip,
+            None
+        );
+        assert_eq!(link.with_private_ip(None).private_ip, None);
+    }
+
+    #[test]
+    fn set_listings_yield_one_interfaces_values() {
+        let listing = "table inet aloft {\n\tset machine_nets6 {\n\t\telements = { \"alabc\" . fdaa:0:1::/48,\n\t\t\t     \"alxyz\" . fdaa:0:2::/48 }\n\t}\n}";
+        assert_eq!(elements_of(listing, "alabc"), vec!["fdaa:0:1::/48"]);
+        assert_eq!(elements_of(listing, "alxyz"), vec!["fdaa:0:2::/48"]);
+        assert!(elements_of(listing, "alnone").is_empty());
+    }
+
+    #[test]
+    fn ruleset_names_the_private_ranges_it_filters() {
+        assert!(RULESET.contains(PRIVATE_V4_CIDR));
+        assert!(RULESET.contains(&format!("ip6 daddr {}", sixpn::DNS)));
+        assert!(RULESET.contains(&format!("iifname \"{INTERFACE_PREFIX}*\"")));
     }
 }

@@ -352,6 +352,22 @@ pub struct CatalogApp {
     /// Hostnames the proxy routes to this app (`<app>.<base-domain>`, certificates).
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// The app's 6PN network number: its machines are in `fdaa:<network_id>::/48`
+    /// (see `sixpn`). 0 when the control plane has not assigned one.
+    #[serde(default)]
+    pub network_id: u32,
+    /// Addresses allocated to the app: public ones and Flycast (`private_v6`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<CatalogIp>,
+}
+
+/// An address allocated to an app, as the proxy and DNS servers need it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogIp {
+    pub address: String,
+    /// `v4`, `shared_v4`, `v6` or `private_v6` (Flycast).
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

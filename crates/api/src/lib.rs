@@ -5,6 +5,7 @@ pub mod duration;
 pub mod internal;
 pub mod machine;
 pub mod regions;
+pub mod sixpn;
 pub mod token;
 
 pub use app::*;

@@ -107,6 +107,15 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// Manage the app's IP addresses (public and Flycast).
+    Ips {
+        #[command(subcommand)]
+        command: commands::ips::IpsCommand,
+    },
+    /// Look up a name with the app's private-network resolver.
+    Dig(commands::dig::DigArgs),
+    /// Forward a local port to an address in the app's private network.
+    Proxy(commands::proxy::ProxyArgs),
     /// The per-machine shim (started by the agent).
     #[command(hide = true)]
     Shim {
@@ -179,7 +188,12 @@ fn main() {
     }
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Server(_));
-    let default_filter = if server { "info" } else { "warn" };
+    // hickory logs every DNS query at info.
+    let default_filter = if server {
+        "info,hickory_server=warn"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ALOFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
@@ -315,6 +329,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map_err(|e| explain_app(e, &api, &app))?
         }
+        Command::Ips { command } => commands::ips::run(&api, command).await?,
+        Command::Dig(args) => commands::dig::run(&api, args).await?,
+        Command::Proxy(args) => commands::proxy::run(&api, args).await?,
         Command::Auth {
             command: AuthCommand::Token,
         } => println!("{}", api.token()?),

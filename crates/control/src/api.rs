@@ -54,6 +54,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/v1/hosts/{id}/events", post(host_events))
         .merge(crate::deploy::routes())
         .merge(crate::runtime::router())
+        .merge(crate::ips::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(plane)

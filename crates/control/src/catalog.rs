@@ -2,7 +2,7 @@
 //! kept for a while so followers can resume, and broadcast as it happens.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aloft_api::internal::{CatalogApp, CatalogMachine, CatalogUpdate};
 use tokio::sync::broadcast;
@@ -20,6 +20,7 @@ pub struct Catalog {
     cordoned: Mutex<HashSet<String>>,
     /// Machines' latest health check results, carried in their catalog entries.
     pub checks: crate::checks::CheckBoard,
+    store: Arc<Store>,
 }
 
 struct History {
@@ -44,7 +45,7 @@ pub fn update_seq(update: &CatalogUpdate) -> u64 {
 }
 
 impl Catalog {
-    pub fn new(base_domain: &str) -> Self {
+    pub fn new(base_domain: &str, store: Arc<Store>) -> Self {
         let (sender, _) = broadcast::channel(HISTORY);
         Self {
             state: Mutex::new(History {
@@ -55,15 +56,22 @@ impl Catalog {
             base_domain: base_domain.to_string(),
             cordoned: Mutex::new(HashSet::new()),
             checks: Default::default(),
+            store,
         }
     }
 
     pub fn app_entry(&self, app: &AppRow) -> CatalogApp {
+        let (network_id, ips) = crate::ips::catalog_fields(&self.store, app).unwrap_or_else(|err| {
+            tracing::error!(app = %app.name, error = %err, "reading the app's network and addresses");
+            (0, Vec::new())
+        });
         CatalogApp {
             name: app.name.clone(),
             org: app.org_slug.clone(),
             network: app.network.clone(),
             hostnames: vec![format!("{}.{}", app.name, self.base_domain)],
+            network_id,
+            ips,
         }
     }
 

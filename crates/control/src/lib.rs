@@ -8,6 +8,7 @@ pub mod checks;
 pub mod deploy;
 pub mod error;
 pub mod hosts;
+pub mod ips;
 pub mod logs;
 pub mod machines;
 pub mod names;
@@ -89,6 +90,7 @@ impl ControlPlane {
                 org
             }
         };
+        ips::migrate(&store)?;
         let admin_token = ensure_token(
             &store,
             SETTING_ADMIN_TOKEN_ID,
@@ -103,7 +105,7 @@ impl ControlPlane {
             TokenKind::Host,
             "local host",
         )?;
-        let catalog = Catalog::new(&config.base_domain);
+        let catalog = Catalog::new(&config.base_domain, store.clone());
         let interrupted = store.interrupt_running_releases()?;
         if interrupted > 0 {
             tracing::warn!(

@@ -185,7 +185,11 @@ impl ControlPlane {
             state: MachineState::Created,
             instance_id: ulid::Ulid::new().to_string(),
             config,
-            private_ip: None,
+            private_ip: Some(crate::ips::machine_private_ip(
+                &self.store,
+                app,
+                &placement.host.id,
+            )?),
             private_ipv4: None,
             created_at: now.clone(),
             updated_at: now,

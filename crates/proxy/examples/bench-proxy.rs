@@ -77,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             org: "bench".into(),
             network: "default".into(),
             hostnames: vec!["127.0.0.1".into(), "bench.test".into()],
+            ..CatalogApp::default()
         };
         let machine = CatalogMachine {
             id: "m1".into(),

@@ -127,9 +127,9 @@ fn app_extras(app: &serde_json::Value) -> Option<(String, AppExtras)> {
         let Ok(addr) = address.parse::<IpAddr>() else {
             continue;
         };
-        if kind.contains("private") {
-            continue;
-        }
+        // Flycast (`private_v6`) addresses are routed like dedicated ones: the proxy
+        // listens on them for the app's service ports; the host's packet filter keeps
+        // them to the network the address is in.
         let shared = kind.contains("shared");
         extras.ips.push((addr, shared));
     }

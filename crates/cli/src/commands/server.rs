@@ -52,6 +52,14 @@ pub struct ServerArgs {
     /// The repository prefix that is pulled through from the upstream.
     #[arg(long, default_value = "dockerhub")]
     pub registry_upstream_prefix: String,
+    /// Where machines' DNS server (`.internal` names) listens; every network's own
+    /// `fdaa:<network>::3` gets the same port.
+    #[arg(long, default_value = "[fdaa::3]:53")]
+    pub dns_listen: SocketAddr,
+    /// Upstream resolver for names outside the private network (repeatable; default:
+    /// the nameservers of /etc/resolv.conf).
+    #[arg(long = "dns-upstream")]
+    pub dns_upstreams: Vec<SocketAddr>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -105,6 +113,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let api_url = format!("http://{}", args.api_listen);
     write_private(&data_dir.join("host.token"), &credentials.host_token)
         .context("saving the host token")?;
+    // Shared IPv4 addresses are the proxy's.
+    plane.store.set_setting(
+        aloft_control::ips::SETTING_SHARED_V4,
+        &args.proxy_listen.ip().to_string(),
+    )?;
     let settings_path = Settings {
         api_url: Some(api_url.clone()),
         access_token: Some(credentials.admin_token.clone()),
@@ -140,6 +153,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     tokio::spawn(agent.clone().report());
     agent.reconcile().await.context("reconciling machines")?;
 
+    let dns = start_dns(&args, &api_url, &credentials.host_token);
+
     let proxy = Proxy::new(ProxyConfig {
         http_listen: args.proxy_listen,
         https_listen: args.proxy_https_listen,
@@ -168,6 +183,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         args.base_domain,
         args.proxy_listen.port()
     );
+    match &dns {
+        Some(dns) => println!("  Private DNS       {dns} (and fdaa:<network>::3 for each network)"),
+        None => println!("  Private DNS       off (machine networking needs root; see the log)"),
+    }
     println!("  Organization      {}", credentials.org_slug);
     println!(
         "  Access token      saved to {} (`aloft auth token` prints it)",
@@ -198,4 +217,40 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     file.write_all(text.as_bytes())
+}
+
+/// Prepares the host's machine networking and starts the private-network resolver; `None`
+/// (with a warning) where this host cannot (not root).
+fn start_dns(args: &ServerArgs, api_url: &str, host_token: &str) -> Option<SocketAddr> {
+    if let Err(err) = aloft_agent::network::prepare_host() {
+        tracing::warn!(error = %err, "machine networking is unavailable: no 6PN, no private DNS");
+        return None;
+    }
+    let upstreams = if args.dns_upstreams.is_empty() {
+        aloft_dns::upstreams_from_resolv_conf(
+            std::path::Path::new("/etc/resolv.conf"),
+            &[
+                std::net::IpAddr::V6(aloft_api::sixpn::DNS),
+                args.dns_listen.ip(),
+            ],
+        )
+    } else {
+        args.dns_upstreams.clone()
+    };
+    let hook: aloft_dns::NetworkHook = std::sync::Arc::new(|network| {
+        aloft_agent::network::ensure_service_block(network).map_err(|e| e.to_string())
+    });
+    let dns = aloft_dns::DnsServer::new(aloft_dns::DnsConfig {
+        region: args.region.clone(),
+        upstreams,
+        network_listeners: Some(args.dns_listen.port()),
+        on_network: Some(hook),
+        ..aloft_dns::DnsConfig::default()
+    });
+    if let Err(err) = dns.listen(args.dns_listen, None) {
+        tracing::warn!(addr = %args.dns_listen, error = %err, "cannot serve private DNS");
+        return None;
+    }
+    tokio::spawn(dns.follow_catalog(api_url.to_string(), host_token.to_string()));
+    Some(args.dns_listen)
 }

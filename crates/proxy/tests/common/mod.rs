@@ -151,6 +151,7 @@ pub fn app(name: &str) -> CatalogApp {
         org: "personal".into(),
         network: "default".into(),
         hostnames: vec![],
+        ..CatalogApp::default()
     }
 }
 
