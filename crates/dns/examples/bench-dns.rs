@@ -7,7 +7,7 @@
 //! to be answered over UDP, 50 times, and prints the median and worst.
 
 use std::io::Write;
-use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use aloft_api::MachineState;
@@ -135,10 +135,10 @@ async fn main() -> anyhow::Result<()> {
                 loop {
                     let query_id = (round as u16).wrapping_mul(31).wrapping_add(7);
                     socket.send(&aaaa_query(query_id, &name))?;
-                    if let Ok(n) = socket.recv(&mut buffer) {
-                        if answers(&buffer[..n], query_id).unwrap_or(0) > 0 {
-                            break;
-                        }
+                    if let Ok(n) = socket.recv(&mut buffer)
+                        && answers(&buffer[..n], query_id).unwrap_or(0) > 0
+                    {
+                        break;
                     }
                     anyhow::ensure!(
                         started.elapsed() < Duration::from_secs(5),
@@ -146,7 +146,6 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
                 samples.push(started.elapsed());
-                let _ = Ipv6Addr::UNSPECIFIED;
             }
             samples.sort();
             println!(
