@@ -644,4 +644,50 @@ fn machines_reach_their_own_network_only() {
         format!("machine={} app=backend", backend.id),
         "{through}"
     );
+
+    // A stopped machine leaves the started names and stays in the `all` ones; Flycast
+    // starts it again (the proxy's autostart).
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let stop_url = format!(
+        "http://127.0.0.1:4280/v1/apps/backend/machines/{}/stop",
+        backend.id
+    );
+    let stopped = platform.curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-d",
+        "{}",
+        &stop_url,
+    ]);
+    assert!(stopped.ok(), "{stopped}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dig_short(&frontend.id, "AAAA", "backend.internal").is_empty()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        dig_short(&frontend.id, "AAAA", "backend.internal"),
+        "",
+        "stopped machines are not in AAAA answers"
+    );
+    assert_eq!(
+        dig_short(&frontend.id, "TXT", "vms.backend.internal"),
+        "\"\""
+    );
+    assert_eq!(
+        dig_short(&frontend.id, "TXT", "all.vms.backend.internal"),
+        format!("\"{} local\"", backend.id)
+    );
+    let woken = inside(
+        &frontend.id,
+        "timeout 20 wget -qO- http://backend.flycast:80/cgi-bin/id",
+    );
+    assert_eq!(
+        woken.stdout.trim(),
+        format!("machine={} app=backend", backend.id),
+        "{woken}"
+    );
 }
