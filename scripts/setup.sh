@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(buildah runc iproute2 nftables busybox-static ca-certificates curl procps)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(skopeo crun nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils dnsperf)
+  packages+=(skopeo crun nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils dnsperf dnsmasq-base)
 fi
 
 if [[ $(id -u) -ne 0 ]]; then
