@@ -289,6 +289,17 @@ fn rand_suffix() -> u32 {
 impl Drop for Platform {
     fn drop(&mut self) {
         self.stop();
+        // Machines keep their network namespaces across stops (for the next start);
+        // a finished test has no next start, so remove them with the platform's own.
+        if let Ok(machines) = std::fs::read_dir(self.data_dir().join("agent/machines")) {
+            for machine in machines.flatten() {
+                let netns = format!("aloft-{}", machine.file_name().to_string_lossy());
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &netns])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
