@@ -4,9 +4,11 @@ pub mod app;
 pub mod duration;
 pub mod internal;
 pub mod machine;
+pub mod platform;
 pub mod regions;
 pub mod token;
 
 pub use app::*;
 pub use duration::{Duration, ParseDurationError};
 pub use machine::*;
+pub use platform::*;

@@ -11,7 +11,10 @@ use crate::commands::deploy::DeployArgs;
 use crate::commands::launch::LaunchArgs;
 use crate::commands::registry::RegistryCommand;
 use crate::commands::scale::ScaleCommand;
+use crate::commands::machine::MachineCommand;
+use crate::commands::orgs::OrgsCommand;
 use crate::commands::server::ServerArgs;
+use crate::commands::tokens::TokensCommand;
 use crate::settings::ApiArgs;
 
 #[derive(Parser, Debug)]
@@ -31,6 +34,8 @@ struct Cli {
 enum Command {
     /// Run a single-host platform in the foreground (API, registry, agent, proxy).
     Server(ServerArgs),
+    /// Run the control plane alone (API, registry, catalog), e.g. on PostgreSQL.
+    Control(commands::control::ControlArgs),
     /// Manage apps.
     Apps {
         #[command(subcommand)]
@@ -90,6 +95,18 @@ enum Command {
         #[command(subcommand)]
         command: commands::config::ConfigCommand,
     },
+    /// Manage organizations.
+    #[command(alias = "org")]
+    Orgs {
+        #[command(subcommand)]
+        command: OrgsCommand,
+    },
+    /// Manage access tokens.
+    #[command(alias = "token")]
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// Authentication.
     Auth {
         #[command(subcommand)]
@@ -100,22 +117,6 @@ enum Command {
     Shim {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum MachineCommand {
-    /// List an app's machines.
-    #[command(alias = "ls")]
-    List {
-        #[arg(short = 'a', long = "app")]
-        app: Option<String>,
-        #[arg(short = 'c', long = "config")]
-        config: Option<std::path::PathBuf>,
-        #[arg(short = 'j', long)]
-        json: bool,
-        #[arg(short = 'q', long)]
-        quiet: bool,
     },
 }
 
@@ -159,7 +160,7 @@ fn main() {
     if let Command::Shim { args } = &cli.command {
         std::process::exit(aloft_agent::shim::main(args));
     }
-    let server = matches!(cli.command, Command::Server(_));
+    let server = matches!(cli.command, Command::Server(_) | Command::Control(_));
     let default_filter = if server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ALOFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
@@ -203,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let api = cli.api;
     match cli.command {
         Command::Server(args) => commands::server::run(args).await?,
+        Command::Control(args) => commands::control::run(args).await?,
         Command::Apps { command } => commands::apps::run(&api, command).await?,
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,
         Command::Config { command } => return commands::config::run(command),
@@ -244,26 +246,40 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map_err(|e| explain_app(e, &api, &app))?
         }
-        Command::Machine {
-            command:
-                MachineCommand::List {
-                    app,
-                    config,
-                    json,
-                    quiet,
-                },
-        } => {
-            let app = app_name(app, config.as_deref())?;
-            commands::status::machine_list(&api, &app, json, quiet)
-                .await
-                .map_err(|e| explain_app(e, &api, &app))?
-        }
+        Command::Machine { command } => commands::machine::run(&api, command)
+            .await
+            .map_err(|e| explain(e, &api))?,
+        Command::Orgs { command } => commands::orgs::run(&api, command)
+            .await
+            .map_err(|e| explain(e, &api))?,
+        Command::Tokens { command } => commands::tokens::run(&api, command)
+            .await
+            .map_err(|e| explain(e, &api))?,
         Command::Auth {
             command: AuthCommand::Token,
         } => println!("{}", api.token()?),
         Command::Shim { .. } => unreachable!("handled before the runtime starts"),
     }
     Ok(0)
+}
+
+/// Connection and token problems, said in terms of what to do about them.
+fn explain(err: anyhow::Error, api: &ApiArgs) -> anyhow::Error {
+    match err.downcast::<aloft_client::ClientError>() {
+        Ok(aloft_client::ClientError::Unreachable { reason, .. }) => anyhow::anyhow!(
+            "cannot reach the Aloft API at {} ({reason}); is `aloft server` running?",
+            api.api_url().unwrap_or_default()
+        ),
+        Ok(aloft_client::ClientError::Api { status, message })
+            if status == http::StatusCode::UNAUTHORIZED =>
+        {
+            anyhow::anyhow!(
+                "the API refused the access token ({message}); check ~/.config/aloft/config.toml or --access-token"
+            )
+        }
+        Ok(other) => other.into(),
+        Err(other) => other,
+    }
 }
 
 fn explain_app(err: anyhow::Error, api: &ApiArgs, app: &str) -> anyhow::Error {

@@ -1,9 +1,11 @@
 //! Hosts (one agent each), placement, and the client the control plane uses to drive agents.
 
 use aloft_api::internal::{AgentMachine, MachineSpec};
-use aloft_api::{StopRequest, regions};
+use aloft_api::{
+    ExecResponse, MachineExecRequest, ProcessStat, SignalRequest, StopRequest, regions,
+};
 use aloft_client::{Client, ClientError};
-use http::Method;
+use http::{Method, StatusCode};
 
 use crate::error::ApiError;
 use crate::store::HostRow;
@@ -47,6 +49,23 @@ fn agent_error(err: ClientError) -> ApiError {
     }
 }
 
+/// An agent without the route answers 404/405 with no error document of its own: the
+/// operation is not implemented on that host yet.
+fn unsupported(err: ClientError, operation: &str) -> ApiError {
+    if let ClientError::Api { status, message } = &err {
+        let bare = message == &status.to_string() || message.is_empty();
+        if bare && (*status == StatusCode::NOT_FOUND || *status == StatusCode::METHOD_NOT_ALLOWED) {
+            return ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "the host agent does not implement `{operation}` yet (it has no POST/GET /v1/machines/{{id}}/{operation})"
+                ),
+            );
+        }
+    }
+    agent_error(err)
+}
+
 impl AgentClient {
     pub fn new(agent_url: &str, token: &str) -> Self {
         Self {
@@ -80,6 +99,54 @@ impl AgentClient {
             .json::<(), AgentMachine>(Method::DELETE, &format!("/v1/machines/{id}"), None)
             .await
             .map_err(agent_error)
+    }
+
+    /// Restarts the machine's main process in place (`POST /v1/machines/{id}/restart`).
+    pub async fn restart(&self, id: &str, request: &StopRequest) -> Result<AgentMachine, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/restart"), request)
+            .await
+            .map_err(|e| unsupported(e, "restart"))
+    }
+
+    /// Sends a signal to the machine's main process (`POST /v1/machines/{id}/signal`).
+    pub async fn signal(
+        &self,
+        id: &str,
+        request: &SignalRequest,
+    ) -> Result<AgentMachine, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/signal"), request)
+            .await
+            .map_err(|e| unsupported(e, "signal"))
+    }
+
+    /// Suspends the machine (`POST /v1/machines/{id}/suspend`).
+    pub async fn suspend(&self, id: &str) -> Result<AgentMachine, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/suspend"), &())
+            .await
+            .map_err(|e| unsupported(e, "suspend"))
+    }
+
+    /// The machine's processes (`GET /v1/machines/{id}/ps`).
+    pub async fn ps(&self, id: &str) -> Result<Vec<ProcessStat>, ApiError> {
+        self.client
+            .get(&format!("/v1/machines/{id}/ps"))
+            .await
+            .map_err(|e| unsupported(e, "ps"))
+    }
+
+    /// Runs a command in the machine (`POST /v1/machines/{id}/exec`).
+    pub async fn exec(
+        &self,
+        id: &str,
+        request: &MachineExecRequest,
+    ) -> Result<ExecResponse, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/exec"), request)
+            .await
+            .map_err(|e| unsupported(e, "exec"))
     }
 
     pub async fn get(&self, id: &str) -> Result<AgentMachine, ApiError> {

@@ -1,9 +1,13 @@
 pub mod apps;
 pub mod config;
+pub mod control;
 pub mod deploy;
 pub mod launch;
 pub mod registry;
 pub mod releases;
 pub mod scale;
+pub mod machine;
+pub mod orgs;
 pub mod server;
 pub mod status;
+pub mod tokens;
