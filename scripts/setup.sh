@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(buildah runc iproute2 nftables busybox-static ca-certificates curl procps)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(skopeo crun nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils dnsperf dnsmasq-base)
+  packages+=(skopeo crun nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils dnsperf dnsmasq-base postgresql postgresql-client python3-pip)
 fi
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -36,4 +36,14 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: no Rust toolchain; installing one with rustup"
   curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
   export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+if [[ "${1:-}" == "--test" ]]; then
+  # Schemathesis fuzzes the API against its OpenAPI document; without it that test skips.
+  if ! command -v schemathesis >/dev/null 2>&1 && ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
+    echo "setup: installing schemathesis (pip)"
+    python3 -m pip install -q schemathesis >/dev/null 2>&1 \
+      || python3 -m pip install -q --break-system-packages schemathesis >/dev/null 2>&1 \
+      || echo "setup: WARNING: could not install schemathesis; the OpenAPI fuzz test will skip" >&2
+  fi
 fi

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh --test
 export PATH="$HOME/.cargo/bin:$PATH"
+source scripts/postgres-for-tests.sh
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2

@@ -257,6 +257,26 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+impl utoipa::PartialSchema for Duration {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("Go duration, such as \"10s\" or \"1m30s\"")),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .description(Some("nanoseconds")),
+            )
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Duration {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

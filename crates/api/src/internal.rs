@@ -192,66 +192,8 @@ pub struct AgentEvent {
     pub message: Option<String>,
 }
 
-/// `POST /v1/apps/{app}/machines/{id}/exec` (the Machines API's `MachineExecRequest`;
-/// the agent takes the same body at `POST /v1/machines/{id}/exec`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MachineExecRequest {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub command: Vec<String>,
-    /// Deprecated: a command line split like a shell would (use `command`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmd: Option<String>,
-    /// Seconds before the command is killed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<u64>,
-    /// Bytes fed to the command's standard input.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stdin: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
-}
-
-/// The answer to an exec (`flydv1.ExecResponse`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecResponse {
-    pub exit_code: i32,
-    #[serde(default)]
-    pub exit_signal: i32,
-    #[serde(default)]
-    pub stdout: String,
-    #[serde(default)]
-    pub stderr: String,
-}
-
-/// One process of a machine (`GET .../ps`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessStat {
-    pub pid: i32,
-    #[serde(default)]
-    pub command: String,
-    #[serde(default)]
-    pub directory: String,
-    /// CPU time used, in clock ticks (user + system).
-    #[serde(default)]
-    pub cpu: u64,
-    /// Resident memory, in bytes.
-    #[serde(default)]
-    pub rss: u64,
-    /// User-mode CPU time in milliseconds.
-    #[serde(default)]
-    pub rtime: u64,
-    /// Kernel-mode CPU time in milliseconds.
-    #[serde(default)]
-    pub stime: u64,
-    #[serde(default)]
-    pub listen_sockets: Vec<ListenSocket>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListenSocket {
-    pub proto: String,
-    pub address: String,
-}
+/// The exec and ps shapes are the Machines API's own; the agent takes and answers them too.
+pub use crate::platform::{ExecResponse, ListenSocket, MachineExecRequest, ProcessStat};
 
 /// The health checks of the machines on one host, as an agent reports them
 /// (`POST /v1/hosts/{id}/checks`): each entry replaces what was known of that machine.

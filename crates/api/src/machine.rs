@@ -12,7 +12,7 @@ fn is_false(value: &bool) -> bool {
 }
 
 /// A machine's full configuration. Every field is optional on the wire.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineConfig {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
@@ -74,7 +74,7 @@ pub const METADATA_PLATFORM_VERSION: &str = "fly_platform_version";
 pub const METADATA_RELEASE_ID: &str = "fly_release_id";
 pub const METADATA_RELEASE_VERSION: &str = "fly_release_version";
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineInit {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<String>,
@@ -90,7 +90,7 @@ pub struct MachineInit {
     pub kernel_args: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineGuest {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cpu_kind: String,
@@ -149,6 +149,22 @@ impl AutoStop {
     }
 }
 
+impl utoipa::PartialSchema for AutoStop {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Boolean))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["off", "stop", "suspend"])),
+            )
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for AutoStop {}
+
 impl Serialize for AutoStop {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -177,7 +193,7 @@ impl<'de> Deserialize<'de> for AutoStop {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineService {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub protocol: String,
@@ -201,7 +217,7 @@ pub struct MachineService {
     pub force_instance_description: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceConcurrency {
     #[serde(default, rename = "type", skip_serializing_if = "String::is_empty")]
     pub kind: String,
@@ -211,7 +227,7 @@ pub struct ServiceConcurrency {
     pub soft_limit: u32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachinePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
@@ -242,7 +258,7 @@ impl MachinePort {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TlsOptions {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alpn: Vec<String>,
@@ -252,7 +268,7 @@ pub struct TlsOptions {
     pub default_self_signed: Option<bool>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HttpOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<bool>,
@@ -268,7 +284,7 @@ pub struct HttpOptions {
     pub replay_cache: Vec<ReplayCache>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HttpResponseOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pristine: Option<bool>,
@@ -277,7 +293,7 @@ pub struct HttpResponseOptions {
     pub headers: BTreeMap<String, serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplayCache {
     #[serde(default)]
     pub path_prefix: String,
@@ -291,14 +307,14 @@ pub struct ReplayCache {
     pub allow_bypass: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProxyProtoOptions {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
 }
 
 /// A health check: `checks[]` inside a service, or a value of the top-level `checks` map.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineCheck {
     #[serde(default, rename = "type", skip_serializing_if = "String::is_empty")]
     pub check_type: String,
@@ -327,14 +343,14 @@ pub struct MachineCheck {
     pub kind: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HttpHeader {
     pub name: String,
     #[serde(default)]
     pub values: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineMount {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub volume: String,
@@ -354,7 +370,7 @@ pub struct MachineMount {
     pub size_gb_limit: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineMetrics {
     #[serde(default)]
     pub port: u16,
@@ -364,7 +380,7 @@ pub struct MachineMetrics {
     pub https: Option<bool>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Static {
     pub guest_path: String,
     pub url_prefix: String,
@@ -374,7 +390,7 @@ pub struct Static {
     pub index_document: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct File {
     pub guest_path: String,
     /// Base64 of the file's content.
@@ -386,7 +402,9 @@ pub struct File {
     pub mode: Option<u32>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub enum RestartPolicy {
     #[serde(rename = "no")]
     No,
@@ -400,7 +418,7 @@ pub enum RestartPolicy {
     SpotPrice,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineRestart {
     #[serde(default)]
     pub policy: RestartPolicy,
@@ -408,7 +426,7 @@ pub struct MachineRestart {
     pub max_retries: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StopConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
@@ -416,7 +434,7 @@ pub struct StopConfig {
     pub signal: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DnsConfig {
     #[serde(default, skip_serializing_if = "is_false")]
     pub skip_registration: bool,
@@ -434,20 +452,20 @@ pub struct DnsConfig {
     pub hostname_fqdn: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DnsOption {
     pub name: String,
     #[serde(default)]
     pub value: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DnsForwardRule {
     pub basename: String,
     pub addr: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineProcess {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<String>,
@@ -467,20 +485,20 @@ pub struct MachineProcess {
     pub ignore_app_secrets: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineSecret {
     pub env_var: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnvFrom {
     pub env_var: String,
     pub field_ref: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RootfsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persist: Option<String>,
@@ -489,7 +507,7 @@ pub struct RootfsConfig {
 }
 
 /// Machine states of spec/platform.md §18.2.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MachineState {
     Created,
@@ -547,7 +565,7 @@ impl fmt::Display for MachineState {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageRef {
     #[serde(default)]
     pub registry: String,
@@ -590,7 +608,7 @@ impl ImageRef {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckStatus {
     pub name: String,
     /// `passing`, `warning` or `critical`.
@@ -601,7 +619,7 @@ pub struct CheckStatus {
     pub updated_at: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineEvent {
     #[serde(default)]
     pub id: String,
@@ -616,7 +634,7 @@ pub struct MachineEvent {
     pub request: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Machine {
     pub id: String,
     pub name: String,
@@ -650,7 +668,7 @@ fn host_status_ok() -> String {
     "ok".to_string()
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateMachineRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -671,7 +689,7 @@ pub struct CreateMachineRequest {
     pub min_secrets_version: Option<u64>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpdateMachineRequest {
     #[serde(flatten)]
     pub create: CreateMachineRequest,
@@ -679,7 +697,7 @@ pub struct UpdateMachineRequest {
     pub current_version: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StopRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
@@ -687,12 +705,12 @@ pub struct StopRequest {
     pub timeout: Option<Duration>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SignalRequest {
     pub signal: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     pub nonce: String,
     pub expires_at: i64,
@@ -704,7 +722,7 @@ pub struct Lease {
     pub version: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateLeaseRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u64>,

@@ -9,9 +9,12 @@ use clap::{Parser, Subcommand};
 use crate::commands::apps::AppsCommand;
 use crate::commands::deploy::DeployArgs;
 use crate::commands::launch::LaunchArgs;
+use crate::commands::machine::MachineCommand;
+use crate::commands::orgs::OrgsCommand;
 use crate::commands::registry::RegistryCommand;
 use crate::commands::scale::ScaleCommand;
 use crate::commands::server::ServerArgs;
+use crate::commands::tokens::TokensCommand;
 use crate::settings::ApiArgs;
 
 #[derive(Parser, Debug)]
@@ -31,6 +34,8 @@ struct Cli {
 enum Command {
     /// Run a single-host platform in the foreground (API, registry, agent, proxy).
     Server(ServerArgs),
+    /// Run the control plane alone (API, registry, catalog), e.g. on PostgreSQL.
+    Control(commands::control::ControlArgs),
     /// Manage apps.
     Apps {
         #[command(subcommand)]
@@ -102,6 +107,18 @@ enum Command {
         #[command(subcommand)]
         command: commands::checks::ChecksCommand,
     },
+    /// Manage organizations.
+    #[command(alias = "org")]
+    Orgs {
+        #[command(subcommand)]
+        command: OrgsCommand,
+    },
+    /// Manage access tokens.
+    #[command(alias = "token")]
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// Authentication.
     Auth {
         #[command(subcommand)]
@@ -122,26 +139,6 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-}
-
-#[derive(Subcommand, Debug)]
-enum MachineCommand {
-    /// List an app's machines.
-    #[command(alias = "ls")]
-    List {
-        #[arg(short = 'a', long = "app")]
-        app: Option<String>,
-        #[arg(short = 'c', long = "config")]
-        config: Option<std::path::PathBuf>,
-        #[arg(short = 'j', long)]
-        json: bool,
-        #[arg(short = 'q', long)]
-        quiet: bool,
-    },
-    /// Run a command in a machine.
-    Exec(commands::exec::ExecArgs),
-    /// Show a machine's state, config and events.
-    Status(commands::machine_status::MachineStatusArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,7 +184,7 @@ fn main() {
         std::process::exit(aloft_agent::shim::main(&args[2..]));
     }
     let cli = Cli::parse();
-    let server = matches!(cli.command, Command::Server(_));
+    let server = matches!(cli.command, Command::Server(_) | Command::Control(_));
     // hickory logs every DNS query at info.
     let default_filter = if server {
         "info,hickory_server=warn"
@@ -236,6 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let api = cli.api;
     match cli.command {
         Command::Server(args) => commands::server::run(args).await?,
+        Command::Control(args) => commands::control::run(args).await?,
         Command::Apps { command } => commands::apps::run(&api, command).await?,
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,
         Command::Config { command } => return commands::config::run(command),
@@ -278,20 +276,6 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(|e| explain_app(e, &api, &app))?
         }
         Command::Machine {
-            command:
-                MachineCommand::List {
-                    app,
-                    config,
-                    json,
-                    quiet,
-                },
-        } => {
-            let app = app_name(app, config.as_deref())?;
-            commands::status::machine_list(&api, &app, json, quiet)
-                .await
-                .map_err(|e| explain_app(e, &api, &app))?
-        }
-        Command::Machine {
             command: MachineCommand::Exec(args),
         } => {
             let app = app_name(args.app.clone(), args.config.as_deref())?;
@@ -299,14 +283,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map_err(|e| explain_app(e, &api, &app));
         }
-        Command::Machine {
-            command: MachineCommand::Status(args),
-        } => {
-            let app = app_name(args.app.clone(), args.config.as_deref())?;
-            commands::machine_status::run(&api, &app, &args)
-                .await
-                .map_err(|e| explain_app(e, &api, &app))?
-        }
+        Command::Machine { command } => commands::machine::run(&api, command)
+            .await
+            .map_err(|e| explain(e, &api))?,
         Command::Logs(args) => {
             let app = app_name(args.app.clone(), args.config.as_deref())?;
             commands::logs::run(&api, &app, &args)
@@ -332,12 +311,37 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ips { command } => commands::ips::run(&api, command).await?,
         Command::Dig(args) => commands::dig::run(&api, args).await?,
         Command::Proxy(args) => commands::proxy::run(&api, args).await?,
+        Command::Orgs { command } => commands::orgs::run(&api, command)
+            .await
+            .map_err(|e| explain(e, &api))?,
+        Command::Tokens { command } => commands::tokens::run(&api, command)
+            .await
+            .map_err(|e| explain(e, &api))?,
         Command::Auth {
             command: AuthCommand::Token,
         } => println!("{}", api.token()?),
         Command::Shim { .. } => unreachable!("handled before the runtime starts"),
     }
     Ok(0)
+}
+
+/// Connection and token problems, said in terms of what to do about them.
+fn explain(err: anyhow::Error, api: &ApiArgs) -> anyhow::Error {
+    match err.downcast::<aloft_client::ClientError>() {
+        Ok(aloft_client::ClientError::Unreachable { reason, .. }) => anyhow::anyhow!(
+            "cannot reach the Aloft API at {} ({reason}); is `aloft server` running?",
+            api.api_url().unwrap_or_default()
+        ),
+        Ok(aloft_client::ClientError::Api { status, message })
+            if status == http::StatusCode::UNAUTHORIZED =>
+        {
+            anyhow::anyhow!(
+                "the API refused the access token ({message}); check ~/.config/aloft/config.toml or --access-token"
+            )
+        }
+        Ok(other) => other.into(),
+        Err(other) => other,
+    }
 }
 
 fn explain_app(err: anyhow::Error, api: &ApiArgs, app: &str) -> anyhow::Error {

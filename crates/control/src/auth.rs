@@ -1,27 +1,36 @@
-//! Who is calling: bearer tokens checked against the token table.
+//! Who is calling: bearer tokens (macaroon-style, see `aloft_api::token`) checked against
+//! the token table, and what each kind of token may do.
 
-use aloft_api::token::{Token, TokenError};
-
-use crate::error::ApiError;
 use std::sync::Arc;
 
+use aloft_api::token::{Token, TokenError};
 use aloft_registry::{Action, AuthError, Authorizer};
 
+use crate::error::ApiError;
 use crate::store::{AppRow, Store, TokenRow};
 
 /// The verified identity behind a request.
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub token_id: String,
+    /// The token's own org (a user token's personal org).
     pub org_id: String,
+    /// Every org the caller may act in (one, except for user tokens).
+    pub org_ids: Vec<String>,
     pub kind: TokenKind,
-    /// Apps this token is limited to; `None` = every app of the org.
+    /// Apps this token is limited to; `None` = every app of its orgs.
     pub apps: Option<Vec<String>>,
     pub read_only: bool,
+    /// When the token stops working (Unix seconds), from its caveats.
+    pub expires_at: Option<i64>,
+    /// Who the token says it is, for lease owners and the like.
+    pub name: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenKind {
+    /// A person: every org they are a member of; may create orgs.
+    User,
     /// Full access to one organisation.
     Org,
     /// Deploy rights on some apps of one organisation.
@@ -35,6 +44,7 @@ pub enum TokenKind {
 impl TokenKind {
     pub fn parse(text: &str) -> Option<Self> {
         match text {
+            "user" => Some(TokenKind::User),
             "org" => Some(TokenKind::Org),
             "deploy" => Some(TokenKind::Deploy),
             "readonly" => Some(TokenKind::ReadOnly),
@@ -44,6 +54,7 @@ impl TokenKind {
     }
     pub fn as_str(self) -> &'static str {
         match self {
+            TokenKind::User => "user",
             TokenKind::Org => "org",
             TokenKind::Deploy => "deploy",
             TokenKind::ReadOnly => "readonly",
@@ -66,7 +77,14 @@ pub fn authenticate(
     let row = store
         .token(&token.id)?
         .ok_or_else(|| ApiError::unauthorized("invalid token: unknown token"))?;
-    check(&row, &token, now_secs)
+    let mut caller = check(&row, &token, now_secs)?;
+    if caller.kind == TokenKind::User {
+        caller.org_ids = store.token_org_ids(&row.id)?;
+        if !caller.org_ids.contains(&row.org_id) {
+            caller.org_ids.push(row.org_id.clone());
+        }
+    }
+    Ok(caller)
 }
 
 fn check(row: &TokenRow, token: &Token, now_secs: i64) -> Result<Caller, ApiError> {
@@ -76,19 +94,22 @@ fn check(row: &TokenRow, token: &Token, now_secs: i64) -> Result<Caller, ApiErro
     if row.revoked {
         return Err(ApiError::unauthorized("token has been revoked"));
     }
-    if let Some(expiry) = token.expires_at() {
-        if now_secs >= expiry {
-            return Err(ApiError::unauthorized("token has expired"));
-        }
+    if let Some(expiry) = token.expires_at()
+        && now_secs >= expiry
+    {
+        return Err(ApiError::unauthorized("token has expired"));
     }
     let kind = TokenKind::parse(&row.kind)
         .ok_or_else(|| ApiError::unauthorized("invalid token: unknown kind"))?;
     Ok(Caller {
         token_id: row.id.clone(),
         org_id: row.org_id.clone(),
+        org_ids: vec![row.org_id.clone()],
         kind,
         apps: token.allowed_apps(),
         read_only: token.read_only() || kind == TokenKind::ReadOnly,
+        expires_at: token.expires_at(),
+        name: row.name.clone(),
     })
 }
 
@@ -97,13 +118,17 @@ impl Caller {
         self.kind == TokenKind::Host
     }
 
+    pub fn in_org(&self, org_id: &str) -> bool {
+        self.is_host() || self.org_ids.iter().any(|o| o == org_id)
+    }
+
     /// Whether the caller can see the app at all. Apps it cannot see answer 404, so a
     /// token never learns that another org's app exists.
     pub fn sees_app(&self, app: &AppRow) -> bool {
         if self.is_host() {
             return true;
         }
-        if app.org_id != self.org_id {
+        if !self.in_org(&app.org_id) {
             return false;
         }
         match &self.apps {
@@ -130,7 +155,7 @@ impl Caller {
         }
     }
 
-    /// Creating apps and other org-wide writes need an org token without app caveats.
+    /// Creating apps, tokens and other org-wide writes need a token for the whole org.
     pub fn require_org_write(&self) -> Result<(), ApiError> {
         self.require_write()?;
         if self.apps.is_some() || self.kind == TokenKind::Deploy {

@@ -3,6 +3,7 @@
 //! on the catalog stream so proxies route around machines whose service checks fail.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aloft_api::CheckStatus;
@@ -17,10 +18,11 @@ use crate::auth::Caller;
 use crate::error::ApiResult;
 
 /// The latest check results of every machine (kept in memory: agents resend all of
-/// theirs whenever they reconnect).
+/// theirs whenever they reconnect), each with the stamp of its last change.
 #[derive(Default)]
 pub struct CheckBoard {
-    results: Mutex<HashMap<String, Vec<CheckStatus>>>,
+    results: Mutex<HashMap<String, (u64, Vec<CheckStatus>)>>,
+    changes: AtomicU64,
 }
 
 impl CheckBoard {
@@ -29,8 +31,18 @@ impl CheckBoard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(machine_id)
-            .cloned()
+            .map(|(_, checks)| checks.clone())
             .unwrap_or_default()
+    }
+
+    /// Changes whenever the machine's results change (0: none reported), so a cached
+    /// view of the machine can tell it is stale.
+    pub fn stamp(&self, machine_id: &str) -> u64 {
+        self.results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(machine_id)
+            .map_or(0, |(stamp, _)| *stamp)
     }
 
     /// Replaces a machine's results; says whether anything changed.
@@ -39,10 +51,14 @@ impl CheckBoard {
         if checks.is_empty() {
             return results.remove(machine_id).is_some();
         }
-        if results.get(machine_id) == Some(&checks) {
+        if results
+            .get(machine_id)
+            .is_some_and(|(_, old)| *old == checks)
+        {
             return false;
         }
-        results.insert(machine_id.to_string(), checks);
+        let stamp = self.changes.fetch_add(1, Ordering::Relaxed) + 1;
+        results.insert(machine_id.to_string(), (stamp, checks));
         true
     }
 }
@@ -103,12 +119,17 @@ mod tests {
     #[test]
     fn the_board_reports_changes_only() {
         let board = CheckBoard::default();
+        assert_eq!(board.stamp("m"), 0);
         assert!(board.set("m", vec![status("a", "warning")]));
+        let first = board.stamp("m");
         assert!(!board.set("m", vec![status("a", "warning")]));
+        assert_eq!(board.stamp("m"), first);
         assert!(board.set("m", vec![status("a", "passing")]));
+        assert_ne!(board.stamp("m"), first);
         assert_eq!(board.get("m")[0].status, "passing");
         assert!(board.set("m", vec![]));
         assert!(board.get("m").is_empty());
+        assert_eq!(board.stamp("m"), 0);
         assert!(!board.set("m", vec![]));
     }
 }

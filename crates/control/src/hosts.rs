@@ -1,7 +1,9 @@
 //! Hosts (one agent each), placement, and the client the control plane uses to drive agents.
 
 use aloft_api::internal::{AgentMachine, MachineSpec};
-use aloft_api::{StopRequest, regions};
+use aloft_api::{
+    ExecResponse, MachineExecRequest, ProcessStat, SignalRequest, StopRequest, regions,
+};
 use aloft_client::{Client, ClientError};
 use http::Method;
 
@@ -34,7 +36,8 @@ pub fn place(hosts: &[HostRow], wanted: &str) -> Result<Placement, ApiError> {
     Ok(Placement { host, region })
 }
 
-/// Talks to one agent's API.
+/// Talks to one agent's API: the lifecycle calls, and (through `http()`) the streams and
+/// upgrades of logs and consoles. One per host, kept by the control plane.
 #[derive(Clone)]
 pub struct AgentClient {
     client: Client,
@@ -52,6 +55,11 @@ impl AgentClient {
         Self {
             client: Client::new(agent_url, Some(token.to_string())),
         }
+    }
+
+    /// The underlying HTTP client, for calls that stream (logs) or upgrade (consoles).
+    pub fn http(&self) -> &Client {
+        &self.client
     }
 
     pub async fn put(&self, spec: &MachineSpec) -> Result<AgentMachine, ApiError> {
@@ -78,6 +86,54 @@ impl AgentClient {
     pub async fn destroy(&self, id: &str) -> Result<AgentMachine, ApiError> {
         self.client
             .json::<(), AgentMachine>(Method::DELETE, &format!("/v1/machines/{id}"), None)
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Restarts the machine's main process in place (`POST /v1/machines/{id}/restart`).
+    pub async fn restart(&self, id: &str, request: &StopRequest) -> Result<AgentMachine, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/restart"), request)
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Sends a signal to the machine's main process (`POST /v1/machines/{id}/signal`).
+    pub async fn signal(
+        &self,
+        id: &str,
+        request: &SignalRequest,
+    ) -> Result<AgentMachine, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/signal"), request)
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Suspends the machine (`POST /v1/machines/{id}/suspend`).
+    pub async fn suspend(&self, id: &str) -> Result<AgentMachine, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/suspend"), &())
+            .await
+            .map_err(agent_error)
+    }
+
+    /// The machine's processes (`GET /v1/machines/{id}/ps`), by pid.
+    pub async fn ps(&self, id: &str) -> Result<Vec<ProcessStat>, ApiError> {
+        self.client
+            .get(&format!("/v1/machines/{id}/ps"))
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Runs a command in the machine (`POST /v1/machines/{id}/exec`).
+    pub async fn exec(
+        &self,
+        id: &str,
+        request: &MachineExecRequest,
+    ) -> Result<ExecResponse, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/exec"), request)
             .await
             .map_err(agent_error)
     }

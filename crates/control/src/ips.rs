@@ -1,7 +1,9 @@
 //! Addresses: 6PN networks and machine addresses (computed at placement from the network,
 //! host and machine numbers, see `aloft_api::sixpn`), and the addresses an app is given:
-//! public (dedicated v4/v6, shared v4) and Flycast (`private_v6`). Its own tables; the
-//! `ip_assignments` routes follow fly-go's `flaps` client.
+//! public (dedicated v4/v6, shared v4) and Flycast (`private_v6`). Its own tables
+//! (`networks`, `host_numbers`, `address_counters`, `ip_assignments`, created with the
+//! store's schema), queried through the store's interface so they work on SQLite and
+//! PostgreSQL alike; the `ip_assignments` routes follow fly-go's `flaps` client.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -12,29 +14,13 @@ use axum::extract::{Path, State};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use http::StatusCode;
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::ControlPlane;
-use crate::api::JsonBody;
+use crate::api::{ErrorAnswers, JsonBody};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{AppRow, Store, StoreError, StoreResult, now_rfc3339};
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS networks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, org_id TEXT NOT NULL, name TEXT NOT NULL,
-    created_at TEXT NOT NULL, UNIQUE(org_id, name)
-);
-CREATE TABLE IF NOT EXISTS host_numbers (host_id TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS address_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS ip_assignments (
-    address TEXT NOT NULL, app_id TEXT NOT NULL, type TEXT NOT NULL, region TEXT NOT NULL,
-    network_id INTEGER, service_name TEXT NOT NULL DEFAULT '', created_at TEXT NOT NULL,
-    PRIMARY KEY (address, app_id)
-);
-CREATE INDEX IF NOT EXISTS ip_assignments_by_app ON ip_assignments(app_id);
-"#;
+use crate::store::{AppRow, Conn, DbError, Store, StoreResult, now_rfc3339};
 
 /// The name of an org's own network (`network` of apps created without `--network`).
 pub const DEFAULT_NETWORK: &str = "default";
@@ -49,83 +35,113 @@ const DEFAULT_SHARED_V4: &str = "127.0.0.1";
 const DEFAULT_PUBLIC_V4_POOL: &str = "198.51.100.0/24";
 const DEFAULT_PUBLIC_V6_POOL: &str = "2001:db8:a10f::/48";
 
-/// Creates this module's tables.
-pub fn migrate(store: &Store) -> StoreResult<()> {
-    store.with(|c| c.execute_batch(SCHEMA))
+fn db_u32(value: i64, what: &str) -> Result<u32, DbError> {
+    u32::try_from(value).map_err(|_| DbError::Corrupt(format!("{what} {value} is out of range")))
 }
 
-fn to_u32(value: i64, what: &str) -> StoreResult<u32> {
-    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value} is out of range")))
+fn network_name(name: &str) -> &str {
+    if name.is_empty() {
+        DEFAULT_NETWORK
+    } else {
+        name
+    }
+}
+
+fn find_network_in(c: &mut dyn Conn, org_id: &str, name: &str) -> Result<Option<u32>, DbError> {
+    c.query_one(
+        "SELECT id FROM networks WHERE org_id = $1 AND name = $2",
+        &[org_id.into(), name.into()],
+    )?
+    .map(|r| db_u32(r.int(0)?, "network id"))
+    .transpose()
+}
+
+/// The network number of `(org, name)` inside a transaction, assigned on first use and
+/// never reused. Looked up before inserting, so PostgreSQL's sequence is only advanced
+/// when a network is new.
+pub fn network_id_in(c: &mut dyn Conn, org_id: &str, name: &str) -> Result<u32, DbError> {
+    let name = network_name(name);
+    if let Some(id) = find_network_in(c, org_id, name)? {
+        return Ok(id);
+    }
+    c.execute(
+        "INSERT INTO networks(org_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (org_id, name) DO NOTHING",
+        &[org_id.into(), name.into(), now_rfc3339().into()],
+    )?;
+    find_network_in(c, org_id, name)?
+        .ok_or_else(|| DbError::Corrupt(format!("network {name} of org {org_id} vanished")))
 }
 
 /// The network number of `(org, name)`, assigned on first use and never reused.
 pub fn network_id(store: &Store, org_id: &str, name: &str) -> StoreResult<u32> {
-    let name = if name.is_empty() {
-        DEFAULT_NETWORK
-    } else {
-        name
-    };
-    let id: i64 = store.with(|c| {
-        c.execute(
-            "INSERT OR IGNORE INTO networks(org_id, name, created_at) VALUES (?1, ?2, ?3)",
-            params![org_id, name, now_rfc3339()],
-        )?;
-        c.query_row(
-            "SELECT id FROM networks WHERE org_id = ?1 AND name = ?2",
-            params![org_id, name],
-            |r| r.get(0),
-        )
-    })?;
-    to_u32(id, "network id")
+    if let Some(id) = find_network(store, org_id, network_name(name))? {
+        return Ok(id);
+    }
+    store.tx(|c| network_id_in(c, org_id, name))
 }
 
 /// The network number of `(org, name)` if it exists.
 pub fn find_network(store: &Store, org_id: &str, name: &str) -> StoreResult<Option<u32>> {
-    let id: Option<i64> = store.with(|c| {
-        c.query_row(
-            "SELECT id FROM networks WHERE org_id = ?1 AND name = ?2",
-            params![org_id, name],
-            |r| r.get(0),
-        )
-        .optional()
-    })?;
-    id.map(|id| to_u32(id, "network id")).transpose()
+    store.read(|c| find_network_in(c, org_id, name))
 }
 
 /// The number of a host in 6PN addresses (1, 2, ...; 0 is the service block).
-pub fn host_number(store: &Store, host_id: &str) -> StoreResult<u32> {
-    let number: i64 = store.with(|c| {
-        let tx = c.transaction()?;
-        tx.execute(
-            "INSERT OR IGNORE INTO host_numbers(host_id, number) SELECT ?1, COALESCE(MAX(number), 0) + 1 FROM host_numbers",
-            [host_id],
-        )?;
-        let number = tx.query_row("SELECT number FROM host_numbers WHERE host_id = ?1", [host_id], |r| r.get(0))?;
-        tx.commit()?;
-        Ok(number)
-    })?;
-    to_u32(number, "host number")
+pub fn host_number_in(c: &mut dyn Conn, host_id: &str) -> Result<u32, DbError> {
+    let lookup = |c: &mut dyn Conn| -> Result<Option<u32>, DbError> {
+        c.query_one(
+            "SELECT number FROM host_numbers WHERE host_id = $1",
+            &[host_id.into()],
+        )?
+        .map(|r| db_u32(r.int(0)?, "host number"))
+        .transpose()
+    };
+    if let Some(number) = lookup(c)? {
+        return Ok(number);
+    }
+    // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
+    c.execute(
+        "INSERT INTO host_numbers(host_id, number) SELECT $1, COALESCE(MAX(number), 0) + 1 FROM host_numbers WHERE true ON CONFLICT (host_id) DO NOTHING",
+        &[host_id.into()],
+    )?;
+    lookup(c)?.ok_or_else(|| DbError::Corrupt(format!("host number of {host_id} vanished")))
 }
 
-/// The next value of a named counter (1, 2, ...), durable before it is returned.
+pub fn host_number(store: &Store, host_id: &str) -> StoreResult<u32> {
+    store.tx(|c| host_number_in(c, host_id))
+}
+
+/// The next value of a named counter (1, 2, ...), durable once the transaction commits.
+pub fn next_counter_in(c: &mut dyn Conn, name: &str) -> Result<u32, DbError> {
+    let row = c
+        .query_one(
+            "INSERT INTO address_counters(name, value) VALUES ($1, 1)
+             ON CONFLICT (name) DO UPDATE SET value = address_counters.value + 1 RETURNING value",
+            &[name.into()],
+        )?
+        .ok_or_else(|| DbError::Corrupt(format!("counter {name} returned nothing")))?;
+    db_u32(row.int(0)?, name)
+}
+
 fn next_counter(store: &Store, name: &str) -> StoreResult<u32> {
-    let value: i64 = store.with(|c| {
-        c.query_row(
-            "INSERT INTO address_counters(name, value) VALUES (?1, 1)
-             ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
-            [name],
-            |r| r.get(0),
-        )
-    })?;
-    to_u32(value, name)
+    store.tx(|c| next_counter_in(c, name))
+}
+
+/// The 6PN address of a new machine of `app` placed on `host_id`, allocated inside the
+/// caller's transaction (the one that stores the machine).
+pub fn machine_private_ip_in(
+    c: &mut dyn Conn,
+    app: &AppRow,
+    host_id: &str,
+) -> Result<String, DbError> {
+    let network = network_id_in(c, &app.org_id, &app.network)?;
+    let host = host_number_in(c, host_id)?;
+    let machine = next_counter_in(c, "machine")?;
+    Ok(sixpn::machine_address(network, host, machine).to_string())
 }
 
 /// The 6PN address of a new machine of `app` placed on `host_id`.
 pub fn machine_private_ip(store: &Store, app: &AppRow, host_id: &str) -> StoreResult<String> {
-    let network = network_id(store, &app.org_id, &app.network)?;
-    let host = host_number(store, host_id)?;
-    let machine = next_counter(store, "machine")?;
-    Ok(sixpn::machine_address(network, host, machine).to_string())
+    store.tx(|c| machine_private_ip_in(c, app, host_id))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,33 +156,30 @@ pub struct IpRow {
     pub created_at: String,
 }
 
-/// address, app id, type, region, network id, service name, created at.
-type RawIpRow = (String, String, String, String, Option<i64>, String, String);
-
 pub fn app_ips(store: &Store, app_id: &str) -> StoreResult<Vec<IpRow>> {
-    let rows: Vec<RawIpRow> = store.with(|c| {
-        let mut stmt = c.prepare(
+    store.read(|c| {
+        c.query(
             "SELECT address, app_id, type, region, network_id, service_name, created_at FROM ip_assignments
-             WHERE app_id = ?1 ORDER BY created_at, address",
-        )?;
-        let rows = stmt.query_map([app_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?;
-        rows.collect()
-    })?;
-    rows.into_iter()
-        .map(
-            |(address, app_id, kind, region, network, service_name, created_at)| {
-                Ok(IpRow {
-                    address,
-                    app_id,
-                    kind,
-                    region,
-                    network_id: network.map(|n| to_u32(n, "network id")).transpose()?,
-                    service_name,
-                    created_at,
-                })
-            },
-        )
+             WHERE app_id = $1 ORDER BY created_at, address",
+            &[app_id.into()],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(IpRow {
+                address: r.text(0)?,
+                app_id: r.text(1)?,
+                kind: r.text(2)?,
+                region: r.text(3)?,
+                network_id: r
+                    .opt_int(4)?
+                    .map(|n| db_u32(n, "network id"))
+                    .transpose()?,
+                service_name: r.text(5)?,
+                created_at: r.text(6)?,
+            })
+        })
         .collect()
+    })
 }
 
 /// What the catalog says about an app's networking: its network number and addresses.
@@ -183,10 +196,28 @@ pub fn catalog_fields(store: &Store, app: &AppRow) -> StoreResult<(u32, Vec<Cata
 }
 
 fn insert_ip(store: &Store, ip: &IpRow) -> StoreResult<()> {
-    store.with(|c| {
+    store.tx(|c| {
         c.execute(
-            "INSERT INTO ip_assignments(address, app_id, type, region, network_id, service_name, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![ip.address, ip.app_id, ip.kind, ip.region, ip.network_id.map(i64::from), ip.service_name, ip.created_at],
+            "INSERT INTO ip_assignments(address, app_id, type, region, network_id, service_name, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                (&ip.address).into(),
+                (&ip.app_id).into(),
+                (&ip.kind).into(),
+                (&ip.region).into(),
+                ip.network_id.map(i64::from).into(),
+                (&ip.service_name).into(),
+                (&ip.created_at).into(),
+            ],
+        )
+        .map(|_| ())
+    })
+}
+
+fn delete_ip(store: &Store, app_id: &str, address: &str) -> StoreResult<()> {
+    store.tx(|c| {
+        c.execute(
+            "DELETE FROM ip_assignments WHERE address = $1 AND app_id = $2",
+            &[address.into(), app_id.into()],
         )
         .map(|_| ())
     })
@@ -233,7 +264,7 @@ fn pool_address(pool: &str, index: u32) -> Result<IpAddr, String> {
 }
 
 /// `POST /v1/apps/{app}/ip_assignments` (fly-go's `AssignIPRequest`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct AssignIpRequest {
     #[serde(rename = "type", default)]
     pub kind: String,
@@ -247,7 +278,7 @@ pub struct AssignIpRequest {
     pub service_name: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct IpNetwork {
     /// Empty for an organization's default network.
     pub name: String,
@@ -255,7 +286,7 @@ pub struct IpNetwork {
 }
 
 /// One address of an app (fly-go's `IPAssignment`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct IpAssignment {
     pub ip: String,
     pub region: String,
@@ -268,13 +299,13 @@ pub struct IpAssignment {
     pub network: Option<IpNetwork>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ListIpAssignments {
     pub ips: Vec<IpAssignment>,
 }
 
 /// `GET /v1/apps/{app}/private_network`: where the app's machines are.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct PrivateNetwork {
     pub name: String,
     pub org_slug: String,
@@ -305,13 +336,13 @@ fn network_view(plane: &ControlPlane, network_id: Option<u32>) -> ApiResult<Opti
     let Some(id) = network_id else {
         return Ok(None);
     };
-    let row: Option<(String, String)> = plane.store.with(|c| {
-        c.query_row(
-            "SELECT n.name, o.slug FROM networks n JOIN orgs o ON o.id = n.org_id WHERE n.id = ?1",
-            [i64::from(id)],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
+    let row: Option<(String, String)> = plane.store.read(|c| {
+        c.query_one(
+            "SELECT n.name, o.slug FROM networks n JOIN orgs o ON o.id = n.org_id WHERE n.id = $1",
+            &[i64::from(id).into()],
+        )?
+        .map(|r| Ok((r.text(0)?, r.text(1)?)))
+        .transpose()
     })?;
     Ok(row.map(|(name, org_slug)| IpNetwork {
         name: if name == DEFAULT_NETWORK {
@@ -336,6 +367,8 @@ fn view(plane: &ControlPlane, ip: &IpRow) -> ApiResult<IpAssignment> {
     })
 }
 
+#[utoipa::path(get, path = "/v1/apps/{app}/ip_assignments", tag = "IPs", operation_id = "IPs_list",
+    params(("app" = String, Path)), responses((status = 200, body = ListIpAssignments), ErrorAnswers))]
 async fn list(
     State(plane): Plane,
     caller: Caller,
@@ -349,6 +382,9 @@ async fn list(
     Ok(Json(ListIpAssignments { ips }))
 }
 
+#[utoipa::path(post, path = "/v1/apps/{app}/ip_assignments", tag = "IPs", operation_id = "IPs_assign",
+    params(("app" = String, Path)), request_body = AssignIpRequest,
+    responses((status = 201, body = IpAssignment), (status = 200, description = "The app already had this kind of shared or Flycast address", body = IpAssignment), ErrorAnswers))]
 async fn assign(
     State(plane): Plane,
     caller: Caller,
@@ -441,6 +477,8 @@ async fn assign(
     Ok((StatusCode::CREATED, Json(view(&plane, &row)?)))
 }
 
+#[utoipa::path(delete, path = "/v1/apps/{app}/ip_assignments/{ip}", tag = "IPs", operation_id = "IPs_release",
+    params(("app" = String, Path), ("ip" = String, Path)), responses((status = 204, description = "Released"), ErrorAnswers))]
 async fn release(
     State(plane): Plane,
     caller: Caller,
@@ -461,16 +499,13 @@ async fn release(
             app.name
         )));
     };
-    plane.store.with(|c| {
-        c.execute(
-            "DELETE FROM ip_assignments WHERE address = ?1 AND app_id = ?2",
-            params![row.address, app.id],
-        )
-    })?;
+    delete_ip(&plane.store, &app.id, &row.address)?;
     plane.catalog.app_changed(&app);
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/apps/{app}/private_network", tag = "IPs", operation_id = "IPs_private_network",
+    params(("app" = String, Path)), responses((status = 200, body = PrivateNetwork), ErrorAnswers))]
 async fn private_network(
     State(plane): Plane,
     caller: Caller,
@@ -494,7 +529,6 @@ mod tests {
 
     fn store() -> (Store, AppRow) {
         let store = Store::open_in_memory().unwrap();
-        migrate(&store).unwrap();
         store
             .create_org(&OrgRow {
                 id: "o1".into(),

@@ -4,19 +4,27 @@
 pub mod api;
 pub mod auth;
 pub mod catalog;
+pub mod certs;
 pub mod checks;
 pub mod deploy;
 pub mod error;
+pub mod fake_agent;
 pub mod hosts;
 pub mod ips;
 pub mod logs;
 pub mod machines;
 pub mod names;
+pub mod openapi;
+pub mod orgs;
 pub mod releases;
 pub mod rollout;
 pub mod runtime;
 pub mod scale;
+pub mod secrets;
+pub mod states;
 pub mod store;
+pub mod validate;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +51,9 @@ pub struct ControlConfig {
     pub proxy_http_port: u16,
     /// Pull-through from an upstream registry (off when `None`).
     pub registry_upstream: Option<aloft_registry::UpstreamConfig>,
+    /// `postgresql://…` to keep state in PostgreSQL (several control planes may share
+    /// it); otherwise state is in SQLite at `<data_dir>/control.db`.
+    pub database_url: Option<String>,
 }
 
 /// What the first start created, and what a local agent and proxy need.
@@ -52,6 +63,8 @@ pub struct Credentials {
     pub host_token: String,
 }
 
+type Locks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
 pub struct ControlPlane {
     pub config: ControlConfig,
     pub store: Arc<Store>,
@@ -60,7 +73,10 @@ pub struct ControlPlane {
     pub deploys: deploy::Deploys,
     host_token: String,
     agents: Mutex<HashMap<String, AgentClient>>,
-    app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    app_locks: Locks,
+    machine_locks: Locks,
+    /// Machines as the API shows them, by id, with the store revision they were made from.
+    views: Mutex<HashMap<String, machines::CachedView>>,
 }
 
 pub const DEFAULT_ORG: &str = "personal";
@@ -69,14 +85,19 @@ const SETTING_HOST_TOKEN_ID: &str = "host_token_id";
 
 impl ControlPlane {
     /// Opens (or creates) the state under `data_dir`. On first start this creates the
-    /// `personal` org, an admin token for it, and a host token for platform components.
+    /// `personal` org, an admin (user) token for it, and a host token for platform
+    /// components.
     pub fn open(config: ControlConfig) -> anyhow::Result<(Arc<Self>, Credentials)> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let db_path = config.data_dir.join("control.db");
-        let store = Arc::new(
-            Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,
-        );
+        let store = match config.database_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => Store::open_url(url).context("opening the database (--database-url)")?,
+            None => {
+                let db_path = config.data_dir.join("control.db");
+                Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?
+            }
+        };
+        let store = Arc::new(store);
         let org = match store.org_by_slug(DEFAULT_ORG)? {
             Some(org) => org,
             None => {
@@ -86,16 +107,21 @@ impl ControlPlane {
                     name: "Personal".into(),
                     created_at: now_rfc3339(),
                 };
-                store.create_org(&org)?;
-                org
+                match store.create_org(&org) {
+                    Ok(()) => org,
+                    // Another control plane on the same database got there first.
+                    Err(store::StoreError::Conflict(_)) => store
+                        .org_by_slug(DEFAULT_ORG)?
+                        .context("the personal org vanished")?,
+                    Err(other) => return Err(other.into()),
+                }
             }
         };
-        ips::migrate(&store)?;
         let admin_token = ensure_token(
             &store,
             SETTING_ADMIN_TOKEN_ID,
             &org.id,
-            TokenKind::Org,
+            TokenKind::User,
             "admin",
         )?;
         let host_token = ensure_token(
@@ -105,7 +131,6 @@ impl ControlPlane {
             TokenKind::Host,
             "local host",
         )?;
-        let catalog = Catalog::new(&config.base_domain, store.clone());
         let interrupted = store.interrupt_running_releases()?;
         if interrupted > 0 {
             tracing::warn!(
@@ -113,6 +138,7 @@ impl ControlPlane {
                 "releases whose deploy was cut short by a restart are marked interrupted"
             );
         }
+        let catalog = Catalog::new(&config.base_domain, store.clone());
         let registry = aloft_registry::Registry::open(
             aloft_registry::RegistryConfig {
                 root: config.data_dir.join("registry"),
@@ -134,6 +160,8 @@ impl ControlPlane {
             host_token: host_token.clone(),
             agents: Mutex::new(HashMap::new()),
             app_locks: Mutex::new(HashMap::new()),
+            machine_locks: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
         });
         Ok((
             plane,
@@ -162,7 +190,8 @@ impl ControlPlane {
         format!("http://{app}.{}{port}/", self.config.base_domain)
     }
 
-    fn agent(&self, host_id: &str) -> Result<AgentClient, error::ApiError> {
+    /// The client of a host's agent (made once per host, re-made when it registers again).
+    pub fn agent(&self, host_id: &str) -> Result<AgentClient, error::ApiError> {
         if let Some(agent) = self
             .agents
             .lock()
@@ -204,13 +233,37 @@ impl ControlPlane {
             .clone()
     }
 
+    /// One lifecycle operation at a time per machine.
+    pub fn machine_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.machine_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn forget_machine_lock(&self, id: &str) {
+        self.machine_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
     /// Serves the API on `listener` until `shutdown` resolves.
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        use axum::serve::ListenerExt;
         let router = api::router(self.clone()).merge(self.registry.router());
+        // Small JSON answers go out at once rather than waiting on Nagle's algorithm.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "setting TCP_NODELAY");
+            }
+        });
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
@@ -219,7 +272,8 @@ impl ControlPlane {
 }
 
 /// Re-mints the token recorded under `setting`, creating it on first use. Tokens are
-/// deterministic from (id, key), so the same token comes back on every start.
+/// deterministic from (id, key), so the same token comes back on every start. An admin
+/// token from before user tokens existed becomes one.
 fn ensure_token(
     store: &Store,
     setting: &str,
@@ -227,10 +281,13 @@ fn ensure_token(
     kind: TokenKind,
     name: &str,
 ) -> anyhow::Result<String> {
-    if let Some(id) = store.setting(setting)? {
-        if let Some(row) = store.token(&id)? {
-            return Ok(Token::mint(&row.id, &row.key, Vec::new()).encode());
+    if let Some(id) = store.setting(setting)?
+        && let Some(row) = store.token(&id)?
+    {
+        if kind == TokenKind::User && row.kind == TokenKind::Org.as_str() {
+            store.set_token_kind(&row.id, TokenKind::User.as_str())?;
         }
+        return Ok(Token::mint(&row.id, &row.key, Vec::new()).encode());
     }
     let row = TokenRow {
         id: names::random_id(16),
@@ -240,6 +297,8 @@ fn ensure_token(
         key: names::random_key(),
         created_at: now_rfc3339(),
         revoked: false,
+        expires_at: None,
+        apps: Vec::new(),
     };
     store.insert_token(&row)?;
     store.set_setting(setting, &row.id)?;

@@ -1,24 +1,230 @@
-//! Machine lifecycle as the control plane drives it: create, start, stop, update, destroy,
-//! and what agents report back.
+//! Machine lifecycle as the control plane drives it: create, start, stop, suspend,
+//! restart, signal, update, destroy, leases, cordon, metadata, wait; and what agents
+//! report back. Every operation checks the state machine (`states`), runs under the
+//! machine's lock, and records its transitions and events in one store transaction each.
 
-use aloft_api::internal::{AgentEvent, AgentMachine, ImagePull, MachineSpec};
+use std::time::Duration;
+
+use aloft_api::internal::{AgentEvent, AgentMachine, CatalogUpdate, ImagePull, MachineSpec};
 use aloft_api::{
-    CreateMachineRequest, ImageRef, Machine, MachineConfig, MachineEvent, MachineState, StopRequest,
+    CreateMachineRequest, ImageRef, Lease, Machine, MachineConfig, MachineEvent,
+    MachineExecRequest, MachineState, SignalRequest, StopRequest,
 };
+use http::StatusCode;
+use tokio::sync::broadcast;
 
 use crate::ControlPlane;
+use crate::catalog::Published;
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::place;
 use crate::names;
-use crate::store::{AppRow, MachineRow, now_millis, now_rfc3339};
+use crate::states::{Operation, Plan, plan};
+use crate::store::{
+    AppRow, LeaseRow, MachineFilter, MachineRow, StoreError, now_millis, now_rfc3339, now_secs,
+};
+use std::sync::Arc;
 
-const EVENTS_IN_VIEW: usize = 10;
+const DEFAULT_LEASE_TTL: u64 = 30;
+const MAX_LEASE_TTL: u64 = 24 * 3600;
+
+/// The machine states `GET …/wait` can wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitState {
+    Started,
+    Stopped,
+    Suspended,
+    Destroyed,
+    /// Any persistent state (`fly machine wait`'s default).
+    Settled,
+}
+
+impl WaitState {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "" | "started" => Some(WaitState::Started),
+            "stopped" => Some(WaitState::Stopped),
+            "suspended" => Some(WaitState::Suspended),
+            "destroyed" => Some(WaitState::Destroyed),
+            "settled" => Some(WaitState::Settled),
+            _ => None,
+        }
+    }
+
+    fn reached(self, row: &MachineRow, instance_id: Option<&str>) -> bool {
+        // An older version than the one asked about has been replaced: it is as stopped
+        // (and destroyed) as it will ever be.
+        if let Some(wanted) = instance_id
+            && wanted != row.instance_id
+            && matches!(self, WaitState::Stopped | WaitState::Destroyed)
+        {
+            return true;
+        }
+        let state = row.state;
+        match self {
+            WaitState::Started => state == MachineState::Started,
+            WaitState::Stopped => matches!(
+                state,
+                MachineState::Stopped
+                    | MachineState::Created
+                    | MachineState::Destroyed
+                    | MachineState::Failed
+            ),
+            WaitState::Suspended => state == MachineState::Suspended,
+            WaitState::Destroyed => state == MachineState::Destroyed,
+            WaitState::Settled => !crate::states::is_transient(state),
+        }
+    }
+}
+
+/// Options of an update beyond the new config.
+#[derive(Clone, Debug, Default)]
+pub struct UpdateOptions {
+    /// Leave the machine stopped after the update (`skip_launch`).
+    pub skip_launch: bool,
+    /// Start a machine that was stopped before the update (the API's behaviour; deploys
+    /// leave stopped machines stopped).
+    pub start_stopped: bool,
+    pub skip_service_registration: Option<bool>,
+}
+
+pub fn user_event(
+    kind: &str,
+    status: MachineState,
+    request: Option<serde_json::Value>,
+) -> MachineEvent {
+    MachineEvent {
+        id: ulid::Ulid::new().to_string(),
+        kind: kind.to_string(),
+        status: status.as_str().to_string(),
+        source: "user".to_string(),
+        timestamp: now_millis(),
+        request,
+    }
+}
+
+fn lease_view(lease: &LeaseRow) -> Lease {
+    Lease {
+        nonce: lease.nonce.clone(),
+        expires_at: lease.expires_at,
+        owner: lease.owner.clone(),
+        description: lease.description.clone(),
+        version: lease.version.clone(),
+    }
+}
+
+/// A machine's API view, serialized, and the row it came from.
+pub struct CachedView {
+    rev: i64,
+    /// The check board's stamp of the machine's results when the view was made.
+    checks: u64,
+    row: Arc<MachineRow>,
+    json: bytes::Bytes,
+}
 
 impl ControlPlane {
+    /// The machines of an app that pass `filter`, as the JSON array the API answers with.
+    /// Serialized views are cached by the store revision of their row, so a listing reads
+    /// only ids and revisions from the store and re-renders just the machines that changed
+    /// (also when another control plane changed them: the revision is in the database) or
+    /// whose check results changed.
+    pub fn list_machine_views(
+        &self,
+        app: &AppRow,
+        filter: &MachineFilter,
+    ) -> ApiResult<bytes::Bytes> {
+        let revisions = self.store.machine_revisions(
+            &app.id,
+            filter.include_destroyed,
+            filter.region.as_deref(),
+        )?;
+        let board = &self.catalog.checks;
+        let current =
+            |views: &std::collections::HashMap<String, CachedView>, id: &String, rev: i64| {
+                views
+                    .get(id)
+                    .is_some_and(|v| v.rev == rev && v.checks == board.stamp(id))
+            };
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        let missing = revisions
+            .iter()
+            .filter(|(id, rev)| !current(&views, id, *rev))
+            .count();
+        if missing > 0 {
+            drop(views);
+            let fresh: Vec<(MachineRow, i64)> = if missing > 64 {
+                self.store.machines_with_revisions(&app.id)?
+            } else {
+                let mut rows = Vec::with_capacity(missing);
+                let cached = self.views.lock().unwrap_or_else(|p| p.into_inner());
+                let stale: Vec<String> = revisions
+                    .iter()
+                    .filter(|(id, rev)| !current(&cached, id, *rev))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                drop(cached);
+                for id in stale {
+                    if let Some(found) = self.store.machine_with_revision(&id)? {
+                        rows.push(found);
+                    }
+                }
+                rows
+            };
+            let rendered: Vec<(String, CachedView)> = fresh
+                .into_iter()
+                .map(|(row, rev)| {
+                    let checks = board.stamp(&row.id);
+                    let json = bytes::Bytes::from(
+                        serde_json::to_vec(&self.machine_view(&row)).unwrap_or_default(),
+                    );
+                    (
+                        row.id.clone(),
+                        CachedView {
+                            rev,
+                            checks,
+                            row: Arc::new(row),
+                            json,
+                        },
+                    )
+                })
+                .collect();
+            views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, view) in rendered {
+                if views.get(&id).is_none_or(|v| {
+                    v.rev < view.rev || (v.rev == view.rev && v.checks <= view.checks)
+                }) {
+                    views.insert(id, view);
+                }
+            }
+        }
+        let mut body = Vec::with_capacity(revisions.len() * 1024 + 2);
+        body.push(b'[');
+        let mut first = true;
+        for (id, _) in &revisions {
+            let Some(view) = views.get(id) else { continue };
+            let row = &view.row;
+            if !filter.states.is_empty() && !filter.states.contains(&row.state) {
+                continue;
+            }
+            if !filter
+                .metadata
+                .iter()
+                .all(|(k, v)| row.config.metadata.get(k) == Some(v))
+            {
+                continue;
+            }
+            if !first {
+                body.push(b',');
+            }
+            first = false;
+            body.extend_from_slice(&view.json);
+        }
+        body.push(b']');
+        Ok(bytes::Bytes::from(body))
+    }
+
     /// The machine as the Machines API shows it.
-    pub fn machine_view(&self, row: &MachineRow) -> ApiResult<Machine> {
-        let events = self.store.events(&row.id, EVENTS_IN_VIEW)?;
-        Ok(Machine {
+    pub fn machine_view(&self, row: &MachineRow) -> Machine {
+        Machine {
             id: row.id.clone(),
             name: row.name.clone(),
             state: row.state,
@@ -30,47 +236,69 @@ impl ControlPlane {
             image_ref: ImageRef::parse(&row.config.image),
             created_at: row.created_at.clone(),
             updated_at: row.updated_at.clone(),
-            events,
+            events: row.recent_events.clone(),
             checks: self.machine_checks(&row.id),
             nonce: None,
             host_status: "ok".into(),
-            cordoned: None,
+            cordoned: Some(row.cordoned),
             incomplete_config: None,
-        })
-    }
-
-    fn record_event(
-        &self,
-        machine_id: &str,
-        kind: &str,
-        status: MachineState,
-        source: &str,
-        request: Option<serde_json::Value>,
-    ) {
-        let event = MachineEvent {
-            id: ulid::Ulid::new().to_string(),
-            kind: kind.to_string(),
-            status: status.as_str().to_string(),
-            source: source.to_string(),
-            timestamp: now_millis(),
-            request,
-        };
-        if let Err(err) = self.store.insert_event(machine_id, &event) {
-            tracing::error!(machine = machine_id, error = %err, "recording a machine event failed");
         }
     }
 
     fn reload(&self, id: &str) -> ApiResult<MachineRow> {
         self.store
             .machine(id)?
-            .ok_or_else(|| ApiError::not_found(format!("machine {id} not found")))
+            .ok_or_else(|| ApiError::not_found(format!("machine not found: {id}")))
     }
 
-    fn set_state(&self, row: &MachineRow, state: MachineState) -> ApiResult<MachineRow> {
-        self.store.set_machine_state(&row.id, state)?;
-        let row = self.reload(&row.id)?;
-        self.catalog.machine_changed(&row);
-        Ok(row)
+    fn publish(&self, row: &MachineRow) {
+        if row.state == MachineState::Destroyed {
+            self.catalog.machine_removed(&row.id);
+        } else {
+            self.catalog.machine_changed(row);
+        }
+    }
+
+    /// Moves the machine into `to` if it is still in the state `plan` saw, recording an
+    /// event; a concurrent change in between is refused like the state machine would.
+    fn enter(
+        &self,
+        row: &MachineRow,
+        operation: Operation,
+        to: MachineState,
+        kind: &str,
+    ) -> ApiResult<MachineRow> {
+        let event = user_event(kind, to, None);
+        match self
+            .store
+            .transition(&row.id, &[row.state], to, Some(&event))?
+        {
+            Some(_) => {
+                let row = self.reload(&row.id)?;
+                self.publish(&row);
+                Ok(row)
+            }
+            None => {
+                let current = self.reload(&row.id)?;
+                plan(operation, current.state)?;
+                Err(ApiError::conflict(format!(
+                    "machine {} changed state while {kind} was requested; try again",
+                    row.id
+                )))
+            }
+        }
+    }
+
+    /// Checks that the caller may change the machine while a lease may be held: with no
+    /// live lease anyone may; with one, only the request carrying its nonce.
+    pub fn check_lease(&self, machine_id: &str, nonce: Option<&str>) -> ApiResult<()> {
+        if let Some(lease) = self.store.lease(machine_id)?
+            && lease.expires_at > now_secs()
+            && nonce != Some(lease.nonce.as_str())
+        {
+            return Err(ApiError::conflict(crate::store::lease_conflict(&lease)));
+        }
+        Ok(())
     }
 
     fn spec(&self, row: &MachineRow, app: &AppRow) -> MachineSpec {
@@ -108,9 +336,10 @@ impl ControlPlane {
             reported.seq,
             reported.state,
             reported.private_ipv4.as_deref(),
+            None,
         )? {
             let row = self.reload(&reported.id)?;
-            self.catalog.machine_changed(&row);
+            self.publish(&row);
             return Ok(row);
         }
         self.reload(&reported.id)
@@ -137,8 +366,16 @@ impl ControlPlane {
                     .as_ref()
                     .map(|m| serde_json::json!({ "message": m }))
             });
-            self.record_event(&row.id, &event.kind, event.state, "flyd", request);
+            let recorded = MachineEvent {
+                id: ulid::Ulid::new().to_string(),
+                kind: event.kind.clone(),
+                status: event.state.as_str().to_string(),
+                source: "flyd".to_string(),
+                timestamp: event.timestamp,
+                request,
+            };
             if row.state == MachineState::Destroyed {
+                self.store.insert_event(&row.id, &recorded)?;
                 continue;
             }
             if self.store.apply_agent_status(
@@ -146,31 +383,60 @@ impl ControlPlane {
                 event.seq,
                 event.state,
                 event.private_ipv4.as_deref(),
+                Some(&recorded),
             )? {
                 let row = self.reload(&row.id)?;
-                self.catalog.machine_changed(&row);
+                self.publish(&row);
             }
         }
         Ok(())
     }
 
-    pub async fn create_machine(
+    /// The region a new machine goes to: the one asked for (a Fly region code, or a region
+    /// some host is in) or this control plane's.
+    fn wanted_region(
+        &self,
+        requested: Option<&str>,
+        hosts: &[crate::store::HostRow],
+    ) -> ApiResult<String> {
+        match requested.map(str::trim).filter(|r| !r.is_empty()) {
+            None => Ok(self.config.region.clone()),
+            Some(region) => {
+                let known = aloft_api::regions::find(region).is_some()
+                    || hosts.iter().any(|h| h.region == region)
+                    || region == self.config.region;
+                if !known {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid region: {region:?} is not a region code (see GET /v1/platform/regions)"
+                    )));
+                }
+                Ok(region.to_string())
+            }
+        }
+    }
+
+    /// Creates (and unless `skip_launch`, starts) a machine. Returns it and, when the
+    /// request asked for one, the lease nonce.
+    pub async fn create_machine_with_lease(
         &self,
         app: &AppRow,
         request: CreateMachineRequest,
-    ) -> ApiResult<MachineRow> {
-        let config = request.config;
-        if config.image.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                "invalid config.image: an image is required",
-            ));
+    ) -> ApiResult<(MachineRow, Option<Lease>)> {
+        crate::validate::machine_config(&request.config)?;
+        if let Some(name) = request.name.as_deref().filter(|n| !n.is_empty()) {
+            crate::validate::machine_name(name)?;
         }
-        let wanted = request
-            .region
-            .clone()
-            .filter(|r| !r.is_empty())
-            .unwrap_or_else(|| self.config.region.clone());
-        let placement = place(&self.store.hosts()?, &wanted)?;
+        if request
+            .lease_ttl
+            .is_some_and(|ttl| ttl == 0 || ttl > MAX_LEASE_TTL)
+        {
+            return Err(ApiError::bad_request(format!(
+                "invalid lease_ttl: must be between 1 and {MAX_LEASE_TTL} seconds"
+            )));
+        }
+        let hosts = self.store.hosts()?;
+        let wanted = self.wanted_region(request.region.as_deref(), &hosts)?;
+        let placement = place(&hosts, &wanted)?;
         let now = now_rfc3339();
         let row = MachineRow {
             id: names::machine_id(),
@@ -178,13 +444,14 @@ impl ControlPlane {
             app_name: app.name.clone(),
             name: request
                 .name
+                .clone()
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(names::machine_name),
             region: placement.region.clone(),
             host_id: placement.host.id.clone(),
             state: MachineState::Created,
             instance_id: ulid::Ulid::new().to_string(),
-            config,
+            config: request.config.clone(),
             private_ip: Some(crate::ips::machine_private_ip(
                 &self.store,
                 app,
@@ -193,35 +460,66 @@ impl ControlPlane {
             private_ipv4: None,
             created_at: now.clone(),
             updated_at: now,
+            cordoned: request.skip_service_registration,
+            recent_events: vec![user_event("launch", MachineState::Created, None)],
         };
-        self.store.insert_machine(&row)?;
         let agent = self.agent(&row.host_id)?;
+        self.store.insert_machine(&row)?;
         if let Err(err) = agent.put(&self.spec(&row, app)).await {
             self.store.delete_machine(&row.id)?;
             self.forget_agent(&row.host_id);
             return Err(err);
         }
-        self.record_event(&row.id, "launch", MachineState::Created, "user", None);
-        self.catalog.machine_changed(&row);
+        let lease = match request.lease_ttl {
+            Some(ttl) => {
+                let wanted = LeaseRow {
+                    machine_id: row.id.clone(),
+                    nonce: names::random_id(16),
+                    owner: String::new(),
+                    description: String::new(),
+                    expires_at: now_secs() + ttl as i64,
+                    version: row.instance_id.clone(),
+                };
+                Some(lease_view(&self.store.acquire_lease(
+                    &wanted,
+                    None,
+                    now_secs(),
+                )?))
+            }
+            None => None,
+        };
+        self.publish(&row);
         if request.skip_launch {
-            return Ok(row);
+            return Ok((row, lease));
         }
-        self.start_machine(&row).await
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let started = self.start_locked(&row).await?;
+        Ok((started, lease))
+    }
+
+    pub async fn create_machine(
+        &self,
+        app: &AppRow,
+        request: CreateMachineRequest,
+    ) -> ApiResult<MachineRow> {
+        self.create_machine_with_lease(app, request)
+            .await
+            .map(|(row, _)| row)
     }
 
     pub async fn start_machine(&self, row: &MachineRow) -> ApiResult<MachineRow> {
-        match row.state {
-            MachineState::Created
-            | MachineState::Stopped
-            | MachineState::Suspended
-            | MachineState::Failed => {}
-            other => {
-                return Err(ApiError::precondition(format!(
-                    "unable to start machine from current state: '{other}'"
-                )));
-            }
-        }
-        let row = self.set_state(row, MachineState::Starting)?;
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        self.start_locked(&row).await
+    }
+
+    async fn start_locked(&self, row: &MachineRow) -> ApiResult<MachineRow> {
+        let Plan::Proceed { transient } = plan(Operation::Start, row.state)? else {
+            return Ok(row.clone());
+        };
+        let row = self.enter(row, Operation::Start, transient, "start")?;
         let agent = self.agent(&row.host_id)?;
         match agent.start(&row.id).await {
             Ok(reported) => self.apply_agent_machine(&reported),
@@ -237,16 +535,17 @@ impl ControlPlane {
         row: &MachineRow,
         request: &StopRequest,
     ) -> ApiResult<MachineRow> {
-        match row.state {
-            MachineState::Started | MachineState::Starting | MachineState::Stopping => {}
-            MachineState::Stopped | MachineState::Created => return Ok(row.clone()),
-            other => {
-                return Err(ApiError::precondition(format!(
-                    "unable to stop machine from current state: '{other}'"
-                )));
-            }
-        }
-        let row = self.set_state(row, MachineState::Stopping)?;
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        self.stop_locked(&row, request).await
+    }
+
+    async fn stop_locked(&self, row: &MachineRow, request: &StopRequest) -> ApiResult<MachineRow> {
+        let Plan::Proceed { transient } = plan(Operation::Stop, row.state)? else {
+            return Ok(row.clone());
+        };
+        let row = self.enter(row, Operation::Stop, transient, "stop")?;
         let request = StopRequest {
             signal: request.signal.clone().or_else(|| {
                 row.config
@@ -268,52 +567,303 @@ impl ControlPlane {
         }
     }
 
-    /// Replaces a machine's config: a new instance, restarted if it was running.
+    pub async fn suspend_machine(&self, row: &MachineRow) -> ApiResult<MachineRow> {
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        let Plan::Proceed { transient } = plan(Operation::Suspend, row.state)? else {
+            return Ok(row);
+        };
+        let row = self.enter(&row, Operation::Suspend, transient, "suspend")?;
+        let agent = self.agent(&row.host_id)?;
+        match agent.suspend(&row.id).await {
+            Ok(reported) => self.apply_agent_machine(&reported),
+            Err(err) => {
+                self.resync(&row).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Restarts a running machine in place on its host (stop with the request's signal and
+    /// timeout, then start from a fresh root filesystem).
+    pub async fn restart_machine(
+        &self,
+        row: &MachineRow,
+        request: &StopRequest,
+    ) -> ApiResult<MachineRow> {
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        plan(Operation::Restart, row.state)?;
+        let agent = self.agent(&row.host_id)?;
+        match agent.restart(&row.id, request).await {
+            Ok(reported) => {
+                self.store
+                    .insert_event(&row.id, &user_event("restart", reported.state, None))?;
+                self.apply_agent_machine(&reported)
+            }
+            Err(err) => {
+                self.resync(&row).await;
+                Err(err)
+            }
+        }
+    }
+
+    pub async fn signal_machine(&self, row: &MachineRow, request: &SignalRequest) -> ApiResult<()> {
+        plan(Operation::Signal, row.state)?;
+        let agent = self.agent(&row.host_id)?;
+        agent.signal(&row.id, request).await?;
+        self.store.insert_event(
+            &row.id,
+            &user_event(
+                "signal",
+                row.state,
+                Some(serde_json::json!({ "signal": request.signal })),
+            ),
+        )?;
+        Ok(())
+    }
+
+    pub async fn machine_processes(
+        &self,
+        row: &MachineRow,
+    ) -> ApiResult<Vec<aloft_api::ProcessStat>> {
+        plan(Operation::Inspect, row.state)?;
+        self.agent(&row.host_id)?.ps(&row.id).await
+    }
+
+    pub async fn exec_machine(
+        &self,
+        row: &MachineRow,
+        request: &MachineExecRequest,
+    ) -> ApiResult<aloft_api::ExecResponse> {
+        plan(Operation::Inspect, row.state)?;
+        self.agent(&row.host_id)?.exec(&row.id, request).await
+    }
+
+    /// Replaces a machine's config: a new version, restarted if it was running (deploys).
     pub async fn update_machine(
         &self,
         app: &AppRow,
         row: &MachineRow,
         config: MachineConfig,
     ) -> ApiResult<MachineRow> {
-        if config.image.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                "invalid config.image: an image is required",
-            ));
-        }
-        let was_running = matches!(row.state, MachineState::Started | MachineState::Starting);
-        if was_running {
-            self.stop_machine(row, &StopRequest::default()).await?;
-        }
+        self.update_machine_with(app, row, config, UpdateOptions::default())
+            .await
+    }
+
+    pub async fn update_machine_with(
+        &self,
+        app: &AppRow,
+        row: &MachineRow,
+        config: MachineConfig,
+        options: UpdateOptions,
+    ) -> ApiResult<MachineRow> {
+        crate::validate::machine_config(&config)?;
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        plan(Operation::Update, row.state)?;
+        let was_running = matches!(row.state, MachineState::Started);
+        let before = row.state;
+        let row = if was_running {
+            self.stop_locked(&row, &StopRequest::default()).await?
+        } else {
+            row
+        };
+        let Plan::Proceed { transient } = plan(Operation::Update, row.state)? else {
+            return Ok(row);
+        };
+        let replacing = self.enter(&row, Operation::Update, transient, "update")?;
         let instance_id = ulid::Ulid::new().to_string();
+        let settled = match row.state {
+            MachineState::Created | MachineState::Failed => MachineState::Created,
+            MachineState::Suspended | MachineState::Stopped | MachineState::Started => {
+                MachineState::Stopped
+            }
+            other => other,
+        };
         self.store
-            .update_machine_config(&row.id, &instance_id, &config)?;
-        let updated = self.reload(&row.id)?;
-        self.record_event(&row.id, "update", updated.state, "user", None);
-        self.agent(&updated.host_id)?
-            .put(&self.spec(&updated, app))
-            .await?;
-        if was_running || matches!(updated.state, MachineState::Created | MachineState::Failed) {
-            return self.start_machine(&updated).await;
+            .update_machine_config(&row.id, &instance_id, &config, settled, None)?;
+        if let Some(cordoned) = options.skip_service_registration {
+            self.store.set_machine_cordoned(&row.id, cordoned)?;
         }
-        self.catalog.machine_changed(&updated);
+        let updated = self.reload(&replacing.id)?;
+        if let Err(err) = self
+            .agent(&updated.host_id)?
+            .put(&self.spec(&updated, app))
+            .await
+        {
+            self.resync(&updated).await;
+            return Err(err);
+        }
+        self.publish(&updated);
+        let start = !options.skip_launch
+            && (was_running
+                || matches!(before, MachineState::Created | MachineState::Failed)
+                || options.start_stopped);
+        if start {
+            return self.start_locked(&updated).await;
+        }
         Ok(updated)
     }
 
     pub async fn destroy_machine(&self, row: &MachineRow, force: bool) -> ApiResult<()> {
-        if matches!(row.state, MachineState::Started | MachineState::Starting) && !force {
-            return Err(ApiError::precondition(
-                "unable to destroy machine, not currently stopped: stop it first or pass force=true",
-            ));
-        }
-        let row = self.set_state(row, MachineState::Destroying)?;
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        let Plan::Proceed { transient } = plan(Operation::Destroy { force }, row.state)? else {
+            return Ok(());
+        };
+        let row = self.enter(&row, Operation::Destroy { force }, transient, "destroy")?;
         let agent = self.agent(&row.host_id)?;
-        let reported = agent.destroy(&row.id).await?;
-        self.apply_agent_machine(&reported)?;
-        self.store
-            .set_machine_state(&row.id, MachineState::Destroyed)?;
-        self.record_event(&row.id, "destroy", MachineState::Destroyed, "user", None);
-        self.catalog.machine_removed(&row.id);
+        if let Err(err) = agent.destroy(&row.id).await
+            && err.status != StatusCode::NOT_FOUND
+        {
+            self.resync(&row).await;
+            return Err(err);
+        }
+        self.store.transition(
+            &row.id,
+            &[MachineState::Destroying],
+            MachineState::Destroyed,
+            Some(&user_event("destroy", MachineState::Destroyed, None)),
+        )?;
+        let _ = self.store.release_lease(&row.id, "", i64::MAX);
+        self.publish(&self.reload(&row.id)?);
+        self.forget_machine_lock(&row.id);
         Ok(())
+    }
+
+    pub fn set_cordoned(&self, row: &MachineRow, cordoned: bool) -> ApiResult<MachineRow> {
+        plan(Operation::Annotate, row.state)?;
+        self.store.set_machine_cordoned(&row.id, cordoned)?;
+        self.store.insert_event(
+            &row.id,
+            &user_event(
+                if cordoned { "cordon" } else { "uncordon" },
+                row.state,
+                None,
+            ),
+        )?;
+        let row = self.reload(&row.id)?;
+        self.publish(&row);
+        Ok(row)
+    }
+
+    pub fn set_metadata(&self, row: &MachineRow, key: &str, value: Option<&str>) -> ApiResult<()> {
+        plan(Operation::Annotate, row.state)?;
+        crate::validate::metadata_key(key)?;
+        if let Some(value) = value {
+            crate::validate::metadata_value(value)?;
+        }
+        self.store.set_machine_metadata(&row.id, key, value)?;
+        self.publish(&self.reload(&row.id)?);
+        Ok(())
+    }
+
+    pub fn acquire_lease(
+        &self,
+        row: &MachineRow,
+        ttl: Option<u64>,
+        description: Option<String>,
+        nonce: Option<&str>,
+        owner: &str,
+    ) -> ApiResult<Lease> {
+        plan(Operation::Annotate, row.state)?;
+        let ttl = ttl.unwrap_or(DEFAULT_LEASE_TTL);
+        if ttl == 0 || ttl > MAX_LEASE_TTL {
+            return Err(ApiError::bad_request(format!(
+                "invalid ttl: must be between 1 and {MAX_LEASE_TTL} seconds"
+            )));
+        }
+        let now = now_secs();
+        let wanted = LeaseRow {
+            machine_id: row.id.clone(),
+            nonce: names::random_id(16),
+            owner: owner.to_string(),
+            description: description.unwrap_or_default(),
+            expires_at: now + ttl as i64,
+            version: row.instance_id.clone(),
+        };
+        match self.store.acquire_lease(&wanted, nonce, now) {
+            Ok(lease) => Ok(lease_view(&lease)),
+            Err(StoreError::Conflict(message)) => Err(ApiError::conflict(message)),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    pub fn current_lease(&self, row: &MachineRow) -> ApiResult<Lease> {
+        match self.store.lease(&row.id)? {
+            Some(lease) if lease.expires_at > now_secs() => Ok(lease_view(&lease)),
+            _ => Err(ApiError::not_found(format!(
+                "machine {} has no active lease",
+                row.id
+            ))),
+        }
+    }
+
+    pub fn release_lease(&self, row: &MachineRow, nonce: Option<&str>) -> ApiResult<()> {
+        let Some(nonce) = nonce.filter(|n| !n.is_empty()) else {
+            return Err(ApiError::bad_request(
+                "releasing a lease needs its nonce in the fly-machine-lease-nonce header",
+            ));
+        };
+        match self.store.release_lease(&row.id, nonce, now_secs()) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ApiError::not_found(format!(
+                "machine {} has no lease",
+                row.id
+            ))),
+            Err(StoreError::Conflict(message)) => Err(ApiError::conflict(message)),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// Waits until the machine reaches `wanted` (or `timeout` passes: 408).
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        wanted: WaitState,
+        instance_id: Option<&str>,
+        timeout: Duration,
+    ) -> ApiResult<MachineRow> {
+        let mut changes = self.catalog.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let row = self.reload(id)?;
+            if wanted.reached(&row, instance_id) {
+                return Ok(row);
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, changes.recv()).await {
+                    Err(_) => {
+                        return Err(ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!(
+                                "deadline_exceeded: machine {id} is {} after waiting {}s",
+                                row.state,
+                                timeout.as_secs()
+                            ),
+                        ));
+                    }
+                    Ok(Ok(Published {
+                        update: CatalogUpdate::Machine { machine, .. },
+                        ..
+                    })) if machine.id == id => break,
+                    Ok(Ok(Published {
+                        update: CatalogUpdate::MachineRemoved { id: removed, .. },
+                        ..
+                    })) if removed == id => break,
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                        return Err(ApiError::unavailable("the control plane is shutting down"));
+                    }
+                }
+            }
+        }
     }
 
     /// Why a machine is not running, from its latest event that says so.
@@ -338,7 +888,14 @@ impl ControlPlane {
         if let Ok(agent) = self.agent(&row.host_id) {
             match agent.get(&row.id).await {
                 Ok(reported) => {
-                    let _ = self.apply_agent_machine(&reported);
+                    if self.apply_agent_machine(&reported).is_ok() {
+                        // The agent's view wins even when its sequence number is not newer:
+                        // the control plane moved the state itself in between.
+                        let _ = self.store.set_machine_state(&row.id, reported.state);
+                        if let Ok(row) = self.reload(&row.id) {
+                            self.publish(&row);
+                        }
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(machine = %row.id, error = %err, "cannot read machine state from its agent")

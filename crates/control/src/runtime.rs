@@ -19,19 +19,10 @@ use crate::ControlPlane;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 
-/// A client for the agent of `host_id` (for streams and upgrades, which the lifecycle
-/// client in `hosts` does not make).
+/// The HTTP client of the agent of `host_id` (the control plane's one `AgentClient` for
+/// that host), for streams and upgrades.
 pub fn agent_endpoint(plane: &ControlPlane, host_id: &str) -> ApiResult<aloft_client::Client> {
-    let host = plane
-        .store
-        .hosts()?
-        .into_iter()
-        .find(|h| h.id == host_id)
-        .ok_or_else(|| ApiError::unavailable(format!("host {host_id} is not registered")))?;
-    Ok(aloft_client::Client::new(
-        &host.agent_url,
-        Some(plane.host_token().to_string()),
-    ))
+    Ok(plane.agent(host_id)?.http().clone())
 }
 
 pub fn router() -> Router<Arc<ControlPlane>> {

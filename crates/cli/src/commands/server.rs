@@ -38,6 +38,10 @@ pub struct ServerArgs {
     /// OCI runtime for containers: runc, crun or a path (default: whichever is installed).
     #[arg(long)]
     pub runtime: Option<String>,
+    /// Keep the control plane's state in PostgreSQL (`postgresql://user@host/db`) instead
+    /// of SQLite in the data dir; several servers may share one database.
+    #[arg(long, env = "ALOFT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Leave machines running when the server exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
@@ -62,7 +66,7 @@ pub struct ServerArgs {
     pub dns_upstreams: Vec<SocketAddr>,
 }
 
-fn default_data_dir() -> PathBuf {
+pub fn default_data_dir() -> PathBuf {
     if nix::unistd::Uid::effective().is_root() {
         return PathBuf::from("/var/lib/aloft");
     }
@@ -102,6 +106,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 args.registry_upstream_prefix.trim_matches('/'),
             )
         }),
+        database_url: args.database_url.clone(),
     })?;
     plane
         .store

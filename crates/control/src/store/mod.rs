@@ -1,0 +1,1592 @@
+//! The control plane's durable state behind one store layer. Two backends run the same
+//! queries: SQLite (embedded, WAL; the default) and PostgreSQL (shared by several
+//! control planes). Every write method is one transaction; a method that returns Ok has
+//! been committed.
+
+pub mod db;
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use aloft_api::{MachineConfig, MachineEvent, MachineState};
+
+pub use db::{Backend, BackendKind, Conn, DbError, Row, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+impl From<DbError> for StoreError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::Unique(m) => StoreError::Conflict(m),
+            DbError::Backend(m) => StoreError::Database(m),
+            DbError::Corrupt(m) => StoreError::Corrupt(m),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+type DbResult<T> = db::DbResult<T>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrgRow {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    pub id: String,
+    /// The org the token belongs to (for `user` tokens: their personal org).
+    pub org_id: String,
+    /// `user` (every org it is a member of), `org` (full access to one org), `deploy`,
+    /// `readonly`, `host` (an agent or proxy).
+    pub kind: String,
+    pub name: String,
+    pub key: Vec<u8>,
+    pub created_at: String,
+    pub revoked: bool,
+    /// Unix seconds; the same limit is a caveat inside the token.
+    pub expires_at: Option<i64>,
+    /// Apps the token was limited to when it was made (also a caveat inside the token).
+    pub apps: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppRow {
+    pub id: String,
+    pub name: String,
+    pub org_id: String,
+    pub org_slug: String,
+    pub network: String,
+    pub status: String,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MachineRow {
+    pub id: String,
+    pub app_id: String,
+    pub app_name: String,
+    pub name: String,
+    pub region: String,
+    pub host_id: String,
+    pub state: MachineState,
+    pub instance_id: String,
+    pub config: MachineConfig,
+    pub private_ip: Option<String>,
+    pub private_ipv4: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub cordoned: bool,
+    /// The latest events, newest first (the full history is in `events()`).
+    pub recent_events: Vec<MachineEvent>,
+}
+
+impl MachineRow {
+    pub fn process_group(&self) -> Option<&str> {
+        self.config.process_group()
+    }
+}
+
+/// Which machines a listing returns.
+#[derive(Clone, Debug, Default)]
+pub struct MachineFilter {
+    pub include_destroyed: bool,
+    pub region: Option<String>,
+    /// `metadata.<key>=<value>` pairs; all must match.
+    pub metadata: Vec<(String, String)>,
+    /// Only machines in one of these states (empty: any).
+    pub states: Vec<MachineState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseRow {
+    pub id: String,
+    pub app_id: String,
+    pub version: u64,
+    pub status: String,
+    pub description: String,
+    pub image: String,
+    pub config: String,
+    pub created_at: String,
+    /// Who made the release (the name of the token used).
+    pub user: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostRow {
+    pub id: String,
+    pub region: String,
+    pub agent_url: String,
+    pub last_seen: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub machine_id: String,
+    pub nonce: String,
+    pub owner: String,
+    pub description: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionRow {
+    pub version: String,
+    pub config: MachineConfig,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeRow {
+    pub id: String,
+    pub app_id: String,
+    pub name: String,
+    pub region: String,
+    pub zone: String,
+    pub size_gb: i64,
+    pub state: String,
+    pub encrypted: bool,
+    pub fstype: String,
+    pub snapshot_retention: i64,
+    pub auto_backup_enabled: bool,
+    pub attached_machine_id: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub volume_id: String,
+    pub size: i64,
+    pub digest: String,
+    pub status: String,
+    pub retention_days: i64,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRow {
+    pub name: String,
+    pub digest: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateRow {
+    pub app_id: String,
+    pub hostname: String,
+    /// `acme` or `custom`.
+    pub source: String,
+    pub status: String,
+    pub created_at: String,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS orgs (
+    id TEXT PRIMARY KEY, slug TEXT NOT NULL UNIQUE, name TEXT NOT NULL, created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, org_id TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+    key {blob} NOT NULL, created_at TEXT NOT NULL, revoked {int} NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS token_orgs (
+    token_id TEXT NOT NULL, org_id TEXT NOT NULL, PRIMARY KEY (token_id, org_id)
+);
+CREATE TABLE IF NOT EXISTS apps (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, org_id TEXT NOT NULL REFERENCES orgs(id),
+    network TEXT NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS machines (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, name TEXT NOT NULL, region TEXT NOT NULL,
+    host_id TEXT NOT NULL, state TEXT NOT NULL, instance_id TEXT NOT NULL, config TEXT NOT NULL,
+    private_ip TEXT, private_ipv4 TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    agent_seq {int} NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS machines_by_app ON machines(app_id);
+CREATE TABLE IF NOT EXISTS machine_versions (
+    machine_id TEXT NOT NULL, version TEXT NOT NULL, config TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (machine_id, version)
+);
+CREATE TABLE IF NOT EXISTS machine_events (
+    seq {serial}, id TEXT NOT NULL, machine_id TEXT NOT NULL,
+    type TEXT NOT NULL, status TEXT NOT NULL, source TEXT NOT NULL, timestamp {int} NOT NULL,
+    request TEXT
+);
+CREATE INDEX IF NOT EXISTS machine_events_by_machine ON machine_events(machine_id);
+CREATE TABLE IF NOT EXISTS machine_leases (
+    machine_id TEXT PRIMARY KEY, nonce TEXT NOT NULL, owner TEXT NOT NULL, description TEXT NOT NULL,
+    expires_at {int} NOT NULL, version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, version {int} NOT NULL, status TEXT NOT NULL,
+    description TEXT NOT NULL, image TEXT NOT NULL, config TEXT NOT NULL, created_at TEXT NOT NULL,
+    UNIQUE(app_id, version)
+);
+CREATE TABLE IF NOT EXISTS hosts (
+    id TEXT PRIMARY KEY, region TEXT NOT NULL, agent_url TEXT NOT NULL, last_seen TEXT NOT NULL,
+    last_event_seq {int} NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, name TEXT NOT NULL, region TEXT NOT NULL, zone TEXT NOT NULL,
+    size_gb {int} NOT NULL, state TEXT NOT NULL, encrypted {int} NOT NULL, fstype TEXT NOT NULL,
+    snapshot_retention {int} NOT NULL, auto_backup_enabled {int} NOT NULL, attached_machine_id TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS volumes_by_app ON volumes(app_id);
+CREATE TABLE IF NOT EXISTS volume_snapshots (
+    id TEXT PRIMARY KEY, volume_id TEXT NOT NULL, size {int} NOT NULL, digest TEXT NOT NULL,
+    status TEXT NOT NULL, retention_days {int} NOT NULL, created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS app_secrets (
+    app_id TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL, PRIMARY KEY (app_id, name)
+);
+CREATE TABLE IF NOT EXISTS app_certificates (
+    hostname TEXT PRIMARY KEY, app_id TEXT NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS networks (
+    id {serial}, org_id TEXT NOT NULL, name TEXT NOT NULL, created_at TEXT NOT NULL,
+    UNIQUE(org_id, name)
+);
+CREATE TABLE IF NOT EXISTS host_numbers (host_id TEXT PRIMARY KEY, number {int} NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS address_counters (name TEXT PRIMARY KEY, value {int} NOT NULL);
+CREATE TABLE IF NOT EXISTS ip_assignments (
+    address TEXT NOT NULL, app_id TEXT NOT NULL, type TEXT NOT NULL, region TEXT NOT NULL,
+    network_id {int}, service_name TEXT NOT NULL DEFAULT '', created_at TEXT NOT NULL,
+    PRIMARY KEY (address, app_id)
+);
+CREATE INDEX IF NOT EXISTS ip_assignments_by_app ON ip_assignments(app_id)
+"#;
+
+/// Columns added after the first release of a table: (table, column, type).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("tokens", "expires_at", "{int}"),
+    ("tokens", "apps", "TEXT"),
+    ("machines", "cordoned", "{int} NOT NULL DEFAULT 0"),
+    ("machines", "recent_events", "TEXT"),
+    ("apps", "secrets_version", "{int} NOT NULL DEFAULT 0"),
+    ("releases", "created_by", "TEXT NOT NULL DEFAULT ''"),
+    ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
+];
+
+const EVENTS_KEPT_ON_MACHINE: usize = 10;
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+pub fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn corrupt(what: &str, err: impl std::fmt::Display) -> DbError {
+    DbError::Corrupt(format!("{what}: {err}"))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> DbResult<String> {
+    serde_json::to_string(value).map_err(|e| corrupt("encoding", e))
+}
+
+const MACHINE_COLUMNS: &str = "m.id, m.app_id, a.name, m.name, m.region, m.host_id, m.state, m.instance_id, m.config, m.private_ip, m.private_ipv4, m.created_at, m.updated_at, m.cordoned, m.recent_events";
+
+fn machine_from_row(row: &Row) -> DbResult<MachineRow> {
+    let config: MachineConfig =
+        serde_json::from_str(&row.text(8)?).map_err(|e| corrupt("machine config", e))?;
+    let state_text = row.text(6)?;
+    let state =
+        MachineState::parse(&state_text).ok_or_else(|| corrupt("machine state", &state_text))?;
+    let recent_events = match row.opt_text(14)? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| corrupt("machine events", e))?,
+        None => Vec::new(),
+    };
+    Ok(MachineRow {
+        id: row.text(0)?,
+        app_id: row.text(1)?,
+        app_name: row.text(2)?,
+        name: row.text(3)?,
+        region: row.text(4)?,
+        host_id: row.text(5)?,
+        state,
+        instance_id: row.text(7)?,
+        config,
+        private_ip: row.opt_text(9)?,
+        private_ipv4: row.opt_text(10)?,
+        created_at: row.text(11)?,
+        updated_at: row.text(12)?,
+        cordoned: row.bool(13)?,
+        recent_events,
+    })
+}
+
+const APP_COLUMNS: &str = "a.id, a.name, a.org_id, o.slug, a.network, a.status, a.created_at";
+
+fn app_from_row(row: &Row) -> DbResult<AppRow> {
+    Ok(AppRow {
+        id: row.text(0)?,
+        name: row.text(1)?,
+        org_id: row.text(2)?,
+        org_slug: row.text(3)?,
+        network: row.text(4)?,
+        status: row.text(5)?,
+        created_at: row.text(6)?,
+    })
+}
+
+fn org_from_row(row: &Row) -> DbResult<OrgRow> {
+    Ok(OrgRow {
+        id: row.text(0)?,
+        slug: row.text(1)?,
+        name: row.text(2)?,
+        created_at: row.text(3)?,
+    })
+}
+
+const TOKEN_COLUMNS: &str = "id, org_id, kind, name, key, created_at, revoked, expires_at, apps";
+
+fn token_from_row(row: &Row) -> DbResult<TokenRow> {
+    Ok(TokenRow {
+        id: row.text(0)?,
+        org_id: row.text(1)?,
+        kind: row.text(2)?,
+        name: row.text(3)?,
+        key: row.blob(4)?,
+        created_at: row.text(5)?,
+        revoked: row.bool(6)?,
+        expires_at: row.opt_int(7)?,
+        apps: row
+            .opt_text(8)?
+            .map(|s| {
+                s.split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+fn release_from_row(row: &Row) -> DbResult<ReleaseRow> {
+    Ok(ReleaseRow {
+        id: row.text(0)?,
+        app_id: row.text(1)?,
+        version: row.int(2)? as u64,
+        status: row.text(3)?,
+        description: row.text(4)?,
+        image: row.text(5)?,
+        config: row.text(6)?,
+        created_at: row.text(7)?,
+        user: row.text(8)?,
+    })
+}
+
+const RELEASE_COLUMNS: &str =
+    "id, app_id, version, status, description, image, config, created_at, created_by";
+
+const VOLUME_COLUMNS: &str = "id, app_id, name, region, zone, size_gb, state, encrypted, fstype, snapshot_retention, auto_backup_enabled, attached_machine_id, created_at";
+
+fn volume_from_row(row: &Row) -> DbResult<VolumeRow> {
+    Ok(VolumeRow {
+        id: row.text(0)?,
+        app_id: row.text(1)?,
+        name: row.text(2)?,
+        region: row.text(3)?,
+        zone: row.text(4)?,
+        size_gb: row.int(5)?,
+        state: row.text(6)?,
+        encrypted: row.bool(7)?,
+        fstype: row.text(8)?,
+        snapshot_retention: row.int(9)?,
+        auto_backup_enabled: row.bool(10)?,
+        attached_machine_id: row.opt_text(11)?,
+        created_at: row.text(12)?,
+    })
+}
+
+fn event_from_row(row: &Row) -> DbResult<MachineEvent> {
+    Ok(MachineEvent {
+        id: row.text(0)?,
+        kind: row.text(1)?,
+        status: row.text(2)?,
+        source: row.text(3)?,
+        timestamp: row.int(4)?,
+        request: row
+            .opt_text(5)?
+            .and_then(|text| serde_json::from_str(&text).ok()),
+    })
+}
+
+/// The store: one handle, shared by every request.
+pub struct Store {
+    db: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// The embedded database at `path` (created if missing).
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        Self::with_backend(Arc::new(sqlite::Sqlite::open(path)?))
+    }
+
+    pub fn open_in_memory() -> StoreResult<Self> {
+        Self::with_backend(Arc::new(sqlite::Sqlite::in_memory()?))
+    }
+
+    /// A PostgreSQL database (`postgresql://user@host:port/db`).
+    pub fn open_postgres(url: &str) -> StoreResult<Self> {
+        Self::with_backend(Arc::new(postgres::Postgres::connect(url, 4)?))
+    }
+
+    /// `postgres://…` or `postgresql://…` selects PostgreSQL; anything else is a SQLite path.
+    pub fn open_url(url: &str) -> StoreResult<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::open_postgres(url)
+        } else {
+            Self::open(Path::new(url))
+        }
+    }
+
+    pub fn with_backend(db: Arc<dyn Backend>) -> StoreResult<Self> {
+        let store = Self { db };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.db.kind()
+    }
+
+    fn migrate(&self) -> StoreResult<()> {
+        let kind = self.db.kind();
+        let schema = db::schema_for(kind, SCHEMA);
+        self.tx(|c| {
+            for statement in schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                c.execute(statement, &[])?;
+            }
+            Ok(())
+        })?;
+        for (table, column, kind_of) in ADDED_COLUMNS {
+            let probe = format!("SELECT {column} FROM {table} WHERE 1 = 0");
+            if self.tx(|c| c.query(&probe, &[]).map(|_| ())).is_err() {
+                let add = db::schema_for(
+                    kind,
+                    &format!("ALTER TABLE {table} ADD COLUMN {column} {kind_of}"),
+                );
+                self.tx(|c| c.execute(&add, &[]).map(|_| ()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `work` in one transaction (modules with tables of their own, such as `ips`,
+    /// write their queries against the same interface).
+    pub(crate) fn tx<T: Send>(
+        &self,
+        mut work: impl FnMut(&mut dyn Conn) -> DbResult<T> + Send,
+    ) -> StoreResult<T> {
+        let mut out = None;
+        self.db.transaction(&mut |c| {
+            out = Some(work(c)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| StoreError::Database("transaction produced no result".into()))
+    }
+
+    /// Runs `work` on a consistent snapshot, without a write lock.
+    pub(crate) fn read<T: Send>(
+        &self,
+        mut work: impl FnMut(&mut dyn Conn) -> DbResult<T> + Send,
+    ) -> StoreResult<T> {
+        let mut out = None;
+        self.db.read(&mut |c| {
+            out = Some(work(c)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| StoreError::Database("read produced no result".into()))
+    }
+
+    // ---- settings ----
+
+    pub fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+        self.read(|c| {
+            c.query_one("SELECT value FROM settings WHERE key = $1", &[key.into()])?
+                .map(|r| r.text(0))
+                .transpose()
+        })
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO settings(key, value) VALUES ($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                &[key.into(), value.into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    // ---- orgs ----
+
+    pub fn create_org(&self, org: &OrgRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO orgs(id, slug, name, created_at) VALUES ($1, $2, $3, $4)",
+                &[
+                    (&org.id).into(),
+                    (&org.slug).into(),
+                    (&org.name).into(),
+                    (&org.created_at).into(),
+                ],
+            )
+        })
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("organization {} already exists", org.slug))
+            }
+            other => other,
+        })?;
+        Ok(())
+    }
+
+    pub fn org_by_slug(&self, slug: &str) -> StoreResult<Option<OrgRow>> {
+        self.read(|c| {
+            c.query_one(
+                "SELECT id, slug, name, created_at FROM orgs WHERE slug = $1",
+                &[slug.into()],
+            )?
+            .map(|r| org_from_row(&r))
+            .transpose()
+        })
+    }
+
+    pub fn org_by_id(&self, id: &str) -> StoreResult<Option<OrgRow>> {
+        self.read(|c| {
+            c.query_one(
+                "SELECT id, slug, name, created_at FROM orgs WHERE id = $1",
+                &[id.into()],
+            )?
+            .map(|r| org_from_row(&r))
+            .transpose()
+        })
+    }
+
+    pub fn list_orgs(&self) -> StoreResult<Vec<OrgRow>> {
+        self.read(|c| {
+            c.query(
+                "SELECT id, slug, name, created_at FROM orgs ORDER BY slug",
+                &[],
+            )?
+            .iter()
+            .map(org_from_row)
+            .collect()
+        })
+    }
+
+    // ---- tokens ----
+
+    pub fn insert_token(&self, token: &TokenRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO tokens(id, org_id, kind, name, key, created_at, revoked, expires_at, apps) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    (&token.id).into(),
+                    (&token.org_id).into(),
+                    (&token.kind).into(),
+                    (&token.name).into(),
+                    token.key.as_slice().into(),
+                    (&token.created_at).into(),
+                    token.revoked.into(),
+                    token.expires_at.into(),
+                    token.apps.join(",").into(),
+                ],
+            )?;
+            if token.kind == "user" {
+                c.execute("INSERT INTO token_orgs(token_id, org_id) VALUES ($1, $2)", &[(&token.id).into(), (&token.org_id).into()])?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn token(&self, id: &str) -> StoreResult<Option<TokenRow>> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1");
+        self.read(|c| {
+            c.query_one(&sql, &[id.into()])?
+                .map(|r| token_from_row(&r))
+                .transpose()
+        })
+    }
+
+    /// Tokens of an org, oldest first (host tokens have no org and never show here).
+    pub fn list_tokens(&self, org_id: &str) -> StoreResult<Vec<TokenRow>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE org_id = $1 AND kind != 'host' ORDER BY created_at, id"
+        );
+        self.read(|c| {
+            c.query(&sql, &[org_id.into()])?
+                .iter()
+                .map(token_from_row)
+                .collect()
+        })
+    }
+
+    pub fn revoke_token(&self, id: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute("UPDATE tokens SET revoked = 1 WHERE id = $1", &[id.into()])? == 1)
+        })
+    }
+
+    pub fn set_token_kind(&self, id: &str, kind: &str) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute("UPDATE tokens SET kind = $2 WHERE id = $1", &[id.into(), kind.into()])?;
+            if kind == "user" {
+                c.execute(
+                    "INSERT INTO token_orgs(token_id, org_id) SELECT id, org_id FROM tokens WHERE id = $1 ON CONFLICT DO NOTHING",
+                    &[id.into()],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The orgs a `user` token is a member of.
+    pub fn token_org_ids(&self, token_id: &str) -> StoreResult<Vec<String>> {
+        self.read(|c| {
+            c.query(
+                "SELECT org_id FROM token_orgs WHERE token_id = $1 ORDER BY org_id",
+                &[token_id.into()],
+            )?
+            .iter()
+            .map(|r| r.text(0))
+            .collect()
+        })
+    }
+
+    /// Creates an org and makes `member` (a user token) a member, in one transaction.
+    pub fn create_org_for(&self, org: &OrgRow, member: Option<&str>) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO orgs(id, slug, name, created_at) VALUES ($1, $2, $3, $4)",
+                &[
+                    (&org.id).into(),
+                    (&org.slug).into(),
+                    (&org.name).into(),
+                    (&org.created_at).into(),
+                ],
+            )?;
+            if let Some(token_id) = member {
+                c.execute(
+                    "INSERT INTO token_orgs(token_id, org_id) VALUES ($1, $2)",
+                    &[token_id.into(), (&org.id).into()],
+                )?;
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("organization {} already exists", org.slug))
+            }
+            other => other,
+        })
+    }
+
+    // ---- apps ----
+
+    pub fn create_app(&self, app: &AppRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO apps(id, name, org_id, network, status, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[(&app.id).into(), (&app.name).into(), (&app.org_id).into(), (&app.network).into(), (&app.status).into(), (&app.created_at).into()],
+            )
+        })
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("app {} already exists", app.name)),
+            other => other,
+        })?;
+        Ok(())
+    }
+
+    pub fn app(&self, name: &str) -> StoreResult<Option<AppRow>> {
+        let sql = format!(
+            "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE a.name = $1"
+        );
+        self.read(|c| {
+            c.query_one(&sql, &[name.into()])?
+                .map(|r| app_from_row(&r))
+                .transpose()
+        })
+    }
+
+    pub fn app_by_id(&self, id: &str) -> StoreResult<Option<AppRow>> {
+        let sql = format!(
+            "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE a.id = $1"
+        );
+        self.read(|c| {
+            c.query_one(&sql, &[id.into()])?
+                .map(|r| app_from_row(&r))
+                .transpose()
+        })
+    }
+
+    pub fn list_apps(&self, org_id: Option<&str>) -> StoreResult<Vec<AppRow>> {
+        match org_id {
+            Some(org) => {
+                let sql = format!(
+                    "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE a.org_id = $1 ORDER BY a.name"
+                );
+                self.read(|c| {
+                    c.query(&sql, &[org.into()])?
+                        .iter()
+                        .map(app_from_row)
+                        .collect()
+                })
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id ORDER BY a.name"
+                );
+                self.read(|c| c.query(&sql, &[])?.iter().map(app_from_row).collect())
+            }
+        }
+    }
+
+    /// Live machines per app id.
+    pub fn machine_counts(&self) -> StoreResult<BTreeMap<String, u64>> {
+        self.read(|c| {
+            c.query(
+                "SELECT app_id, COUNT(*) FROM machines WHERE state != 'destroyed' GROUP BY app_id",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.text(0)?, r.int(1)? as u64)))
+            .collect()
+        })
+    }
+
+    pub fn set_app_status(&self, app_id: &str, status: &str) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE apps SET status = $2 WHERE id = $1",
+                &[app_id.into(), status.into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn delete_app(&self, app_id: &str) -> StoreResult<()> {
+        self.tx(|c| {
+            let id: Value = app_id.into();
+            let machines = "SELECT id FROM machines WHERE app_id = $1";
+            c.execute(&format!("DELETE FROM machine_events WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
+            c.execute(&format!("DELETE FROM machine_versions WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
+            c.execute(&format!("DELETE FROM machine_leases WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
+            c.execute("DELETE FROM volume_snapshots WHERE volume_id IN (SELECT id FROM volumes WHERE app_id = $1)", std::slice::from_ref(&id))?;
+            for table in ["machines", "releases", "volumes", "app_secrets", "app_certificates", "ip_assignments"] {
+                c.execute(&format!("DELETE FROM {table} WHERE app_id = $1"), std::slice::from_ref(&id))?;
+            }
+            c.execute("DELETE FROM apps WHERE id = $1", &[id])?;
+            Ok(())
+        })
+    }
+
+    // ---- machines ----
+
+    /// Stores a new machine, its first version and its first event.
+    pub fn insert_machine(&self, m: &MachineRow) -> StoreResult<()> {
+        let config =
+            serde_json::to_string(&m.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO machines(id, app_id, name, region, host_id, state, instance_id, config, private_ip, private_ipv4, created_at, updated_at, cordoned, recent_events)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                &[
+                    (&m.id).into(),
+                    (&m.app_id).into(),
+                    (&m.name).into(),
+                    (&m.region).into(),
+                    (&m.host_id).into(),
+                    m.state.as_str().into(),
+                    (&m.instance_id).into(),
+                    (&config).into(),
+                    m.private_ip.clone().into(),
+                    m.private_ipv4.clone().into(),
+                    (&m.created_at).into(),
+                    (&m.updated_at).into(),
+                    m.cordoned.into(),
+                    json(&m.recent_events)?.into(),
+                ],
+            )?;
+            c.execute(
+                "INSERT INTO machine_versions(machine_id, version, config, created_at) VALUES ($1, $2, $3, $4)",
+                &[(&m.id).into(), (&m.instance_id).into(), (&config).into(), (&m.created_at).into()],
+            )?;
+            for event in m.recent_events.iter().rev() {
+                insert_event_row(c, &m.id, event)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn machine(&self, id: &str) -> StoreResult<Option<MachineRow>> {
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.id = $1"
+        );
+        self.read(|c| {
+            c.query_one(&sql, &[id.into()])?
+                .map(|r| machine_from_row(&r))
+                .transpose()
+        })
+    }
+
+    pub fn list_machines(
+        &self,
+        app_id: &str,
+        include_destroyed: bool,
+    ) -> StoreResult<Vec<MachineRow>> {
+        self.list_machines_filtered(
+            app_id,
+            &MachineFilter {
+                include_destroyed,
+                ..MachineFilter::default()
+            },
+        )
+    }
+
+    pub fn list_machines_filtered(
+        &self,
+        app_id: &str,
+        filter: &MachineFilter,
+    ) -> StoreResult<Vec<MachineRow>> {
+        let mut sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.app_id = $1"
+        );
+        let mut params: Vec<Value> = vec![app_id.into()];
+        if !filter.include_destroyed {
+            sql.push_str(" AND m.state != 'destroyed'");
+        }
+        if let Some(region) = filter.region.as_deref().filter(|r| !r.is_empty()) {
+            params.push(region.into());
+            sql.push_str(&format!(" AND m.region = ${}", params.len()));
+        }
+        sql.push_str(" ORDER BY m.created_at, m.id");
+        let rows = self.read(|c| c.query(&sql, &params))?;
+        let mut machines = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let machine = machine_from_row(row)?;
+            if !filter.states.is_empty() && !filter.states.contains(&machine.state) {
+                continue;
+            }
+            if filter
+                .metadata
+                .iter()
+                .all(|(k, v)| machine.config.metadata.get(k) == Some(v))
+            {
+                machines.push(machine);
+            }
+        }
+        Ok(machines)
+    }
+
+    /// Machine ids with their revision (bumped by every change of the row), in listing
+    /// order: what a cache needs to tell which of its copies are current.
+    pub fn machine_revisions(
+        &self,
+        app_id: &str,
+        include_destroyed: bool,
+        region: Option<&str>,
+    ) -> StoreResult<Vec<(String, i64)>> {
+        let mut sql = "SELECT id, rev FROM machines WHERE app_id = $1".to_string();
+        let mut params: Vec<Value> = vec![app_id.into()];
+        if !include_destroyed {
+            sql.push_str(" AND state != 'destroyed'");
+        }
+        if let Some(region) = region.filter(|r| !r.is_empty()) {
+            params.push(region.into());
+            sql.push_str(&format!(" AND region = ${}", params.len()));
+        }
+        sql.push_str(" ORDER BY created_at, id");
+        self.read(|c| {
+            c.query(&sql, &params)?
+                .iter()
+                .map(|r| Ok((r.text(0)?, r.int(1)?)))
+                .collect()
+        })
+    }
+
+    /// A machine with its revision.
+    pub fn machine_with_revision(&self, id: &str) -> StoreResult<Option<(MachineRow, i64)>> {
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS}, m.rev FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.id = $1"
+        );
+        self.read(|c| {
+            c.query_one(&sql, &[id.into()])?
+                .map(|r| Ok((machine_from_row(&r)?, r.int(15)?)))
+                .transpose()
+        })
+    }
+
+    /// Every machine of an app with its revision (to fill a cache in one go).
+    pub fn machines_with_revisions(&self, app_id: &str) -> StoreResult<Vec<(MachineRow, i64)>> {
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS}, m.rev FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.app_id = $1"
+        );
+        self.read(|c| {
+            c.query(&sql, &[app_id.into()])?
+                .iter()
+                .map(|r| Ok((machine_from_row(r)?, r.int(15)?)))
+                .collect()
+        })
+    }
+
+    pub fn all_live_machines(&self) -> StoreResult<Vec<MachineRow>> {
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.state != 'destroyed'"
+        );
+        self.read(|c| c.query(&sql, &[])?.iter().map(machine_from_row).collect())
+    }
+
+    pub fn count_machines(&self, app_id: &str) -> StoreResult<u64> {
+        self.read(|c| {
+            Ok(c.query_one(
+                "SELECT COUNT(*) FROM machines WHERE app_id = $1 AND state != 'destroyed'",
+                &[app_id.into()],
+            )?
+            .map(|r| r.int(0))
+            .transpose()?
+            .unwrap_or(0) as u64)
+        })
+    }
+
+    /// Moves a machine from one of `from` to `to`, recording `event`, in one transaction.
+    /// Returns the machine as it was before when the move happened, or None (with the
+    /// state unchanged) when the machine is no longer in one of `from`.
+    pub fn transition(
+        &self,
+        id: &str,
+        from: &[MachineState],
+        to: MachineState,
+        event: Option<&MachineEvent>,
+    ) -> StoreResult<Option<MachineRow>> {
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.id = $1"
+        );
+        self.tx(|c| {
+            let Some(row) = c.query_one(&sql, &[id.into()])? else {
+                return Ok(None);
+            };
+            let before = machine_from_row(&row)?;
+            if !from.contains(&before.state) {
+                return Ok(None);
+            }
+            c.execute(
+                "UPDATE machines SET rev = rev + 1, state = $2, updated_at = $3 WHERE id = $1 AND state = $4",
+                &[
+                    id.into(),
+                    to.as_str().into(),
+                    now_rfc3339().into(),
+                    before.state.as_str().into(),
+                ],
+            )?;
+            if let Some(event) = event {
+                record_event(c, id, event)?;
+            }
+            Ok(Some(before))
+        })
+    }
+
+    /// Replaces a machine's config with a new version (an update), recording `event`.
+    pub fn update_machine_config(
+        &self,
+        id: &str,
+        instance_id: &str,
+        config: &MachineConfig,
+        state: MachineState,
+        event: Option<&MachineEvent>,
+    ) -> StoreResult<()> {
+        let config =
+            serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let now = now_rfc3339();
+        self.tx(|c| {
+            c.execute(
+                "UPDATE machines SET rev = rev + 1, instance_id = $2, config = $3, updated_at = $4, state = $5 WHERE id = $1",
+                &[id.into(), instance_id.into(), (&config).into(), (&now).into(), state.as_str().into()],
+            )?;
+            c.execute(
+                "INSERT INTO machine_versions(machine_id, version, config, created_at) VALUES ($1, $2, $3, $4)",
+                &[id.into(), instance_id.into(), (&config).into(), (&now).into()],
+            )?;
+            if let Some(event) = event {
+                record_event(c, id, event)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Changes a machine's metadata (not a new version, as on Fly).
+    pub fn set_machine_metadata(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> StoreResult<bool> {
+        self.tx(|c| {
+            let Some(row) =
+                c.query_one("SELECT config FROM machines WHERE id = $1", &[id.into()])?
+            else {
+                return Ok(false);
+            };
+            let mut config: MachineConfig =
+                serde_json::from_str(&row.text(0)?).map_err(|e| corrupt("machine config", e))?;
+            match value {
+                Some(value) => {
+                    config.metadata.insert(key.to_string(), value.to_string());
+                }
+                None => {
+                    config.metadata.remove(key);
+                }
+            }
+            c.execute(
+                "UPDATE machines SET rev = rev + 1, config = $2, updated_at = $3 WHERE id = $1",
+                &[id.into(), json(&config)?.into(), now_rfc3339().into()],
+            )?;
+            Ok(true)
+        })
+    }
+
+    pub fn set_machine_state(&self, id: &str, state: MachineState) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE machines SET rev = rev + 1, state = $2, updated_at = $3 WHERE id = $1",
+                &[id.into(), state.as_str().into(), now_rfc3339().into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Cordons or uncordons a machine; false when it already was.
+    pub fn set_machine_cordoned(&self, id: &str, cordoned: bool) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE machines SET rev = rev + 1, cordoned = $2, updated_at = $3 WHERE id = $1 AND cordoned != $2",
+                &[id.into(), cordoned.into(), now_rfc3339().into()],
+            )? == 1)
+        })
+    }
+
+    /// Applies what a machine's agent reports, unless something newer was already applied.
+    pub fn apply_agent_status(
+        &self,
+        id: &str,
+        seq: u64,
+        state: MachineState,
+        ipv4: Option<&str>,
+        event: Option<&MachineEvent>,
+    ) -> StoreResult<bool> {
+        self.tx(|c| {
+            let changed = c.execute(
+                "UPDATE machines SET rev = rev + 1, state = $3, private_ipv4 = COALESCE($4, private_ipv4), agent_seq = $2, updated_at = $5
+                 WHERE id = $1 AND agent_seq < $2 AND state != 'destroyed'",
+                &[id.into(), seq.into(), state.as_str().into(), ipv4.into(), now_rfc3339().into()],
+            )?;
+            if let Some(event) = event {
+                record_event(c, id, event)?;
+            }
+            Ok(changed == 1)
+        })
+    }
+
+    pub fn delete_machine(&self, id: &str) -> StoreResult<()> {
+        self.tx(|c| {
+            for table in ["machine_events", "machine_versions", "machine_leases"] {
+                c.execute(
+                    &format!("DELETE FROM {table} WHERE machine_id = $1"),
+                    &[id.into()],
+                )?;
+            }
+            c.execute("DELETE FROM machines WHERE id = $1", &[id.into()])
+                .map(|_| ())
+        })
+    }
+
+    pub fn set_machine_ipv4(&self, id: &str, ipv4: Option<&str>) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE machines SET rev = rev + 1, private_ipv4 = $2 WHERE id = $1",
+                &[id.into(), ipv4.into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn machine_versions(&self, id: &str) -> StoreResult<Vec<VersionRow>> {
+        self.read(|c| {
+            c.query("SELECT version, config, created_at FROM machine_versions WHERE machine_id = $1 ORDER BY created_at DESC, version DESC", &[id.into()])?
+                .iter()
+                .map(|r| {
+                    Ok(VersionRow {
+                        version: r.text(0)?,
+                        config: serde_json::from_str(&r.text(1)?).map_err(|e| corrupt("machine version config", e))?,
+                        created_at: r.text(2)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    // ---- machine events ----
+
+    pub fn insert_event(&self, machine_id: &str, event: &MachineEvent) -> StoreResult<()> {
+        self.tx(|c| record_event(c, machine_id, event))
+    }
+
+    /// Newest first, as Fly lists them.
+    pub fn events(&self, machine_id: &str, limit: usize) -> StoreResult<Vec<MachineEvent>> {
+        self.read(|c| {
+            c.query(
+                "SELECT id, type, status, source, timestamp, request FROM machine_events WHERE machine_id = $1 ORDER BY seq DESC LIMIT $2",
+                &[machine_id.into(), (limit as i64).into()],
+            )?
+            .iter()
+            .map(event_from_row)
+            .collect()
+        })
+    }
+
+    // ---- leases ----
+
+    pub fn lease(&self, machine_id: &str) -> StoreResult<Option<LeaseRow>> {
+        self.read(|c| c.query_one("SELECT machine_id, nonce, owner, description, expires_at, version FROM machine_leases WHERE machine_id = $1", &[machine_id.into()])?.map(|r| lease_from_row(&r)).transpose())
+    }
+
+    /// Takes the lease when it is free or expired, or refreshes it when `nonce` is the
+    /// holder's. Err(Conflict) names the current holder otherwise.
+    pub fn acquire_lease(
+        &self,
+        wanted: &LeaseRow,
+        nonce: Option<&str>,
+        now: i64,
+    ) -> StoreResult<LeaseRow> {
+        self.tx(|c| {
+            let current = c
+                .query_one("SELECT machine_id, nonce, owner, description, expires_at, version FROM machine_leases WHERE machine_id = $1", &[(&wanted.machine_id).into()])?
+                .map(|r| lease_from_row(&r))
+                .transpose()?;
+            match current {
+                None => {
+                    insert_lease(c, wanted)?;
+                    Ok(Ok(wanted.clone()))
+                }
+                Some(held) if held.expires_at > now && nonce != Some(held.nonce.as_str()) => Ok(Err(held)),
+                Some(held) => {
+                    // Refresh keeps the holder's nonce; a taken-over expired lease gets a new one.
+                    let next = if nonce == Some(held.nonce.as_str()) { LeaseRow { nonce: held.nonce.clone(), ..wanted.clone() } } else { wanted.clone() };
+                    let changed = c.execute(
+                        "UPDATE machine_leases SET nonce = $3, owner = $4, description = $5, expires_at = $6, version = $7 WHERE machine_id = $1 AND nonce = $2",
+                        &[(&next.machine_id).into(), (&held.nonce).into(), (&next.nonce).into(), (&next.owner).into(), (&next.description).into(), next.expires_at.into(), (&next.version).into()],
+                    )?;
+                    if changed == 1 { Ok(Ok(next)) } else { Ok(Err(held)) }
+                }
+            }
+        })?
+        .map_err(|held| StoreError::Conflict(lease_conflict(&held)))
+    }
+
+    /// Releases the lease held with `nonce`; Ok(false) when there is none.
+    pub fn release_lease(&self, machine_id: &str, nonce: &str, now: i64) -> StoreResult<bool> {
+        self.tx(|c| {
+            let Some(held) = c
+                .query_one("SELECT machine_id, nonce, owner, description, expires_at, version FROM machine_leases WHERE machine_id = $1", &[machine_id.into()])?
+                .map(|r| lease_from_row(&r))
+                .transpose()?
+            else {
+                return Ok(Ok(false));
+            };
+            if held.nonce != nonce && held.expires_at > now {
+                return Ok(Err(held));
+            }
+            c.execute("DELETE FROM machine_leases WHERE machine_id = $1", &[machine_id.into()])?;
+            Ok(Ok(true))
+        })?
+        .map_err(|held| StoreError::Conflict(lease_conflict(&held)))
+    }
+
+    // ---- releases ----
+
+    /// Records a new release with the next version number for the app.
+    pub fn create_release(
+        &self,
+        app_id: &str,
+        id: &str,
+        image: &str,
+        config: &str,
+        description: &str,
+        user: &str,
+    ) -> StoreResult<ReleaseRow> {
+        let created_at = now_rfc3339();
+        self.tx(|c| {
+            let version = c.query_one("SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = $1", &[app_id.into()])?.map(|r| r.int(0)).transpose()?.unwrap_or(1);
+            c.execute(
+                "INSERT INTO releases(id, app_id, version, status, description, image, config, created_at, created_by) VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
+                &[id.into(), app_id.into(), version.into(), description.into(), image.into(), config.into(), (&created_at).into(), user.into()],
+            )?;
+            Ok(ReleaseRow {
+                id: id.to_string(),
+                app_id: app_id.to_string(),
+                version: version as u64,
+                status: "running".into(),
+                description: description.to_string(),
+                image: image.to_string(),
+                config: config.to_string(),
+                created_at: created_at.clone(),
+                user: user.to_string(),
+            })
+        })
+    }
+
+    pub fn set_release_status(&self, id: &str, status: &str) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE releases SET status = $2 WHERE id = $1",
+                &[id.into(), status.into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Newest first.
+    pub fn releases(&self, app_id: &str, limit: usize) -> StoreResult<Vec<ReleaseRow>> {
+        self.read(|c| {
+            c.query(&format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE app_id = $1 ORDER BY version DESC LIMIT $2"), &[app_id.into(), (limit as i64).into()])?
+            .iter()
+            .map(release_from_row)
+            .collect()
+        })
+    }
+
+    /// Marks releases whose deploy was cut short (the control plane stopped mid-deploy).
+    pub fn interrupt_running_releases(&self) -> StoreResult<usize> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE releases SET status = 'interrupted' WHERE status = 'running'",
+                &[],
+            )? as usize)
+        })
+    }
+
+    /// The latest release time of every app that has one.
+    pub fn latest_release_times(&self) -> StoreResult<BTreeMap<String, String>> {
+        self.read(|c| {
+            c.query(
+                "SELECT app_id, MAX(created_at) FROM releases GROUP BY app_id",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.text(0)?, r.text(1)?)))
+            .collect()
+        })
+    }
+
+    // ---- hosts ----
+
+    pub fn upsert_host(&self, host: &HostRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO hosts(id, region, agent_url, last_seen) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT(id) DO UPDATE SET region = excluded.region, agent_url = excluded.agent_url, last_seen = excluded.last_seen",
+                &[(&host.id).into(), (&host.region).into(), (&host.agent_url).into(), (&host.last_seen).into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn hosts(&self) -> StoreResult<Vec<HostRow>> {
+        self.read(|c| {
+            c.query(
+                "SELECT id, region, agent_url, last_seen FROM hosts ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(HostRow {
+                    id: r.text(0)?,
+                    region: r.text(1)?,
+                    agent_url: r.text(2)?,
+                    last_seen: r.text(3)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    /// Advances the host's event cursor; false when `seq` was already seen (a duplicate).
+    pub fn advance_host_event_seq(&self, host_id: &str, seq: u64) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE hosts SET last_event_seq = $2 WHERE id = $1 AND last_event_seq < $2",
+                &[host_id.into(), seq.into()],
+            )? == 1)
+        })
+    }
+
+    // ---- volumes ----
+
+    pub fn insert_volume(&self, v: &VolumeRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                &format!("INSERT INTO volumes({VOLUME_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"),
+                &[
+                    (&v.id).into(),
+                    (&v.app_id).into(),
+                    (&v.name).into(),
+                    (&v.region).into(),
+                    (&v.zone).into(),
+                    v.size_gb.into(),
+                    (&v.state).into(),
+                    v.encrypted.into(),
+                    (&v.fstype).into(),
+                    v.snapshot_retention.into(),
+                    v.auto_backup_enabled.into(),
+                    v.attached_machine_id.clone().into(),
+                    (&v.created_at).into(),
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn volume(&self, id: &str) -> StoreResult<Option<VolumeRow>> {
+        let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = $1");
+        self.read(|c| {
+            c.query_one(&sql, &[id.into()])?
+                .map(|r| volume_from_row(&r))
+                .transpose()
+        })
+    }
+
+    pub fn list_volumes(
+        &self,
+        app_id: &str,
+        include_destroyed: bool,
+    ) -> StoreResult<Vec<VolumeRow>> {
+        let sql = format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE app_id = $1 AND ($2 = 1 OR state != 'destroyed') ORDER BY created_at, id"
+        );
+        self.read(|c| {
+            c.query(&sql, &[app_id.into(), include_destroyed.into()])?
+                .iter()
+                .map(volume_from_row)
+                .collect()
+        })
+    }
+
+    pub fn update_volume(&self, v: &VolumeRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE volumes SET size_gb = $2, state = $3, snapshot_retention = $4, auto_backup_enabled = $5, attached_machine_id = $6 WHERE id = $1",
+                &[(&v.id).into(), v.size_gb.into(), (&v.state).into(), v.snapshot_retention.into(), v.auto_backup_enabled.into(), v.attached_machine_id.clone().into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn insert_snapshot(&self, s: &SnapshotRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO volume_snapshots(id, volume_id, size, digest, status, retention_days, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[(&s.id).into(), (&s.volume_id).into(), s.size.into(), (&s.digest).into(), (&s.status).into(), s.retention_days.into(), (&s.created_at).into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn snapshots(&self, volume_id: &str) -> StoreResult<Vec<SnapshotRow>> {
+        self.read(|c| {
+            c.query("SELECT id, volume_id, size, digest, status, retention_days, created_at FROM volume_snapshots WHERE volume_id = $1 ORDER BY created_at, id", &[volume_id.into()])?
+                .iter()
+                .map(|r| {
+                    Ok(SnapshotRow {
+                        id: r.text(0)?,
+                        volume_id: r.text(1)?,
+                        size: r.int(2)?,
+                        digest: r.text(3)?,
+                        status: r.text(4)?,
+                        retention_days: r.int(5)?,
+                        created_at: r.text(6)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    // ---- secrets (names and digests only) ----
+
+    pub fn secrets(&self, app_id: &str) -> StoreResult<(Vec<SecretRow>, u64)> {
+        self.read(|c| {
+            let secrets = c
+                .query("SELECT name, digest, created_at, updated_at FROM app_secrets WHERE app_id = $1 ORDER BY name", &[app_id.into()])?
+                .iter()
+                .map(|r| Ok(SecretRow { name: r.text(0)?, digest: r.text(1)?, created_at: r.text(2)?, updated_at: r.text(3)? }))
+                .collect::<DbResult<Vec<_>>>()?;
+            let version = c.query_one("SELECT secrets_version FROM apps WHERE id = $1", &[app_id.into()])?.map(|r| r.int(0)).transpose()?.unwrap_or(0);
+            Ok((secrets, version as u64))
+        })
+    }
+
+    /// Sets (Some digest) and removes (None) secrets in one change; returns the new
+    /// secrets version of the app.
+    pub fn change_secrets(
+        &self,
+        app_id: &str,
+        changes: &[(String, Option<String>)],
+    ) -> StoreResult<u64> {
+        let now = now_rfc3339();
+        self.tx(|c| {
+            for (name, digest) in changes {
+                match digest {
+                    Some(digest) => {
+                        c.execute(
+                            "INSERT INTO app_secrets(app_id, name, digest, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)
+                             ON CONFLICT(app_id, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
+                            &[app_id.into(), name.into(), digest.into(), (&now).into()],
+                        )?;
+                    }
+                    None => {
+                        c.execute("DELETE FROM app_secrets WHERE app_id = $1 AND name = $2", &[app_id.into(), name.into()])?;
+                    }
+                }
+            }
+            c.execute("UPDATE apps SET secrets_version = secrets_version + 1 WHERE id = $1", &[app_id.into()])?;
+            Ok(c.query_one("SELECT secrets_version FROM apps WHERE id = $1", &[app_id.into()])?.map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64)
+        })
+    }
+
+    // ---- certificates ----
+
+    pub fn insert_certificate(&self, cert: &CertificateRow) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO app_certificates(hostname, app_id, source, status, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[(&cert.hostname).into(), (&cert.app_id).into(), (&cert.source).into(), (&cert.status).into(), (&cert.created_at).into()],
+            )
+            .map(|_| ())
+        })
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("hostname {} already has a certificate", cert.hostname)),
+            other => other,
+        })
+    }
+
+    pub fn certificates(&self, app_id: Option<&str>) -> StoreResult<Vec<CertificateRow>> {
+        let read = |r: &Row| {
+            Ok(CertificateRow {
+                hostname: r.text(0)?,
+                app_id: r.text(1)?,
+                source: r.text(2)?,
+                status: r.text(3)?,
+                created_at: r.text(4)?,
+            })
+        };
+        match app_id {
+            Some(app) => self.read(|c| c.query("SELECT hostname, app_id, source, status, created_at FROM app_certificates WHERE app_id = $1 ORDER BY hostname", &[app.into()])?.iter().map(read).collect()),
+            None => self.read(|c| c.query("SELECT hostname, app_id, source, status, created_at FROM app_certificates ORDER BY hostname", &[])?.iter().map(read).collect()),
+        }
+    }
+
+    pub fn delete_certificate(&self, app_id: &str, hostname: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "DELETE FROM app_certificates WHERE app_id = $1 AND hostname = $2",
+                &[app_id.into(), hostname.into()],
+            )? == 1)
+        })
+    }
+}
+
+fn lease_from_row(r: &Row) -> DbResult<LeaseRow> {
+    Ok(LeaseRow {
+        machine_id: r.text(0)?,
+        nonce: r.text(1)?,
+        owner: r.text(2)?,
+        description: r.text(3)?,
+        expires_at: r.int(4)?,
+        version: r.text(5)?,
+    })
+}
+
+fn insert_lease(c: &mut dyn Conn, lease: &LeaseRow) -> DbResult<()> {
+    c.execute(
+        "INSERT INTO machine_leases(machine_id, nonce, owner, description, expires_at, version) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[(&lease.machine_id).into(), (&lease.nonce).into(), (&lease.owner).into(), (&lease.description).into(), lease.expires_at.into(), (&lease.version).into()],
+    )
+    .map(|_| ())
+}
+
+pub fn lease_conflict(held: &LeaseRow) -> String {
+    let until = chrono::DateTime::from_timestamp(held.expires_at, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default();
+    let owner = if held.owner.is_empty() {
+        String::new()
+    } else {
+        format!(" by {}", held.owner)
+    };
+    format!(
+        "machine {} is leased{owner} until {until}; pass the lease nonce in the fly-machine-lease-nonce header, or wait for the lease to expire",
+        held.machine_id
+    )
+}
+
+fn insert_event_row(c: &mut dyn Conn, machine_id: &str, event: &MachineEvent) -> DbResult<()> {
+    let request = event.request.as_ref().map(|r| r.to_string());
+    c.execute(
+        "INSERT INTO machine_events(id, machine_id, type, status, source, timestamp, request) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[(&event.id).into(), machine_id.into(), (&event.kind).into(), (&event.status).into(), (&event.source).into(), event.timestamp.into(), request.into()],
+    )
+    .map(|_| ())
+}
+
+/// Appends an event to the history and to the machine's recent events.
+fn record_event(c: &mut dyn Conn, machine_id: &str, event: &MachineEvent) -> DbResult<()> {
+    insert_event_row(c, machine_id, event)?;
+    let Some(row) = c.query_one(
+        "SELECT recent_events FROM machines WHERE id = $1",
+        &[machine_id.into()],
+    )?
+    else {
+        return Ok(());
+    };
+    let mut recent: Vec<MachineEvent> = match row.opt_text(0)? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| corrupt("machine events", e))?,
+        None => Vec::new(),
+    };
+    recent.insert(0, event.clone());
+    recent.truncate(EVENTS_KEPT_ON_MACHINE);
+    c.execute(
+        "UPDATE machines SET rev = rev + 1, recent_events = $2 WHERE id = $1",
+        &[machine_id.into(), json(&recent)?.into()],
+    )
+    .map(|_| ())
+}
+
+#[cfg(test)]
+pub mod tests;

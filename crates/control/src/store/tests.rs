@@ -1,0 +1,492 @@
+//! The store suite: the same checks against every backend. PostgreSQL runs when
+//! `ALOFT_TEST_POSTGRES_URL` names a server (scripts/test.sh starts one and sets it).
+
+use super::*;
+
+fn org() -> OrgRow {
+    OrgRow {
+        id: "o1".into(),
+        slug: "personal".into(),
+        name: "Personal".into(),
+        created_at: now_rfc3339(),
+    }
+}
+
+fn app_row() -> AppRow {
+    AppRow {
+        id: "a1".into(),
+        name: "hello".into(),
+        org_id: "o1".into(),
+        org_slug: "personal".into(),
+        network: "default".into(),
+        status: "pending".into(),
+        created_at: now_rfc3339(),
+    }
+}
+
+fn machine(id: &str, app: &AppRow, region: &str) -> MachineRow {
+    let mut config = MachineConfig {
+        image: "img".into(),
+        ..Default::default()
+    };
+    config
+        .metadata
+        .insert("fly_process_group".into(), "web".into());
+    MachineRow {
+        id: id.into(),
+        app_id: app.id.clone(),
+        app_name: app.name.clone(),
+        name: format!("name-{id}"),
+        region: region.into(),
+        host_id: "h1".into(),
+        state: MachineState::Created,
+        instance_id: format!("v1-{id}"),
+        config,
+        private_ip: None,
+        private_ipv4: None,
+        created_at: now_rfc3339(),
+        updated_at: now_rfc3339(),
+        cordoned: false,
+        recent_events: vec![event("launch", "created")],
+    }
+}
+
+fn event(kind: &str, status: &str) -> MachineEvent {
+    MachineEvent {
+        id: ulid::Ulid::new().to_string(),
+        kind: kind.into(),
+        status: status.into(),
+        source: "user".into(),
+        timestamp: now_millis(),
+        request: None,
+    }
+}
+
+/// Every check, against one backend.
+pub fn suite(store: &Store) {
+    store.create_org(&org()).unwrap();
+    assert!(matches!(
+        store.create_org(&org()),
+        Err(StoreError::Conflict(_))
+    ));
+    let app = app_row();
+    store.create_app(&app).unwrap();
+    let err = store
+        .create_app(&AppRow {
+            id: "a2".into(),
+            ..app.clone()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(ref m) if m == "app hello already exists"),
+        "{err}"
+    );
+    assert_eq!(store.app("hello").unwrap().unwrap().org_slug, "personal");
+    assert!(store.app("nope").unwrap().is_none());
+    assert_eq!(store.list_apps(Some("o1")).unwrap().len(), 1);
+    assert_eq!(store.list_apps(None).unwrap().len(), 1);
+
+    // settings
+    assert_eq!(store.setting("k").unwrap(), None);
+    store.set_setting("k", "v1").unwrap();
+    store.set_setting("k", "v2").unwrap();
+    assert_eq!(store.setting("k").unwrap().as_deref(), Some("v2"));
+
+    // tokens
+    let token = TokenRow {
+        id: "t1".into(),
+        org_id: "o1".into(),
+        kind: "user".into(),
+        name: "admin".into(),
+        key: vec![0, 1, 2, 255],
+        created_at: now_rfc3339(),
+        revoked: false,
+        expires_at: Some(42),
+        apps: vec!["hello".into()],
+    };
+    store.insert_token(&token).unwrap();
+    assert_eq!(store.token("t1").unwrap().unwrap(), token);
+    assert_eq!(store.token_org_ids("t1").unwrap(), vec!["o1".to_string()]);
+    let second = OrgRow {
+        id: "o2".into(),
+        slug: "acme".into(),
+        name: "Acme".into(),
+        created_at: now_rfc3339(),
+    };
+    store.create_org_for(&second, Some("t1")).unwrap();
+    assert_eq!(
+        store.token_org_ids("t1").unwrap(),
+        vec!["o1".to_string(), "o2".to_string()]
+    );
+    assert!(store.revoke_token("t1").unwrap());
+    assert!(store.token("t1").unwrap().unwrap().revoked);
+    assert_eq!(store.list_tokens("o1").unwrap().len(), 1);
+
+    // machines: round trip, transitions, filters, versions, metadata
+    let m1 = machine("m1", &app, "iad");
+    store.insert_machine(&m1).unwrap();
+    store.insert_machine(&machine("m2", &app, "fra")).unwrap();
+    let loaded = store.machine("m1").unwrap().unwrap();
+    assert_eq!(loaded, m1);
+    assert_eq!(loaded.process_group(), Some("web"));
+
+    let moved = store
+        .transition(
+            "m1",
+            &[MachineState::Created, MachineState::Stopped],
+            MachineState::Starting,
+            Some(&event("start", "starting")),
+        )
+        .unwrap();
+    assert_eq!(moved.unwrap().state, MachineState::Created);
+    assert!(
+        store
+            .transition("m1", &[MachineState::Created], MachineState::Starting, None)
+            .unwrap()
+            .is_none(),
+        "a machine no longer in `from` is not moved"
+    );
+    let loaded = store.machine("m1").unwrap().unwrap();
+    assert_eq!(loaded.state, MachineState::Starting);
+    assert_eq!(
+        loaded
+            .recent_events
+            .iter()
+            .map(|e| e.kind.as_str())
+            .collect::<Vec<_>>(),
+        vec!["start", "launch"]
+    );
+    assert_eq!(store.events("m1", 10).unwrap().len(), 2);
+
+    assert!(
+        store
+            .apply_agent_status(
+                "m1",
+                5,
+                MachineState::Started,
+                Some("172.19.0.2"),
+                Some(&event("start", "started"))
+            )
+            .unwrap()
+    );
+    assert!(
+        !store
+            .apply_agent_status("m1", 4, MachineState::Stopped, None, None)
+            .unwrap(),
+        "older reports are ignored"
+    );
+    let loaded = store.machine("m1").unwrap().unwrap();
+    assert_eq!(loaded.state, MachineState::Started);
+    assert_eq!(loaded.private_ipv4.as_deref(), Some("172.19.0.2"));
+
+    let by_region = store
+        .list_machines_filtered(
+            &app.id,
+            &MachineFilter {
+                region: Some("fra".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        by_region.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        vec!["m2"]
+    );
+    assert!(
+        store
+            .set_machine_metadata("m2", "role", Some("primary"))
+            .unwrap()
+    );
+    let by_meta = store
+        .list_machines_filtered(
+            &app.id,
+            &MachineFilter {
+                metadata: vec![("role".into(), "primary".into())],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        by_meta.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        vec!["m2"]
+    );
+    assert!(store.set_machine_metadata("m2", "role", None).unwrap());
+    assert!(
+        !store
+            .machine("m2")
+            .unwrap()
+            .unwrap()
+            .config
+            .metadata
+            .contains_key("role")
+    );
+
+    let mut config = m1.config.clone();
+    config.image = "img:2".into();
+    store
+        .update_machine_config(
+            "m1",
+            "v2-m1",
+            &config,
+            MachineState::Replacing,
+            Some(&event("update", "replacing")),
+        )
+        .unwrap();
+    let versions = store.machine_versions("m1").unwrap();
+    assert_eq!(versions.len(), 2);
+    assert!(
+        versions
+            .iter()
+            .any(|v| v.version == "v2-m1" && v.config.image == "img:2")
+    );
+    assert_eq!(store.machine("m1").unwrap().unwrap().instance_id, "v2-m1");
+
+    assert!(store.set_machine_cordoned("m1", true).unwrap());
+    assert!(
+        !store.set_machine_cordoned("m1", true).unwrap(),
+        "cordoning a cordoned machine changes nothing"
+    );
+    let loaded = store.machine("m1").unwrap().unwrap();
+    assert!(loaded.cordoned);
+    assert_eq!(store.count_machines(&app.id).unwrap(), 2);
+    assert_eq!(store.machine_counts().unwrap().get("a1"), Some(&2));
+
+    store
+        .set_machine_state("m2", MachineState::Destroyed)
+        .unwrap();
+    assert_eq!(store.list_machines(&app.id, false).unwrap().len(), 1);
+    assert_eq!(store.list_machines(&app.id, true).unwrap().len(), 2);
+    assert_eq!(store.all_live_machines().unwrap().len(), 1);
+
+    // leases
+    let now = 1_000;
+    let wanted = LeaseRow {
+        machine_id: "m1".into(),
+        nonce: "n1".into(),
+        owner: "me".into(),
+        description: "deploy".into(),
+        expires_at: now + 30,
+        version: "v".into(),
+    };
+    assert_eq!(store.acquire_lease(&wanted, None, now).unwrap().nonce, "n1");
+    let other = LeaseRow {
+        nonce: "n2".into(),
+        owner: "you".into(),
+        ..wanted.clone()
+    };
+    assert!(
+        matches!(
+            store.acquire_lease(&other, None, now),
+            Err(StoreError::Conflict(_))
+        ),
+        "a held lease refuses another taker"
+    );
+    let refreshed = store
+        .acquire_lease(
+            &LeaseRow {
+                expires_at: now + 60,
+                ..other.clone()
+            },
+            Some("n1"),
+            now,
+        )
+        .unwrap();
+    assert_eq!(
+        (refreshed.nonce.as_str(), refreshed.expires_at),
+        ("n1", now + 60),
+        "the holder refreshes, keeping its nonce"
+    );
+    assert!(matches!(
+        store.release_lease("m1", "wrong", now),
+        Err(StoreError::Conflict(_))
+    ));
+    let taken_over = store.acquire_lease(&other, None, now + 61).unwrap();
+    assert_eq!(taken_over.nonce, "n2", "an expired lease can be taken");
+    assert!(store.release_lease("m1", "n2", now + 61).unwrap());
+    assert!(!store.release_lease("m1", "n2", now + 61).unwrap());
+    assert!(store.lease("m1").unwrap().is_none());
+
+    // releases
+    assert_eq!(
+        store
+            .create_release(&app.id, "r1", "img", "{}", "first", "admin")
+            .unwrap()
+            .version,
+        1
+    );
+    assert_eq!(
+        store
+            .create_release(&app.id, "r2", "img", "{}", "second", "admin")
+            .unwrap()
+            .version,
+        2
+    );
+    store.set_release_status("r2", "complete").unwrap();
+    let list = store.releases(&app.id, 10).unwrap();
+    assert_eq!(
+        list.iter().map(|r| r.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(list[0].status, "complete");
+    assert_eq!(list[0].user, "admin");
+    assert_eq!(store.interrupt_running_releases().unwrap(), 1);
+    assert_eq!(
+        store.releases(&app.id, 10).unwrap()[1].status,
+        "interrupted"
+    );
+    assert!(store.latest_release_times().unwrap().contains_key("a1"));
+
+    // hosts
+    store
+        .upsert_host(&HostRow {
+            id: "h1".into(),
+            region: "local".into(),
+            agent_url: "http://x".into(),
+            last_seen: now_rfc3339(),
+        })
+        .unwrap();
+    store
+        .upsert_host(&HostRow {
+            id: "h1".into(),
+            region: "iad".into(),
+            agent_url: "http://y".into(),
+            last_seen: now_rfc3339(),
+        })
+        .unwrap();
+    assert_eq!(store.hosts().unwrap()[0].region, "iad");
+    assert!(store.advance_host_event_seq("h1", 1).unwrap());
+    assert!(!store.advance_host_event_seq("h1", 1).unwrap());
+    assert!(store.advance_host_event_seq("h1", 2).unwrap());
+
+    // volumes, secrets, certificates, IPs
+    let volume = VolumeRow {
+        id: "vol_1".into(),
+        app_id: app.id.clone(),
+        name: "data".into(),
+        region: "iad".into(),
+        zone: "z1".into(),
+        size_gb: 3,
+        state: "created".into(),
+        encrypted: true,
+        fstype: "ext4".into(),
+        snapshot_retention: 5,
+        auto_backup_enabled: true,
+        attached_machine_id: None,
+        created_at: now_rfc3339(),
+    };
+    store.insert_volume(&volume).unwrap();
+    store
+        .update_volume(&VolumeRow {
+            size_gb: 10,
+            ..volume.clone()
+        })
+        .unwrap();
+    assert_eq!(store.volume("vol_1").unwrap().unwrap().size_gb, 10);
+    assert_eq!(store.list_volumes(&app.id, false).unwrap().len(), 1);
+    store
+        .insert_snapshot(&SnapshotRow {
+            id: "vs_1".into(),
+            volume_id: "vol_1".into(),
+            size: 1,
+            digest: "d".into(),
+            status: "created".into(),
+            retention_days: 5,
+            created_at: now_rfc3339(),
+        })
+        .unwrap();
+    assert_eq!(store.snapshots("vol_1").unwrap().len(), 1);
+
+    let version = store
+        .change_secrets(
+            &app.id,
+            &[
+                ("A".into(), Some("d1".into())),
+                ("B".into(), Some("d2".into())),
+            ],
+        )
+        .unwrap();
+    let version2 = store
+        .change_secrets(
+            &app.id,
+            &[("A".into(), None), ("B".into(), Some("d3".into()))],
+        )
+        .unwrap();
+    assert!(version2 > version);
+    let (secrets, current) = store.secrets(&app.id).unwrap();
+    assert_eq!(current, version2);
+    assert_eq!(
+        secrets
+            .iter()
+            .map(|s| (s.name.as_str(), s.digest.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("B", "d3")]
+    );
+
+    let cert = CertificateRow {
+        app_id: app.id.clone(),
+        hostname: "www.example.com".into(),
+        source: "acme".into(),
+        status: "pending".into(),
+        created_at: now_rfc3339(),
+    };
+    store.insert_certificate(&cert).unwrap();
+    assert!(matches!(
+        store.insert_certificate(&cert),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.certificates(Some(&app.id)).unwrap(), vec![cert]);
+
+    // deleting an app removes everything of it
+    store.delete_app(&app.id).unwrap();
+    assert!(store.app("hello").unwrap().is_none());
+    assert!(store.machine("m1").unwrap().is_none());
+    assert!(store.certificates(None).unwrap().is_empty());
+    assert!(store.volume("vol_1").unwrap().is_none());
+}
+
+#[test]
+fn sqlite_in_memory_passes_the_suite() {
+    suite(&Store::open_in_memory().unwrap());
+}
+
+#[test]
+fn sqlite_file_passes_the_suite_and_keeps_data_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.db");
+    suite(&Store::open(&path).unwrap());
+    let reopened = Store::open(&path).unwrap();
+    assert_eq!(reopened.org_by_slug("acme").unwrap().unwrap().name, "Acme");
+}
+
+#[test]
+fn postgres_passes_the_suite() {
+    let Some(url) = std::env::var("ALOFT_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!(
+            "skipping the PostgreSQL store suite: ALOFT_TEST_POSTGRES_URL is not set (scripts/test.sh starts PostgreSQL and sets it)"
+        );
+        return;
+    };
+    let database = format!("aloft_store_test_{}_{}", std::process::id(), now_millis());
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls)
+        .expect("connecting to ALOFT_TEST_POSTGRES_URL");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .expect("creating the test database");
+    let test_url = format!("{url} dbname={database}");
+    let result = std::panic::catch_unwind(|| {
+        let store = Store::open_postgres(&test_url).expect("opening the store on PostgreSQL");
+        assert_eq!(store.backend(), BackendKind::Postgres);
+        suite(&store);
+        drop(store);
+        // The schema and migrations are idempotent.
+        Store::open_postgres(&test_url).expect("reopening");
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
