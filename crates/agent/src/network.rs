@@ -247,10 +247,10 @@ pub fn ensure_service_block(network: u32) -> Result<(), NetworkError> {
 /// routes and filter entries: a restarted agent finds everything in place.
 pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
     prepare_host()?;
-    let exists = link.netns_path().exists()
-        && std::path::Path::new("/sys/class/net")
-            .join(&link.host_interface)
-            .exists();
+    let exists = link.netns_path().exists() && interface_exists(&link.host_interface);
+    if exists && addressed_this_run(link, false) {
+        return Ok(());
+    }
     if !exists {
         teardown(link);
         ip(&["netns", "add", &link.netns])?;
@@ -265,7 +265,38 @@ pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
         }
         return Err(err);
     }
+    addressed_this_run(link, true);
     Ok(())
+}
+
+/// Links whose addresses, routes and filter entries this process has already applied
+/// (`record` adds one). The ruleset is reloaded once per process, so after an agent
+/// restart every link is addressed again on its first start.
+fn addressed_this_run(link: &MachineLink, record: bool) -> bool {
+    let mut guard = ADDRESSED.lock().unwrap_or_else(|p| p.into_inner());
+    let addressed = guard.get_or_insert_with(Default::default);
+    let key = (link.host_interface.clone(), link.private_ip);
+    if record {
+        addressed.insert(key);
+        true
+    } else {
+        addressed.contains(&key)
+    }
+}
+
+type AddressedLinks = std::collections::HashSet<(String, Option<std::net::Ipv6Addr>)>;
+static ADDRESSED: Mutex<Option<AddressedLinks>> = Mutex::new(None);
+
+/// Whether `name` is an interface of this process's network namespace. `/sys/class/net`
+/// shows the namespace sysfs was mounted in, which differs after `setns`/`nsenter --net`;
+/// `/proc/self/net/dev` always follows the caller's namespace.
+fn interface_exists(name: &str) -> bool {
+    std::fs::read_to_string("/proc/self/net/dev").is_ok_and(|table| {
+        table
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .any(|(interface, _)| interface.trim() == name)
+    })
 }
 
 fn create_link(link: &MachineLink) -> Result<(), NetworkError> {
@@ -388,6 +419,9 @@ fn apply_machine_addressing(link: &MachineLink) -> Result<(), NetworkError> {
 /// Missing pieces are not an error.
 pub fn teardown(link: &MachineLink) {
     let host = link.host_interface.as_str();
+    if let Some(addressed) = ADDRESSED.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        addressed.retain(|(interface, _)| interface != host);
+    }
     let mut deletions = vec![format!(
         "delete element inet aloft machine_addrs4 {{ \"{host}\" . {} }}",
         link.machine_address
