@@ -24,37 +24,25 @@ type Shared = Arc<FakeAgent>;
 type Answer = Result<Json<AgentMachine>, (StatusCode, Json<serde_json::Value>)>;
 
 impl FakeAgent {
-    /// Serves on 127.0.0.1 (any free port) the calls today's agent has (put, get, start,
-    /// stop, destroy); returns the agent's base URL.
+    /// Serves on 127.0.0.1 (any free port) the machine calls the real agent answers (put, get,
+    /// start, stop, destroy, restart, signal, suspend, ps, exec); returns its base URL.
     pub async fn spawn() -> std::io::Result<(String, Arc<FakeAgent>)> {
-        Self::serve(false).await
-    }
-
-    /// Also answers restart, signal, suspend, ps and exec, as a complete agent would.
-    pub async fn spawn_complete() -> std::io::Result<(String, Arc<FakeAgent>)> {
-        Self::serve(true).await
-    }
-
-    async fn serve(complete: bool) -> std::io::Result<(String, Arc<FakeAgent>)> {
         let agent = Arc::new(FakeAgent::default());
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let mut router = Router::new()
+        let router = Router::new()
             .route(
                 "/v1/machines/{id}",
                 get(get_machine).put(put).delete(destroy),
             )
             .route("/v1/machines/{id}/start", post(start))
-            .route("/v1/machines/{id}/stop", post(stop));
-        if complete {
-            router = router
-                .route("/v1/machines/{id}/restart", post(start))
-                .route("/v1/machines/{id}/signal", post(get_machine))
-                .route("/v1/machines/{id}/suspend", post(suspend))
-                .route("/v1/machines/{id}/ps", get(ps))
-                .route("/v1/machines/{id}/exec", post(exec));
-        }
-        let router = router.with_state(agent.clone());
+            .route("/v1/machines/{id}/stop", post(stop))
+            .route("/v1/machines/{id}/restart", post(start))
+            .route("/v1/machines/{id}/signal", post(get_machine))
+            .route("/v1/machines/{id}/suspend", post(suspend))
+            .route("/v1/machines/{id}/ps", get(ps))
+            .route("/v1/machines/{id}/exec", post(exec))
+            .with_state(agent.clone());
         tokio::spawn(async move {
             use axum::serve::ListenerExt;
             let listener = listener.tap_io(|tcp| {

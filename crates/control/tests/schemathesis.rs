@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{create_app, create_machine, start_with};
+use common::{create_app, create_machine, start};
 use serde_json::json;
 
 fn schemathesis() -> Option<PathBuf> {
@@ -39,7 +39,7 @@ async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
         );
         return;
     };
-    let h = start_with(true).await;
+    let h = start().await;
     // Something to find: an app with a machine, so not every answer is a 404.
     create_app(&h.admin, "fuzz").await;
     create_machine(&h.admin, "fuzz", json!({ "config": { "image": "nginx" } })).await;

@@ -23,11 +23,6 @@ pub struct Harness {
 }
 
 pub async fn start() -> Harness {
-    start_with(false).await
-}
-
-/// With `complete`, the agent also answers restart, signal, suspend, ps and exec.
-pub async fn start_with(complete: bool) -> Harness {
     let dir = tempfile::tempdir().expect("temp dir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -45,12 +40,7 @@ pub async fn start_with(complete: bool) -> Harness {
     .expect("opening the control plane");
     tokio::spawn(plane.clone().serve(listener, std::future::pending()));
     let url = format!("http://{addr}");
-    let (agent_url, agent) = if complete {
-        FakeAgent::spawn_complete().await
-    } else {
-        FakeAgent::spawn().await
-    }
-    .expect("fake agent");
+    let (agent_url, agent) = FakeAgent::spawn().await.expect("fake agent");
     let host = Client::new(&url, Some(credentials.host_token.clone()));
     host.call(
         Method::POST,
