@@ -624,7 +624,7 @@ fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
         ),
         (
             serde_json::json!({ "image": image, "init": { "exec": ["/hello"] }, "guest": { "cpu_kind": "shared", "cpus": 1, "memory_mb": 100000000 }, "restart": { "policy": "no" } }),
-            "guest.memory_mb 100000000",
+            "guest.memory_mb: 100000000 is more than",
         ),
         (
             serde_json::json!({ "image": image, "init": { "exec": ["/bin/sh", "-c", "exit 9"] }, "restart": { "policy": "on-failure", "max_retries": 1 } }),

@@ -123,10 +123,10 @@ async fn udp(server: SocketAddr, id: u16, query: &[u8]) -> anyhow::Result<Messag
             .recv(&mut buffer)
             .await
             .with_context(|| format!("no answer from the resolver at {server}"))?;
-        if let Ok(answer) = Message::from_vec(&buffer[..n]) {
-            if answer.metadata.id == id {
-                return Ok(answer);
-            }
+        if let Ok(answer) = Message::from_vec(&buffer[..n])
+            && answer.metadata.id == id
+        {
+            return Ok(answer);
         }
     }
 }
