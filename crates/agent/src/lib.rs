@@ -14,6 +14,7 @@ pub mod logs;
 pub mod metrics;
 pub mod network;
 pub mod procfs;
+pub mod secrets;
 pub mod shim;
 pub mod store;
 
@@ -74,6 +75,7 @@ pub struct Agent {
     store: Store,
     images: ImageStore,
     driver: Arc<dyn Driver>,
+    secrets: secrets::SecretsSource,
     machines_dir: PathBuf,
     logs_archive: PathBuf,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -153,12 +155,14 @@ impl Agent {
         }
         logs::expire(&logs_archive, logs::RETENTION);
         tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
+        let secrets = secrets::SecretsSource::new(&config.control_url, &config.token, &host_id);
         Ok(Arc::new(Self {
             config,
             host_id,
             store,
             images,
             driver,
+            secrets,
             machines_dir,
             logs_archive,
             locks: Default::default(),
@@ -339,7 +343,9 @@ impl Agent {
         let link = MachineLink::for_machine(&spec.id, record.slot)
             .map_err(|e| e.to_string())?
             .with_private_ip(spec.private_ip.as_deref());
-        let init = init_config(spec, &image, &link)?;
+        let mut init = init_config(spec, &image, &link)?;
+        let secrets = self.secrets.for_machine(spec).await?;
+        secrets::apply(&mut init, spec, &secrets)?;
         let _ = std::fs::remove_file(dir.join(driver::EXIT_FILE));
         let driver = self.driver.clone();
         let id = spec.id.clone();
@@ -822,6 +828,7 @@ impl Agent {
         self.store.remove_machine(id)?;
         self.checks.removed(id);
         logs::archive(&dir, &self.logs_archive, id);
+        self.secrets.forget(id);
         let _ = std::fs::remove_dir_all(&dir);
         self.collect_garbage();
         Ok(Self::view(&record))

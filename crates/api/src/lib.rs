@@ -6,6 +6,7 @@ pub mod internal;
 pub mod machine;
 pub mod regions;
 pub mod sixpn;
+pub mod secrets;
 pub mod token;
 
 pub use app::*;

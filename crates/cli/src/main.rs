@@ -85,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: MachineCommand,
     },
+    /// Manage app secrets (sealed at rest, set as env vars in the app's machines).
+    Secrets {
+        #[command(subcommand)]
+        command: commands::secrets::SecretsCommand,
+    },
     /// Validate, show and convert the app's fly.toml.
     Config {
         #[command(subcommand)]
@@ -270,6 +275,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .unwrap_or(aloft_build::static_site::DEFAULT_PORT);
             aloft_build::static_site::serve(dir, std::net::SocketAddr::from(([0, 0, 0, 0], port)))
                 .await?
+        }
+        Command::Secrets { command } => {
+            commands::secrets::run(&api, command, |args| {
+                app_name(args.app.clone(), args.config.as_deref())
+            })
+            .await?
         }
         Command::Status { app, config, json } => {
             let app = app_name(app, config.as_deref())?;

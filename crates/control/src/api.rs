@@ -55,6 +55,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .merge(crate::deploy::routes())
         .merge(crate::runtime::router())
         .merge(crate::ips::routes())
+        .merge(crate::secrets::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(plane)
@@ -258,6 +259,7 @@ async fn delete_app(
         plane.destroy_machine(&machine, true).await?;
     }
     plane.store.delete_app(&app.id)?;
+    plane.secrets.forget_app(&app.id)?;
     plane.catalog.app_removed(&app.name);
     Ok(StatusCode::ACCEPTED)
 }

@@ -16,7 +16,9 @@ pub mod releases;
 pub mod rollout;
 pub mod runtime;
 pub mod scale;
+pub mod secrets;
 pub mod store;
+pub mod vault;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,6 +60,8 @@ pub struct ControlPlane {
     pub registry: Arc<aloft_registry::Registry>,
     pub catalog: Catalog,
     pub deploys: deploy::Deploys,
+    /// App secrets, sealed at rest; see [`vault`].
+    pub secrets: Arc<vault::Vault>,
     host_token: String,
     agents: Mutex<HashMap<String, AgentClient>>,
     app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -105,6 +109,13 @@ impl ControlPlane {
             TokenKind::Host,
             "local host",
         )?;
+        let (root_key, key_source) = vault::load_root_key(&config.data_dir)?;
+        tracing::info!(root_key = %key_source, "secrets vault ready");
+        let secrets = Arc::new(
+            vault::Vault::open(&db_path, &root_key)
+                .with_context(|| format!("opening the secrets vault in {}", db_path.display()))?,
+        );
+        drop(root_key);
         let catalog = Catalog::new(&config.base_domain, store.clone());
         let interrupted = store.interrupt_running_releases()?;
         if interrupted > 0 {
@@ -131,6 +142,7 @@ impl ControlPlane {
             registry,
             catalog,
             deploys: deploy::Deploys::default(),
+            secrets,
             host_token: host_token.clone(),
             agents: Mutex::new(HashMap::new()),
             app_locks: Mutex::new(HashMap::new()),

@@ -277,6 +277,14 @@ impl Platform {
     }
 }
 
+impl Platform {
+    /// Stops `aloft server` and starts it again on the same data dir.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn_server();
+    }
+}
+
 fn rand_suffix() -> u32 {
     (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
