@@ -285,13 +285,11 @@ impl Platform {
     }
 }
 
+/// Distinct for each platform a test process starts (the pid tells processes apart), so
+/// tests running in parallel never pick the same namespace name.
 fn rand_suffix() -> u32 {
-    (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-        / 1000)
-        % 100
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100
 }
 
 impl Drop for Platform {
