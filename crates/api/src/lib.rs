@@ -5,8 +5,8 @@ pub mod duration;
 pub mod internal;
 pub mod machine;
 pub mod regions;
-pub mod sixpn;
 pub mod secrets;
+pub mod sixpn;
 pub mod token;
 
 pub use app::*;
