@@ -100,12 +100,11 @@ fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
             };
             if meta.is_dir() {
                 stack.push(path);
-            } else if meta.is_file() {
-                if let Ok(bytes) = std::fs::read(&path) {
-                    if bytes.windows(needle.len()).any(|w| w == needle) {
-                        found.push(path);
-                    }
-                }
+            } else if meta.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(path);
             }
         }
     }
