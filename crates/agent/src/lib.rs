@@ -12,6 +12,7 @@ pub mod images;
 pub mod init_config;
 pub mod logs;
 pub mod metrics;
+pub mod microvm;
 pub mod network;
 pub mod procfs;
 pub mod secrets;
@@ -51,6 +52,9 @@ pub struct AgentConfig {
     pub token: String,
     /// `runc`, `crun` or a path; `None` picks whichever is installed.
     pub runtime: Option<String>,
+    /// Containers, microVMs, or microVMs where KVM boots the guest kernel.
+    pub driver: microvm::DriverChoice,
+    pub vm: microvm::MicrovmOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +137,30 @@ impl Agent {
     pub fn open(config: AgentConfig) -> anyhow::Result<Arc<Self>> {
         let root = config.data_dir.join("agent");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let driver = ContainerDriver::new(&root, config.runtime.as_deref())
-            .context("setting up the container driver")?;
-        Self::open_with_driver(config, Arc::new(driver))
+        let driver: Arc<dyn Driver> = match config.driver {
+            microvm::DriverChoice::Microvm => Arc::new(
+                microvm::MicrovmDriver::new(&root, &config.vm)
+                    .context("setting up the microVM driver")?,
+            ),
+            microvm::DriverChoice::Auto => match microvm::auto_select(&root, &config.vm) {
+                Ok(driver) => {
+                    tracing::info!("driver auto: microVMs (KVM boots the guest kernel)");
+                    Arc::new(driver)
+                }
+                Err(why) => {
+                    tracing::info!(why = %why, "driver auto: containers");
+                    Arc::new(
+                        ContainerDriver::new(&root, config.runtime.as_deref())
+                            .context("setting up the container driver")?,
+                    )
+                }
+            },
+            microvm::DriverChoice::Container => Arc::new(
+                ContainerDriver::new(&root, config.runtime.as_deref())
+                    .context("setting up the container driver")?,
+            ),
+        };
+        Self::open_with_driver(config, driver)
     }
 
     /// Opens the agent with a given runtime driver (containers, microVMs).
@@ -174,6 +199,10 @@ impl Agent {
 
     pub fn driver_name(&self) -> String {
         self.driver.name()
+    }
+
+    pub fn driver_description(&self) -> String {
+        self.driver.describe()
     }
 
     fn machine_dir(&self, id: &str) -> PathBuf {
@@ -350,9 +379,12 @@ impl Agent {
         let driver = self.driver.clone();
         let id = spec.id.clone();
         let prepared = began.elapsed();
+        let config = spec.config.clone();
         tokio::task::spawn_blocking(move || {
             let scheduled = began.elapsed();
-            network::ensure(&link).map_err(|e| format!("machine network: {e}"))?;
+            driver
+                .ensure_network(&link)
+                .map_err(|e| format!("machine network: {e}"))?;
             let networked = began.elapsed();
             let request = StartRequest {
                 machine_id: &id,
@@ -360,6 +392,7 @@ impl Agent {
                 image: &image,
                 link: &link,
                 guest: &guest,
+                config: &config,
                 init: &init,
             };
             let started = driver.start(&request).map_err(|e| e.to_string());

@@ -259,7 +259,55 @@ pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
             return Err(err);
         }
     }
-    if let Err(err) = apply_machine_addressing(link) {
+    if let Err(err) = apply_machine_addressing(link, true) {
+        if !exists {
+            teardown(link);
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// A microVM's routed link: a persistent tap device named like the veth it replaces
+/// (`al<id>`), in the host's namespace, with the host end's addresses, routes and filter
+/// entries; the guest configures its own end (see [`MACHINE_LINK_LOCAL`]). Idempotent.
+pub fn ensure_tap(link: &MachineLink) -> Result<(), NetworkError> {
+    prepare_host()?;
+    let host = link.host_interface.as_str();
+    let exists = std::path::Path::new("/sys/class/net")
+        .join(host)
+        .join("tun_flags")
+        .exists();
+    if !exists {
+        teardown(link);
+        let created = ip(&["tuntap", "add", "dev", host, "mode", "tap"])
+            .and_then(|_| ip(&["link", "set", host, "addrgenmode", "none"]))
+            .and_then(|_| {
+                ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/30", link.host_address),
+                    "dev",
+                    host,
+                ])
+            })
+            .and_then(|_| {
+                ip(&[
+                    "addr",
+                    "add",
+                    &format!("{HOST_LINK_LOCAL}/64"),
+                    "dev",
+                    host,
+                    "nodad",
+                ])
+            })
+            .and_then(|_| ip(&["link", "set", host, "up"]));
+        if let Err(err) = created {
+            teardown(link);
+            return Err(err);
+        }
+    }
+    if let Err(err) = apply_machine_addressing(link, false) {
         if !exists {
             teardown(link);
         }
@@ -357,7 +405,9 @@ fn create_link(link: &MachineLink) -> Result<(), NetworkError> {
     ])
 }
 
-fn apply_machine_addressing(link: &MachineLink) -> Result<(), NetworkError> {
+/// The machine's 6PN address and routes, and its filter entries. `in_netns`: the machine
+/// end is a veth in the machine's namespace (a microVM's guest sets its end itself).
+fn apply_machine_addressing(link: &MachineLink, in_netns: bool) -> Result<(), NetworkError> {
     let host = link.host_interface.as_str();
     let mut elements = format!(
         "add element inet aloft machine_addrs4 {{ \"{host}\" . {} }}\n",
@@ -366,6 +416,7 @@ fn apply_machine_addressing(link: &MachineLink) -> Result<(), NetworkError> {
     if let Some(address) = link.private_ip {
         let ns = link.netns.as_str();
         let cidr = sixpn::machine_cidr(&address);
+        if in_netns {
         ip(&[
             "-n",
             ns,
@@ -389,6 +440,7 @@ fn apply_machine_addressing(link: &MachineLink) -> Result<(), NetworkError> {
             "dev",
             "eth0",
         ])?;
+        }
         ip(&[
             "-6",
             "route",

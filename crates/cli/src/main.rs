@@ -186,10 +186,18 @@ fn main() {
         aloft_init::run();
     }
     // A machine's supervisor stays for the machine's life: it skips argument parsing
-    // and everything else the CLI sets up, to stay small.
+    // and everything else the CLI sets up, to stay small. So do the microVM supervisor
+    // and exec helper (hidden commands the agent starts).
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("shim") {
-        std::process::exit(aloft_agent::shim::main(&args[2..]));
+    match args.get(1).map(String::as_str) {
+        Some("shim") => std::process::exit(aloft_agent::shim::main(&args[2..])),
+        Some(aloft_agent::microvm::shim::SHIM_COMMAND) => {
+            std::process::exit(aloft_agent::microvm::shim::main(&args[2..]))
+        }
+        Some(aloft_agent::microvm::exec::EXEC_COMMAND) => {
+            std::process::exit(aloft_agent::microvm::exec::main(&args[2..]))
+        }
+        _ => {}
     }
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Server(_));

@@ -38,6 +38,17 @@ pub struct ServerArgs {
     /// OCI runtime for containers: runc, crun or a path (default: whichever is installed).
     #[arg(long)]
     pub runtime: Option<String>,
+    /// What runs machines: `container` (runc/crun), `microvm` (a QEMU VM each), or `auto`
+    /// (microVMs where KVM boots the guest kernel, containers elsewhere).
+    #[arg(long, default_value = "auto")]
+    pub driver: aloft_agent::microvm::DriverChoice,
+    /// The microVMs' accelerator: `kvm` (machine type microvm), `tcg` (emulation, q35), or
+    /// `auto` (KVM if it boots the guest kernel here; probed once and cached).
+    #[arg(long, default_value = "auto")]
+    pub vm_accel: aloft_agent::microvm::AccelChoice,
+    /// The microVMs' kernel (default: the newest /boot/vmlinuz-*-cloud-amd64).
+    #[arg(long)]
+    pub vm_kernel: Option<PathBuf>,
     /// Leave machines running when the server exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
@@ -140,6 +151,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         control_url: api_url.clone(),
         token: credentials.host_token.clone(),
         runtime: args.runtime.clone(),
+        driver: args.driver,
+        vm: aloft_agent::microvm::MicrovmOptions {
+            accel: args.vm_accel,
+            kernel: args.vm_kernel.clone(),
+            ready_timeout: None,
+        },
     })?;
     let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
         .await
@@ -187,6 +204,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(dns) => println!("  Private DNS       {dns} (and fdaa:<network>::3 for each network)"),
         None => println!("  Private DNS       off (machine networking needs root; see the log)"),
     }
+    println!("  Machines          {}", agent.driver_description());
     println!("  Organization      {}", credentials.org_slug);
     println!(
         "  Access token      saved to {} (`aloft auth token` prints it)",
