@@ -102,7 +102,9 @@ pub fn run() -> ! {
 
 fn run_inner() -> Result<i32, InitError> {
     if std::process::id() == 1
-        && std::env::args_os().next().is_some_and(|a| a == vm::boot::STAGE_ONE_PATH)
+        && std::env::args_os()
+            .next()
+            .is_some_and(|a| a == vm::boot::STAGE_ONE_PATH)
     {
         vm::boot::boot();
     }

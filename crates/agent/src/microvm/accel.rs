@@ -49,7 +49,9 @@ impl std::str::FromStr for AccelChoice {
             "auto" => Ok(Self::Auto),
             "kvm" => Ok(Self::Fixed(Accel::Kvm)),
             "tcg" => Ok(Self::Fixed(Accel::Tcg)),
-            other => Err(format!("unknown accelerator {other:?}: use kvm, tcg or auto")),
+            other => Err(format!(
+                "unknown accelerator {other:?}: use kvm, tcg or auto"
+            )),
         }
     }
 }
@@ -114,7 +116,9 @@ pub fn kvm_boots(qemu: &Path, kernel: &Path) -> Probe {
 fn boot_once(qemu: &Path, kernel: &Path) -> Probe {
     let started = Instant::now();
     let child = Command::new(qemu)
-        .args(["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256"])
+        .args([
+            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256",
+        ])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-kernel"])
         .arg(kernel)
@@ -168,7 +172,10 @@ fn boot_once(qemu: &Path, kernel: &Path) -> Probe {
             PROBE_TIMEOUT.as_secs()
         )
     } else {
-        let why = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        let why = stderr
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
         format!("the guest kernel does not boot under KVM: {why}")
     };
     Probe {
@@ -188,7 +195,12 @@ mod tests {
             "tcg".parse::<AccelChoice>().unwrap(),
             AccelChoice::Fixed(Accel::Tcg)
         );
-        assert!("hvf".parse::<AccelChoice>().unwrap_err().contains("kvm, tcg or auto"));
+        assert!(
+            "hvf"
+                .parse::<AccelChoice>()
+                .unwrap_err()
+                .contains("kvm, tcg or auto")
+        );
         assert_eq!(Accel::Kvm.machine_type(), "microvm");
         assert_eq!(Accel::Tcg.machine_type(), "q35");
     }

@@ -14,8 +14,14 @@ pub const MODULES: &[(&str, &str)] = &[
     ("virtio_ring", "drivers/virtio/virtio_ring.ko"),
     ("virtio", "drivers/virtio/virtio.ko"),
     ("virtio_mmio", "drivers/virtio/virtio_mmio.ko"),
-    ("virtio_pci_legacy_dev", "drivers/virtio/virtio_pci_legacy_dev.ko"),
-    ("virtio_pci_modern_dev", "drivers/virtio/virtio_pci_modern_dev.ko"),
+    (
+        "virtio_pci_legacy_dev",
+        "drivers/virtio/virtio_pci_legacy_dev.ko",
+    ),
+    (
+        "virtio_pci_modern_dev",
+        "drivers/virtio/virtio_pci_modern_dev.ko",
+    ),
     ("virtio_pci", "drivers/virtio/virtio_pci.ko"),
     ("failover", "net/core/failover.ko"),
     ("net_failover", "drivers/net/net_failover.ko"),
@@ -52,9 +58,8 @@ pub fn kernel_release(kernel: &Path) -> Option<String> {
 /// A key that changes whenever the file does (path, size, modification time).
 pub fn file_key(path: &Path) -> Result<String, DriverError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
-        DriverError::Start(format!("the guest kernel {}: {e}", path.display()))
-    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| DriverError::Start(format!("the guest kernel {}: {e}", path.display())))?;
     let mut hasher = sha2::Sha256::default();
     use sha2::Digest;
     hasher.update(path.as_os_str().as_encoded_bytes());
@@ -141,7 +146,13 @@ impl<W: Write> CpioWriter<W> {
         Ok(())
     }
 
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> std::io::Result<()> {
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> std::io::Result<()> {
         let header = format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
             self.inode,
@@ -188,7 +199,7 @@ impl<W: Write> CpioWriter<W> {
     }
 }
 
-/// Builds the initramfs: `/init` (the `aloft` binary, without debug info), the modules
+/// Builds the initramfs: `/init` (the `aloft` binary, stripped), the modules
 /// and their load order, and `/dev/console`.
 pub fn build_initramfs(
     aloft_binary: &Path,
@@ -198,7 +209,7 @@ pub fn build_initramfs(
     let fail = |what: String| DriverError::Start(format!("building the initramfs: {what}"));
     let stripped = out.with_extension("init");
     let strip = Command::new("objcopy")
-        .arg("--strip-debug")
+        .arg("--strip-all")
         .arg(aloft_binary)
         .arg(&stripped)
         .status();
@@ -220,9 +231,8 @@ pub fn build_initramfs(
         let mut order = String::new();
         for (name, relative) in MODULES {
             let path = modules_dir.join(relative);
-            let data = std::fs::read(&path).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-            })?;
+            let data = std::fs::read(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             cpio.file(&format!("lib/modules/{name}.ko"), 0o644, &data)?;
             order.push_str(name);
             order.push('\n');
@@ -241,11 +251,16 @@ pub fn build_initramfs(
 fn remove_stale_initramfs(current: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Some(dir) = current.parent() else { return };
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let stale = path != current
-            && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("initrd-"))
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("initrd-"))
             && entry.metadata().is_ok_and(|m| m.nlink() == 1);
         if stale {
             let _ = std::fs::remove_file(path);

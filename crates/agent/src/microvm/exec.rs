@@ -30,8 +30,8 @@ pub fn start(
     if command.argv.is_empty() || command.argv[0].is_empty() {
         return Err(DriverError::Operation("no command given".into()));
     }
-    let mut socket =
-        UnixStream::connect(machine_dir.join(CONTROL_SOCKET)).map_err(|_| DriverError::NotRunning)?;
+    let mut socket = UnixStream::connect(machine_dir.join(CONTROL_SOCKET))
+        .map_err(|_| DriverError::NotRunning)?;
     let request = ExecRequest {
         argv: command.argv.clone(),
         env: command.env.clone(),
@@ -97,7 +97,9 @@ pub fn start(
             drop(socket);
             let stdin = child.stdin.take();
             let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-                return Err(DriverError::Operation("the exec has no output pipes".into()));
+                return Err(DriverError::Operation(
+                    "the exec has no output pipes".into(),
+                ));
             };
             Ok(ExecProcess {
                 child,
@@ -114,14 +116,21 @@ pub fn start(
 fn window_size() -> Option<(u16, u16)> {
     // SAFETY: TIOCGWINSZ into a winsize.
     let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    (unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) } == 0).then_some((size.ws_col, size.ws_row))
+    (unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) } == 0)
+        .then_some((size.ws_col, size.ws_row))
 }
 
 /// Entry point of `aloft vm-exec [--tty]`: relays between its stdio and fd 3.
 pub fn main(args: &[String]) -> i32 {
     let tty = args.iter().any(|a| a == "--tty");
     let mut signals = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGWINCH] {
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGWINCH,
+    ] {
         signals.add(signal);
     }
     let _ = signals.thread_block();
@@ -131,11 +140,17 @@ pub fn main(args: &[String]) -> i32 {
         return 1;
     };
     let saved = if tty {
-        nix::sys::termios::tcgetattr(std::io::stdin()).ok().inspect(|original| {
-            let mut raw = original.clone();
-            nix::sys::termios::cfmakeraw(&mut raw);
-            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &raw);
-        })
+        nix::sys::termios::tcgetattr(std::io::stdin())
+            .ok()
+            .inspect(|original| {
+                let mut raw = original.clone();
+                nix::sys::termios::cfmakeraw(&mut raw);
+                let _ = nix::sys::termios::tcsetattr(
+                    std::io::stdin(),
+                    nix::sys::termios::SetArg::TCSANOW,
+                    &raw,
+                );
+            })
     } else {
         None
     };
@@ -171,11 +186,19 @@ pub fn main(args: &[String]) -> i32 {
         loop {
             match stdin.read(&mut chunk) {
                 Ok(0) | Err(_) => {
-                    let _ = channel::write_frame(&mut writer, &Frame::new(0, channel::STDIN_EOF, Vec::new()));
+                    let _ = channel::write_frame(
+                        &mut writer,
+                        &Frame::new(0, channel::STDIN_EOF, Vec::new()),
+                    );
                     return;
                 }
                 Ok(n) => {
-                    if channel::write_frame(&mut writer, &Frame::new(0, channel::STDIN, &chunk[..n])).is_err() {
+                    if channel::write_frame(
+                        &mut writer,
+                        &Frame::new(0, channel::STDIN, &chunk[..n]),
+                    )
+                    .is_err()
+                    {
                         return;
                     }
                 }
@@ -206,7 +229,11 @@ pub fn main(args: &[String]) -> i32 {
         }
     };
     if let Some(original) = saved {
-        let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &original);
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &original,
+        );
     }
     code & 0xff
 }

@@ -18,9 +18,20 @@ pub const QEMU_IN_JAIL: &str = "/usr/bin/qemu-system-x86_64";
 enum Step {
     Mkdir(CString),
     Touch(CString),
-    Bind { source: CString, target: CString, writable: bool },
-    Symlink { target: CString, link: CString },
-    Mount { fstype: CString, target: CString, data: CString },
+    Bind {
+        source: CString,
+        target: CString,
+        writable: bool,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    Mount {
+        fstype: CString,
+        target: CString,
+        data: CString,
+    },
 }
 
 /// Everything the child does between clone and exec, prepared in the parent (the child
@@ -40,17 +51,34 @@ fn c(path: impl AsRef<Path>) -> CString {
     CString::new(path.as_ref().as_os_str().as_encoded_bytes()).unwrap_or_default()
 }
 
+/// What goes into a jail and what runs there.
+pub struct JailSpec<'a> {
+    /// An empty directory the jail's tmpfs root is mounted on.
+    pub root: &'a Path,
+    pub qemu: &'a Path,
+    /// The machine's disk, kernel and initramfs (bound read-write at [`VM_DIR`]).
+    pub vm_dir: &'a Path,
+    pub kvm: bool,
+    pub uid: u32,
+    pub args: &'a [String],
+    /// Descriptors QEMU keeps open.
+    pub keep: Vec<RawFd>,
+    /// QEMU's stdin, stdout and stderr.
+    pub stdio: [RawFd; 3],
+}
+
 impl Jail {
-    pub fn new(
-        root: &Path,
-        qemu: &Path,
-        vm_dir: &Path,
-        kvm: bool,
-        uid: u32,
-        args: &[String],
-        keep: Vec<RawFd>,
-        stdio: [RawFd; 3],
-    ) -> Self {
+    pub fn new(spec: JailSpec<'_>) -> Self {
+        let JailSpec {
+            root,
+            qemu,
+            vm_dir,
+            kvm,
+            uid,
+            args,
+            keep,
+            stdio,
+        } = spec;
         let inside = |relative: &str| c(root.join(relative.trim_start_matches('/')));
         let mut steps = vec![Step::Mount {
             fstype: c("tmpfs"),
@@ -60,44 +88,48 @@ impl Jail {
         for dir in ["usr", "usr/bin", "usr/share", "dev", "vm", "proc"] {
             steps.push(Step::Mkdir(inside(dir)));
         }
-        let mut binds: Vec<(PathBuf, String, bool)> = Vec::new();
-        for dir in ["/usr/lib", "/usr/lib64", "/usr/share/qemu", "/usr/share/seabios"] {
+        // Read-only: libraries and firmware; read-write: the machine's own files.
+        let mut dirs: Vec<(PathBuf, &str, bool)> = Vec::new();
+        for dir in [
+            "/usr/lib",
+            "/usr/lib64",
+            "/usr/share/qemu",
+            "/usr/share/seabios",
+        ] {
             if Path::new(dir).is_dir() {
-                binds.push((PathBuf::from(dir), dir.to_string(), true));
+                dirs.push((PathBuf::from(dir), dir, false));
             }
         }
-        binds.push((vm_dir.to_path_buf(), VM_DIR.to_string(), true));
-        for (dir_source, target, _) in &binds {
-            let _ = dir_source;
+        dirs.push((vm_dir.to_path_buf(), VM_DIR, true));
+        for (source, target, writable) in dirs {
             steps.push(Step::Mkdir(inside(target)));
+            steps.push(Step::Bind {
+                source: c(source),
+                target: inside(target),
+                writable,
+            });
         }
-        let mut file_binds: Vec<(PathBuf, String)> = vec![(qemu.to_path_buf(), QEMU_IN_JAIL.into())];
+        let mut files: Vec<(PathBuf, &str, bool)> = vec![(qemu.to_path_buf(), QEMU_IN_JAIL, false)];
         let mut devices = vec!["/dev/null", "/dev/zero", "/dev/urandom"];
         if kvm {
             devices.push("/dev/kvm");
         }
         for device in devices {
-            file_binds.push((PathBuf::from(device), device.to_string()));
+            files.push((PathBuf::from(device), device, true));
         }
-        for (source, target, is_dir) in binds {
-            let _ = is_dir;
-            let writable = target == VM_DIR;
+        for (source, target, writable) in files {
+            steps.push(Step::Touch(inside(target)));
             steps.push(Step::Bind {
                 source: c(source),
-                target: inside(&target),
+                target: inside(target),
                 writable,
             });
         }
-        for (source, target) in file_binds {
-            steps.push(Step::Touch(inside(&target)));
-            let writable = target.starts_with("/dev/");
-            steps.push(Step::Bind {
-                source: c(source),
-                target: inside(&target),
-                writable,
-            });
-        }
-        for (link, target) in [("lib", "usr/lib"), ("lib64", "usr/lib64"), ("bin", "usr/bin")] {
+        for (link, target) in [
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+            ("bin", "usr/bin"),
+        ] {
             steps.push(Step::Symlink {
                 target: c(target),
                 link: inside(link),
@@ -152,40 +184,92 @@ impl Jail {
             };
             let none = std::ptr::null::<libc::c_char>();
             let root_dir = c"/";
-            if libc::mount(none, root_dir.as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+            if libc::mount(
+                none,
+                root_dir.as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
                 return fail(120);
             }
             for step in &self.steps {
                 let ok = match step {
                     Step::Mkdir(path) => {
-                        libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
+                        libc::mkdir(path.as_ptr(), 0o755) == 0
+                            || *libc::__errno_location() == libc::EEXIST
                     }
                     Step::Touch(path) => {
-                        let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                        let fd = libc::open(
+                            path.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o644,
+                        );
                         if fd >= 0 {
                             libc::close(fd);
                         }
                         fd >= 0
                     }
-                    Step::Bind { source, target, writable } => {
-                        libc::mount(source.as_ptr(), target.as_ptr(), none, libc::MS_BIND | libc::MS_REC, std::ptr::null()) == 0
+                    Step::Bind {
+                        source,
+                        target,
+                        writable,
+                    } => {
+                        libc::mount(
+                            source.as_ptr(),
+                            target.as_ptr(),
+                            none,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ) == 0
                             && (*writable
-                                || libc::mount(none, target.as_ptr(), none, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC, std::ptr::null()) == 0)
+                                || libc::mount(
+                                    none,
+                                    target.as_ptr(),
+                                    none,
+                                    libc::MS_BIND
+                                        | libc::MS_REMOUNT
+                                        | libc::MS_RDONLY
+                                        | libc::MS_REC,
+                                    std::ptr::null(),
+                                ) == 0)
                     }
-                    Step::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
-                    Step::Mount { fstype, target, data } => {
-                        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, data.as_ptr().cast()) == 0
+                    Step::Symlink { target, link } => {
+                        libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+                    }
+                    Step::Mount {
+                        fstype,
+                        target,
+                        data,
+                    } => {
+                        libc::mount(
+                            fstype.as_ptr(),
+                            target.as_ptr(),
+                            fstype.as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV,
+                            data.as_ptr().cast(),
+                        ) == 0
                     }
                 };
                 if !ok {
                     return fail(121);
                 }
             }
-            if libc::chdir(self.root.as_ptr()) != 0 || libc::chroot(c".".as_ptr()) != 0 || libc::chdir(root_dir.as_ptr()) != 0 {
+            if libc::chdir(self.root.as_ptr()) != 0
+                || libc::chroot(c".".as_ptr()) != 0
+                || libc::chdir(root_dir.as_ptr()) != 0
+            {
                 return fail(122);
             }
             // The jail's own root read-only, now that everything is in place.
-            libc::mount(none, root_dir.as_ptr(), none, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, std::ptr::null());
+            libc::mount(
+                none,
+                root_dir.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            );
             for (target, source) in self.stdio.iter().enumerate() {
                 libc::dup2(*source, target as i32);
             }
@@ -226,7 +310,10 @@ pub fn cgroup_dirs(machine_id: &str) -> Vec<(String, PathBuf)> {
         .map(|c| {
             (
                 c.to_string(),
-                Path::new("/sys/fs/cgroup").join(c).join("aloft").join(machine_id),
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join("aloft")
+                    .join(machine_id),
             )
         })
         .collect()

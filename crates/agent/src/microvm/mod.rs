@@ -69,7 +69,8 @@ impl MicrovmDriver {
     pub fn new(state_dir: &Path, options: &MicrovmOptions) -> Result<Self, DriverError> {
         let qemu = find_program("qemu-system-x86_64").ok_or_else(|| {
             DriverError::NoRuntime(
-                "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86 qemu-utils)".into(),
+                "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86 qemu-utils)"
+                    .into(),
             )
         })?;
         let kernel = options.kernel.clone().or_else(assets::default_kernel);
@@ -94,7 +95,11 @@ impl MicrovmDriver {
             }
             AccelChoice::Auto => {
                 let probe = driver.probe_kvm();
-                driver.accel = if probe.kvm_boots { Accel::Kvm } else { Accel::Tcg };
+                driver.accel = if probe.kvm_boots {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                };
                 driver.accel_reason = probe.detail;
             }
         }
@@ -122,8 +127,8 @@ impl MicrovmDriver {
 
     /// Whether KVM boots this driver's kernel here (cached per kernel, QEMU and host).
     pub fn probe_kvm(&self) -> accel::Probe {
-        match self.boot_assets() {
-            Ok((vmlinux, _)) => accel::kvm_boots(&self.qemu, &vmlinux),
+        match self.vmlinux() {
+            Ok(vmlinux) => accel::kvm_boots(&self.qemu, &vmlinux),
             Err(err) => accel::Probe {
                 kvm_boots: false,
                 detail: err.to_string(),
@@ -131,13 +136,30 @@ impl MicrovmDriver {
         }
     }
 
+    fn kernel(&self) -> Result<&Path, DriverError> {
+        self.kernel.as_deref().ok_or_else(|| {
+            DriverError::Start(
+                "no guest kernel: install linux-image-cloud-amd64 or give one with --vm-kernel"
+                    .into(),
+            )
+        })
+    }
+
+    /// The kernel unpacked for QEMU, once per kernel file.
+    fn vmlinux(&self) -> Result<PathBuf, DriverError> {
+        let kernel = self.kernel()?;
+        let vmlinux = self
+            .cache
+            .join(format!("vmlinux-{}", assets::file_key(kernel)?));
+        if !vmlinux.exists() {
+            assets::unpack_kernel(kernel, &vmlinux)?;
+        }
+        Ok(vmlinux)
+    }
+
     /// The unpacked kernel and the initramfs, built once per kernel and `aloft` binary.
     fn boot_assets(&self) -> Result<(PathBuf, PathBuf), DriverError> {
-        let kernel = self.kernel.as_ref().ok_or_else(|| {
-            DriverError::Start(
-                "no guest kernel: install linux-image-cloud-amd64 or give one with --vm-kernel".into(),
-            )
-        })?;
+        let kernel = self.kernel()?;
         let key = format!(
             "{}-{}",
             assets::file_key(kernel)?,
@@ -151,10 +173,7 @@ impl MicrovmDriver {
         {
             return Ok((vmlinux.clone(), initrd.clone()));
         }
-        let vmlinux = self.cache.join(format!("vmlinux-{}", assets::file_key(kernel)?));
-        if !vmlinux.exists() {
-            assets::unpack_kernel(kernel, &vmlinux)?;
-        }
+        let vmlinux = self.vmlinux()?;
         let initrd = self.cache.join(format!("initrd-{key}.cpio"));
         if !initrd.exists() {
             let release = assets::kernel_release(kernel).ok_or_else(|| {
@@ -237,74 +256,7 @@ impl MicrovmDriver {
         }
     }
 
-    fn qemu_pid(machine_dir: &Path) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(machine_dir.join(shim::QEMU_PID_FILE))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
-    }
-}
-
-/// The guest's end of its routed link: the same addresses and routes a container's
-/// namespace gets (private IPv4 /30, link-local next hop, 6PN address, `fdaa::/16`).
-pub fn guest_network(link: &MachineLink) -> GuestNetwork {
-    let mut addresses = vec![
-        format!("{}/30", link.machine_address),
-        format!("{}/64", network::MACHINE_LINK_LOCAL),
-    ];
-    let mut ipv6_routes = Vec::new();
-    if let Some(address) = link.private_ip {
-        addresses.push(format!(
-            "{address}/{}",
-            aloft_api::sixpn::MACHINE_PREFIX_LEN
-        ));
-        ipv6_routes.push("fdaa::/16".to_string());
-    }
-    GuestNetwork {
-        interface: "eth0".into(),
-        addresses,
-        ipv4_gateway: Some(link.host_address.to_string()),
-        ipv6_gateway: Some(network::HOST_LINK_LOCAL.to_string()),
-        ipv6_routes,
-    }
-}
-
-/// One unprivileged uid per network slot (the slot is in the link's addresses).
-pub fn machine_uid(link: &MachineLink) -> u32 {
-    UID_BASE + (u32::from(link.host_address) & 0xffff)
-}
-
-/// A locally administered MAC derived from the machine id.
-pub fn machine_mac(machine_id: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(machine_id.as_bytes());
-    format!(
-        "06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        digest[0], digest[1], digest[2], digest[3], digest[4]
-    )
-}
-
-impl Driver for MicrovmDriver {
-    fn name(&self) -> String {
-        format!("qemu-{}", self.accel.as_str())
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "microVMs (QEMU, machine type {} under {}: {})",
-            self.accel.machine_type(),
-            self.accel.as_str().to_uppercase(),
-            self.accel_reason
-        )
-    }
-
-    fn ensure_network(&self, link: &MachineLink) -> Result<(), NetworkError> {
-        network::ensure_tap(link)
-    }
-
-    fn start(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
+    fn start_vm(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
         if request.guest.memory_mb < MIN_GUEST_MEMORY_MB {
             return Err(DriverError::Start(format!(
                 "guest.memory_mb {} is too little for a microVM: give at least {MIN_GUEST_MEMORY_MB}",
@@ -366,6 +318,80 @@ impl Driver for MicrovmDriver {
             },
         };
         self.spawn_shim(request.machine_dir, &launch)
+    }
+
+    fn qemu_pid(machine_dir: &Path) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(machine_dir.join(shim::QEMU_PID_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+}
+
+/// The guest's end of its routed link: the same addresses and routes a container's
+/// namespace gets (private IPv4 /30, link-local next hop, 6PN address, `fdaa::/16`).
+pub fn guest_network(link: &MachineLink) -> GuestNetwork {
+    let mut addresses = vec![
+        format!("{}/30", link.machine_address),
+        format!("{}/64", network::MACHINE_LINK_LOCAL),
+    ];
+    let mut ipv6_routes = Vec::new();
+    if let Some(address) = link.private_ip {
+        addresses.push(format!("{address}/{}", aloft_api::sixpn::MACHINE_PREFIX_LEN));
+        ipv6_routes.push("fdaa::/16".to_string());
+    }
+    GuestNetwork {
+        interface: "eth0".into(),
+        addresses,
+        ipv4_gateway: Some(link.host_address.to_string()),
+        ipv6_gateway: Some(network::HOST_LINK_LOCAL.to_string()),
+        ipv6_routes,
+    }
+}
+
+/// One unprivileged uid per network slot (the slot is in the link's addresses).
+pub fn machine_uid(link: &MachineLink) -> u32 {
+    UID_BASE + (u32::from(link.host_address) & 0xffff)
+}
+
+/// A locally administered MAC derived from the machine id.
+pub fn machine_mac(machine_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(machine_id.as_bytes());
+    format!(
+        "06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        digest[0], digest[1], digest[2], digest[3], digest[4]
+    )
+}
+
+impl Driver for MicrovmDriver {
+    fn name(&self) -> String {
+        format!("qemu-{}", self.accel.as_str())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "microVMs (QEMU, machine type {} under {}: {})",
+            self.accel.machine_type(),
+            self.accel.as_str().to_uppercase(),
+            self.accel_reason
+        )
+    }
+
+    fn ensure_network(&self, link: &MachineLink) -> Result<(), NetworkError> {
+        network::ensure_tap(link)
+    }
+
+    fn start(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
+        let started = self.start_vm(request);
+        if started.is_err() {
+            // A machine that never ran leaves nothing behind: no QEMU, disk or tap.
+            self.cleanup(request.machine_id, request.machine_dir);
+            network::teardown(request.link);
+        }
+        started
     }
 
     fn signal(
@@ -533,7 +559,14 @@ mod tests {
 
     #[test]
     fn driver_choices_parse() {
-        assert_eq!("microvm".parse::<DriverChoice>().unwrap(), DriverChoice::Microvm);
-        assert!("vm".parse::<DriverChoice>().unwrap_err().contains("container, microvm or auto"));
+        assert_eq!(
+            "microvm".parse::<DriverChoice>().unwrap(),
+            DriverChoice::Microvm
+        );
+        assert!(
+            "vm".parse::<DriverChoice>()
+                .unwrap_err()
+                .contains("container, microvm or auto")
+        );
     }
 }

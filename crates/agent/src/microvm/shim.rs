@@ -20,7 +20,7 @@ use aloft_init::vm::channel::{self, BootConfig, Frame, GuestExit};
 use serde::{Deserialize, Serialize};
 
 use super::accel::Accel;
-use super::jail::{self, Jail};
+use super::jail::{self, Jail, JailSpec};
 use crate::driver::write_exit;
 use crate::logs::{LogWriter, pump};
 
@@ -57,7 +57,13 @@ impl Launch {
     /// QEMU's arguments (inside the jail), with the descriptors it is handed.
     pub fn qemu_args(&self, fds: &QemuFds, incoming: Option<RawFd>) -> Vec<String> {
         let microvm = self.accel == Accel::Kvm;
-        let bus = |pci: &str, mmio: &str| if microvm { mmio.to_string() } else { pci.to_string() };
+        let bus = |pci: &str, mmio: &str| {
+            if microvm {
+                mmio.to_string()
+            } else {
+                pci.to_string()
+            }
+        };
         let vm = jail::VM_DIR;
         let mut args: Vec<String> = vec![
             "-name".into(),
@@ -70,7 +76,9 @@ impl Launch {
             },
         ];
         match self.accel {
-            Accel::Kvm => args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
+            Accel::Kvm => {
+                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
+            }
             Accel::Tcg => args.extend([
                 "-accel".into(),
                 "tcg,tb-size=64".into(),
@@ -104,7 +112,10 @@ impl Launch {
             "-chardev".into(),
             format!("socket,id=agent,fd={}", fds.agent),
             "-device".into(),
-            format!("virtserialport,bus=vser.0,chardev=agent,name={}", channel::PORT_NAME),
+            format!(
+                "virtserialport,bus=vser.0,chardev=agent,name={}",
+                channel::PORT_NAME
+            ),
             "-drive".into(),
             format!("file={vm}/disk.qcow2,format=qcow2,if=none,id=root,cache=unsafe,discard=unmap"),
             "-device".into(),
@@ -160,10 +171,14 @@ pub fn open_tap(name: &str) -> Result<OwnedFd, String> {
     for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes().take(15)) {
         *slot = byte as libc::c_char;
     }
-    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    request.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: TUNSETIFF with an ifreq.
     if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request) } < 0 {
-        return Err(format!("attaching to tap {name}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "attaching to tap {name}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(OwnedFd::from(file))
 }
@@ -190,20 +205,26 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
     let mut keep = vec![fds.console, fds.agent, fds.qmp, fds.tap];
     keep.extend(incoming_fd);
     let jail_root = dir.join("jail");
-    std::fs::create_dir_all(&jail_root).map_err(|e| format!("creating {}: {e}", jail_root.display()))?;
-    let jail = Jail::new(
-        &jail_root,
-        &launch.qemu,
-        &dir.join("vm"),
-        launch.accel == Accel::Kvm,
-        launch.uid,
-        &args,
+    std::fs::create_dir_all(&jail_root)
+        .map_err(|e| format!("creating {}: {e}", jail_root.display()))?;
+    let jail = Jail::new(JailSpec {
+        root: &jail_root,
+        qemu: &launch.qemu,
+        vm_dir: &dir.join("vm"),
+        kvm: launch.accel == Accel::Kvm,
+        uid: launch.uid,
+        args: &args,
         keep,
-        [null.as_raw_fd(), null.as_raw_fd(), errors_write.as_raw_fd()],
-    );
+        stdio: [null.as_raw_fd(), null.as_raw_fd(), errors_write.as_raw_fd()],
+    });
     let pid = jail.spawn()?.as_raw();
     drop(errors_write);
-    jail::enter_cgroups(&launch.machine_id, pid, launch.vmm_memory_limit_bytes, launch.cpus);
+    jail::enter_cgroups(
+        &launch.machine_id,
+        pid,
+        launch.vmm_memory_limit_bytes,
+        launch.cpus,
+    );
     let _ = std::fs::write(dir.join(QEMU_PID_FILE), pid.to_string());
     let log = dir.to_path_buf();
     std::thread::spawn(move || {
@@ -380,7 +401,13 @@ pub fn main(args: &[String]) -> i32 {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         wait_for_qemu_gone(&shared);
-        jail::remove_cgroups(&shared.launch.lock().unwrap_or_else(|p| p.into_inner()).machine_id);
+        jail::remove_cgroups(
+            &shared
+                .launch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .machine_id,
+        );
         let _ = writeln!(report, "error {}", reason.replace('\n', " "));
         return 1;
     }
@@ -456,7 +483,10 @@ fn watch_qemu(shared: &Arc<Shared>, pid: i32) {
 fn wait_for_qemu_gone(shared: &Shared) {
     let mut state = shared.state();
     while state.qemu_pid != 0 {
-        state = shared.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        state = shared
+            .changed
+            .wait(state)
+            .unwrap_or_else(|p| p.into_inner());
     }
 }
 
@@ -469,7 +499,12 @@ fn read_guest(shared: Arc<Shared>, mut agent: UnixStream) {
         };
         match (frame.stream, frame.kind) {
             (0, channel::HELLO) => {
-                let boot = shared.launch.lock().unwrap_or_else(|p| p.into_inner()).boot.clone();
+                let boot = shared
+                    .launch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .boot
+                    .clone();
                 shared.send_guest(&Frame::json(0, channel::BOOT, &boot));
             }
             (0, channel::READY) => {
@@ -489,7 +524,9 @@ fn read_guest(shared: Arc<Shared>, mut agent: UnixStream) {
                 let mut clients = shared.clients.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(client) = clients.get_mut(&stream) {
                     let forwarded = Frame::new(0, kind, frame.payload);
-                    if channel::write_frame(client, &forwarded).is_err() || kind == channel::EXEC_EXIT {
+                    if channel::write_frame(client, &forwarded).is_err()
+                        || kind == channel::EXEC_EXIT
+                    {
                         clients.remove(&stream);
                     }
                 }
@@ -520,7 +557,14 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
     match first.kind {
         channel::SIGNAL => {
             let sent = shared.send_guest(&Frame::new(0, channel::SIGNAL, first.payload));
-            reply(&mut client, if sent { Ok(()) } else { Err("the machine is not running".into()) });
+            reply(
+                &mut client,
+                if sent {
+                    Ok(())
+                } else {
+                    Err("the machine is not running".into())
+                },
+            );
         }
         CTL_SUSPEND => {
             let result = suspend(&shared);
@@ -556,24 +600,48 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(stream, writer);
             if !shared.send_guest(&Frame::new(stream, channel::EXEC, first.payload)) {
-                shared.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&stream);
+                shared
+                    .clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&stream);
                 let _ = channel::write_frame(
                     &mut client,
                     &Frame::new(0, channel::EXEC_ERROR, "the machine is not running"),
                 );
-                let _ = channel::write_frame(&mut client, &Frame::new(0, channel::EXEC_EXIT, (-1i32).to_be_bytes()));
+                let _ = channel::write_frame(
+                    &mut client,
+                    &Frame::new(0, channel::EXEC_EXIT, (-1i32).to_be_bytes()),
+                );
                 return;
             }
             while let Ok(frame) = channel::read_frame(&mut client) {
                 shared.send_guest(&Frame::new(stream, frame.kind, frame.payload));
             }
             // The client went away: end what it ran, if it still runs.
-            if shared.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&stream).is_some() {
-                shared.send_guest(&Frame::new(stream, channel::SIGNAL, libc::SIGHUP.to_be_bytes()));
-                shared.send_guest(&Frame::new(stream, channel::SIGNAL, libc::SIGKILL.to_be_bytes()));
+            if shared
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&stream)
+                .is_some()
+            {
+                shared.send_guest(&Frame::new(
+                    stream,
+                    channel::SIGNAL,
+                    libc::SIGHUP.to_be_bytes(),
+                ));
+                shared.send_guest(&Frame::new(
+                    stream,
+                    channel::SIGNAL,
+                    libc::SIGKILL.to_be_bytes(),
+                ));
             }
         }
-        _ => reply(&mut client, Err(format!("unknown control request {}", first.kind))),
+        _ => reply(
+            &mut client,
+            Err(format!("unknown control request {}", first.kind)),
+        ),
     }
 }
 
@@ -596,7 +664,9 @@ fn suspend(shared: &Arc<Shared>) -> Result<(), String> {
         .open(&path)
         .map_err(|e| format!("creating {}: {e}", path.display()))?;
     let mut qmp_guard = shared.qmp.lock().unwrap_or_else(|p| p.into_inner());
-    let qmp = qmp_guard.as_mut().ok_or("QEMU's monitor is not connected")?;
+    let qmp = qmp_guard
+        .as_mut()
+        .ok_or("QEMU's monitor is not connected")?;
     qmp.execute("stop", None)?;
     qmp.send_fd("snapshot", file.as_raw_fd())?;
     drop(file);
@@ -647,7 +717,10 @@ fn request_resume(shared: &Arc<Shared>) -> Result<(), String> {
         if let Some(result) = state.resumed.take() {
             return result;
         }
-        state = shared.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        state = shared
+            .changed
+            .wait(state)
+            .unwrap_or_else(|p| p.into_inner());
     }
 }
 
@@ -660,7 +733,10 @@ fn supervise(shared: &Arc<Shared>, mut pumps: Vec<std::thread::JoinHandle<()>>) 
             break;
         }
         while !state.resume_requested && !state.kill_requested {
-            state = shared.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
         }
         if state.kill_requested {
             break;
@@ -678,7 +754,11 @@ fn supervise(shared: &Arc<Shared>, mut pumps: Vec<std::thread::JoinHandle<()>>) 
     for pump in pumps {
         let _ = pump.join();
     }
-    let launch = shared.launch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let launch = shared
+        .launch
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     jail::remove_cgroups(&launch.machine_id);
     let state = shared.state();
     let mut status = ExitStatus {
@@ -710,10 +790,17 @@ fn supervise(shared: &Arc<Shared>, mut pumps: Vec<std::thread::JoinHandle<()>>) 
 }
 
 /// Starts a new QEMU from the snapshot file; the guest continues where it was.
-fn restore(shared: &Arc<Shared>, pumps: &mut Vec<std::thread::JoinHandle<()>>) -> Result<(), String> {
+fn restore(
+    shared: &Arc<Shared>,
+    pumps: &mut Vec<std::thread::JoinHandle<()>>,
+) -> Result<(), String> {
     let path = shared.dir.join("vm").join(SNAPSHOT_FILE);
     let snapshot = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let launch = shared.launch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let launch = shared
+        .launch
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let qemu = start_qemu(&launch, &shared.dir, Some(&snapshot))?;
     drop(snapshot);
     let pid = attach(shared, qemu, pumps);
@@ -735,8 +822,12 @@ fn restore(shared: &Arc<Shared>, pumps: &mut Vec<std::thread::JoinHandle<()>>) -
                 }
                 break;
             }
-            _ if Instant::now() > deadline => return Err("restoring the VM took longer than 120s".into()),
-            _ if shared.state().qemu_pid == 0 => return Err("QEMU exited while restoring the VM (see the machine's log)".into()),
+            _ if Instant::now() > deadline => {
+                return Err("restoring the VM took longer than 120s".into());
+            }
+            _ if shared.state().qemu_pid == 0 => {
+                return Err("QEMU exited while restoring the VM (see the machine's log)".into());
+            }
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     }
@@ -771,7 +862,10 @@ impl Qmp {
                 continue;
             }
             let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).map_err(|e| format!("QMP: {e}"))?;
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .map_err(|e| format!("QMP: {e}"))?;
             if n == 0 {
                 return Err("QMP: QEMU closed its monitor".into());
             }
@@ -793,7 +887,12 @@ impl Qmp {
         self.execute("qmp_capabilities", None).map(|_| ())
     }
 
-    fn write_command(&mut self, command: &str, arguments: Option<serde_json::Value>, fd: Option<RawFd>) -> Result<(), String> {
+    fn write_command(
+        &mut self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+        fd: Option<RawFd>,
+    ) -> Result<(), String> {
         let mut message = serde_json::json!({ "execute": command });
         if let Some(arguments) = arguments {
             message["arguments"] = arguments;
@@ -801,7 +900,10 @@ impl Qmp {
         let mut bytes = serde_json::to_vec(&message).map_err(|e| e.to_string())?;
         bytes.push(b'\n');
         match fd {
-            None => self.stream.write_all(&bytes).map_err(|e| format!("QMP: {e}")),
+            None => self
+                .stream
+                .write_all(&bytes)
+                .map_err(|e| format!("QMP: {e}")),
             Some(fd) => send_with_fd(&self.stream, &bytes, fd),
         }
     }
@@ -821,7 +923,11 @@ impl Qmp {
         }
     }
 
-    pub fn execute(&mut self, command: &str, arguments: Option<serde_json::Value>) -> Result<serde_json::Value, String> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
         if command != "qmp_capabilities" {
             self.negotiate()?;
         }
@@ -832,7 +938,11 @@ impl Qmp {
     /// Hands QEMU a descriptor under `name` (`getfd` with SCM_RIGHTS).
     pub fn send_fd(&mut self, name: &str, fd: RawFd) -> Result<(), String> {
         self.negotiate()?;
-        self.write_command("getfd", Some(serde_json::json!({ "fdname": name })), Some(fd))?;
+        self.write_command(
+            "getfd",
+            Some(serde_json::json!({ "fdname": name })),
+            Some(fd),
+        )?;
         self.wait_reply("getfd").map(|_| ())
     }
 }
@@ -857,7 +967,10 @@ fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> Result<(), Stri
         (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<RawFd>(), fd);
         if libc::sendmsg(stream.as_raw_fd(), &message, 0) < 0 {
-            return Err(format!("QMP: passing a descriptor: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "QMP: passing a descriptor: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     Ok(())
@@ -866,10 +979,13 @@ fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> Result<(), Stri
 /// Sends one control request to a machine's shim and waits for its answer.
 pub fn control(machine_dir: &Path, frame: &Frame) -> Result<(), String> {
     let path = machine_dir.join(CONTROL_SOCKET);
-    let mut stream = UnixStream::connect(&path).map_err(|_| "the machine is not running".to_string())?;
+    let mut stream =
+        UnixStream::connect(&path).map_err(|_| "the machine is not running".to_string())?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(180)));
-    channel::write_frame(&mut stream, frame).map_err(|e| format!("talking to the machine's supervisor: {e}"))?;
-    let answer = channel::read_frame(&mut stream).map_err(|e| format!("the machine's supervisor did not answer: {e}"))?;
+    channel::write_frame(&mut stream, frame)
+        .map_err(|e| format!("talking to the machine's supervisor: {e}"))?;
+    let answer = channel::read_frame(&mut stream)
+        .map_err(|e| format!("the machine's supervisor did not answer: {e}"))?;
     match answer.kind {
         CTL_OK => Ok(()),
         _ => Err(String::from_utf8_lossy(&answer.payload).into_owned()),

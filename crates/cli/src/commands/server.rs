@@ -49,6 +49,10 @@ pub struct ServerArgs {
     /// The microVMs' kernel (default: the newest /boot/vmlinuz-*-cloud-amd64).
     #[arg(long)]
     pub vm_kernel: Option<PathBuf>,
+    /// How long a microVM may take from QEMU's start until init runs its program
+    /// (default: 20s under KVM, 90s under TCG).
+    #[arg(long)]
+    pub vm_ready_timeout: Option<aloft_api::Duration>,
     /// Leave machines running when the server exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
@@ -155,7 +159,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         vm: aloft_agent::microvm::MicrovmOptions {
             accel: args.vm_accel,
             kernel: args.vm_kernel.clone(),
-            ready_timeout: None,
+            ready_timeout: args.vm_ready_timeout.map(|d| d.to_std()),
         },
     })?;
     let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)

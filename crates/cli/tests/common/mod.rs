@@ -59,6 +59,42 @@ pub struct Platform {
     server_args: Vec<String>,
 }
 
+/// Why this machine can't run microVM tests, if it can't (beyond the platform's needs).
+pub fn missing_vm_prerequisite() -> Option<String> {
+    for program in ["qemu-system-x86_64", "qemu-img", "mkfs.ext4", "lz4"] {
+        if !have(program) {
+            return Some(format!(
+                "needs `{program}` (scripts/setup.sh --test installs qemu-system-x86, qemu-utils, e2fsprogs, lz4)"
+            ));
+        }
+    }
+    let kernel = std::fs::read_dir("/boot").ok().is_some_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+    });
+    if !kernel {
+        return Some("needs a guest kernel in /boot (linux-image-cloud-amd64)".into());
+    }
+    None
+}
+
+/// Holds a host-wide lock while alive: microVM tests under TCG crawl when they run in
+/// parallel on two cores, so they take turns.
+pub struct VmLock(std::fs::File);
+
+pub fn vm_lock() -> VmLock {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join("aloft-vm-tests.lock"))
+        .expect("the VM test lock file");
+    // SAFETY: flock on our own descriptor.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    VmLock(file)
+}
+
 pub struct Run {
     pub status: i32,
     pub stdout: String,
@@ -182,6 +218,13 @@ impl Platform {
 
     /// Starts the server again on the same data dir and waits until its API answers.
     pub fn restart_server(&mut self) {
+        self.spawn_server();
+    }
+
+    /// Stops the server and starts it again with other `aloft server` arguments.
+    pub fn restart_server_with(&mut self, server_args: &[&str]) {
+        self.stop();
+        self.server_args = server_args.iter().map(|a| a.to_string()).collect();
         self.spawn_server();
     }
 

@@ -77,9 +77,21 @@ fn stage_one(channel: &mut Option<File>) -> Result<Never, InitError> {
         ("devtmpfs", "/dev", "devtmpfs"),
     ] {
         std::fs::create_dir_all(target).map_err(io_err(target))?;
-        mount(Some(source), target, Some(fstype), MsFlags::empty(), None::<&str>)
-            .or_else(|e| if e == nix::errno::Errno::EBUSY { Ok(()) } else { Err(e) })
-            .map_err(mount_err(target))?;
+        mount(
+            Some(source),
+            target,
+            Some(fstype),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .or_else(|e| {
+            if e == nix::errno::Errno::EBUSY {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(mount_err(target))?;
     }
     load_modules()?;
     let port = open_channel()?;
@@ -116,14 +128,8 @@ fn load_modules() -> Result<(), InitError> {
         let file = File::open(&path).map_err(io_err(path.display().to_string()))?;
         let params = CString::default();
         // SAFETY: finit_module with an open module file and an empty parameter string.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                file.as_raw_fd(),
-                params.as_ptr(),
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if rc != 0 {
             let errno = nix::errno::Errno::last();
             if errno != nix::errno::Errno::EEXIST {
@@ -169,7 +175,10 @@ fn find_port() -> Option<PathBuf> {
 }
 
 fn open_channel() -> Result<File, InitError> {
-    let device = wait_for("the agent channel (virtio-serial port fly.agent)", find_port)?;
+    let device = wait_for(
+        "the agent channel (virtio-serial port fly.agent)",
+        find_port,
+    )?;
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -254,8 +263,14 @@ fn switch_root() -> Result<(), InitError> {
     for target in ["/dev", "/proc", "/sys"] {
         let inside = root.join(target.trim_start_matches('/'));
         std::fs::create_dir_all(&inside).map_err(io_err(inside.display().to_string()))?;
-        mount(Some(target), &inside, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .map_err(mount_err(target))?;
+        mount(
+            Some(target),
+            &inside,
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(mount_err(target))?;
     }
     let fly = root.join(".fly");
     std::fs::create_dir_all(&fly).map_err(io_err(fly.display().to_string()))?;
@@ -273,8 +288,7 @@ fn switch_root() -> Result<(), InitError> {
     )
     .map_err(mount_err(crate::INIT_PATH))?;
     std::env::set_current_dir(root).map_err(io_err(NEW_ROOT))?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(mount_err("/"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(mount_err("/"))?;
     nix::unistd::chroot(".").map_err(|source| InitError::Sys {
         what: "chroot to the new root".into(),
         source,
@@ -338,7 +352,10 @@ mod tests {
         let header = swap_header(64 * 1024 * 1024);
         assert_eq!(header.len(), 4096);
         assert_eq!(&header[4086..], b"SWAPSPACE2");
-        assert_eq!(u32::from_ne_bytes(header[1024..1028].try_into().unwrap()), 1);
+        assert_eq!(
+            u32::from_ne_bytes(header[1024..1028].try_into().unwrap()),
+            1
+        );
         assert_eq!(
             u32::from_ne_bytes(header[1028..1032].try_into().unwrap()),
             16383

@@ -189,7 +189,7 @@ impl Guest {
                 }
             }
             // Remove from the back so earlier indices stay valid.
-            closed.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+            closed.sort_unstable_by_key(|c| std::cmp::Reverse(c.1));
             for (stream, index) in closed {
                 if let Some(session) = self.sessions.get_mut(&stream) {
                     session.outputs.remove(index);
@@ -253,7 +253,11 @@ impl Guest {
                     }
                     Err(message) => {
                         self.send(&Frame::new(stream, channel::EXEC_ERROR, message));
-                        self.send(&Frame::new(stream, channel::EXEC_EXIT, 127i32.to_be_bytes()));
+                        self.send(&Frame::new(
+                            stream,
+                            channel::EXEC_EXIT,
+                            127i32.to_be_bytes(),
+                        ));
                     }
                 }
             }
@@ -267,10 +271,9 @@ impl Guest {
                             let _ = stdin.write_all(&frame.payload);
                         }
                     }
-                    channel::STDIN_EOF => {
-                        if session.terminal.is_none() {
-                            session.stdin = None;
-                        }
+                    // A terminal has no end of input (the session ends with the command).
+                    channel::STDIN_EOF if session.terminal.is_none() => {
+                        session.stdin = None;
                     }
                     channel::RESIZE if frame.payload.len() == 4 => {
                         if let Some(terminal) = &session.terminal {
@@ -336,9 +339,11 @@ impl Guest {
                 .get(&stream)
                 .and_then(|s| s.outputs.len().checked_sub(1))
             {
-                while self.sessions.get(&stream).is_some_and(|s| {
-                    s.outputs.get(last).is_some_and(|(_, f)| !would_block(f))
-                }) && self.pump_output(stream, last)
+                while self
+                    .sessions
+                    .get(&stream)
+                    .is_some_and(|s| s.outputs.get(last).is_some_and(|(_, f)| !would_block(f)))
+                    && self.pump_output(stream, last)
                 {}
                 if let Some(session) = self.sessions.get_mut(&stream) {
                     session.outputs.truncate(last);

@@ -81,7 +81,8 @@ fn set_up(socket: &Socket, name: &str) -> Result<(), InitError> {
 }
 
 fn interface_index(name: &str) -> Result<u32, InitError> {
-    let c_name = CString::new(name).map_err(|_| InitError::Invalid(format!("interface {name:?}")))?;
+    let c_name =
+        CString::new(name).map_err(|_| InitError::Invalid(format!("interface {name:?}")))?;
     // SAFETY: a valid C string.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {
