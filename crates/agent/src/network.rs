@@ -417,29 +417,29 @@ fn apply_machine_addressing(link: &MachineLink, in_netns: bool) -> Result<(), Ne
         let ns = link.netns.as_str();
         let cidr = sixpn::machine_cidr(&address);
         if in_netns {
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "addr",
-            "replace",
-            &format!("{address}/{}", sixpn::MACHINE_PREFIX_LEN),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "route",
-            "replace",
-            "fdaa::/16",
-            "via",
-            HOST_LINK_LOCAL,
-            "dev",
-            "eth0",
-        ])?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "replace",
+                &format!("{address}/{}", sixpn::MACHINE_PREFIX_LEN),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "replace",
+                "fdaa::/16",
+                "via",
+                HOST_LINK_LOCAL,
+                "dev",
+                "eth0",
+            ])?;
         }
         ip(&[
             "-6",

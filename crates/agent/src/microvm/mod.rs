@@ -339,7 +339,10 @@ pub fn guest_network(link: &MachineLink) -> GuestNetwork {
     ];
     let mut ipv6_routes = Vec::new();
     if let Some(address) = link.private_ip {
-        addresses.push(format!("{address}/{}", aloft_api::sixpn::MACHINE_PREFIX_LEN));
+        addresses.push(format!(
+            "{address}/{}",
+            aloft_api::sixpn::MACHINE_PREFIX_LEN
+        ));
         ipv6_routes.push("fdaa::/16".to_string());
     }
     GuestNetwork {
