@@ -265,6 +265,7 @@ pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
         }
         return Err(err);
     }
+    addressed_this_run(link, true);
     Ok(())
 }
 
@@ -274,10 +275,10 @@ pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
 pub fn ensure_tap(link: &MachineLink) -> Result<(), NetworkError> {
     prepare_host()?;
     let host = link.host_interface.as_str();
-    let exists = std::path::Path::new("/sys/class/net")
-        .join(host)
-        .join("tun_flags")
-        .exists();
+    let exists = interface_exists(host) && is_tap(host);
+    if exists && addressed_this_run(link, false) {
+        return Ok(());
+    }
     if !exists {
         teardown(link);
         let created = ip(&["tuntap", "add", "dev", host, "mode", "tap"])
@@ -334,6 +335,17 @@ fn addressed_this_run(link: &MachineLink, record: bool) -> bool {
 
 type AddressedLinks = std::collections::HashSet<(String, Option<std::net::Ipv6Addr>)>;
 static ADDRESSED: Mutex<Option<AddressedLinks>> = Mutex::new(None);
+
+/// Whether the interface `name` (which exists) is a tap device, not a container's veth
+/// left from a previous driver. `ip` asks the kernel of the caller's namespace, unlike sysfs.
+fn is_tap(name: &str) -> bool {
+    Command::new("ip")
+        .args(["-d", "-o", "link", "show", "dev", name])
+        .output()
+        .is_ok_and(|out| {
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("tun type tap")
+        })
+}
 
 /// Whether `name` is an interface of this process's network namespace. `/sys/class/net`
 /// shows the namespace sysfs was mounted in, which differs after `setns`/`nsenter --net`;

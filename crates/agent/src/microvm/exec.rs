@@ -16,7 +16,7 @@ use aloft_init::vm::channel::{self, ExecRequest, Frame};
 use nix::sys::signal::{SigSet, Signal};
 
 use super::shim::CONTROL_SOCKET;
-use crate::driver::{DriverError, ExecCommand, ExecIo, ExecProcess, io};
+use crate::driver::{DriverError, ExecCommand, ExecIo, ExecProcess, HostProcess, io};
 
 pub const EXEC_COMMAND: &str = "vm-exec";
 const SOCKET_FD: i32 = 3;
@@ -84,7 +84,7 @@ pub fn start(
             let child = helper.spawn().map_err(io("starting aloft vm-exec"))?;
             drop(socket);
             Ok(ExecProcess {
-                child,
+                handle: Box::new(HostProcess(child)),
                 io: ExecIo::Terminal(pty.master),
             })
         }
@@ -102,11 +102,11 @@ pub fn start(
                 ));
             };
             Ok(ExecProcess {
-                child,
+                handle: Box::new(HostProcess(child)),
                 io: ExecIo::Pipes {
-                    stdin,
-                    stdout,
-                    stderr,
+                    stdin: stdin.map(|pipe| Box::new(pipe) as Box<dyn Write + Send>),
+                    stdout: Box::new(stdout),
+                    stderr: Box::new(stderr),
                 },
             })
         }
