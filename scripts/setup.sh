@@ -7,6 +7,8 @@ set -euo pipefail
 packages=(buildah runc iproute2 nftables busybox-static ca-certificates curl procps)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(skopeo crun nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils dnsperf dnsmasq-base postgresql postgresql-client python3-pip)
+  # microVM driver tests (QEMU under TCG here) and bench/vm.
+  packages+=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 e2fsprogs lz4 cpio binutils)
 fi
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -27,6 +29,14 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# qemu-system-x86 conflicts with a newer qemu-utils (a backport) and removes it: keep
+# qemu-img at the version of the installed QEMU.
+if dpkg -s qemu-system-x86 >/dev/null 2>&1 && ! command -v qemu-img >/dev/null 2>&1; then
+  qemu_version=$(dpkg-query -W -f='${Version}' qemu-system-x86)
+  echo "setup: installing qemu-utils=$qemu_version"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "qemu-utils=$qemu_version" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

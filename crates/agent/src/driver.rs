@@ -21,7 +21,7 @@ use aloft_api::internal::{ExitStatus, InitConfig, ProcessStat};
 use nix::sys::signal::Signal;
 
 use crate::images::PreparedImage;
-use crate::network::MachineLink;
+use crate::network::{MachineLink, NetworkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -54,6 +54,7 @@ pub struct StartRequest<'a> {
     pub image: &'a PreparedImage,
     pub link: &'a MachineLink,
     pub guest: &'a MachineGuest,
+    pub config: &'a aloft_api::MachineConfig,
     pub init: &'a InitConfig,
 }
 
@@ -139,6 +140,17 @@ pub struct ResourceUsage {
 pub trait Driver: Send + Sync + 'static {
     /// A short name for logs and metrics (`runc`, `crun`, `qemu`).
     fn name(&self) -> String;
+
+    /// What runs machines, in words, for `aloft server`'s banner.
+    fn describe(&self) -> String {
+        format!("containers ({})", self.name())
+    }
+
+    /// Sets up the machine's routed link (a veth into a network namespace for containers,
+    /// a tap device for microVMs). Idempotent.
+    fn ensure_network(&self, link: &MachineLink) -> Result<(), NetworkError> {
+        crate::network::ensure(link)
+    }
 
     /// Builds the machine from its image (a fresh root filesystem every time) and starts
     /// it. Returns the supervisor's pid.

@@ -12,8 +12,10 @@ pub mod images;
 pub mod init_config;
 pub mod logs;
 pub mod metrics;
+pub mod microvm;
 pub mod network;
 pub mod procfs;
+pub mod secrets;
 pub mod shim;
 pub mod store;
 
@@ -50,6 +52,9 @@ pub struct AgentConfig {
     pub token: String,
     /// `runc`, `crun` or a path; `None` picks whichever is installed.
     pub runtime: Option<String>,
+    /// Containers, microVMs, or microVMs where KVM boots the guest kernel.
+    pub driver: microvm::DriverChoice,
+    pub vm: microvm::MicrovmOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,7 @@ pub struct Agent {
     store: Store,
     images: ImageStore,
     driver: Arc<dyn Driver>,
+    secrets: secrets::SecretsSource,
     machines_dir: PathBuf,
     logs_archive: PathBuf,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -131,9 +137,30 @@ impl Agent {
     pub fn open(config: AgentConfig) -> anyhow::Result<Arc<Self>> {
         let root = config.data_dir.join("agent");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let driver = ContainerDriver::new(&root, config.runtime.as_deref())
-            .context("setting up the container driver")?;
-        Self::open_with_driver(config, Arc::new(driver))
+        let driver: Arc<dyn Driver> = match config.driver {
+            microvm::DriverChoice::Microvm => Arc::new(
+                microvm::MicrovmDriver::new(&root, &config.vm)
+                    .context("setting up the microVM driver")?,
+            ),
+            microvm::DriverChoice::Auto => match microvm::auto_select(&root, &config.vm) {
+                Ok(driver) => {
+                    tracing::info!("driver auto: microVMs (KVM boots the guest kernel)");
+                    Arc::new(driver)
+                }
+                Err(why) => {
+                    tracing::info!(why = %why, "driver auto: containers");
+                    Arc::new(
+                        ContainerDriver::new(&root, config.runtime.as_deref())
+                            .context("setting up the container driver")?,
+                    )
+                }
+            },
+            microvm::DriverChoice::Container => Arc::new(
+                ContainerDriver::new(&root, config.runtime.as_deref())
+                    .context("setting up the container driver")?,
+            ),
+        };
+        Self::open_with_driver(config, driver)
     }
 
     /// Opens the agent with a given runtime driver (containers, microVMs).
@@ -153,12 +180,14 @@ impl Agent {
         }
         logs::expire(&logs_archive, logs::RETENTION);
         tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
+        let secrets = secrets::SecretsSource::new(&config.control_url, &config.token, &host_id);
         Ok(Arc::new(Self {
             config,
             host_id,
             store,
             images,
             driver,
+            secrets,
             machines_dir,
             logs_archive,
             locks: Default::default(),
@@ -170,6 +199,10 @@ impl Agent {
 
     pub fn driver_name(&self) -> String {
         self.driver.name()
+    }
+
+    pub fn driver_description(&self) -> String {
+        self.driver.describe()
     }
 
     fn machine_dir(&self, id: &str) -> PathBuf {
@@ -339,14 +372,19 @@ impl Agent {
         let link = MachineLink::for_machine(&spec.id, record.slot)
             .map_err(|e| e.to_string())?
             .with_private_ip(spec.private_ip.as_deref());
-        let init = init_config(spec, &image, &link)?;
+        let mut init = init_config(spec, &image, &link)?;
+        let secrets = self.secrets.for_machine(spec).await?;
+        secrets::apply(&mut init, spec, &secrets)?;
         let _ = std::fs::remove_file(dir.join(driver::EXIT_FILE));
         let driver = self.driver.clone();
         let id = spec.id.clone();
         let prepared = began.elapsed();
+        let config = spec.config.clone();
         tokio::task::spawn_blocking(move || {
             let scheduled = began.elapsed();
-            network::ensure(&link).map_err(|e| format!("machine network: {e}"))?;
+            driver
+                .ensure_network(&link)
+                .map_err(|e| format!("machine network: {e}"))?;
             let networked = began.elapsed();
             let request = StartRequest {
                 machine_id: &id,
@@ -354,6 +392,7 @@ impl Agent {
                 image: &image,
                 link: &link,
                 guest: &guest,
+                config: &config,
                 init: &init,
             };
             let started = driver.start(&request).map_err(|e| e.to_string());
@@ -822,6 +861,7 @@ impl Agent {
         self.store.remove_machine(id)?;
         self.checks.removed(id);
         logs::archive(&dir, &self.logs_archive, id);
+        self.secrets.forget(id);
         let _ = std::fs::remove_dir_all(&dir);
         self.collect_garbage();
         Ok(Self::view(&record))

@@ -259,7 +259,56 @@ pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
             return Err(err);
         }
     }
-    if let Err(err) = apply_machine_addressing(link) {
+    if let Err(err) = apply_machine_addressing(link, true) {
+        if !exists {
+            teardown(link);
+        }
+        return Err(err);
+    }
+    addressed_this_run(link, true);
+    Ok(())
+}
+
+/// A microVM's routed link: a persistent tap device named like the veth it replaces
+/// (`al<id>`), in the host's namespace, with the host end's addresses, routes and filter
+/// entries; the guest configures its own end (see [`MACHINE_LINK_LOCAL`]). Idempotent.
+pub fn ensure_tap(link: &MachineLink) -> Result<(), NetworkError> {
+    prepare_host()?;
+    let host = link.host_interface.as_str();
+    let exists = interface_exists(host) && is_tap(host);
+    if exists && addressed_this_run(link, false) {
+        return Ok(());
+    }
+    if !exists {
+        teardown(link);
+        let created = ip(&["tuntap", "add", "dev", host, "mode", "tap"])
+            .and_then(|_| ip(&["link", "set", host, "addrgenmode", "none"]))
+            .and_then(|_| {
+                ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/30", link.host_address),
+                    "dev",
+                    host,
+                ])
+            })
+            .and_then(|_| {
+                ip(&[
+                    "addr",
+                    "add",
+                    &format!("{HOST_LINK_LOCAL}/64"),
+                    "dev",
+                    host,
+                    "nodad",
+                ])
+            })
+            .and_then(|_| ip(&["link", "set", host, "up"]));
+        if let Err(err) = created {
+            teardown(link);
+            return Err(err);
+        }
+    }
+    if let Err(err) = apply_machine_addressing(link, false) {
         if !exists {
             teardown(link);
         }
@@ -286,6 +335,17 @@ fn addressed_this_run(link: &MachineLink, record: bool) -> bool {
 
 type AddressedLinks = std::collections::HashSet<(String, Option<std::net::Ipv6Addr>)>;
 static ADDRESSED: Mutex<Option<AddressedLinks>> = Mutex::new(None);
+
+/// Whether the interface `name` (which exists) is a tap device, not a container's veth
+/// left from a previous driver. `ip` asks the kernel of the caller's namespace, unlike sysfs.
+fn is_tap(name: &str) -> bool {
+    Command::new("ip")
+        .args(["-d", "-o", "link", "show", "dev", name])
+        .output()
+        .is_ok_and(|out| {
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("tun type tap")
+        })
+}
 
 /// Whether `name` is an interface of this process's network namespace. `/sys/class/net`
 /// shows the namespace sysfs was mounted in, which differs after `setns`/`nsenter --net`;
@@ -357,7 +417,9 @@ fn create_link(link: &MachineLink) -> Result<(), NetworkError> {
     ])
 }
 
-fn apply_machine_addressing(link: &MachineLink) -> Result<(), NetworkError> {
+/// The machine's 6PN address and routes, and its filter entries. `in_netns`: the machine
+/// end is a veth in the machine's namespace (a microVM's guest sets its end itself).
+fn apply_machine_addressing(link: &MachineLink, in_netns: bool) -> Result<(), NetworkError> {
     let host = link.host_interface.as_str();
     let mut elements = format!(
         "add element inet aloft machine_addrs4 {{ \"{host}\" . {} }}\n",
@@ -366,29 +428,31 @@ fn apply_machine_addressing(link: &MachineLink) -> Result<(), NetworkError> {
     if let Some(address) = link.private_ip {
         let ns = link.netns.as_str();
         let cidr = sixpn::machine_cidr(&address);
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "addr",
-            "replace",
-            &format!("{address}/{}", sixpn::MACHINE_PREFIX_LEN),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "route",
-            "replace",
-            "fdaa::/16",
-            "via",
-            HOST_LINK_LOCAL,
-            "dev",
-            "eth0",
-        ])?;
+        if in_netns {
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "replace",
+                &format!("{address}/{}", sixpn::MACHINE_PREFIX_LEN),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "replace",
+                "fdaa::/16",
+                "via",
+                HOST_LINK_LOCAL,
+                "dev",
+                "eth0",
+            ])?;
+        }
         ip(&[
             "-6",
             "route",

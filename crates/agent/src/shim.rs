@@ -262,7 +262,9 @@ pub fn is_shim_of(pid: i32, machine_dir: &Path) -> bool {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.len() >= 3 && args[1] == b"shim" && args[2] == machine_dir.as_os_str().as_encoded_bytes()
+    args.len() >= 3
+        && (args[1] == b"shim" || args[1] == crate::microvm::shim::SHIM_COMMAND.as_bytes())
+        && args[2] == machine_dir.as_os_str().as_encoded_bytes()
 }
 
 /// An owned pidfd for `pid`, to learn when it exits without being its parent.

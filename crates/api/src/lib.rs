@@ -6,6 +6,7 @@ pub mod internal;
 pub mod machine;
 pub mod platform;
 pub mod regions;
+pub mod secrets;
 pub mod sixpn;
 pub mod token;
 

@@ -90,6 +90,11 @@ enum Command {
         #[command(subcommand)]
         command: MachineCommand,
     },
+    /// Manage app secrets (sealed at rest, set as env vars in the app's machines).
+    Secrets {
+        #[command(subcommand)]
+        command: commands::secrets::SecretsCommand,
+    },
     /// Validate, show and convert the app's fly.toml.
     Config {
         #[command(subcommand)]
@@ -178,10 +183,18 @@ fn main() {
         aloft_init::run();
     }
     // A machine's supervisor stays for the machine's life: it skips argument parsing
-    // and everything else the CLI sets up, to stay small.
+    // and everything else the CLI sets up, to stay small. So do the microVM supervisor
+    // and exec helper (hidden commands the agent starts).
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("shim") {
-        std::process::exit(aloft_agent::shim::main(&args[2..]));
+    match args.get(1).map(String::as_str) {
+        Some("shim") => std::process::exit(aloft_agent::shim::main(&args[2..])),
+        Some(aloft_agent::microvm::shim::SHIM_COMMAND) => {
+            std::process::exit(aloft_agent::microvm::shim::main(&args[2..]))
+        }
+        Some(aloft_agent::microvm::exec::EXEC_COMMAND) => {
+            std::process::exit(aloft_agent::microvm::exec::main(&args[2..]))
+        }
+        _ => {}
     }
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Server(_) | Command::Control(_));
@@ -268,6 +281,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .unwrap_or(aloft_build::static_site::DEFAULT_PORT);
             aloft_build::static_site::serve(dir, std::net::SocketAddr::from(([0, 0, 0, 0], port)))
                 .await?
+        }
+        Command::Secrets { command } => {
+            commands::secrets::run(&api, command, |args| {
+                app_name(args.app.clone(), args.config.as_deref())
+            })
+            .await?
         }
         Command::Status { app, config, json } => {
             let app = app_name(app, config.as_deref())?;

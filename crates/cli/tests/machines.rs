@@ -1,6 +1,8 @@
-//! Machines on a real host agent (runc, init, overlay rootfs, netns): logs, exec, ssh
-//! console, health checks, ps, metrics, signals and the restart policy, suspend/resume,
-//! restart, surviving a `kill -9` of the platform, and bad input ending in clear states.
+//! Machines on a real host agent, under both drivers: containers (runc, init, overlay
+//! rootfs, netns) and microVMs (QEMU under TCG here, init in an initramfs, ext4 + qcow2,
+//! tap, virtio-serial): logs, exec, ssh console, health checks, ps, metrics, signals and
+//! the restart policy, suspend/resume, restart, surviving a `kill -9` of the platform, and
+//! bad input ending in clear states.
 
 mod common;
 
@@ -67,10 +69,73 @@ fn lab_app(platform: &Platform) -> PathBuf {
     dir
 }
 
-fn deploy_lab(platform: &Platform) -> (PathBuf, String) {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Driver {
+    Container,
+    Microvm,
+}
+
+impl Driver {
+    fn server_args(self) -> &'static [&'static str] {
+        match self {
+            Driver::Container => &["--driver", "container"],
+            Driver::Microvm => &["--driver", "microvm", "--vm-accel", "tcg"],
+        }
+    }
+}
+
+/// Starts a platform on `driver`, or says why this host cannot (then the test returns).
+fn platform_on(driver: Driver) -> Option<(Platform, Option<common::VmLock>)> {
+    if let Some(reason) = common::missing_prerequisite() {
+        eprintln!("skipping platform test: {reason}");
+        return None;
+    }
+    let lock = match driver {
+        Driver::Container => None,
+        Driver::Microvm => {
+            if let Some(reason) = common::missing_vm_prerequisite() {
+                eprintln!("skipping microVM test: {reason}");
+                return None;
+            }
+            Some(common::vm_lock())
+        }
+    };
+    Some((Platform::start_with(driver.server_args()), lock))
+}
+
+/// What changes when a machine's run is replaced by a new one (and only then): the
+/// container's init pid, or the guest kernel's boot id.
+fn run_id(platform: &Platform, id: &str, driver: Driver) -> String {
+    match driver {
+        Driver::Container => init_pid(platform, id).to_string(),
+        Driver::Microvm => {
+            let run = platform.aloft(&[
+                "machine",
+                "exec",
+                id,
+                "-a",
+                "lab",
+                "--",
+                "cat",
+                "/proc/sys/kernel/random/boot_id",
+            ]);
+            if run.ok() {
+                run.stdout.trim().to_string()
+            } else {
+                String::new()
+            }
+        }
+    }
+}
+
+fn deploy_lab(platform: &Platform, driver: Driver) -> (PathBuf, String) {
     assert!(platform.aloft(&["apps", "create", "lab"]).ok());
     let dir = lab_app(platform);
-    let deploy = platform.aloft_in(Some(&dir), &["deploy"]);
+    // One machine is enough for these tests, and a microVM boot under TCG takes seconds.
+    let deploy = match driver {
+        Driver::Container => platform.aloft_in(Some(&dir), &["deploy"]),
+        Driver::Microvm => platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]),
+    };
     assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
     let ids = platform.aloft(&["machine", "list", "-a", "lab", "-q"]);
     let id = ids
@@ -159,9 +224,19 @@ fn events(platform: &Platform, id: &str) -> Vec<Value> {
 
 #[test]
 fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
-    require_platform!();
-    let platform = Platform::start();
-    let (_dir, id) = deploy_lab(&platform);
+    lifecycle(Driver::Container);
+}
+
+#[test]
+fn microvm_logs_exec_console_checks_metrics_signals_suspend_and_restart() {
+    lifecycle(Driver::Microvm);
+}
+
+fn lifecycle(driver: Driver) {
+    let Some((platform, _lock)) = platform_on(driver) else {
+        return;
+    };
+    let (_dir, id) = deploy_lab(&platform, driver);
     let ipv4 = machine_state(&platform, &id)["private_ipv4"]
         .as_str()
         .unwrap_or_default()
@@ -295,27 +370,29 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
         "{listed}"
     );
 
-    // ps: the app and its listening socket.
-    let processes = agent_json(
-        &platform,
-        "GET",
-        &format!("/v1/machines/{id}/ps"),
-        None,
-        "200",
-    );
-    let hello = processes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["command"] == "/hello")
-        .unwrap_or_else(|| panic!("{processes}"));
-    assert!(
-        hello["listen_sockets"].to_string().contains("0.0.0.0:8080"),
-        "{processes}"
-    );
-    assert!(hello["rss"].as_u64().unwrap_or(0) > 0);
+    // ps: the app and its listening socket (containers: microVMs keep theirs inside).
+    if driver == Driver::Container {
+        let processes = agent_json(
+            &platform,
+            "GET",
+            &format!("/v1/machines/{id}/ps"),
+            None,
+            "200",
+        );
+        let hello = processes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["command"] == "/hello")
+            .unwrap_or_else(|| panic!("{processes}"));
+        assert!(
+            hello["listen_sockets"].to_string().contains("0.0.0.0:8080"),
+            "{processes}"
+        );
+        assert!(hello["rss"].as_u64().unwrap_or(0) > 0);
+    }
 
-    // Metrics from cgroups.
+    // Metrics from cgroups (the container's, or the VMM's for a microVM).
     let metrics = platform.agent("GET", "/metrics", None).stdout;
     let labels = format!("{{app=\"lab\",machine=\"{id}\",region=\"local\"}}");
     assert!(
@@ -328,12 +405,16 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(memory > 0.0, "{metrics}");
-    assert!(
-        metrics.contains(&format!(
-            "aloft_machine_memory_limit_bytes{labels} 268435456"
-        )),
-        "{metrics}"
-    );
+    let limit: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("aloft_machine_memory_limit_bytes{labels} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    match driver {
+        Driver::Container => assert_eq!(limit, 268435456, "{metrics}"),
+        // The guest's 256 MB plus what QEMU itself may use.
+        Driver::Microvm => assert!(limit > 268435456, "{metrics}"),
+    }
     let received: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix(&format!("aloft_machine_net_receive_bytes_total{labels} ")))
@@ -349,7 +430,7 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
     let mut follower = platform.spawn_aloft(&["logs", "-a", "lab"], &followed);
 
     // A signal the app does not handle ends it; on-failure brings it back.
-    let before = init_pid(&platform, &id);
+    let before = run_id(&platform, &id, driver);
     agent_json(
         &platform,
         "POST",
@@ -357,10 +438,10 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
         Some(r#"{"signal":"SIGUSR1"}"#),
         "200",
     );
-    wait_until("a restart after SIGUSR1", Duration::from_secs(30), || {
-        let now = init_pid(&platform, &id);
+    wait_until("a restart after SIGUSR1", Duration::from_secs(90), || {
+        let now = run_id(&platform, &id, driver);
         let state = machine_state(&platform, &id);
-        (now == before || !alive(now) || state["state"] != "started").then(|| state.to_string())
+        (now == before || now.is_empty() || state["state"] != "started").then(|| state.to_string())
     });
     let exit = wait_until("the exit event", Duration::from_secs(10), || {
         let found = events(&platform, &id)
@@ -417,7 +498,7 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
     wait_until("the app after its restart", Duration::from_secs(20), || {
         (!answers(&platform, &ipv4)).then(String::new)
     });
-    let frozen_pid = init_pid(&platform, &id);
+    let frozen_run = run_id(&platform, &id, driver);
     assert_eq!(
         agent_json(
             &platform,
@@ -444,8 +525,8 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
     );
     assert!(answers(&platform, &ipv4));
     assert_eq!(
-        init_pid(&platform, &id),
-        frozen_pid,
+        run_id(&platform, &id, driver),
+        frozen_run,
         "resumed, not rebooted"
     );
 
@@ -469,7 +550,7 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
         "200",
     );
     assert_eq!(restarted["state"], "started");
-    assert_ne!(init_pid(&platform, &id), frozen_pid);
+    assert_ne!(run_id(&platform, &id, driver), frozen_run);
     let scribble = platform.aloft(&[
         "machine",
         "exec",
@@ -502,18 +583,66 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
         !Path::new(&format!("/run/netns/aloft-{id}")).exists(),
         "the network namespace is gone"
     );
+    assert!(
+        !links(&platform).contains(&format!("al{}", &id[..12])),
+        "the machine's link (veth or tap) is gone"
+    );
+    if driver == Driver::Microvm {
+        assert!(!qemu_running_for(&id), "no QEMU is left for {id}");
+    }
+}
+
+/// Whether a QEMU process for machine `id` runs (its `-name guest=ID`).
+fn qemu_running_for(id: &str) -> bool {
+    std::fs::read_dir("/proc").is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let text = String::from_utf8_lossy(&c);
+                text.contains("qemu-system") && text.contains(&format!("guest={id}"))
+            })
+        })
+    })
 }
 
 #[test]
 fn machines_survive_a_killed_platform_and_exits_meanwhile_go_through_the_restart_policy() {
-    require_platform!();
-    let mut platform = Platform::start();
-    let (_dir, id) = deploy_lab(&platform);
+    survive_killed_platform(Driver::Container);
+}
+
+#[test]
+fn microvms_survive_a_killed_platform_and_exits_meanwhile_go_through_the_restart_policy() {
+    survive_killed_platform(Driver::Microvm);
+}
+
+/// The process that stands for the machine's run on the host: the container's init, or
+/// the machine's QEMU.
+fn host_pid(platform: &Platform, id: &str, driver: Driver) -> i32 {
+    match driver {
+        Driver::Container => init_pid(platform, id),
+        Driver::Microvm => std::fs::read_to_string(
+            platform
+                .data_dir()
+                .join("agent/machines")
+                .join(id)
+                .join("qemu.pid"),
+        )
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0),
+    }
+}
+
+fn survive_killed_platform(driver: Driver) {
+    let Some((mut platform, _lock)) = platform_on(driver) else {
+        return;
+    };
+    let (_dir, id) = deploy_lab(&platform, driver);
     let ipv4 = machine_state(&platform, &id)["private_ipv4"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let pid = init_pid(&platform, &id);
+    let pid = host_pid(&platform, &id, driver);
     assert!(alive(pid));
 
     platform.kill_server();
@@ -523,7 +652,11 @@ fn machines_survive_a_killed_platform_and_exits_meanwhile_go_through_the_restart
     platform.restart_server();
     let state = machine_state(&platform, &id);
     assert_eq!(state["state"], "started", "{state}");
-    assert_eq!(init_pid(&platform, &id), pid, "re-attached, not restarted");
+    assert_eq!(
+        host_pid(&platform, &id, driver),
+        pid,
+        "re-attached, not restarted"
+    );
     let exits_before = events(&platform, &id)
         .iter()
         .filter(|e| e["type"] == "exit")
@@ -542,10 +675,10 @@ fn machines_survive_a_killed_platform_and_exits_meanwhile_go_through_the_restart
     platform.restart_server();
     wait_until(
         "the restart policy to bring the machine back",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || {
             let state = machine_state(&platform, &id);
-            let now = init_pid(&platform, &id);
+            let now = host_pid(&platform, &id, driver);
             (state["state"] != "started" || now == pid || !alive(now)).then(|| state.to_string())
         },
     );
@@ -578,6 +711,9 @@ fn create_machine(platform: &Platform, app: &str, config: &Value) -> (Run, Strin
     let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
     let body = serde_json::json!({ "config": config, "region": "local" }).to_string();
     let run = platform.curl(&[
+        // A start waits for the machine (a microVM's boot, or its ready timeout).
+        "--max-time",
+        "120",
         "-X",
         "POST",
         "-H",
@@ -597,9 +733,19 @@ fn create_machine(platform: &Platform, app: &str, config: &Value) -> (Run, Strin
 
 #[test]
 fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
-    require_platform!();
-    let platform = Platform::start();
-    let (_dir, good) = deploy_lab(&platform);
+    bad_input(Driver::Container);
+}
+
+#[test]
+fn microvm_bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
+    bad_input(Driver::Microvm);
+}
+
+fn bad_input(driver: Driver) {
+    let Some((platform, _lock)) = platform_on(driver) else {
+        return;
+    };
+    let (_dir, good) = deploy_lab(&platform, driver);
     let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
     let machine: Value = serde_json::from_str(
         &platform
@@ -613,7 +759,7 @@ fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
     .unwrap();
     let image = machine["config"]["image"].as_str().unwrap().to_string();
 
-    let cases: Vec<(Value, &str)> = vec![
+    let mut cases: Vec<(Value, &str)> = vec![
         (
             serde_json::json!({ "image": image, "init": { "exec": ["/no/such/entrypoint"] }, "restart": { "policy": "no" } }),
             "/no/such/entrypoint",
@@ -630,18 +776,21 @@ fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
             serde_json::json!({ "image": image, "init": { "exec": ["/bin/sh", "-c", "exit 9"] }, "restart": { "policy": "on-failure", "max_retries": 1 } }),
             "exited with code 9",
         ),
-        (
+    ];
+    // (The guest kernel's OOM killer under TCG takes minutes to get there; containers only.)
+    if driver == Driver::Container {
+        cases.push((
             serde_json::json!({ "image": image, "init": { "exec": ["/bin/sh", "-c", "x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo survived"] }, "guest": { "cpu_kind": "shared", "cpus": 1, "memory_mb": 256 }, "restart": { "policy": "no" } }),
             "out of memory",
-        ),
-    ];
+        ));
+    }
     for (config, reason) in cases {
         let (run, id) = create_machine(&platform, "lab", &config);
         assert!(!id.is_empty() || run.stdout.contains(reason), "{run}");
         if id.is_empty() {
             continue;
         }
-        let status = wait_until(reason, Duration::from_secs(30), || {
+        let status = wait_until(reason, Duration::from_secs(90), || {
             let run = platform.aloft(&["machine", "status", &id, "-a", "lab"]);
             let settled =
                 run.stdout.contains("State: stopped") || run.stdout.contains("State: failed");
@@ -691,7 +840,7 @@ fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
             );
             continue;
         }
-        wait_until(reason, Duration::from_secs(30), || {
+        wait_until(reason, Duration::from_secs(90), || {
             let run = platform.aloft(&["machine", "status", &id, "-a", "bare"]);
             (!run.stdout.contains(reason)).then(|| run.to_string())
         });
@@ -709,4 +858,133 @@ fn bad_input_ends_in_clear_states_and_the_agent_keeps_serving() {
         "http://127.0.0.1:8080/",
     ]);
     assert_eq!(response.stdout, "200", "{response}");
+}
+
+#[test]
+fn microvm_with_a_guest_that_never_gets_ready_or_a_corrupt_kernel_fails_cleanly() {
+    let Some((_, lock)) = platform_on(Driver::Microvm) else {
+        return;
+    };
+    let mut args: Vec<&str> = Driver::Microvm.server_args().to_vec();
+    args.extend(["--vm-ready-timeout", "40s"]);
+    let mut platform = Platform::start_with(&args);
+    let (_dir, good) = deploy_lab(&platform, Driver::Microvm);
+    let image = machine_image(&platform, &good);
+
+    // A guest whose kernel never reaches init (no such init in the initramfs, and a
+    // panic that waits forever): the start gives up after the ready timeout.
+    let (run, id) = create_machine(
+        &platform,
+        "lab",
+        &serde_json::json!({
+            "image": image,
+            "init": { "exec": ["/hello"], "kernel_args": ["rdinit=/no/such/init", "panic=0"] },
+            "restart": { "policy": "no" }
+        }),
+    );
+    expect_failed_start(&platform, &run, &id, "did not signal ready within 40s");
+    assert_only_machine(&platform, Some(&good));
+
+    // A kernel file that is no kernel: starts fail saying so, and leave nothing behind.
+    let scratch = tempfile::tempdir().unwrap();
+    let junk = scratch.path().join("vmlinuz-6.1.0-0-cloud-amd64");
+    std::fs::write(&junk, vec![0x5a; 64 * 1024]).unwrap();
+    let junk_arg = junk.display().to_string();
+    args.extend(["--vm-kernel", &junk_arg]);
+    platform.restart_server_with(&args);
+    let (run, id) = create_machine(
+        &platform,
+        "lab",
+        &serde_json::json!({ "image": image, "restart": { "policy": "no" } }),
+    );
+    expect_failed_start(&platform, &run, &id, "is not usable");
+    // The good machine, brought back after the restart, cannot boot that kernel either.
+    wait_until(
+        "the good machine to fail too",
+        Duration::from_secs(60),
+        || {
+            let state = machine_state(&platform, &good);
+            (state["state"] != "failed").then(|| state.to_string())
+        },
+    );
+    assert_only_machine(&platform, None);
+    assert!(
+        platform.aloft(&["apps", "list"]).ok(),
+        "the agent keeps serving"
+    );
+    drop(lock);
+}
+
+fn machine_image(platform: &Platform, id: &str) -> String {
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let machine: Value = serde_json::from_str(
+        &platform
+            .curl(&[
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                &format!("http://127.0.0.1:4280/v1/apps/lab/machines/{id}"),
+            ])
+            .stdout,
+    )
+    .unwrap_or_default();
+    machine["config"]["image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The start failed saying `reason`: in the create's answer, or on the failed machine.
+fn expect_failed_start(platform: &Platform, run: &Run, id: &str, reason: &str) {
+    if id.is_empty() {
+        assert!(
+            run.stdout.contains(reason),
+            "the failed start says why: {run}"
+        );
+        return;
+    }
+    wait_until(reason, Duration::from_secs(60), || {
+        let run = platform.aloft(&["machine", "status", id, "-a", "lab"]);
+        (!(run.stdout.contains("State: failed") && run.stdout.contains(reason)))
+            .then(|| run.to_string())
+    });
+}
+
+/// The machine links (`al…`) in the platform's network namespace.
+fn links(platform: &Platform) -> Vec<String> {
+    let output = std::process::Command::new("ip")
+        .args(["-n", &platform.netns, "-o", "link", "show"])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|name| {
+            name.trim()
+                .split('@')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .filter(|name| name.starts_with("al"))
+        .collect()
+}
+
+/// Only `good`'s QEMU and tap exist, if any (failed starts left none behind).
+fn assert_only_machine(platform: &Platform, good: Option<&str>) {
+    let taps = links(platform);
+    let expected: Vec<String> = good.iter().map(|g| format!("al{}", &g[..12])).collect();
+    assert_eq!(taps, expected, "only the good machine's tap is left");
+    let good = good.unwrap_or("none");
+    let qemus = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).into_owned())
+                .filter(|c| c.contains("qemu-system") && c.contains("guest="))
+                .filter(|c| !c.contains(&format!("guest={good}")))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(qemus, 0, "no QEMU is left but the good machine's");
 }

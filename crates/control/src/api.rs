@@ -493,6 +493,7 @@ async fn delete_app(
         plane.destroy_machine(&machine, true).await?;
     }
     plane.store.delete_app(&app.id)?;
+    plane.secrets.forget_app(&app.id)?;
     plane.catalog.app_removed(&app.name);
     Ok(StatusCode::ACCEPTED)
 }

@@ -24,6 +24,7 @@ pub mod secrets;
 pub mod states;
 pub mod store;
 pub mod validate;
+pub mod vault;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -71,6 +72,8 @@ pub struct ControlPlane {
     pub registry: Arc<aloft_registry::Registry>,
     pub catalog: Catalog,
     pub deploys: deploy::Deploys,
+    /// App secrets, sealed at rest; see [`vault`].
+    pub secrets: Arc<vault::Vault>,
     host_token: String,
     agents: Mutex<HashMap<String, AgentClient>>,
     app_locks: Locks,
@@ -131,6 +134,14 @@ impl ControlPlane {
             TokenKind::Host,
             "local host",
         )?;
+        let db_path = config.data_dir.join("control.db");
+        let (root_key, key_source) = vault::load_root_key(&config.data_dir)?;
+        tracing::info!(root_key = %key_source, "secrets vault ready");
+        let secrets = Arc::new(
+            vault::Vault::open(&db_path, &root_key)
+                .with_context(|| format!("opening the secrets vault in {}", db_path.display()))?,
+        );
+        drop(root_key);
         let interrupted = store.interrupt_running_releases()?;
         if interrupted > 0 {
             tracing::warn!(
@@ -157,6 +168,7 @@ impl ControlPlane {
             registry,
             catalog,
             deploys: deploy::Deploys::default(),
+            secrets,
             host_token: host_token.clone(),
             agents: Mutex::new(HashMap::new()),
             app_locks: Mutex::new(HashMap::new()),

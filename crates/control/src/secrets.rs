@@ -1,66 +1,224 @@
-//! App secrets through the API: names and digests only. Values are accepted on set and
-//! reduced to a digest here; storing them (envelope-encrypted) for machines to use is the
-//! secrets store's job, not this module's.
+//! App secrets through the API (names and digests only, never values), their rollout, and
+//! the internal endpoints an agent fetches them from when it starts a machine. Storage and
+//! keys are the vault's ([`crate::vault`], whose doc describes the key path).
+//!
+//! - `GET /v1/apps/{app}/secrets`: names, digests, times and deployment status.
+//! - `POST /v1/apps/{app}/secrets` `{values: {NAME: value | null}}`: sets and unsets as one
+//!   batch, all or nothing. Only stores (what `--stage` does); machines get the values when
+//!   they next start.
+//! - `POST /v1/apps/{app}/secrets/{name}` `{value}`, `DELETE /v1/apps/{app}/secrets/{name}`.
+//! - `POST /v1/apps/{app}/secrets:deploy`: rolls the stored secrets out to every machine as
+//!   a new release of the current config and image, through the deploy path (NDJSON
+//!   [`DeployEvent`]s, like `/deploys`).
+//! - `GET /v1/hosts/{host}/secrets-key` and `GET /v1/hosts/{host}/machines/{id}/secrets`:
+//!   host tokens only; the second answers only for a live machine placed on that host.
+//!
+//! Setting and listing need deploy rights on the app: a read-only token gets 403, a token
+//! for other apps (or another org) 404, as for every app route.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aloft_api::{AppSecret, ListSecretsResponse, SetSecretRequest, SetSecretsRequest};
+use aloft_api::MachineState;
+use aloft_api::internal::{DeployEvent, DeployRequest};
+use aloft_api::secrets::{
+    AppSecret, HostSecretsKey, ListSecretsResponse, MachineSecrets, STATUS_DEPLOYED,
+    STATUS_PARTIAL, STATUS_STAGED, SetSecretRequest, SetSecretsRequest, encode_key,
+};
 use axum::extract::{Path, State};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sha2::{Digest, Sha256};
 
 use crate::ControlPlane;
-use crate::api::{ErrorAnswers, JsonBody, Plane, visible_app};
+use crate::api::{ErrorAnswers, JsonBody, visible_app};
 use crate::auth::Caller;
+use crate::deploy::{self, Progress};
 use crate::error::{ApiError, ApiResult};
 use crate::store::AppRow;
+use crate::vault::{AppRef, Change, SecretInfo, VaultError};
 
-const MAX_SECRET_BYTES: usize = 64 * 1024;
+/// Longest secret name.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Largest value of one secret.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Largest total of an app's secret names and values: they all go into the environment
+/// of every process the machine starts, which the kernel limits to a few MiB.
+pub const MAX_APP_BYTES: usize = 1024 * 1024;
+/// Most secrets one app may have.
+pub const MAX_SECRETS_PER_APP: usize = 1000;
+
+type Plane = State<Arc<ControlPlane>>;
 
 pub fn routes() -> Router<Arc<ControlPlane>> {
     Router::new()
         .route(
-            "/v1/apps/{app_name}/secrets",
+            "/v1/apps/{app}/secrets",
             get(list_secrets).post(set_secrets),
         )
         .route(
-            "/v1/apps/{app_name}/secrets/{secret_name}",
+            "/v1/apps/{app}/secrets/{name}",
             post(set_secret).delete(unset_secret),
+        )
+        .route("/v1/apps/{app}/secrets:deploy", post(deploy_secrets))
+        .route("/v1/hosts/{host}/secrets-key", get(host_secrets_key))
+        .route(
+            "/v1/hosts/{host}/machines/{id}/secrets",
+            get(machine_secrets),
         )
 }
 
-/// Fly shows the first 16 hex digits of the value's SHA-256.
-pub fn digest(value: &str) -> String {
-    hex::encode(Sha256::digest(value.as_bytes()))[..16].to_string()
+impl From<VaultError> for ApiError {
+    fn from(err: VaultError) -> Self {
+        tracing::error!(error = %err, "secrets vault failure");
+        ApiError::internal(err.to_string())
+    }
 }
 
-/// Secret names are environment variable names.
-fn check_name(name: &str) -> ApiResult<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 256
-        && !name.as_bytes()[0].is_ascii_digit()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+fn app_ref(app: &AppRow) -> AppRef<'_> {
+    AppRef {
+        id: &app.id,
+        name: &app.name,
+    }
+}
+
+/// Why `name` cannot be a secret's name, if it cannot.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a secret needs a name (NAME=VALUE)".into());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "secret name {}... is {} bytes long; names are at most {MAX_NAME_BYTES}",
+            name.chars().take(32).collect::<String>(),
+            name.len()
+        ));
+    }
+    let bytes = name.as_bytes();
+    let valid = !bytes[0].is_ascii_digit()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_');
     if !valid {
-        return Err(ApiError::bad_request(format!(
-            "invalid secret name {name:?}: use letters, digits and '_', not starting with a digit"
-        )));
+        return Err(format!(
+            "secret name {name:?} is not a valid environment variable name: use letters, digits and '_', not starting with a digit"
+        ));
+    }
+    if name.to_ascii_uppercase().starts_with("FLY_") {
+        return Err(format!(
+            "secret name {name:?} starts with FLY_, which is reserved for the platform's own variables"
+        ));
     }
     Ok(())
 }
 
-fn listing(plane: &ControlPlane, app: &AppRow) -> ApiResult<ListSecretsResponse> {
-    let (rows, version) = plane.store.secrets(&app.id)?;
-    let secrets = rows
+/// Why `value` cannot be the value of secret `name`, if it cannot.
+pub fn check_value(name: &str, value: &str) -> Result<(), String> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "secret {name} is {} bytes; a secret's value is at most {MAX_VALUE_BYTES} bytes (keep large files out of secrets)",
+            value.len()
+        ));
+    }
+    if value.contains('\0') {
+        return Err(format!(
+            "secret {name} contains a NUL byte, which an environment variable cannot hold; base64 it and use [[files]] secret_name"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a whole batch against the app's current secrets; the first bad entry fails it.
+pub fn validate_batch(
+    current: &[SecretInfo],
+    values: &BTreeMap<String, Option<String>>,
+) -> ApiResult<Vec<(String, Change)>> {
+    if values.is_empty() {
+        return Err(ApiError::bad_request(
+            "no secrets given: pass at least one NAME=VALUE to set (or NAME to unset)",
+        ));
+    }
+    let mut sizes: BTreeMap<&str, usize> = current
+        .iter()
+        .map(|s| (s.name.as_str(), s.name.len() + s.size))
+        .collect();
+    let mut changes = Vec::with_capacity(values.len());
+    for (name, value) in values {
+        check_name(name).map_err(ApiError::bad_request)?;
+        match value {
+            Some(value) => {
+                check_value(name, value).map_err(ApiError::bad_request)?;
+                sizes.insert(name, name.len() + value.len());
+                changes.push((name.clone(), Change::Set(value.clone())));
+            }
+            None => {
+                if sizes.remove(name.as_str()).is_none() {
+                    return Err(ApiError::not_found(format!(
+                        "secret {name} is not set, so it cannot be unset"
+                    )));
+                }
+                changes.push((name.clone(), Change::Unset));
+            }
+        }
+    }
+    if sizes.len() > MAX_SECRETS_PER_APP {
+        return Err(ApiError::bad_request(format!(
+            "an app has at most {MAX_SECRETS_PER_APP} secrets; this would make {}",
+            sizes.len()
+        )));
+    }
+    let total: usize = sizes.values().sum();
+    if total > MAX_APP_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "the app's secrets would total {total} bytes; at most {MAX_APP_BYTES} fit the environment of a machine"
+        )));
+    }
+    Ok(changes)
+}
+
+/// The app's secrets with each one's deployment status: `Deployed` when every live
+/// machine last started with this value, `Staged` when none did, `Partial` in between.
+pub fn listing(plane: &ControlPlane, app: &AppRow) -> ApiResult<ListSecretsResponse> {
+    let (infos, version) = plane.secrets.list(&app.id)?;
+    let machines: Vec<String> = plane
+        .store
+        .list_machines(&app.id, false)?
         .into_iter()
-        .map(|s| AppSecret {
-            name: s.name,
-            digest: s.digest,
-            created_at: s.created_at,
-            updated_at: s.updated_at,
+        .filter(|m| m.state != MachineState::Destroyed)
+        .map(|m| m.id)
+        .collect();
+    let delivered = plane.secrets.delivered_versions(&app.id)?;
+    let secrets = infos
+        .into_iter()
+        .map(|info| {
+            let have = machines
+                .iter()
+                .filter(|id| delivered.get(*id).is_some_and(|v| *v >= info.version))
+                .count();
+            let status = if have == 0 {
+                STATUS_STAGED
+            } else if have == machines.len() {
+                STATUS_DEPLOYED
+            } else {
+                STATUS_PARTIAL
+            };
+            AppSecret {
+                name: info.name,
+                digest: info.digest,
+                created_at: info.created_at,
+                updated_at: info.updated_at,
+                status: status.to_string(),
+            }
         })
         .collect();
     Ok(ListSecretsResponse { secrets, version })
+}
+
+/// Finds the app for a caller with deploy rights on it.
+fn app_for_deployer(plane: &ControlPlane, caller: &Caller, name: &str) -> ApiResult<AppRow> {
+    let app = visible_app(plane, caller, name)?;
+    caller.require_write()?;
+    Ok(app)
 }
 
 #[utoipa::path(get, path = "/v1/apps/{app_name}/secrets", tag = "Secrets", operation_id = "Secrets_list",
@@ -68,10 +226,22 @@ fn listing(plane: &ControlPlane, app: &AppRow) -> ApiResult<ListSecretsResponse>
 async fn list_secrets(
     State(plane): Plane,
     caller: Caller,
-    Path(app_name): Path<String>,
+    Path(app): Path<String>,
 ) -> ApiResult<Json<ListSecretsResponse>> {
-    let app = visible_app(&plane, &caller, &app_name)?;
+    let app = app_for_deployer(&plane, &caller, &app)?;
     Ok(Json(listing(&plane, &app)?))
+}
+
+fn apply(
+    plane: &ControlPlane,
+    app: &AppRow,
+    values: &BTreeMap<String, Option<String>>,
+) -> ApiResult<()> {
+    let (current, _) = plane.secrets.list(&app.id)?;
+    let changes = validate_batch(&current, values)?;
+    let version = plane.secrets.change(app_ref(app), &changes)?;
+    tracing::info!(app = %app.name, version, names = ?values.keys().collect::<Vec<_>>(), "secrets changed");
+    Ok(())
 }
 
 #[utoipa::path(post, path = "/v1/apps/{app_name}/secrets", tag = "Secrets", operation_id = "Secrets_set",
@@ -79,27 +249,11 @@ async fn list_secrets(
 async fn set_secrets(
     State(plane): Plane,
     caller: Caller,
-    Path(app_name): Path<String>,
+    Path(app): Path<String>,
     JsonBody(request): JsonBody<SetSecretsRequest>,
 ) -> ApiResult<Json<ListSecretsResponse>> {
-    let app = visible_app(&plane, &caller, &app_name)?;
-    caller.require_write()?;
-    if request.values.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid values: name at least one secret to set (a value) or unset (null)",
-        ));
-    }
-    let mut changes = Vec::new();
-    for (name, value) in &request.values {
-        check_name(name)?;
-        if value.as_ref().is_some_and(|v| v.len() > MAX_SECRET_BYTES) {
-            return Err(ApiError::bad_request(format!(
-                "invalid values.{name}: a secret is at most {MAX_SECRET_BYTES} bytes"
-            )));
-        }
-        changes.push((name.clone(), value.as_deref().map(digest)));
-    }
-    plane.store.change_secrets(&app.id, &changes)?;
+    let app = app_for_deployer(&plane, &caller, &app)?;
+    apply(&plane, &app, &request.values)?;
     Ok(Json(listing(&plane, &app)?))
 }
 
@@ -109,26 +263,21 @@ async fn set_secrets(
 async fn set_secret(
     State(plane): Plane,
     caller: Caller,
-    Path((app_name, name)): Path<(String, String)>,
+    Path((app, name)): Path<(String, String)>,
     JsonBody(request): JsonBody<SetSecretRequest>,
 ) -> ApiResult<Json<AppSecret>> {
-    let app = visible_app(&plane, &caller, &app_name)?;
-    caller.require_write()?;
-    check_name(&name)?;
-    if request.value.len() > MAX_SECRET_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "invalid value: a secret is at most {MAX_SECRET_BYTES} bytes"
-        )));
-    }
-    plane
-        .store
-        .change_secrets(&app.id, &[(name.clone(), Some(digest(&request.value)))])?;
+    let app = app_for_deployer(&plane, &caller, &app)?;
+    apply(
+        &plane,
+        &app,
+        &BTreeMap::from([(name.clone(), Some(request.value))]),
+    )?;
     listing(&plane, &app)?
         .secrets
         .into_iter()
         .find(|s| s.name == name)
         .map(Json)
-        .ok_or_else(|| ApiError::internal("the secret vanished"))
+        .ok_or_else(|| ApiError::internal(format!("secret {name} was stored but is not listed")))
 }
 
 #[utoipa::path(delete, path = "/v1/apps/{app_name}/secrets/{secret_name}", tag = "Secrets", operation_id = "Secrets_unset",
@@ -136,17 +285,266 @@ async fn set_secret(
 async fn unset_secret(
     State(plane): Plane,
     caller: Caller,
-    Path((app_name, name)): Path<(String, String)>,
+    Path((app, name)): Path<(String, String)>,
 ) -> ApiResult<Json<ListSecretsResponse>> {
-    let app = visible_app(&plane, &caller, &app_name)?;
-    caller.require_write()?;
-    if !listing(&plane, &app)?
-        .secrets
-        .iter()
-        .any(|s| s.name == name)
-    {
-        return Err(ApiError::not_found(format!("secret not found: {name}")));
-    }
-    plane.store.change_secrets(&app.id, &[(name, None)])?;
+    let app = app_for_deployer(&plane, &caller, &app)?;
+    apply(&plane, &app, &BTreeMap::from([(name, None)]))?;
     Ok(Json(listing(&plane, &app)?))
+}
+
+async fn deploy_secrets(
+    State(plane): Plane,
+    caller: Caller,
+    Path(app): Path<String>,
+) -> ApiResult<Response> {
+    let app = app_for_deployer(&plane, &caller, &app)?;
+    let user = plane
+        .store
+        .token(&caller.token_id)?
+        .map(|t| t.name)
+        .unwrap_or_default();
+    let operation = plane.deploys.begin(&app.name);
+    operation.emit(DeployEvent::Started {
+        deploy_id: operation.id.clone(),
+    });
+    let response = deploy::ndjson_response(&operation);
+    tokio::spawn(roll_out(
+        plane.clone(),
+        app,
+        caller,
+        user,
+        Progress::new(operation),
+    ));
+    Ok(response)
+}
+
+fn failed(message: impl Into<String>) -> DeployEvent {
+    DeployEvent::Error {
+        message: message.into(),
+        failure: None,
+    }
+}
+
+/// Rolls the app's current secrets out to every machine. With a release, that is a new
+/// release of its config and image through the deploy path, with its strategy and health
+/// gating; machines made without a release are updated one by one with their config.
+async fn roll_out(
+    plane: Arc<ControlPlane>,
+    app: AppRow,
+    caller: Caller,
+    user: String,
+    progress: Progress,
+) {
+    let latest = match plane.store.releases(&app.id, 1) {
+        Ok(releases) => releases.into_iter().next(),
+        Err(err) => return progress.emit(failed(ApiError::from(err).message)),
+    };
+    if let Some(release) = latest {
+        let config = match serde_json::from_str::<serde_json::Value>(&release.config) {
+            Ok(config) => config,
+            Err(err) => {
+                return progress.emit(failed(format!(
+                    "release v{} has an unreadable config: {err}",
+                    release.version
+                )));
+            }
+        };
+        progress
+            .say(format!(
+                "Rolling out secrets with the config and image of release v{}",
+                release.version
+            ))
+            .await;
+        let request = DeployRequest {
+            config,
+            image: release.image,
+            description: Some("secrets".into()),
+            ..Default::default()
+        };
+        deploy::run(plane, app, request, caller, user, progress).await;
+        return;
+    }
+    let lock = plane.app_lock(&app.name);
+    let _guard = lock.lock().await;
+    match update_each_machine(&plane, &app, &progress).await {
+        Ok(()) => progress.emit(DeployEvent::Done {
+            release_version: 0,
+            url: None,
+        }),
+        Err(err) => progress.emit(failed(err.message)),
+    }
+}
+
+async fn update_each_machine(
+    plane: &ControlPlane,
+    app: &AppRow,
+    progress: &Progress,
+) -> ApiResult<()> {
+    let machines = plane.store.list_machines(&app.id, false)?;
+    if machines.is_empty() {
+        progress
+            .say(format!(
+                "{} has no machines yet; its first deploy starts them with these secrets",
+                app.name
+            ))
+            .await;
+        return Ok(());
+    }
+    for machine in machines {
+        progress
+            .say(format!(
+                "Updating machine {} with the new secrets",
+                machine.id
+            ))
+            .await;
+        let was_running = matches!(
+            machine.state,
+            MachineState::Started | MachineState::Starting
+        );
+        let updated = plane
+            .update_machine(app, &machine, machine.config.clone())
+            .await?;
+        if was_running && updated.state != MachineState::Started {
+            return Err(ApiError::unavailable(format!(
+                "machine {} is {} instead of started after the update: {}",
+                updated.id,
+                updated.state,
+                plane.failure_reason(&updated.id)
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn host_secrets_key(
+    State(plane): Plane,
+    caller: Caller,
+    Path(host): Path<String>,
+) -> ApiResult<Json<HostSecretsKey>> {
+    caller.require_host()?;
+    if !plane.store.hosts()?.iter().any(|h| h.id == host) {
+        return Err(ApiError::not_found(format!(
+            "host {host} is not registered"
+        )));
+    }
+    Ok(Json(HostSecretsKey {
+        key: encode_key(&plane.secrets.host_key(&host)),
+    }))
+}
+
+async fn machine_secrets(
+    State(plane): Plane,
+    caller: Caller,
+    Path((host, id)): Path<(String, String)>,
+) -> ApiResult<Json<MachineSecrets>> {
+    caller.require_host()?;
+    let machine = match plane.store.machine(&id)? {
+        Some(machine) if machine.state != MachineState::Destroyed => machine,
+        _ => return Err(ApiError::not_found(format!("machine not found: {id}"))),
+    };
+    if machine.host_id != host {
+        return Err(ApiError::forbidden(&format!(
+            "machine {id} is not placed on host {host}"
+        )));
+    }
+    let bundle = plane.secrets.machine_secrets(
+        AppRef {
+            id: &machine.app_id,
+            name: &machine.app_name,
+        },
+        &host,
+        &machine.id,
+    )?;
+    Ok(Json(bundle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, size: usize) -> SecretInfo {
+        SecretInfo {
+            name: name.into(),
+            digest: String::new(),
+            version: 1,
+            size,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    fn batch(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect()
+    }
+
+    #[test]
+    fn names_are_environment_variable_names_outside_fly() {
+        assert!(check_name("DATABASE_URL").is_ok());
+        assert!(check_name("_x9").is_ok());
+        assert!(check_name("lower_case").is_ok());
+        for bad in ["", "9LIVES", "A-B", "A B", "A=B", "ÄB"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        let err = check_name("FLY_REGION").unwrap_err();
+        assert!(err.contains("reserved"), "{err}");
+        assert!(check_name("fly_x").is_err());
+        assert!(check_name(&"A".repeat(MAX_NAME_BYTES)).is_ok());
+        assert!(check_name(&"A".repeat(MAX_NAME_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn a_bad_entry_fails_the_whole_batch_and_is_named() {
+        let err = validate_batch(&[], &batch(&[("GOOD", Some("1")), ("BAD-NAME", Some("2"))]))
+            .unwrap_err();
+        assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("\"BAD-NAME\""), "{}", err.message);
+
+        let big = "x".repeat(MAX_VALUE_BYTES + 1);
+        let err = validate_batch(&[], &batch(&[("BIG", Some(&big))])).unwrap_err();
+        assert!(
+            err.message.starts_with("secret BIG is 65537 bytes"),
+            "{}",
+            err.message
+        );
+
+        let err = validate_batch(&[], &batch(&[("NUL", Some("a\0b"))])).unwrap_err();
+        assert!(
+            err.message.contains("secret NUL contains a NUL byte"),
+            "{}",
+            err.message
+        );
+
+        let err = validate_batch(&[info("A", 1)], &batch(&[("MISSING", None)])).unwrap_err();
+        assert_eq!(err.status, http::StatusCode::NOT_FOUND);
+        assert!(err.message.contains("MISSING"), "{}", err.message);
+
+        assert!(validate_batch(&[], &BTreeMap::new()).is_err());
+        let changes =
+            validate_batch(&[info("A", 1)], &batch(&[("A", None), ("B", Some(""))])).unwrap();
+        assert_eq!(
+            changes,
+            vec![
+                ("A".to_string(), Change::Unset),
+                ("B".to_string(), Change::Set(String::new()))
+            ]
+        );
+    }
+
+    #[test]
+    fn app_totals_are_bounded() {
+        let value = "v".repeat(MAX_VALUE_BYTES);
+        let current: Vec<SecretInfo> = (0..15)
+            .map(|i| info(&format!("S{i}"), MAX_VALUE_BYTES))
+            .collect();
+        assert!(validate_batch(&current, &batch(&[("S0", Some(&value))])).is_ok());
+        let err = validate_batch(&current, &batch(&[("MORE", Some(&value))])).unwrap_err();
+        assert!(err.message.contains("would total"), "{}", err.message);
+        // Replacing a big secret with a small one frees its space.
+        let mut changes = batch(&[("S0", Some("small"))]);
+        changes.insert("MORE".into(), Some(value.clone()));
+        assert!(validate_batch(&current, &changes).is_ok());
+    }
 }

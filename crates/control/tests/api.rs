@@ -733,7 +733,7 @@ async fn volumes_secrets_certificates_and_ips() {
         "values never come back: {text}"
     );
     assert_eq!(secrets["secrets"].as_array().unwrap().len(), 2);
-    assert_eq!(secrets["secrets"][0]["digest"].as_str().unwrap().len(), 16);
+    assert_eq!(secrets["secrets"][0]["digest"].as_str().unwrap().len(), 32);
     let (status, _) = send(
         &h.admin,
         Method::DELETE,

@@ -21,6 +21,7 @@ pub mod path;
 pub mod setup;
 pub mod supervise;
 pub mod user;
+pub mod vm;
 
 pub use config::{CONFIG_FD, CONFIG_FILE, load_config, parse_config};
 pub use path::{DEFAULT_PATH, LookupError, lookup_path};
@@ -100,6 +101,19 @@ pub fn run() -> ! {
 }
 
 fn run_inner() -> Result<i32, InitError> {
+    if std::process::id() == 1
+        && std::env::args_os()
+            .next()
+            .is_some_and(|a| a == vm::boot::STAGE_ONE_PATH)
+    {
+        vm::boot::boot();
+    }
+    if let Some(fd) = std::env::var(vm::CHANNEL_ENV)
+        .ok()
+        .and_then(|v| v.parse::<std::os::fd::RawFd>().ok())
+    {
+        vm::guest::run(fd);
+    }
     // Block signals first, so a stop request during setup reaches the child once started;
     // take fd 3 before opening anything that could be given that number.
     supervise::block_signals()?;
@@ -115,6 +129,18 @@ pub fn run_with_config(config: &InitConfig) -> Result<i32, InitError> {
 }
 
 fn run_config(sup: &mut Supervisor, config: &InitConfig) -> Result<i32, InitError> {
+    let child = start_main(sup, config)?;
+    let exit = sup.supervise(child);
+    eprintln!("init: {}", exit.describe());
+    sup.shutdown(child);
+    Ok(exit.exit_code())
+}
+
+/// Prepares the machine as the config says and starts the main child.
+pub(crate) fn start_main(
+    sup: &mut Supervisor,
+    config: &InitConfig,
+) -> Result<nix::unistd::Pid, InitError> {
     let root = Path::new("/");
     if config.mount_standard_filesystems {
         setup::mount_standard_filesystems()?;
@@ -150,11 +176,7 @@ fn run_config(sup: &mut Supervisor, config: &InitConfig) -> Result<i32, InitErro
     let spec = child_spec(&program, &config.argv, &env, &workdir, &user)?;
 
     sup.release_terminal();
-    let child = sup.spawn(&spec)?;
-    let exit = sup.supervise(child);
-    eprintln!("init: {}", exit.describe());
-    sup.shutdown(child);
-    Ok(exit.exit_code())
+    sup.spawn(&spec)
 }
 
 fn read_optional(path: &str) -> Result<Option<String>, InitError> {

@@ -280,6 +280,37 @@ impl Supervisor {
         }
     }
 
+    /// The signalfd over the blocked signals (to poll it with other descriptors).
+    pub fn signal_fd(&self) -> std::os::fd::RawFd {
+        self.sfd.as_raw_fd()
+    }
+
+    /// Signals delivered since the last call, without waiting (SIGCHLD included).
+    pub fn pending_signals(&mut self) -> Vec<i32> {
+        let mut signals = std::mem::take(&mut self.early);
+        while let Ok(Some(info)) = self.sfd.read_signal() {
+            signals.push(info.ssi_signo as i32);
+        }
+        signals
+    }
+
+    /// Reaps every exited child without blocking; returns each with how it ended.
+    pub fn reap_exited(&mut self) -> Vec<(Pid, ChildExit)> {
+        let mut reaped = Vec::new();
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => reaped.push((pid, ChildExit::Exited(code))),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    reaped.push((pid, ChildExit::Signaled(sig as i32)))
+                }
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        reaped
+    }
+
     /// Ends every remaining process: SIGTERM, up to two seconds, then SIGKILL.
     pub fn shutdown(&mut self, main: Pid) {
         let target = if getpid().as_raw() == 1 {
@@ -358,7 +389,7 @@ impl Supervisor {
     }
 }
 
-fn forward(child: Pid, sig: i32) {
+pub(crate) fn forward(child: Pid, sig: i32) {
     if let Ok(signal) = Signal::try_from(sig) {
         let _ = kill(child, signal);
     }

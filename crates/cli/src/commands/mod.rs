@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod registry;
 pub mod releases;
 pub mod scale;
+pub mod secrets;
 pub mod server;
 pub mod ssh;
 pub mod status;

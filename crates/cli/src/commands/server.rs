@@ -42,6 +42,21 @@ pub struct ServerArgs {
     /// of SQLite in the data dir; several servers may share one database.
     #[arg(long, env = "ALOFT_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// What runs machines: `container` (runc/crun), `microvm` (a QEMU VM each), or `auto`
+    /// (microVMs where KVM boots the guest kernel, containers elsewhere).
+    #[arg(long, default_value = "auto")]
+    pub driver: aloft_agent::microvm::DriverChoice,
+    /// The microVMs' accelerator: `kvm` (machine type microvm), `tcg` (emulation, q35), or
+    /// `auto` (KVM if it boots the guest kernel here; probed once and cached).
+    #[arg(long, default_value = "auto")]
+    pub vm_accel: aloft_agent::microvm::AccelChoice,
+    /// The microVMs' kernel (default: the newest /boot/vmlinuz-*-cloud-amd64).
+    #[arg(long)]
+    pub vm_kernel: Option<PathBuf>,
+    /// How long a microVM may take from QEMU's start until init runs its program
+    /// (default: 20s under KVM, 90s under TCG).
+    #[arg(long)]
+    pub vm_ready_timeout: Option<aloft_api::Duration>,
     /// Leave machines running when the server exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
@@ -130,6 +145,31 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     .save()
     .context("saving the CLI settings")?;
 
+    let agent = Agent::open(AgentConfig {
+        data_dir: data_dir.clone(),
+        listen: args.agent_listen,
+        region: args.region.clone(),
+        control_url: api_url.clone(),
+        token: credentials.host_token.clone(),
+        runtime: args.runtime.clone(),
+        driver: args.driver,
+        vm: aloft_agent::microvm::MicrovmOptions {
+            accel: args.vm_accel,
+            kernel: args.vm_kernel.clone(),
+            ready_timeout: args.vm_ready_timeout.map(|d| d.to_std()),
+        },
+    })?;
+    // The local host is known before the API answers its first call, so that a client
+    // that sees the API up can place machines at once (the agent re-registers as it reports).
+    plane
+        .store
+        .upsert_host(&aloft_control::store::HostRow {
+            id: agent.host_id.clone(),
+            region: args.region.clone(),
+            agent_url: format!("http://{}", args.agent_listen),
+            last_seen: aloft_control::store::now_rfc3339(),
+        })
+        .context("registering the local host")?;
     let api_listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding the API to {}", args.api_listen))?;
@@ -138,14 +178,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let _ = api_stopped.await;
     }));
 
-    let agent = Agent::open(AgentConfig {
-        data_dir: data_dir.clone(),
-        listen: args.agent_listen,
-        region: args.region.clone(),
-        control_url: api_url.clone(),
-        token: credentials.host_token.clone(),
-        runtime: args.runtime.clone(),
-    })?;
     let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
         .await
         .with_context(|| format!("binding the agent API to {}", args.agent_listen))?;
@@ -192,6 +224,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(dns) => println!("  Private DNS       {dns} (and fdaa:<network>::3 for each network)"),
         None => println!("  Private DNS       off (machine networking needs root; see the log)"),
     }
+    println!("  Machines          {}", agent.driver_description());
     println!("  Organization      {}", credentials.org_slug);
     println!(
         "  Access token      saved to {} (`aloft auth token` prints it)",

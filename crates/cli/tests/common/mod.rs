@@ -59,6 +59,42 @@ pub struct Platform {
     server_args: Vec<String>,
 }
 
+/// Why this machine can't run microVM tests, if it can't (beyond the platform's needs).
+pub fn missing_vm_prerequisite() -> Option<String> {
+    for program in ["qemu-system-x86_64", "qemu-img", "mkfs.ext4", "lz4"] {
+        if !have(program) {
+            return Some(format!(
+                "needs `{program}` (scripts/setup.sh --test installs qemu-system-x86, qemu-utils, e2fsprogs, lz4)"
+            ));
+        }
+    }
+    let kernel = std::fs::read_dir("/boot").ok().is_some_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+    });
+    if !kernel {
+        return Some("needs a guest kernel in /boot (linux-image-cloud-amd64)".into());
+    }
+    None
+}
+
+/// Holds a host-wide lock while alive: microVM tests under TCG crawl when they run in
+/// parallel on two cores, so they take turns.
+pub struct VmLock(std::fs::File);
+
+pub fn vm_lock() -> VmLock {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join("aloft-vm-tests.lock"))
+        .expect("the VM test lock file");
+    // SAFETY: flock on our own descriptor.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    VmLock(file)
+}
+
 pub struct Run {
     pub status: i32,
     pub stdout: String,
@@ -185,6 +221,13 @@ impl Platform {
         self.spawn_server();
     }
 
+    /// Stops the server and starts it again with other `aloft server` arguments.
+    pub fn restart_server_with(&mut self, server_args: &[&str]) {
+        self.stop();
+        self.server_args = server_args.iter().map(|a| a.to_string()).collect();
+        self.spawn_server();
+    }
+
     /// The host token the server saved (what agents and the control plane share).
     pub fn host_token(&self) -> String {
         std::fs::read_to_string(self.data_dir().join("host.token"))
@@ -277,13 +320,19 @@ impl Platform {
     }
 }
 
+impl Platform {
+    /// Stops `aloft server` and starts it again on the same data dir.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn_server();
+    }
+}
+
+/// Distinct for each platform a test process starts (the pid tells processes apart), so
+/// tests running in parallel never pick the same namespace name.
 fn rand_suffix() -> u32 {
-    (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-        / 1000)
-        % 100
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100
 }
 
 impl Drop for Platform {
