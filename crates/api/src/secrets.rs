@@ -47,6 +47,15 @@ pub struct SetSecretRequest {
     pub value: String,
 }
 
+/// `POST /v1/secrets/rotate-key`: what a root key rotation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyResponse {
+    /// App data keys re-sealed under the new root key.
+    pub data_keys: u64,
+    /// Where the server keeps the new root key.
+    pub key_file: String,
+}
+
 pub const STATUS_DEPLOYED: &str = "Deployed";
 pub const STATUS_STAGED: &str = "Staged";
 pub const STATUS_PARTIAL: &str = "Partial";
