@@ -6,6 +6,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -109,6 +110,19 @@ fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// The sealed values in the control plane's database, as stored.
+fn stored_ciphertexts(platform: &Platform) -> Vec<(String, Vec<u8>)> {
+    let db =
+        rusqlite::Connection::open(platform.data_dir().join("control.db")).expect("control.db");
+    let mut stmt = db
+        .prepare("SELECT name, ciphertext FROM secret_values ORDER BY name")
+        .expect("the vault's table");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("reading secret_values")
+        .collect::<Result<_, _>>()
+        .expect("reading secret_values")
 }
 
 fn in_machine_cgroup(pid: &str) -> bool {
@@ -312,7 +326,61 @@ fn secrets_reach_only_the_apps_machines() {
     );
     assert_eq!(status_of(&run), "403", "{run}");
 
-    // After a server restart the machine comes back, with its secrets fetched again.
+    // Root key rotation: only the operator's admin token may, machines keep running, the
+    // stored values stay the same ciphertexts and still open; the old key is gone.
+    let key_file = platform.data_dir().join("secrets-root.key");
+    let old_key = std::fs::read_to_string(&key_file).expect("the server made a root key");
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let ciphertexts_before = stored_ciphertexts(&platform);
+    assert_eq!(ciphertexts_before.len(), 4, "{ciphertexts_before:?}");
+    for token in [&read_only, &other_app, &platform.host_token()] {
+        let run = api(
+            &platform,
+            token,
+            "POST",
+            "/v1/secrets/rotate-key",
+            Some("{}"),
+        );
+        assert_eq!(status_of(&run), "403", "{run}");
+    }
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), old_key);
+    let env_before = app_env(&platform);
+    let rotate = platform.aloft(&["secrets", "rotate-key"]);
+    assert!(rotate.ok(), "{rotate}\n{}", platform.server_log());
+    assert!(
+        rotate.stdout.contains("Re-encrypted 1 app data key"),
+        "{rotate}"
+    );
+    let new_key = std::fs::read_to_string(&key_file).unwrap();
+    assert_ne!(new_key, old_key);
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(stored_ciphertexts(&platform), ciphertexts_before);
+    let env_after = app_env(&platform);
+    assert_eq!(
+        env_after["FLY_MACHINE_VERSION"], env_before["FLY_MACHINE_VERSION"],
+        "rotation leaves running machines alone"
+    );
+    assert_eq!(env_after["DATABASE_URL"], marker.as_str());
+    // The agent's cached host key is stale now; the next start fetches it again.
+    let set = platform.aloft(&["secrets", "set", "-a", "hello", "API_KEY=k-456"]);
+    assert!(set.ok(), "{set}\n{}", platform.server_log());
+    let env = app_env(&platform);
+    assert_eq!(env["API_KEY"], "k-456");
+    assert_eq!(env["DATABASE_URL"], marker.as_str());
+    let old_key_files = files_containing(platform.root.path(), old_key.trim().as_bytes());
+    assert!(
+        old_key_files.is_empty(),
+        "the old root key is kept somewhere: {old_key_files:?}"
+    );
+
+    // After a server restart (only the new key exists) the machine comes back, with its
+    // secrets fetched again.
     let first_log = platform.server_log();
     platform.restart();
     let mut env = Value::Null;
