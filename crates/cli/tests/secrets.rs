@@ -86,30 +86,24 @@ fn random_marker(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(bytes))
 }
 
-/// Every regular file under `root` whose bytes contain `needle`.
+/// Every file under `root` whose bytes contain `needle`, by `grep -r` (which reads
+/// binary files and VM disk images too, and skips sockets, FIFOs and devices).
 fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file()
-                && let Ok(bytes) = std::fs::read(&path)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                found.push(path);
-            }
-        }
-    }
-    found
+    let needle = std::str::from_utf8(needle).expect("test needles are text");
+    let output = Command::new("grep")
+        .args(["-r", "-l", "-s", "-F", "--devices=skip", "-e", needle])
+        .arg(root)
+        .output()
+        .expect("running grep");
+    // 0: found, 1: nothing found; 2 (trouble) still lists what it found.
+    assert!(
+        output.status.code().is_some_and(|c| c <= 2),
+        "grep failed: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// Each machine of `hello` with its state and version (which any update changes).
@@ -477,5 +471,96 @@ fn secrets_reach_only_the_apps_machines() {
     assert!(
         in_machine,
         "the app's process has the secret in its environment"
+    );
+}
+
+/// The same search for a microVM (QEMU under TCG here): the secrets reach the guest over
+/// its agent channel, and no disk image, VM config, kernel command line, log or host
+/// process holds them.
+#[test]
+fn secrets_reach_a_microvm_and_stay_off_the_host() {
+    require_platform!();
+    if let Some(reason) = common::missing_vm_prerequisite() {
+        eprintln!("skipping microVM test: {reason}");
+        return;
+    }
+    let _lock = common::vm_lock();
+    let platform = Platform::start_with(&["--driver", "microvm", "--vm-accel", "tcg"]);
+    let marker = random_marker("VMSECRETMARK");
+    let file_content = random_marker("VMFILEMARK");
+    let file_b64 = base64::engine::general_purpose::STANDARD.encode(&file_content);
+
+    assert!(platform.aloft(&["apps", "create", "hello"]).ok());
+    let dir = platform.hello_app_dir("hello");
+    // busybox's cat and sync next to the app, to read the secret file inside the guest
+    // and flush it to the VM's disk.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+    for applet in ["cat", "sync"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY bin /bin\nCOPY hello /hello\nCMD [\"/hello\"]\n",
+    )
+    .unwrap();
+    let mut config = std::fs::read_to_string(dir.join("fly.toml")).unwrap();
+    config.push_str(
+        "\n[[files]]\n  guest_path = \"/etc/app-secret\"\n  secret_name = \"FILE_SECRET\"\n",
+    );
+    std::fs::write(dir.join("fly.toml"), config).unwrap();
+    let import = aloft_with(
+        &platform,
+        &["secrets", "import", "-a", "hello", "--stage"],
+        &format!("DATABASE_URL={marker}\nFILE_SECRET={file_b64}\n"),
+        None,
+    );
+    assert!(import.ok(), "{import}\n{}", platform.server_log());
+
+    let deploy = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
+    let env = app_env(&platform);
+    assert_eq!(env["DATABASE_URL"], marker.as_str(), "{env}");
+    assert_eq!(
+        env["GREETING"], "hello from aloft",
+        "[env] without a secret of its name stays"
+    );
+    let machine_id = env["FLY_MACHINE_ID"].as_str().unwrap().to_string();
+    let cat = platform.aloft(&[
+        "machine",
+        "exec",
+        &machine_id,
+        "-a",
+        "hello",
+        "--",
+        "cat",
+        "/etc/app-secret",
+    ]);
+    assert!(cat.ok(), "{cat}");
+    assert_eq!(cat.stdout, file_content, "the [[files]] secret, decoded");
+    let sync = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "sync"]);
+    assert!(sync.ok(), "{sync}");
+
+    for needle in [marker.as_str(), file_b64.as_str()] {
+        assert!(
+            !platform.server_log().contains(needle),
+            "server log holds a secret"
+        );
+        let files = files_containing(platform.root.path(), needle.as_bytes());
+        assert!(files.is_empty(), "files hold a secret: {files:?}");
+        let processes = processes_containing(needle.as_bytes());
+        assert!(
+            processes.is_empty(),
+            "processes show a secret: {processes:?}"
+        );
+    }
+    // The search reads the VM's disk: the decoded file the guest wrote is found there,
+    // and only in the machine's own directory.
+    let files = files_containing(platform.root.path(), file_content.as_bytes());
+    let machine_dir = platform.data_dir().join("agent/machines").join(&machine_id);
+    assert!(
+        !files.is_empty() && files.iter().all(|f| f.starts_with(&machine_dir)),
+        "{files:?}"
     );
 }
