@@ -279,6 +279,29 @@ fn secrets_reach_only_the_apps_machines() {
     assert!(unset.ok(), "{unset}");
     assert!(app_env(&platform).get("LATER").is_none());
 
+    // --detach returns at once; the rollout goes on and ends with every machine having it.
+    let detached = platform.aloft(&["secrets", "set", "-a", "hello", "--detach", "LATER=again"]);
+    assert!(
+        detached.ok() && detached.stdout.contains("goes on on the server"),
+        "{detached}"
+    );
+    let mut status = String::new();
+    for _ in 0..600 {
+        let json = platform.aloft(&["secrets", "list", "-a", "hello", "--json"]);
+        let listed: Value = serde_json::from_str(&json.stdout).unwrap_or_default();
+        status = listed
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == "LATER"))
+            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        if status == "Deployed" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(status, "Deployed", "{}", platform.server_log());
+    assert_eq!(app_env(&platform)["LATER"], "again");
+
     // A bad entry fails the batch, names itself, and stores nothing of it.
     let bad = platform.aloft(&["secrets", "set", "-a", "hello", "GOOD=1", "FLY_REGION=x"]);
     assert!(!bad.ok() && bad.stderr.contains("FLY_REGION"), "{bad}");
@@ -349,7 +372,7 @@ fn secrets_reach_only_the_apps_machines() {
         0o600
     );
     let ciphertexts_before = stored_ciphertexts(&platform);
-    assert_eq!(ciphertexts_before.len(), 4, "{ciphertexts_before:?}");
+    assert_eq!(ciphertexts_before.len(), 5, "{ciphertexts_before:?}");
     for token in [&read_only, &other_app, &platform.host_token()] {
         let run = api(
             &platform,
