@@ -82,8 +82,10 @@ pub enum SecretsCommand {
         #[arg(long)]
         detach: bool,
     },
-    /// Re-encrypt every app's data key under a new root key; the old root key is no
-    /// longer needed afterwards. Machines keep running. Needs the operator's admin token.
+    /// Re-encrypt every app's data key under a new root key (platform operators).
+    ///
+    /// The old root key is no longer needed afterwards; machines keep running. Needs the
+    /// admin token `aloft server` saved.
     RotateKey,
 }
 
