@@ -359,6 +359,11 @@ pub struct CatalogApp {
     /// Addresses allocated to the app: public ones and Flycast (`private_v6`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<CatalogIp>,
+    /// The region the app's latest release placed its machines in (fly.toml's
+    /// `primary_region`, or the nearest region with hosts); proxies keep
+    /// `min_machines_running` there. None before a release names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
 }
 
 /// An address allocated to an app, as the proxy and DNS servers need it.
