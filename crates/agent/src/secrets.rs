@@ -8,13 +8,14 @@
 //! spec, the OCI bundle, events or logs. Errors name secrets, never their values.
 //!
 //! What was last fetched for a machine is kept in memory, still sealed, so a restart by
-//! restart policy works while the control plane is briefly unreachable.
+//! restart policy works while the control plane is briefly unreachable. The host's key
+//! is fetched again when a data key does not open with it (the root key was rotated).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use aloft_api::internal::{InitConfig, InitFile, MachineSpec};
-use aloft_api::secrets::{HostSecretsKey, MachineSecrets, decode_key};
+use aloft_api::secrets::{HostSecretsKey, MachineSecrets, OpenSecretsError, decode_key};
 use aloft_client::{Client, ClientError};
 use base64::Engine;
 
@@ -109,9 +110,17 @@ impl SecretsSource {
             },
         };
         let host_key = self.host_key().await?;
-        bundle
-            .open(&host_key, &self.host_id, &spec.app)
-            .map_err(|e| format!("opening the app's secrets: {e}"))
+        let opened = match bundle.open(&host_key, &self.host_id, &spec.app) {
+            // The root key was rotated since this host's key was fetched, which changes
+            // the host's key: fetch it again.
+            Err(OpenSecretsError::DataKey) => {
+                *self.host_key.lock().await = None;
+                let host_key = self.host_key().await?;
+                bundle.open(&host_key, &self.host_id, &spec.app)
+            }
+            other => other,
+        };
+        opened.map_err(|e| format!("opening the app's secrets: {e}"))
     }
 
     fn remember(&self, machine: &str, bundle: MachineSecrets) {

@@ -301,6 +301,11 @@ pub struct CatalogApp {
     /// Addresses allocated to the app: public ones and Flycast (`private_v6`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<CatalogIp>,
+    /// The region the app's latest release placed its machines in (fly.toml's
+    /// `primary_region`, or the nearest region with hosts); proxies keep
+    /// `min_machines_running` there. None before a release names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
 }
 
 /// An address allocated to an app, as the proxy and DNS servers need it.
@@ -362,7 +367,10 @@ pub enum CatalogUpdate {
 
 /// What `init` (PID 1 in a machine) is told to do. Built by the agent from the machine
 /// config and the image config; handed over on a pipe, never written to disk.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// It holds the app's secrets in plaintext (in `env` and `files`): never log it, write it
+/// to disk or put it on a command line. Its `Debug` shows names, not values.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitConfig {
     /// The program and its arguments; `argv[0]` is looked up in `PATH` when it has no `/`.
     pub argv: Vec<String>,
@@ -385,11 +393,40 @@ pub struct InitConfig {
     pub mount_standard_filesystems: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitFile {
     pub path: String,
     /// Base64 of the content.
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<u32>,
+}
+
+impl std::fmt::Debug for InitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitConfig")
+            .field("argv", &self.argv)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("user", &self.user)
+            .field("workdir", &self.workdir)
+            .field("hostname", &self.hostname)
+            .field("etc_hosts", &self.etc_hosts)
+            .field("nameservers", &self.nameservers)
+            .field("files", &self.files)
+            .field(
+                "mount_standard_filesystems",
+                &self.mount_standard_filesystems,
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for InitFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitFile")
+            .field("path", &self.path)
+            .field("content_bytes", &self.content.len())
+            .field("mode", &self.mode)
+            .finish()
+    }
 }

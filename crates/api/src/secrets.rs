@@ -35,16 +35,49 @@ pub struct ListSecretsResponse {
 }
 
 /// `POST /v1/apps/{app}/secrets`: values to set; a null value unsets the secret. The whole
-/// batch is stored, or (on any bad entry) nothing of it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// batch is stored, or (on any bad entry) nothing of it. `Debug` shows names only.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SetSecretsRequest {
     pub values: BTreeMap<String, Option<String>>,
 }
 
-/// `POST /v1/apps/{app}/secrets/{name}`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// `POST /v1/apps/{app}/secrets/{name}`. `Debug` hides the value.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SetSecretRequest {
     pub value: String,
+}
+
+impl std::fmt::Debug for SetSecretsRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self
+            .values
+            .iter()
+            .map(|(name, value)| match value {
+                Some(_) => format!("set {name}"),
+                None => format!("unset {name}"),
+            })
+            .collect();
+        f.debug_struct("SetSecretsRequest")
+            .field("values", &names)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SetSecretRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetSecretRequest")
+            .field("value_bytes", &self.value.len())
+            .finish()
+    }
+}
+
+/// `POST /v1/secrets/rotate-key`: what a root key rotation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyResponse {
+    /// App data keys re-sealed under the new root key.
+    pub data_keys: u64,
+    /// Where the server keeps the new root key.
+    pub key_file: String,
 }
 
 pub const STATUS_DEPLOYED: &str = "Deployed";
@@ -279,6 +312,31 @@ mod tests {
         assert_eq!(
             Sealed::seal(&[0; 16], b"", b"x").unwrap_err(),
             SealError::KeyLength(16)
+        );
+    }
+
+    #[test]
+    fn init_config_debug_shows_names_not_values() {
+        use crate::internal::{InitConfig, InitFile};
+        let mut init = InitConfig::default();
+        init.env
+            .insert("DATABASE_URL".into(), "postgres://hunter2".into());
+        init.files.push(InitFile {
+            path: "/etc/key".into(),
+            content: "aHVudGVyMg==".into(),
+            mode: None,
+        });
+        let request = SetSecretsRequest {
+            values: BTreeMap::from([("DATABASE_URL".into(), Some("postgres://hunter2".into()))]),
+        };
+        let shown = format!("{init:?} {request:?}");
+        assert!(
+            shown.contains("DATABASE_URL") && shown.contains("/etc/key"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("aHVudGVyMg"),
+            "{shown}"
         );
     }
 

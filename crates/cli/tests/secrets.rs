@@ -6,6 +6,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -85,30 +86,57 @@ fn random_marker(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(bytes))
 }
 
-/// Every regular file under `root` whose bytes contain `needle`.
+/// Every file under `root` whose bytes contain `needle`, by `grep -r` (which reads
+/// binary files and VM disk images too, and skips sockets, FIFOs and devices).
 fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file()
-                && let Ok(bytes) = std::fs::read(&path)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                found.push(path);
-            }
-        }
-    }
-    found
+    let needle = std::str::from_utf8(needle).expect("test needles are text");
+    let output = Command::new("grep")
+        .args(["-r", "-l", "-s", "-F", "--devices=skip", "-e", needle])
+        .arg(root)
+        .output()
+        .expect("running grep");
+    // 0: found, 1: nothing found; 2 (trouble) still lists what it found.
+    assert!(
+        output.status.code().is_some_and(|c| c <= 2),
+        "grep failed: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Each machine of `hello` with its state and version (which any update changes).
+fn machine_versions(platform: &Platform, token: &str) -> Vec<(String, String, String)> {
+    let run = api(platform, token, "GET", "/v1/apps/hello/machines", None);
+    let (body, status) = run.stdout.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(status, "200", "{run}");
+    let machines: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {run}"));
+    let mut versions: Vec<(String, String, String)> = machines
+        .as_array()
+        .expect("a list of machines")
+        .iter()
+        .map(|m| {
+            let field = |name: &str| m[name].as_str().unwrap_or_default().to_string();
+            (field("id"), field("state"), field("instance_id"))
+        })
+        .collect();
+    versions.sort();
+    assert!(!versions.is_empty(), "{run}");
+    versions
+}
+
+/// The sealed values in the control plane's database, as stored.
+fn stored_ciphertexts(platform: &Platform) -> Vec<(String, Vec<u8>)> {
+    let db =
+        rusqlite::Connection::open(platform.data_dir().join("control.db")).expect("control.db");
+    let mut stmt = db
+        .prepare("SELECT name, ciphertext FROM secret_values ORDER BY name")
+        .expect("the vault's table");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("reading secret_values")
+        .collect::<Result<_, _>>()
+        .expect("reading secret_values")
 }
 
 fn in_machine_cgroup(pid: &str) -> bool {
@@ -251,6 +279,29 @@ fn secrets_reach_only_the_apps_machines() {
     assert!(unset.ok(), "{unset}");
     assert!(app_env(&platform).get("LATER").is_none());
 
+    // --detach returns at once; the rollout goes on and ends with every machine having it.
+    let detached = platform.aloft(&["secrets", "set", "-a", "hello", "--detach", "LATER=again"]);
+    assert!(
+        detached.ok() && detached.stdout.contains("goes on on the server"),
+        "{detached}"
+    );
+    let mut status = String::new();
+    for _ in 0..600 {
+        let json = platform.aloft(&["secrets", "list", "-a", "hello", "--json"]);
+        let listed: Value = serde_json::from_str(&json.stdout).unwrap_or_default();
+        status = listed
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == "LATER"))
+            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        if status == "Deployed" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(status, "Deployed", "{}", platform.server_log());
+    assert_eq!(app_env(&platform)["LATER"], "again");
+
     // A bad entry fails the batch, names itself, and stores nothing of it.
     let bad = platform.aloft(&["secrets", "set", "-a", "hello", "GOOD=1", "FLY_REGION=x"]);
     assert!(!bad.ok() && bad.stderr.contains("FLY_REGION"), "{bad}");
@@ -312,7 +363,61 @@ fn secrets_reach_only_the_apps_machines() {
     );
     assert_eq!(status_of(&run), "403", "{run}");
 
-    // After a server restart the machine comes back, with its secrets fetched again.
+    // Root key rotation: only the operator's admin token may, machines keep running, the
+    // stored values stay the same ciphertexts and still open; the old key is gone.
+    let key_file = platform.data_dir().join("secrets-root.key");
+    let old_key = std::fs::read_to_string(&key_file).expect("the server made a root key");
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let ciphertexts_before = stored_ciphertexts(&platform);
+    assert_eq!(ciphertexts_before.len(), 5, "{ciphertexts_before:?}");
+    for token in [&read_only, &other_app, &platform.host_token()] {
+        let run = api(
+            &platform,
+            token,
+            "POST",
+            "/v1/secrets/rotate-key",
+            Some("{}"),
+        );
+        assert_eq!(status_of(&run), "403", "{run}");
+    }
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), old_key);
+    let versions_before = machine_versions(&platform, &admin);
+    let rotate = platform.aloft(&["secrets", "rotate-key"]);
+    assert!(rotate.ok(), "{rotate}\n{}", platform.server_log());
+    assert!(
+        rotate.stdout.contains("Re-encrypted 1 app data key"),
+        "{rotate}"
+    );
+    let new_key = std::fs::read_to_string(&key_file).unwrap();
+    assert_ne!(new_key, old_key);
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(stored_ciphertexts(&platform), ciphertexts_before);
+    assert_eq!(
+        machine_versions(&platform, &admin),
+        versions_before,
+        "rotation leaves running machines alone"
+    );
+    assert_eq!(app_env(&platform)["DATABASE_URL"], marker.as_str());
+    // The agent's cached host key is stale now; the next start fetches it again.
+    let set = platform.aloft(&["secrets", "set", "-a", "hello", "API_KEY=k-456"]);
+    assert!(set.ok(), "{set}\n{}", platform.server_log());
+    let env = app_env(&platform);
+    assert_eq!(env["API_KEY"], "k-456");
+    assert_eq!(env["DATABASE_URL"], marker.as_str());
+    let old_key_files = files_containing(platform.root.path(), old_key.trim().as_bytes());
+    assert!(
+        old_key_files.is_empty(),
+        "the old root key is kept somewhere: {old_key_files:?}"
+    );
+
+    // After a server restart (only the new key exists) the machine comes back, with its
+    // secrets fetched again.
     let first_log = platform.server_log();
     platform.restart();
     let mut env = Value::Null;
@@ -389,5 +494,96 @@ fn secrets_reach_only_the_apps_machines() {
     assert!(
         in_machine,
         "the app's process has the secret in its environment"
+    );
+}
+
+/// The same search for a microVM (QEMU under TCG here): the secrets reach the guest over
+/// its agent channel, and no disk image, VM config, kernel command line, log or host
+/// process holds them.
+#[test]
+fn secrets_reach_a_microvm_and_stay_off_the_host() {
+    require_platform!();
+    if let Some(reason) = common::missing_vm_prerequisite() {
+        eprintln!("skipping microVM test: {reason}");
+        return;
+    }
+    let _lock = common::vm_lock();
+    let platform = Platform::start_with(&["--driver", "microvm", "--vm-accel", "tcg"]);
+    let marker = random_marker("VMSECRETMARK");
+    let file_content = random_marker("VMFILEMARK");
+    let file_b64 = base64::engine::general_purpose::STANDARD.encode(&file_content);
+
+    assert!(platform.aloft(&["apps", "create", "hello"]).ok());
+    let dir = platform.hello_app_dir("hello");
+    // busybox's cat and sync next to the app, to read the secret file inside the guest
+    // and flush it to the VM's disk.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+    for applet in ["cat", "sync"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY bin /bin\nCOPY hello /hello\nCMD [\"/hello\"]\n",
+    )
+    .unwrap();
+    let mut config = std::fs::read_to_string(dir.join("fly.toml")).unwrap();
+    config.push_str(
+        "\n[[files]]\n  guest_path = \"/etc/app-secret\"\n  secret_name = \"FILE_SECRET\"\n",
+    );
+    std::fs::write(dir.join("fly.toml"), config).unwrap();
+    let import = aloft_with(
+        &platform,
+        &["secrets", "import", "-a", "hello", "--stage"],
+        &format!("DATABASE_URL={marker}\nFILE_SECRET={file_b64}\n"),
+        None,
+    );
+    assert!(import.ok(), "{import}\n{}", platform.server_log());
+
+    let deploy = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
+    let env = app_env(&platform);
+    assert_eq!(env["DATABASE_URL"], marker.as_str(), "{env}");
+    assert_eq!(
+        env["GREETING"], "hello from aloft",
+        "[env] without a secret of its name stays"
+    );
+    let machine_id = env["FLY_MACHINE_ID"].as_str().unwrap().to_string();
+    let cat = platform.aloft(&[
+        "machine",
+        "exec",
+        &machine_id,
+        "-a",
+        "hello",
+        "--",
+        "cat",
+        "/etc/app-secret",
+    ]);
+    assert!(cat.ok(), "{cat}");
+    assert_eq!(cat.stdout, file_content, "the [[files]] secret, decoded");
+    let sync = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "sync"]);
+    assert!(sync.ok(), "{sync}");
+
+    for needle in [marker.as_str(), file_b64.as_str()] {
+        assert!(
+            !platform.server_log().contains(needle),
+            "server log holds a secret"
+        );
+        let files = files_containing(platform.root.path(), needle.as_bytes());
+        assert!(files.is_empty(), "files hold a secret: {files:?}");
+        let processes = processes_containing(needle.as_bytes());
+        assert!(
+            processes.is_empty(),
+            "processes show a secret: {processes:?}"
+        );
+    }
+    // The search reads the VM's disk: the decoded file the guest wrote is found there,
+    // and only in the machine's own directory.
+    let files = files_containing(platform.root.path(), file_content.as_bytes());
+    let machine_dir = platform.data_dir().join("agent/machines").join(&machine_id);
+    assert!(
+        !files.is_empty() && files.iter().all(|f| f.starts_with(&machine_dir)),
+        "{files:?}"
     );
 }

@@ -101,7 +101,32 @@ impl Catalog {
             hostnames,
             network_id,
             ips,
+            primary_region: self.primary_region(app),
         }
+    }
+
+    /// Where the app's latest release put its machines: its config's `primary_region`, or
+    /// the nearest region that has hosts, as the deploy placed them.
+    fn primary_region(&self, app: &AppRow) -> Option<String> {
+        let release = match self.store.releases(&app.id, 1) {
+            Ok(releases) => releases.into_iter().next()?,
+            Err(err) => {
+                tracing::error!(app = %app.name, error = %err, "reading the app's latest release");
+                return None;
+            }
+        };
+        let config: serde_json::Value = serde_json::from_str(&release.config).ok()?;
+        let wanted = config
+            .get("primary_region")
+            .and_then(|r| r.as_str())
+            .filter(|r| !r.is_empty())?;
+        let placed = self
+            .store
+            .hosts()
+            .ok()
+            .and_then(|hosts| crate::hosts::place(&hosts, wanted).ok())
+            .map(|p| p.region);
+        Some(placed.unwrap_or_else(|| wanted.to_string()))
     }
 
     fn app_json(&self, entry: &CatalogApp, certificates: &[CertificateRow]) -> serde_json::Value {

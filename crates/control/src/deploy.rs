@@ -462,6 +462,8 @@ impl Deployer<'_> {
             &description,
             user,
         )?;
+        // Proxies learn the release's primary region (min_machines_running applies there).
+        self.plane.catalog.app_changed(self.app);
         self.progress.emit(DeployEvent::Release {
             version: release.version,
             image: image.clone(),

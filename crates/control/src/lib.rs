@@ -83,7 +83,7 @@ pub struct ControlPlane {
 }
 
 pub const DEFAULT_ORG: &str = "personal";
-const SETTING_ADMIN_TOKEN_ID: &str = "admin_token_id";
+pub(crate) const SETTING_ADMIN_TOKEN_ID: &str = "admin_token_id";
 const SETTING_HOST_TOKEN_ID: &str = "host_token_id";
 
 impl ControlPlane {
@@ -135,13 +135,12 @@ impl ControlPlane {
             "local host",
         )?;
         let db_path = config.data_dir.join("control.db");
-        let (root_key, key_source) = vault::load_root_key(&config.data_dir)?;
-        tracing::info!(root_key = %key_source, "secrets vault ready");
+        let root_key = vault::load_root_key(&config.data_dir)?;
+        tracing::info!(root_key = %root_key.source, "secrets vault ready");
         let secrets = Arc::new(
-            vault::Vault::open(&db_path, &root_key)
+            vault::Vault::open(&db_path, root_key)
                 .with_context(|| format!("opening the secrets vault in {}", db_path.display()))?,
         );
-        drop(root_key);
         let interrupted = store.interrupt_running_releases()?;
         if interrupted > 0 {
             tracing::warn!(

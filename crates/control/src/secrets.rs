@@ -12,6 +12,8 @@
 //!   [`DeployEvent`]s, like `/deploys`).
 //! - `GET /v1/hosts/{host}/secrets-key` and `GET /v1/hosts/{host}/machines/{id}/secrets`:
 //!   host tokens only; the second answers only for a live machine placed on that host.
+//! - `POST /v1/secrets/rotate-key`: re-seals every app's data key under a new root key
+//!   (the operator's admin token only; the root key is the whole platform's).
 //!
 //! Setting and listing need deploy rights on the app: a read-only token gets 403, a token
 //! for other apps (or another org) 404, as for every app route.
@@ -22,8 +24,9 @@ use std::sync::Arc;
 use aloft_api::MachineState;
 use aloft_api::internal::{DeployEvent, DeployRequest};
 use aloft_api::secrets::{
-    AppSecret, HostSecretsKey, ListSecretsResponse, MachineSecrets, STATUS_DEPLOYED,
-    STATUS_PARTIAL, STATUS_STAGED, SetSecretRequest, SetSecretsRequest, encode_key,
+    AppSecret, HostSecretsKey, ListSecretsResponse, MachineSecrets, RotateKeyResponse,
+    STATUS_DEPLOYED, STATUS_PARTIAL, STATUS_STAGED, SetSecretRequest, SetSecretsRequest,
+    encode_key,
 };
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -66,6 +69,7 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
             "/v1/hosts/{host}/machines/{id}/secrets",
             get(machine_secrets),
         )
+        .route("/v1/secrets/rotate-key", post(rotate_root_key))
 }
 
 impl From<VaultError> for ApiError {
@@ -456,6 +460,42 @@ async fn machine_secrets(
         &machine.id,
     )?;
     Ok(Json(bundle))
+}
+
+/// Platform-wide operations on secrets are the operator's: the admin token `aloft server`
+/// made on first start, without caveats.
+fn require_operator(plane: &ControlPlane, caller: &Caller) -> ApiResult<()> {
+    let admin = plane.store.setting(crate::SETTING_ADMIN_TOKEN_ID)?;
+    if caller.is_host() || admin.as_deref() != Some(caller.token_id.as_str()) {
+        return Err(ApiError::forbidden(
+            "rotating the secrets root key needs the platform operator's admin token (the one `aloft server` wrote to its config)",
+        ));
+    }
+    caller.require_org_write()
+}
+
+async fn rotate_root_key(
+    State(plane): Plane,
+    caller: Caller,
+) -> ApiResult<Json<RotateKeyResponse>> {
+    require_operator(&plane, &caller)?;
+    let vault = plane.secrets.clone();
+    let rotation = tokio::task::spawn_blocking(move || vault.rotate_root_key())
+        .await
+        .map_err(|e| ApiError::internal(format!("the rotation stopped: {e}")))?
+        .map_err(|err| match err {
+            VaultError::RootKeyNotReplaceable => ApiError::conflict(err.to_string()),
+            other => other.into(),
+        })?;
+    tracing::info!(
+        data_keys = rotation.data_keys,
+        key_file = %rotation.key_file.display(),
+        "secrets root key rotated"
+    );
+    Ok(Json(RotateKeyResponse {
+        data_keys: rotation.data_keys as u64,
+        key_file: rotation.key_file.display().to_string(),
+    }))
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //!   created with mode 0600 on first start. Operators who keep the key in their own KMS
 //!   hand it over through one of the variables; it is then never written by Aloft.
 //! - From it, by HMAC-SHA256 with distinct labels: the key-encryption key that seals each
-//!   app's **data key**, the key of the value digests, and one **host key** per host.
+//!   app's **data key**, one **host key** per host, and a check value stored in the database
+//!   so a start with the wrong root key is refused before anything is sealed under it.
 //! - Each app has a random data key, stored sealed under the key-encryption key with the
 //!   app's id as associated data. Values are sealed under the data key with the app's and
 //!   the secret's names as associated data ([`aloft_api::secrets::secret_aad`]), so a
@@ -20,10 +21,16 @@
 //! host token and also kept in memory only. A host is handed an app's data key only for a
 //! live machine placed on it.
 //!
-//! Digests are HMAC-SHA256 of the value under a key derived from the root key (and the
-//! app's id), cut to 128 bits: equal values in one app show equal digests, but a digest
-//! seen in the API cannot be checked against guesses without the root key, so short
-//! secrets cannot be brute-forced from it.
+//! Digests are HMAC-SHA256 of the value under a key derived from the app's data key, cut
+//! to 128 bits: equal values in one app show equal digests, but a digest seen in the API
+//! cannot be checked against guesses without the data key, so short secrets cannot be
+//! brute-forced from it; and a root key rotation leaves digests as they are.
+//!
+//! Rotation ([`Vault::rotate_root_key`]) re-seals every app's data key under a new root
+//! key in one transaction; values stay sealed as they are under their data keys, so
+//! nothing about a running machine changes. The new key is written next to the key file
+//! (`<file>.new`) before the transaction and renamed over it after; a start that finds the
+//! database already rotated but the rename not done finishes it.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -54,6 +61,10 @@ pub enum VaultError {
     Corrupt { app: String, what: String },
     #[error("sealing a secret failed")]
     Seal,
+    #[error(
+        "the secrets root key comes from ${ROOT_KEY_ENV}, which the server cannot replace; to rotate it here, give it as a file with ${ROOT_KEY_FILE_ENV} instead"
+    )]
+    RootKeyNotReplaceable,
 }
 
 /// Where the root key came from, for the startup log (never the key itself).
@@ -74,11 +85,43 @@ impl std::fmt::Display for RootKeySource {
     }
 }
 
+impl RootKeySource {
+    /// The file that holds the key, which a rotation replaces.
+    fn file(&self) -> Option<&Path> {
+        match self {
+            RootKeySource::Env => None,
+            RootKeySource::File(path) | RootKeySource::Created(path) => Some(path),
+        }
+    }
+}
+
+/// A root key and where it came from.
+pub struct RootKey {
+    key: Vec<u8>,
+    pub source: RootKeySource,
+}
+
+impl RootKey {
+    pub fn new(key: Vec<u8>, source: RootKeySource) -> Self {
+        Self { key, source }
+    }
+}
+
+impl std::fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RootKey")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Derived keys; the root key itself is not kept.
 struct Keys {
     key_encryption: [u8; KEY_LEN],
-    digest: [u8; KEY_LEN],
     host: [u8; KEY_LEN],
+    /// Stored in the database: tells whether a root key is the one the data keys are
+    /// sealed under.
+    check: String,
 }
 
 fn derive(root: &[u8], label: &[u8]) -> [u8; KEY_LEN] {
@@ -91,53 +134,73 @@ impl Keys {
     fn from_root(root: &[u8]) -> Self {
         Self {
             key_encryption: derive(root, b"aloft/secrets/key-encryption/v1"),
-            digest: derive(root, b"aloft/secrets/digest/v1"),
             host: derive(root, b"aloft/secrets/host/v1"),
+            check: hex::encode(derive(root, b"aloft/secrets/key-check/v1")),
         }
     }
 }
 
+/// Where a rotation puts the new key until the database is re-sealed under it.
+fn pending_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_os_string();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+}
+
+/// Writes a new key file, mode 0600; fails if `path` exists.
+fn create_key_file(path: &Path, key: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(encode_key(key).as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
+
 /// Loads the root key: from the environment, a named file, or the data dir (created once).
-pub fn load_root_key(data_dir: &Path) -> Result<(Vec<u8>, RootKeySource), VaultError> {
+pub fn load_root_key(data_dir: &Path) -> Result<RootKey, VaultError> {
     if let Ok(text) = std::env::var(ROOT_KEY_ENV) {
         let key = decode_key(&text).map_err(|e| {
             VaultError::RootKey(format!(
                 "${ROOT_KEY_ENV} must be the base64 of 32 bytes (e.g. `openssl rand -base64 32`): {e}"
             ))
         })?;
-        return Ok((key, RootKeySource::Env));
+        return Ok(RootKey::new(key, RootKeySource::Env));
     }
     if let Some(path) = std::env::var_os(ROOT_KEY_FILE_ENV) {
         let path = PathBuf::from(path);
-        return Ok((read_key_file(&path)?, RootKeySource::File(path)));
+        return Ok(RootKey::new(
+            read_key_file(&path)?,
+            RootKeySource::File(path),
+        ));
     }
     let path = data_dir.join(ROOT_KEY_FILE);
     if path.exists() {
-        return Ok((read_key_file(&path)?, RootKeySource::File(path)));
+        return Ok(RootKey::new(
+            read_key_file(&path)?,
+            RootKeySource::File(path),
+        ));
     }
     let mut key = vec![0u8; KEY_LEN];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
-    let created = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut file| {
-            file.write_all(encode_key(&key).as_bytes())?;
-            file.write_all(b"\n")?;
-            file.sync_all()
-        });
-    match created {
+    match create_key_file(&path, &key) {
         Ok(()) => {
-            if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
-                let _ = dir.sync_all();
-            }
-            Ok((key, RootKeySource::Created(path)))
+            sync_parent(&path);
+            Ok(RootKey::new(key, RootKeySource::Created(path)))
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            Ok((read_key_file(&path)?, RootKeySource::File(path)))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(RootKey::new(
+            read_key_file(&path)?,
+            RootKeySource::File(path),
+        )),
         Err(e) => Err(VaultError::RootKey(format!(
             "creating {}: {e}",
             path.display()
@@ -201,7 +264,10 @@ CREATE TABLE IF NOT EXISTS secret_deliveries (
     delivered_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS secret_deliveries_by_app ON secret_deliveries(app_id);
+CREATE TABLE IF NOT EXISTS secret_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 "#;
+
+const META_KEY_CHECK: &str = "root_key_check";
 
 /// The app whose secrets a call is about: its id keys the rows, its name is bound into
 /// every sealed value.
@@ -211,9 +277,25 @@ pub struct AppRef<'a> {
     pub name: &'a str,
 }
 
-pub struct Vault {
-    conn: Mutex<Connection>,
+struct Inner {
+    conn: Connection,
     keys: Keys,
+}
+
+pub struct Vault {
+    inner: Mutex<Inner>,
+    /// The root key's file, which a rotation replaces (`None` when it came from the
+    /// environment).
+    root_file: Option<PathBuf>,
+}
+
+/// What a root key rotation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// App data keys re-sealed under the new root key.
+    pub data_keys: usize,
+    /// Where the new root key is.
+    pub key_file: PathBuf,
 }
 
 fn now_rfc3339() -> String {
@@ -224,62 +306,218 @@ fn key_aad(app_id: &str) -> Vec<u8> {
     format!("aloft/app-data-key/v1\0{app_id}").into_bytes()
 }
 
+fn meta(c: &Connection, key: &str) -> Result<Option<String>, VaultError> {
+    Ok(
+        c.query_row("SELECT value FROM secret_meta WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()?,
+    )
+}
+
+fn set_meta(c: &Connection, key: &str, value: &str) -> Result<(), VaultError> {
+    c.execute(
+        "INSERT INTO secret_meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+fn wrong_root_key(source: &RootKeySource) -> VaultError {
+    VaultError::RootKey(format!(
+        "the key from {source} is not the one the stored secrets are sealed with; start with the original key (in <data dir>/{ROOT_KEY_FILE}, ${ROOT_KEY_ENV} or the file ${ROOT_KEY_FILE_ENV} names)"
+    ))
+}
+
+/// Checks `root` against the database and returns the key to use: `root` itself, or the
+/// new key of a rotation whose transaction committed but whose key file was not replaced
+/// yet (the replacement is finished here).
+fn settle_root_key(c: &Connection, root: RootKey) -> Result<RootKey, VaultError> {
+    let check = Keys::from_root(&root.key).check;
+    let pending = root.source.file().map(pending_path);
+    match meta(c, META_KEY_CHECK)? {
+        Some(stored) if stored == check => {
+            // A rotation that did not commit leaves its new key behind; it sealed nothing.
+            if let Some(pending) = pending.filter(|p| p.exists()) {
+                tracing::warn!(file = %pending.display(), "removing the key of a root key rotation that did not complete");
+                let _ = std::fs::remove_file(&pending);
+            }
+            Ok(root)
+        }
+        Some(stored) => {
+            if let (Some(file), Some(pending)) = (root.source.file(), pending)
+                && pending.exists()
+            {
+                let new_key = read_key_file(&pending)?;
+                if Keys::from_root(&new_key).check == stored {
+                    std::fs::rename(&pending, file).map_err(|e| {
+                        VaultError::RootKey(format!(
+                            "finishing a root key rotation: moving {} to {}: {e}",
+                            pending.display(),
+                            file.display()
+                        ))
+                    })?;
+                    sync_parent(file);
+                    tracing::warn!(file = %file.display(), "finished a root key rotation that was cut short");
+                    return Ok(RootKey::new(
+                        new_key,
+                        RootKeySource::File(file.to_path_buf()),
+                    ));
+                }
+            }
+            if let RootKeySource::Created(path) = &root.source {
+                // Made just now for a database that already has secrets: it is of no use,
+                // and must not be mistaken for the real key next time.
+                let _ = std::fs::remove_file(path);
+            }
+            Err(wrong_root_key(&root.source))
+        }
+        None => {
+            // The vault's first start with key checks: stored data keys must open.
+            let row: Option<(String, Vec<u8>, Vec<u8>)> = c
+                .query_row(
+                    "SELECT app_id, nonce, wrapped FROM secret_keys LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((app_id, nonce, wrapped)) = row {
+                let keys = Keys::from_root(&root.key);
+                if open_raw(&keys.key_encryption, &key_aad(&app_id), &nonce, &wrapped).is_err() {
+                    if let RootKeySource::Created(path) = &root.source {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(wrong_root_key(&root.source));
+                }
+            }
+            set_meta(c, META_KEY_CHECK, &check)?;
+            Ok(root)
+        }
+    }
+}
+
+/// The digest the API shows for `value`, keyed by the app's data key.
+fn digest(data_key: &[u8], value: &str) -> String {
+    let key = derive(data_key, b"aloft/secrets/digest/v1");
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
+    mac.update(value.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
+fn host_key(keys: &Keys, host_id: &str) -> Vec<u8> {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(&keys.host).expect("HMAC takes any key length");
+    mac.update(host_id.as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
 impl Vault {
-    /// Opens the vault's tables in the database at `db_path` (its own connection).
-    pub fn open(db_path: &Path, root_key: &[u8]) -> Result<Self, VaultError> {
-        Self::init(Connection::open(db_path)?, root_key)
+    /// Opens the vault's tables in the database at `db_path` (its own connection). Refuses
+    /// a root key other than the one the stored secrets are sealed with.
+    pub fn open(db_path: &Path, root: RootKey) -> Result<Self, VaultError> {
+        Self::init(Connection::open(db_path)?, root)
     }
 
     pub fn open_in_memory(root_key: &[u8]) -> Result<Self, VaultError> {
-        Self::init(Connection::open_in_memory()?, root_key)
+        Self::init(
+            Connection::open_in_memory()?,
+            RootKey::new(root_key.to_vec(), RootKeySource::Env),
+        )
     }
 
-    fn init(conn: Connection, root_key: &[u8]) -> Result<Self, VaultError> {
-        if root_key.len() != KEY_LEN {
+    fn init(conn: Connection, root: RootKey) -> Result<Self, VaultError> {
+        if root.key.len() != KEY_LEN {
             return Err(VaultError::RootKey(format!(
                 "must be 32 bytes, not {}",
-                root_key.len()
+                root.key.len()
             )));
         }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let root = settle_root_key(&conn, root)?;
         Ok(Self {
-            conn: Mutex::new(conn),
-            keys: Keys::from_root(root_key),
+            inner: Mutex::new(Inner {
+                conn,
+                keys: Keys::from_root(&root.key),
+            }),
+            root_file: root.source.file().map(Path::to_path_buf),
         })
     }
 
     fn with<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, VaultError>,
+        f: impl FnOnce(&mut Connection, &Keys) -> Result<T, VaultError>,
     ) -> Result<T, VaultError> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard)
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
+        f(&mut inner.conn, &inner.keys)
     }
 
-    /// The digest the API shows for `value` of an app.
-    pub fn digest(&self, app_id: &str, value: &str) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.keys.digest)
-            .expect("HMAC takes any key length");
-        mac.update(app_id.as_bytes());
-        mac.update(&[0]);
-        mac.update(value.as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..16])
-    }
-
-    /// The key this host's agent opens app data keys with.
+    /// The key this host's agent opens app data keys with. It changes with the root key.
     pub fn host_key(&self, host_id: &str) -> Vec<u8> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.keys.host)
-            .expect("HMAC takes any key length");
-        mac.update(host_id.as_bytes());
-        mac.finalize().into_bytes().to_vec()
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        host_key(&guard.keys, host_id)
+    }
+
+    /// Re-seals every app's data key under a new random root key, which replaces the key
+    /// file; stored values are untouched, so they open as before and machines go on
+    /// running. Afterwards the old root key opens nothing.
+    pub fn rotate_root_key(&self) -> Result<Rotation, VaultError> {
+        let file = self
+            .root_file
+            .clone()
+            .ok_or(VaultError::RootKeyNotReplaceable)?;
+        let mut new_root = vec![0u8; KEY_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut new_root);
+        let new_keys = Keys::from_root(&new_root);
+        let pending = pending_path(&file);
+        // Held throughout: one rotation at a time, and nothing is sealed under the old
+        // key once the data keys are re-sealed.
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match std::fs::remove_file(&pending) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(VaultError::RootKey(format!(
+                    "removing {}: {e}",
+                    pending.display()
+                )));
+            }
+        }
+        create_key_file(&pending, &new_root).map_err(|e| {
+            VaultError::RootKey(format!("writing the new key to {}: {e}", pending.display()))
+        })?;
+        sync_parent(&pending);
+        let inner = &mut *guard;
+        let resealed = reseal_data_keys(&mut inner.conn, &inner.keys, &new_keys);
+        let data_keys = match resealed {
+            Ok(count) => count,
+            Err(err) => {
+                let _ = std::fs::remove_file(&pending);
+                return Err(err);
+            }
+        };
+        inner.keys = new_keys;
+        drop(guard);
+        std::fs::rename(&pending, &file).map_err(|e| {
+            VaultError::RootKey(format!(
+                "the secrets are sealed under the new root key in {}, but moving it to {} failed: {e} (the next start moves it)",
+                pending.display(),
+                file.display()
+            ))
+        })?;
+        sync_parent(&file);
+        Ok(Rotation {
+            data_keys,
+            key_file: file,
+        })
     }
 
     /// The app's secrets (no values), by name, and its secrets version.
     pub fn list(&self, app_id: &str) -> Result<(Vec<SecretInfo>, u64), VaultError> {
-        self.with(|c| {
+        self.with(|c, _| {
             let version = app_version(c, app_id)?;
             let mut stmt = c.prepare(
                 "SELECT name, digest, version, created_at, updated_at, length(ciphertext) FROM secret_values WHERE app_id = ?1 ORDER BY name",
@@ -304,9 +542,9 @@ impl Vault {
     /// keep their row. Returns the app's secrets version after the change. The caller
     /// has validated the batch.
     pub fn change(&self, app: AppRef<'_>, changes: &[(String, Change)]) -> Result<u64, VaultError> {
-        self.with(|c| {
+        self.with(|c, keys| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let data_key = data_key(&tx, &self.keys, app, true)?
+            let data_key = data_key(&tx, keys, app, true)?
                 .ok_or_else(|| VaultError::RootKey("no data key".into()))?;
             let version = app_version(&tx, app.id)? + 1;
             let now = now_rfc3339();
@@ -314,7 +552,7 @@ impl Vault {
             for (name, change) in changes {
                 match change {
                     Change::Set(value) => {
-                        let digest = self.digest(app.id, value);
+                        let digest = digest(&data_key, value);
                         let current: Option<String> = tx
                             .query_row(
                                 "SELECT digest FROM secret_values WHERE app_id = ?1 AND name = ?2",
@@ -368,7 +606,7 @@ impl Vault {
         host_id: &str,
         machine_id: &str,
     ) -> Result<MachineSecrets, VaultError> {
-        self.with(|c| {
+        self.with(|c, keys| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let version = app_version(&tx, app.id)?;
             let mut bundle = MachineSecrets {
@@ -377,8 +615,8 @@ impl Vault {
                 data_key: None,
                 secrets: Vec::new(),
             };
-            if let Some(data_key) = data_key(&tx, &self.keys, app, false)? {
-                let host_key = self.host_key(host_id);
+            if let Some(data_key) = data_key(&tx, keys, app, false)? {
+                let host_key = host_key(keys, host_id);
                 bundle.data_key = Some(
                     Sealed::seal(&host_key, &host_wrap_aad(host_id, app.name), &data_key)
                         .map_err(|_| VaultError::Seal)?,
@@ -413,7 +651,7 @@ impl Vault {
         &self,
         app_id: &str,
     ) -> Result<std::collections::HashMap<String, u64>, VaultError> {
-        self.with(|c| {
+        self.with(|c, _| {
             let mut stmt =
                 c.prepare("SELECT machine_id, version FROM secret_deliveries WHERE app_id = ?1")?;
             let rows = stmt
@@ -425,7 +663,7 @@ impl Vault {
 
     /// Removes everything of an app (it was deleted).
     pub fn forget_app(&self, app_id: &str) -> Result<(), VaultError> {
-        self.with(|c| {
+        self.with(|c, _| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute("DELETE FROM secret_values WHERE app_id = ?1", [app_id])?;
             tx.execute("DELETE FROM secret_keys WHERE app_id = ?1", [app_id])?;
@@ -434,6 +672,34 @@ impl Vault {
             Ok(())
         })
     }
+}
+
+/// Re-seals every data key from `old` to `new` and records `new`'s check value, in one
+/// transaction. Returns how many data keys there are.
+fn reseal_data_keys(c: &mut Connection, old: &Keys, new: &Keys) -> Result<usize, VaultError> {
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let rows: Vec<(String, Vec<u8>, Vec<u8>)> = tx
+        .prepare("SELECT app_id, nonce, wrapped FROM secret_keys")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (app_id, nonce, wrapped) in &rows {
+        let aad = key_aad(app_id);
+        let key = open_raw(&old.key_encryption, &aad, nonce, wrapped).map_err(|_| {
+            VaultError::Corrupt {
+                app: app_id.clone(),
+                what: "the data key".into(),
+            }
+        })?;
+        let (nonce, wrapped) =
+            seal_raw(&new.key_encryption, &aad, &key).map_err(|_| VaultError::Seal)?;
+        tx.execute(
+            "UPDATE secret_keys SET nonce = ?2, wrapped = ?3 WHERE app_id = ?1",
+            params![app_id, nonce, wrapped],
+        )?;
+    }
+    set_meta(&tx, META_KEY_CHECK, &new.check)?;
+    tx.commit()?;
+    Ok(rows.len())
 }
 
 fn app_version(c: &Connection, app_id: &str) -> Result<u64, VaultError> {
@@ -510,7 +776,7 @@ mod tests {
             .unwrap();
         assert_eq!(version, 1);
         let stored: Vec<u8> = vault
-            .with(|c| {
+            .with(|c, _| {
                 Ok(c.query_row(
                     "SELECT ciphertext FROM secret_values WHERE name = 'DATABASE_URL'",
                     [],
@@ -542,7 +808,7 @@ mod tests {
         vault.change(other, &[set("A", "x")]).unwrap();
         // Copy web's A over api's A, and over web's B.
         vault
-            .with(|c| {
+            .with(|c, _| {
                 c.execute_batch(
                     "UPDATE secret_values SET (nonce, ciphertext) = (SELECT nonce, ciphertext FROM secret_values WHERE app_id = 'app1' AND name = 'A') WHERE app_id = 'app2' AND name = 'A';
                      UPDATE secret_values SET (nonce, ciphertext) = (SELECT nonce, ciphertext FROM secret_values WHERE app_id = 'app1' AND name = 'A') WHERE app_id = 'app1' AND name = 'B';",
@@ -560,17 +826,168 @@ mod tests {
         );
     }
 
+    fn env_key(byte: u8) -> RootKey {
+        RootKey::new(vec![byte; KEY_LEN], RootKeySource::Env)
+    }
+
     #[test]
-    fn another_root_key_cannot_open_the_data_key() {
+    fn another_root_key_is_refused_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("control.db");
-        Vault::open(&db, &[1u8; KEY_LEN])
+        Vault::open(&db, env_key(1))
             .unwrap()
             .change(APP, &[set("A", "1")])
             .unwrap();
-        let wrong = Vault::open(&db, &[2u8; KEY_LEN]).unwrap();
-        let err = wrong.machine_secrets(APP, "h1", "m1").unwrap_err();
-        assert!(err.to_string().contains("root key changed"), "{err}");
+        let err = Vault::open(&db, env_key(2)).err().expect("a wrong key");
+        assert!(
+            err.to_string().contains("not the one the stored secrets"),
+            "{err}"
+        );
+        // A key file made just now for a database with secrets is removed again.
+        let created = dir.path().join(ROOT_KEY_FILE);
+        std::fs::write(&created, "x").unwrap();
+        let err = Vault::open(
+            &db,
+            RootKey::new(vec![2; KEY_LEN], RootKeySource::Created(created.clone())),
+        )
+        .err()
+        .expect("a wrong key");
+        assert!(err.to_string().contains("(created)"), "{err}");
+        assert!(!created.exists());
+        assert!(Vault::open(&db, env_key(1)).is_ok());
+    }
+
+    /// A vault whose root key lives in `<dir>/secrets-root.key`, as on a default server.
+    fn file_vault(dir: &Path) -> Vault {
+        let root = load_root_key(dir).unwrap();
+        Vault::open(&dir.join("control.db"), root).unwrap()
+    }
+
+    fn stored_values(vault: &Vault) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+        vault
+            .with(|c, _| {
+                let mut stmt = c.prepare(
+                    "SELECT name, nonce, ciphertext FROM secret_values ORDER BY app_id, name",
+                )?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn rotation_reseals_data_keys_and_retires_the_old_root_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join(ROOT_KEY_FILE);
+        let other = AppRef {
+            id: "app2",
+            name: "api",
+        };
+        let vault = file_vault(dir.path());
+        vault
+            .change(APP, &[set("DATABASE_URL", "pg://a"), set("B", "b")])
+            .unwrap();
+        vault.change(other, &[set("TOKEN", "t")]).unwrap();
+        let digests_before = vault.list("app1").unwrap().0;
+        let values_before = stored_values(&vault);
+        let old_key = std::fs::read_to_string(&key_file).unwrap();
+
+        let rotation = vault.rotate_root_key().unwrap();
+        assert_eq!(
+            rotation,
+            Rotation {
+                data_keys: 2,
+                key_file: key_file.clone()
+            }
+        );
+        let new_key = std::fs::read_to_string(&key_file).unwrap();
+        assert_ne!(new_key, old_key);
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!pending_path(&key_file).exists());
+        // The values are the very same ciphertexts, and they open, in this process...
+        assert_eq!(stored_values(&vault), values_before);
+        assert_eq!(vault.list("app1").unwrap().0, digests_before);
+        let opened = vault
+            .machine_secrets(APP, "h1", "m1")
+            .unwrap()
+            .open(&vault.host_key("h1"), "h1", "web")
+            .unwrap();
+        assert_eq!(opened["DATABASE_URL"], "pg://a");
+        drop(vault);
+        // ...and after a restart with only the new key file.
+        let vault = file_vault(dir.path());
+        let opened = vault
+            .machine_secrets(other, "h1", "m2")
+            .unwrap()
+            .open(&vault.host_key("h1"), "h1", "api")
+            .unwrap();
+        assert_eq!(opened["TOKEN"], "t");
+        // New values seal under the same data keys: digests of equal values stay equal.
+        vault.change(APP, &[set("C", "b")]).unwrap();
+        let listed = vault.list("app1").unwrap().0;
+        assert_eq!(
+            (listed[0].name.as_str(), listed[1].name.as_str()),
+            ("B", "C")
+        );
+        assert_eq!(listed[0].digest, listed[1].digest);
+        drop(vault);
+        // The old key opens nothing any more.
+        let old = RootKey::new(decode_key(&old_key).unwrap(), RootKeySource::Env);
+        let err = Vault::open(&dir.path().join("control.db"), old)
+            .err()
+            .expect("the old key is refused");
+        assert!(
+            err.to_string().contains("not the one the stored secrets"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_rotation_cut_short_is_finished_or_undone_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join(ROOT_KEY_FILE);
+        let pending = pending_path(&key_file);
+        let vault = file_vault(dir.path());
+        vault.change(APP, &[set("A", "1")]).unwrap();
+        let old_key = std::fs::read(&key_file).unwrap();
+        vault.rotate_root_key().unwrap();
+        drop(vault);
+        let new_key = std::fs::read(&key_file).unwrap();
+
+        // Committed, but the new key was not moved over the old one yet.
+        std::fs::rename(&key_file, &pending).unwrap();
+        std::fs::write(&key_file, &old_key).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let vault = file_vault(dir.path());
+        assert_eq!(std::fs::read(&key_file).unwrap(), new_key);
+        assert!(!pending.exists());
+        let bundle = vault.machine_secrets(APP, "h1", "m1").unwrap();
+        assert_eq!(
+            bundle.open(&vault.host_key("h1"), "h1", "web").unwrap()["A"],
+            "1"
+        );
+        drop(vault);
+
+        // Not committed: the new key was written, the database still has the current one.
+        create_key_file(&pending, &[9u8; KEY_LEN]).unwrap();
+        let vault = file_vault(dir.path());
+        assert!(!pending.exists());
+        assert_eq!(std::fs::read(&key_file).unwrap(), new_key);
+        assert!(vault.machine_secrets(APP, "h1", "m1").is_ok());
+    }
+
+    #[test]
+    fn a_key_from_the_environment_is_not_rotated_here() {
+        let vault = vault();
+        vault.change(APP, &[set("A", "1")]).unwrap();
+        let err = vault.rotate_root_key().unwrap_err();
+        assert!(matches!(err, VaultError::RootKeyNotReplaceable), "{err}");
+        assert!(err.to_string().contains(ROOT_KEY_FILE_ENV), "{err}");
     }
 
     #[test]
@@ -588,15 +1005,23 @@ mod tests {
         let versions: Vec<(&str, u64)> =
             list.iter().map(|s| (s.name.as_str(), s.version)).collect();
         assert_eq!(versions, vec![("A", 2), ("B", 1)]);
-        assert_eq!(list[0].digest, vault.digest("app1", "3"));
         assert_eq!(list[0].digest.len(), 32);
-        assert_ne!(vault.digest("app1", "3"), vault.digest("app2", "3"));
-        // Digests are keyed: another root key gives another digest of the same value.
-        let other = Vault::open_in_memory(&[4u8; KEY_LEN]).unwrap();
-        assert_ne!(other.digest("app1", "3"), vault.digest("app1", "3"));
+        assert_ne!(list[0].digest, list[1].digest);
+        // Digests are keyed by the app's data key: the same value elsewhere digests
+        // differently, and the same value in the same app alike.
+        let other = AppRef {
+            id: "app2",
+            name: "api",
+        };
+        vault.change(other, &[set("A", "3")]).unwrap();
+        assert_ne!(vault.list("app2").unwrap().0[0].digest, list[0].digest);
+        vault.change(APP, &[set("C", "3")]).unwrap();
+        let again = vault.list("app1").unwrap().0;
+        assert_eq!(again[2].digest, list[0].digest);
+        vault.change(APP, &[("C".into(), Change::Unset)]).unwrap();
         assert_eq!(
             vault.change(APP, &[("B".into(), Change::Unset)]).unwrap(),
-            3
+            5
         );
         assert_eq!(vault.list("app1").unwrap().0.len(), 1);
         vault.forget_app("app1").unwrap();
@@ -611,14 +1036,14 @@ mod tests {
         {
             return;
         }
-        let (key, source) = load_root_key(dir.path()).unwrap();
+        let RootKey { key, source } = load_root_key(dir.path()).unwrap();
         let path = dir.path().join(ROOT_KEY_FILE);
         assert_eq!(source, RootKeySource::Created(path.clone()));
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        let (again, source) = load_root_key(dir.path()).unwrap();
+        let RootKey { key: again, source } = load_root_key(dir.path()).unwrap();
         assert_eq!(again, key);
         assert_eq!(source, RootKeySource::File(path.clone()));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();

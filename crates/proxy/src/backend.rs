@@ -64,6 +64,12 @@ impl BackendError {
             BackendError::Connect { .. } | BackendError::ConnectTimeout(_)
         )
     }
+
+    /// Whether the request may go to another machine: nothing reached the app, or the
+    /// request is idempotent and no response came back.
+    pub fn may_retry(&self, idempotent: bool) -> bool {
+        self.is_connect() || (idempotent && matches!(self, BackendError::Http { .. }))
+    }
 }
 
 struct Idle {
@@ -78,6 +84,8 @@ pub struct Backend {
     /// Requests (or connections) in flight to this backend.
     load: AtomicU32,
     idle: Mutex<Vec<Idle>>,
+    /// Idle raw connections of the fast path (LIFO).
+    raw_idle: Mutex<Vec<crate::raw::IdleStream>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<ReqBody>>>,
     retired: AtomicBool,
     settings: PoolSettings,
@@ -92,6 +100,7 @@ impl Backend {
             machine_id,
             load: AtomicU32::new(0),
             idle: Mutex::new(Vec::new()),
+            raw_idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             retired: AtomicBool::new(false),
             settings,
@@ -148,10 +157,23 @@ impl Backend {
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         self.lock_idle().clear();
+        self.lock_raw().clear();
+    }
+
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn settings(&self) -> &PoolSettings {
+        &self.settings
     }
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock_raw(&self) -> std::sync::MutexGuard<'_, Vec<crate::raw::IdleStream>> {
+        self.raw_idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn pop_idle(&self) -> Option<http1::SendRequest<ReqBody>> {
@@ -169,6 +191,8 @@ impl Backend {
         let mut idle = self.lock_idle();
         let timeout = self.settings.idle_timeout;
         idle.retain(|e| e.since.elapsed() < timeout && !e.sender.is_closed());
+        drop(idle);
+        self.lock_raw().retain(|e| e.since.elapsed() < timeout);
     }
 
     fn push_idle(&self, sender: http1::SendRequest<ReqBody>) {

@@ -10,6 +10,10 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::backend::{LoadGuard, PooledH1};
+use crate::raw::RawBody;
+
+/// Why a response body stopped early.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body on its way to a backend.
 pub enum ReqBody {
@@ -92,6 +96,11 @@ pub enum RespBody {
         inner: Incoming,
         attached: Attached,
     },
+    /// Streamed from a backend over a pooled raw HTTP/1.1 connection (the fast path).
+    Raw {
+        inner: RawBody,
+        attached: Attached,
+    },
     /// An already-read prefix followed by the rest of a stream.
     Chained {
         prefix: Option<Bytes>,
@@ -106,6 +115,15 @@ impl RespBody {
             attached.finish(true);
         }
         RespBody::Upstream { inner, attached }
+    }
+
+    /// A body read from a raw backend connection; an already-finished one returns its
+    /// connection to the pool now.
+    pub fn raw(inner: RawBody, mut attached: Attached) -> Self {
+        if inner.is_end_stream() {
+            attached.finish(true);
+        }
+        RespBody::Raw { inner, attached }
     }
 
     pub fn empty() -> Self {
@@ -123,49 +141,42 @@ impl RespBody {
 
     /// Reads the whole body (up to `limit` bytes); `Err` gives back what could not be
     /// buffered as a still-streaming body, with what was read so far.
-    pub async fn collect_limited(self, limit: usize) -> Result<Bytes, CollectError> {
+    pub async fn collect_limited(mut self, limit: usize) -> Result<Bytes, CollectError> {
         match self {
-            RespBody::Full(bytes) => Ok(bytes.unwrap_or_default()),
-            RespBody::Chained { .. } => Err(CollectError::TooLarge {
-                prefix: Bytes::new(),
-                rest: self,
-            }),
-            RespBody::Upstream {
-                mut inner,
-                mut attached,
-            } => {
-                let mut buf = bytes::BytesMut::new();
-                loop {
-                    match inner.frame().await {
-                        None => break,
-                        Some(Ok(frame)) => {
-                            if let Ok(data) = frame.into_data() {
-                                if buf.len() + data.len() > limit {
-                                    buf.extend_from_slice(&data);
-                                    return Err(CollectError::TooLarge {
-                                        prefix: buf.freeze(),
-                                        rest: RespBody::Upstream { inner, attached },
-                                    });
-                                }
-                                buf.extend_from_slice(&data);
-                            }
-                        }
-                        Some(Err(e)) => {
-                            attached.finish(false);
-                            return Err(CollectError::Failed(e));
+            RespBody::Full(bytes) => return Ok(bytes.unwrap_or_default()),
+            RespBody::Chained { .. } => {
+                return Err(CollectError::TooLarge {
+                    prefix: Bytes::new(),
+                    rest: Box::new(self),
+                });
+            }
+            RespBody::Upstream { .. } | RespBody::Raw { .. } => {}
+        }
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match self.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                        if buf.len() > limit {
+                            return Err(CollectError::TooLarge {
+                                prefix: buf.freeze(),
+                                rest: Box::new(self),
+                            });
                         }
                     }
                 }
-                attached.finish(true);
-                Ok(buf.freeze())
+                Some(Err(e)) => return Err(CollectError::Failed(e)),
             }
         }
+        Ok(buf.freeze())
     }
 }
 
 pub enum CollectError {
-    TooLarge { prefix: Bytes, rest: RespBody },
-    Failed(hyper::Error),
+    TooLarge { prefix: Bytes, rest: Box<RespBody> },
+    Failed(BodyError),
 }
 
 impl Drop for Attached {
@@ -177,12 +188,12 @@ impl Drop for Attached {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RespBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Upstream { inner, attached } => match Pin::new(&mut *inner).poll_frame(cx) {
@@ -199,9 +210,26 @@ impl Body for RespBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     attached.finish(false);
-                    Poll::Ready(Some(Err(e)))
+                    Poll::Ready(Some(Err(e.into())))
                 }
-                other => other,
+                Poll::Pending => Poll::Pending,
+            },
+            RespBody::Raw { inner, attached } => match inner.poll_data(cx) {
+                Poll::Ready(None) => {
+                    attached.finish(true);
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Ok(data))) => {
+                    if inner.is_end_stream() {
+                        attached.finish(true);
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    attached.finish(false);
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Pending => Poll::Pending,
             },
             RespBody::Chained { prefix, rest } => {
                 if let Some(prefix) = prefix.take() {
@@ -216,6 +244,7 @@ impl Body for RespBody {
         match self {
             RespBody::Full(bytes) => bytes.is_none(),
             RespBody::Upstream { inner, .. } => inner.is_end_stream(),
+            RespBody::Raw { inner, .. } => inner.is_end_stream(),
             RespBody::Chained { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
@@ -225,6 +254,7 @@ impl Body for RespBody {
             RespBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RespBody::Full(None) => SizeHint::with_exact(0),
             RespBody::Upstream { inner, .. } => inner.size_hint(),
+            RespBody::Raw { inner, .. } => inner.size_hint(),
             RespBody::Chained { .. } => SizeHint::default(),
         }
     }

@@ -102,29 +102,47 @@ pub fn wants_compression(req_headers: &HeaderMap, resp: &Response<RespBody>) -> 
     else {
         return false;
     };
-    if resp.status() != StatusCode::OK || resp.headers().contains_key(header::CONTENT_ENCODING) {
-        return false;
-    }
-    if resp.headers().contains_key(header::CONTENT_RANGE) {
-        return false;
-    }
-    let Some(ct) = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
+    let headers = resp.headers();
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-    else {
+        .and_then(|v| v.parse::<u64>().ok());
+    worth_compressing(
+        accept,
+        &ResponseTraits {
+            status: resp.status().as_u16(),
+            content_type: headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+            content_encoding: headers.contains_key(header::CONTENT_ENCODING),
+            content_range: headers.contains_key(header::CONTENT_RANGE),
+            content_length,
+        },
+    )
+}
+
+/// What decides whether a response is compressed.
+pub struct ResponseTraits<'a> {
+    pub status: u16,
+    pub content_type: Option<&'a str>,
+    pub content_encoding: bool,
+    pub content_range: bool,
+    pub content_length: Option<u64>,
+}
+
+/// Whether a response with these traits should be compressed for a client that sent
+/// `accept` as its `Accept-Encoding`.
+pub fn worth_compressing(accept: &str, resp: &ResponseTraits<'_>) -> bool {
+    if resp.status != 200 || resp.content_encoding || resp.content_range {
+        return false;
+    }
+    let Some(ct) = resp.content_type else {
         return false;
     };
     if !compressible_type(ct) {
         return false;
     }
-    if let Some(len) = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len < MIN_SIZE
-    {
+    if resp.content_length.is_some_and(|len| len < MIN_SIZE) {
         return false;
     }
     negotiate(accept).is_some()
@@ -182,7 +200,7 @@ pub async fn compress_response(
                 parts,
                 RespBody::Chained {
                     prefix: Some(prefix),
-                    rest: Box::new(rest),
+                    rest,
                 },
             );
         }

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub static FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
@@ -128,9 +129,16 @@ impl RequestIds {
     }
 
     pub fn next(&self) -> HeaderValue {
+        let mut buf = Vec::with_capacity(21 + self.suffix.len());
+        self.write_to(&mut buf);
+        HeaderValue::from_maybe_shared(Bytes::from(buf))
+            .unwrap_or_else(|_| HeaderValue::from_static("0-unknown"))
+    }
+
+    /// Appends the next id to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut buf = BytesMut::with_capacity(21 + self.suffix.len());
         let millis = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -138,19 +146,19 @@ impl RequestIds {
         // 12 hex digits of time, 8 of process prefix mixed with the counter's high bits,
         // then the counter's low 32 bits: sortable by time, unique per process.
         let mixed = self.prefix ^ ((n >> 32) as u32);
-        for shift in (0..12).rev() {
-            buf.put_u8(HEX[((millis >> (shift * 4)) & 0xf) as usize]);
+        let mut id = [0u8; 28];
+        for (i, shift) in (0..12).rev().enumerate() {
+            id[i] = HEX[((millis >> (shift * 4)) & 0xf) as usize];
         }
-        for shift in (0..8).rev() {
-            buf.put_u8(HEX[((mixed >> (shift * 4)) & 0xf) as usize]);
+        for (i, shift) in (0..8).rev().enumerate() {
+            id[12 + i] = HEX[((mixed >> (shift * 4)) & 0xf) as usize];
         }
-        for shift in (0..8).rev() {
-            buf.put_u8(HEX[((n >> (shift * 4)) & 0xf) as usize]);
+        for (i, shift) in (0..8).rev().enumerate() {
+            id[20 + i] = HEX[((n >> (shift * 4)) & 0xf) as usize];
         }
-        buf.put_u8(b'-');
-        buf.put_slice(self.suffix.as_bytes());
-        HeaderValue::from_maybe_shared(buf.freeze())
-            .unwrap_or_else(|_| HeaderValue::from_static("0-unknown"))
+        out.extend_from_slice(&id);
+        out.push(b'-');
+        out.extend_from_slice(self.suffix.as_bytes());
     }
 }
 

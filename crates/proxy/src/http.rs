@@ -99,13 +99,13 @@ impl HostKey {
     }
 }
 
-pub fn request_host<B>(req: &Request<B>) -> HostKey {
+pub fn request_host(headers: &HeaderMap, uri: &Uri) -> HostKey {
     let empty = HostKey {
         value: None,
         range: (0, 0),
         owned: None,
     };
-    if let Some(value) = req.headers().get(header::HOST) {
+    if let Some(value) = headers.get(header::HOST) {
         let Ok(raw) = value.to_str() else {
             return empty;
         };
@@ -124,7 +124,7 @@ pub fn request_host<B>(req: &Request<B>) -> HostKey {
             owned: None,
         };
     }
-    match req.uri().authority() {
+    match uri.authority() {
         Some(authority) => HostKey {
             value: None,
             range: (0, 0),
@@ -135,7 +135,7 @@ pub fn request_host<B>(req: &Request<B>) -> HostKey {
 }
 
 /// Where the host name sits in a `Host` value: trimmed, without `[...]`, port or final dot.
-fn host_range(raw: &str) -> (usize, usize) {
+pub(crate) fn host_range(raw: &str) -> (usize, usize) {
     let lead = raw.len() - raw.trim_start().len();
     let trimmed = raw.trim();
     let (mut start, mut end) = (lead, lead + trimmed.len());
@@ -160,18 +160,18 @@ pub fn normalize_host(raw: &str) -> String {
 }
 
 /// Where a request goes and how its response is treated.
-struct Route {
-    app: Arc<AppView>,
+pub(crate) struct Route {
+    pub(crate) app: Arc<AppView>,
     /// (machine, service, port) indices of the port's config inside `app`.
-    at: (usize, usize, usize),
+    pub(crate) at: (usize, usize, usize),
 }
 
 impl Route {
-    fn port(&self) -> &MachinePort {
+    pub(crate) fn port(&self) -> &MachinePort {
         let (m, s, p) = self.at;
         &self.app.machines[m].services[s].ports[p]
     }
-    fn pristine(&self) -> bool {
+    pub(crate) fn pristine(&self) -> bool {
         self.port()
             .http_options
             .as_ref()
@@ -179,82 +179,162 @@ impl Route {
             .and_then(|r| r.pristine)
             .unwrap_or(false)
     }
-    fn h2_backend(&self) -> bool {
+    pub(crate) fn h2_backend(&self) -> bool {
         self.port()
             .http_options
             .as_ref()
             .and_then(|o| o.h2_backend)
             .unwrap_or(false)
     }
+    /// Whether the port compresses responses (`http_options.compress`, default on).
+    pub(crate) fn compress(&self) -> bool {
+        self.port()
+            .http_options
+            .as_ref()
+            .and_then(|o| o.compress)
+            .unwrap_or(true)
+    }
 }
 
 // Returned once per request by value; boxing the response would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
-enum Outcome {
+pub(crate) enum Outcome {
     Response(Response<RespBody>),
     Error(StatusCode, &'static str),
 }
 
+/// What the response headers and metrics of a finished request need.
+pub(crate) struct Finish<'a> {
+    pub(crate) start: Instant,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) client_version: Version,
+    pub(crate) stats: Option<Arc<crate::metrics::AppStats>>,
+    pub(crate) pristine: bool,
+    pub(crate) port: Option<&'a MachinePort>,
+}
+
+/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
+pub(crate) fn is_idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
 impl Proxy {
-    /// Entry point of the `http` handler for one request.
+    /// Entry point of the `http` handler for one request that hyper parsed.
     pub(crate) async fn handle_http(
         self: Arc<Self>,
         conn: Arc<ConnInfo>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<RespBody>, Infallible> {
+        let client_upgrade = if req.version() == Version::HTTP_11 && h::is_upgrade(req.headers()) {
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            None
+        };
+        let (parts, body) = req.into_parts();
+        let body = if body.is_end_stream() {
+            ReqBody::Empty
+        } else {
+            ReqBody::Stream(body)
+        };
+        Ok(self
+            .handle_request(&conn, parts, body, client_upgrade)
+            .await)
+    }
+
+    /// One request, whichever parser read it: routing, forwarding, response headers.
+    pub(crate) async fn handle_request(
+        self: &Arc<Self>,
+        conn: &Arc<ConnInfo>,
+        parts: http::request::Parts,
+        body: ReqBody,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<RespBody> {
         let start = Instant::now();
         let request_id = self.request_ids.next();
-        let client_version = req.version();
-        let (outcome, stats, pristine, route) = self.route_and_forward(&conn, req).await;
+        let client_version = parts.version;
+        let (outcome, stats, pristine, route) = self
+            .route_and_forward(conn, parts, body, client_upgrade)
+            .await;
+        self.finish_response(
+            outcome,
+            Finish {
+                start,
+                request_id,
+                client_version,
+                stats,
+                pristine,
+                port: route.as_ref().map(Route::port),
+            },
+        )
+    }
+
+    /// The proxy's response headers (§9.5) and the request's metrics.
+    pub(crate) fn finish_response(
+        &self,
+        outcome: Outcome,
+        finish: Finish<'_>,
+    ) -> Response<RespBody> {
         let mut resp = match outcome {
             Outcome::Response(resp) => resp,
             Outcome::Error(status, message) => error_response(status, message),
         };
-        if !pristine {
-            let via = if client_version == Version::HTTP_2 {
+        if !finish.pristine {
+            let via = if finish.client_version == Version::HTTP_2 {
                 &self.via_h2
             } else {
                 &self.via_h1
             };
             h::append_list(resp.headers_mut(), &header::VIA, via);
             resp.headers_mut()
-                .insert(h::FLY_REQUEST_ID.clone(), request_id);
+                .insert(h::FLY_REQUEST_ID.clone(), finish.request_id);
             resp.headers_mut()
                 .insert(header::SERVER, self.server_value.clone());
         }
-        if let Some(route) = &route {
-            apply_response_headers(resp.headers_mut(), route.port());
+        if let Some(port) = finish.port {
+            apply_response_headers(resp.headers_mut(), port);
         }
         let done = RequestDone {
-            stats,
+            stats: finish.stats,
             edge: self.metrics.edge.clone(),
             status: resp.status().as_u16(),
-            start,
+            start: finish.start,
         };
         match resp.body_mut() {
-            RespBody::Upstream { attached, .. } if attached.done.is_none() => {
+            RespBody::Upstream { attached, .. } | RespBody::Raw { attached, .. }
+                if attached.done.is_none() =>
+            {
                 attached.done = Some(done)
             }
             _ => done.finish(),
         }
-        Ok(resp)
+        resp
     }
 
     async fn route_and_forward(
         self: &Arc<Self>,
         conn: &Arc<ConnInfo>,
-        req: Request<Incoming>,
+        parts: http::request::Parts,
+        body: ReqBody,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> (
         Outcome,
         Option<Arc<crate::metrics::AppStats>>,
         bool,
         Option<Route>,
     ) {
-        let host_key = request_host(&req);
+        let host_key = request_host(&parts.headers, &parts.uri);
         let host = host_key.as_str();
         if !conn.tls
-            && let Some(token) = req
-                .uri()
+            && let Some(token) = parts
+                .uri
                 .path()
                 .strip_prefix("/.well-known/acme-challenge/")
             && let Some(answer) = self
@@ -316,13 +396,15 @@ impl Proxy {
         }
         if route.port().force_https == Some(true) && !conn.tls {
             return (
-                Outcome::Response(redirect_https(&req, host)),
+                Outcome::Response(redirect_https(&parts.uri, host)),
                 stats,
                 pristine,
                 Some(route),
             );
         }
-        let outcome = self.forward(conn, req, &route, host, deadline).await;
+        let outcome = self
+            .forward(conn, parts, body, client_upgrade, &route, host, deadline)
+            .await;
         (outcome, stats, pristine, Some(route))
     }
 
@@ -374,7 +456,7 @@ impl Proxy {
     }
 
     /// A machine that can take the request right now, without waiting or starting one.
-    fn try_choose_now(
+    pub(crate) fn try_choose_now(
         &self,
         app: &AppView,
         port: u16,
@@ -483,24 +565,20 @@ impl Proxy {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         self: &Arc<Self>,
         conn: &Arc<ConnInfo>,
-        mut req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: ReqBody,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         route: &Route,
         host: &str,
         deadline: Instant,
     ) -> Outcome {
-        let upgrade = h::is_upgrade(req.headers()) && req.version() == Version::HTTP_11;
-        let client_upgrade = if upgrade {
-            Some(hyper::upgrade::on(&mut req))
-        } else {
-            None
-        };
-        let client_version = req.version();
-        let (mut parts, body) = req.into_parts();
-
-        let mut constraints = constraints_from_headers(&parts.headers);
+        let upgrade = client_upgrade.is_some();
+        let client_version = parts.version;
+        let constraints = constraints_from_headers(&parts.headers);
         // HTTP/2 clients name the host in :authority (port included): the app gets it as Host.
         let authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or(host);
         self.prepare_request_headers(conn, &mut parts.headers, client_version, upgrade, authority);
@@ -515,14 +593,42 @@ impl Proxy {
         }
 
         // Bodies up to 1 MB are buffered so a fly-replay can re-deliver them.
-        let body = if body.is_end_stream() {
-            ReqBody::Empty
-        } else {
-            match Box::pin(read_body(body)).await {
+        let body = match body {
+            ReqBody::Stream(incoming) => match Box::pin(read_body(incoming)).await {
                 Ok(body) => body,
                 Err(outcome) => return outcome,
-            }
+            },
+            other => other,
         };
+        self.deliver(
+            conn,
+            parts,
+            body,
+            route,
+            client_upgrade,
+            constraints,
+            deadline,
+            None,
+        )
+        .await
+    }
+
+    /// Delivers a prepared request (platform headers in place) to a machine of the route's
+    /// app, following fly-replay answers. `first`: a response some machine already gave to
+    /// this request (the fast path hands over the rare responses it does not serve itself).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn deliver(
+        self: &Arc<Self>,
+        conn: &Arc<ConnInfo>,
+        mut parts: http::request::Parts,
+        body: ReqBody,
+        route: &Route,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        mut constraints: Constraints,
+        deadline: Instant,
+        mut first: Option<(Chosen, Response<RespBody>)>,
+    ) -> Outcome {
+        let upgrade = client_upgrade.is_some();
         let mut body = Some(body);
         // Which app this delivery goes to: the route's, or a fly-replay target.
         let mut target: Arc<AppView> = route.app.clone();
@@ -531,75 +637,84 @@ impl Proxy {
         let mut replay_state = crate::replay::ReplayState::default();
 
         for hop in 0..=MAX_REPLAYS {
-            let wait_until = replay_state.deadline(deadline);
-            let now = match self.try_choose_now(&target, conn.public_port, &constraints) {
-                Some(chosen) => Ok(chosen),
+            let (chosen, mut resp, replayable) = match first.take() {
+                Some((chosen, resp)) => {
+                    let replayable = body.as_ref().and_then(ReqBody::try_clone);
+                    (chosen, resp, replayable)
+                }
                 None => {
-                    Box::pin(self.choose(&target.name, conn.public_port, &constraints, wait_until))
-                        .await
-                }
-            };
-            let chosen = match now {
-                Ok(chosen) => chosen,
-                Err((status, message)) => {
-                    let reason = if Instant::now() >= wait_until {
-                        "timeout"
-                    } else {
-                        "no_candidate"
-                    };
-                    if let Some(fallback) = replay_state.take_fallback(reason) {
-                        parts
-                            .headers
-                            .insert(h::FLY_REPLAY_FAILED.clone(), fallback.failed_header);
-                        parts.headers.remove(&h::FLY_REPLAY_SRC);
-                        replay_src = None;
-                        constraints = fallback.constraints;
-                        route_h2 = self.app_h2_backend(&fallback.app, conn.public_port);
-                        match self.catalog.load().apps.get(fallback.app.as_str()) {
-                            Some(app) => target = app.clone(),
-                            None => return Outcome::Error(status, message),
+                    let wait_until = replay_state.deadline(deadline);
+                    let now = match self.try_choose_now(&target, conn.public_port, &constraints) {
+                        Some(chosen) => Ok(chosen),
+                        None => {
+                            Box::pin(self.choose(
+                                &target.name,
+                                conn.public_port,
+                                &constraints,
+                                wait_until,
+                            ))
+                            .await
                         }
-                        continue;
+                    };
+                    let chosen = match now {
+                        Ok(chosen) => chosen,
+                        Err((status, message)) => {
+                            let reason = if Instant::now() >= wait_until {
+                                "timeout"
+                            } else {
+                                "no_candidate"
+                            };
+                            if let Some(fallback) = replay_state.take_fallback(reason) {
+                                parts
+                                    .headers
+                                    .insert(h::FLY_REPLAY_FAILED.clone(), fallback.failed_header);
+                                parts.headers.remove(&h::FLY_REPLAY_SRC);
+                                replay_src = None;
+                                constraints = fallback.constraints;
+                                route_h2 = self.app_h2_backend(&fallback.app, conn.public_port);
+                                match self.catalog.load().apps.get(fallback.app.as_str()) {
+                                    Some(app) => target = app.clone(),
+                                    None => return Outcome::Error(status, message),
+                                }
+                                continue;
+                            }
+                            return Outcome::Error(status, message);
+                        }
+                    };
+                    if let Some(id) = &chosen.preferred_unavailable {
+                        parts.headers.insert(
+                            h::FLY_PREFERRED_INSTANCE_UNAVAILABLE.clone(),
+                            h::value_of(id),
+                        );
                     }
-                    return Outcome::Error(status, message);
+                    if let Some(src) = &replay_src {
+                        parts.headers.insert(h::FLY_REPLAY_SRC.clone(), src.clone());
+                    }
+                    let Some(this_body) = body.take() else {
+                        return Outcome::Error(
+                            StatusCode::BAD_GATEWAY,
+                            "request body already consumed",
+                        );
+                    };
+                    let replayable = this_body.try_clone();
+                    let attempt = Attempt {
+                        app: &target,
+                        port: conn.public_port,
+                        constraints: &constraints,
+                        h2: route_h2,
+                        upgrade,
+                        deadline,
+                    };
+                    match self
+                        .send_with_retry(&attempt, &parts, this_body, replayable.as_ref(), chosen)
+                        .await
+                    {
+                        Ok((chosen, resp)) => (chosen, resp, replayable),
+                        Err(outcome) => return outcome,
+                    }
                 }
             };
-            if let Some(id) = &chosen.preferred_unavailable {
-                parts.headers.insert(
-                    h::FLY_PREFERRED_INSTANCE_UNAVAILABLE.clone(),
-                    h::value_of(id),
-                );
-            }
-            if let Some(src) = &replay_src {
-                parts.headers.insert(h::FLY_REPLAY_SRC.clone(), src.clone());
-            }
-            let Some(this_body) = body.take() else {
-                return Outcome::Error(StatusCode::BAD_GATEWAY, "request body already consumed");
-            };
-            let replayable = this_body.try_clone();
-            let request = build_request(&parts, this_body);
             let machine = chosen.machine.clone();
-            let mut sent = self.send(&chosen, request, route_h2, upgrade).await;
-            // A machine this proxy just started may still be booting: hold the request
-            // (bounded) until its app accepts connections.
-            while let Err(e) = &sent
-                && e.is_connect()
-                && self.recently_started(&machine.id)
-                && Instant::now() < deadline
-                && let Some(body) = replayable.as_ref().and_then(ReqBody::try_clone)
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                sent = self
-                    .send(&chosen, build_request(&parts, body), route_h2, upgrade)
-                    .await;
-            }
-            let mut resp = match sent {
-                Ok(resp) => resp,
-                Err(e) => {
-                    tracing::debug!(app = %target.name, machine = %machine.id, error = %e, "backend request failed");
-                    return Outcome::Error(StatusCode::BAD_GATEWAY, "the app did not answer");
-                }
-            };
 
             // fly-replay: the app asks for this request to be delivered elsewhere.
             if hop < MAX_REPLAYS
@@ -660,12 +775,79 @@ impl Proxy {
                 return Outcome::Response(resp);
             }
             attach_load(&mut resp, chosen.guard);
-            if self.should_compress(route, &parts.headers, &resp) {
+            if route.compress() && crate::compress::wants_compression(&parts.headers, &resp) {
                 resp = Box::pin(crate::compress::compress_response(resp, &parts.headers)).await;
             }
             return Outcome::Response(resp);
         }
         Outcome::Error(StatusCode::LOOP_DETECTED, "too many fly-replay hops")
+    }
+
+    /// Sends a request to the chosen machine. A machine this proxy just started may still
+    /// be booting: the request is held (bounded) until it accepts connections. When nothing
+    /// reached the app (connection refused or reset before a byte was sent), or an
+    /// idempotent request got no answer, it goes once more to another eligible machine.
+    async fn send_with_retry(
+        &self,
+        attempt: &Attempt<'_>,
+        parts: &http::request::Parts,
+        body: ReqBody,
+        replayable: Option<&ReqBody>,
+        mut chosen: Chosen,
+    ) -> Result<(Chosen, Response<RespBody>), Outcome> {
+        let mut sent = self
+            .send(
+                &chosen,
+                build_request(parts, body),
+                attempt.h2,
+                attempt.upgrade,
+            )
+            .await;
+        while let Err(e) = &sent
+            && e.is_connect()
+            && self.recently_started(&chosen.machine.id)
+            && Instant::now() < attempt.deadline
+            && let Some(body) = replayable.and_then(ReqBody::try_clone)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            sent = self
+                .send(
+                    &chosen,
+                    build_request(parts, body),
+                    attempt.h2,
+                    attempt.upgrade,
+                )
+                .await;
+        }
+        if let Err(e) = &sent
+            && e.may_retry(is_idempotent(&parts.method))
+            && let Some(body) = replayable.and_then(ReqBody::try_clone)
+        {
+            let mut others = attempt.constraints.clone();
+            others.exclude.push(chosen.machine.id.clone());
+            if let Some(other) = self.try_choose_now(attempt.app, attempt.port, &others) {
+                tracing::debug!(app = %attempt.app.name, failed = %chosen.machine.id, error = %e, retry = %other.machine.id, "retrying on another machine");
+                chosen = other;
+                sent = self
+                    .send(
+                        &chosen,
+                        build_request(parts, body),
+                        attempt.h2,
+                        attempt.upgrade,
+                    )
+                    .await;
+            }
+        }
+        match sent {
+            Ok(resp) => Ok((chosen, resp)),
+            Err(e) => {
+                tracing::debug!(app = %attempt.app.name, machine = %chosen.machine.id, error = %e, "backend request failed");
+                Err(Outcome::Error(
+                    StatusCode::BAD_GATEWAY,
+                    "the app did not answer",
+                ))
+            }
+        }
     }
 
     fn prepare_request_headers(
@@ -800,29 +982,24 @@ impl Proxy {
         }
         Ok(())
     }
-
-    fn should_compress(
-        &self,
-        route: &Route,
-        req_headers: &HeaderMap,
-        resp: &Response<RespBody>,
-    ) -> bool {
-        let enabled = route
-            .port()
-            .http_options
-            .as_ref()
-            .and_then(|o| o.compress)
-            .unwrap_or(true);
-        enabled && crate::compress::wants_compression(req_headers, resp)
-    }
 }
 
 /// Moves the load slot of the chosen machine onto the response body, so the machine
 /// counts as busy until the response is fully sent.
 fn attach_load(resp: &mut Response<RespBody>, guard: crate::backend::LoadGuard) {
-    if let RespBody::Upstream { attached, .. } = resp.body_mut() {
+    if let RespBody::Upstream { attached, .. } | RespBody::Raw { attached, .. } = resp.body_mut() {
         attached.load = Some(guard);
     }
+}
+
+/// Where and how one request is sent.
+struct Attempt<'a> {
+    app: &'a AppView,
+    port: u16,
+    constraints: &'a Constraints,
+    h2: bool,
+    upgrade: bool,
+    deadline: Instant,
 }
 
 fn build_request(parts: &http::request::Parts, body: ReqBody) -> Request<ReqBody> {
@@ -871,16 +1048,12 @@ fn constraints_from_headers(headers: &HeaderMap) -> Constraints {
         prefer_regions: list(&h::FLY_PREFER_REGION),
         force_instance: one(&h::FLY_FORCE_INSTANCE_ID),
         prefer_instance: one(&h::FLY_PREFER_INSTANCE_ID),
-        exclude: None,
+        exclude: Vec::new(),
     }
 }
 
-fn redirect_https<B>(req: &Request<B>, host: &str) -> Response<RespBody> {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+fn redirect_https(uri: &Uri, host: &str) -> Response<RespBody> {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let location = format!("https://{host}{pq}");
     let mut resp = error_response(StatusCode::MOVED_PERMANENTLY, "moved to https");
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -985,7 +1158,11 @@ mod host_tests {
         ] {
             assert_eq!(normalize_host(raw), want, "{raw:?}");
             let req = Request::builder().header("host", raw).body(()).unwrap();
-            assert_eq!(request_host(&req).as_str(), want, "{raw:?}");
+            assert_eq!(
+                request_host(req.headers(), req.uri()).as_str(),
+                want,
+                "{raw:?}"
+            );
         }
     }
 }

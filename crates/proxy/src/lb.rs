@@ -140,8 +140,8 @@ pub struct Constraints {
     pub force_instance: Option<String>,
     /// This machine if it can take the request.
     pub prefer_instance: Option<String>,
-    /// Never this machine (replay `elsewhere`).
-    pub exclude: Option<String>,
+    /// Never these machines (replay `elsewhere`, a machine that just refused a connection).
+    pub exclude: Vec<String>,
 }
 
 /// A machine chosen for a request, with its load slot taken.
@@ -219,7 +219,7 @@ pub fn pick(
         && constraints.prefer_regions.is_none()
         && constraints.force_instance.is_none()
         && constraints.prefer_instance.is_none()
-        && constraints.exclude.is_none();
+        && constraints.exclude.is_empty();
     if unconstrained && let Some(chosen) = fast_pick(app, port, rtt, local_region, released) {
         return Pick::Chosen(chosen);
     }
@@ -252,8 +252,8 @@ pub fn pick(
         }
         if constraints
             .exclude
-            .as_deref()
-            .is_some_and(|id| matches_instance(machine, id))
+            .iter()
+            .any(|id| matches_instance(machine, id))
         {
             continue;
         }

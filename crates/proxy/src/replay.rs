@@ -263,7 +263,11 @@ impl ReplayState {
             prefer_regions: None,
             force_instance: replay.instance.clone(),
             prefer_instance: replay.prefer_instance.clone(),
-            exclude: replay.elsewhere.then(|| machine.id.clone()),
+            exclude: replay
+                .elsewhere
+                .then(|| machine.id.clone())
+                .into_iter()
+                .collect(),
         };
         Next {
             src_header: HeaderValue::from_str(&src)

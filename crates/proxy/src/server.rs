@@ -242,7 +242,7 @@ async fn handle_connection(
                 return;
             };
             let info = Arc::new(ConnInfo::new(peer, local, *public_port, false, None));
-            serve_http(proxy, stream, info, stop, h2).await;
+            serve_client(proxy, stream, info, stop, h2).await;
         }
         Role::Https { public_port } => {
             pipeline(proxy, stream, peer, local, *public_port, None, true, stop).await;
@@ -326,7 +326,25 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Serves HTTP/1.1 and HTTP/2 on one client connection.
+/// Serves a client connection: HTTP/2 through hyper, HTTP/1.x through the fast path
+/// (which hands what it does not serve itself to hyper).
+pub(crate) async fn serve_client<I>(
+    proxy: Arc<Proxy>,
+    io: I,
+    info: Arc<ConnInfo>,
+    stop: watch::Receiver<bool>,
+    h2: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if h2 {
+        serve_http(proxy, io, info, stop, true).await;
+    } else {
+        crate::fast::serve(proxy, io, info, stop).await;
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one client connection with hyper.
 pub(crate) async fn serve_http<I>(
     proxy: Arc<Proxy>,
     io: I,
@@ -491,7 +509,7 @@ async fn pipeline(
                     return;
                 };
                 let info = Arc::new(ConnInfo::new(peer, local, public_port, false, fixed_app));
-                serve_http(proxy, stream, info, stop, h2).await;
+                serve_client(proxy, stream, info, stop, h2).await;
             }
             Some(port) => {
                 let app = fixed_app.unwrap_or_default();
@@ -502,7 +520,7 @@ async fn pipeline(
                     return;
                 };
                 let info = Arc::new(ConnInfo::new(peer, local, public_port, false, None));
-                serve_http(proxy, stream, info, stop, h2).await;
+                serve_client(proxy, stream, info, stop, h2).await;
             }
         }
         return;
@@ -522,7 +540,7 @@ async fn pipeline(
     if has_handler(&port, "http") {
         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
         let info = Arc::new(ConnInfo::new(peer, local, public_port, true, Some(app)));
-        serve_http(proxy, tls_stream, info, stop, h2).await;
+        serve_client(proxy, tls_stream, info, stop, h2).await;
     } else {
         passthrough(proxy, tls_stream, peer, local, &app, public_port, &port).await;
     }

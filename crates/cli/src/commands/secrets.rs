@@ -1,11 +1,13 @@
 //! `aloft secrets set|unset|import|list|deploy`: app secrets, stored sealed by the control
 //! plane and rolled out to every machine as a new release unless `--stage` is given.
+//! `aloft secrets rotate-key`: the operator re-seals every app's data key under a new root
+//! key.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 
-use aloft_api::secrets::{ListSecretsResponse, SetSecretsRequest};
+use aloft_api::secrets::{ListSecretsResponse, RotateKeyResponse, SetSecretsRequest};
 use aloft_client::ClientError;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -80,6 +82,11 @@ pub enum SecretsCommand {
         #[arg(long)]
         detach: bool,
     },
+    /// Re-encrypt every app's data key under a new root key (platform operators).
+    ///
+    /// The old root key is no longer needed afterwards; machines keep running. Needs the
+    /// admin token `aloft server` saved.
+    RotateKey,
 }
 
 fn secrets_path(app: &str) -> String {
@@ -131,7 +138,26 @@ pub async fn run(
             let app = resolve(&app)?;
             follow_rollout(api, &app, detach).await
         }
+        SecretsCommand::RotateKey => rotate_key(api).await,
     }
+}
+
+async fn rotate_key(api: &ApiArgs) -> anyhow::Result<()> {
+    let rotated: RotateKeyResponse = api
+        .client()?
+        .post("/v1/secrets/rotate-key", &serde_json::json!({}))
+        .await
+        .map_err(|err| match err {
+            ClientError::Api { message, .. } => {
+                anyhow::anyhow!("rotating the secrets root key: {message}")
+            }
+            other => anyhow::Error::new(other).context("rotating the secrets root key"),
+        })?;
+    println!(
+        "Re-encrypted {} app data key(s) under a new root key, kept by the server in {}. The old root key is no longer needed.",
+        rotated.data_keys, rotated.key_file
+    );
+    Ok(())
 }
 
 /// `NAME=VALUE` arguments; the first `=` splits. Values never appear in errors.

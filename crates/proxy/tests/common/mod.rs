@@ -294,6 +294,18 @@ pub async fn get(proxy: SocketAddr, host: &str, path: &str, headers: &[(&str, &s
     send(proxy, "GET", host, path, headers, Bytes::new()).await
 }
 
+/// The status of a GET, or None when the connection is refused or cut (a proxy at its
+/// connection limit).
+pub async fn try_status(proxy: SocketAddr, host: &str, path: &str) -> Option<u16> {
+    let req = Request::builder()
+        .uri(format!("http://{proxy}{path}"))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = client().request(req).await.ok()?;
+    Some(resp.status().as_u16())
+}
+
 pub async fn send(
     proxy: SocketAddr,
     method: &str,
