@@ -41,7 +41,7 @@ mod server;
 pub mod tls;
 
 pub use acme::AcmeConfig;
-pub use catalog::{AppExtras, Catalog, CertificatePem, Snapshot};
+pub use catalog::{AppExtras, Catalog, CertificatePem, Health, Snapshot};
 
 /// How a proxy runs. Construct with `..ProxyConfig::default()` so new fields keep working.
 #[derive(Clone, Debug)]
