@@ -486,15 +486,29 @@ async fn pipeline(
         // Default-deny: no service exposes this port.
         return;
     }
+    let mut stream = stream;
     let wants_tls = match &known_port {
+        Some(port) if has_handler(port, "pg_tls") => {
+            if !postgres_tls_start(&mut stream, handshake_timeout).await {
+                return;
+            }
+            true
+        }
         Some(port) => has_handler(port, "tls"),
         None => {
             if tls_listener {
                 true
             } else {
-                // Shared address, other port: TLS by SNI, or plain HTTP by Host.
+                // Shared address, other port: TLS by SNI, plain HTTP by Host, or a
+                // Postgres client asking for TLS (then routed by SNI to a `pg_tls` port).
                 match peek_first(&stream, handshake_timeout).await {
                     Some(0x16) => true,
+                    Some(0) => {
+                        if !postgres_tls_start(&mut stream, handshake_timeout).await {
+                            return;
+                        }
+                        true
+                    }
                     Some(_) => false,
                     None => return,
                 }
@@ -544,6 +558,72 @@ async fn pipeline(
     } else {
         passthrough(proxy, tls_stream, peer, local, &app, public_port, &port).await;
     }
+}
+
+/// The PostgreSQL `SSLRequest` and `GSSENCRequest` messages (length 8, then the code).
+const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+const PG_GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+
+/// The start of a `pg_tls` connection: a client that asks for TLS with an `SSLRequest` is
+/// told yes (`S`); one that opens with a TLS handshake right away (PostgreSQL 17's
+/// `sslnegotiation=direct`) goes straight on; a request for GSS encryption is declined
+/// (`N`, the client then asks for TLS). A client starting without TLS gets a FATAL error
+/// naming the fix. Returns whether a TLS handshake follows.
+async fn postgres_tls_start(stream: &mut TcpStream, timeout: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    for _ in 0..2 {
+        match peek_first(stream, timeout).await {
+            Some(0x16) => return true,
+            Some(_) => {}
+            None => return false,
+        }
+        let mut message = [0u8; 8];
+        if !matches!(
+            tokio::time::timeout(timeout, stream.read_exact(&mut message)).await,
+            Ok(Ok(_))
+        ) {
+            return false;
+        }
+        match message {
+            PG_SSL_REQUEST => return stream.write_all(b"S").await.is_ok(),
+            PG_GSSENC_REQUEST => {
+                if stream.write_all(b"N").await.is_err() {
+                    return false;
+                }
+            }
+            _ => {
+                let _ = stream
+                    .write_all(&postgres_fatal(
+                        "08P01",
+                        "this port accepts only TLS connections (connect with sslmode=require)",
+                    ))
+                    .await;
+                let _ = stream.shutdown().await;
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// A PostgreSQL `ErrorResponse` with severity FATAL.
+fn postgres_fatal(code: &str, message: &str) -> Vec<u8> {
+    let mut fields = Vec::new();
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        fields.push(tag);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&fields);
+    out
 }
 
 pub(crate) fn has_handler(port: &MachinePort, handler: &str) -> bool {
@@ -754,7 +834,7 @@ fn wanted_listeners(proxy: &Proxy) -> HashSet<(SocketAddr, Role)> {
             }
             // Shared addresses only route what can be told apart by Host or SNI.
             if let Some((_, p)) = app.port_config(*port)
-                && (has_handler(p, "tls") || has_handler(p, "http"))
+                && (has_handler(p, "tls") || has_handler(p, "http") || has_handler(p, "pg_tls"))
             {
                 wanted.insert((
                     SocketAddr::new(shared_ip, *port),
