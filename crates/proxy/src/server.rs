@@ -236,7 +236,7 @@ async fn handle_connection(
         return;
     };
     match role {
-        Role::Metrics => serve_metrics(proxy, stream).await,
+        Role::Metrics => Box::pin(serve_metrics(proxy, stream)).await,
         Role::Http { public_port } => {
             let Some(h2) = detect_h2(&stream, proxy.config.header_read_timeout).await else {
                 return;
@@ -244,14 +244,36 @@ async fn handle_connection(
             let info = Arc::new(ConnInfo::new(peer, local, *public_port, false, None));
             serve_client(proxy, stream, info, stop, h2).await;
         }
+        // Boxed: the pipeline's state (a TLS handshake, ~14 KiB) would otherwise be part
+        // of every connection's future, plain HTTP keep-alive connections included.
         Role::Https { public_port } => {
-            pipeline(proxy, stream, peer, local, *public_port, None, true, stop).await;
+            Box::pin(pipeline(
+                proxy,
+                stream,
+                peer,
+                local,
+                *public_port,
+                None,
+                true,
+                stop,
+            ))
+            .await;
         }
         Role::Shared { public_port } => {
-            pipeline(proxy, stream, peer, local, *public_port, None, false, stop).await;
+            Box::pin(pipeline(
+                proxy,
+                stream,
+                peer,
+                local,
+                *public_port,
+                None,
+                false,
+                stop,
+            ))
+            .await;
         }
         Role::Dedicated { app, public_port } => {
-            pipeline(
+            Box::pin(pipeline(
                 proxy,
                 stream,
                 peer,
@@ -260,7 +282,7 @@ async fn handle_connection(
                 Some(app.clone()),
                 false,
                 stop,
-            )
+            ))
             .await;
         }
     }
@@ -338,7 +360,7 @@ pub(crate) async fn serve_client<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if h2 {
-        serve_http(proxy, io, info, stop, true).await;
+        Box::pin(serve_http(proxy, io, info, stop, true)).await;
     } else {
         crate::fast::serve(proxy, io, info, stop).await;
     }
@@ -855,4 +877,22 @@ fn wanted_listeners(proxy: &Proxy) -> HashSet<(SocketAddr, Role)> {
         }
     }
     wanted
+}
+
+#[cfg(test)]
+mod tests {
+    /// What every open client connection keeps while it waits for its next request: the
+    /// connection future (10,000 idle keep-alive connections must fit in a few MiB).
+    #[tokio::test]
+    async fn an_idle_plain_http_connection_holds_a_small_future() {
+        let proxy = crate::Proxy::new(crate::ProxyConfig::default());
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let role = super::Role::Http { public_port: 80 };
+        let connection = super::handle_connection(proxy, stream, addr, &role, stop);
+        let size = std::mem::size_of_val(&connection);
+        assert!(size <= 2048, "a connection future takes {size} bytes");
+    }
 }
