@@ -112,6 +112,27 @@ impl AppView {
         fallback
     }
 
+    /// Every public port some UDP service of the app exposes.
+    pub fn udp_ports(&self) -> HashSet<u16> {
+        let mut ports = HashSet::new();
+        for machine in &self.machines {
+            for service in machine.services.iter().filter(|s| s.protocol == "udp") {
+                for p in &service.ports {
+                    match (p.port, p.start_port, p.end_port) {
+                        (Some(port), _, _) => {
+                            ports.insert(port);
+                        }
+                        (None, Some(start), Some(end)) if end >= start && end - start < 1024 => {
+                            ports.extend(start..=end);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        ports
+    }
+
     /// Every public port some service of the app exposes.
     pub fn exposed_ports(&self) -> HashSet<u16> {
         let mut ports = HashSet::new();

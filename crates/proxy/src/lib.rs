@@ -39,6 +39,7 @@ pub mod raw;
 pub mod replay;
 mod server;
 pub mod tls;
+mod udp;
 
 pub use acme::AcmeConfig;
 pub use catalog::{AppExtras, Catalog, CertificatePem, Health, Snapshot};

@@ -46,6 +46,11 @@ pub(crate) enum Role {
         app: String,
         public_port: u16,
     },
+    /// A UDP service port on a dedicated IP of one app.
+    Udp {
+        app: String,
+        public_port: u16,
+    },
     Metrics,
 }
 
@@ -272,6 +277,7 @@ async fn handle_connection(
             ))
             .await;
         }
+        Role::Udp { .. } => {}
         Role::Dedicated { app, public_port } => {
             Box::pin(pipeline(
                 proxy,
@@ -816,6 +822,28 @@ async fn manage_listeners(proxy: Arc<Proxy>) {
             if running.contains_key(&key) || static_addrs.contains(&key.0) {
                 continue;
             }
+            if let Role::Udp { app, public_port } = &key.1 {
+                match crate::udp::bind(key.0) {
+                    Ok(socket) => {
+                        failed.remove(&key);
+                        tracing::info!(addr = %key.0, role = ?key.1, "listening (udp)");
+                        let task = tokio::spawn(crate::udp::relay(
+                            proxy.clone(),
+                            socket,
+                            app.clone(),
+                            *public_port,
+                            proxy.stop.subscribe(),
+                        ));
+                        running.insert(key, task);
+                    }
+                    Err(e) => {
+                        if failed.insert(key.clone()) {
+                            tracing::warn!(addr = %key.0, error = %e, "cannot listen (udp)");
+                        }
+                    }
+                }
+                continue;
+            }
             match listen(key.0, true) {
                 Ok(listener) => {
                     failed.remove(&key);
@@ -870,6 +898,15 @@ fn wanted_listeners(proxy: &Proxy) -> HashSet<(SocketAddr, Role)> {
             wanted.insert((
                 SocketAddr::new(*ip, port),
                 Role::Dedicated {
+                    app: app.name.clone(),
+                    public_port: port,
+                },
+            ));
+        }
+        for port in app.udp_ports() {
+            wanted.insert((
+                SocketAddr::new(*ip, port),
+                Role::Udp {
                     app: app.name.clone(),
                     public_port: port,
                 },
