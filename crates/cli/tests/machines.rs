@@ -1069,14 +1069,67 @@ fn microvm_guest_size_swap_and_secrets_over_the_channel() {
         Vec::<String>::new(),
         "host processes with the secret"
     );
-    let qemu_cmdline = std::fs::read_to_string(format!(
-        "/proc/{}/cmdline",
-        host_pid(&platform, &id, Driver::Microvm)
-    ))
-    .unwrap_or_default();
+    let qemu = host_pid(&platform, &id, Driver::Microvm);
+    let qemu_cmdline = std::fs::read_to_string(format!("/proc/{qemu}/cmdline")).unwrap_or_default();
     assert!(
         qemu_cmdline.contains("-append"),
         "the machine's QEMU was found: {qemu_cmdline}"
+    );
+
+    // QEMU's jail: its own uid, seccomp (-sandbox on), pid and mount namespaces, a chroot
+    // with little in it, and the machine's cgroups with the guest's size in the limits.
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let uid: u32 = field("Uid:").parse().unwrap_or(0);
+    assert!(uid >= 1000, "QEMU runs as an unprivileged uid: {status}");
+    assert_eq!(field("Seccomp:"), "2", "QEMU is under seccomp: {status}");
+    for namespace in ["pid", "mnt"] {
+        let theirs = std::fs::read_link(format!("/proc/{qemu}/ns/{namespace}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{namespace}")).unwrap();
+        assert_ne!(theirs, ours, "QEMU has its own {namespace} namespace");
+    }
+    let jail_root: Vec<String> = std::fs::read_dir(format!("/proc/{qemu}/root"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !jail_root.is_empty()
+            && !jail_root
+                .iter()
+                .any(|n| n == "etc" || n == "home" || n == "root"),
+        "QEMU's root holds only what it needs: {jail_root:?}"
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{qemu}/cgroup")).unwrap_or_default();
+    assert!(
+        cgroups.contains(&format!("/aloft/{id}")),
+        "QEMU is in the machine's cgroups: {cgroups}"
+    );
+    let metrics = platform.agent("GET", "/metrics", None).stdout;
+    let limit: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "aloft_machine_memory_limit_bytes{{app=\"lab\",machine=\"{id}\",region=\"local\"}} "
+            ))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        limit > 512 << 20 && limit < 1024 << 20,
+        "the VMM's memory limit is the guest's 512 MB plus QEMU's own: {limit}"
     );
     assert!(
         !files_containing(&platform.data_dir(), &id).is_empty(),
