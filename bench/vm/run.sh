@@ -14,7 +14,9 @@ if [[ $(id -u) -ne 0 ]]; then
   echo "bench/vm: run as root (network namespaces, QEMU's jail, runc)" >&2
   exit 1
 fi
-cargo build --release -q -p aloft -p hello -p aloft-agent --example bench-vm
+# Two runs: `--example` narrows a run to examples.
+cargo build --release -q -p aloft -p hello
+cargo build --release -q -p aloft-agent --example bench-vm
 TARGET="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 find_bin() { find "$TARGET" -path "*/release/$1" -type f -perm -u+x | head -1; }
 exec "$(find_bin examples/bench-vm)" "$(find_bin aloft)" "$(find_bin hello)" "$ROOT/examples/hello"

@@ -912,7 +912,231 @@ fn microvm_with_a_guest_that_never_gets_ready_or_a_corrupt_kernel_fails_cleanly(
         platform.aloft(&["apps", "list"]).ok(),
         "the agent keeps serving"
     );
+
+    // A kernel that is not there: the same, naming the file.
+    let gone = scratch.path().join("vmlinuz-6.1.0-1-cloud-amd64");
+    let gone_arg = gone.display().to_string();
+    let last = args.len() - 1;
+    args[last] = &gone_arg;
+    platform.restart_server_with(&args);
+    let (run, id) = create_machine(
+        &platform,
+        "lab",
+        &serde_json::json!({ "image": image, "restart": { "policy": "no" } }),
+    );
+    expect_failed_start(
+        &platform,
+        &run,
+        &id,
+        "vmlinuz-6.1.0-1-cloud-amd64: No such file",
+    );
+    assert_only_machine(&platform, None);
+    assert!(
+        platform.aloft(&["apps", "list"]).ok(),
+        "the agent keeps serving"
+    );
     drop(lock);
+}
+
+/// Output of `argv` run in machine `id` of app `lab`, asserting it succeeded.
+fn exec_output(platform: &Platform, id: &str, argv: &[&str]) -> String {
+    let mut args = vec!["machine", "exec", id, "-a", "lab", "--"];
+    args.extend_from_slice(argv);
+    let run = platform.aloft(&args);
+    assert!(run.ok(), "{argv:?}: {run}");
+    run.stdout
+}
+
+/// Every file under `root` that holds `needle` (GNU grep, which skips the holes of the
+/// machines' large sparse disks).
+fn files_containing(root: &Path, needle: &str) -> Vec<String> {
+    let output = std::process::Command::new("grep")
+        .args(["-r", "-l", "-F", "--", needle])
+        .arg(root)
+        .output()
+        .expect("grep");
+    assert!(
+        output.status.code().is_some_and(|code| code <= 1),
+        "grep: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn microvm_guest_size_swap_and_secrets_over_the_channel() {
+    let Some((platform, _lock)) = platform_on(Driver::Microvm) else {
+        return;
+    };
+    let (_dir, good) = deploy_lab(&platform, Driver::Microvm);
+    let image = machine_image(&platform, &good);
+    let mut random = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut random);
+    let marker = format!("VMSECRET{}", hex::encode(random));
+    let set = platform.aloft(&[
+        "secrets",
+        "set",
+        "-a",
+        "lab",
+        "--stage",
+        &format!("VM_SECRET={marker}"),
+    ]);
+    assert!(set.ok(), "{set}");
+
+    // Two vCPUs, 512 MB and a 64 MB swap file, with the app's secrets.
+    let (run, id) = create_machine(
+        &platform,
+        "lab",
+        &serde_json::json!({
+            "image": image,
+            "init": { "exec": ["/hello"], "swap_size_mb": 64 },
+            "env": { "PORT": "8080" },
+            "guest": { "cpu_kind": "shared", "cpus": 2, "memory_mb": 512 },
+            "restart": { "policy": "no" }
+        }),
+    );
+    assert!(!id.is_empty(), "{run}\n{}", platform.server_log());
+    wait_until(
+        "the sized machine to start",
+        Duration::from_secs(120),
+        || {
+            let state = machine_state(&platform, &id);
+            (state["state"] != "started").then(|| state.to_string())
+        },
+    );
+
+    let cpuinfo = exec_output(&platform, &id, &["cat", "/proc/cpuinfo"]);
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    assert_eq!(cpus, 2, "guest.cpus: {cpuinfo}");
+    let meminfo = exec_output(&platform, &id, &["cat", "/proc/meminfo"]);
+    let total_kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (400 * 1024..=512 * 1024).contains(&total_kb),
+        "guest.memory_mb 512 gives the guest about that much: {meminfo}"
+    );
+    let swaps = exec_output(&platform, &id, &["cat", "/proc/swaps"]);
+    let swap_kb: u64 = swaps
+        .lines()
+        .find(|l| l.contains(".fly-swapfile"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (60 * 1024..=64 * 1024).contains(&swap_kb),
+        "swap_size_mb 64 is a swap file in use: {swaps}"
+    );
+
+    // The secret reaches the app inside the guest...
+    let environments = exec_output(
+        &platform,
+        &id,
+        &["sh", "-c", "cat /proc/[0-9]*/environ | tr '\\0' '\\n'"],
+    );
+    assert!(
+        environments.contains(&format!("VM_SECRET={marker}")),
+        "the app has its secret: {environments}"
+    );
+    // ...over the channel only: no host process carries it (QEMU's command line holds the
+    // kernel's), and no file of the platform's (disks, logs, state) holds it.
+    let marker_bytes = marker.as_bytes();
+    let processes: Vec<String> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let path = e.path();
+                    ["cmdline", "environ"].into_iter().find_map(|file| {
+                        std::fs::read(path.join(file))
+                            .is_ok_and(|b| b.windows(marker_bytes.len()).any(|w| w == marker_bytes))
+                            .then(|| format!("{} {file}", path.display()))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        processes,
+        Vec::<String>::new(),
+        "host processes with the secret"
+    );
+    let qemu = host_pid(&platform, &id, Driver::Microvm);
+    let qemu_cmdline = std::fs::read_to_string(format!("/proc/{qemu}/cmdline")).unwrap_or_default();
+    assert!(
+        qemu_cmdline.contains("-append"),
+        "the machine's QEMU was found: {qemu_cmdline}"
+    );
+
+    // QEMU's jail: its own uid, seccomp (-sandbox on), pid and mount namespaces, a chroot
+    // with little in it, and the machine's cgroups with the guest's size in the limits.
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let uid: u32 = field("Uid:").parse().unwrap_or(0);
+    assert!(uid >= 1000, "QEMU runs as an unprivileged uid: {status}");
+    assert_eq!(field("Seccomp:"), "2", "QEMU is under seccomp: {status}");
+    for namespace in ["pid", "mnt"] {
+        let theirs = std::fs::read_link(format!("/proc/{qemu}/ns/{namespace}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{namespace}")).unwrap();
+        assert_ne!(theirs, ours, "QEMU has its own {namespace} namespace");
+    }
+    let jail_root: Vec<String> = std::fs::read_dir(format!("/proc/{qemu}/root"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !jail_root.is_empty()
+            && !jail_root
+                .iter()
+                .any(|n| n == "etc" || n == "home" || n == "root"),
+        "QEMU's root holds only what it needs: {jail_root:?}"
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{qemu}/cgroup")).unwrap_or_default();
+    assert!(
+        cgroups.contains(&format!("/aloft/{id}")),
+        "QEMU is in the machine's cgroups: {cgroups}"
+    );
+    let metrics = platform.agent("GET", "/metrics", None).stdout;
+    let limit: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "aloft_machine_memory_limit_bytes{{app=\"lab\",machine=\"{id}\",region=\"local\"}} "
+            ))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        limit > 512 << 20 && limit < 1024 << 20,
+        "the VMM's memory limit is the guest's 512 MB plus QEMU's own: {limit}"
+    );
+    assert!(
+        !files_containing(&platform.data_dir(), &id).is_empty(),
+        "the search finds what is on disk (the machine's id)"
+    );
+    let files = files_containing(&platform.data_dir(), &marker);
+    assert_eq!(files, Vec::<String>::new(), "files with the secret");
 }
 
 fn machine_image(platform: &Platform, id: &str) -> String {

@@ -43,6 +43,7 @@ impl Proxy {
             starting.insert(machine.id.clone(), now);
             machine.clone()
         };
+        self.catalog.mark_autostarted(&chosen.id);
         let proxy = self.clone();
         tokio::spawn(async move {
             tracing::info!(app = %chosen.app, machine = %chosen.id, "autostart");

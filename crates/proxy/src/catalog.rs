@@ -112,6 +112,27 @@ impl AppView {
         fallback
     }
 
+    /// Every public port some UDP service of the app exposes.
+    pub fn udp_ports(&self) -> HashSet<u16> {
+        let mut ports = HashSet::new();
+        for machine in &self.machines {
+            for service in machine.services.iter().filter(|s| s.protocol == "udp") {
+                for p in &service.ports {
+                    match (p.port, p.start_port, p.end_port) {
+                        (Some(port), _, _) => {
+                            ports.insert(port);
+                        }
+                        (None, Some(start), Some(end)) if end >= start && end - start < 1024 => {
+                            ports.extend(start..=end);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        ports
+    }
+
     /// Every public port some service of the app exposes.
     pub fn exposed_ports(&self) -> HashSet<u16> {
         let mut ports = HashSet::new();
@@ -148,7 +169,9 @@ pub struct MachineView {
     pub process_group: Option<String>,
     pub private_ipv4: Option<IpAddr>,
     pub services: Vec<MachineService>,
-    /// Service-level checks pass (or there are none).
+    /// Service-level checks pass (or there are none); a machine whose checks have not run
+    /// yet counts only when this proxy just started it (autostart holds the request until
+    /// its app accepts connections).
     pub healthy: bool,
     /// One backend per service (same order as `services`): `private_ipv4:internal_port`.
     pub backends: Vec<Option<Arc<Backend>>>,
@@ -172,6 +195,35 @@ pub struct AppExtras {
     pub primary_region: Option<String>,
 }
 
+/// What a machine's service-level checks (`servicecheck-*`) say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Every check passes, or the machine has none.
+    Passing,
+    /// Some check has not run yet (`warning`, "waiting for status update"), none fails.
+    Pending,
+    /// Some check is `critical`.
+    Critical,
+}
+
+impl Health {
+    /// The health the catalog entry's check results give.
+    pub fn of(checks: &[aloft_api::CheckStatus]) -> Health {
+        let mut health = Health::Passing;
+        for check in checks
+            .iter()
+            .filter(|c| c.name.starts_with("servicecheck-"))
+        {
+            match check.status.as_str() {
+                "critical" => return Health::Critical,
+                "passing" => {}
+                _ => health = Health::Pending,
+            }
+        }
+        health
+    }
+}
+
 /// A certificate for one hostname, as PEM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificatePem {
@@ -186,8 +238,11 @@ struct State {
     apps: HashMap<String, CatalogApp>,
     machines: HashMap<String, CatalogMachine>,
     extras: HashMap<String, AppExtras>,
-    /// Machine id → health, when a check status is known.
-    health: HashMap<String, bool>,
+    /// Machine id → health, from its catalog entry's check results (or set in-process).
+    health: HashMap<String, Health>,
+    /// Machines this proxy started whose checks have not given a result since: routed to
+    /// while their checks are pending.
+    autostarted: HashSet<String>,
     /// (machine id, internal port, address) → backend.
     backends: HashMap<(String, u16, SocketAddr), Arc<Backend>>,
     certs: HashMap<String, Arc<rustls::sign::CertifiedKey>>,
@@ -264,14 +319,9 @@ impl Catalog {
         self.publish(&mut state);
     }
 
-    /// Applies an update together with data the api types do not carry (from the raw
-    /// catalog JSON): app extras and machine health.
-    pub fn apply_with(
-        &self,
-        update: CatalogUpdate,
-        extras: Vec<(String, AppExtras)>,
-        health: Vec<(String, bool)>,
-    ) {
+    /// Applies an update together with the extra data of the apps it carries (public IPs,
+    /// primary region); a snapshot replaces all of it.
+    pub fn apply_with(&self, update: CatalogUpdate, extras: Vec<(String, AppExtras)>) {
         let mut state = self.lock();
         let snapshot = matches!(update, CatalogUpdate::Snapshot { .. });
         apply_one(&mut state, update);
@@ -281,10 +331,19 @@ impl Catalog {
         for (app, e) in extras {
             state.extras.insert(app, e);
         }
-        for (id, healthy) in health {
-            state.health.insert(id, healthy);
-        }
         self.publish(&mut state);
+    }
+
+    /// Notes that this proxy started `machine_id`: while its checks have not run yet, it
+    /// takes the requests that woke it.
+    pub fn mark_autostarted(&self, machine_id: &str) {
+        let mut state = self.lock();
+        if !state.autostarted.insert(machine_id.to_string()) {
+            return;
+        }
+        if state.health.get(machine_id) == Some(&Health::Pending) {
+            self.publish(&mut state);
+        }
     }
 
     /// The primary region of an app, when the catalog says.
@@ -305,13 +364,19 @@ impl Catalog {
         self.publish(&mut state);
     }
 
-    /// Marks a machine healthy or not (service-level checks); unhealthy machines get no traffic.
+    /// Marks a machine healthy or not (service-level checks); unhealthy machines get no
+    /// traffic. The machine's next catalog entry sets its health from its check results.
     pub fn set_machine_health(&self, machine_id: &str, healthy: bool) {
+        let health = if healthy {
+            Health::Passing
+        } else {
+            Health::Critical
+        };
         let mut state = self.lock();
-        if state.health.get(machine_id) == Some(&healthy) {
+        if state.health.get(machine_id) == Some(&health) {
             return;
         }
-        state.health.insert(machine_id.to_string(), healthy);
+        set_health(&mut state, machine_id, health);
         self.publish(&mut state);
     }
 
@@ -386,6 +451,11 @@ fn apply_one(state: &mut State, update: CatalogUpdate) {
             state.seq = seq;
             state.apps = apps.into_iter().map(|a| (a.name.clone(), a)).collect();
             state.app_versions = state.apps.keys().map(|name| (name.clone(), seq)).collect();
+            state.health.clear();
+            for m in &machines {
+                set_health(state, &m.id, Health::of(&m.checks));
+            }
+            state.autostarted.retain(|id| state.health.contains_key(id));
             state.machines = machines.into_iter().map(|m| (m.id.clone(), m)).collect();
         }
         CatalogUpdate::App { seq, app } => {
@@ -402,8 +472,11 @@ fn apply_one(state: &mut State, update: CatalogUpdate) {
         CatalogUpdate::Machine { seq, machine } => {
             state.seq = state.seq.max(seq);
             if machine.state == MachineState::Destroyed {
+                state.health.remove(&machine.id);
+                state.autostarted.remove(&machine.id);
                 state.machines.remove(&machine.id);
             } else {
+                set_health(state, &machine.id, Health::of(&machine.checks));
                 state.machines.insert(machine.id.clone(), machine);
             }
         }
@@ -411,8 +484,17 @@ fn apply_one(state: &mut State, update: CatalogUpdate) {
             state.seq = state.seq.max(seq);
             state.machines.remove(&id);
             state.health.remove(&id);
+            state.autostarted.remove(&id);
         }
     }
+}
+
+/// Records a machine's health; a result from its checks ends the autostart allowance.
+fn set_health(state: &mut State, machine_id: &str, health: Health) {
+    if health != Health::Pending {
+        state.autostarted.remove(machine_id);
+    }
+    state.health.insert(machine_id.to_string(), health);
 }
 
 fn build_snapshot(
@@ -444,7 +526,11 @@ fn build_snapshot(
                 Some(backend)
             })
             .collect();
-        let healthy = state.health.get(&m.id).copied().unwrap_or(true);
+        let healthy = match state.health.get(&m.id) {
+            None | Some(Health::Passing) => true,
+            Some(Health::Pending) => state.autostarted.contains(&m.id),
+            Some(Health::Critical) => false,
+        };
         let view = MachineView {
             id: m.id.clone(),
             app: m.app.clone(),

@@ -250,7 +250,7 @@ pub(crate) async fn serve<I>(
                     prefix: read,
                     inner: io,
                 };
-                crate::server::serve_http(proxy, io, conn, stop, false).await;
+                Box::pin(crate::server::serve_http(proxy, io, conn, stop, false)).await;
                 return;
             }
         }

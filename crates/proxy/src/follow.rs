@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_api::internal::CatalogUpdate;
+use aloft_api::internal::{CatalogApp, CatalogUpdate};
 
 use crate::Proxy;
 use crate::catalog::AppExtras;
@@ -62,92 +62,35 @@ pub(crate) async fn follow(proxy: Arc<Proxy>) {
     }
 }
 
-/// Applies one event's data (a `CatalogUpdate` as JSON) and returns its seq. Fields the
-/// api types do not (yet) carry are read from the raw JSON: an app's `ips` and
-/// `primary_region`, a machine's `checks`.
+/// Applies one event's data (a `CatalogUpdate` as JSON) and returns its seq.
 pub(crate) fn apply_event(proxy: &Proxy, data: &str) -> Result<u64, serde_json::Error> {
-    let raw: serde_json::Value = serde_json::from_str(data)?;
-    let update: CatalogUpdate = serde_json::from_value(raw.clone())?;
+    let update: CatalogUpdate = serde_json::from_str(data)?;
     let seq = update_seq(&update);
-    let mut extras = Vec::new();
-    let mut health = Vec::new();
-    match raw.get("type").and_then(|t| t.as_str()) {
-        Some("snapshot") => {
-            for app in raw
-                .get("apps")
-                .and_then(|a| a.as_array())
-                .into_iter()
-                .flatten()
-            {
-                extras.push(app_extras(app));
-            }
-            for machine in raw
-                .get("machines")
-                .and_then(|a| a.as_array())
-                .into_iter()
-                .flatten()
-            {
-                health.push(machine_health(machine));
-            }
-        }
-        Some("app") => {
-            if let Some(app) = raw.get("app") {
-                extras.push(app_extras(app));
-            }
-        }
-        Some("machine") => {
-            if let Some(machine) = raw.get("machine") {
-                health.push(machine_health(machine));
-            }
-        }
-        _ => {}
-    }
-    let extras: Vec<(String, AppExtras)> = extras.into_iter().flatten().collect();
-    let health: Vec<(String, bool)> = health.into_iter().flatten().collect();
-    proxy.catalog.apply_with(update, extras, health);
+    let extras = match &update {
+        CatalogUpdate::Snapshot { apps, .. } => apps.iter().map(app_extras).collect(),
+        CatalogUpdate::App { app, .. } => vec![app_extras(app)],
+        _ => Vec::new(),
+    };
+    proxy.catalog.apply_with(update, extras);
     Ok(seq)
 }
 
-fn app_extras(app: &serde_json::Value) -> Option<(String, AppExtras)> {
-    let name = app.get("name")?.as_str()?.to_string();
-    let mut extras = AppExtras::default();
-    for ip in app
-        .get("ips")
-        .and_then(|v| v.as_array())
-        .into_iter()
-        .flatten()
-    {
-        let (address, kind) = match ip {
-            serde_json::Value::String(s) => (s.as_str(), ""),
-            other => (
-                other.get("address").and_then(|a| a.as_str()).unwrap_or(""),
-                other.get("type").and_then(|a| a.as_str()).unwrap_or(""),
-            ),
-        };
-        let Ok(addr) = address.parse::<IpAddr>() else {
-            continue;
-        };
-        // Flycast (`private_v6`) addresses are routed like dedicated ones: the proxy
-        // listens on them for the app's service ports; the host's packet filter keeps
-        // them to the network the address is in.
-        let shared = kind.contains("shared");
-        extras.ips.push((addr, shared));
-    }
-    extras.primary_region = app
-        .get("primary_region")
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
-    Some((name, extras))
-}
-
-/// Health from the service-level checks (`servicecheck-*`): any `critical` is unhealthy.
-fn machine_health(machine: &serde_json::Value) -> Option<(String, bool)> {
-    let id = machine.get("id")?.as_str()?.to_string();
-    let checks = machine.get("checks")?.as_array()?;
-    let healthy = !checks.iter().any(|c| {
-        let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("");
-        let status = c.get("status").and_then(|n| n.as_str()).unwrap_or("");
-        name.starts_with("servicecheck-") && status == "critical"
-    });
-    Some((id, healthy))
+/// The app's public addresses and primary region.
+fn app_extras(app: &CatalogApp) -> (String, AppExtras) {
+    let ips = app
+        .ips
+        .iter()
+        .filter_map(|ip| {
+            let addr = ip.address.parse::<IpAddr>().ok()?;
+            // Flycast (`private_v6`) addresses are routed like dedicated ones: the proxy
+            // listens on them for the app's service ports; the host's packet filter keeps
+            // them to the network the address is in.
+            Some((addr, ip.kind.contains("shared")))
+        })
+        .collect();
+    let extras = AppExtras {
+        ips,
+        primary_region: app.primary_region.clone().filter(|r| !r.is_empty()),
+    };
+    (app.name.clone(), extras)
 }

@@ -39,9 +39,10 @@ pub mod raw;
 pub mod replay;
 mod server;
 pub mod tls;
+mod udp;
 
 pub use acme::AcmeConfig;
-pub use catalog::{AppExtras, Catalog, CertificatePem, Snapshot};
+pub use catalog::{AppExtras, Catalog, CertificatePem, Health, Snapshot};
 
 /// How a proxy runs. Construct with `..ProxyConfig::default()` so new fields keep working.
 #[derive(Clone, Debug)]

@@ -46,6 +46,11 @@ pub(crate) enum Role {
         app: String,
         public_port: u16,
     },
+    /// A UDP service port on a dedicated IP of one app.
+    Udp {
+        app: String,
+        public_port: u16,
+    },
     Metrics,
 }
 
@@ -236,7 +241,7 @@ async fn handle_connection(
         return;
     };
     match role {
-        Role::Metrics => serve_metrics(proxy, stream).await,
+        Role::Metrics => Box::pin(serve_metrics(proxy, stream)).await,
         Role::Http { public_port } => {
             let Some(h2) = detect_h2(&stream, proxy.config.header_read_timeout).await else {
                 return;
@@ -244,14 +249,37 @@ async fn handle_connection(
             let info = Arc::new(ConnInfo::new(peer, local, *public_port, false, None));
             serve_client(proxy, stream, info, stop, h2).await;
         }
+        // Boxed: the pipeline's state (a TLS handshake, ~14 KiB) would otherwise be part
+        // of every connection's future, plain HTTP keep-alive connections included.
         Role::Https { public_port } => {
-            pipeline(proxy, stream, peer, local, *public_port, None, true, stop).await;
+            Box::pin(pipeline(
+                proxy,
+                stream,
+                peer,
+                local,
+                *public_port,
+                None,
+                true,
+                stop,
+            ))
+            .await;
         }
         Role::Shared { public_port } => {
-            pipeline(proxy, stream, peer, local, *public_port, None, false, stop).await;
+            Box::pin(pipeline(
+                proxy,
+                stream,
+                peer,
+                local,
+                *public_port,
+                None,
+                false,
+                stop,
+            ))
+            .await;
         }
+        Role::Udp { .. } => {}
         Role::Dedicated { app, public_port } => {
-            pipeline(
+            Box::pin(pipeline(
                 proxy,
                 stream,
                 peer,
@@ -260,7 +288,7 @@ async fn handle_connection(
                 Some(app.clone()),
                 false,
                 stop,
-            )
+            ))
             .await;
         }
     }
@@ -338,7 +366,7 @@ pub(crate) async fn serve_client<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if h2 {
-        serve_http(proxy, io, info, stop, true).await;
+        Box::pin(serve_http(proxy, io, info, stop, true)).await;
     } else {
         crate::fast::serve(proxy, io, info, stop).await;
     }
@@ -486,15 +514,29 @@ async fn pipeline(
         // Default-deny: no service exposes this port.
         return;
     }
+    let mut stream = stream;
     let wants_tls = match &known_port {
+        Some(port) if has_handler(port, "pg_tls") => {
+            if !postgres_tls_start(&mut stream, handshake_timeout).await {
+                return;
+            }
+            true
+        }
         Some(port) => has_handler(port, "tls"),
         None => {
             if tls_listener {
                 true
             } else {
-                // Shared address, other port: TLS by SNI, or plain HTTP by Host.
+                // Shared address, other port: TLS by SNI, plain HTTP by Host, or a
+                // Postgres client asking for TLS (then routed by SNI to a `pg_tls` port).
                 match peek_first(&stream, handshake_timeout).await {
                     Some(0x16) => true,
+                    Some(0) => {
+                        if !postgres_tls_start(&mut stream, handshake_timeout).await {
+                            return;
+                        }
+                        true
+                    }
                     Some(_) => false,
                     None => return,
                 }
@@ -544,6 +586,72 @@ async fn pipeline(
     } else {
         passthrough(proxy, tls_stream, peer, local, &app, public_port, &port).await;
     }
+}
+
+/// The PostgreSQL `SSLRequest` and `GSSENCRequest` messages (length 8, then the code).
+const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+const PG_GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+
+/// The start of a `pg_tls` connection: a client that asks for TLS with an `SSLRequest` is
+/// told yes (`S`); one that opens with a TLS handshake right away (PostgreSQL 17's
+/// `sslnegotiation=direct`) goes straight on; a request for GSS encryption is declined
+/// (`N`, the client then asks for TLS). A client starting without TLS gets a FATAL error
+/// naming the fix. Returns whether a TLS handshake follows.
+async fn postgres_tls_start(stream: &mut TcpStream, timeout: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    for _ in 0..2 {
+        match peek_first(stream, timeout).await {
+            Some(0x16) => return true,
+            Some(_) => {}
+            None => return false,
+        }
+        let mut message = [0u8; 8];
+        if !matches!(
+            tokio::time::timeout(timeout, stream.read_exact(&mut message)).await,
+            Ok(Ok(_))
+        ) {
+            return false;
+        }
+        match message {
+            PG_SSL_REQUEST => return stream.write_all(b"S").await.is_ok(),
+            PG_GSSENC_REQUEST => {
+                if stream.write_all(b"N").await.is_err() {
+                    return false;
+                }
+            }
+            _ => {
+                let _ = stream
+                    .write_all(&postgres_fatal(
+                        "08P01",
+                        "this port accepts only TLS connections (connect with sslmode=require)",
+                    ))
+                    .await;
+                let _ = stream.shutdown().await;
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// A PostgreSQL `ErrorResponse` with severity FATAL.
+fn postgres_fatal(code: &str, message: &str) -> Vec<u8> {
+    let mut fields = Vec::new();
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        fields.push(tag);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&fields);
+    out
 }
 
 pub(crate) fn has_handler(port: &MachinePort, handler: &str) -> bool {
@@ -714,6 +822,28 @@ async fn manage_listeners(proxy: Arc<Proxy>) {
             if running.contains_key(&key) || static_addrs.contains(&key.0) {
                 continue;
             }
+            if let Role::Udp { app, public_port } = &key.1 {
+                match crate::udp::bind(key.0) {
+                    Ok(socket) => {
+                        failed.remove(&key);
+                        tracing::info!(addr = %key.0, role = ?key.1, "listening (udp)");
+                        let task = tokio::spawn(crate::udp::relay(
+                            proxy.clone(),
+                            socket,
+                            app.clone(),
+                            *public_port,
+                            proxy.stop.subscribe(),
+                        ));
+                        running.insert(key, task);
+                    }
+                    Err(e) => {
+                        if failed.insert(key.clone()) {
+                            tracing::warn!(addr = %key.0, error = %e, "cannot listen (udp)");
+                        }
+                    }
+                }
+                continue;
+            }
             match listen(key.0, true) {
                 Ok(listener) => {
                     failed.remove(&key);
@@ -754,7 +884,7 @@ fn wanted_listeners(proxy: &Proxy) -> HashSet<(SocketAddr, Role)> {
             }
             // Shared addresses only route what can be told apart by Host or SNI.
             if let Some((_, p)) = app.port_config(*port)
-                && (has_handler(p, "tls") || has_handler(p, "http"))
+                && (has_handler(p, "tls") || has_handler(p, "http") || has_handler(p, "pg_tls"))
             {
                 wanted.insert((
                     SocketAddr::new(shared_ip, *port),
@@ -773,6 +903,33 @@ fn wanted_listeners(proxy: &Proxy) -> HashSet<(SocketAddr, Role)> {
                 },
             ));
         }
+        for port in app.udp_ports() {
+            wanted.insert((
+                SocketAddr::new(*ip, port),
+                Role::Udp {
+                    app: app.name.clone(),
+                    public_port: port,
+                },
+            ));
+        }
     }
     wanted
+}
+
+#[cfg(test)]
+mod tests {
+    /// What every open client connection keeps while it waits for its next request: the
+    /// connection future (10,000 idle keep-alive connections must fit in a few MiB).
+    #[tokio::test]
+    async fn an_idle_plain_http_connection_holds_a_small_future() {
+        let proxy = crate::Proxy::new(crate::ProxyConfig::default());
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let role = super::Role::Http { public_port: 80 };
+        let connection = super::handle_connection(proxy, stream, addr, &role, stop);
+        let size = std::mem::size_of_val(&connection);
+        assert!(size <= 2048, "a connection future takes {size} bytes");
+    }
 }

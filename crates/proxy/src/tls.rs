@@ -277,6 +277,10 @@ fn alpn_list(port: &MachinePort) -> Vec<Vec<u8>> {
     if port.handlers.iter().any(|h| h == "http") {
         return vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
+    if port.handlers.iter().any(|h| h == "pg_tls") {
+        // What libpq 17+ asks for; older clients send no ALPN at all.
+        return vec![b"postgresql".to_vec()];
+    }
     Vec::new()
 }
 
@@ -395,8 +399,9 @@ pub(crate) async fn accept(
         proxy.metrics.tls_handshake_errors.inc();
         return None;
     };
-    let port = crate::server::port_config(proxy, &app, public_port)
-        .filter(|p| crate::server::has_handler(p, "tls"));
+    let port = crate::server::port_config(proxy, &app, public_port).filter(|p| {
+        crate::server::has_handler(p, "tls") || crate::server::has_handler(p, "pg_tls")
+    });
     let Some(port) = port else {
         proxy.metrics.tls_handshake_errors.inc();
         return None;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aloft_api::internal::CatalogUpdate;
-use aloft_api::{AutoStop, MachineService, MachineState, ServiceConcurrency};
+use aloft_api::{AutoStop, CheckStatus, MachineService, MachineState, ServiceConcurrency};
 use aloft_proxy::{AppExtras, Proxy};
 use bytes::Bytes;
 use common::*;
@@ -206,6 +206,95 @@ async fn unhealthy_machines_get_nothing_and_closeness_uses_rtt() {
     proxy.shutdown().await;
 }
 
+fn check(name: &str, status: &str) -> CheckStatus {
+    CheckStatus {
+        name: name.into(),
+        status: status.into(),
+        output: String::new(),
+        updated_at: None,
+    }
+}
+
+#[tokio::test]
+async fn machines_route_only_once_their_service_checks_pass() {
+    let b1 = backend(echo("m1")).await;
+    let b2 = backend(echo("m2")).await;
+    let proxy = start(config()).await;
+    let c = proxy.proxy.catalog();
+    let with_checks = |id: &str, addr, checks: Vec<CheckStatus>| {
+        let mut m = machine(id, "web", "ams", addr, MachineState::Started);
+        m.checks = checks;
+        m
+    };
+    // m1's checks have not run yet ("waiting for status update"); m2's pass.
+    c.apply(snapshot(
+        1,
+        vec![app("web")],
+        vec![
+            with_checks(
+                "m1",
+                b1.addr,
+                vec![
+                    check("servicecheck-00-http-8080", "passing"),
+                    check("servicecheck-01-tcp-8080", "warning"),
+                ],
+            ),
+            with_checks(
+                "m2",
+                b2.addr,
+                vec![check("servicecheck-00-http-8080", "passing")],
+            ),
+        ],
+    ));
+    let backend_of = |r: Reply| r.header("x-backend").unwrap_or("").to_string();
+    for _ in 0..6 {
+        assert_eq!(
+            backend_of(get(proxy.http, "web.aloft.test", "/", &[]).await),
+            "m2"
+        );
+    }
+    // m1 passes, m2 fails; a failing top-level check never matters.
+    c.apply(CatalogUpdate::Machine {
+        seq: 2,
+        machine: with_checks(
+            "m1",
+            b1.addr,
+            vec![
+                check("servicecheck-00-http-8080", "passing"),
+                check("servicecheck-01-tcp-8080", "passing"),
+                check("db", "critical"),
+            ],
+        ),
+    });
+    c.apply(CatalogUpdate::Machine {
+        seq: 3,
+        machine: with_checks(
+            "m2",
+            b2.addr,
+            vec![check("servicecheck-00-http-8080", "critical")],
+        ),
+    });
+    for _ in 0..6 {
+        assert_eq!(
+            backend_of(get(proxy.http, "web.aloft.test", "/", &[]).await),
+            "m1"
+        );
+    }
+    // m2 redeployed without checks: it routes again.
+    c.apply(CatalogUpdate::Machine {
+        seq: 4,
+        machine: with_checks("m2", b2.addr, Vec::new()),
+    });
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        seen.insert(backend_of(
+            get(proxy.http, "web.aloft.test", "/", &[]).await,
+        ));
+    }
+    assert!(seen.contains("m2"), "{seen:?}");
+    proxy.shutdown().await;
+}
+
 /// A fake control plane: records machine actions, and applies them to the proxy's catalog
 /// the way the real one publishes state changes.
 struct FakeControl {
@@ -288,7 +377,7 @@ async fn autostart_holds_the_request_until_the_machine_accepts_connections() {
             return Err(());
         }
         let proxy = slot.lock().unwrap().clone().unwrap();
-        let started = machine_with(
+        let mut started = machine_with(
             id,
             "web",
             "ams",
@@ -296,6 +385,8 @@ async fn autostart_holds_the_request_until_the_machine_accepts_connections() {
             MachineState::Started,
             vec![autoscaled(port.port(), AutoStop::Stop, 0)],
         );
+        // Its checks have not run yet: the request that woke it goes to it all the same.
+        started.checks = vec![check("servicecheck-00-tcp-8080", "warning")];
         proxy.catalog().apply(CatalogUpdate::Machine {
             seq: 2,
             machine: started,

@@ -340,6 +340,7 @@ async fn dedicated_ip_raw_tcp_proxy_protocol_tls_passthrough_and_default_deny() 
     let pp1_port = free_port("127.0.0.2").await;
     let pp2_port = free_port("127.0.0.2").await;
     let mqtt_port = free_port("127.0.0.2").await;
+    let pg_port = free_port("127.0.0.2").await;
     let closed_port = free_port("127.0.0.2").await;
     let port = |p: u16, handlers: &[&str]| MachinePort {
         port: Some(p),
@@ -364,6 +365,7 @@ async fn dedicated_ip_raw_tcp_proxy_protocol_tls_passthrough_and_default_deny() 
             port(pp1_port, &["proxy_proto"]),
             pp2,
             mqtt,
+            port(pg_port, &["pg_tls"]),
         ],
         ..MachineService::default()
     };
@@ -444,6 +446,61 @@ async fn dedicated_ip_raw_tcp_proxy_protocol_tls_passthrough_and_default_deny() 
             .await
             .is_err(),
         "TLS 1.2 refused"
+    );
+
+    // pg_tls: an SSLRequest is answered `S`, then TLS (ALPN `postgresql`) is terminated
+    // and the plaintext protocol goes to the app.
+    let pg_addr: SocketAddr = format!("127.0.0.2:{pg_port}").parse().unwrap();
+    let both: &[&'static rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    let mut tcp = connect_when_listening(pg_addr).await;
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    assert_eq!(read_some(&mut tcp, 1).await, b"S");
+    let mut tls = pki
+        .client(&["postgresql"], both)
+        .connect(ServerName::try_from("db.aloft.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    tls.write_all(b"startup").await.unwrap();
+    assert_eq!(read_some(&mut tls, 7).await, b"startup");
+    // A GSS encryption request is declined first; clients without ALPN are served too.
+    let mut tcp = TcpStream::connect(pg_addr).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+        .await
+        .unwrap();
+    assert_eq!(read_some(&mut tcp, 1).await, b"N");
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    assert_eq!(read_some(&mut tcp, 1).await, b"S");
+    let mut tls = pki
+        .client(&[], both)
+        .connect(ServerName::try_from("db.aloft.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"query").await.unwrap();
+    assert_eq!(read_some(&mut tls, 5).await, b"query");
+    // Direct TLS (PostgreSQL 17 `sslnegotiation=direct`).
+    let tcp = TcpStream::connect(pg_addr).await.unwrap();
+    let mut tls = pki
+        .client(&["postgresql"], both)
+        .connect(ServerName::try_from("db.aloft.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"direct").await.unwrap();
+    assert_eq!(read_some(&mut tls, 6).await, b"direct");
+    // A client starting without TLS gets a FATAL ErrorResponse naming the fix.
+    let mut tcp = TcpStream::connect(pg_addr).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0, 3, 0, 0]).await.unwrap();
+    let reply = read_some(&mut tcp, 4096).await;
+    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply).contains("sslmode=require"),
+        "{}",
+        String::from_utf8_lossy(&reply)
     );
 
     // Default-deny: a port no service exposes has no listener.
