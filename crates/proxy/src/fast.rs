@@ -582,12 +582,12 @@ where
             Parsed::Complete(head) => break head,
             Parsed::Partial => {}
             Parsed::TooManyHeaders => {
-                return reject(io, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
+                return reject(proxy, io, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
             }
-            Parsed::Invalid => return reject(io, StatusCode::BAD_REQUEST).await,
+            Parsed::Invalid => return reject(proxy, io, StatusCode::BAD_REQUEST).await,
         }
         if bufs.client.len() >= config.max_header_bytes {
-            return reject(io, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
+            return reject(proxy, io, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
         }
         let deadline = start + config.header_read_timeout;
         let room = bufs.client.spare(4096);
@@ -599,7 +599,7 @@ where
     let buf = bufs.client.filled();
     let facts = request_facts(buf, &bufs.req_fields);
     if facts.invalid {
-        return reject(io, StatusCode::BAD_REQUEST).await;
+        return reject(proxy, io, StatusCode::BAD_REQUEST).await;
     }
     let method = &buf[head.method.0..head.method.1];
     let target = &buf[head.target.0..head.target.1];
@@ -670,14 +670,17 @@ where
     }
 }
 
-/// A request the fast path refuses to parse: a short error, then the connection closes.
-async fn reject<I: AsyncWrite + Unpin>(io: &mut I, status: StatusCode) -> Next {
+/// A request the fast path refuses to parse: a short error (with its request id, like
+/// every response), then the connection closes.
+async fn reject<I: AsyncWrite + Unpin>(proxy: &Proxy, io: &mut I, status: StatusCode) -> Next {
     let reason = status.canonical_reason().unwrap_or("");
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-        status.as_u16()
-    );
-    let _ = io.write_all(head.as_bytes()).await;
+    let mut head =
+        format!("HTTP/1.1 {} {reason}\r\nfly-request-id: ", status.as_u16()).into_bytes();
+    proxy.request_ids.write_to(&mut head);
+    head.extend_from_slice(b"\r\nserver: ");
+    head.extend_from_slice(proxy.server_value.as_bytes());
+    head.extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = io.write_all(&head).await;
     Next::Close
 }
 

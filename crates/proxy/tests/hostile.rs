@@ -60,6 +60,10 @@ async fn malformed_requests_and_oversized_or_flooded_headers_get_4xx() {
 
     let out = raw(h, b"THIS IS NOT HTTP\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(
+        out.contains("fly-request-id: "),
+        "every response has one: {out}"
+    );
     let out = raw(
         h,
         b"GET / HTTP/1.1\r\nHost: ok.aloft.test\r\nBad Header Line\r\n\r\n",

@@ -295,6 +295,83 @@ async fn machines_route_only_once_their_service_checks_pass() {
     proxy.shutdown().await;
 }
 
+/// A machine whose app accepts connections, reads the request and hangs up unanswered.
+async fn hangs_up() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_no_app_answered_goes_once_more_to_another_machine() {
+    let ok = backend(echo("fra")).await;
+    let proxy = start(config()).await;
+    let c = proxy.proxy.catalog();
+    // The local machine refuses connections; the remote one works.
+    c.apply(snapshot(
+        1,
+        vec![app("web")],
+        vec![
+            machine(
+                "m-ams",
+                "web",
+                "ams",
+                dead_addr().await,
+                MachineState::Started,
+            ),
+            machine("m-fra", "web", "fra", ok.addr, MachineState::Started),
+        ],
+    ));
+    let get_one = || get(proxy.http, "web.aloft.test", "/", &[]);
+    let r = get_one().await;
+    assert_eq!((r.status, r.header("x-backend")), (200, Some("fra")));
+    // Nothing reached the app: even a POST is sent again (hyper's path too, via Expect).
+    let post = |headers: &'static [(&'static str, &'static str)]| {
+        send(
+            proxy.http,
+            "POST",
+            "web.aloft.test",
+            "/",
+            headers,
+            Bytes::from_static(b"order=1"),
+        )
+    };
+    let r = post(&[]).await;
+    assert_eq!((r.status, r.header("x-backend")), (200, Some("fra")));
+    let r = post(&[("expect", "100-continue")]).await;
+    assert_eq!((r.status, r.header("x-backend")), (200, Some("fra")));
+
+    // The local app takes the request and hangs up: a GET goes to the other machine, a
+    // POST (it may have had effects) does not.
+    c.apply(snapshot(
+        2,
+        vec![app("web")],
+        vec![
+            machine(
+                "m-ams",
+                "web",
+                "ams",
+                hangs_up().await,
+                MachineState::Started,
+            ),
+            machine("m-fra", "web", "fra", ok.addr, MachineState::Started),
+        ],
+    ));
+    let r = get_one().await;
+    assert_eq!((r.status, r.header("x-backend")), (200, Some("fra")));
+    assert_eq!(post(&[]).await.status, 502);
+    assert_eq!(post(&[("expect", "100-continue")]).await.status, 502);
+    proxy.shutdown().await;
+}
+
 /// A fake control plane: records machine actions, and applies them to the proxy's catalog
 /// the way the real one publishes state changes.
 struct FakeControl {
