@@ -536,6 +536,8 @@ async fn other_public_ports_on_the_shared_address_route_by_host_and_sni() {
     let pki = pki();
     let http_port = free_port("127.0.0.1").await;
     let tls_port = free_port("127.0.0.1").await;
+    let pg_port = free_port("127.0.0.1").await;
+    let pg_echo = tcp_echo().await;
     let port = |p: u16, handlers: &[&str]| MachinePort {
         port: Some(p),
         handlers: handlers.iter().map(|h| h.to_string()).collect(),
@@ -545,6 +547,13 @@ async fn other_public_ports_on_the_shared_address_route_by_host_and_sni() {
         protocol: "tcp".into(),
         internal_port: be.addr.port(),
         ports: vec![port(http_port, &["http"]), port(tls_port, &["tls", "http"])],
+        ..MachineService::default()
+    };
+    // A Postgres-style service on the same machine, on its own internal port.
+    let database = MachineService {
+        protocol: "tcp".into(),
+        internal_port: pg_echo.port(),
+        ports: vec![port(pg_port, &["pg_tls"])],
         ..MachineService::default()
     };
     let mut cfg = tls_config();
@@ -559,7 +568,7 @@ async fn other_public_ports_on_the_shared_address_route_by_host_and_sni() {
             "ams",
             be.addr,
             MachineState::Started,
-            vec![service],
+            vec![service, database],
         )],
     ));
     pki.install(&proxy.proxy, "web.aloft.test");
@@ -588,5 +597,29 @@ async fn other_public_ports_on_the_shared_address_route_by_host_and_sni() {
     // Plain HTTP to the TLS port is not let through.
     let r = get(tls_addr, "web.aloft.test", "/", &[]).await;
     assert_eq!(r.status, 404);
+
+    // pg_tls on the shared address: the SSLRequest is answered, then SNI picks the app.
+    let pg_addr: SocketAddr = format!("127.0.0.1:{pg_port}").parse().unwrap();
+    let postgres = pki.client(&["postgresql"], &[&rustls::version::TLS13]);
+    let sslrequest = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    let mut tcp = connect_when_listening(pg_addr).await;
+    tcp.write_all(&sslrequest).await.unwrap();
+    assert_eq!(read_some(&mut tcp, 1).await, b"S");
+    let mut tls = postgres
+        .connect(ServerName::try_from("web.aloft.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"startup").await.unwrap();
+    assert_eq!(read_some(&mut tls, 7).await, b"startup");
+    // A name no app has gets no handshake.
+    let mut tcp = TcpStream::connect(pg_addr).await.unwrap();
+    tcp.write_all(&sslrequest).await.unwrap();
+    assert_eq!(read_some(&mut tcp, 1).await, b"S");
+    assert!(
+        postgres
+            .connect(ServerName::try_from("nope.aloft.test").unwrap(), tcp)
+            .await
+            .is_err()
+    );
     proxy.shutdown().await;
 }
