@@ -275,6 +275,45 @@ fn writable_machine(
     Ok((app, row))
 }
 
+/// Hosts pull a machine's image from the platform's registry with their own token, so the
+/// API checks that the caller could pull it itself: other orgs' (and, for app-limited
+/// tokens, other apps') images stay out of reach, with the same answer whether or not
+/// the repository exists.
+fn check_image_access(plane: &ControlPlane, caller: &Caller, image: &str) -> ApiResult<()> {
+    let registry = plane.registry_host();
+    if caller.is_host() || !image.starts_with(&format!("{registry}/")) {
+        return Ok(());
+    }
+    let refused = |repository: &str| {
+        ApiError::bad_request(format!(
+            "invalid config.image: {image} is in repository {repository}, which this token may not pull from"
+        ))
+    };
+    let reference = aloft_registry::client::parse_reference(image).map_err(|_| {
+        ApiError::bad_request(format!(
+            "invalid config.image: {image:?} is not an image reference"
+        ))
+    })?;
+    let pull_through = plane
+        .config
+        .registry_upstream
+        .as_ref()
+        .map(|u| u.prefix.trim_matches('/'))
+        .filter(|p| !p.is_empty());
+    if let Some(prefix) = pull_through
+        && reference
+            .repository
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+    {
+        return Ok(());
+    }
+    match plane.store.app(&reference.repository)? {
+        Some(app) if caller.sees_app(&app) => Ok(()),
+        _ => Err(refused(&reference.repository)),
+    }
+}
+
 fn app_view(plane: &ControlPlane, app: &AppRow) -> App {
     App {
         id: app.id.clone(),
@@ -564,6 +603,7 @@ async fn create_machine(
 ) -> ApiResult<Json<Machine>> {
     let app = visible_app(&plane, &caller, &name)?;
     caller.require_write()?;
+    check_image_access(&plane, &caller, &request.config.image)?;
     let (row, lease) = plane.create_machine_with_lease(&app, request).await?;
     let mut view = plane.machine_view(&row);
     view.nonce = lease.map(|l| l.nonce);
@@ -593,6 +633,9 @@ async fn update_machine(
     JsonBody(request): JsonBody<UpdateMachineRequest>,
 ) -> ApiResult<Json<Machine>> {
     let (app, row) = writable_machine(&plane, &caller, &name, &id, &headers)?;
+    if request.create.config.image != row.config.image {
+        check_image_access(&plane, &caller, &request.create.config.image)?;
+    }
     if let Some(version) = request.current_version.as_deref().filter(|v| !v.is_empty())
         && version != row.instance_id
     {
