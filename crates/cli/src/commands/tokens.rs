@@ -4,7 +4,7 @@
 use aloft_api::token::{Caveat, Token};
 use aloft_api::{CreateTokenRequest, CreateTokenResponse, ListTokensResponse, TokenInfo};
 use aloft_client::encode_component;
-use anyhow::Context;
+use anyhow::{Context, bail};
 use http::Method;
 
 use crate::output::table;
@@ -196,6 +196,9 @@ pub async fn run(api: &ApiArgs, command: TokensCommand) -> anyhow::Result<()> {
             if let Some(expiry) = expiry {
                 let duration = aloft_api::Duration::parse(&expiry)
                     .map_err(|e| anyhow::anyhow!("invalid --expiry {expiry:?}: {e}"))?;
+                if duration.as_secs() <= 0 {
+                    bail!("invalid --expiry {expiry:?}: must be at least 1s, such as 30m or 1h");
+                }
                 token = token.attenuate(Caveat::ExpiresAt(
                     chrono::Utc::now().timestamp() + duration.as_secs(),
                 ));
