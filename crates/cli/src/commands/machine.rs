@@ -859,7 +859,8 @@ async fn status(
         ("Region", machine.region.clone()),
         (
             "Process Group",
-            machine.config.process_group().unwrap_or("").to_string(),
+            // As `machine list` shows it: a machine outside any group is in `app`.
+            machine.config.process_group().unwrap_or("app").to_string(),
         ),
         (
             "CPU Kind",
