@@ -13,10 +13,14 @@ fn json(run: &Run) -> Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {run}"))
 }
 
-/// The CLI with the token in `FLY_API_TOKEN` (the CLI's environment variable).
+/// The CLI with the token in `FLY_API_TOKEN` (as flyctl reads it).
 fn aloft_with_env_token(platform: &Platform, token: &str, args: &[&str]) -> Run {
+    aloft_with_env(platform, "FLY_API_TOKEN", token, args)
+}
+
+fn aloft_with_env(platform: &Platform, variable: &str, token: &str, args: &[&str]) -> Run {
     let mut command = platform.in_netns(&common::aloft_binary());
-    command.env("FLY_API_TOKEN", token).args(args);
+    command.env(variable, token).args(args);
     Run::from(command.output().expect("running aloft"))
 }
 
@@ -237,6 +241,11 @@ fn orgs_and_tokens_limit_what_each_token_sees_and_does() {
     let apps = json(&listed);
     assert_eq!(apps.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(apps[0]["name"], "alpha", "{listed}");
+    let listed = aloft_with_env(&platform, "FLY_ACCESS_TOKEN", &deploy, &["apps", "list"]);
+    assert!(
+        listed.ok() && listed.stdout.contains("alpha") && !listed.stdout.contains("gamma"),
+        "{listed}"
+    );
     let machines = aloft_with_env_token(&platform, &deploy, &["machine", "list", "-a", "alpha"]);
     assert!(machines.ok(), "{machines}");
     let other = aloft_with_env_token(&platform, &deploy, &["machine", "list", "-a", "gamma"]);
