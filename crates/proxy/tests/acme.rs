@@ -316,16 +316,21 @@ async fn run(prefer_http01: bool) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
     assert!(text.contains("ALPN protocol: h2"), "{text}");
-    // And the proxy stored what it obtained in the control plane.
-    let stored = stored.lock().unwrap().clone();
-    assert!(stored.iter().any(|(path, doc)| {
-        path == "/v1/proxy/certificates/web.aloft.test"
-            && doc["certificate"]
-                .as_str()
-                .unwrap()
-                .contains("BEGIN CERTIFICATE")
-            && doc["private_key"].as_str().unwrap().contains("PRIVATE KEY")
-    }));
+    // And the proxy stored what it obtained in the control plane (right after serving it).
+    eventually("the certificate stored in the control plane", || {
+        let stored = stored.lock().unwrap().clone();
+        async move {
+            stored.iter().any(|(path, doc)| {
+                path == "/v1/proxy/certificates/web.aloft.test"
+                    && doc["certificate"]
+                        .as_str()
+                        .unwrap()
+                        .contains("BEGIN CERTIFICATE")
+                    && doc["private_key"].as_str().unwrap().contains("PRIVATE KEY")
+            })
+        }
+    })
+    .await;
 
     // A removed hostname loses its certificate.
     let mut web = app("web");
@@ -428,13 +433,16 @@ async fn renews_a_stored_certificate_close_to_expiry() {
         async move { verify_with(&root, https, "web.aloft.test").await.is_ok() }
     })
     .await;
-    assert!(
-        stored
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(p, _)| p == "/v1/proxy/certificates/web.aloft.test")
-    );
+    // Stored back right after it is served.
+    eventually("the renewed certificate stored", || {
+        let stored = stored.lock().unwrap().clone();
+        async move {
+            stored
+                .iter()
+                .any(|(p, _)| p == "/v1/proxy/certificates/web.aloft.test")
+        }
+    })
+    .await;
     proxy.shutdown().await;
 }
 
