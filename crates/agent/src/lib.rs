@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod microvm;
 pub mod network;
 pub mod procfs;
+pub mod seccomp;
 pub mod secrets;
 pub mod shim;
 pub mod store;
@@ -55,6 +56,8 @@ pub struct AgentConfig {
     /// Containers, microVMs, or microVMs where KVM boots the guest kernel.
     pub driver: microvm::DriverChoice,
     pub vm: microvm::MicrovmOptions,
+    /// How much of each machine's log is kept.
+    pub log_limits: logs::LogLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +88,6 @@ pub struct Agent {
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: tokio::sync::Notify,
     checks: checks::Checks,
-    /// When each running machine's current run began (this agent's lifetime only).
-    run_started: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 const DEFAULT_KILL_SIGNAL: &str = "SIGINT";
@@ -107,6 +108,17 @@ fn driver_failure(err: DriverError) -> AgentError {
     match err {
         DriverError::NotRunning => AgentError::Conflict("the machine is not running".into()),
         other => AgentError::Failed(other.to_string()),
+    }
+}
+
+/// The consecutive restarts that still count once a run that began at `run_started`
+/// (Unix ms) ends at `now`: all of them if it ended within the window, none otherwise
+/// (or when its start is unknown).
+pub fn restarts_in_window(restarts: u32, run_started: Option<i64>, now: i64) -> u32 {
+    let window = RESTART_WINDOW.as_millis() as i64;
+    match run_started {
+        Some(started) if now.saturating_sub(started) < window => restarts,
+        _ => 0,
     }
 }
 
@@ -193,7 +205,6 @@ impl Agent {
             locks: Default::default(),
             outbox: tokio::sync::Notify::new(),
             checks: checks::Checks::default(),
-            run_started: Default::default(),
         }))
     }
 
@@ -333,10 +344,8 @@ impl Agent {
                 wait_for_services(record, pid).await;
                 tracing::debug!(machine = %record.spec.id, waited = ?waiting.elapsed(), "services accept connections");
                 let started = self.transition(record, kind, MachineState::Started, None, None)?;
-                self.run_started
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(record.spec.id.clone(), std::time::Instant::now());
+                self.store
+                    .set_run_started(&record.spec.id, Some(now_millis()))?;
                 self.watch(&record.spec.id, pid);
                 self.checks.watch(self, &started);
                 Ok(started)
@@ -376,6 +385,10 @@ impl Agent {
         let secrets = self.secrets.for_machine(spec).await?;
         secrets::apply(&mut init, spec, &secrets)?;
         let _ = std::fs::remove_file(dir.join(driver::EXIT_FILE));
+        self.config
+            .log_limits
+            .save(&dir)
+            .map_err(|e| format!("recording the log limits in {}: {e}", dir.display()))?;
         let driver = self.driver.clone();
         let id = spec.id.clone();
         let prepared = began.elapsed();
@@ -497,17 +510,15 @@ impl Agent {
             .unwrap_or_else(aloft_api::MachineGuest::default_shared);
         let message = self.exit_reason(id, &exit, &guest);
         // Retries count within a window: a machine that ran for a while before failing
-        // starts counting again (one unknown to this agent ran since before its start).
-        let ran_for = self
-            .run_started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-            .map(|t| t.elapsed());
+        // starts counting again. The run's start is stored, so this holds across restarts
+        // of the agent.
+        let run_started = self.store.run_started(id).ok().flatten();
+        let _ = self.store.set_run_started(id, None);
         let mut record = record;
-        if ran_for.is_none_or(|d| d >= RESTART_WINDOW) && record.restarts > 0 {
-            let _ = self.store.set_restarts(id, 0);
-            record.restarts = 0;
+        let restarts = restarts_in_window(record.restarts, run_started, now_millis());
+        if restarts != record.restarts {
+            let _ = self.store.set_restarts(id, restarts);
+            record.restarts = restarts;
         }
         let again = record.desired == Desired::Started
             && should_restart(record.spec.config.restart.as_ref(), &exit, record.restarts);
@@ -1173,6 +1184,10 @@ mod tests {
         assert_eq!(restart_backoff(1), Duration::from_millis(200));
         assert_eq!(restart_backoff(2), Duration::from_millis(400));
         assert_eq!(restart_backoff(30), MAX_BACKOFF);
+        let start = 1_700_000_000_000;
+        assert_eq!(restarts_in_window(4, Some(start), start + 2_000), 4);
+        assert_eq!(restarts_in_window(4, Some(start), start + 300_000), 0);
+        assert_eq!(restarts_in_window(4, None, start), 0);
     }
 
     #[test]

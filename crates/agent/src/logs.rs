@@ -1,6 +1,7 @@
 //! Machine logs: every line a machine writes to stdout or stderr, timestamped, as JSON
-//! lines in `machine.log` in its directory, rotated at a size bound (one older file,
-//! `machine.log.1`, is kept). Readers get the recent lines and can follow new ones across
+//! lines in `machine.log` in its directory, rotated at a size bound with a bounded number
+//! of older files (`machine.log.1` the newest of them), like Docker's json-file driver with
+//! max-size and max-file. Readers get the recent lines and can follow new ones across
 //! rotations. A destroyed machine's logs move to an archive kept for a retention period.
 
 use std::collections::VecDeque;
@@ -13,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub const LOG_FILE: &str = "machine.log";
-/// Size at which `machine.log` is rotated.
-pub const ROTATE_BYTES: u64 = 8 * 1024 * 1024;
+/// The machine's log limits, written by the agent before each start, read by its supervisor.
+pub const LIMITS_FILE: &str = "log-limits.json";
 /// How long a destroyed machine's logs are kept.
 pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest line kept whole; longer output is split.
@@ -28,10 +29,63 @@ pub struct Record {
     pub message: String,
 }
 
-fn rotated(path: &Path) -> PathBuf {
+/// How much of its log a machine keeps: files of up to `max_size` bytes, `max_files` of
+/// them in all (the live one included), as Docker's json-file max-size and max-file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLimits {
+    pub max_size: u64,
+    pub max_files: u32,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        Self {
+            max_size: 10 * 1024 * 1024,
+            max_files: 3,
+        }
+    }
+}
+
+impl LogLimits {
+    /// Limits that keep at least one line and one file.
+    pub fn new(max_size: u64, max_files: u32) -> Self {
+        Self {
+            max_size: max_size.max(1),
+            max_files: max_files.max(1),
+        }
+    }
+
+    /// Records the limits for the machine in `machine_dir`.
+    pub fn save(&self, machine_dir: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        std::fs::write(machine_dir.join(LIMITS_FILE), text)
+    }
+
+    /// The limits recorded for the machine in `machine_dir`, or the defaults.
+    pub fn load(machine_dir: &Path) -> Self {
+        std::fs::read(machine_dir.join(LIMITS_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<LogLimits>(&bytes).ok())
+            .map(|l| Self::new(l.max_size, l.max_files))
+            .unwrap_or_default()
+    }
+}
+
+/// The `n`th older file of the log at `path` (`machine.log.n`).
+fn rotated(path: &Path, n: u32) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".1");
+    name.push(format!(".{n}"));
     path.with_file_name(name)
+}
+
+/// The older files of the log at `path` that exist, oldest first.
+fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = (1..)
+        .map(|n| rotated(path, n))
+        .take_while(|p| p.exists())
+        .collect();
+    files.reverse();
+    files
 }
 
 /// Appends timestamped lines to a machine log, rotating it at a size bound.
@@ -39,28 +93,49 @@ pub struct LogWriter {
     path: PathBuf,
     file: Option<File>,
     written: u64,
-    limit: u64,
+    limits: LogLimits,
 }
 
 impl LogWriter {
+    /// The log of the machine in `machine_dir`, under the limits recorded there.
     pub fn open(machine_dir: &Path) -> Self {
-        Self::with_limit(&machine_dir.join(LOG_FILE), ROTATE_BYTES)
+        Self::with_limits(&machine_dir.join(LOG_FILE), LogLimits::load(machine_dir))
     }
 
-    pub fn with_limit(path: &Path, limit: u64) -> Self {
+    pub fn with_limits(path: &Path, limits: LogLimits) -> Self {
         let written = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let file = OpenOptions::new().create(true).append(true).open(path).ok();
         Self {
             path: path.to_path_buf(),
             file,
             written,
-            limit,
+            limits,
         }
     }
 
+    /// Shifts `machine.log` → `.1` → `.2` …, dropping what falls beyond `max_files`.
+    fn rotate(&self) {
+        let keep_older = self.limits.max_files - 1;
+        let mut beyond = keep_older.max(1);
+        while rotated(&self.path, beyond).exists() {
+            if beyond > keep_older {
+                let _ = std::fs::remove_file(rotated(&self.path, beyond));
+            }
+            beyond += 1;
+        }
+        if keep_older == 0 {
+            let _ = std::fs::remove_file(&self.path);
+            return;
+        }
+        for n in (1..keep_older).rev() {
+            let _ = std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1));
+        }
+        let _ = std::fs::rename(&self.path, rotated(&self.path, 1));
+    }
+
     pub fn line(&mut self, stream: &str, message: &str) {
-        if self.written >= self.limit {
-            let _ = std::fs::rename(&self.path, rotated(&self.path));
+        if self.written >= self.limits.max_size {
+            self.rotate();
             self.file = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -123,10 +198,12 @@ fn parse_lines(text: &str) -> impl Iterator<Item = Record> + '_ {
     text.lines().filter_map(|l| serde_json::from_str(l).ok())
 }
 
-/// The last `limit` records of the log at `path` (its rotated part included).
+/// The last `limit` records of the log at `path` (its older files included).
 pub fn tail(path: &Path, limit: usize) -> Vec<Record> {
     let mut records: VecDeque<Record> = VecDeque::with_capacity(limit.min(4096));
-    for file in [rotated(path), path.to_path_buf()] {
+    let mut files = rotated_files(path);
+    files.push(path.to_path_buf());
+    for file in files {
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
@@ -215,7 +292,9 @@ pub fn archive(machine_dir: &Path, archive_dir: &Path, machine_id: &str) {
         return;
     }
     let log = machine_dir.join(LOG_FILE);
-    for file in [rotated(&log), log.clone()] {
+    let mut files = rotated_files(&log);
+    files.push(log);
+    for file in files {
         if let Some(name) = file.file_name() {
             let _ = std::fs::rename(&file, target.join(name));
         }
@@ -249,7 +328,7 @@ mod tests {
     fn rotation_keeps_one_older_file_and_tail_spans_both() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(LOG_FILE);
-        let mut writer = LogWriter::with_limit(&path, 200);
+        let mut writer = LogWriter::with_limits(&path, LogLimits::new(200, 2));
         for i in 0..20 {
             writer.line("stdout", &format!("line {i}"));
         }
@@ -257,7 +336,7 @@ mod tests {
             std::fs::metadata(&path).unwrap().len() < 400,
             "the live file stays near the bound"
         );
-        assert!(rotated(&path).exists());
+        assert!(rotated(&path, 1).exists() && !rotated(&path, 2).exists());
         let last = tail(&path, 3);
         let messages: Vec<&str> = last.iter().map(|r| r.message.as_str()).collect();
         assert_eq!(messages, ["line 17", "line 18", "line 19"]);
@@ -265,10 +344,45 @@ mod tests {
     }
 
     #[test]
+    fn limits_recorded_for_a_machine_bound_its_files_and_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(LogLimits::load(dir.path()), LogLimits::default());
+        LogLimits::new(300, 3).save(dir.path()).unwrap();
+        let mut writer = LogWriter::open(dir.path());
+        for i in 0..100 {
+            writer.line("stdout", &format!("line {i:03}"));
+        }
+        let path = dir.path().join(LOG_FILE);
+        let files = rotated_files(&path);
+        assert_eq!(files, [rotated(&path, 2), rotated(&path, 1)]);
+        for file in files.iter().chain([&path]) {
+            let size = std::fs::metadata(file).unwrap().len();
+            assert!(size < 300 + 100, "{} holds {size} bytes", file.display());
+        }
+        let kept = tail(&path, 1000);
+        let first: u32 = kept[0].message[5..].parse().unwrap();
+        assert_eq!(kept.last().unwrap().message, "line 099");
+        assert_eq!(
+            kept.len() as u32,
+            100 - first,
+            "no gap from the oldest kept line on"
+        );
+        assert!(first > 50, "older lines were dropped: {first}");
+
+        // Fewer files later: the surplus goes at the next rotation.
+        let mut writer = LogWriter::with_limits(&path, LogLimits::new(300, 1));
+        for i in 0..10 {
+            writer.line("stdout", &format!("again {i}"));
+        }
+        assert!(rotated_files(&path).is_empty());
+        assert_eq!(tail(&path, 1).last().unwrap().message, "again 9");
+    }
+
+    #[test]
     fn follower_sees_new_lines_across_a_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(LOG_FILE);
-        let mut writer = LogWriter::with_limit(&path, 150);
+        let mut writer = LogWriter::with_limits(&path, LogLimits::new(150, 2));
         writer.line("stdout", "before");
         let mut follower = Follower::at_end(&path);
         assert!(follower.poll().is_empty(), "starts at the end");
@@ -277,7 +391,7 @@ mod tests {
             writer.line("stderr", &format!("new {i}"));
             seen.extend(follower.poll().into_iter().map(|r| r.message));
         }
-        assert!(rotated(&path).exists(), "the log rotated meanwhile");
+        assert!(rotated(&path, 1).exists(), "the log rotated meanwhile");
         assert_eq!(seen, (0..6).map(|i| format!("new {i}")).collect::<Vec<_>>());
     }
 
@@ -287,7 +401,7 @@ mod tests {
         let path = dir.path().join(LOG_FILE);
         let mut follower = Follower::at_end(&path);
         assert!(follower.poll().is_empty());
-        LogWriter::with_limit(&path, 1000).line("stdout", "first");
+        LogWriter::with_limits(&path, LogLimits::default()).line("stdout", "first");
         assert_eq!(follower.poll()[0].message, "first");
     }
 

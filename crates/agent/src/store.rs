@@ -130,6 +130,12 @@ impl Store {
                 "ALTER TABLE machines ADD COLUMN restart_total INTEGER NOT NULL DEFAULT 0",
             )?;
         }
+        let has_run_started: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('machines') WHERE name = 'run_started_at'")?
+            .exists([])?;
+        if !has_run_started {
+            conn.execute_batch("ALTER TABLE machines ADD COLUMN run_started_at INTEGER")?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -214,6 +220,31 @@ impl Store {
         })
     }
 
+    /// Records when the machine's current run began (Unix milliseconds), or that none runs.
+    /// The restart policy's window is measured from it, across agent restarts.
+    pub fn set_run_started(&self, id: &str, at_millis: Option<i64>) -> StoreResult<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET run_started_at = ?2 WHERE id = ?1",
+                params![id, at_millis],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// When the machine's current run began (Unix milliseconds), if recorded.
+    pub fn run_started(&self, id: &str) -> StoreResult<Option<i64>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT run_started_at FROM machines WHERE id = ?1",
+                [id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
     pub fn set_restarts(&self, id: &str, restarts: u32) -> StoreResult<()> {
         self.with(|c| {
             c.execute(
@@ -294,6 +325,25 @@ mod tests {
         assert_eq!(lowest_free_slot(&[]), 0);
         assert_eq!(lowest_free_slot(&[0, 1, 3]), 2);
         assert_eq!(lowest_free_slot(&[1, 2]), 0);
+    }
+
+    #[test]
+    fn the_restart_count_and_run_start_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_spec(&spec("a")).unwrap();
+            assert_eq!(store.run_started("a").unwrap(), None);
+            store.set_run_started("a", Some(1_700_000_000_123)).unwrap();
+            store.set_restarts("a", 3).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.run_started("a").unwrap(), Some(1_700_000_000_123));
+        assert_eq!(store.machine("a").unwrap().unwrap().restarts, 3);
+        store.set_run_started("a", None).unwrap();
+        assert_eq!(store.run_started("a").unwrap(), None);
+        assert_eq!(store.run_started("missing").unwrap(), None);
     }
 
     #[test]

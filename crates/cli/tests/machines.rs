@@ -331,6 +331,32 @@ fn lifecycle(driver: Driver) {
     ]);
     assert_ne!(missing.status, 0, "{missing}");
 
+    if driver == Driver::Container {
+        // Docker's default seccomp profile, an allowlist: a call outside it fails with
+        // EPERM even where the kernel lets any process make it (a new user namespace
+        // needs no capability, and works in a runc container without the profile).
+        let blocked = platform.aloft(&[
+            "machine", "exec", &id, "-a", "lab", "--", "busybox", "unshare", "-U", "true",
+        ]);
+        assert!(
+            blocked.status != 0 && blocked.stderr.contains("Operation not permitted"),
+            "{blocked}"
+        );
+        // Ordinary calls pass, clone3 included (glibc and musl fall back to clone).
+        let allowed = platform.aloft(&[
+            "machine",
+            "exec",
+            &id,
+            "-a",
+            "lab",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0 & wait; echo ok",
+        ]);
+        assert_eq!(allowed.stdout.trim(), "ok", "{allowed}");
+    }
+
     // ssh console with a command runs in the machine's namespaces.
     let console = platform.aloft(&["ssh", "console", "-a", "lab", "--command", "hostname"]);
     assert!(console.ok(), "{console}");

@@ -57,6 +57,12 @@ pub struct ServerArgs {
     /// (default: 20s under KVM, 90s under TCG).
     #[arg(long)]
     pub vm_ready_timeout: Option<aloft_api::Duration>,
+    /// Rotate a machine's log when it reaches this size (bytes, or with a k, m or g suffix).
+    #[arg(long, default_value = "10m", value_parser = parse_size)]
+    pub log_max_size: u64,
+    /// How many log files each machine keeps, the live one included.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub log_max_files: u32,
     /// Leave machines running when the server exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
@@ -158,6 +164,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             kernel: args.vm_kernel.clone(),
             ready_timeout: args.vm_ready_timeout.map(|d| d.to_std()),
         },
+        log_limits: aloft_agent::logs::LogLimits::new(args.log_max_size, args.log_max_files),
     })?;
     // The local host is known before the API answers its first call, so that a client
     // that sees the API up can place machines at once (the agent re-registers as it reports).
@@ -291,4 +298,46 @@ fn start_dns(args: &ServerArgs, api_url: &str, host_token: &str) -> Option<Socke
     }
     tokio::spawn(dns.follow_catalog(api_url.to_string(), host_token.to_string()));
     Some(args.dns_listen)
+}
+
+/// A size in bytes: `1048576`, `512k`, `10m`, `1g` (binary multiples; `kb`/`mib`-style
+/// spellings too).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let digits_end = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (digits, unit) = lower.split_at(digits_end);
+    let multiplier: u64 = match unit.trim() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}; use k, m or g (e.g. 10m)"
+            ));
+        }
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write e.g. 10m or 1048576"))?;
+    match value.checked_mul(multiplier) {
+        Some(0) => Err("the size must be more than 0".into()),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{text:?} is too large")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(super::parse_size("10m"), Ok(10 << 20));
+        assert_eq!(super::parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert!(super::parse_size("0").is_err());
+        assert!(super::parse_size("ten").is_err());
+        assert!(super::parse_size("5x").is_err());
+    }
 }
