@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aloft_api::{Duration, regions};
 
-use crate::diagnostic::{ConfigError, Diagnostic, DiagnosticCode};
+use crate::diagnostic::{ConfigError, Diagnostic, DiagnosticCode, Severity};
 use crate::machine::{MachineConfigOptions, restart_policy, shell_split};
 use crate::model::*;
 use crate::suggest::did_you_mean;
@@ -112,7 +112,16 @@ impl Validator<'_> {
         false
     }
 
-    fn groups_exist(&mut self, path: &str, processes: &[String], section: &str) {
+    /// Reports groups in `processes` that `[processes]` does not define. flyctl's Validate
+    /// refuses them only for services and restart policies; elsewhere it silently applies the
+    /// section to no machine, so callers pass `Severity::Warning` there.
+    fn groups_exist(
+        &mut self,
+        path: &str,
+        processes: &[String],
+        section: &str,
+        severity: Severity,
+    ) {
         for (i, group) in processes.iter().enumerate() {
             if self.groups.contains(group) {
                 continue;
@@ -133,16 +142,28 @@ impl Validator<'_> {
             } else {
                 None
             };
+            let message = match severity {
+                Severity::Error => message,
+                Severity::Warning => {
+                    format!("{message}; flyctl accepts this, and the section applies to no machine")
+                }
+            };
+            let suggestion = suggestion.or_else(|| {
+                (section == "VM section" && matches!(group.as_str(), "release_command" | "release")).then(|| {
+                    "the release command machine takes its size from `deploy.release_command_vm`"
+                        .to_string()
+                })
+            });
             let expected = self.groups_expected.clone();
-            self.push(
-                Diagnostic::error(
-                    DiagnosticCode::Invalid,
-                    format!("{path}.processes[{i}]"),
-                    message,
-                )
-                .with_expected(expected)
-                .with_suggestion(suggestion),
-            );
+            let mut diagnostic = Diagnostic::error(
+                DiagnosticCode::Invalid,
+                format!("{path}.processes[{i}]"),
+                message,
+            )
+            .with_expected(expected)
+            .with_suggestion(suggestion);
+            diagnostic.severity = severity;
+            self.push(diagnostic);
         }
     }
 
@@ -419,7 +440,7 @@ fn services(v: &mut Validator) {
                 ))),
             );
         }
-        v.groups_exist(path, processes, "Service");
+        v.groups_exist(path, processes, "Service", Severity::Error);
     };
     if let Some(http) = &config.http_service {
         let path = "http_service";
@@ -540,8 +561,9 @@ fn services(v: &mut Validator) {
             let earlier = &exposed[w];
             if earlier.protocol == later.protocol && later.start <= earlier.end {
                 let port = later.start;
+                // flyctl's Validate does not compare ports across services, so this warns.
                 v.push(
-                    Diagnostic::error(
+                    Diagnostic::warning(
                         DiagnosticCode::Invalid,
                         later.path.clone(),
                         format!(
@@ -822,7 +844,7 @@ fn checks(v: &mut Validator) {
                 CHECK_PROTOCOLS,
             );
         }
-        v.groups_exist(&path, &check.processes, "Check");
+        v.groups_exist(&path, &check.processes, "Check", Severity::Warning);
     }
 }
 
@@ -950,7 +972,7 @@ fn mounts(v: &mut Validator) {
                 }
             }
         }
-        v.groups_exist(&path, &mount.processes, "Mount");
+        v.groups_exist(&path, &mount.processes, "Mount", Severity::Warning);
     }
     let default_group = config.default_process_group();
     let mut first_mount: BTreeMap<&str, usize> = BTreeMap::new();
@@ -1040,15 +1062,17 @@ fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
     let Some((cpu_counts, min_per_cpu, max_per_cpu)) = cpu_limits(&guest.cpu_kind) else {
         return;
     };
+    // flyctl's Validate accepts any cpus/memory combination (the Machines API refuses a
+    // size it does not offer at deploy), so these are warnings.
     let kind = guest.cpu_kind.as_str();
     if !cpu_counts.contains(&guest.cpus) {
         let counts: Vec<String> = cpu_counts.iter().map(u32::to_string).collect();
         v.push(
-            Diagnostic::error(
+            Diagnostic::warning(
                 DiagnosticCode::Invalid,
                 format!("{path}.cpus"),
                 format!(
-                    "{} {kind} CPUs is not an available machine size",
+                    "{} {kind} CPUs is not an available machine size; the Machines API refuses it at deploy",
                     guest.cpus
                 ),
             )
@@ -1070,11 +1094,11 @@ fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
             .map(|p| p.name)
             .next();
         v.push(
-            Diagnostic::error(
+            Diagnostic::warning(
                 DiagnosticCode::Invalid,
                 memory_path,
                 format!(
-                    "{} MB of memory does not fit {} {kind} CPU(s)",
+                    "{} MB of memory does not fit {} {kind} CPU(s); the Machines API refuses it at deploy",
                     guest.memory_mb, guest.cpus
                 ),
             )
@@ -1086,11 +1110,11 @@ fn vm_section(v: &mut Validator, path: &str, vm: &Vm) {
         );
     } else if guest.memory_mb % 256 != 0 {
         v.push(
-            Diagnostic::error(
+            Diagnostic::warning(
                 DiagnosticCode::Invalid,
                 memory_path,
                 format!(
-                    "{} MB of memory is not a multiple of 256 MB",
+                    "{} MB of memory is not a multiple of 256 MB; the Machines API refuses it at deploy",
                     guest.memory_mb
                 ),
             )
@@ -1105,7 +1129,7 @@ fn vms(v: &mut Validator) {
     for (i, vm) in config.vm.iter().enumerate() {
         let path = format!("vm[{i}]");
         vm_section(v, &path, vm);
-        v.groups_exist(&path, &vm.processes, "VM section");
+        v.groups_exist(&path, &vm.processes, "VM section", Severity::Warning);
         let keys: Vec<String> = if vm.processes.is_empty() {
             vec![String::new()]
         } else {
@@ -1144,7 +1168,7 @@ fn restarts(v: &mut Validator) {
                 )),
             );
         }
-        v.groups_exist(&path, &restart.processes, "Restart policy");
+        v.groups_exist(&path, &restart.processes, "Restart policy", Severity::Error);
     }
 }
 
@@ -1169,7 +1193,7 @@ fn metrics(v: &mut Validator) {
                 format!("metrics path `{p}` does not start with /"),
             );
         }
-        v.groups_exist(&path, &metrics.processes, "Metrics");
+        v.groups_exist(&path, &metrics.processes, "Metrics", Severity::Warning);
     }
 }
 
@@ -1199,7 +1223,7 @@ fn files(v: &mut Validator) {
                 .with_expected("one of local_path, raw_value, secret_name"),
             );
         }
-        v.groups_exist(&path, &file.processes, "File");
+        v.groups_exist(&path, &file.processes, "File", Severity::Warning);
     }
 }
 
