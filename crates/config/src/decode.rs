@@ -550,8 +550,37 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "metric",
 ];
 
+/// flyctl serialises the patched document to JSON before its typed decode, and Go's JSON
+/// encoder refuses NaN and infinities, so a TOML `nan`/`inf` anywhere is a load error.
+fn non_finite_floats(cx: &mut Cx, path: &str, node: &Node) {
+    match &node.kind {
+        Kind::Float(f) if !f.is_finite() => {
+            let value = if f.is_nan() {
+                "NaN"
+            } else if *f > 0.0 {
+                "+Inf"
+            } else {
+                "-Inf"
+            };
+            cx.error(path, node, format!("json: unsupported value: {value}"));
+        }
+        Kind::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                non_finite_floats(cx, &index_path(path, i), item);
+            }
+        }
+        Kind::Table(entries) => {
+            for entry in entries {
+                non_finite_floats(cx, &join(path, &entry.key), &entry.value);
+            }
+        }
+        _ => {}
+    }
+}
+
 pub(crate) fn decode_document(cx: &mut Cx, root: &Node) -> AppConfig {
     let mut config = AppConfig::default();
+    non_finite_floats(cx, "", root);
     let Some(mut t) = Fields::open(cx, root, "", "a table of fly.toml sections") else {
         return config;
     };

@@ -139,5 +139,8 @@ fn a_table_where_flyctl_wants_a_string_stays_an_error() {
         ("deploy.strategy", DiagnosticCode::Type)
     );
     assert_eq!((d.line, d.column), (Some(85), Some(11)));
-    assert!(d.message.contains("expected a string"), "{d}");
+    assert_eq!(
+        (d.message.as_str(), d.expected.as_deref()),
+        ("invalid type: a table", Some("a string"))
+    );
 }
