@@ -56,6 +56,12 @@ pub struct MachineConfig {
     pub disable_machine_autostart: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<RootfsConfig>,
+    /// Multi-container machines: the containers run side by side in the machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<ContainerConfig>,
+    /// Volumes the containers can mount by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeConfig>,
 }
 
 impl MachineConfig {
@@ -728,6 +734,135 @@ pub struct CreateLeaseRequest {
     pub ttl: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+}
+
+/// One container of a multi-container machine (`containers[]` in `fly.MachineConfig`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerConfig {
+    pub name: String,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<MachineSecret>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFrom>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<File>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<MachineRestart>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ContainerDependency>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub healthchecks: Vec<ContainerHealthcheck>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<ContainerMount>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerDependency {
+    pub name: String,
+    /// `exited_successfully`, `healthy` or `started`.
+    #[serde(default)]
+    pub condition: String,
+}
+
+/// A volume of `volumes[]` mounted into one container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerMount {
+    pub name: String,
+    #[serde(default)]
+    pub path: String,
+}
+
+/// A container health check; exactly one of `http`, `tcp`, `exec` says how. Times are
+/// whole seconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerHealthcheck {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_period: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_threshold: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    /// `readiness` or `liveness`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<ContainerHttpCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<ContainerTcpCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ContainerExecCheck>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerHttpCheck {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HttpHeader>,
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_skip_verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerTcpCheck {
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerExecCheck {
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// A volume the machine's containers can mount (`volumes[]`): a temporary directory or
+/// the contents of an image.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeConfig {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_dir: Option<TempDirVolume>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TempDirVolume {
+    /// `disk` or `memory`.
+    #[serde(default)]
+    pub storage_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mb: Option<u64>,
 }
 
 #[cfg(test)]

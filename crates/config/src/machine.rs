@@ -352,6 +352,58 @@ impl AppConfig {
         serde_json::from_value(value).map_err(|e| ConfigError::MachineConfig(e.to_string()))
     }
 
+    /// With `containers` in `machine_config`, the deployed image goes to one of them, as
+    /// flyctl picks it: the one `container` names, else the one named `app`, else the first.
+    /// Every other container must name its own image. Without a deployed image the chosen
+    /// container keeps flyctl's placeholder `.` (the image `fly deploy` builds).
+    fn place_image_in_containers(
+        &self,
+        config: &mut api::MachineConfig,
+    ) -> Result<(), ConfigError> {
+        if config.containers.is_empty() {
+            return Ok(());
+        }
+        let wanted = self
+            .container
+            .as_deref()
+            .filter(|name| !name.trim().is_empty());
+        let chosen = match wanted {
+            Some(name) => config
+                .containers
+                .iter()
+                .position(|c| c.name == name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> =
+                        config.containers.iter().map(|c| c.name.as_str()).collect();
+                    ConfigError::MachineConfig(format!(
+                        "container \"{name}\" not found (set by `container`); the containers are {}",
+                        names.join(", ")
+                    ))
+                })?,
+            None => config
+                .containers
+                .iter()
+                .position(|c| c.name == crate::DEFAULT_PROCESS_GROUP)
+                .unwrap_or(0),
+        };
+        let image = if config.image.is_empty() {
+            ".".to_string()
+        } else {
+            config.image.clone()
+        };
+        for (i, container) in config.containers.iter_mut().enumerate() {
+            if i == chosen {
+                container.image = image.clone();
+            } else if container.image.trim().is_empty() {
+                return Err(ConfigError::MachineConfig(format!(
+                    "container \"{}\" must have an image specified",
+                    container.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn machine_env(
         &self,
         group: &str,
@@ -578,6 +630,7 @@ impl AppConfig {
         }
         let mut config = self.base_machine_config()?;
         config.image = self.image_or(opts, &config.image);
+        self.place_image_in_containers(&mut config)?;
         self.machine_env(group, opts, &mut config.env);
         self.machine_metadata(group, opts, &mut config.metadata);
 
@@ -687,6 +740,7 @@ impl AppConfig {
         self.ensure_loadable()?;
         let mut config = self.base_machine_config()?;
         config.image = self.image_or(opts, &config.image);
+        self.place_image_in_containers(&mut config)?;
         self.machine_env(group, opts, &mut config.env);
         self.machine_metadata(group, opts, &mut config.metadata);
         config.services.clear();
