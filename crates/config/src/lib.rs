@@ -24,7 +24,7 @@ pub use diagnostic::{ConfigError, Diagnostic, DiagnosticCode, LoadError, Severit
 pub use machine::MachineConfigOptions;
 pub use model::*;
 pub use node::MAX_DEPTH;
-pub use save::{render, render_preserving, save};
+pub use save::{render, render_preserving, save, to_flyctl_json};
 pub use units::{GuestPreset, VM_SIZES, parse_memory_mb, parse_volume_size_gb, preset};
 
 /// Files larger than this are refused before parsing.

@@ -14,8 +14,7 @@ use crate::{AppConfig, Format};
 pub fn render(config: &AppConfig, format: Format) -> String {
     match format {
         Format::Json => {
-            let mut text =
-                serde_json::to_string_pretty(config).unwrap_or_else(|_| "{}".to_string());
+            let mut text = to_flyctl_json(config).unwrap_or_else(|_| "{}".to_string());
             text.push('\n');
             text
         }
@@ -32,6 +31,136 @@ pub fn render(config: &AppConfig, format: Format) -> String {
             );
             header + &normalized_document(config).to_string()
         }
+    }
+}
+
+/// JSON as flyctl prints it (`fly config show`, `fly.json`): Go's
+/// `json.MarshalIndent(cfg, "", "  ")`, i.e. two-space indent, no blank lines, fields in
+/// schema order, `<`, `>`, `&`, U+2028 and U+2029 escaped as `\u003c`…, and floats in Go's
+/// shortest form (`0.2`, `1e-7`, `1.5e+21`). One deliberate difference: a whole float keeps
+/// its `.0` (Go prints `2`), because Go forgets int-vs-float in untyped maps such as
+/// `build.settings` and we do not, so `2` would read back as a different value.
+pub fn to_flyctl_json<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, GoFormatter::default());
+    value.serialize(&mut serializer)?;
+    // The serializer only ever writes UTF-8.
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+struct GoFormatter {
+    pretty: serde_json::ser::PrettyFormatter<'static>,
+}
+
+impl Default for GoFormatter {
+    fn default() -> Self {
+        Self {
+            pretty: serde_json::ser::PrettyFormatter::with_indent(b"  "),
+        }
+    }
+}
+
+/// Go's `strconv.AppendFloat(f, 'f' or 'e', -1, 64)` as encoding/json picks it.
+fn go_float(value: f64) -> String {
+    let abs = value.abs();
+    if abs != 0.0 && !(1e-6..1e21).contains(&abs) {
+        let text = format!("{value:e}");
+        match text.split_once('e') {
+            Some((mantissa, exponent)) if !exponent.starts_with('-') => {
+                format!("{mantissa}e+{exponent}")
+            }
+            _ => text,
+        }
+    } else if value.fract() == 0.0 && abs < 1e16 {
+        format!("{value:.1}")
+    } else {
+        format!("{value}")
+    }
+}
+
+impl serde_json::ser::Formatter for GoFormatter {
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        writer.write_all(go_float(value).as_bytes())
+    }
+
+    fn write_f32<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: f32,
+    ) -> std::io::Result<()> {
+        writer.write_all(go_float(f64::from(value)).as_bytes())
+    }
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some(at) = rest.find(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+            writer.write_all(&rest.as_bytes()[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            write!(writer, "\\u{:04x}", u32::from(c))?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        writer.write_all(rest.as_bytes())
+    }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.pretty.begin_array(writer)
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.pretty.end_array(writer)
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.pretty.begin_array_value(writer, first)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        self.pretty.end_array_value(writer)
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.pretty.begin_object(writer)
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.pretty.end_object(writer)
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.pretty.begin_object_key(writer, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        self.pretty.begin_object_value(writer)
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        self.pretty.end_object_value(writer)
     }
 }
 
