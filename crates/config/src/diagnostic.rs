@@ -205,6 +205,9 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
     #[error("machine_config: {0}")]
     MachineConfig(String),
+    /// A broken `[build.compose]` file; the message names the file, position and key.
+    #[error("build.compose: {0}")]
+    Compose(String),
     #[error("{path}: {message}")]
     File { path: String, message: String },
 }

@@ -10,6 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod compose;
 mod decode;
 mod diagnostic;
 mod machine;

@@ -317,6 +317,35 @@ impl AppConfig {
     /// `machine_config` (from `[experimental]` first, then top level): inline JSON or a
     /// path to a JSON file relative to the config file.
     fn base_machine_config(&self) -> Result<api::MachineConfig, ConfigError> {
+        // As flyctl: a compose file wins over machine_config.
+        if self
+            .build
+            .as_ref()
+            .and_then(|b| b.compose.as_ref())
+            .is_some()
+        {
+            let missing = |message: String| ConfigError::File {
+                path: "build.compose".to_string(),
+                message,
+            };
+            let path = self.compose_file().ok_or_else(|| {
+                missing(format!(
+                    "no compose file next to the config; expected one of {}, or set build.compose.file",
+                    crate::COMPOSE_FILE_NAMES.join(", ")
+                ))
+            })?;
+            if !path.is_file() {
+                return Err(missing(format!(
+                    "compose file {} not found",
+                    path.display()
+                )));
+            }
+            let compose = crate::compose::read(&path)?;
+            return Ok(api::MachineConfig {
+                containers: compose.containers,
+                ..Default::default()
+            });
+        }
         let source = self
             .experimental
             .as_ref()
@@ -361,6 +390,22 @@ impl AppConfig {
         config: &mut api::MachineConfig,
     ) -> Result<(), ConfigError> {
         if config.containers.is_empty() {
+            return Ok(());
+        }
+        if self
+            .build
+            .as_ref()
+            .and_then(|b| b.compose.as_ref())
+            .is_some()
+        {
+            // Compose names its built service itself (the one with `build`).
+            if !config.image.is_empty() {
+                for container in &mut config.containers {
+                    if container.image == crate::compose::BUILT_IMAGE {
+                        container.image = config.image.clone();
+                    }
+                }
+            }
             return Ok(());
         }
         let wanted = self

@@ -1278,6 +1278,7 @@ fn conversion(v: &mut Validator) {
         let path = match &error {
             ConfigError::CheckWithoutPort { check, .. } => format!("checks.{check}.port"),
             ConfigError::MachineConfig(_) => "machine_config".to_string(),
+            ConfigError::Compose(_) => "build.compose".to_string(),
             ConfigError::File { path, message } => {
                 v.push(Diagnostic::warning(
                     DiagnosticCode::Conversion,
