@@ -803,6 +803,13 @@ fn bad_input(driver: Driver) {
             "exited with code 9",
         ),
     ];
+    // An image too big for its root disk (none at all here: rootfs.size_gb 0).
+    if driver == Driver::Microvm {
+        cases.push((
+            serde_json::json!({ "image": image, "init": { "exec": ["/hello"] }, "rootfs": { "size_gb": 0 }, "restart": { "policy": "no" } }),
+            "but the machine's root disk is 0 MB: set rootfs.size_gb",
+        ));
+    }
     // (The guest kernel's OOM killer under TCG takes minutes to get there; containers only.)
     if driver == Driver::Container {
         cases.push((
@@ -810,12 +817,14 @@ fn bad_input(driver: Driver) {
             "out of memory",
         ));
     }
+    let mut machines = vec![good.clone()];
     for (config, reason) in cases {
         let (run, id) = create_machine(&platform, "lab", &config);
         assert!(!id.is_empty() || run.stdout.contains(reason), "{run}");
         if id.is_empty() {
             continue;
         }
+        machines.push(id.clone());
         let status = wait_until(reason, Duration::from_secs(90), || {
             let run = platform.aloft(&["machine", "status", &id, "-a", "lab"]);
             let settled =
@@ -823,6 +832,34 @@ fn bad_input(driver: Driver) {
             (!(settled && run.stdout.contains(reason))).then(|| run.to_string())
         });
         let _ = status;
+    }
+    // The starts that failed (too big a guest or image) left no QEMU or tap: every one
+    // left belongs to a machine that exists. (VM tests take turns: all QEMUs are ours.)
+    if driver == Driver::Microvm {
+        let known: Vec<String> = machines
+            .iter()
+            .map(|id| format!("al{}", &id[..12]))
+            .collect();
+        let taps = links(&platform);
+        assert!(
+            taps.iter().all(|tap| known.contains(tap)),
+            "taps {taps:?}, machines {known:?}"
+        );
+        let qemus: Vec<String> = std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                    .map(|c| String::from_utf8_lossy(&c).into_owned())
+                    .filter_map(|c| {
+                        let guest = c.split("guest=").nth(1)?.split(',').next()?.to_string();
+                        c.contains("qemu-system").then_some(guest)
+                    })
+                    .filter(|guest| !machines.contains(guest))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(qemus.is_empty(), "QEMUs of no machine: {qemus:?}");
     }
 
     // An image with no command, and an image user that does not exist (its deploy fails).
