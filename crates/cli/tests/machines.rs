@@ -228,7 +228,7 @@ fn logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
 }
 
 #[test]
-fn microvm_logs_exec_console_checks_metrics_signals_suspend_and_restart() {
+fn microvm_logs_exec_console_checks_ps_metrics_signals_suspend_and_restart() {
     lifecycle(Driver::Microvm);
 }
 
@@ -396,8 +396,8 @@ fn lifecycle(driver: Driver) {
         "{listed}"
     );
 
-    // ps: the app and its listening socket (containers: microVMs keep theirs inside).
-    if driver == Driver::Container {
+    // ps: the app and its listening socket (a microVM's init lists them from inside).
+    {
         let processes = agent_json(
             &platform,
             "GET",

@@ -18,6 +18,7 @@ use thiserror::Error;
 
 pub mod config;
 pub mod path;
+pub mod procfs;
 pub mod setup;
 pub mod supervise;
 pub mod user;

@@ -443,11 +443,9 @@ impl Driver for MicrovmDriver {
     fn processes(
         &self,
         _machine_id: &str,
-        _machine_dir: &Path,
+        machine_dir: &Path,
     ) -> Result<Vec<ProcessStat>, DriverError> {
-        Err(DriverError::Operation(
-            "listing the processes inside a microVM is not supported yet; use `aloft machine exec ID -- ps`".into(),
-        ))
+        shim::processes(machine_dir).map_err(map_control)
     }
 
     fn usage(&self, machine_id: &str, machine_dir: &Path) -> Option<ResourceUsage> {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use aloft_api::internal::ExitStatus;
+use aloft_api::internal::{ExitStatus, ProcessStat};
 use aloft_init::vm::channel::{self, BootConfig, Frame, GuestExit};
 use serde::{Deserialize, Serialize};
 
@@ -585,7 +585,8 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
             drop(state);
             reply(&mut client, Ok(()));
         }
-        channel::EXEC => {
+        // An exec, or a process listing: a stream of its own until the guest ends it.
+        channel::EXEC | channel::PS => {
             let stream = {
                 let mut next = shared.next_stream.lock().unwrap_or_else(|p| p.into_inner());
                 *next += 1;
@@ -599,7 +600,7 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(stream, writer);
-            if !shared.send_guest(&Frame::new(stream, channel::EXEC, first.payload)) {
+            if !shared.send_guest(&Frame::new(stream, first.kind, first.payload)) {
                 shared
                     .clients
                     .lock()
@@ -989,5 +990,28 @@ pub fn control(machine_dir: &Path, frame: &Frame) -> Result<(), String> {
     match answer.kind {
         CTL_OK => Ok(()),
         _ => Err(String::from_utf8_lossy(&answer.payload).into_owned()),
+    }
+}
+
+/// The guest's processes, listed by init inside it.
+pub fn processes(machine_dir: &Path) -> Result<Vec<ProcessStat>, String> {
+    let path = machine_dir.join(CONTROL_SOCKET);
+    let mut stream =
+        UnixStream::connect(&path).map_err(|_| "the machine is not running".to_string())?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    channel::write_frame(&mut stream, &Frame::new(0, channel::PS, Vec::new()))
+        .map_err(|e| format!("talking to the machine's supervisor: {e}"))?;
+    loop {
+        let frame = channel::read_frame(&mut stream)
+            .map_err(|e| format!("the machine did not list its processes: {e}"))?;
+        match frame.kind {
+            channel::PROCESSES => {
+                return serde_json::from_slice(&frame.payload)
+                    .map_err(|e| format!("the machine's process list is unreadable: {e}"));
+            }
+            channel::EXEC_ERROR => return Err(String::from_utf8_lossy(&frame.payload).into_owned()),
+            channel::EXEC_EXIT => return Err("the machine is not running".into()),
+            _ => {}
+        }
     }
 }

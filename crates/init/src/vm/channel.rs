@@ -34,12 +34,17 @@ pub const STDIN: u8 = 21;
 pub const STDIN_EOF: u8 = 22;
 /// Host → guest: the terminal's new size (u16 cols, u16 rows, big endian).
 pub const RESIZE: u8 = 23;
+/// Host → guest: list the guest's processes on a new stream; the guest answers
+/// [`PROCESSES`] then [`EXEC_EXIT`] there.
+pub const PS: u8 = 24;
 pub const STDOUT: u8 = 30;
 pub const STDERR: u8 = 31;
 /// Guest → host: the command ended (i32 exit code, big endian).
 pub const EXEC_EXIT: u8 = 32;
 /// Guest → host: the command could not be started (text).
 pub const EXEC_ERROR: u8 = 33;
+/// Guest → host: its processes (`Vec<aloft_api::internal::ProcessStat>` as JSON).
+pub const PROCESSES: u8 = 34;
 
 /// What the host tells init at boot. Secrets are in `init.env`: this travels only over
 /// the channel, never on the kernel command line or a disk.

@@ -261,6 +261,11 @@ impl Guest {
                     }
                 }
             }
+            (stream, channel::PS) => {
+                let processes = crate::procfs::all_processes();
+                self.send(&Frame::json(stream, channel::PROCESSES, &processes));
+                self.send(&Frame::new(stream, channel::EXEC_EXIT, 0i32.to_be_bytes()));
+            }
             (stream, kind) => {
                 let Some(session) = self.sessions.get_mut(&stream) else {
                     return;
