@@ -128,7 +128,7 @@ fn show(path: &Path) -> anyhow::Result<i32> {
     let Some(loaded) = load_or_report(path) else {
         return Ok(1);
     };
-    println!("{}", serde_json::to_string_pretty(&loaded.config)?);
+    println!("{}", aloft_config::to_flyctl_json(&loaded.config)?);
     if report_load_errors(&loaded.config) {
         eprintln!("Error: App configuration is not valid");
         return Ok(1);
