@@ -181,14 +181,6 @@ pub struct SnapshotRow {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretRow {
-    pub name: String,
-    pub digest: String,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateRow {
     pub app_id: String,
     pub hostname: String,
@@ -255,10 +247,6 @@ CREATE TABLE IF NOT EXISTS volume_snapshots (
     id TEXT PRIMARY KEY, volume_id TEXT NOT NULL, size {int} NOT NULL, digest TEXT NOT NULL,
     status TEXT NOT NULL, retention_days {int} NOT NULL, created_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS app_secrets (
-    app_id TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL, created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL, PRIMARY KEY (app_id, name)
-);
 CREATE TABLE IF NOT EXISTS app_certificates (
     hostname TEXT PRIMARY KEY, app_id TEXT NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL,
     created_at TEXT NOT NULL
@@ -283,7 +271,6 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("tokens", "apps", "TEXT"),
     ("machines", "cordoned", "{int} NOT NULL DEFAULT 0"),
     ("machines", "recent_events", "TEXT"),
-    ("apps", "secrets_version", "{int} NOT NULL DEFAULT 0"),
     ("releases", "created_by", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
 ];
@@ -801,7 +788,7 @@ impl Store {
             c.execute(&format!("DELETE FROM machine_versions WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
             c.execute(&format!("DELETE FROM machine_leases WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
             c.execute("DELETE FROM volume_snapshots WHERE volume_id IN (SELECT id FROM volumes WHERE app_id = $1)", std::slice::from_ref(&id))?;
-            for table in ["machines", "releases", "volumes", "app_secrets", "app_certificates", "ip_assignments"] {
+            for table in ["machines", "releases", "volumes", "app_certificates", "ip_assignments"] {
                 c.execute(&format!("DELETE FROM {table} WHERE app_id = $1"), std::slice::from_ref(&id))?;
             }
             c.execute("DELETE FROM apps WHERE id = $1", &[id])?;
@@ -1435,48 +1422,6 @@ impl Store {
                     })
                 })
                 .collect()
-        })
-    }
-
-    // ---- secrets (names and digests only) ----
-
-    pub fn secrets(&self, app_id: &str) -> StoreResult<(Vec<SecretRow>, u64)> {
-        self.read(|c| {
-            let secrets = c
-                .query("SELECT name, digest, created_at, updated_at FROM app_secrets WHERE app_id = $1 ORDER BY name", &[app_id.into()])?
-                .iter()
-                .map(|r| Ok(SecretRow { name: r.text(0)?, digest: r.text(1)?, created_at: r.text(2)?, updated_at: r.text(3)? }))
-                .collect::<DbResult<Vec<_>>>()?;
-            let version = c.query_one("SELECT secrets_version FROM apps WHERE id = $1", &[app_id.into()])?.map(|r| r.int(0)).transpose()?.unwrap_or(0);
-            Ok((secrets, version as u64))
-        })
-    }
-
-    /// Sets (Some digest) and removes (None) secrets in one change; returns the new
-    /// secrets version of the app.
-    pub fn change_secrets(
-        &self,
-        app_id: &str,
-        changes: &[(String, Option<String>)],
-    ) -> StoreResult<u64> {
-        let now = now_rfc3339();
-        self.tx(|c| {
-            for (name, digest) in changes {
-                match digest {
-                    Some(digest) => {
-                        c.execute(
-                            "INSERT INTO app_secrets(app_id, name, digest, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)
-                             ON CONFLICT(app_id, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
-                            &[app_id.into(), name.into(), digest.into(), (&now).into()],
-                        )?;
-                    }
-                    None => {
-                        c.execute("DELETE FROM app_secrets WHERE app_id = $1 AND name = $2", &[app_id.into(), name.into()])?;
-                    }
-                }
-            }
-            c.execute("UPDATE apps SET secrets_version = secrets_version + 1 WHERE id = $1", &[app_id.into()])?;
-            Ok(c.query_one("SELECT secrets_version FROM apps WHERE id = $1", &[app_id.into()])?.map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64)
         })
     }
 

@@ -358,7 +358,7 @@ pub fn suite(store: &Store) {
     assert!(!store.advance_host_event_seq("h1", 1).unwrap());
     assert!(store.advance_host_event_seq("h1", 2).unwrap());
 
-    // volumes, secrets, certificates, IPs
+    // volumes, certificates
     let volume = VolumeRow {
         id: "vol_1".into(),
         app_id: app.id.clone(),
@@ -395,32 +395,6 @@ pub fn suite(store: &Store) {
         })
         .unwrap();
     assert_eq!(store.snapshots("vol_1").unwrap().len(), 1);
-
-    let version = store
-        .change_secrets(
-            &app.id,
-            &[
-                ("A".into(), Some("d1".into())),
-                ("B".into(), Some("d2".into())),
-            ],
-        )
-        .unwrap();
-    let version2 = store
-        .change_secrets(
-            &app.id,
-            &[("A".into(), None), ("B".into(), Some("d3".into()))],
-        )
-        .unwrap();
-    assert!(version2 > version);
-    let (secrets, current) = store.secrets(&app.id).unwrap();
-    assert_eq!(current, version2);
-    assert_eq!(
-        secrets
-            .iter()
-            .map(|s| (s.name.as_str(), s.digest.as_str()))
-            .collect::<Vec<_>>(),
-        vec![("B", "d3")]
-    );
 
     let cert = CertificateRow {
         app_id: app.id.clone(),
