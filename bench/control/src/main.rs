@@ -120,6 +120,19 @@ fn count_machines(body: &[u8]) -> usize {
         .count()
 }
 
+/// The machine's load averages (1, 5, 15 min) as /proc/loadavg has them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -132,22 +145,27 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-async fn timed<F, Fut>(rounds: usize, mut f: F) -> anyhow::Result<Vec<Duration>>
+/// Runs `f` `rounds` times, one at a time; returns the sorted durations and what each
+/// round answered (checked by the caller after the clock has stopped, so the checking is
+/// not part of the measured latency).
+async fn timed<F, Fut, T>(rounds: usize, mut f: F) -> anyhow::Result<(Vec<Duration>, Vec<T>)>
 where
     F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let mut times = Vec::with_capacity(rounds);
+    let mut answers = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let start = Instant::now();
-        f(i).await?;
+        answers.push(f(i).await?);
         times.push(start.elapsed());
     }
     times.sort();
-    Ok(times)
+    Ok((times, answers))
 }
 
 async fn drive(machines: usize, concurrency: usize) -> anyhow::Result<()> {
+    let load_before = load_average();
     let dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -257,7 +275,7 @@ async fn drive(machines: usize, concurrency: usize) -> anyhow::Result<()> {
         bail!("the listing has {} machines", list.len());
     }
     // Reads, one client at a time (latency, not throughput).
-    let gets = timed(2000, |i| {
+    let (gets, _) = timed(2000, |i| {
         let path = format!("/v1/apps/bench/machines/{}", ids[(i * 7919) % ids.len()]);
         let admin = admin.clone();
         async move {
@@ -266,10 +284,10 @@ async fn drive(machines: usize, concurrency: usize) -> anyhow::Result<()> {
         }
     })
     .await?;
-    let filtered = timed(30, |i| {
+    let (filtered, answers) = timed(30, |i| {
         let admin = admin.clone();
         async move {
-            let (status, body) = admin
+            Ok(admin
                 .raw(
                     Method::GET,
                     &format!(
@@ -279,30 +297,32 @@ async fn drive(machines: usize, concurrency: usize) -> anyhow::Result<()> {
                     None,
                     &[],
                 )
-                .await?;
-            if status != StatusCode::OK || count_machines(&body) != machines / GROUPS {
-                bail!(
-                    "filtered list: {status}, {} machines",
-                    count_machines(&body)
-                );
-            }
-            Ok(())
+                .await?)
         }
     })
     .await?;
-    let full = timed(10, |_| {
+    for (status, body) in answers {
+        if status != StatusCode::OK || count_machines(&body) != machines / GROUPS {
+            bail!(
+                "filtered list: {status}, {} machines",
+                count_machines(&body)
+            );
+        }
+    }
+    let (full, answers) = timed(10, |_| {
         let admin = admin.clone();
         async move {
-            let (status, body) = admin
+            Ok(admin
                 .raw(Method::GET, "/v1/apps/bench/machines", None, &[])
-                .await?;
-            if status != StatusCode::OK || count_machines(&body) != machines {
-                bail!("list: {status}, {} machines", count_machines(&body));
-            }
-            Ok(())
+                .await?)
         }
     })
     .await?;
+    for (status, body) in answers {
+        if status != StatusCode::OK || count_machines(&body) != machines {
+            bail!("list: {status}, {} machines", count_machines(&body));
+        }
+    }
     let (rss, hwm) = rss_kib(server.child.id());
     drop(server);
 
@@ -404,6 +424,10 @@ async fn drive(machines: usize, concurrency: usize) -> anyhow::Result<()> {
         rss / 1024,
         hwm / 1024,
         rss_before / 1024
+    );
+    println!(
+        "  load average         {load_before} before, {} after (other work on the machine skews every figure)",
+        load_average()
     );
     Ok(())
 }

@@ -64,6 +64,24 @@ pub fn update_seq(update: &CatalogUpdate) -> u64 {
     }
 }
 
+/// A machine update as followers receive it: the shared entry plus `cordoned` and
+/// `metadata`.
+#[derive(serde::Serialize)]
+struct MachineWire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    machine: MachineEntryWire<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct MachineEntryWire<'a> {
+    #[serde(flatten)]
+    entry: &'a CatalogMachine,
+    cordoned: bool,
+    metadata: &'a BTreeMap<String, String>,
+}
+
 impl Catalog {
     /// Sequence numbers start at the start time in microseconds, so they keep growing
     /// across restarts and a follower's old `Last-Event-ID` is never mistaken for a
@@ -168,12 +186,19 @@ impl Catalog {
     }
 
     fn publish(&self, make: impl FnOnce(u64) -> (CatalogUpdate, serde_json::Value)) {
+        self.publish_text(|seq| {
+            let (update, value) = make(seq);
+            (update, value.to_string())
+        });
+    }
+
+    fn publish_text(&self, make: impl FnOnce(u64) -> (CatalogUpdate, String)) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.seq += 1;
-        let (update, value) = make(state.seq);
+        let (update, data) = make(state.seq);
         let published = Published {
             update,
-            data: Arc::from(value.to_string()),
+            data: Arc::from(data),
         };
         if state.recent.len() == HISTORY {
             state.recent.pop_front();
@@ -212,15 +237,24 @@ impl Catalog {
 
     pub fn machine_changed(&self, machine: &MachineRow) {
         let entry = self.machine_entry(machine);
-        let value = Self::machine_json(&entry, machine);
-        self.publish(|seq| {
+        self.publish_text(|seq| {
+            // Written straight to text (no `serde_json::Value` in between): this runs on
+            // every change of every machine.
+            let data = serde_json::to_string(&MachineWire {
+                kind: "machine",
+                seq,
+                machine: MachineEntryWire {
+                    entry: &entry,
+                    cordoned: machine.cordoned,
+                    metadata: &machine.config.metadata,
+                },
+            })
+            .unwrap_or_default();
             let update = CatalogUpdate::Machine {
                 seq,
                 machine: entry,
             };
-            let mut wire = serde_json::to_value(&update).unwrap_or_default();
-            wire["machine"] = value;
-            (update, wire)
+            (update, data)
         });
     }
 

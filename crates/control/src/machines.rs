@@ -271,10 +271,9 @@ impl ControlPlane {
         let event = user_event(kind, to, None);
         match self
             .store
-            .transition(&row.id, &[row.state], to, Some(&event))?
+            .enter_state(&row.id, &[row.state], to, Some(&event))?
         {
-            Some(_) => {
-                let row = self.reload(&row.id)?;
+            Some((_, row)) => {
                 self.publish(&row);
                 Ok(row)
             }
@@ -331,14 +330,13 @@ impl ControlPlane {
 
     /// Applies an agent's answer about a machine; returns the machine as now stored.
     pub fn apply_agent_machine(&self, reported: &AgentMachine) -> ApiResult<MachineRow> {
-        if self.store.apply_agent_status(
+        if let Some(row) = self.store.apply_agent_status_returning(
             &reported.id,
             reported.seq,
             reported.state,
             reported.private_ipv4.as_deref(),
             None,
         )? {
-            let row = self.reload(&reported.id)?;
             self.publish(&row);
             return Ok(row);
         }
@@ -378,14 +376,13 @@ impl ControlPlane {
                 self.store.insert_event(&row.id, &recorded)?;
                 continue;
             }
-            if self.store.apply_agent_status(
+            if let Some(row) = self.store.apply_agent_status_returning(
                 &row.id,
                 event.seq,
                 event.state,
                 event.private_ipv4.as_deref(),
                 Some(&recorded),
             )? {
-                let row = self.reload(&row.id)?;
                 self.publish(&row);
             }
         }
@@ -438,7 +435,7 @@ impl ControlPlane {
         let wanted = self.wanted_region(request.region.as_deref(), &hosts)?;
         let placement = place(&hosts, &wanted)?;
         let now = now_rfc3339();
-        let row = MachineRow {
+        let mut row = MachineRow {
             id: names::machine_id(),
             app_id: app.id.clone(),
             app_name: app.name.clone(),
@@ -452,11 +449,7 @@ impl ControlPlane {
             state: MachineState::Created,
             instance_id: ulid::Ulid::new().to_string(),
             config: request.config.clone(),
-            private_ip: Some(crate::ips::machine_private_ip(
-                &self.store,
-                app,
-                &placement.host.id,
-            )?),
+            private_ip: None,
             private_ipv4: None,
             created_at: now.clone(),
             updated_at: now,
@@ -464,7 +457,10 @@ impl ControlPlane {
             recent_events: vec![user_event("launch", MachineState::Created, None)],
         };
         let agent = self.agent(&row.host_id)?;
-        self.store.insert_machine(&row)?;
+        let host_id = row.host_id.clone();
+        row.private_ip = Some(self.store.insert_machine_allocating(&row, |c| {
+            crate::ips::machine_private_ip_in(c, app, &host_id)
+        })?);
         if let Err(err) = agent.put(&self.spec(&row, app)).await {
             self.store.delete_machine(&row.id)?;
             self.forget_agent(&row.host_id);

@@ -211,7 +211,6 @@ CREATE TABLE IF NOT EXISTS machines (
     private_ip TEXT, private_ipv4 TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
     agent_seq {int} NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS machines_by_app ON machines(app_id);
 CREATE TABLE IF NOT EXISTS machine_versions (
     machine_id TEXT NOT NULL, version TEXT NOT NULL, config TEXT NOT NULL, created_at TEXT NOT NULL,
     PRIMARY KEY (machine_id, version)
@@ -273,6 +272,14 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("machines", "recent_events", "TEXT"),
     ("releases", "created_by", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
+];
+
+/// Indexes over added columns (made once those exist). Listings read `(id, rev)` in
+/// listing order straight from `machines_listing`, with no sort and no row reads; it
+/// covers what `machines_by_app` did.
+const INDEXES_AFTER_COLUMNS: &[&str] = &[
+    "CREATE INDEX IF NOT EXISTS machines_listing ON machines(app_id, created_at, id, rev, state, region)",
+    "DROP INDEX IF EXISTS machines_by_app",
 ];
 
 const EVENTS_KEPT_ON_MACHINE: usize = 10;
@@ -483,6 +490,12 @@ impl Store {
                 self.tx(|c| c.execute(&add, &[]).map(|_| ()))?;
             }
         }
+        self.tx(|c| {
+            for statement in INDEXES_AFTER_COLUMNS {
+                c.execute(statement, &[])?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -802,35 +815,24 @@ impl Store {
     pub fn insert_machine(&self, m: &MachineRow) -> StoreResult<()> {
         let config =
             serde_json::to_string(&m.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let events = json(&m.recent_events)?;
+        self.tx(|c| insert_machine_in(c, m, m.private_ip.as_deref(), &config, &events))
+    }
+
+    /// Stores a new machine like `insert_machine`, with the 6PN address `allocate` gives
+    /// it in the same transaction (one commit per create); returns that address.
+    pub fn insert_machine_allocating(
+        &self,
+        m: &MachineRow,
+        mut allocate: impl FnMut(&mut dyn Conn) -> DbResult<String> + Send,
+    ) -> StoreResult<String> {
+        let config =
+            serde_json::to_string(&m.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let events = json(&m.recent_events)?;
         self.tx(|c| {
-            c.execute(
-                "INSERT INTO machines(id, app_id, name, region, host_id, state, instance_id, config, private_ip, private_ipv4, created_at, updated_at, cordoned, recent_events)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                &[
-                    (&m.id).into(),
-                    (&m.app_id).into(),
-                    (&m.name).into(),
-                    (&m.region).into(),
-                    (&m.host_id).into(),
-                    m.state.as_str().into(),
-                    (&m.instance_id).into(),
-                    (&config).into(),
-                    m.private_ip.clone().into(),
-                    m.private_ipv4.clone().into(),
-                    (&m.created_at).into(),
-                    (&m.updated_at).into(),
-                    m.cordoned.into(),
-                    json(&m.recent_events)?.into(),
-                ],
-            )?;
-            c.execute(
-                "INSERT INTO machine_versions(machine_id, version, config, created_at) VALUES ($1, $2, $3, $4)",
-                &[(&m.id).into(), (&m.instance_id).into(), (&config).into(), (&m.created_at).into()],
-            )?;
-            for event in m.recent_events.iter().rev() {
-                insert_event_row(c, &m.id, event)?;
-            }
-            Ok(())
+            let ip = allocate(c)?;
+            insert_machine_in(c, m, Some(&ip), &config, &events)?;
+            Ok(ip)
         })
     }
 
@@ -974,6 +976,20 @@ impl Store {
         to: MachineState,
         event: Option<&MachineEvent>,
     ) -> StoreResult<Option<MachineRow>> {
+        Ok(self
+            .enter_state(id, from, to, event)?
+            .map(|(before, _)| before))
+    }
+
+    /// `transition`, returning the machine before and after the move (the row as it now
+    /// stands, so callers need not read it back).
+    pub fn enter_state(
+        &self,
+        id: &str,
+        from: &[MachineState],
+        to: MachineState,
+        event: Option<&MachineEvent>,
+    ) -> StoreResult<Option<(MachineRow, MachineRow)>> {
         let sql = format!(
             "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.id = $1"
         );
@@ -985,19 +1001,25 @@ impl Store {
             if !from.contains(&before.state) {
                 return Ok(None);
             }
+            let mut after = before.clone();
+            after.state = to;
+            after.updated_at = now_rfc3339();
+            if let Some(event) = event {
+                insert_event_row(c, id, event)?;
+                after.recent_events.insert(0, event.clone());
+                after.recent_events.truncate(EVENTS_KEPT_ON_MACHINE);
+            }
             c.execute(
-                "UPDATE machines SET rev = rev + 1, state = $2, updated_at = $3 WHERE id = $1 AND state = $4",
+                "UPDATE machines SET rev = rev + 1, state = $2, updated_at = $3, recent_events = $5 WHERE id = $1 AND state = $4",
                 &[
                     id.into(),
                     to.as_str().into(),
-                    now_rfc3339().into(),
+                    (&after.updated_at).into(),
                     before.state.as_str().into(),
+                    json(&after.recent_events)?.into(),
                 ],
             )?;
-            if let Some(event) = event {
-                record_event(c, id, event)?;
-            }
-            Ok(Some(before))
+            Ok(Some((before, after)))
         })
     }
 
@@ -1089,16 +1111,29 @@ impl Store {
         ipv4: Option<&str>,
         event: Option<&MachineEvent>,
     ) -> StoreResult<bool> {
+        self.tx(|c| apply_agent_status_in(c, id, seq, state, ipv4, event))
+    }
+
+    /// `apply_agent_status`, returning the machine as it now stands when the report was
+    /// applied (read in the same transaction).
+    pub fn apply_agent_status_returning(
+        &self,
+        id: &str,
+        seq: u64,
+        state: MachineState,
+        ipv4: Option<&str>,
+        event: Option<&MachineEvent>,
+    ) -> StoreResult<Option<MachineRow>> {
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines m JOIN apps a ON a.id = m.app_id WHERE m.id = $1"
+        );
         self.tx(|c| {
-            let changed = c.execute(
-                "UPDATE machines SET rev = rev + 1, state = $3, private_ipv4 = COALESCE($4, private_ipv4), agent_seq = $2, updated_at = $5
-                 WHERE id = $1 AND agent_seq < $2 AND state != 'destroyed'",
-                &[id.into(), seq.into(), state.as_str().into(), ipv4.into(), now_rfc3339().into()],
-            )?;
-            if let Some(event) = event {
-                record_event(c, id, event)?;
+            if !apply_agent_status_in(c, id, seq, state, ipv4, event)? {
+                return Ok(None);
             }
-            Ok(changed == 1)
+            c.query_one(&sql, &[id.into()])?
+                .map(|r| machine_from_row(&r))
+                .transpose()
         })
     }
 
@@ -1499,6 +1534,62 @@ pub fn lease_conflict(held: &LeaseRow) -> String {
         "machine {} is leased{owner} until {until}; pass the lease nonce in the fly-machine-lease-nonce header, or wait for the lease to expire",
         held.machine_id
     )
+}
+
+fn apply_agent_status_in(
+    c: &mut dyn Conn,
+    id: &str,
+    seq: u64,
+    state: MachineState,
+    ipv4: Option<&str>,
+    event: Option<&MachineEvent>,
+) -> DbResult<bool> {
+    let changed = c.execute(
+        "UPDATE machines SET rev = rev + 1, state = $3, private_ipv4 = COALESCE($4, private_ipv4), agent_seq = $2, updated_at = $5
+         WHERE id = $1 AND agent_seq < $2 AND state != 'destroyed'",
+        &[id.into(), seq.into(), state.as_str().into(), ipv4.into(), now_rfc3339().into()],
+    )?;
+    if let Some(event) = event {
+        record_event(c, id, event)?;
+    }
+    Ok(changed == 1)
+}
+
+fn insert_machine_in(
+    c: &mut dyn Conn,
+    m: &MachineRow,
+    private_ip: Option<&str>,
+    config: &str,
+    recent_events: &str,
+) -> DbResult<()> {
+    c.execute(
+        "INSERT INTO machines(id, app_id, name, region, host_id, state, instance_id, config, private_ip, private_ipv4, created_at, updated_at, cordoned, recent_events)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        &[
+            (&m.id).into(),
+            (&m.app_id).into(),
+            (&m.name).into(),
+            (&m.region).into(),
+            (&m.host_id).into(),
+            m.state.as_str().into(),
+            (&m.instance_id).into(),
+            config.into(),
+            private_ip.into(),
+            m.private_ipv4.clone().into(),
+            (&m.created_at).into(),
+            (&m.updated_at).into(),
+            m.cordoned.into(),
+            recent_events.into(),
+        ],
+    )?;
+    c.execute(
+        "INSERT INTO machine_versions(machine_id, version, config, created_at) VALUES ($1, $2, $3, $4)",
+        &[(&m.id).into(), (&m.instance_id).into(), config.into(), (&m.created_at).into()],
+    )?;
+    for event in m.recent_events.iter().rev() {
+        insert_event_row(c, &m.id, event)?;
+    }
+    Ok(())
 }
 
 fn insert_event_row(c: &mut dyn Conn, machine_id: &str, event: &MachineEvent) -> DbResult<()> {
