@@ -318,7 +318,12 @@ fn merge_table(original: &mut Table, normalized: &Table) {
 
 fn merge_item(old: &mut Item, new: &Item) {
     match (&mut *old, new) {
-        (Item::Table(old_table), Item::Table(new_table)) => merge_table(old_table, new_table),
+        (Item::Table(old_table), Item::Table(new_table)) => {
+            merge_table(old_table, new_table);
+            if old_table.is_empty() {
+                keep_empty_table_visible(old);
+            }
+        }
         (Item::ArrayOfTables(old_array), Item::ArrayOfTables(new_array))
             if old_array.len() == new_array.len() =>
         {
@@ -349,6 +354,23 @@ fn merge_item(old: &mut Item, new: &Item) {
             }
             *old = replacement;
         }
+    }
+}
+
+/// A table left with no entries still means something (`response = {}` is not a missing
+/// `response`), but toml_edit writes nothing for an empty implicit table (one only named
+/// on the way to a sub-table, as `response` in `[http_options.response.headers]`) or an
+/// empty dotted one: the first gets its own header, the second becomes `key = {}`.
+fn keep_empty_table_visible(item: &mut Item) {
+    let Item::Table(table) = item else {
+        return;
+    };
+    if table.is_dotted() {
+        let mut inline = InlineTable::new();
+        *inline.decor_mut() = table.decor().clone();
+        *item = Item::Value(Value::InlineTable(inline));
+    } else {
+        table.set_implicit(false);
     }
 }
 
