@@ -74,13 +74,29 @@ EOF
 } > "$WORK/backend.conf"
 { common proxy; cat <<EOF
   upstream be { server $BACKEND; keepalive 128; }
+  map \$https \$forwarded_ssl { on on; default off; }
   server {
     listen $NGINX_HTTP;
     listen $NGINX_H2 http2;
     listen $NGINX_TLS ssl;
     ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache off; ssl_session_tickets off;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    # The forwarding headers Aloft's proxy adds (spec/platform.md §14), so both apps parse
+    # the same request and both clients the same response.
+    location / {
+      proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$http_host;
+      proxy_set_header Fly-Client-IP \$remote_addr;
+      proxy_set_header Fly-Forwarded-Port \$server_port;
+      proxy_set_header Fly-Region bench;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Ssl \$forwarded_ssl;
+      proxy_set_header X-Forwarded-Port \$server_port;
+      proxy_set_header Via "1.1 nginx";
+      add_header Via "1.1 nginx";
+      add_header Fly-Request-Id \$request_id;
+    }
   }
 }
 EOF
