@@ -330,7 +330,7 @@ impl ControlPlane {
 
     /// Applies an agent's answer about a machine; returns the machine as now stored.
     pub fn apply_agent_machine(&self, reported: &AgentMachine) -> ApiResult<MachineRow> {
-        if let Some(row) = self.store.apply_agent_status_returning(
+        if let Some(row) = self.store.apply_agent_status(
             &reported.id,
             reported.seq,
             reported.state,
@@ -376,7 +376,7 @@ impl ControlPlane {
                 self.store.insert_event(&row.id, &recorded)?;
                 continue;
             }
-            if let Some(row) = self.store.apply_agent_status_returning(
+            if let Some(row) = self.store.apply_agent_status(
                 &row.id,
                 event.seq,
                 event.state,

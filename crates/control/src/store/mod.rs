@@ -1102,21 +1102,10 @@ impl Store {
         })
     }
 
-    /// Applies what a machine's agent reports, unless something newer was already applied.
+    /// Applies what a machine's agent reports, unless something newer was already applied;
+    /// returns the machine as it then stands (read in the same transaction), or None when
+    /// the report was older than what the store holds.
     pub fn apply_agent_status(
-        &self,
-        id: &str,
-        seq: u64,
-        state: MachineState,
-        ipv4: Option<&str>,
-        event: Option<&MachineEvent>,
-    ) -> StoreResult<bool> {
-        self.tx(|c| apply_agent_status_in(c, id, seq, state, ipv4, event))
-    }
-
-    /// `apply_agent_status`, returning the machine as it now stands when the report was
-    /// applied (read in the same transaction).
-    pub fn apply_agent_status_returning(
         &self,
         id: &str,
         seq: u64,

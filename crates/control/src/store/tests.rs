@@ -168,11 +168,13 @@ pub fn suite(store: &Store) {
                 Some(&event("start", "started"))
             )
             .unwrap()
+            .is_some()
     );
     assert!(
-        !store
+        store
             .apply_agent_status("m1", 4, MachineState::Stopped, None, None)
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "older reports are ignored"
     );
     let loaded = store.machine("m1").unwrap().unwrap();
