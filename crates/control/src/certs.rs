@@ -165,12 +165,11 @@ async fn get_certificate(
 #[utoipa::path(post, path = "/v1/apps/{app_name}/certificates/{hostname}/check", tag = "Certificates", operation_id = "Certificates_check",
     params(("app_name" = String, Path), ("hostname" = String, Path)), responses((status = 200, body = Certificate), ErrorAnswers))]
 async fn check_certificate(
-    State(plane): Plane,
+    plane: Plane,
     caller: Caller,
-    Path((app_name, hostname)): Path<(String, String)>,
+    path: Path<(String, String)>,
 ) -> ApiResult<Json<Certificate>> {
-    let app = visible_app(&plane, &caller, &app_name)?;
-    Ok(Json(view(&find(&plane, &app, &hostname)?)))
+    get_certificate(plane, caller, path).await
 }
 
 #[utoipa::path(delete, path = "/v1/apps/{app_name}/certificates/{hostname}", tag = "Certificates", operation_id = "Certificates_delete",

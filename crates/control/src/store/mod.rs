@@ -513,6 +513,11 @@ impl Store {
         out.ok_or_else(|| StoreError::Database("transaction produced no result".into()))
     }
 
+    /// One statement in a transaction of its own.
+    fn execute(&self, sql: &str, params: &[Value]) -> StoreResult<()> {
+        self.tx(|c| c.execute(sql, params).map(|_| ()))
+    }
+
     /// Runs `work` on a consistent snapshot, without a write lock.
     pub(crate) fn read<T: Send>(
         &self,
@@ -537,13 +542,10 @@ impl Store {
     }
 
     pub fn set_setting(&self, key: &str, value: &str) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
+        self.execute(
                 "INSERT INTO settings(key, value) VALUES ($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 &[key.into(), value.into()],
-            )
-            .map(|_| ())
-        })
+        )
     }
 
     // ---- orgs ----
@@ -784,13 +786,10 @@ impl Store {
     }
 
     pub fn set_app_status(&self, app_id: &str, status: &str) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
-                "UPDATE apps SET status = $2 WHERE id = $1",
-                &[app_id.into(), status.into()],
-            )
-            .map(|_| ())
-        })
+        self.execute(
+            "UPDATE apps SET status = $2 WHERE id = $1",
+            &[app_id.into(), status.into()],
+        )
     }
 
     pub fn delete_app(&self, app_id: &str) -> StoreResult<()> {
@@ -1083,13 +1082,10 @@ impl Store {
     }
 
     pub fn set_machine_state(&self, id: &str, state: MachineState) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
-                "UPDATE machines SET rev = rev + 1, state = $2, updated_at = $3 WHERE id = $1",
-                &[id.into(), state.as_str().into(), now_rfc3339().into()],
-            )
-            .map(|_| ())
-        })
+        self.execute(
+            "UPDATE machines SET rev = rev + 1, state = $2, updated_at = $3 WHERE id = $1",
+            &[id.into(), state.as_str().into(), now_rfc3339().into()],
+        )
     }
 
     /// Cordons or uncordons a machine; false when it already was.
@@ -1140,13 +1136,10 @@ impl Store {
     }
 
     pub fn set_machine_ipv4(&self, id: &str, ipv4: Option<&str>) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
-                "UPDATE machines SET rev = rev + 1, private_ipv4 = $2 WHERE id = $1",
-                &[id.into(), ipv4.into()],
-            )
-            .map(|_| ())
-        })
+        self.execute(
+            "UPDATE machines SET rev = rev + 1, private_ipv4 = $2 WHERE id = $1",
+            &[id.into(), ipv4.into()],
+        )
     }
 
     pub fn machine_versions(&self, id: &str) -> StoreResult<Vec<VersionRow>> {
@@ -1275,13 +1268,10 @@ impl Store {
     }
 
     pub fn set_release_status(&self, id: &str, status: &str) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
-                "UPDATE releases SET status = $2 WHERE id = $1",
-                &[id.into(), status.into()],
-            )
-            .map(|_| ())
-        })
+        self.execute(
+            "UPDATE releases SET status = $2 WHERE id = $1",
+            &[id.into(), status.into()],
+        )
     }
 
     /// Newest first.
@@ -1320,14 +1310,11 @@ impl Store {
     // ---- hosts ----
 
     pub fn upsert_host(&self, host: &HostRow) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
+        self.execute(
                 "INSERT INTO hosts(id, region, agent_url, last_seen) VALUES ($1, $2, $3, $4)
                  ON CONFLICT(id) DO UPDATE SET region = excluded.region, agent_url = excluded.agent_url, last_seen = excluded.last_seen",
                 &[(&host.id).into(), (&host.region).into(), (&host.agent_url).into(), (&host.last_seen).into()],
-            )
-            .map(|_| ())
-        })
+        )
     }
 
     pub fn hosts(&self) -> StoreResult<Vec<HostRow>> {
@@ -1362,8 +1349,7 @@ impl Store {
     // ---- volumes ----
 
     pub fn insert_volume(&self, v: &VolumeRow) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
+        self.execute(
                 &format!("INSERT INTO volumes({VOLUME_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"),
                 &[
                     (&v.id).into(),
@@ -1380,9 +1366,7 @@ impl Store {
                     v.attached_machine_id.clone().into(),
                     (&v.created_at).into(),
                 ],
-            )
-            .map(|_| ())
-        })
+        )
     }
 
     pub fn volume(&self, id: &str) -> StoreResult<Option<VolumeRow>> {
@@ -1411,23 +1395,17 @@ impl Store {
     }
 
     pub fn update_volume(&self, v: &VolumeRow) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
+        self.execute(
                 "UPDATE volumes SET size_gb = $2, state = $3, snapshot_retention = $4, auto_backup_enabled = $5, attached_machine_id = $6 WHERE id = $1",
                 &[(&v.id).into(), v.size_gb.into(), (&v.state).into(), v.snapshot_retention.into(), v.auto_backup_enabled.into(), v.attached_machine_id.clone().into()],
-            )
-            .map(|_| ())
-        })
+        )
     }
 
     pub fn insert_snapshot(&self, s: &SnapshotRow) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
+        self.execute(
                 "INSERT INTO volume_snapshots(id, volume_id, size, digest, status, retention_days, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &[(&s.id).into(), (&s.volume_id).into(), s.size.into(), (&s.digest).into(), (&s.status).into(), s.retention_days.into(), (&s.created_at).into()],
-            )
-            .map(|_| ())
-        })
+        )
     }
 
     pub fn snapshots(&self, volume_id: &str) -> StoreResult<Vec<SnapshotRow>> {
@@ -1452,13 +1430,10 @@ impl Store {
     // ---- certificates ----
 
     pub fn insert_certificate(&self, cert: &CertificateRow) -> StoreResult<()> {
-        self.tx(|c| {
-            c.execute(
+        self.execute(
                 "INSERT INTO app_certificates(hostname, app_id, source, status, created_at) VALUES ($1, $2, $3, $4, $5)",
                 &[(&cert.hostname).into(), (&cert.app_id).into(), (&cert.source).into(), (&cert.status).into(), (&cert.created_at).into()],
-            )
-            .map(|_| ())
-        })
+        )
         .map_err(|e| match e {
             StoreError::Conflict(_) => StoreError::Conflict(format!("hostname {} already has a certificate", cert.hostname)),
             other => other,
