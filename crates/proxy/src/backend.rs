@@ -54,6 +54,14 @@ pub enum BackendError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// The request was (maybe) sent, and no response head came back.
+    #[error("backend {addr}: no response: {source}")]
+    NoResponse {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("backend {0}: not a valid HTTP/1.1 response")]
+    InvalidResponse(SocketAddr),
 }
 
 impl BackendError {
@@ -68,7 +76,12 @@ impl BackendError {
     /// Whether the request may go to another machine: nothing reached the app, or the
     /// request is idempotent and no response came back.
     pub fn may_retry(&self, idempotent: bool) -> bool {
-        self.is_connect() || (idempotent && matches!(self, BackendError::Http { .. }))
+        self.is_connect()
+            || (idempotent
+                && matches!(
+                    self,
+                    BackendError::Http { .. } | BackendError::NoResponse { .. }
+                ))
     }
 }
 

@@ -856,13 +856,15 @@ enum ExchangeError {
     BadResponse,
 }
 
-/// Sends the request in `bufs.out` (and its body) to `backend`, reading the response head
-/// into `bufs.resp`. A pooled connection the app closed meanwhile is replaced by another
+/// Sends the request head in `out` and then `body` to `backend`, reading the response
+/// head into `resp`. A pooled connection the app closed meanwhile is replaced by another
 /// one when the request cannot have reached the app, or when it is idempotent.
 async fn exchange(
     backend: &Arc<Backend>,
-    bufs: &mut Bufs,
-    body: (usize, usize),
+    out: &mut Vec<u8>,
+    body: &[u8],
+    resp: &mut Buf,
+    resp_fields: &mut Vec<Field>,
     idempotent: bool,
 ) -> Result<(TcpStream, ResponseHead), ExchangeError> {
     let mut reuses = 0;
@@ -878,17 +880,16 @@ async fn exchange(
                 .await
                 .map_err(ExchangeError::Connect)?,
         };
-        bufs.resp.clear();
-        let body_bytes = &bufs.client.filled()[body.0..body.1];
-        let written = if body_bytes.len() <= COALESCE {
-            let mark = bufs.out.len();
-            bufs.out.extend_from_slice(body_bytes);
-            let written = stream.write_all(&bufs.out).await;
-            bufs.out.truncate(mark);
+        resp.clear();
+        let written = if body.len() <= COALESCE {
+            let mark = out.len();
+            out.extend_from_slice(body);
+            let written = stream.write_all(out).await;
+            out.truncate(mark);
             written
         } else {
-            match stream.write_all(&bufs.out).await {
-                Ok(()) => stream.write_all(body_bytes).await,
+            match stream.write_all(out).await {
+                Ok(()) => stream.write_all(body).await,
                 Err(e) => Err(e),
             }
         };
@@ -898,7 +899,7 @@ async fn exchange(
             }
             return Err(ExchangeError::NoResponse(e));
         }
-        match read_response_head(&mut stream, bufs).await {
+        match read_response_head(&mut stream, resp, resp_fields).await {
             Ok(head) => return Ok((stream, head)),
             Err(HeadError::Closed(e)) if reused && idempotent => {
                 tracing::debug!(addr = %backend.addr, error = %e, "pooled connection closed by the app; retrying");
@@ -917,25 +918,26 @@ enum HeadError {
 
 async fn read_response_head(
     stream: &mut TcpStream,
-    bufs: &mut Bufs,
+    resp: &mut Buf,
+    resp_fields: &mut Vec<Field>,
 ) -> Result<ResponseHead, HeadError> {
     loop {
-        if !bufs.resp.is_empty() {
-            match parse_response(bufs.resp.filled(), &mut bufs.resp_fields) {
+        if !resp.is_empty() {
+            match parse_response(resp.filled(), resp_fields) {
                 Parsed::Complete(head)
                     if (100..200).contains(&head.status) && head.status != 101 =>
                 {
                     // Interim responses (100 Continue, 103 Early Hints) are not passed on.
-                    bufs.resp.consume(head.len);
+                    resp.consume(head.len);
                     continue;
                 }
                 Parsed::Complete(head) => return Ok(head),
-                Parsed::Partial if bufs.resp.len() < MAX_RESPONSE_HEAD => {}
+                Parsed::Partial if resp.len() < MAX_RESPONSE_HEAD => {}
                 _ => return Err(HeadError::Invalid),
             }
         }
-        let any = !bufs.resp.is_empty();
-        match stream.read(bufs.resp.spare(4096)).await {
+        let any = !resp.is_empty();
+        match stream.read(resp.spare(4096)).await {
             Ok(0) if any => return Err(HeadError::Invalid),
             Ok(0) => {
                 return Err(HeadError::Closed(io::Error::new(
@@ -943,7 +945,7 @@ async fn read_response_head(
                     "closed before responding",
                 )));
             }
-            Ok(n) => bufs.resp.advance(n),
+            Ok(n) => resp.advance(n),
             Err(_) if any => return Err(HeadError::Invalid),
             Err(e) => return Err(HeadError::Closed(e)),
         }
@@ -1007,6 +1009,136 @@ fn response_facts(buf: &[u8], fields: &[Field]) -> ResponseFacts {
     facts
 }
 
+/// How the end of the response body is found (RFC 9112 §6.3).
+fn response_framing(head_request: bool, head: &ResponseHead, facts: &ResponseFacts) -> Framing {
+    if head_request || head.status == 204 || head.status == 304 {
+        Framing::Empty
+    } else if facts.chunked {
+        Framing::Chunked(Chunked::default())
+    } else if facts.other_coding {
+        Framing::Close
+    } else if let Some(n) = facts.content_length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    }
+}
+
+/// Whether the app's connection can carry another request after this response.
+fn app_keeps_open(head: &ResponseHead, facts: &ResponseFacts, framing: &Framing) -> bool {
+    head.minor == 1 && !facts.connection.close && *framing != Framing::Close
+}
+
+/// Sends a request of the general path whose body is already buffered (requests from
+/// HTTP/2 clients, redeliveries) over a pooled raw HTTP/1.1 connection, as the fast path
+/// does, rather than through hyper's client: no dispatch task, channel or header-map
+/// round trip per request. The response body streams from the connection, which goes
+/// back to the pool once the body has been read to its end.
+pub(crate) async fn send_buffered(
+    backend: &Arc<Backend>,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> Result<Response<RespBody>, BackendError> {
+    let mut bufs = take_bufs();
+    let sent = send_buffered_with(backend, parts, body, &mut bufs).await;
+    put_bufs(bufs);
+    sent
+}
+
+async fn send_buffered_with(
+    backend: &Arc<Backend>,
+    parts: &http::request::Parts,
+    body: &[u8],
+    bufs: &mut Bufs,
+) -> Result<Response<RespBody>, BackendError> {
+    let addr = backend.addr;
+    write_parts_head(&mut bufs.out, parts, body.len());
+    let idempotent = crate::http::is_idempotent(&parts.method);
+    let Bufs {
+        out,
+        resp,
+        resp_fields,
+        ..
+    } = bufs;
+    let (stream, head) = exchange(backend, out, body, resp, resp_fields, idempotent)
+        .await
+        .map_err(|error| match error {
+            ExchangeError::Connect(e) => e,
+            ExchangeError::NoResponse(source) => BackendError::NoResponse { addr, source },
+            ExchangeError::BadResponse => BackendError::InvalidResponse(addr),
+        })?;
+    let rbuf = resp.filled();
+    let facts = response_facts(rbuf, resp_fields);
+    let status = StatusCode::from_u16(head.status);
+    let (false, Ok(status)) = (facts.invalid || head.status == 101, status) else {
+        return Err(BackendError::InvalidResponse(addr));
+    };
+    let framing = response_framing(parts.method == http::Method::HEAD, &head, &facts);
+    let keeps_open = app_keeps_open(&head, &facts, &framing);
+    let mut response = Response::new(RespBody::empty());
+    *response.status_mut() = status;
+    *response.headers_mut() = header_map(rbuf, resp_fields);
+    let raw = RawBody::new(
+        stream,
+        backend.clone(),
+        &rbuf[head.len..],
+        framing,
+        keeps_open,
+    );
+    *response.body_mut() = RespBody::raw(
+        raw,
+        Attached {
+            pooled: None,
+            load: None,
+            done: None,
+        },
+    );
+    Ok(response)
+}
+
+/// Writes the head of a request given as `http` parts (platform headers already in
+/// place), framed for a body of `body_len` bytes.
+fn write_parts_head(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: usize) {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let announces_body = parts.headers.contains_key(CONTENT_LENGTH)
+        || matches!(
+            parts.method,
+            http::Method::POST | http::Method::PUT | http::Method::PATCH
+        );
+    if body_len > 0 || announces_body {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, body_len as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// Forwards a routed request over a raw pooled connection and passes the response on.
 async fn forward<I>(
     proxy: &Arc<Proxy>,
@@ -1037,7 +1169,15 @@ where
     let mut retried = false;
     let (stream, resp_head) = loop {
         let backend = chosen.guard.backend().clone();
-        let error = match exchange(&backend, bufs, body, idempotent).await {
+        let Bufs {
+            client,
+            out,
+            resp,
+            resp_fields,
+            ..
+        } = &mut *bufs;
+        let body = &client.filled()[body.0..body.1];
+        let error = match exchange(&backend, out, body, resp, resp_fields, idempotent).await {
             Ok(done) => break done,
             Err(error) => error,
         };
@@ -1085,19 +1225,8 @@ where
         );
         return write_response(io, resp, req.head_request, req.keep_alive, head.minor, bufs).await;
     }
-    let framing = if req.head_request || resp_head.status == 204 || resp_head.status == 304 {
-        Framing::Empty
-    } else if facts.chunked {
-        Framing::Chunked(Chunked::default())
-    } else if facts.other_coding {
-        Framing::Close
-    } else if let Some(n) = facts.content_length {
-        Framing::Length(n)
-    } else {
-        Framing::Close
-    };
-    let app_keeps_open =
-        resp_head.minor == 1 && !facts.connection.close && framing != Framing::Close;
+    let framing = response_framing(req.head_request, &resp_head, &facts);
+    let app_keeps_open = app_keeps_open(&resp_head, &facts, &framing);
     let compress = route.compress()
         && match (req.facts.accept_encoding, facts.content_type) {
             (Some(accept), Some(ct)) => {

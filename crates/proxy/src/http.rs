@@ -796,12 +796,7 @@ impl Proxy {
         mut chosen: Chosen,
     ) -> Result<(Chosen, Response<RespBody>), Outcome> {
         let mut sent = self
-            .send(
-                &chosen,
-                build_request(parts, body),
-                attempt.h2,
-                attempt.upgrade,
-            )
+            .send(&chosen, parts, body, attempt.h2, attempt.upgrade)
             .await;
         while let Err(e) = &sent
             && e.is_connect()
@@ -811,12 +806,7 @@ impl Proxy {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
             sent = self
-                .send(
-                    &chosen,
-                    build_request(parts, body),
-                    attempt.h2,
-                    attempt.upgrade,
-                )
+                .send(&chosen, parts, body, attempt.h2, attempt.upgrade)
                 .await;
         }
         if let Err(e) = &sent
@@ -829,12 +819,7 @@ impl Proxy {
                 tracing::debug!(app = %attempt.app.name, failed = %chosen.machine.id, error = %e, retry = %other.machine.id, "retrying on another machine");
                 chosen = other;
                 sent = self
-                    .send(
-                        &chosen,
-                        build_request(parts, body),
-                        attempt.h2,
-                        attempt.upgrade,
-                    )
+                    .send(&chosen, parts, body, attempt.h2, attempt.upgrade)
                     .await;
             }
         }
@@ -890,11 +875,24 @@ impl Proxy {
     async fn send(
         &self,
         chosen: &Chosen,
-        mut request: Request<ReqBody>,
+        parts: &http::request::Parts,
+        body: ReqBody,
         h2: bool,
         upgrade: bool,
     ) -> Result<Response<RespBody>, BackendError> {
         let backend = chosen.guard.backend().clone();
+        if !h2 && !upgrade {
+            match &body {
+                ReqBody::Empty | ReqBody::Full(None) => {
+                    return crate::fast::send_buffered(&backend, parts, &[]).await;
+                }
+                ReqBody::Full(Some(bytes)) => {
+                    return crate::fast::send_buffered(&backend, parts, bytes).await;
+                }
+                ReqBody::Stream(_) => {}
+            }
+        }
+        let mut request = build_request(parts, body);
         if upgrade {
             let resp = Box::pin(backend.send_upgrade(request)).await?;
             return Ok(resp.map(|inner| {

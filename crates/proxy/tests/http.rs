@@ -230,3 +230,198 @@ async fn curl_sees_the_same() {
     );
     proxy.shutdown().await;
 }
+
+/// An HTTP/2 client of the proxy (prior knowledge, one connection, many streams).
+fn h2_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+async fn h2_send(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+    proxy: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &'static str,
+) -> Reply {
+    use http_body_util::BodyExt;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://web.aloft.test:{}{path}", proxy.port()))
+        .body(http_body_util::Full::new(Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap();
+    // The client connects to the name in the URI: resolve it to the proxy by hand.
+    let (mut parts, body) = req.into_parts();
+    parts.uri = format!("http://{proxy}{path}").parse().unwrap();
+    parts
+        .headers
+        .insert("host", http::HeaderValue::from_static("web.aloft.test"));
+    let resp = client
+        .request(http::Request::from_parts(parts, body))
+        .await
+        .expect("h2 request");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test]
+async fn http2_requests_reach_http1_apps_over_pooled_connections() {
+    let be = backend(echo("b1")).await;
+    let proxy = start(config()).await;
+    proxy.proxy.catalog().apply(snapshot(
+        1,
+        vec![app("web")],
+        vec![machine("m1", "web", "ams", be.addr, MachineState::Started)],
+    ));
+    let client = h2_client();
+
+    let concurrent = futures_util::future::join_all((0..24).map(|i| {
+        h2_send(
+            &client,
+            proxy.http,
+            "GET",
+            if i % 2 == 0 { "/a?x=1" } else { "/b" },
+            "",
+        )
+    }))
+    .await;
+    for (i, r) in concurrent.iter().enumerate() {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let json = r.json();
+        assert_eq!(json["version"], "HTTP/1.1");
+        assert_eq!(json["path"], if i % 2 == 0 { "/a?x=1" } else { "/b" });
+        assert_eq!(echoed(&json, "host"), Some("web.aloft.test"));
+        assert_eq!(echoed(&json, "via"), Some("2 aloft"));
+        assert!(r.header("fly-request-id").is_some());
+    }
+    let opened = be.connections.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(
+            h2_send(&client, proxy.http, "GET", "/seq", "").await.status,
+            200
+        );
+    }
+    assert_eq!(
+        be.connections.load(std::sync::atomic::Ordering::SeqCst),
+        opened,
+        "sequential requests reuse the pooled app connections"
+    );
+
+    let posted = h2_send(&client, proxy.http, "POST", "/p", "hello, app").await;
+    assert_eq!(posted.json()["body"], "hello, app");
+    assert_eq!(echoed(&posted.json(), "content-length"), Some("10"));
+    let empty = h2_send(&client, proxy.http, "POST", "/p", "").await;
+    assert_eq!(echoed(&empty.json(), "content-length"), Some("0"));
+    let head = h2_send(&client, proxy.http, "HEAD", "/h", "").await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    // After a HEAD (a response head with a length and no body) the pool still works.
+    let after = h2_send(&client, proxy.http, "GET", "/after-head", "").await;
+    assert_eq!(after.json()["path"], "/after-head");
+    proxy.shutdown().await;
+}
+
+/// An app speaking HTTP/1.1 by hand: each path picks a way of framing the response.
+async fn hand_written_app() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let head_end = loop {
+                        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    buf.drain(..head_end);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let (answer, close): (&[u8], bool) = match path.as_str() {
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                            false,
+                        ),
+                        "/close" => (b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end", true),
+                        "/then-close" => (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbye!", true),
+                        "/interim" => (
+                            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                            false,
+                        ),
+                        "/garbage" => (b"NOT HTTP AT ALL\r\n\r\n", true),
+                        _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
+                    };
+                    if stream.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn http2_requests_to_http1_apps_follow_every_response_framing() {
+    let (addr, connections) = hand_written_app().await;
+    let proxy = start(config()).await;
+    proxy.proxy.catalog().apply(snapshot(
+        1,
+        vec![app("web")],
+        vec![machine("m1", "web", "ams", addr, MachineState::Started)],
+    ));
+    let client = h2_client();
+    for round in 0..3 {
+        let chunked = h2_send(&client, proxy.http, "GET", "/chunked", "").await;
+        assert_eq!(
+            (chunked.status, chunked.text().as_str()),
+            (200, "hello world"),
+            "round {round}"
+        );
+        let interim = h2_send(&client, proxy.http, "GET", "/interim", "").await;
+        assert_eq!((interim.status, interim.text().as_str()), (200, "ok"));
+        let until_close = h2_send(&client, proxy.http, "GET", "/close", "").await;
+        assert_eq!(until_close.text(), "until the end");
+        // The app closes a connection it announced as reusable: the next request finds
+        // the pooled connection dead and goes over a fresh one.
+        let then_close = h2_send(&client, proxy.http, "GET", "/then-close", "").await;
+        assert_eq!(then_close.text(), "bye!");
+        let missing = h2_send(&client, proxy.http, "GET", "/nothing", "").await;
+        assert_eq!(missing.status, 404);
+        let garbage = h2_send(&client, proxy.http, "GET", "/garbage", "").await;
+        assert_eq!(garbage.status, 502, "{}", garbage.text());
+    }
+    // Each round opens a connection for the first request and after each close.
+    let opened = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened <= 3 * 4, "app connections opened: {opened}");
+    proxy.shutdown().await;
+}
