@@ -214,16 +214,16 @@ impl Body for RespBody {
                 }
                 Poll::Pending => Poll::Pending,
             },
-            RespBody::Raw { inner, attached } => match inner.poll_data(cx) {
+            RespBody::Raw { inner, attached } => match inner.poll_frame(cx) {
                 Poll::Ready(None) => {
                     attached.finish(true);
                     Poll::Ready(None)
                 }
-                Poll::Ready(Some(Ok(data))) => {
+                Poll::Ready(Some(Ok(frame))) => {
                     if inner.is_end_stream() {
                         attached.finish(true);
                     }
-                    Poll::Ready(Some(Ok(Frame::data(data))))
+                    Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
                     attached.finish(false);

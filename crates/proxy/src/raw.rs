@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use hyper::body::Frame;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -95,12 +96,18 @@ enum ChunkState {
     Done,
 }
 
+/// Largest trailer section kept when a chunked body is decoded.
+const MAX_TRAILERS: usize = 16 * 1024;
+
 /// Incremental chunked transfer-coding reader.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Chunked {
     state: ChunkState,
     remaining: u64,
     digits: u8,
+    /// The trailer section's field lines, when they are kept (a decoded body passes them
+    /// on as a trailers frame; a body relayed as is carries them along itself).
+    trailers: Option<Vec<u8>>,
 }
 
 impl Default for Chunked {
@@ -109,6 +116,7 @@ impl Default for Chunked {
             state: ChunkState::Size,
             remaining: 0,
             digits: 0,
+            trailers: None,
         }
     }
 }
@@ -116,6 +124,42 @@ impl Default for Chunked {
 impl Chunked {
     pub(crate) fn is_done(&self) -> bool {
         self.state == ChunkState::Done
+    }
+
+    fn keep_trailers(&mut self) {
+        self.trailers.get_or_insert_with(Vec::new);
+    }
+
+    /// The trailer fields read, once the body is done (none when not kept or absent).
+    fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        let mut block = self.trailers.take().filter(|b| !b.is_empty())?;
+        block.extend_from_slice(b"\r\n");
+        let mut fields = [httparse::EMPTY_HEADER; 128];
+        let httparse::Status::Complete((_, parsed)) =
+            httparse::parse_headers(&block, &mut fields).ok()?
+        else {
+            return None;
+        };
+        let mut map = http::HeaderMap::with_capacity(parsed.len());
+        for field in parsed {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(field.name.as_bytes()),
+                http::HeaderValue::from_bytes(field.value),
+            ) {
+                map.append(name, value);
+            }
+        }
+        (!map.is_empty()).then_some(map)
+    }
+
+    fn keep_trailer_byte(&mut self, byte: u8) -> Result<(), ChunkError> {
+        if let Some(trailers) = &mut self.trailers {
+            if trailers.len() >= MAX_TRAILERS {
+                return Err(ChunkError);
+            }
+            trailers.push(byte);
+        }
+        Ok(())
     }
 
     /// Reads `input` up to the end of the body; calls `data` with the ranges of `input`
@@ -201,11 +245,13 @@ impl Chunked {
                     self.state = if byte == b'\r' {
                         ChunkState::EndLf
                     } else {
+                        self.keep_trailer_byte(byte)?;
                         ChunkState::Trailer
                     };
                     i += 1;
                 }
                 ChunkState::Trailer => {
+                    self.keep_trailer_byte(byte)?;
                     if byte == b'\r' {
                         self.state = ChunkState::TrailerLf;
                     }
@@ -215,6 +261,7 @@ impl Chunked {
                     if byte != b'\n' {
                         return Err(ChunkError);
                     }
+                    self.keep_trailer_byte(byte)?;
                     self.state = ChunkState::TrailerStart;
                     i += 1;
                 }
@@ -254,6 +301,8 @@ pub struct RawBody {
     /// The app keeps the connection open after this response.
     reusable: bool,
     done: bool,
+    /// Trailer fields of a chunked body, handed out after its last data.
+    trailers: Option<http::HeaderMap>,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -263,9 +312,12 @@ impl RawBody {
         stream: TcpStream,
         backend: Arc<Backend>,
         already_read: &[u8],
-        framing: Framing,
+        mut framing: Framing,
         reusable: bool,
     ) -> RawBody {
+        if let Framing::Chunked(decoder) = &mut framing {
+            decoder.keep_trailers();
+        }
         let mut body = RawBody {
             stream: Some(stream),
             backend,
@@ -273,6 +325,7 @@ impl RawBody {
             framing,
             reusable,
             done: false,
+            trailers: None,
         };
         if matches!(body.framing, Framing::Empty | Framing::Length(0)) {
             body.complete();
@@ -281,7 +334,7 @@ impl RawBody {
     }
 
     pub(crate) fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.trailers.is_none()
     }
 
     pub(crate) fn size_hint(&self) -> hyper::body::SizeHint {
@@ -308,11 +361,19 @@ impl RawBody {
         Poll::Ready(Some(Err(error)))
     }
 
-    /// The next piece of the body.
-    pub(crate) fn poll_data(
+    /// The next piece of the body, then its trailers if it had any.
+    pub(crate) fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, RawBodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, RawBodyError>>> {
+        match self.poll_data(cx) {
+            Poll::Ready(None) => Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            Poll::Ready(Some(data)) => Poll::Ready(Some(data.map(Frame::data))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, RawBodyError>>> {
         loop {
             if self.done {
                 return Poll::Ready(None);
@@ -344,6 +405,7 @@ impl RawBody {
                         let finished = decoder.is_done();
                         let _ = self.buf.split_to(used);
                         if finished {
+                            self.trailers = decoder.take_trailers();
                             self.complete();
                         }
                         if !out.is_empty() {
@@ -419,6 +481,39 @@ mod tests {
             assert!(done);
             assert_eq!(used, body.len() - 4);
         }
+    }
+
+    #[test]
+    fn kept_trailers_are_parsed_and_bounded() {
+        let body: &[u8] = b"3\r\nabc\r\n0\r\nx-sum: 1\r\nx-other:  two \r\n\r\n";
+        for split in 1..body.len() {
+            let mut decoder = Chunked::default();
+            decoder.keep_trailers();
+            let (a, b) = body.split_at(split);
+            let mut out = Vec::new();
+            decoder.feed(a, |r| out.extend_from_slice(&a[r])).unwrap();
+            decoder.feed(b, |r| out.extend_from_slice(&b[r])).unwrap();
+            assert!(decoder.is_done());
+            assert_eq!(out, b"abc");
+            let trailers = decoder.take_trailers().expect("trailers");
+            assert_eq!(trailers.get("x-sum").unwrap(), "1", "split at {split}");
+            assert_eq!(trailers.get("x-other").unwrap(), "two");
+        }
+        let mut plain = Chunked::default();
+        plain.feed(body, |_| {}).unwrap();
+        assert!(plain.take_trailers().is_none(), "not kept unless asked");
+
+        let mut flood = b"0\r\n".to_vec();
+        for i in 0..2000 {
+            flood.extend_from_slice(format!("x-f{i}: {i}\r\n").as_bytes());
+        }
+        flood.extend_from_slice(b"\r\n");
+        let mut decoder = Chunked::default();
+        decoder.keep_trailers();
+        assert!(
+            decoder.feed(&flood, |_| {}).is_err(),
+            "trailers are bounded"
+        );
     }
 
     #[test]

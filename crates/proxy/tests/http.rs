@@ -378,6 +378,10 @@ async fn hand_written_app() -> (
                             false,
                         ),
                         "/garbage" => (b"NOT HTTP AT ALL\r\n\r\n", true),
+                        "/trailers" => (
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n4\r\ndata\r\n0\r\nx-checksum: abc123\r\nx-count: 1\r\n\r\n",
+                            false,
+                        ),
                         _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
                     };
                     if stream.write_all(answer).await.is_err() || close {
@@ -420,6 +424,24 @@ async fn http2_requests_to_http1_apps_follow_every_response_framing() {
         let garbage = h2_send(&client, proxy.http, "GET", "/garbage", "").await;
         assert_eq!(garbage.status, 502, "{}", garbage.text());
     }
+    // Trailers of a chunked response reach the HTTP/2 client as a trailers frame.
+    let req = http::Request::builder()
+        .uri(format!("http://{}/trailers", proxy.http))
+        .header("host", "web.aloft.test")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.expect("h2 request");
+    let collected = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers.get("x-checksum").unwrap(), "abc123");
+    assert_eq!(trailers.get("x-count").unwrap(), "1");
+    assert_eq!(collected.to_bytes(), "data");
+    // The connection is reused after the trailers were read.
+    let chunked = h2_send(&client, proxy.http, "GET", "/chunked", "").await;
+    assert_eq!(chunked.text(), "hello world");
     // Each round opens a connection for the first request and after each close.
     let opened = connections.load(std::sync::atomic::Ordering::SeqCst);
     assert!(opened <= 3 * 4, "app connections opened: {opened}");
