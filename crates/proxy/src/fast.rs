@@ -16,6 +16,10 @@
 //! Requests hyper is better at (upgrades, chunked request bodies, `Expect`, bodies over
 //! 1 MB, absolute-form targets) hand the whole connection over to hyper, bytes read so far
 //! included.
+//!
+//! The general path itself (HTTP/2 clients, redeliveries) sends requests whose body it has
+//! buffered to HTTP/1.1 apps through [`send_buffered`]: the same pooled raw connections and
+//! response-head parsing, with the body streamed back as a [`RawBody`].
 
 use std::cell::RefCell;
 use std::io;
