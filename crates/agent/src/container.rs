@@ -3,6 +3,7 @@
 //! and a seccomp filter, with the `aloft` binary bind-mounted as `/.fly/init` to be PID 1.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -381,76 +382,34 @@ impl Driver for ContainerDriver {
         if command.argv.is_empty() || command.argv[0].is_empty() {
             return Err(DriverError::Operation("no command given".into()));
         }
+        // The process goes to the runtime through a pipe, not as `--env` arguments: its
+        // environment holds the app's secrets, which the host's process list must not show.
+        let process = exec_process(machine_dir, command)?;
+        let (spec_read, spec_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| DriverError::Operation(format!("creating a pipe: {e}")))?;
+        let spec_fd = spec_read.as_raw_fd();
         let mut runc = self.runtime_command();
-        runc.arg("exec").arg("--cwd").arg("/");
-        for (key, value) in &command.env {
-            runc.arg("--env").arg(format!("{key}={value}"));
-        }
-        if command.tty.is_some() {
-            runc.arg("--tty");
-            if !command.env.contains_key("TERM") {
-                runc.arg("--env").arg("TERM=xterm");
-            }
-        }
-        runc.arg(machine_id).args(&command.argv);
-        match command.tty {
-            Some(size) => {
-                let winsize = nix::pty::Winsize {
-                    ws_row: size.rows,
-                    ws_col: size.cols,
-                    ws_xpixel: 0,
-                    ws_ypixel: 0,
-                };
-                let pty = nix::pty::openpty(Some(&winsize), None)
-                    .map_err(|e| DriverError::Operation(format!("allocating a terminal: {e}")))?;
-                let slave = pty.slave;
-                let for_stdin = slave.try_clone().map_err(io("duplicating the terminal"))?;
-                let for_stdout = slave.try_clone().map_err(io("duplicating the terminal"))?;
-                runc.stdin(Stdio::from(for_stdin))
-                    .stdout(Stdio::from(for_stdout))
-                    .stderr(Stdio::from(slave));
-                unsafe {
-                    // The runtime gets the terminal as its controlling one, so it follows
-                    // window size changes (SIGWINCH) into the machine.
-                    runc.pre_exec(|| {
-                        libc::setsid();
-                        libc::ioctl(0, libc::TIOCSCTTY, 0);
-                        Ok(())
-                    });
+        runc.arg("exec")
+            .arg("--process")
+            .arg(format!("/proc/self/fd/{spec_fd}"))
+            .arg(machine_id);
+        // SAFETY: only fcntl between fork and exec.
+        unsafe {
+            runc.pre_exec(move || {
+                if libc::fcntl(spec_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-                let child = runc
-                    .spawn()
-                    .map_err(io(format!("running {}", self.runtime.display())))?;
-                drop(runc);
-                Ok(ExecProcess {
-                    handle: Box::new(HostProcess(child)),
-                    io: ExecIo::Terminal(pty.master),
-                })
-            }
-            None => {
-                runc.stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                let mut child = runc
-                    .spawn()
-                    .map_err(io(format!("running {}", self.runtime.display())))?;
-                let stdin = child.stdin.take();
-                let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take())
-                else {
-                    return Err(DriverError::Operation(
-                        "the exec'd command has no output pipes".into(),
-                    ));
-                };
-                Ok(ExecProcess {
-                    handle: Box::new(HostProcess(child)),
-                    io: ExecIo::Pipes {
-                        stdin: stdin.map(|s| Box::new(s) as Box<dyn std::io::Write + Send>),
-                        stdout: Box::new(stdout),
-                        stderr: Box::new(stderr),
-                    },
-                })
-            }
+                Ok(())
+            });
         }
+        // Written from a thread: a large environment does not fit in the pipe's buffer.
+        // A runtime that fails before reading closes the pipe, which ends the thread.
+        std::thread::spawn(move || {
+            let _ = std::fs::File::from(spec_write).write_all(&process);
+        });
+        let spawned = spawn_exec(runc, command);
+        drop(spec_read);
+        spawned
     }
 
     fn processes(
@@ -462,7 +421,6 @@ impl Driver for ContainerDriver {
         let pids = procfs::cgroup_pids(&cgroup_file("pids", machine_id, "cgroup.procs"));
         Ok(pids.into_iter().filter_map(procfs::process_stat).collect())
     }
-
     fn usage(&self, machine_id: &str, machine_dir: &Path) -> Option<ResourceUsage> {
         self.init_pid(machine_dir).ok()?;
         Some(ResourceUsage {
@@ -523,6 +481,105 @@ fn cpu_resources(guest: &MachineGuest) -> serde_json::Value {
         128 * cpus
     };
     json!({ "shares": shares, "quota": (cpus * 100_000) as i64, "period": 100_000 })
+}
+
+/// Starts a runtime `exec` command on a terminal or on pipes.
+fn spawn_exec(mut runc: Command, command: &ExecCommand) -> Result<ExecProcess, DriverError> {
+    let runtime = runc.get_program().to_string_lossy().into_owned();
+    match command.tty {
+        Some(size) => {
+            let winsize = nix::pty::Winsize {
+                ws_row: size.rows,
+                ws_col: size.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&winsize), None)
+                .map_err(|e| DriverError::Operation(format!("allocating a terminal: {e}")))?;
+            let slave = pty.slave;
+            let for_stdin = slave.try_clone().map_err(io("duplicating the terminal"))?;
+            let for_stdout = slave.try_clone().map_err(io("duplicating the terminal"))?;
+            runc.stdin(Stdio::from(for_stdin))
+                .stdout(Stdio::from(for_stdout))
+                .stderr(Stdio::from(slave));
+            unsafe {
+                // The runtime gets the terminal as its controlling one, so it follows
+                // window size changes (SIGWINCH) into the machine.
+                runc.pre_exec(|| {
+                    libc::setsid();
+                    libc::ioctl(0, libc::TIOCSCTTY, 0);
+                    Ok(())
+                });
+            }
+            let child = runc.spawn().map_err(io(format!("running {}", runtime)))?;
+            drop(runc);
+            Ok(ExecProcess {
+                handle: Box::new(HostProcess(child)),
+                io: ExecIo::Terminal(pty.master),
+            })
+        }
+        None => {
+            runc.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = runc.spawn().map_err(io(format!("running {}", runtime)))?;
+            let stdin = child.stdin.take();
+            let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+                return Err(DriverError::Operation(
+                    "the exec'd command has no output pipes".into(),
+                ));
+            };
+            Ok(ExecProcess {
+                handle: Box::new(HostProcess(child)),
+                io: ExecIo::Pipes {
+                    stdin: stdin.map(|s| Box::new(s) as Box<dyn std::io::Write + Send>),
+                    stdout: Box::new(stdout),
+                    stderr: Box::new(stderr),
+                },
+            })
+        }
+    }
+}
+
+/// The process an `exec` runs, as the runtime's `--process` file: the container's own
+/// process (user, capabilities, limits) with the command, its environment and terminal.
+fn exec_process(machine_dir: &Path, command: &ExecCommand) -> Result<Vec<u8>, DriverError> {
+    let config_path = machine_dir.join("bundle").join("config.json");
+    let text =
+        std::fs::read(&config_path).map_err(io(format!("reading {}", config_path.display())))?;
+    let config: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| DriverError::Operation(format!("{}: {e}", config_path.display())))?;
+    let mut process = config.get("process").cloned().unwrap_or_else(|| json!({}));
+    let mut env: Vec<String> = process
+        .get("env")
+        .and_then(|e| e.as_array())
+        .map(|list| {
+            list.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    env.retain(|entry| {
+        let name = entry.split('=').next().unwrap_or_default();
+        !command.env.contains_key(name)
+    });
+    env.extend(
+        command
+            .env
+            .iter()
+            .map(|(key, value)| format!("{key}={value}")),
+    );
+    if command.tty.is_some() && !env.iter().any(|e| e.starts_with("TERM=")) {
+        env.push("TERM=xterm".into());
+    }
+    process["args"] = json!(command.argv);
+    process["env"] = json!(env);
+    process["cwd"] = json!("/");
+    process["terminal"] = json!(command.tty.is_some());
+    if let Some(size) = command.tty {
+        process["consoleSize"] = json!({ "height": size.rows, "width": size.cols });
+    }
+    serde_json::to_vec(&process).map_err(|e| DriverError::Operation(e.to_string()))
 }
 
 fn oci_spec(
@@ -591,6 +648,58 @@ fn oci_spec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_processes_keep_the_containers_limits_and_carry_the_commands_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = MachineLink::for_machine("0123456789abcd", 3).unwrap();
+        let guest = MachineGuest {
+            cpu_kind: "shared".into(),
+            cpus: 1,
+            memory_mb: 256,
+            ..Default::default()
+        };
+        let spec = oci_spec(
+            "m1",
+            "m1",
+            Path::new("/r"),
+            Path::new("/a"),
+            &link,
+            &guest,
+            &json!(null),
+        );
+        std::fs::create_dir_all(dir.path().join("bundle")).unwrap();
+        std::fs::write(
+            dir.path().join("bundle/config.json"),
+            serde_json::to_vec(&spec).unwrap(),
+        )
+        .unwrap();
+        let command = ExecCommand {
+            argv: vec!["env".into()],
+            env: [
+                ("PATH".to_string(), "/app/bin".to_string()),
+                ("SECRET".to_string(), "v=1".to_string()),
+            ]
+            .into(),
+            tty: Some(crate::driver::WindowSize { cols: 80, rows: 24 }),
+        };
+        let process: serde_json::Value =
+            serde_json::from_slice(&exec_process(dir.path(), &command).unwrap()).unwrap();
+        assert_eq!(process["args"], json!(["env"]));
+        assert_eq!(
+            process["env"],
+            json!(["PATH=/app/bin", "SECRET=v=1", "TERM=xterm"]),
+            "the command's variables replace the container's of the same name"
+        );
+        assert_eq!(process["terminal"], true);
+        assert_eq!(process["consoleSize"], json!({ "height": 24, "width": 80 }));
+        assert_eq!(process["capabilities"], spec["process"]["capabilities"]);
+        assert_eq!(process["rlimits"], spec["process"]["rlimits"]);
+        assert_eq!(process["user"], spec["process"]["user"]);
+
+        let missing = exec_process(&dir.path().join("nowhere"), &command).unwrap_err();
+        assert!(missing.to_string().contains("config.json"), "{missing}");
+    }
 
     #[test]
     fn spec_carries_limits_namespace_seccomp_and_init() {

@@ -723,21 +723,39 @@ impl Agent {
         Ok(Self::view(&record))
     }
 
-    /// The environment commands run with inside the machine (what its main process got).
+    /// The environment commands run with inside the machine: what its main process got,
+    /// the app's secrets included.
     async fn machine_env(
         &self,
         record: &MachineRecord,
     ) -> Result<std::collections::BTreeMap<String, String>, AgentError> {
-        let dir = self.machine_dir(&record.spec.id);
+        let spec = &record.spec;
+        let dir = self.machine_dir(&spec.id);
         let image = self
-            .image_for(&record.spec, &dir)
+            .image_for(spec, &dir)
             .await
             .map_err(AgentError::Failed)?;
-        let link = MachineLink::for_machine(&record.spec.id, record.slot)
+        let link = MachineLink::for_machine(&spec.id, record.slot)
             .map_err(|e| AgentError::Failed(e.to_string()))?;
-        let mut env = init_config(&record.spec, &image, &link)
-            .map(|c| c.env)
-            .unwrap_or_default();
+        let mut env = match init_config(spec, &image, &link) {
+            Ok(mut init) => {
+                match self.secrets.last_delivered(spec).await {
+                    Some(Ok(secrets)) => {
+                        if let Err(e) = secrets::apply(&mut init, spec, &secrets) {
+                            tracing::warn!(machine = %spec.id, error = %e, "the command runs without some of the app's secrets");
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(machine = %spec.id, error = %e, "the command runs without the app's secrets");
+                    }
+                    None => {
+                        tracing::info!(machine = %spec.id, "the command runs without the app's secrets: this agent has not started the machine since it started itself");
+                    }
+                }
+                init.env
+            }
+            Err(_) => Default::default(),
+        };
         env.entry("HOME".into()).or_insert_with(|| "/root".into());
         Ok(env)
     }

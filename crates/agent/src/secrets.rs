@@ -109,6 +109,26 @@ impl SecretsSource {
                 }
             },
         };
+        self.open(&bundle, spec).await
+    }
+
+    /// The secrets last delivered to the machine, opened again without a new fetch (so
+    /// the control plane's record of deliveries stays true): for commands run in the
+    /// machine (`machine exec`, `ssh console`), which get what its main process got.
+    /// `None` when this agent has delivered none to it since it started.
+    pub async fn last_delivered(
+        &self,
+        spec: &MachineSpec,
+    ) -> Option<Result<BTreeMap<String, String>, String>> {
+        let bundle = self.remembered(&spec.id)?;
+        Some(self.open(&bundle, spec).await)
+    }
+
+    async fn open(
+        &self,
+        bundle: &MachineSecrets,
+        spec: &MachineSpec,
+    ) -> Result<BTreeMap<String, String>, String> {
         let host_key = self.host_key().await?;
         let opened = match bundle.open(&host_key, &self.host_id, &spec.app) {
             // The root key was rotated since this host's key was fetched, which changes

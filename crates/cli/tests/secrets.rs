@@ -47,6 +47,47 @@ fn aloft_with(platform: &Platform, args: &[&str], stdin: &str, token: Option<&st
     }
 }
 
+/// `aloft` inside the platform's namespace, left running.
+fn aloft_spawn(platform: &Platform, args: &[&str]) -> std::process::Child {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", platform.netns))
+        .arg(common::aloft_binary())
+        .args(args)
+        .env("HOME", platform.home())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running aloft")
+}
+
+/// Whether a process of some machine runs `program`.
+fn machine_runs(program: &str) -> bool {
+    std::fs::read_dir("/proc").is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            in_machine_cgroup(&pid)
+                && std::fs::read(entry.path().join("cmdline"))
+                    .is_ok_and(|line| line.split(|b| *b == 0).next() == Some(program.as_bytes()))
+        })
+    })
+}
+
+/// Puts busybox and the named applets into the app's image, next to the example app.
+fn add_busybox(dir: &Path, applets: &[&str]) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY bin /bin\nCOPY hello /hello\nCMD [\"/hello\"]\n",
+    )
+    .unwrap();
+}
+
 fn app_env(platform: &Platform) -> Value {
     let response = platform.curl(&["-H", "Host: hello.localhost", "http://127.0.0.1:8080/"]);
     let document: Value = serde_json::from_str(&response.stdout)
@@ -176,6 +217,7 @@ fn secrets_reach_only_the_apps_machines() {
 
     assert!(platform.aloft(&["apps", "create", "hello"]).ok());
     let dir = platform.hello_app_dir("hello");
+    add_busybox(&dir, &["env", "sleep"]);
     let mut config = std::fs::read_to_string(dir.join("fly.toml")).unwrap();
     config.push_str(
         "\n[[files]]\n  guest_path = \"/etc/app-secret\"\n  secret_name = \"FILE_SECRET\"\n",
@@ -212,6 +254,47 @@ fn secrets_reach_only_the_apps_machines() {
     let written = std::fs::read_to_string(machine_dir.join("rootfs/etc/app-secret"))
         .expect("the [[files]] secret is written in the machine");
     assert_eq!(written, file_content);
+
+    // Commands run in the machine get the secrets as its main process did...
+    let exec = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "env"]);
+    assert!(exec.ok(), "{exec}\n{}", platform.server_log());
+    assert!(
+        exec.stdout
+            .lines()
+            .any(|line| line == format!("DATABASE_URL={marker}")),
+        "machine exec has the app's secrets: {exec}"
+    );
+    // ...and while one runs, no host process shows them (the runtime gets the command's
+    // environment through a pipe, not its command line).
+    let running = aloft_spawn(
+        &platform,
+        &[
+            "machine",
+            "exec",
+            &machine_id,
+            "-a",
+            "hello",
+            "--",
+            "sleep",
+            "3",
+        ],
+    );
+    let mut seen_running = false;
+    for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if machine_runs("sleep") {
+            seen_running = true;
+            break;
+        }
+    }
+    let shown = processes_containing(marker.as_bytes());
+    let finished = running.wait_with_output().expect("waiting for aloft");
+    assert!(finished.status.success(), "{finished:?}");
+    assert!(seen_running, "the exec'd sleep was seen running");
+    assert!(
+        shown.is_empty(),
+        "processes show a secret during an exec: {shown:?}"
+    );
 
     // list: names, digests, Deployed; no values.
     let list = platform.aloft(&["secrets", "list", "-a", "hello"]);
@@ -516,18 +599,8 @@ fn secrets_reach_a_microvm_and_stay_off_the_host() {
     assert!(platform.aloft(&["apps", "create", "hello"]).ok());
     let dir = platform.hello_app_dir("hello");
     // busybox's cat and sync next to the app, to read the secret file inside the guest
-    // and flush it to the VM's disk.
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
-    for applet in ["cat", "sync"] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-    }
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY bin /bin\nCOPY hello /hello\nCMD [\"/hello\"]\n",
-    )
-    .unwrap();
+    // and flush it to the VM's disk; env to see what commands get.
+    add_busybox(&dir, &["cat", "sync", "env"]);
     let mut config = std::fs::read_to_string(dir.join("fly.toml")).unwrap();
     config.push_str(
         "\n[[files]]\n  guest_path = \"/etc/app-secret\"\n  secret_name = \"FILE_SECRET\"\n",
@@ -564,6 +637,13 @@ fn secrets_reach_a_microvm_and_stay_off_the_host() {
     assert_eq!(cat.stdout, file_content, "the [[files]] secret, decoded");
     let sync = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "sync"]);
     assert!(sync.ok(), "{sync}");
+    let exec = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "env"]);
+    assert!(
+        exec.stdout
+            .lines()
+            .any(|line| line == format!("DATABASE_URL={marker}")),
+        "machine exec in the guest has the app's secrets: {exec}"
+    );
 
     for needle in [marker.as_str(), file_b64.as_str()] {
         assert!(
