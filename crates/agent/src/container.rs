@@ -15,8 +15,7 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use crate::driver::{
-    Driver, DriverError, ExecCommand, ExecIo, ExecProcess, HostProcess, ResourceUsage,
-    StartRequest, io,
+    Driver, DriverError, ExecCommand, ExecProcess, ResourceUsage, StartRequest, io,
 };
 use crate::images::PreparedImage;
 use crate::network::MachineLink;
@@ -407,7 +406,8 @@ impl Driver for ContainerDriver {
         std::thread::spawn(move || {
             let _ = std::fs::File::from(spec_write).write_all(&process);
         });
-        let spawned = spawn_exec(runc, command);
+        let spawned =
+            crate::driver::spawn_host_exec(runc, command.tty, "the container runtime's exec");
         drop(spec_read);
         spawned
     }
@@ -481,64 +481,6 @@ fn cpu_resources(guest: &MachineGuest) -> serde_json::Value {
         128 * cpus
     };
     json!({ "shares": shares, "quota": (cpus * 100_000) as i64, "period": 100_000 })
-}
-
-/// Starts a runtime `exec` command on a terminal or on pipes.
-fn spawn_exec(mut runc: Command, command: &ExecCommand) -> Result<ExecProcess, DriverError> {
-    let runtime = runc.get_program().to_string_lossy().into_owned();
-    match command.tty {
-        Some(size) => {
-            let winsize = nix::pty::Winsize {
-                ws_row: size.rows,
-                ws_col: size.cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pty = nix::pty::openpty(Some(&winsize), None)
-                .map_err(|e| DriverError::Operation(format!("allocating a terminal: {e}")))?;
-            let slave = pty.slave;
-            let for_stdin = slave.try_clone().map_err(io("duplicating the terminal"))?;
-            let for_stdout = slave.try_clone().map_err(io("duplicating the terminal"))?;
-            runc.stdin(Stdio::from(for_stdin))
-                .stdout(Stdio::from(for_stdout))
-                .stderr(Stdio::from(slave));
-            unsafe {
-                // The runtime gets the terminal as its controlling one, so it follows
-                // window size changes (SIGWINCH) into the machine.
-                runc.pre_exec(|| {
-                    libc::setsid();
-                    libc::ioctl(0, libc::TIOCSCTTY, 0);
-                    Ok(())
-                });
-            }
-            let child = runc.spawn().map_err(io(format!("running {}", runtime)))?;
-            drop(runc);
-            Ok(ExecProcess {
-                handle: Box::new(HostProcess(child)),
-                io: ExecIo::Terminal(pty.master),
-            })
-        }
-        None => {
-            runc.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = runc.spawn().map_err(io(format!("running {}", runtime)))?;
-            let stdin = child.stdin.take();
-            let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-                return Err(DriverError::Operation(
-                    "the exec'd command has no output pipes".into(),
-                ));
-            };
-            Ok(ExecProcess {
-                handle: Box::new(HostProcess(child)),
-                io: ExecIo::Pipes {
-                    stdin: stdin.map(|s| Box::new(s) as Box<dyn std::io::Write + Send>),
-                    stdout: Box::new(stdout),
-                    stderr: Box::new(stderr),
-                },
-            })
-        }
-    }
 }
 
 /// The process an `exec` runs, as the runtime's `--process` file: the container's own

@@ -126,6 +126,71 @@ impl ExecHandle for HostProcess {
     }
 }
 
+/// Starts a host process that stands for an exec'd command (`runc exec`, `aloft
+/// vm-exec`), on a new terminal of `tty`'s size or on pipes. `what` names it in errors.
+pub(crate) fn spawn_host_exec(
+    mut process: std::process::Command,
+    tty: Option<WindowSize>,
+    what: &str,
+) -> Result<ExecProcess, DriverError> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    match tty {
+        Some(size) => {
+            let winsize = nix::pty::Winsize {
+                ws_row: size.rows,
+                ws_col: size.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&winsize), None)
+                .map_err(|e| DriverError::Operation(format!("allocating a terminal: {e}")))?;
+            let slave = pty.slave;
+            let clone = |fd: &OwnedFd| fd.try_clone().map_err(io("duplicating the terminal"));
+            process
+                .stdin(Stdio::from(clone(&slave)?))
+                .stdout(Stdio::from(clone(&slave)?))
+                .stderr(Stdio::from(slave));
+            // SAFETY: setsid/ioctl between fork and exec. The process gets the terminal as
+            // its controlling one, so it follows window size changes (SIGWINCH).
+            unsafe {
+                process.pre_exec(|| {
+                    libc::setsid();
+                    libc::ioctl(0, libc::TIOCSCTTY, 0);
+                    Ok(())
+                });
+            }
+            let child = process.spawn().map_err(io(format!("starting {what}")))?;
+            drop(process);
+            Ok(ExecProcess {
+                handle: Box::new(HostProcess(child)),
+                io: ExecIo::Terminal(pty.master),
+            })
+        }
+        None => {
+            process
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = process.spawn().map_err(io(format!("starting {what}")))?;
+            let stdin = child.stdin.take();
+            let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+                return Err(DriverError::Operation(
+                    "the exec'd command has no output pipes".into(),
+                ));
+            };
+            Ok(ExecProcess {
+                handle: Box::new(HostProcess(child)),
+                io: ExecIo::Pipes {
+                    stdin: stdin.map(|pipe| Box::new(pipe) as Box<dyn Write + Send>),
+                    stdout: Box::new(stdout),
+                    stderr: Box::new(stderr),
+                },
+            })
+        }
+    }
+}
+
 /// Resource use of one machine, from its cgroups.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResourceUsage {

@@ -47,6 +47,16 @@ fn aloft_with(platform: &Platform, args: &[&str], stdin: &str, token: Option<&st
     }
 }
 
+/// `machine exec ... -- env` in the app's machine prints `line`.
+fn assert_exec_sees(platform: &Platform, machine_id: &str, line: &str) {
+    let exec = platform.aloft(&["machine", "exec", machine_id, "-a", "hello", "--", "env"]);
+    assert!(exec.ok(), "{exec}\n{}", platform.server_log());
+    assert!(
+        exec.stdout.lines().any(|printed| printed == line),
+        "machine exec has the app's secrets: {exec}"
+    );
+}
+
 /// `aloft` inside the platform's namespace, left running.
 fn aloft_spawn(platform: &Platform, args: &[&str]) -> std::process::Child {
     Command::new("nsenter")
@@ -256,14 +266,7 @@ fn secrets_reach_only_the_apps_machines() {
     assert_eq!(written, file_content);
 
     // Commands run in the machine get the secrets as its main process did...
-    let exec = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "env"]);
-    assert!(exec.ok(), "{exec}\n{}", platform.server_log());
-    assert!(
-        exec.stdout
-            .lines()
-            .any(|line| line == format!("DATABASE_URL={marker}")),
-        "machine exec has the app's secrets: {exec}"
-    );
+    assert_exec_sees(&platform, &machine_id, &format!("DATABASE_URL={marker}"));
     // ...and while one runs, no host process shows them (the runtime gets the command's
     // environment through a pipe, not its command line).
     let running = aloft_spawn(
@@ -637,13 +640,7 @@ fn secrets_reach_a_microvm_and_stay_off_the_host() {
     assert_eq!(cat.stdout, file_content, "the [[files]] secret, decoded");
     let sync = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "sync"]);
     assert!(sync.ok(), "{sync}");
-    let exec = platform.aloft(&["machine", "exec", &machine_id, "-a", "hello", "--", "env"]);
-    assert!(
-        exec.stdout
-            .lines()
-            .any(|line| line == format!("DATABASE_URL={marker}")),
-        "machine exec in the guest has the app's secrets: {exec}"
-    );
+    assert_exec_sees(&platform, &machine_id, &format!("DATABASE_URL={marker}"));
 
     for needle in [marker.as_str(), file_b64.as_str()] {
         assert!(

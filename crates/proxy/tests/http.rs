@@ -231,16 +231,6 @@ async fn curl_sees_the_same() {
     proxy.shutdown().await;
 }
 
-/// An HTTP/2 client of the proxy (prior knowledge, one connection, many streams).
-fn h2_client() -> hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<Bytes>,
-> {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http()
-}
-
 async fn h2_send(
     client: &hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -251,33 +241,18 @@ async fn h2_send(
     path: &str,
     body: &'static str,
 ) -> Reply {
-    use http_body_util::BodyExt;
-    let req = http::Request::builder()
-        .method(method)
-        .uri(format!("http://web.aloft.test:{}{path}", proxy.port()))
-        .body(http_body_util::Full::new(Bytes::from_static(
-            body.as_bytes(),
-        )))
-        .unwrap();
-    // The client connects to the name in the URI: resolve it to the proxy by hand.
-    let (mut parts, body) = req.into_parts();
-    parts.uri = format!("http://{proxy}{path}").parse().unwrap();
-    parts
-        .headers
-        .insert("host", http::HeaderValue::from_static("web.aloft.test"));
-    let resp = client
-        .request(http::Request::from_parts(parts, body))
-        .await
-        .expect("h2 request");
-    assert_eq!(resp.version(), http::Version::HTTP_2);
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    let reply = send_via(
+        client,
+        proxy,
+        method,
+        "web.aloft.test",
+        path,
+        &[],
+        Bytes::from_static(body.as_bytes()),
+    )
+    .await;
+    assert_eq!(reply.version, http::Version::HTTP_2);
+    reply
 }
 
 #[tokio::test]

@@ -10,13 +10,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use aloft_init::vm::channel::{self, ExecRequest, Frame};
 use nix::sys::signal::{SigSet, Signal};
 
 use super::shim::CONTROL_SOCKET;
-use crate::driver::{DriverError, ExecCommand, ExecIo, ExecProcess, HostProcess, io};
+use crate::driver::{DriverError, ExecCommand, ExecProcess, io};
 
 pub const EXEC_COMMAND: &str = "vm-exec";
 const SOCKET_FD: i32 = 3;
@@ -57,60 +57,9 @@ pub fn start(
             Ok(())
         });
     }
-    match command.tty {
-        Some(size) => {
-            let winsize = nix::pty::Winsize {
-                ws_row: size.rows,
-                ws_col: size.cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pty = nix::pty::openpty(Some(&winsize), None)
-                .map_err(|e| DriverError::Operation(format!("allocating a terminal: {e}")))?;
-            let slave = pty.slave;
-            let clone = |fd: &OwnedFd| fd.try_clone().map_err(io("duplicating the terminal"));
-            helper
-                .stdin(Stdio::from(clone(&slave)?))
-                .stdout(Stdio::from(clone(&slave)?))
-                .stderr(Stdio::from(slave));
-            // SAFETY: setsid/ioctl between fork and exec.
-            unsafe {
-                helper.pre_exec(|| {
-                    libc::setsid();
-                    libc::ioctl(0, libc::TIOCSCTTY, 0);
-                    Ok(())
-                });
-            }
-            let child = helper.spawn().map_err(io("starting aloft vm-exec"))?;
-            drop(socket);
-            Ok(ExecProcess {
-                handle: Box::new(HostProcess(child)),
-                io: ExecIo::Terminal(pty.master),
-            })
-        }
-        None => {
-            helper
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = helper.spawn().map_err(io("starting aloft vm-exec"))?;
-            drop(socket);
-            let stdin = child.stdin.take();
-            let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-                return Err(DriverError::Operation(
-                    "the exec has no output pipes".into(),
-                ));
-            };
-            Ok(ExecProcess {
-                handle: Box::new(HostProcess(child)),
-                io: ExecIo::Pipes {
-                    stdin: stdin.map(|pipe| Box::new(pipe) as Box<dyn Write + Send>),
-                    stdout: Box::new(stdout),
-                    stderr: Box::new(stderr),
-                },
-            })
-        }
-    }
+    let spawned = crate::driver::spawn_host_exec(helper, command.tty, "aloft vm-exec");
+    drop(socket);
+    spawned
 }
 
 fn window_size() -> Option<(u16, u16)> {

@@ -274,6 +274,7 @@ pub fn client() -> hyper_util::client::legacy::Client<
 
 pub struct Reply {
     pub status: u16,
+    pub version: http::Version,
     pub headers: http::HeaderMap,
     pub body: Bytes,
 }
@@ -314,6 +315,32 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Reply {
+    send_via(&client(), proxy, method, host, path, headers, body).await
+}
+
+/// A client of the proxy speaking HTTP/2 only (prior knowledge, one connection).
+pub fn h2_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A request through `client`, whichever HTTP version it speaks.
+pub async fn send_via(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    proxy: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
     let mut builder = Request::builder()
         .method(method)
         .uri(format!("http://{proxy}{path}"))
@@ -321,15 +348,17 @@ pub async fn send(
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
-    let resp = client()
+    let resp = client
         .request(builder.body(Full::new(body)).unwrap())
         .await
         .expect("request failed");
     let status = resp.status().as_u16();
+    let version = resp.version();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     Reply {
         status,
+        version,
         headers,
         body,
     }
