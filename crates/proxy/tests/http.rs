@@ -232,10 +232,7 @@ async fn curl_sees_the_same() {
 }
 
 async fn h2_send(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<Bytes>,
-    >,
+    client: &TestClient,
     proxy: std::net::SocketAddr,
     method: &str,
     path: &str,

@@ -264,11 +264,14 @@ pub async fn start(config: ProxyConfig) -> Running {
     }
 }
 
-/// A plain HTTP/1.1 client (keep-alive pool) of the proxy.
-pub fn client() -> hyper_util::client::legacy::Client<
+/// A client of the proxy.
+pub type TestClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     Full<Bytes>,
-> {
+>;
+
+/// A plain HTTP/1.1 client (keep-alive pool) of the proxy.
+pub fn client() -> TestClient {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
@@ -319,10 +322,7 @@ pub async fn send(
 }
 
 /// A client of the proxy speaking HTTP/2 only (prior knowledge, one connection).
-pub fn h2_client() -> hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
-> {
+pub fn h2_client() -> TestClient {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
@@ -330,10 +330,7 @@ pub fn h2_client() -> hyper_util::client::legacy::Client<
 
 /// A request through `client`, whichever HTTP version it speaks.
 pub async fn send_via(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
+    client: &TestClient,
     proxy: SocketAddr,
     method: &str,
     host: &str,
