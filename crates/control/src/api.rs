@@ -137,8 +137,21 @@ async fn not_found() -> ApiError {
 }
 
 /// Error answers that did not come from a handler (a wrong method, an unparsable path)
-/// get the API's `{"error": "..."}` shape too.
+/// get the API's `{"error": "..."}` shape too. A body refused as too large was not read
+/// to its end, so its connection cannot carry another request: the answer says so, and
+/// a client does not send its next request into a connection the server is closing.
 async fn errors_as_json(response: Response) -> Response {
+    let too_large = response.status() == StatusCode::PAYLOAD_TOO_LARGE;
+    let mut response = json_error_shape(response).await;
+    if too_large {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    response
+}
+
+async fn json_error_shape(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;

@@ -629,6 +629,42 @@ async fn tokens_are_scoped_and_orgs_are_isolated() {
     assert!(body["error"].as_str().unwrap().contains("Authorization"));
 }
 
+/// The head of the answer to a 2 MB POST, sent over a plain TCP connection.
+async fn oversized_post_answer_head(url: &str, token: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!(
+        "POST /v1/apps/strict/machines HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        2 * 1024 * 1024
+    );
+    // The server may answer, and close, before the whole body is in: write and read at once.
+    let write = async move {
+        let _ = writer.write_all(head.as_bytes()).await;
+        let _ = writer.write_all(&vec![b' '; 2 * 1024 * 1024]).await;
+        writer
+    };
+    let read = async move {
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        answer
+    };
+    let (answer, _writer) = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let (writer, answer) = tokio::join!(write, read);
+        (answer, writer)
+    })
+    .await
+    .expect("the server answers an oversized body");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_naming_the_field_and_stores_nothing() {
     let h = start().await;
@@ -676,6 +712,16 @@ async fn bad_input_is_refused_naming_the_field_and_stores_nothing() {
     let (_, apps) = send(&h.admin, Method::GET, "/v1/apps", None).await;
     assert_eq!(apps["total_apps"], 1);
     assert_eq!(h.agent.machine_count(), 0);
+
+    // A body refused as too large is left unread: its answer closes the connection, so
+    // no client sends another request into it.
+    let head = oversized_post_answer_head(&h.url, &h.admin_token).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{head}"
+    );
 
     // Unknown fields are ignored, as Fly's API does.
     let machine = create_machine(
