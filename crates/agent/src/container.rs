@@ -223,7 +223,7 @@ impl ContainerDriver {
         link: &MachineLink,
         guest: &MachineGuest,
     ) -> Result<(), DriverError> {
-        let bundle = machine_dir.join("bundle");
+        let bundle = bundle_dir(machine_dir);
         std::fs::create_dir_all(&bundle).map_err(io(format!("creating {}", bundle.display())))?;
         let spec = oci_spec(
             container_id,
@@ -483,10 +483,15 @@ fn cpu_resources(guest: &MachineGuest) -> serde_json::Value {
     json!({ "shares": shares, "quota": (cpus * 100_000) as i64, "period": 100_000 })
 }
 
+/// The machine's OCI bundle (its `config.json`).
+fn bundle_dir(machine_dir: &Path) -> PathBuf {
+    machine_dir.join("bundle")
+}
+
 /// The process an `exec` runs, as the runtime's `--process` file: the container's own
 /// process (user, capabilities, limits) with the command, its environment and terminal.
 fn exec_process(machine_dir: &Path, command: &ExecCommand) -> Result<Vec<u8>, DriverError> {
-    let config_path = machine_dir.join("bundle").join("config.json");
+    let config_path = bundle_dir(machine_dir).join("config.json");
     let text =
         std::fs::read(&config_path).map_err(io(format!("reading {}", config_path.display())))?;
     let config: serde_json::Value = serde_json::from_slice(&text)

@@ -739,25 +739,33 @@ impl Agent {
             .map_err(|e| AgentError::Failed(e.to_string()))?;
         let mut env = match init_config(spec, &image, &link) {
             Ok(mut init) => {
-                match self.secrets.last_delivered(spec).await {
-                    Some(Ok(secrets)) => {
-                        if let Err(e) = secrets::apply(&mut init, spec, &secrets) {
-                            tracing::warn!(machine = %spec.id, error = %e, "the command runs without some of the app's secrets");
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(machine = %spec.id, error = %e, "the command runs without the app's secrets");
-                    }
-                    None => {
-                        tracing::info!(machine = %spec.id, "the command runs without the app's secrets: this agent has not started the machine since it started itself");
-                    }
-                }
+                self.add_delivered_secrets(&mut init, spec).await;
                 init.env
             }
             Err(_) => Default::default(),
         };
         env.entry("HOME".into()).or_insert_with(|| "/root".into());
         Ok(env)
+    }
+
+    /// The secrets the machine's main process got, for a command run beside it.
+    async fn add_delivered_secrets(
+        &self,
+        init: &mut aloft_api::internal::InitConfig,
+        spec: &MachineSpec,
+    ) {
+        let missing = match self.secrets.last_delivered(spec).await {
+            Some(Ok(secrets)) => match secrets::apply(init, spec, &secrets) {
+                Ok(()) => return,
+                Err(e) => format!("some of the app's secrets: {e}"),
+            },
+            Some(Err(e)) => format!("the app's secrets: {e}"),
+            None => {
+                tracing::info!(machine = %spec.id, "the command runs without the app's secrets: this agent has not started the machine since it started itself");
+                return;
+            }
+        };
+        tracing::warn!(machine = %spec.id, "the command runs without {missing}");
     }
 
     fn running_record(&self, id: &str) -> Result<MachineRecord, AgentError> {

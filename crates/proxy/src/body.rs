@@ -25,6 +25,15 @@ pub enum ReqBody {
 }
 
 impl ReqBody {
+    /// The bytes of a buffered body; `None` when the body is streamed.
+    pub fn buffered(&self) -> Option<&[u8]> {
+        match self {
+            ReqBody::Empty | ReqBody::Full(None) => Some(&[]),
+            ReqBody::Full(Some(bytes)) => Some(bytes),
+            ReqBody::Stream(_) => None,
+        }
+    }
+
     /// A copy of a buffered body, for a replay; `None` when the body was streamed.
     pub fn try_clone(&self) -> Option<ReqBody> {
         match self {
@@ -71,6 +80,7 @@ impl Body for ReqBody {
 /// What stays attached to a response body streamed from a backend until it ends: the
 /// pooled connection (returned to the pool only once the body is complete), the load
 /// count of the machine and the request's metrics.
+#[derive(Default)]
 pub struct Attached {
     pub pooled: Option<PooledH1>,
     pub load: Option<LoadGuard>,

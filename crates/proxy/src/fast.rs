@@ -1071,33 +1071,42 @@ async fn send_buffered_with(
             ExchangeError::NoResponse(source) => BackendError::NoResponse { addr, source },
             ExchangeError::BadResponse => BackendError::InvalidResponse(addr),
         })?;
-    let rbuf = resp.filled();
-    let facts = response_facts(rbuf, resp_fields);
-    let status = StatusCode::from_u16(head.status);
-    let (false, Ok(status)) = (facts.invalid || head.status == 101, status) else {
+    let facts = response_facts(resp.filled(), resp_fields);
+    if facts.invalid || head.status == 101 {
         return Err(BackendError::InvalidResponse(addr));
-    };
+    }
+    let status =
+        StatusCode::from_u16(head.status).map_err(|_| BackendError::InvalidResponse(addr))?;
     let framing = response_framing(parts.method == http::Method::HEAD, &head, &facts);
     let keeps_open = app_keeps_open(&head, &facts, &framing);
-    let mut response = Response::new(RespBody::empty());
-    *response.status_mut() = status;
-    *response.headers_mut() = header_map(rbuf, resp_fields);
-    let raw = RawBody::new(
+    Ok(raw_response(
+        status,
+        resp,
+        resp_fields,
+        &head,
         stream,
         backend.clone(),
-        &rbuf[head.len..],
-        framing,
-        keeps_open,
-    );
-    *response.body_mut() = RespBody::raw(
-        raw,
-        Attached {
-            pooled: None,
-            load: None,
-            done: None,
-        },
-    );
-    Ok(response)
+        (framing, keeps_open),
+    ))
+}
+
+/// The app's response as `http` parts, its body still to be read from `stream` (which
+/// goes back to `backend`'s pool after a complete body when the app keeps it open).
+fn raw_response(
+    status: StatusCode,
+    resp: &Buf,
+    resp_fields: &[Field],
+    head: &ResponseHead,
+    stream: TcpStream,
+    backend: Arc<Backend>,
+    (framing, keeps_open): (Framing, bool),
+) -> Response<RespBody> {
+    let rbuf = resp.filled();
+    let raw = RawBody::new(stream, backend, &rbuf[head.len..], framing, keeps_open);
+    let mut response = Response::new(RespBody::raw(raw, Attached::default()));
+    *response.status_mut() = status;
+    *response.headers_mut() = header_map(rbuf, resp_fields);
+    response
 }
 
 /// Writes the head of a request given as `http` parts (platform headers already in
@@ -1506,25 +1515,14 @@ where
 {
     let head = req.head;
     let client_minor = head.minor;
-    let rbuf = bufs.resp.filled();
-    let mut response = Response::new(RespBody::empty());
-    *response.status_mut() =
-        StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    *response.headers_mut() = header_map(rbuf, &bufs.resp_fields);
-    let raw = RawBody::new(
+    let response = raw_response(
+        StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY),
+        &bufs.resp,
+        &bufs.resp_fields,
+        &resp_head,
         stream,
         chosen.guard.backend().clone(),
-        &rbuf[resp_head.len..],
-        framing,
-        app_keeps_open,
-    );
-    *response.body_mut() = RespBody::raw(
-        raw,
-        Attached {
-            pooled: None,
-            load: None,
-            done: None,
-        },
+        (framing, app_keeps_open),
     );
     let sent = parse_sent_request(&bufs.out);
     let body_len = req.facts.content_length.unwrap_or(0) as usize;
@@ -1705,7 +1703,7 @@ where
         match exact {
             Some(n) => {
                 out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(n.to_string().as_bytes());
+                push_decimal(out, n);
                 out.extend_from_slice(b"\r\n");
             }
             None if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),

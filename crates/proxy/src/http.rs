@@ -881,30 +881,16 @@ impl Proxy {
         upgrade: bool,
     ) -> Result<Response<RespBody>, BackendError> {
         let backend = chosen.guard.backend().clone();
-        if !h2 && !upgrade {
-            match &body {
-                ReqBody::Empty | ReqBody::Full(None) => {
-                    return crate::fast::send_buffered(&backend, parts, &[]).await;
-                }
-                ReqBody::Full(Some(bytes)) => {
-                    return crate::fast::send_buffered(&backend, parts, bytes).await;
-                }
-                ReqBody::Stream(_) => {}
-            }
+        if !h2
+            && !upgrade
+            && let Some(bytes) = body.buffered()
+        {
+            return crate::fast::send_buffered(&backend, parts, bytes).await;
         }
         let mut request = build_request(parts, body);
         if upgrade {
             let resp = Box::pin(backend.send_upgrade(request)).await?;
-            return Ok(resp.map(|inner| {
-                RespBody::upstream(
-                    inner,
-                    Attached {
-                        pooled: None,
-                        load: None,
-                        done: None,
-                    },
-                )
-            }));
+            return Ok(resp.map(|inner| RespBody::upstream(inner, Attached::default())));
         }
         if h2 {
             *request.version_mut() = Version::HTTP_2;
@@ -930,16 +916,7 @@ impl Proxy {
             }
             request.headers_mut().remove(header::HOST);
             let resp = Box::pin(backend.send_h2(request)).await?;
-            return Ok(resp.map(|inner| {
-                RespBody::upstream(
-                    inner,
-                    Attached {
-                        pooled: None,
-                        load: None,
-                        done: None,
-                    },
-                )
-            }));
+            return Ok(resp.map(|inner| RespBody::upstream(inner, Attached::default())));
         }
         *request.version_mut() = Version::HTTP_11;
         let (resp, pooled) = backend.send_h1(request).await?;
