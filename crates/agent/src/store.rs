@@ -15,6 +15,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("agent database holds unreadable data: {0}")]
     Corrupt(String),
+    #[error("closing the agent database to other users: {0}")]
+    Permissions(#[from] std::io::Error),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -117,6 +119,7 @@ fn lowest_free_slot(sorted_slots: &[u32]) -> u32 {
 
 impl Store {
     pub fn open(path: &Path) -> StoreResult<Self> {
+        create_private_file(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -373,4 +376,24 @@ mod tests {
         store.delivered(1).unwrap();
         assert_eq!(store.pending_events(10).unwrap()[0].seq, 2);
     }
+}
+
+/// Creates the database file readable by root alone before SQLite opens it (SQLite gives
+/// its `-wal` and `-shm` files the database's mode), and closes an existing one.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+    }
+    Ok(())
 }

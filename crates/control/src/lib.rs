@@ -16,6 +16,7 @@ pub mod machines;
 pub mod names;
 pub mod openapi;
 pub mod orgs;
+pub mod private;
 pub mod releases;
 pub mod rollout;
 pub mod runtime;
@@ -91,12 +92,14 @@ impl ControlPlane {
     /// `personal` org, an admin (user) token for it, and a host token for platform
     /// components.
     pub fn open(config: ControlConfig) -> anyhow::Result<(Arc<Self>, Credentials)> {
-        std::fs::create_dir_all(&config.data_dir)
+        private::create_private_dir(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let store = match config.database_url.as_deref().filter(|u| !u.is_empty()) {
             Some(url) => Store::open_url(url).context("opening the database (--database-url)")?,
             None => {
                 let db_path = config.data_dir.join("control.db");
+                private::create_private_file(&db_path)
+                    .with_context(|| format!("creating {}", db_path.display()))?;
                 Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?
             }
         };
