@@ -117,7 +117,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(60),
-            max_buffered_request_bytes: 128 * 1024 * 1024,
+            max_buffered_request_bytes: 64 * 1024 * 1024,
             tcp_idle_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
@@ -199,6 +199,8 @@ pub struct Proxy {
     pub(crate) server_value: HeaderValue,
     pub(crate) control: Option<control::ControlClient>,
     pub(crate) tracker: Arc<Tracker>,
+    /// Request bodies buffered across all connections.
+    pub(crate) body_budget: Arc<body::BodyBudget>,
     pub(crate) certs: tls::CertStore,
     /// Machines this proxy asked to start, and when.
     pub(crate) starting: Mutex<HashMap<String, Instant>>,
@@ -239,6 +241,7 @@ impl Proxy {
             metrics,
             control,
             tracker: Arc::new(Tracker::default()),
+            body_budget: body::BodyBudget::new(config.max_buffered_request_bytes),
             starting: Mutex::new(HashMap::new()),
             bound: Mutex::new(None),
             addrs: Mutex::new(BoundAddrs::default()),
@@ -279,7 +282,7 @@ impl Proxy {
 
     /// Bytes of request bodies buffered right now, across all connections.
     pub fn buffered_request_bytes(&self) -> usize {
-        0
+        self.body_budget.used()
     }
 
     /// Binds the configured listeners now (so a caller can learn ephemeral ports before
