@@ -1001,11 +1001,17 @@ impl Proxy {
             .exact()
             .filter(|len| *len <= REPLAY_BODY_LIMIT)
         else {
-            return Ok((ReqBody::streamed(body, self.config.header_read_timeout), None));
+            return Ok((
+                ReqBody::streamed(body, self.config.header_read_timeout),
+                None,
+            ));
         };
         let len = len as usize;
         let Some(reservation) = self.body_budget.try_reserve(len) else {
-            return Ok((ReqBody::streamed(body, self.config.header_read_timeout), None));
+            return Ok((
+                ReqBody::streamed(body, self.config.header_read_timeout),
+                None,
+            ));
         };
         let read_whole = async {
             let mut buf = bytes::BytesMut::with_capacity(len);

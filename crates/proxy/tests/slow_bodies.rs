@@ -83,7 +83,14 @@ async fn proxy_with_apps(cfg: aloft_proxy::ProxyConfig) -> (Running, Backend) {
         1,
         vec![app("up"), app("ok")],
         vec![
-            machine_with("m-up", "up", "ams", up, MachineState::Started, vec![unlimited]),
+            machine_with(
+                "m-up",
+                "up",
+                "ams",
+                up,
+                MachineState::Started,
+                vec![unlimited],
+            ),
             machine("m-ok", "ok", "ams", ok.addr, MachineState::Started),
         ],
     ));
@@ -271,7 +278,11 @@ async fn an_http2_body_trickled_a_byte_a_second_hits_the_whole_body_deadline() {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
     let trickler = tokio::spawn(async move {
         for _ in 0..100 {
-            if tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.is_err() {
+            if tx
+                .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
