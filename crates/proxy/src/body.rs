@@ -2,12 +2,17 @@
 //! client ([`RespBody`]). Enums rather than boxed trait objects, so the hot path does not
 //! allocate a box per request.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::Sleep;
 
 use crate::backend::{LoadGuard, PooledH1};
 use crate::raw::RawBody;
@@ -20,17 +25,40 @@ pub enum ReqBody {
     Empty,
     /// Buffered (replayable) body.
     Full(Option<Bytes>),
-    /// Streamed from the client.
+    /// From the client, not read yet.
     Stream(Incoming),
+    /// Streamed from the client to an app; fails when the client sends nothing for `idle`
+    /// while the app waits for more.
+    Watched {
+        inner: Incoming,
+        idle: Duration,
+        waiting: bool,
+        timer: Pin<Box<Sleep>>,
+    },
 }
 
+/// A streamed request body whose client went silent.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no request body bytes for {0:?}")]
+pub struct IdleBody(Duration);
+
 impl ReqBody {
+    /// A body streamed to an app, failing after `idle` without a byte from the client.
+    pub fn streamed(inner: Incoming, idle: Duration) -> ReqBody {
+        ReqBody::Watched {
+            inner,
+            idle,
+            waiting: false,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
     /// The bytes of a buffered body; `None` when the body is streamed.
     pub fn buffered(&self) -> Option<&[u8]> {
         match self {
             ReqBody::Empty | ReqBody::Full(None) => Some(&[]),
             ReqBody::Full(Some(bytes)) => Some(bytes),
-            ReqBody::Stream(_) => None,
+            ReqBody::Stream(_) | ReqBody::Watched { .. } => None,
         }
     }
 
@@ -39,23 +67,45 @@ impl ReqBody {
         match self {
             ReqBody::Empty => Some(ReqBody::Empty),
             ReqBody::Full(bytes) => Some(ReqBody::Full(bytes.clone())),
-            ReqBody::Stream(_) => None,
+            ReqBody::Stream(_) | ReqBody::Watched { .. } => None,
         }
     }
 }
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ReqBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            ReqBody::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            ReqBody::Watched {
+                inner,
+                idle,
+                waiting,
+                timer,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => {
+                    // The silence counts from when the app started waiting for more.
+                    if !*waiting {
+                        *waiting = true;
+                        timer.as_mut().reset(tokio::time::Instant::now() + *idle);
+                    }
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleBody(*idle))))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                ready => {
+                    *waiting = false;
+                    ready.map_err(Into::into)
+                }
+            },
         }
     }
 
@@ -63,7 +113,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => true,
             ReqBody::Full(bytes) => bytes.is_none(),
-            ReqBody::Stream(inner) => inner.is_end_stream(),
+            ReqBody::Stream(inner) | ReqBody::Watched { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -72,7 +122,7 @@ impl Body for ReqBody {
             ReqBody::Empty => SizeHint::with_exact(0),
             ReqBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ReqBody::Full(None) => SizeHint::with_exact(0),
-            ReqBody::Stream(inner) => inner.size_hint(),
+            ReqBody::Stream(inner) | ReqBody::Watched { inner, .. } => inner.size_hint(),
         }
     }
 }
@@ -267,5 +317,76 @@ impl Body for RespBody {
             RespBody::Raw { inner, .. } => inner.size_hint(),
             RespBody::Chained { .. } => SizeHint::default(),
         }
+    }
+}
+
+/// The request-body bytes the proxy may buffer at once, across all connections.
+pub struct BodyBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Room for `bytes` more, held until the reservation drops; `None` when the budget
+    /// has no room left.
+    pub fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<BodyReservation> {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = used.checked_add(bytes).filter(|next| *next <= self.limit)?;
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(BodyReservation {
+                        budget: self.clone(),
+                        bytes,
+                    });
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes of a [`BodyBudget`] held by one buffered request body.
+pub struct BodyReservation {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_refuses_past_its_limit_and_frees_on_drop() {
+        let budget = BodyBudget::new(100);
+        let a = budget.try_reserve(60).expect("room for 60");
+        assert!(budget.try_reserve(41).is_none());
+        let b = budget.try_reserve(40).expect("room for 40 more");
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        assert!(budget.try_reserve(usize::MAX).is_none());
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 }

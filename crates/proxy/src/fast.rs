@@ -114,6 +114,20 @@ impl Buf {
         &mut self.data[self.end..]
     }
 
+    /// Room for `total` bytes from the start of the filled part, allocated exactly: a
+    /// request body is read whole, and growing by doubling could take twice its size.
+    fn make_room_for(&mut self, total: usize) {
+        if self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.data.len() < total {
+            self.data.reserve_exact(total - self.data.len());
+            self.data.resize(total, 0);
+        }
+    }
+
     fn advance(&mut self, n: usize) {
         self.end += n;
     }
@@ -188,6 +202,20 @@ fn put_bufs(mut bufs: Box<Bufs>) {
     });
 }
 
+/// Buffers holding the unread bytes of `bufs`, pooled-size ones when `bufs` grew for a
+/// request body: a connection keeps no large buffer (outside the body budget) between
+/// requests.
+fn small_bufs_with(bufs: Box<Bufs>) -> Box<Bufs> {
+    if bufs.client.data.len() <= POOLED_MAX {
+        return bufs;
+    }
+    let mut small = take_bufs();
+    let unread = bufs.client.filled();
+    small.client.spare(unread.len())[..unread.len()].copy_from_slice(unread);
+    small.client.advance(unread.len());
+    small
+}
+
 /// What a connection does after a request.
 enum Next {
     KeepAlive,
@@ -239,7 +267,7 @@ pub(crate) async fn serve<I>(
                 if bufs.client.is_empty() {
                     put_bufs(bufs);
                 } else {
-                    carried = Some(bufs);
+                    carried = Some(small_bufs_with(bufs));
                 }
             }
             Next::KeepAlive | Next::Close => {
@@ -615,6 +643,15 @@ where
     {
         return Next::Hyper;
     }
+    // The body (bounded above) is read whole, so the request can be delivered again; when
+    // the proxy already buffers as much as it may, hyper streams it to the app instead.
+    let _reservation = match body_len {
+        0 => None,
+        len => match proxy.body_budget.try_reserve(len as usize) {
+            Some(reservation) => Some(reservation),
+            None => return Next::Hyper,
+        },
+    };
     let head_request = method == b"HEAD";
     let mut keep_alive = if head.minor == 0 {
         facts.connection.keep_alive && !facts.connection.close
@@ -622,14 +659,20 @@ where
         !facts.connection.close
     };
 
-    // The body (bounded above) is read whole, so the request can be delivered again.
     let total = head.len + body_len as usize;
-    while bufs.client.len() < total {
-        let want = total - bufs.client.len();
-        let room = bufs.client.spare(want.min(256 * 1024));
-        match tokio::time::timeout(config.header_read_timeout, io.read(room)).await {
-            Ok(Ok(n)) if n > 0 => bufs.client.advance(n),
-            _ => return Next::Close,
+    if bufs.client.len() < total {
+        bufs.client.make_room_for(total);
+        // A deadline for the whole body, and one for each read (a silent client).
+        let body_deadline = Instant::now() + config.request_body_timeout;
+        while bufs.client.len() < total {
+            let want = total - bufs.client.len();
+            let room = bufs.client.spare(want.min(256 * 1024));
+            let deadline = body_deadline.min(Instant::now() + config.header_read_timeout);
+            match tokio::time::timeout_at(deadline.into(), io.read(room)).await {
+                Ok(Ok(n)) if n > 0 => bufs.client.advance(n),
+                Ok(_) => return Next::Close,
+                Err(_) => return reject(proxy, io, StatusCode::REQUEST_TIMEOUT).await,
+            }
         }
     }
 

@@ -15,7 +15,7 @@ use hyper::body::{Body, Incoming};
 
 use crate::Proxy;
 use crate::backend::BackendError;
-use crate::body::{Attached, ReqBody, RespBody};
+use crate::body::{Attached, BodyReservation, ReqBody, RespBody};
 use crate::catalog::AppView;
 use crate::headers::{self as h};
 use crate::lb::{self, Chosen, Constraints};
@@ -592,13 +592,14 @@ impl Proxy {
             }
         }
 
-        // Bodies up to 1 MB are buffered so a fly-replay can re-deliver them.
-        let body = match body {
-            ReqBody::Stream(incoming) => match Box::pin(read_body(incoming)).await {
-                Ok(body) => body,
+        // Bodies up to 1 MB are buffered so a fly-replay can re-deliver them; the
+        // reservation of their bytes is held until the delivery is done.
+        let (body, _reservation) = match body {
+            ReqBody::Stream(incoming) => match Box::pin(self.read_body(incoming)).await {
+                Ok(read) => read,
                 Err(outcome) => return outcome,
             },
-            other => other,
+            other => (other, None),
         };
         self.deliver(
             conn,
@@ -985,19 +986,53 @@ fn build_request(parts: &http::request::Parts, body: ReqBody) -> Request<ReqBody
     req
 }
 
-async fn read_body(body: Incoming) -> Result<ReqBody, Outcome> {
-    if body.is_end_stream() {
-        return Ok(ReqBody::Empty);
-    }
-    match body.size_hint().exact() {
-        Some(len) if len <= REPLAY_BODY_LIMIT => match body.collect().await {
-            Ok(collected) => Ok(ReqBody::Full(Some(collected.to_bytes()))),
-            Err(_) => Err(Outcome::Error(
+impl Proxy {
+    /// Buffers a request body of a known length up to [`REPLAY_BODY_LIMIT`], within the
+    /// budget of buffered bytes and the whole-body deadline; streams any other.
+    async fn read_body(
+        &self,
+        mut body: Incoming,
+    ) -> Result<(ReqBody, Option<BodyReservation>), Outcome> {
+        if body.is_end_stream() {
+            return Ok((ReqBody::Empty, None));
+        }
+        let Some(len) = body
+            .size_hint()
+            .exact()
+            .filter(|len| *len <= REPLAY_BODY_LIMIT)
+        else {
+            return Ok((
+                ReqBody::streamed(body, self.config.header_read_timeout),
+                None,
+            ));
+        };
+        let len = len as usize;
+        let Some(reservation) = self.body_budget.try_reserve(len) else {
+            return Ok((
+                ReqBody::streamed(body, self.config.header_read_timeout),
+                None,
+            ));
+        };
+        let read_whole = async {
+            let mut buf = bytes::BytesMut::with_capacity(len);
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Ok::<_, hyper::Error>(buf.freeze())
+        };
+        match tokio::time::timeout(self.config.request_body_timeout, read_whole).await {
+            Ok(Ok(bytes)) => Ok((ReqBody::Full(Some(bytes)), Some(reservation))),
+            Ok(Err(_)) => Err(Outcome::Error(
                 StatusCode::BAD_REQUEST,
                 "could not read the request body",
             )),
-        },
-        _ => Ok(ReqBody::Stream(body)),
+            Err(_) => Err(Outcome::Error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            )),
+        }
     }
 }
 

@@ -67,6 +67,13 @@ pub struct ProxyConfig {
     pub machine_wait: Duration,
     /// How long a client may take to send a request head (also the keep-alive idle limit).
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a request body the proxy buffers (one of up to
+    /// 1 MiB, kept so fly-replay can deliver it again), from the end of its head: a
+    /// deadline for the whole body, not per read. Past it the request gets a 408.
+    pub request_body_timeout: Duration,
+    /// Most bytes of request bodies buffered at once, across all connections. Past it,
+    /// further bodies are streamed to the app instead (without fly-replay redelivery).
+    pub max_buffered_request_bytes: usize,
     /// How long a TLS handshake (or a PROXY/SNI peek) may take.
     pub handshake_timeout: Duration,
     /// Idle limit of raw TCP (passthrough) connections.
@@ -109,6 +116,8 @@ impl Default for ProxyConfig {
             machine_wait: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(60),
+            max_buffered_request_bytes: 64 * 1024 * 1024,
             tcp_idle_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
@@ -190,6 +199,8 @@ pub struct Proxy {
     pub(crate) server_value: HeaderValue,
     pub(crate) control: Option<control::ControlClient>,
     pub(crate) tracker: Arc<Tracker>,
+    /// Request bodies buffered across all connections.
+    pub(crate) body_budget: Arc<body::BodyBudget>,
     pub(crate) certs: tls::CertStore,
     /// Machines this proxy asked to start, and when.
     pub(crate) starting: Mutex<HashMap<String, Instant>>,
@@ -230,6 +241,7 @@ impl Proxy {
             metrics,
             control,
             tracker: Arc::new(Tracker::default()),
+            body_budget: body::BodyBudget::new(config.max_buffered_request_bytes),
             starting: Mutex::new(HashMap::new()),
             bound: Mutex::new(None),
             addrs: Mutex::new(BoundAddrs::default()),
@@ -266,6 +278,11 @@ impl Proxy {
     /// Client connections currently open.
     pub fn active_connections(&self) -> usize {
         self.tracker.active()
+    }
+
+    /// Bytes of request bodies buffered right now, across all connections.
+    pub fn buffered_request_bytes(&self) -> usize {
+        self.body_budget.used()
     }
 
     /// Binds the configured listeners now (so a caller can learn ephemeral ports before

@@ -26,6 +26,14 @@ pub struct ServerArgs {
     /// Address the proxy serves HTTPS on (off when not given).
     #[arg(long)]
     pub proxy_https_listen: Option<SocketAddr>,
+    /// How long a client may take to send a request body the proxy buffers for fly-replay
+    /// (up to 1 MiB), whole; past it the request gets a 408.
+    #[arg(long, default_value = "60s")]
+    pub proxy_request_body_timeout: aloft_api::Duration,
+    /// Most request-body bytes the proxy buffers at once across all connections (bytes, or
+    /// with a k, m or g suffix); past it bodies stream to the app without fly-replay.
+    #[arg(long, default_value = "64m", value_parser = parse_size)]
+    pub proxy_max_buffered_request_bytes: u64,
     /// Address of this host's agent API.
     #[arg(long, default_value = "127.0.0.1:4281")]
     pub agent_listen: SocketAddr,
@@ -206,6 +214,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         base_domain: args.base_domain.clone(),
         control_url: api_url.clone(),
         token: credentials.host_token.clone(),
+        request_body_timeout: args.proxy_request_body_timeout.to_std(),
+        max_buffered_request_bytes: usize::try_from(args.proxy_max_buffered_request_bytes)
+            .context("--proxy-max-buffered-request-bytes is larger than this host's memory")?,
         ..ProxyConfig::default()
     });
     proxy.bind().await.context("binding the proxy")?;
