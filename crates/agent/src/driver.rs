@@ -211,6 +211,12 @@ pub trait Driver: Send + Sync + 'static {
         format!("containers ({})", self.name())
     }
 
+    /// How image layers' owners are shifted for this driver's machines (containers in a
+    /// user namespace); `None` unpacks them as the image says.
+    fn layer_id_shift(&self) -> Option<crate::unpack::IdShift> {
+        None
+    }
+
     /// Sets up the machine's routed link (a veth into a network namespace for containers,
     /// a tap device for microVMs). Idempotent.
     fn ensure_network(&self, link: &MachineLink) -> Result<(), NetworkError> {

@@ -3,14 +3,13 @@
 //! machine's root filesystem is an overlay of cached layers.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use aloft_api::internal::ImagePull;
 use aloft_registry::client::PullClient;
 use serde::{Deserialize, Serialize};
+
+use crate::unpack::{DEFAULT_LIMITS, IdShift, UnpackLimits, unpack_layer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -68,30 +67,77 @@ pub const LAYER_GRACE: std::time::Duration = std::time::Duration::from_secs(600)
 
 pub struct ImageStore {
     root: PathBuf,
+    /// Owners in unpacked layers are shifted by this (containers in a user namespace).
+    shift: Option<IdShift>,
+    limits: UnpackLimits,
     locks: std::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ImageStore {
-    pub fn new(root: &Path) -> Result<Self, ImageError> {
+    /// Opens the cache at `root`. Layers unpack with owners shifted by `shift`, if given;
+    /// shifted and unshifted layers are kept apart. Partly unpacked layers a crash left
+    /// behind (in `tmp`) are removed: a layer is in `layers` only once complete.
+    pub fn new(root: &Path, shift: Option<IdShift>) -> Result<Self, ImageError> {
         for dir in ["layers", "blobs", "tmp"] {
             std::fs::create_dir_all(root.join(dir))
                 .map_err(io(format!("creating {}", root.join(dir).display())))?;
         }
+        let tmp = root.join("tmp");
+        let leftovers =
+            std::fs::read_dir(&tmp).map_err(io(format!("listing {}", tmp.display())))?;
+        for leftover in leftovers.filter_map(|e| e.ok()) {
+            let path = leftover.path();
+            tracing::info!(path = %path.display(), "removing a partly unpacked layer");
+            std::fs::remove_dir_all(&path)
+                .or_else(|_| std::fs::remove_file(&path))
+                .map_err(io(format!("removing {}", path.display())))?;
+        }
         Ok(Self {
             root: root.to_path_buf(),
+            shift,
+            limits: DEFAULT_LIMITS,
             locks: Default::default(),
         })
     }
 
-    fn layer_dir(&self, digest: &str) -> PathBuf {
-        self.root.join("layers").join(digest.replace(':', "-"))
+    /// Unpacks layers within `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: UnpackLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
-    fn lock_for(&self, digest: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    /// The directory name of a layer in `layers` (and its lock's key).
+    fn layer_name(&self, digest: &str) -> String {
+        let name = digest.replace(':', "-");
+        match self.shift {
+            Some(shift) => format!("{name}+ids{}", shift.base),
+            None => name,
+        }
+    }
+
+    fn layer_dir(&self, digest: &str) -> PathBuf {
+        self.root.join("layers").join(self.layer_name(digest))
+    }
+
+    /// Unpacks a downloaded layer into a temporary directory, syncs it and renames it into
+    /// place: the rename is the commit point. On error nothing of the layer is left.
+    #[cfg(test)]
+    fn install_layer(&self, digest: &str, blob: &Path) -> Result<PathBuf, ImageError> {
+        install_layer(
+            &self.root,
+            &self.layer_name(digest),
+            &self.limits,
+            self.shift,
+            digest,
+            blob,
+        )
+    }
+
+    fn lock_for(&self, layer_name: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(digest.to_string())
+            .entry(layer_name.to_string())
             .or_default()
             .clone()
     }
@@ -126,7 +172,7 @@ impl ImageStore {
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for layer in &manifest.layers {
             let dir = self.layer_dir(&layer.digest);
-            let lock = self.lock_for(&layer.digest);
+            let lock = self.lock_for(&self.layer_name(&layer.digest));
             let _guard = lock.lock().await;
             if !dir.exists() {
                 let blob = self.root.join("blobs").join(layer.digest.replace(':', "-"));
@@ -134,28 +180,24 @@ impl ImageStore {
                     .blob_to_file(&manifest.repository, &layer.digest, &blob)
                     .await
                     .map_err(|e| pull_error(format!("layer {}: {e}", layer.digest)))?;
-                let staging = self.root.join("tmp").join(format!(
-                    "{}-{}",
-                    layer.digest.replace(':', "-"),
-                    std::process::id()
-                ));
-                let digest = layer.digest.clone();
-                let (blob_for_task, staging_for_task) = (blob.clone(), staging.clone());
-                tokio::task::spawn_blocking(move || {
-                    unpack_layer(&blob_for_task, &staging_for_task)
+                let (root, name, limits, shift) = (
+                    self.root.clone(),
+                    self.layer_name(&layer.digest),
+                    self.limits,
+                    self.shift,
+                );
+                let (digest, blob_path) = (layer.digest.clone(), blob.clone());
+                let installed = tokio::task::spawn_blocking(move || {
+                    install_layer(&root, &name, &limits, shift, &digest, &blob_path)
                 })
                 .await
                 .map_err(|e| ImageError::Unpack {
-                    digest: digest.clone(),
+                    digest: layer.digest.clone(),
                     reason: e.to_string(),
-                })?
-                .map_err(|reason| ImageError::Unpack {
-                    digest: digest.clone(),
-                    reason,
-                })?;
-                std::fs::rename(&staging, &dir)
-                    .map_err(io(format!("moving layer into {}", dir.display())))?;
+                })
+                .and_then(|installed| installed);
                 let _ = std::fs::remove_file(&blob);
+                installed?;
             }
             layers.push(dir);
         }
@@ -198,7 +240,7 @@ impl ImageStore {
             if now - meta.ctime() < grace.as_secs() as i64 {
                 continue;
             }
-            let lock = self.lock_for(&entry.file_name().to_string_lossy().replacen('-', ":", 1));
+            let lock = self.lock_for(&entry.file_name().to_string_lossy());
             let Ok(_guard) = lock.try_lock() else {
                 continue;
             };
@@ -210,136 +252,53 @@ impl ImageStore {
     }
 }
 
-fn open_layer(blob: &Path) -> Result<Box<dyn Read>, String> {
-    let mut file =
-        std::fs::File::open(blob).map_err(|e| format!("opening {}: {e}", blob.display()))?;
-    let mut magic = [0u8; 4];
-    let read = file.read(&mut magic).map_err(|e| e.to_string())?;
-    let file = std::fs::File::open(blob).map_err(|e| e.to_string())?;
-    let reader = std::io::BufReader::new(file);
-    Ok(match &magic[..read] {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(reader)),
-        [0x28, 0xb5, 0x2f, 0xfd] => {
-            Box::new(zstd::stream::read::Decoder::new(reader).map_err(|e| e.to_string())?)
+/// [`ImageStore::install_layer`], with what it needs passed in (it runs on a blocking thread).
+fn install_layer(
+    root: &Path,
+    name: &str,
+    limits: &UnpackLimits,
+    shift: Option<IdShift>,
+    digest: &str,
+    blob: &Path,
+) -> Result<PathBuf, ImageError> {
+    let layers = root.join("layers");
+    let dir = layers.join(name);
+    let staging = root
+        .join("tmp")
+        .join(format!("{name}-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(format!("clearing {}", staging.display())))?;
+    }
+    let installed = unpack_layer(blob, &staging, limits, shift)
+        .map_err(|e| ImageError::Unpack {
+            digest: digest.to_string(),
+            reason: e.to_string(),
+        })
+        .and_then(|()| {
+            std::fs::rename(&staging, &dir)
+                .map_err(io(format!("moving layer into {}", dir.display())))
+        })
+        .and_then(|()| {
+            std::fs::File::open(&layers)
+                .and_then(|d| d.sync_all())
+                .map_err(io(format!("syncing {}", layers.display())))
+        });
+    if let Err(err) = installed {
+        if let Err(e) = std::fs::remove_dir_all(&staging)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %staging.display(), error = %e, "removing a failed layer");
         }
-        _ => Box::new(reader),
-    })
-}
-
-/// An error and what caused it, on one line.
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
+        return Err(err);
     }
-    text
-}
-
-/// A relative path inside a layer with no `..`, no root and no prefix.
-fn safe_relative(path: &Path) -> Option<PathBuf> {
-    let mut clean = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => clean.push(part),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    Some(clean)
-}
-
-fn mknod_whiteout(path: &Path) -> Result<(), String> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    // An overlayfs whiteout is a character device with device number 0:0.
-    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR, 0) };
-    if rc != 0 {
-        return Err(format!(
-            "creating whiteout {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
-
-fn set_opaque(dir: &Path) -> Result<(), String> {
-    let c_path = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    let name = c"trusted.overlay.opaque";
-    let rc = unsafe { libc::setxattr(c_path.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
-    if rc != 0 {
-        return Err(format!(
-            "marking {} opaque: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
-
-/// Unpacks one layer tarball into `dest`, turning OCI whiteouts (`.wh.NAME`) into overlayfs
-/// whiteouts and opaque markers (`.wh..wh..opq`) into the opaque xattr.
-pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| format!("clearing {}: {e}", dest.display()))?;
-    }
-    std::fs::create_dir_all(dest).map_err(|e| format!("creating {}: {e}", dest.display()))?;
-    let mut archive = tar::Archive::new(open_layer(blob)?);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_unpack_xattrs(true);
-    archive.set_overwrite(true);
-    archive.set_preserve_mtime(true);
-    let mut opaque_dirs = Vec::new();
-    for entry in archive
-        .entries()
-        .map_err(|e| format!("reading layer: {e}"))?
-    {
-        let mut entry = entry.map_err(|e| format!("reading layer entry: {e}"))?;
-        let path = entry
-            .path()
-            .map_err(|e| format!("layer entry path: {e}"))?
-            .into_owned();
-        let Some(relative) = safe_relative(&path) else {
-            return Err(format!("layer entry {} escapes the layer", path.display()));
-        };
-        let file_name = relative
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let parent = relative.parent().map(Path::to_path_buf).unwrap_or_default();
-        if file_name == ".wh..wh..opq" {
-            let dir = dest.join(&parent);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            opaque_dirs.push(dir);
-            continue;
-        }
-        if let Some(hidden) = file_name.strip_prefix(".wh.") {
-            let dir = dest.join(&parent);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            let target = dir.join(hidden);
-            if target.symlink_metadata().is_ok() {
-                let _ = std::fs::remove_file(&target).or_else(|_| std::fs::remove_dir_all(&target));
-            }
-            mknod_whiteout(&target)?;
-            continue;
-        }
-        entry
-            .unpack_in(dest)
-            .map_err(|e| format!("unpacking {}: {}", relative.display(), with_causes(&e)))?;
-    }
-    for dir in opaque_dirs {
-        set_opaque(&dir)?;
-    }
-    Ok(())
+    Ok(dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
 
     fn layer(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
@@ -392,7 +351,7 @@ mod tests {
         ]);
         std::fs::write(&blob, gzip(&tarball)).unwrap();
         let dest = dir.path().join("out");
-        unpack_layer(&blob, &dest).unwrap();
+        unpack_layer(&blob, &dest, &DEFAULT_LIMITS, None).unwrap();
         assert_eq!(std::fs::read(dest.join("etc/hostname")).unwrap(), b"x");
         let whiteout = std::fs::symlink_metadata(dest.join("etc/passwd")).unwrap();
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -414,7 +373,7 @@ mod tests {
     #[test]
     fn unused_layers_are_collected_after_their_grace_period() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ImageStore::new(dir.path()).unwrap();
+        let store = ImageStore::new(dir.path(), None).unwrap();
         let used = store.layer_dir("sha256:aaaa");
         let unused = store.layer_dir("sha256:bbbb");
         std::fs::create_dir_all(used.join("etc")).unwrap();
@@ -435,7 +394,73 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_is_in_place_only_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        // A crash mid-unpack leaves a partial layer in tmp; the next start clears it, and
+        // the layer, not being in `layers`, is pulled and unpacked again.
+        let partial = root.join("tmp/sha256-aaaa-1234");
+        std::fs::create_dir_all(partial.join("etc")).unwrap();
+        std::fs::write(partial.join("etc/half"), b"x").unwrap();
+        let store = ImageStore::new(&root, None).unwrap();
+        assert!(!partial.exists(), "leftover partial layers are removed");
+        assert!(!store.layer_dir("sha256:aaaa").exists());
+
+        let blob = dir.path().join("layer.tar.gz");
+        std::fs::write(
+            &blob,
+            gzip(&layer(&[("etc/", None), ("etc/a", Some(b"a"))])),
+        )
+        .unwrap();
+        let placed = store.install_layer("sha256:aaaa", &blob).unwrap();
+        assert_eq!(placed, store.layer_dir("sha256:aaaa"));
+        assert_eq!(std::fs::read(placed.join("etc/a")).unwrap(), b"a");
+
+        // A layer that fails midway (here: over the size limit) leaves nothing behind.
+        let store = ImageStore::new(&root, None)
+            .unwrap()
+            .with_limits(UnpackLimits {
+                max_bytes: 1 << 20,
+                ..DEFAULT_LIMITS
+            });
+        let zeros = vec![0u8; 4 << 20];
+        std::fs::write(
+            &blob,
+            gzip(&layer(&[
+                ("etc/", None),
+                ("etc/small", Some(b"s")),
+                ("zeros", Some(&zeros)),
+            ])),
+        )
+        .unwrap();
+        let err = store.install_layer("sha256:bbbb", &blob).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("sha256:bbbb") && text.contains("1048576 bytes"),
+            "the error names the layer and the limit: {text}"
+        );
+        assert!(!store.layer_dir("sha256:bbbb").exists());
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn shifted_layers_are_kept_apart_from_unshifted_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = ImageStore::new(dir.path(), None).unwrap();
+        let shifted = ImageStore::new(
+            dir.path(),
+            Some(IdShift {
+                base: 1 << 30,
+                size: 65536,
+            }),
+        )
+        .unwrap();
+        assert_ne!(plain.layer_dir("sha256:aa"), shifted.layer_dir("sha256:aa"));
+    }
+
+    #[test]
     fn entries_escaping_the_layer_are_refused() {
+        use crate::unpack::safe_relative;
         assert!(safe_relative(Path::new("../etc/passwd")).is_none());
         assert!(safe_relative(Path::new("/abs")).is_none());
         assert_eq!(

@@ -19,6 +19,7 @@ pub mod seccomp;
 pub mod secrets;
 pub mod shim;
 pub mod store;
+pub mod unpack;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -184,7 +185,8 @@ impl Agent {
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let host_id = host_id(&root)?;
         let store = Store::open(&root.join("agent.db")).context("opening the agent database")?;
-        let images = ImageStore::new(&root.join("images")).context("opening the image cache")?;
+        let images = ImageStore::new(&root.join("images"), driver.layer_id_shift())
+            .context("opening the image cache")?;
         let machines_dir = root.join("machines");
         let logs_archive = root.join("logs");
         for dir in [&machines_dir, &logs_archive] {
