@@ -273,14 +273,26 @@ fn dns_answered(platform: &Platform, app: &str, id: &str, server: &str) -> Strin
 #[test]
 fn machines_reach_the_internet_and_nothing_private() {
     require_platform!();
-    let platform = Platform::start_with(&[
-        "--driver",
-        "container",
-        "--api-listen",
-        "0.0.0.0:4280",
-        "--allow-egress",
-        &format!("{LAN_ALLOWED}/32"),
-    ]);
+    egress(&["--driver", "container"]);
+}
+
+/// A microVM's tap goes through the same forward chain as a container's veth.
+#[test]
+fn microvms_reach_the_internet_and_nothing_private() {
+    require_platform!();
+    if let Some(reason) = common::missing_vm_prerequisite() {
+        eprintln!("skipping microVM test: {reason}");
+        return;
+    }
+    let _lock = common::vm_lock();
+    egress(&["--driver", "microvm", "--vm-accel", "tcg"]);
+}
+
+fn egress(driver: &[&str]) {
+    let allowed = format!("{LAN_ALLOWED}/32");
+    let mut args = driver.to_vec();
+    args.extend(["--api-listen", "0.0.0.0:4280", "--allow-egress", &allowed]);
+    let platform = Platform::start_with(&args);
     let world = Neighbour::start(
         &platform,
         "wan",
