@@ -149,10 +149,10 @@ fn serve(netns: &str, name: &str, addresses: &[String], stop: &AtomicBool) {
         }
         for socket in &udp {
             let mut query = [0u8; 512];
-            if let Ok((len, from)) = socket.recv_from(&mut query) {
-                if let Some(answer) = dns_answer(&query[..len]) {
-                    let _ = socket.send_to(&answer, from);
-                }
+            if let Ok((len, from)) = socket.recv_from(&mut query)
+                && let Some(answer) = dns_answer(&query[..len])
+            {
+                let _ = socket.send_to(&answer, from);
             }
         }
         std::thread::sleep(Duration::from_millis(10));
