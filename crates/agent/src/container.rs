@@ -585,7 +585,8 @@ fn oci_spec(
             "seccomp": seccomp,
             "maskedPaths": [
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-                "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"
+                "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                "/sys/devices/virtual/powercap"
             ],
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
         }
@@ -691,6 +692,25 @@ mod tests {
                 .unwrap()
                 .len(),
             14
+        );
+    }
+
+    #[test]
+    fn powercap_is_masked() {
+        let link = MachineLink::for_machine("0123456789abcd", 0).unwrap();
+        let spec = oci_spec(
+            "c",
+            "h",
+            Path::new("/r"),
+            Path::new("/a"),
+            &link,
+            &MachineGuest::default(),
+            &serde_json::Value::Null,
+        );
+        let masked = spec["linux"]["maskedPaths"].as_array().unwrap();
+        assert!(
+            masked.iter().any(|p| p == "/sys/devices/virtual/powercap"),
+            "RAPL energy counters leak what other tenants compute: {masked:?}"
         );
     }
 

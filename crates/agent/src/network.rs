@@ -7,11 +7,12 @@
 //! nftables (table `inet aloft`, see [`RULESET`]) lets a machine reach its own network's
 //! 6PN addresses, the host's DNS (`fdaa::3`) and the sockets the host binds in the
 //! machine's network (Flycast listeners of the proxy, the network's DNS address), and the
-//! outside world over IPv4; nothing of another network, no other machine's private IPv4,
-//! and no other port of the host. Per-machine facts live in three sets keyed by the
+//! internet over IPv4 and IPv6 (both NATed); nothing of another network, no other
+//! machine's private IPv4, no other port of the host, and no private, link-local or
+//! platform address unless the operator allows it (`aloft server --allow-egress`). Per-machine facts live in three sets keyed by the
 //! host-side interface name, so the rules never change when machines come and go.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -158,23 +159,50 @@ fn sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
 
 /// The host's packet filter and NAT. Sets are created once and keep their elements when
 /// the agent restarts; chains are flushed and refilled, all in one transaction.
+///
+/// Every rule means the same after `nft list ruleset | nft -f -` (hosts save and reload
+/// rulesets): a family is chosen by jumping to a per-family chain, never by a
+/// `meta nfproto` match beside a `reject`, which nft's listing leaves out (the rule then
+/// reloads matching both families: all of a machine's outbound TCP was reset that way).
+///
+/// A machine's egress: its own network's 6PN, then (refused) other networks' 6PN and other
+/// machines' private IPv4, then (dropped) the platform's own addresses, then the
+/// operator's allowed ranges, then (dropped) loopback, link-local (the metadata address
+/// 169.254.169.254 among them), RFC 1918, CGNAT, ULA, multicast and reserved ranges, then
+/// the internet: IPv4 NATed to the host's address, IPv6 NATed from the 6PN address.
+/// Packets to the host itself (the input hook) reach only DNS on `fdaa::3` and the sockets
+/// the host binds in the machine's own network.
 pub const RULESET: &str = r#"
 add table inet aloft
 add set inet aloft machine_nets6 { type ifname . ipv6_addr; flags interval; }
 add set inet aloft machine_addrs6 { type ifname . ipv6_addr; }
 add set inet aloft machine_addrs4 { type ifname . ipv4_addr; }
+add set inet aloft egress_allowed4 { type ipv4_addr; flags interval; }
+add set inet aloft egress_allowed6 { type ipv6_addr; flags interval; }
+add set inet aloft platform_addrs4 { type ipv4_addr; flags interval; }
+add set inet aloft platform_addrs6 { type ipv6_addr; flags interval; }
 add chain inet aloft input { type filter hook input priority filter; policy accept; }
 add chain inet aloft forward { type filter hook forward priority filter; policy accept; }
 add chain inet aloft postrouting { type nat hook postrouting priority srcnat; policy accept; }
 add chain inet aloft machine_to_host
 add chain inet aloft from_machine
+add chain inet aloft from_machine4
+add chain inet aloft from_machine6
+add chain inet aloft refuse
 add chain inet aloft to_machine
 flush chain inet aloft input
 flush chain inet aloft forward
 flush chain inet aloft postrouting
 flush chain inet aloft machine_to_host
 flush chain inet aloft from_machine
+flush chain inet aloft from_machine4
+flush chain inet aloft from_machine6
+flush chain inet aloft refuse
 flush chain inet aloft to_machine
+flush set inet aloft egress_allowed4
+flush set inet aloft egress_allowed6
+flush set inet aloft platform_addrs4
+flush set inet aloft platform_addrs6
 add rule inet aloft input iifname "al*" jump machine_to_host
 add rule inet aloft machine_to_host ct state established,related accept
 add rule inet aloft machine_to_host ct state invalid drop
@@ -183,26 +211,118 @@ add rule inet aloft machine_to_host iifname . ip6 saddr != @machine_addrs6 drop
 add rule inet aloft machine_to_host iifname . ip saddr != @machine_addrs4 drop
 add rule inet aloft machine_to_host ip6 daddr fdaa::3 meta l4proto { tcp, udp } th dport 53 accept
 add rule inet aloft machine_to_host iifname . ip6 daddr @machine_nets6 socket wildcard 0 accept
-add rule inet aloft machine_to_host meta l4proto tcp reject with tcp reset
-add rule inet aloft machine_to_host reject with icmpx type admin-prohibited
+add rule inet aloft machine_to_host goto refuse
 add rule inet aloft forward iifname "al*" jump from_machine
 add rule inet aloft forward oifname "al*" jump to_machine
 add rule inet aloft from_machine ct state established,related accept
 add rule inet aloft from_machine ct state invalid drop
 add rule inet aloft from_machine iifname . ip6 saddr != @machine_addrs6 drop
 add rule inet aloft from_machine iifname . ip saddr != @machine_addrs4 drop
-add rule inet aloft from_machine iifname . ip6 daddr @machine_nets6 accept
-add rule inet aloft from_machine meta nfproto ipv6 meta l4proto tcp reject with tcp reset
-add rule inet aloft from_machine meta nfproto ipv6 reject with icmpx type admin-prohibited
-add rule inet aloft from_machine ip daddr 172.19.0.0/16 meta l4proto tcp reject with tcp reset
-add rule inet aloft from_machine ip daddr 172.19.0.0/16 reject with icmpx type admin-prohibited
-add rule inet aloft from_machine accept
+add rule inet aloft from_machine meta nfproto ipv4 goto from_machine4
+add rule inet aloft from_machine meta nfproto ipv6 goto from_machine6
+add rule inet aloft from_machine drop
+add rule inet aloft from_machine6 iifname . ip6 daddr @machine_nets6 accept
+add rule inet aloft from_machine6 ip6 daddr fdaa::/16 goto refuse
+add rule inet aloft from_machine6 ip6 daddr @platform_addrs6 drop
+add rule inet aloft from_machine6 ip6 daddr @egress_allowed6 accept
+add rule inet aloft from_machine6 ip6 daddr { ::/127, ::ffff:0:0/96, 64:ff9b:1::/48, 100::/64, fc00::/7, fe80::/10, fec0::/10, ff00::/8 } drop
+add rule inet aloft from_machine6 accept
+add rule inet aloft from_machine4 ip daddr 172.19.0.0/16 goto refuse
+add rule inet aloft from_machine4 ip daddr @platform_addrs4 drop
+add rule inet aloft from_machine4 ip daddr @egress_allowed4 accept
+add rule inet aloft from_machine4 ip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/3 } drop
+add rule inet aloft from_machine4 accept
+add rule inet aloft refuse meta l4proto tcp reject with tcp reset
+add rule inet aloft refuse reject with icmpx type admin-prohibited
 add rule inet aloft to_machine ct state established,related accept
 add rule inet aloft to_machine oifname . ip6 saddr @machine_nets6 accept
-add rule inet aloft to_machine meta l4proto tcp reject with tcp reset
-add rule inet aloft to_machine reject with icmpx type admin-prohibited
+add rule inet aloft to_machine goto refuse
 add rule inet aloft postrouting ip saddr 172.19.0.0/16 oifname != "al*" masquerade
+add rule inet aloft postrouting ip6 saddr fdaa::/16 ip6 daddr != fdaa::/16 oifname != "al*" masquerade
 "#;
+
+/// An address range, `10.0.0.0/8` or `2001:db8::/32` (a bare address is a /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub address: IpAddr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let address: IpAddr = address.trim().parse().map_err(|_| {
+            format!("{text:?} is not an address range; write e.g. 10.1.0.0/16 or 2001:db8::/32")
+        })?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(prefix) => prefix
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
+        };
+        // The range's first address: nft refuses a prefix with host bits set.
+        let address = match address {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        };
+        Ok(Self { address, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+/// What the operator lets machines reach beyond the internet, and the platform's own
+/// addresses outside this host that no machine may reach (a remote database, other hosts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub allowed: Vec<Cidr>,
+    pub platform: Vec<Cidr>,
+}
+
+/// [`RULESET`] with the policy's sets filled.
+pub fn ruleset(policy: &EgressPolicy) -> String {
+    let mut script = RULESET.to_string();
+    for (set, cidrs) in [
+        ("egress_allowed", &policy.allowed),
+        ("platform_addrs", &policy.platform),
+    ] {
+        for cidr in cidrs {
+            let family = if cidr.address.is_ipv4() { 4 } else { 6 };
+            script.push_str(&format!(
+                "add element inet aloft {set}{family} {{ {cidr} }}\n"
+            ));
+        }
+    }
+    script
+}
+
+static EGRESS_POLICY: Mutex<Option<EgressPolicy>> = Mutex::new(None);
+
+/// Sets the egress policy; the packet filter is (re)loaded with it on the next
+/// [`prepare_host`].
+pub fn set_egress_policy(policy: EgressPolicy) {
+    *EGRESS_POLICY.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+    *HOST_READY.lock().unwrap_or_else(|p| p.into_inner()) = false;
+}
 
 static HOST_READY: Mutex<bool> = Mutex::new(false);
 
@@ -224,7 +344,12 @@ pub fn prepare_host() -> Result<(), NetworkError> {
         "dev",
         "lo",
     ])?;
-    nft(RULESET)?;
+    let policy = EGRESS_POLICY
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
+    nft(&ruleset(&policy))?;
     *ready = true;
     Ok(())
 }
@@ -452,6 +577,19 @@ fn apply_machine_addressing(link: &MachineLink, in_netns: bool) -> Result<(), Ne
                 "dev",
                 "eth0",
             ])?;
+            // The internet over IPv6, NATed from the 6PN address by the host.
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "replace",
+                "default",
+                "via",
+                HOST_LINK_LOCAL,
+                "dev",
+                "eth0",
+            ])?;
         }
         ip(&[
             "-6",
@@ -572,6 +710,131 @@ mod tests {
         assert_eq!(elements_of(listing, "alabc"), vec!["fdaa:0:1::/48"]);
         assert_eq!(elements_of(listing, "alxyz"), vec!["fdaa:0:2::/48"]);
         assert!(elements_of(listing, "alnone").is_empty());
+    }
+
+    /// Runs `nft` in the network namespace `netns` with `script` on stdin.
+    fn nft_in(netns: &str, args: &[&str], script: Option<&str>) -> String {
+        use std::io::Write;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("nft")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running nft");
+        let mut stdin = child.stdin.take().expect("nft's stdin");
+        if let Some(script) = script {
+            stdin.write_all(script.as_bytes()).expect("writing to nft");
+        }
+        drop(stdin);
+        let output = child.wait_with_output().expect("nft's output");
+        assert!(
+            output.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The kernel's bytecode of the table: its rules in order, and its sets' elements in
+    /// sorted order, without the handles and anonymous set numbers that differ between two
+    /// loads of the same rules.
+    fn bytecode(netns: &str) -> Vec<String> {
+        let listing = nft_in(
+            netns,
+            &["--debug=netlink", "list", "table", "inet", "aloft"],
+            None,
+        );
+        let normal = |line: &str| {
+            let line = match line.strip_prefix("inet aloft ") {
+                Some(rest) => rest
+                    .split_whitespace()
+                    .filter(|word| !word.chars().all(|c| c.is_ascii_digit()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                None => line.trim().to_string(),
+            };
+            let mut normal = String::new();
+            let mut rest = line.as_str();
+            while let Some(at) = rest.find("__set") {
+                normal.push_str(&rest[..at + 5]);
+                rest = rest[at + 5..].trim_start_matches(|c: char| c.is_ascii_digit());
+            }
+            normal.push_str(rest);
+            normal
+        };
+        let bytecode = listing
+            .split("table inet aloft {")
+            .next()
+            .unwrap_or_default();
+        let (mut rules, mut sets) = (Vec::new(), Vec::new());
+        for block in bytecode.split("\n\n") {
+            let mut lines: Vec<String> = block
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(normal)
+                .collect();
+            if lines.first().is_some_and(|l| l.starts_with('@')) {
+                // A set: its header, then its elements in the kernel's (unstable) order.
+                lines.sort();
+                sets.extend(lines);
+            } else {
+                rules.push(lines.join(" "));
+            }
+        }
+        sets.sort();
+        rules.extend(sets);
+        rules
+    }
+
+    /// Hosts save `nft list ruleset` and load it again (nftables.service, firewall
+    /// managers, an operator's backup). nft leaves out of its listing a `meta nfproto`
+    /// match it takes for a `reject`'s dependency, so a rule written that way comes back
+    /// matching both families: the ruleset must mean the same after such a round trip.
+    #[test]
+    fn the_ruleset_means_the_same_after_a_listing_round_trip() {
+        if !nix::unistd::Uid::effective().is_root()
+            || Command::new("nft").arg("-v").output().is_err()
+        {
+            eprintln!("skipping: needs root and nft");
+            return;
+        }
+        let loaded = format!("aloft-rt{}a", std::process::id());
+        let reloaded = format!("aloft-rt{}b", std::process::id());
+        for netns in [&loaded, &reloaded] {
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+            assert!(
+                Command::new("ip")
+                    .args(["netns", "add", netns])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let ruleset = ruleset(&EgressPolicy::default());
+        nft_in(&loaded, &["-f", "-"], Some(&ruleset));
+        let listing = nft_in(&loaded, &["list", "table", "inet", "aloft"], None);
+        nft_in(&reloaded, &["-f", "-"], Some(&listing));
+        let (before, after) = (bytecode(&loaded), bytecode(&reloaded));
+        for netns in [&loaded, &reloaded] {
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
+        assert!(
+            before.iter().any(|rule| rule.contains("reject")),
+            "{before:?}"
+        );
+        let differences: Vec<_> = before
+            .iter()
+            .zip(after.iter())
+            .filter(|(a, b)| a != b)
+            .collect();
+        assert!(
+            differences.is_empty() && before.len() == after.len(),
+            "the reloaded listing differs from the ruleset (first differences: {:?})\nlisting:\n{listing}",
+            &differences[..differences.len().min(4)]
+        );
     }
 
     #[test]

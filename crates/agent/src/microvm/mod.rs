@@ -331,7 +331,7 @@ impl MicrovmDriver {
 }
 
 /// The guest's end of its routed link: the same addresses and routes a container's
-/// namespace gets (private IPv4 /30, link-local next hop, 6PN address, `fdaa::/16`).
+/// namespace gets (private IPv4 /30, link-local next hop, 6PN address, `fdaa::/16` and the IPv6 default route).
 pub fn guest_network(link: &MachineLink) -> GuestNetwork {
     let mut addresses = vec![
         format!("{}/30", link.machine_address),
@@ -344,6 +344,8 @@ pub fn guest_network(link: &MachineLink) -> GuestNetwork {
             aloft_api::sixpn::MACHINE_PREFIX_LEN
         ));
         ipv6_routes.push("fdaa::/16".to_string());
+        // The internet over IPv6, NATed from the 6PN address by the host.
+        ipv6_routes.push("::/0".to_string());
     }
     GuestNetwork {
         interface: "eth0".into(),

@@ -93,6 +93,13 @@ pub struct ServerArgs {
     /// the nameservers of /etc/resolv.conf).
     #[arg(long = "dns-upstream")]
     pub dns_upstreams: Vec<SocketAddr>,
+    /// Let machines reach this address range (repeatable; e.g. 10.8.0.0/16 or
+    /// fd00:1::/64). By default a machine reaches its own private network, its host's DNS
+    /// and the internet; private (RFC 1918, CGNAT, ULA), link-local (169.254.169.254 among
+    /// them), loopback and multicast ranges are dropped. Other networks' 6PN addresses and
+    /// other machines' private IPv4 stay closed whatever this says.
+    #[arg(long = "allow-egress", value_name = "CIDR")]
+    pub allow_egress: Vec<aloft_agent::network::Cidr>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -159,6 +166,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     .save()
     .context("saving the CLI settings")?;
 
+    aloft_agent::network::set_egress_policy(aloft_agent::network::EgressPolicy {
+        allowed: args.allow_egress.clone(),
+        platform: database_addresses(args.database_url.as_deref()),
+    });
     let agent = Agent::open(AgentConfig {
         data_dir: data_dir.clone(),
         listen: args.agent_listen,
@@ -311,6 +322,45 @@ fn start_dns(args: &ServerArgs, api_url: &str, host_token: &str) -> Option<Socke
     Some(args.dns_listen)
 }
 
+/// The addresses of the PostgreSQL server in `database_url` (machines must not reach
+/// the platform's database even where it has a public address); none for a Unix socket
+/// or a name that does not resolve.
+fn database_addresses(database_url: Option<&str>) -> Vec<aloft_agent::network::Cidr> {
+    use std::net::ToSocketAddrs;
+    let Some(url) = database_url else {
+        return Vec::new();
+    };
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((host, port)) => (host, port.trim_start_matches(':')),
+            None => return Vec::new(),
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, port),
+            None => (host_port, ""),
+        },
+    };
+    if host.is_empty() {
+        return Vec::new();
+    }
+    let port: u16 = port.parse().unwrap_or(5432);
+    match (host, port).to_socket_addrs() {
+        Ok(addresses) => addresses
+            .map(|a| aloft_agent::network::Cidr {
+                address: a.ip(),
+                prefix: if a.is_ipv4() { 32 } else { 128 },
+            })
+            .collect(),
+        Err(err) => {
+            tracing::warn!(host, error = %err, "cannot resolve the database host to keep machines from it");
+            Vec::new()
+        }
+    }
+}
+
 /// A size in bytes: `1048576`, `512k`, `10m`, `1g` (binary multiples; `kb`/`mib`-style
 /// spellings too).
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -342,6 +392,23 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_database_host_is_kept_from_machines() {
+        let found = |url| {
+            super::database_addresses(Some(url))
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            found("postgresql://u:p@192.0.2.7:6543/db"),
+            ["192.0.2.7/32"]
+        );
+        assert_eq!(found("postgres://[2001:db8::7]/db"), ["2001:db8::7/128"]);
+        assert!(found("postgresql:///db?host=/run/postgresql").is_empty());
+        assert!(super::database_addresses(None).is_empty());
+    }
+
     #[test]
     fn sizes_take_binary_suffixes() {
         assert_eq!(super::parse_size("10m"), Ok(10 << 20));
