@@ -21,8 +21,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 
 use crate::RegistryError;
-use crate::egress::{EgressPolicy, EgressRefused};
 use crate::digest::{Digest, Hasher};
+use crate::egress::{EgressPolicy, EgressRefused};
 use crate::manifest::{self, Descriptor, MAX_MANIFEST_SIZE};
 use crate::names::{validate_repository, validate_tag};
 use crate::tls::Connector;

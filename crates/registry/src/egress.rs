@@ -74,13 +74,11 @@ impl EgressPolicy {
     /// Resolves `host` once, checks every address it gave, and connects to a checked one.
     pub async fn connect(&self, host: &str, port: u16) -> io::Result<TcpStream> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let resolved: Vec<SocketAddr> = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::lookup_host((host, port)),
-        )
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("resolving {host}")))??
-        .collect();
+        let resolved: Vec<SocketAddr> =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, port)))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("resolving {host}")))??
+                .collect();
         let allowed = self.check(host, port, &resolved)?;
         let mut last = io::Error::new(
             io::ErrorKind::NotFound,
@@ -321,10 +319,7 @@ mod tests {
             .check("metadata.example", 80, &[private])
             .expect_err("a name for a link-local address is refused");
         assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied);
-        assert!(
-            refused.to_string().contains("169.254.169.254"),
-            "{refused}"
-        );
+        assert!(refused.to_string().contains("169.254.169.254"), "{refused}");
         assert_eq!(
             policy
                 .check("mixed.example", 80, &[private, public])
@@ -344,8 +339,7 @@ mod tests {
                 .expect_err("loopback refused");
             assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
         }
-        let accepted =
-            tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
         assert!(accepted.is_err(), "nothing connected to the listener");
         let trusted = EgressPolicy::public_only().trust(&format!("127.0.0.1:{port}"));
         trusted

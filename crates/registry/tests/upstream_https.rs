@@ -292,7 +292,9 @@ async fn pull_through_https_bearer_upstream_with_cdn_redirects() {
         .await
         .expect_err("a redirect to a loopback origin is refused");
     assert!(
-        refused.to_string().contains("refusing to connect to 127.0.0.1"),
+        refused
+            .to_string()
+            .contains("refusing to connect to 127.0.0.1"),
         "{refused}"
     );
     let log = hub_log.lock().expect("log").clone();
@@ -306,8 +308,8 @@ async fn pull_through_https_bearer_upstream_with_cdn_redirects() {
 /// control characters (terminal escapes, forged log lines), at most 200 characters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_bodies_are_summarised() {
-    let hostile = "first line\n\u{1b}[31mforged: log line\r\n".to_string()
-        + &"internal detail ".repeat(500);
+    let hostile =
+        "first line\n\u{1b}[31mforged: log line\r\n".to_string() + &"internal detail ".repeat(500);
     let app = axum::Router::new().fallback(any(move || {
         let body = hostile.clone();
         async move { (StatusCode::INTERNAL_SERVER_ERROR, body) }
