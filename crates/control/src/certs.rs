@@ -246,3 +246,30 @@ async fn delete_certificate(
     plane.catalog.app_changed(&app);
     Ok(Json(view(&row)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_under_the_base_domain_belong_to_the_app_they_name() {
+        let base = "apps.example.net";
+        for (hostname, owner) in [
+            ("foo.apps.example.net", PlatformName::App("foo")),
+            ("x.y.foo.apps.example.net", PlatformName::App("foo")),
+            ("*.foo.apps.example.net", PlatformName::App("foo")),
+            ("FOO.Apps.Example.NET", PlatformName::App("FOO")),
+            ("apps.example.net", PlatformName::Platform),
+            ("*.apps.example.net", PlatformName::Platform),
+            ("www.example.net", PlatformName::Custom),
+            ("fooapps.example.net", PlatformName::Custom),
+            ("foo.apps.example.net.evil.com", PlatformName::Custom),
+        ] {
+            assert_eq!(platform_name(hostname, base), owner, "{hostname}");
+        }
+        assert!(may_claim("foo", "x.foo.apps.example.net", base));
+        assert!(may_claim("foo", "www.example.com", base));
+        assert!(!may_claim("bar", "x.foo.apps.example.net", base));
+        assert!(!may_claim("bar", "*.apps.example.net", base));
+    }
+}
