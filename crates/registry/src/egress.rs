@@ -53,10 +53,10 @@ impl EgressPolicy {
     /// Also allows `origin` at any address: a URL (`http://127.0.0.1:5000`), or
     /// `host:port`, or a bare host (port 443).
     pub fn trust(mut self, origin: &str) -> EgressPolicy {
-        if let Some(authority) = authority_of(origin) {
-            if !self.trusted.contains(&authority) {
-                self.trusted.push(authority);
-            }
+        if let Some(authority) = authority_of(origin)
+            && !self.trusted.contains(&authority)
+        {
+            self.trusted.push(authority);
         }
         self
     }
