@@ -227,12 +227,14 @@ pub fn prune_app(
 /// blobs nothing else uses in the background.
 pub async fn delete_app_repository(plane: &ControlPlane, app_name: &str) -> ApiResult<()> {
     let (registry, repo) = (plane.registry.clone(), app_name.to_string());
-    tokio::task::spawn_blocking(move || registry.delete_repository(&repo))
-        .await
-        .map_err(|e| ApiError::internal(format!("deleting the image repository stopped: {e}")))?
-        .map_err(|e| {
-            ApiError::internal(format!("deleting the image repository {app_name}: {e}"))
-        })?;
+    tokio::task::spawn_blocking(move || match registry.delete_repository(&repo) {
+        // A name the registry refuses never had a repository.
+        Err(aloft_registry::RegistryError::NameInvalid(_)) => Ok(false),
+        other => other,
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("deleting the image repository stopped: {e}")))?
+    .map_err(|e| ApiError::internal(format!("deleting the image repository {app_name}: {e}")))?;
     let registry = plane.registry.clone();
     tokio::task::spawn_blocking(move || {
         if let Err(err) = registry.gc() {
