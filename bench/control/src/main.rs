@@ -63,6 +63,7 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
             proxy_http_port: 8080,
             database_url: None,
             registry_upstream: None,
+            allowed_private_registries: Vec::new(),
         })?;
         std::fs::write(
             std::path::Path::new(data_dir).join("tokens"),

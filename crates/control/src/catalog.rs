@@ -123,6 +123,22 @@ impl Catalog {
         }
     }
 
+    /// The app's certificates without hostnames under the base domain that name another
+    /// app: rows stored before such claims were refused are never published, so the
+    /// platform name `<app>.<base>` (and below) routes to app `<app>` only.
+    fn claimable(&self, app: &AppRow, certificates: Vec<CertificateRow>) -> Vec<CertificateRow> {
+        certificates
+            .into_iter()
+            .filter(|cert| {
+                let ok = crate::certs::may_claim(&app.name, &cert.hostname, &self.base_domain);
+                if !ok {
+                    tracing::warn!(app = %app.name, hostname = %cert.hostname, "not publishing a hostname under the platform's domain that names another app");
+                }
+                ok
+            })
+            .collect()
+    }
+
     /// Where the app's latest release put its machines: its config's `primary_region`, or
     /// the nearest region that has hosts, as the deploy placed them.
     fn primary_region(&self, app: &AppRow) -> Option<String> {
@@ -214,6 +230,7 @@ impl Catalog {
             tracing::error!(app = %app.name, error = %err, "reading certificates for the catalog failed");
             Vec::new()
         });
+        let certificates = self.claimable(app, certificates);
         let entry = self.app_entry(app, &certificates);
         let value = self.app_json(&entry, &certificates);
         self.publish(|seq| {
@@ -339,6 +356,11 @@ impl Catalog {
                 .entry(cert.app_id.clone())
                 .or_default()
                 .push(cert);
+        }
+        for app in &apps {
+            if let Some(certs) = certificates.remove(&app.id) {
+                certificates.insert(app.id.clone(), self.claimable(app, certs));
+            }
         }
         let machines = self.store.all_live_machines()?;
         let none = Vec::new();

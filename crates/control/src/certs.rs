@@ -65,6 +65,56 @@ pub fn check_hostname(hostname: &str) -> ApiResult<String> {
     Ok(name)
 }
 
+/// Who may claim a hostname, as far as the platform's own domain goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlatformName<'a> {
+    /// Not under the base domain: a custom domain, first come first served.
+    Custom,
+    /// The base domain itself, or a wildcard covering every app: nobody's to claim.
+    Platform,
+    /// `<app>.<base>` or deeper (`x.<app>.<base>`, `*.<app>.<base>`): app `<app>`'s only.
+    App(&'a str),
+}
+
+/// Which app a hostname belongs to under `base_domain` (compared without case).
+pub fn platform_name<'a>(hostname: &'a str, base_domain: &str) -> PlatformName<'a> {
+    let base = base_domain.trim_end_matches('.');
+    let bare = hostname.strip_prefix("*.").unwrap_or(hostname);
+    if base.is_empty() {
+        return PlatformName::Custom;
+    }
+    // The base domain itself, and `*.<base>` (every app at once).
+    if bare.eq_ignore_ascii_case(base) {
+        return PlatformName::Platform;
+    }
+    let Some(prefix) = bare
+        .len()
+        .checked_sub(base.len() + 1)
+        .filter(|&cut| cut > 0)
+        .and_then(|cut| Some((bare.get(..cut)?, bare.get(cut..)?)))
+        .and_then(|(prefix, suffix)| {
+            let domain = suffix.strip_prefix('.')?;
+            domain.eq_ignore_ascii_case(base).then_some(prefix)
+        })
+    else {
+        return PlatformName::Custom;
+    };
+    match prefix.rsplit('.').next() {
+        Some(app) if !app.is_empty() => PlatformName::App(app),
+        _ => PlatformName::Platform,
+    }
+}
+
+/// Whether `app` may serve `hostname`: any custom domain, and under the platform's domain
+/// only names of its own (`<app>.<base>` and below).
+pub fn may_claim(app_name: &str, hostname: &str, base_domain: &str) -> bool {
+    match platform_name(hostname, base_domain) {
+        PlatformName::Custom => true,
+        PlatformName::Platform => false,
+        PlatformName::App(owner) => owner.eq_ignore_ascii_case(app_name),
+    }
+}
+
 fn find(plane: &ControlPlane, app: &AppRow, hostname: &str) -> ApiResult<CertificateRow> {
     let name = hostname.trim().trim_end_matches('.').to_ascii_lowercase();
     plane
@@ -77,6 +127,16 @@ fn find(plane: &ControlPlane, app: &AppRow, hostname: &str) -> ApiResult<Certifi
 
 fn add(plane: &ControlPlane, app: &AppRow, hostname: &str, source: &str) -> ApiResult<Response> {
     let hostname = check_hostname(hostname)?;
+    let base = &plane.config.base_domain;
+    if !may_claim(&app.name, &hostname, base) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "invalid hostname: {hostname} is under the platform's domain {base}; only the app it names may use it (app {}'s own names are {}.{base} and below)",
+                app.name, app.name
+            ),
+        ));
+    }
     let row = CertificateRow {
         app_id: app.id.clone(),
         hostname: hostname.clone(),
@@ -185,4 +245,31 @@ async fn delete_certificate(
     plane.store.delete_certificate(&app.id, &row.hostname)?;
     plane.catalog.app_changed(&app);
     Ok(Json(view(&row)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_under_the_base_domain_belong_to_the_app_they_name() {
+        let base = "apps.example.net";
+        for (hostname, owner) in [
+            ("foo.apps.example.net", PlatformName::App("foo")),
+            ("x.y.foo.apps.example.net", PlatformName::App("foo")),
+            ("*.foo.apps.example.net", PlatformName::App("foo")),
+            ("FOO.Apps.Example.NET", PlatformName::App("FOO")),
+            ("apps.example.net", PlatformName::Platform),
+            ("*.apps.example.net", PlatformName::Platform),
+            ("www.example.net", PlatformName::Custom),
+            ("fooapps.example.net", PlatformName::Custom),
+            ("foo.apps.example.net.evil.com", PlatformName::Custom),
+        ] {
+            assert_eq!(platform_name(hostname, base), owner, "{hostname}");
+        }
+        assert!(may_claim("foo", "x.foo.apps.example.net", base));
+        assert!(may_claim("foo", "www.example.com", base));
+        assert!(!may_claim("bar", "x.foo.apps.example.net", base));
+        assert!(!may_claim("bar", "*.apps.example.net", base));
+    }
 }

@@ -571,6 +571,20 @@ impl Deployer<'_> {
         self.import_image(image, &reference).await
     }
 
+    /// Where an image import may connect: public addresses, plus the pull-through upstream
+    /// and the registries the operator allowed by name.
+    fn import_egress(&self) -> aloft_registry::EgressPolicy {
+        let config = &self.plane.config;
+        let mut policy = aloft_registry::EgressPolicy::public_only();
+        if let Some(upstream) = &config.registry_upstream {
+            policy = policy.trust(&upstream.url);
+        }
+        for origin in &config.allowed_private_registries {
+            policy = policy.trust(origin);
+        }
+        policy
+    }
+
     async fn import_image(
         &self,
         image: &str,
@@ -610,7 +624,7 @@ impl Deployer<'_> {
             "Copying image {image} into the platform registry as {destination}"
         ))
         .await;
-        let source = aloft_registry::PullClient::new(&url, None);
+        let source = aloft_registry::PullClient::new(&url, None).with_egress(self.import_egress());
         let target = aloft_build::oci::PushClient::new(
             &self.plane.registry_host(),
             Some(self.plane.host_token().to_string()),

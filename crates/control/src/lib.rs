@@ -53,6 +53,10 @@ pub struct ControlConfig {
     pub proxy_http_port: u16,
     /// Pull-through from an upstream registry (off when `None`).
     pub registry_upstream: Option<aloft_registry::UpstreamConfig>,
+    /// Registries (`host:port`) that image imports may reach at loopback, private or
+    /// link-local addresses (`aloft server --allow-private-registry`). The upstream of
+    /// `registry_upstream` always may; every other registry must be at a public address.
+    pub allowed_private_registries: Vec<String>,
     /// `postgresql://…` to keep state in PostgreSQL (several control planes may share
     /// it); otherwise state is in SQLite at `<data_dir>/control.db`.
     pub database_url: Option<String>,

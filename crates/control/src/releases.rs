@@ -223,6 +223,27 @@ pub fn prune_app(
     Ok(untagged)
 }
 
+/// Deletes an app's image repository (tags, manifests, blob links), then collects the
+/// blobs nothing else uses in the background.
+pub async fn delete_app_repository(plane: &ControlPlane, app_name: &str) -> ApiResult<()> {
+    let (registry, repo) = (plane.registry.clone(), app_name.to_string());
+    tokio::task::spawn_blocking(move || match registry.delete_repository(&repo) {
+        // A name the registry refuses never had a repository.
+        Err(aloft_registry::RegistryError::NameInvalid(_)) => Ok(false),
+        other => other,
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("deleting the image repository stopped: {e}")))?
+    .map_err(|e| ApiError::internal(format!("deleting the image repository {app_name}: {e}")))?;
+    let registry = plane.registry.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(err) = registry.gc() {
+            tracing::warn!(error = %err, "registry garbage collection failed");
+        }
+    });
+    Ok(())
+}
+
 /// After a deploy: prune the app's old release images and collect garbage, in the
 /// background (the deploy does not wait for it).
 pub fn collect_old_images_later(plane: &ControlPlane, app: &AppRow) {

@@ -946,3 +946,49 @@ async fn openapi_document_is_served() {
     }
     assert!(doc["components"]["schemas"].get("Machine").is_some());
 }
+
+/// A hostname under the base domain that another app stored before such claims were
+/// refused is never published with that app: proxies see `foo.localhost` (and below)
+/// only on app `foo`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_publishes_platform_names_only_with_the_app_they_name() {
+    let h = start().await;
+    create_app(&h.admin, "foo").await;
+    create_app(&h.admin, "squatter").await;
+    let squatter = h.plane.store.app("squatter").unwrap().unwrap();
+    for hostname in ["foo.localhost", "x.foo.localhost", "shop.example.com"] {
+        h.plane
+            .store
+            .insert_certificate(&aloft_control::store::CertificateRow {
+                app_id: squatter.id.clone(),
+                hostname: hostname.into(),
+                source: "acme".into(),
+                status: "pending".into(),
+                created_at: "2026-01-01T00:00:00Z".into(),
+            })
+            .unwrap();
+    }
+    let snapshot = h.plane.catalog.snapshot(0).unwrap();
+    let data: Value = serde_json::from_str(&snapshot.data).unwrap();
+    let app = data["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "squatter")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        app["hostnames"],
+        json!(["squatter.localhost", "shop.example.com"]),
+        "{app}"
+    );
+    let (mut changes, _, _) = h.plane.catalog.follow(None);
+    h.plane.catalog.app_changed(&squatter);
+    let published = changes.recv().await.unwrap();
+    let data: Value = serde_json::from_str(&published.data).unwrap();
+    assert_eq!(
+        data["app"]["hostnames"],
+        json!(["squatter.localhost", "shop.example.com"]),
+        "{data}"
+    );
+}

@@ -40,15 +40,25 @@ pub struct Snapshot {
 impl Snapshot {
     /// The app a request's host names: `<app>.<base_domain>` or one of an app's hostnames.
     /// `host` must already be lower case and without a port.
+    ///
+    /// Under the base domain a name belongs to the app it names: `<app>.<base>` is app
+    /// `<app>` and nothing else, and a deeper name (`x.<app>.<base>`) routes only to app
+    /// `<app>`, whatever hostnames other apps list.
     pub fn app_for_host(&self, host: &str, base_domain: &str) -> Option<&Arc<AppView>> {
-        if let Some(app) = self.hosts.get(host) {
-            return Some(app);
+        let under_base = host
+            .strip_suffix(base_domain)
+            .and_then(|prefix| prefix.strip_suffix('.'))
+            .filter(|prefix| !prefix.is_empty() && !base_domain.is_empty());
+        match under_base {
+            Some(prefix) => match prefix.rsplit_once('.') {
+                None => self.apps.get(prefix),
+                Some((_, owner)) => self
+                    .apps
+                    .get(owner)
+                    .filter(|app| app.hostnames.iter().any(|h| h == host)),
+            },
+            None => self.hosts.get(host),
         }
-        let prefix = host.strip_suffix(base_domain)?.strip_suffix('.')?;
-        if prefix.is_empty() || prefix.contains('.') {
-            return None;
-        }
-        self.apps.get(prefix)
     }
 
     /// The certificate for an SNI name: exact match, then a wildcard one level up.
@@ -562,7 +572,11 @@ fn build_snapshot(
         certs: state.certs.clone(),
         ..Snapshot::default()
     };
-    for app in state.apps.values() {
+    // In name order, and the first app to list a hostname keeps it: which app answers
+    // never depends on hash-map order.
+    let mut apps: Vec<&CatalogApp> = state.apps.values().collect();
+    apps.sort_by(|a, b| a.name.cmp(&b.name));
+    for app in apps {
         let view = Arc::new(AppView {
             name: app.name.clone(),
             org: app.org.clone(),
@@ -578,7 +592,10 @@ fn build_snapshot(
             stats: stats.for_app(&app.name),
         });
         for host in &view.hostnames {
-            snapshot.hosts.insert(host.clone(), view.clone());
+            snapshot
+                .hosts
+                .entry(host.clone())
+                .or_insert_with(|| view.clone());
         }
         if let Some(extras) = state.extras.get(&app.name) {
             for (ip, shared) in &extras.ips {
@@ -593,4 +610,68 @@ fn build_snapshot(
     }
     stats.retain(|name| state.apps.contains_key(name));
     snapshot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(name: &str, hostnames: &[&str]) -> CatalogApp {
+        CatalogApp {
+            name: name.into(),
+            org: format!("org-{name}"),
+            network: String::new(),
+            hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+            network_id: 0,
+            ips: Vec::new(),
+            primary_region: None,
+        }
+    }
+
+    fn answer(catalog: &Catalog, host: &str) -> Option<String> {
+        catalog
+            .load()
+            .app_for_host(host, "example.net")
+            .map(|a| a.name.clone())
+    }
+
+    /// App `zzz` (another org) listed `foo.example.net` and `x.foo.example.net` before
+    /// such claims were refused; app `foo` owns both. Each fresh catalog has fresh
+    /// hash-map seeds, so forty of them would hit either order of `apps`.
+    #[test]
+    fn platform_names_go_to_the_app_they_name_whatever_the_map_order() {
+        for _ in 0..40 {
+            let catalog = Catalog::default();
+            catalog.apply(CatalogUpdate::Snapshot {
+                seq: 1,
+                apps: vec![
+                    app(
+                        "zzz",
+                        &[
+                            "zzz.example.net",
+                            "foo.example.net",
+                            "x.foo.example.net",
+                            "shop.example.com",
+                        ],
+                    ),
+                    app("foo", &["foo.example.net", "x.foo.example.net"]),
+                    app(
+                        "aaa",
+                        &["aaa.example.net", "shop.example.com", "y.foo.example.net"],
+                    ),
+                ],
+                machines: Vec::new(),
+            });
+            assert_eq!(answer(&catalog, "foo.example.net").as_deref(), Some("foo"));
+            assert_eq!(
+                answer(&catalog, "x.foo.example.net").as_deref(),
+                Some("foo")
+            );
+            assert_eq!(answer(&catalog, "zzz.example.net").as_deref(), Some("zzz"));
+            // Only app `foo` may answer below its name, and `foo` did not list this one.
+            assert_eq!(answer(&catalog, "y.foo.example.net"), None);
+            // A custom domain two apps list: the first by name, every time.
+            assert_eq!(answer(&catalog, "shop.example.com").as_deref(), Some("aaa"));
+        }
+    }
 }

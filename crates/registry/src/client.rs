@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::RegistryError;
 use crate::digest::{Digest, Hasher};
+use crate::egress::{EgressPolicy, EgressRefused};
 use crate::manifest::{self, Descriptor, MAX_MANIFEST_SIZE};
 use crate::names::{validate_repository, validate_tag};
 use crate::tls::Connector;
@@ -97,9 +98,16 @@ pub fn parse_reference(s: &str) -> Result<ImageReference> {
 }
 
 /// Pull client. Cheap to clone-by-Arc; reuses connections.
+///
+/// Where it may connect is its [`EgressPolicy`]: by default its own registry's origin at
+/// any address, everything else (redirect targets, token servers) only at public
+/// addresses. A redirect to another origin must be `https` (blob downloads redirect to a
+/// CDN); it never gets the credentials.
 pub struct PullClient {
     base: String,
     client: Client<Connector, Full<Bytes>>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    egress: std::sync::Arc<EgressPolicy>,
     token: Option<String>,
     basic: Option<(String, String)>,
     /// Bearer tokens obtained from a token server, by scope.
@@ -154,7 +162,42 @@ fn query_encode(s: &str) -> String {
     out
 }
 
-/// Turns an error response into a [`RegistryError`].
+/// At most this many characters of a remote registry's error message are kept.
+const ERROR_SUMMARY_CHARS: usize = 200;
+
+/// A remote's error text as it may be shown further: control characters (newlines, escape
+/// sequences) become spaces, runs of spaces one, and only the first 200 characters stay.
+pub(crate) fn summarize_remote_text(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = 0;
+    let mut space = false;
+    for c in text.trim().chars() {
+        let c = if c.is_control() || c.is_whitespace() {
+            ' '
+        } else {
+            c
+        };
+        if c == ' ' {
+            if space {
+                continue;
+            }
+            space = true;
+        } else {
+            space = false;
+        }
+        if chars == ERROR_SUMMARY_CHARS {
+            out.truncate(out.trim_end().len());
+            out.push('…');
+            return out;
+        }
+        out.push(c);
+        chars += 1;
+    }
+    out
+}
+
+/// Turns an error response into a [`RegistryError`]; the remote's message is kept only as
+/// a short summary ([`summarize_remote_text`]).
 async fn error_from(resp: Response<Incoming>) -> RegistryError {
     let status = resp.status();
     let body = Limited::new(resp.into_body(), 64 * 1024)
@@ -175,6 +218,16 @@ async fn error_from(resp: Response<Incoming>) -> RegistryError {
             ))
         })
         .unwrap_or_else(|| (String::new(), String::from_utf8_lossy(&body).into_owned()));
+    let message = summarize_remote_text(&message);
+    let code = if code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    {
+        code
+    } else {
+        String::new()
+    };
     match (status, code.as_str()) {
         (StatusCode::UNAUTHORIZED, _) => RegistryError::Unauthorized,
         (StatusCode::FORBIDDEN, _) => RegistryError::Denied,
@@ -195,13 +248,68 @@ async fn error_from(resp: Response<Incoming>) -> RegistryError {
     }
 }
 
+/// The egress refusal somewhere in an error's chain, if the connection was refused.
+fn refusal_in<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e EgressRefused> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(refused) = e.downcast_ref::<EgressRefused>() {
+            return Some(refused);
+        }
+        if let Some(refused) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<EgressRefused>())
+        {
+            return Some(refused);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// An error and its causes, `: `-separated (hyper's own message says only "Connect").
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut current = err.source();
+    while let Some(e) = current {
+        let cause = e.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        current = e.source();
+    }
+    text
+}
+
+/// Whether two URLs have the same scheme, host and port.
+fn is_same_origin(a: &str, b: &str) -> bool {
+    let origin = |url: &str| -> Option<(String, String, u16)> {
+        let uri: http::Uri = url.parse().ok()?;
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        Some((scheme, uri.host()?.to_ascii_lowercase(), port))
+    };
+    matches!((origin(a), origin(b)), (Some(x), Some(y)) if x == y)
+}
+
 impl PullClient {
     /// A client for the registry at `registry_url` (`http://127.0.0.1:4280`), sending
     /// `token` (if any) as a Bearer token.
+    ///
+    /// The registry's own origin may be at any address (it is the platform's registry, or
+    /// one the operator configured); see [`PullClient::with_egress`] for a registry a
+    /// tenant named.
     pub fn new(registry_url: &str, token: Option<String>) -> Self {
+        let base = registry_url.trim_end_matches('/').to_string();
+        let egress = std::sync::Arc::new(EgressPolicy::public_only().trust(&base));
         PullClient {
-            base: registry_url.trim_end_matches('/').to_string(),
-            client: Client::builder(TokioExecutor::new()).build(Connector::new(None)),
+            client: Self::build(None, egress.clone()),
+            base,
+            tls: None,
+            egress,
             token,
             basic: None,
             bearer: Mutex::new(HashMap::new()),
@@ -215,15 +323,31 @@ impl PullClient {
         c
     }
 
+    fn build(
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+        egress: std::sync::Arc<EgressPolicy>,
+    ) -> Client<Connector, Full<Bytes>> {
+        Client::builder(TokioExecutor::new()).build(Connector::new(tls, egress))
+    }
+
     /// Also trusts the CA certificates in `pem` for HTTPS registries.
-    pub fn with_extra_root_certificates(mut self, pem: &[u8]) -> Result<Self> {
+    pub fn with_extra_root_certificates(self, pem: &[u8]) -> Result<Self> {
         let cfg = crate::tls::config_with_extra_roots(pem)?;
-        self.client = Client::builder(TokioExecutor::new()).build(Connector::new(Some(cfg)));
-        Ok(self)
+        Ok(self.with_tls_config(cfg))
     }
 
     pub(crate) fn with_tls_config(mut self, cfg: std::sync::Arc<rustls::ClientConfig>) -> Self {
-        self.client = Client::builder(TokioExecutor::new()).build(Connector::new(Some(cfg)));
+        self.tls = Some(cfg);
+        self.client = Self::build(self.tls.clone(), self.egress.clone());
+        self
+    }
+
+    /// Replaces where the client may connect: for a registry a tenant named, pass
+    /// [`EgressPolicy::public_only`] (plus the origins the operator allows), so the
+    /// registry's own address is checked like any other.
+    pub fn with_egress(mut self, egress: EgressPolicy) -> Self {
+        self.egress = std::sync::Arc::new(egress);
+        self.client = Self::build(self.tls.clone(), self.egress.clone());
         self
     }
 
@@ -260,7 +384,10 @@ impl PullClient {
             .body(Full::new(Bytes::new()))
             .map_err(|e| RegistryError::Http(format!("building request for {url}: {e}")))?;
         match tokio::time::timeout(IDLE_TIMEOUT, self.client.request(req)).await {
-            Ok(r) => r.map_err(|e| RegistryError::Http(format!("{method} {url}: {e}"))),
+            Ok(r) => r.map_err(|e| match refusal_in(&e) {
+                Some(refused) => RegistryError::Refused(refused.to_string()),
+                None => RegistryError::Http(format!("{method} {url}: {}", error_chain(&e))),
+            }),
             Err(_) => Err(RegistryError::Http(format!(
                 "{method} {url}: no response within {IDLE_TIMEOUT:?}"
             ))),
@@ -272,6 +399,12 @@ impl PullClient {
         let realm = params
             .get("realm")
             .ok_or_else(|| RegistryError::Http("Bearer challenge without realm".into()))?;
+        if !realm.starts_with("https://") && !is_same_origin(realm, &self.base) {
+            return Err(RegistryError::Refused(format!(
+                "refusing a token server of {} that is neither https nor the registry itself",
+                self.base
+            )));
+        }
         let mut url = format!("{realm}?");
         if let Some(service) = params.get("service") {
             url.push_str(&format!("service={}&", query_encode(service)));
@@ -340,10 +473,18 @@ impl PullClient {
                 let loc = loc
                     .to_str()
                     .map_err(|_| RegistryError::Http("bad redirect location".into()))?;
-                if loc.starts_with('/') {
+                if loc.starts_with('/') && !loc.starts_with("//") {
                     url = format!("{}{}", self.base, loc);
                 } else {
-                    same_origin = loc.starts_with(&format!("{}/", self.base));
+                    // Another origin (a CDN for blobs) only over https, never with the
+                    // credentials, and only at an address the egress policy allows.
+                    same_origin = is_same_origin(loc, &self.base);
+                    if !same_origin && !loc.starts_with("https://") {
+                        return Err(RegistryError::Refused(format!(
+                            "refusing a redirect from {} to another origin that is not https",
+                            self.base
+                        )));
+                    }
                     url = loc.to_string();
                 }
                 continue;

@@ -58,6 +58,10 @@ pub enum RegistryError {
     DigestMismatch { expected: String, actual: String },
     #[error("upstream registry: {0}")]
     Upstream(String),
+    /// The pull client would not connect (an address its egress policy does not allow, a
+    /// redirect to another origin over plain http).
+    #[error("{0}")]
+    Refused(String),
     #[error("http: {0}")]
     Http(String),
     #[error("invalid configuration: {0}")]
@@ -94,6 +98,7 @@ impl RegistryError {
             RegistryError::TooManyRequests => "TOOMANYREQUESTS",
             RegistryError::Remote { code, .. } => code,
             RegistryError::Upstream(_)
+            | RegistryError::Refused(_)
             | RegistryError::Http(_)
             | RegistryError::Config(_)
             | RegistryError::Io(_)
@@ -127,7 +132,9 @@ impl RegistryError {
             RegistryError::Remote { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
-            RegistryError::Upstream(_) | RegistryError::Http(_) => StatusCode::BAD_GATEWAY,
+            RegistryError::Upstream(_) | RegistryError::Refused(_) | RegistryError::Http(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             RegistryError::Config(_) | RegistryError::Io(_) | RegistryError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -17,6 +17,7 @@
 
 pub mod client;
 mod digest;
+mod egress;
 mod error;
 mod manifest;
 mod names;
@@ -34,6 +35,7 @@ use serde::Serialize;
 
 pub use client::{PullClient, ResolvedManifest};
 pub use digest::{Algorithm, Digest};
+pub use egress::{EgressPolicy, EgressRefused, is_public};
 pub use error::RegistryError;
 pub use manifest::{
     DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, OCI_INDEX, OCI_MANIFEST, Platform,
@@ -73,6 +75,10 @@ pub struct UpstreamConfig {
     pub tag_ttl: Duration,
     /// Extra CA certificates (PEM) to trust for an HTTPS upstream.
     pub ca_file: Option<PathBuf>,
+    /// Other origins (`host:port` or URLs) the upstream's redirects and token server may
+    /// be at even on loopback or private addresses. The upstream's own origin always may;
+    /// anything else must be public (see [`EgressPolicy`]).
+    pub trusted_origins: Vec<String>,
 }
 
 impl UpstreamConfig {
@@ -85,6 +91,7 @@ impl UpstreamConfig {
             password: None,
             tag_ttl: Duration::from_secs(300),
             ca_file: None,
+            trusted_origins: Vec::new(),
         }
     }
 }
@@ -241,6 +248,23 @@ impl Registry {
         validate_repository(repo)?;
         validate_tag(tag)?;
         self.store.delete_tag(repo, tag)
+    }
+
+    /// Deletes a repository (tags, manifests, blob links, upload sessions), so a later
+    /// repository of the same name starts empty; blobs nothing else links are freed by the
+    /// next [`Registry::gc`]. Returns whether the repository existed.
+    pub fn delete_repository(&self, repo: &str) -> Result<bool, RegistryError> {
+        validate_repository(repo)?;
+        let existed = self.store.delete_repository(repo)?;
+        // Forget the hash state of the upload sessions that went with it.
+        self.uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| self.store.upload_data_path(id).exists());
+        if existed {
+            tracing::info!(repo, "registry repository deleted");
+        }
+        Ok(existed)
     }
 
     /// Tags of a repository, sorted by name. `NameUnknown` if the repository does not exist.

@@ -750,6 +750,31 @@ impl Store {
         Ok(report)
     }
 
+    /// Deletes a repository: its tags, manifests, blob links, referrers and upload
+    /// sessions (not repositories nested under its name). The blobs themselves stay until
+    /// [`Store::gc`] finds nothing else linking them. Returns whether it existed.
+    pub fn delete_repository(&self, repo: &str) -> Result<bool, RegistryError> {
+        let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let dir = self.repo_dir(repo);
+        let existed = self.repo_exists(repo);
+        for sub in ["_tags", "_manifests", "_blobs", "_referrers"] {
+            match fs::remove_dir_all(dir.join(sub)) {
+                Ok(()) => {}
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for id in read_dir_names(&self.root.join("uploads"))? {
+            let owner = fs::read_to_string(self.upload_dir(&id).join("repo")).unwrap_or_default();
+            if owner == repo {
+                self.cancel_upload(&id);
+            }
+        }
+        self.remove_if_empty(repo);
+        sync_dir(Some(&self.root.join("repos")));
+        Ok(existed)
+    }
+
     /// Removes a repository's directories if nothing is left in them.
     fn remove_if_empty(&self, repo: &str) {
         let dir = self.repo_dir(repo);

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
@@ -18,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::RegistryError;
+use crate::egress::EgressPolicy;
 
 /// Debian's CA bundle (package `ca-certificates`).
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -89,21 +90,18 @@ pub(crate) fn config_with_ca_file(path: &Path) -> Result<Arc<rustls::ClientConfi
     config_with_extra_roots(&pem)
 }
 
-/// Connects over TCP, and for `https` URIs does a TLS handshake on top.
+/// Connects over TCP (to addresses its [`EgressPolicy`] allows), and for `https` URIs
+/// does a TLS handshake on top.
 #[derive(Clone)]
 pub(crate) struct Connector {
-    http: HttpConnector,
+    egress: Arc<EgressPolicy>,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Connector {
-    pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Connector {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(std::time::Duration::from_secs(15)));
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>, egress: Arc<EgressPolicy>) -> Connector {
         Connector {
-            http,
+            egress,
             tls: tls.or_else(system_config),
         }
     }
@@ -170,30 +168,33 @@ impl tower::Service<Uri> for Connector {
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Stream, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.http.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let mut http = self.http.clone();
+        let egress = self.egress.clone();
         let tls = self.tls.clone();
         Box::pin(async move {
-            let https = uri.scheme_str() == Some("https");
+            let https = match uri.scheme_str() {
+                Some("https") => true,
+                Some("http") => false,
+                other => return Err(format!("unsupported URL scheme {other:?}").into()),
+            };
             let host = uri
                 .host()
                 .ok_or("URI without host")?
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string();
-            let tcp = http.call(uri).await?;
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let tcp = egress.connect(&host, port).await?;
             if !https {
-                return Ok(Stream::Plain(tcp));
+                return Ok(Stream::Plain(TokioIo::new(tcp)));
             }
             let cfg = tls.ok_or("TLS is not available")?;
             let name = ServerName::try_from(host)?;
-            let tls = TlsConnector::from(cfg)
-                .connect(name, tcp.into_inner())
-                .await?;
+            let tls = TlsConnector::from(cfg).connect(name, tcp).await?;
             Ok(Stream::Tls(Box::new(TokioIo::new(tls))))
         })
     }

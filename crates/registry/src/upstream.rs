@@ -38,6 +38,11 @@ impl Upstream {
             (None, Some(p)) => PullClient::new(&cfg.url, Some(p.clone())),
             _ => PullClient::new(&cfg.url, None),
         };
+        let egress = cfg.trusted_origins.iter().fold(
+            crate::EgressPolicy::public_only().trust(&cfg.url),
+            |policy, origin| policy.trust(origin),
+        );
+        client = client.with_egress(egress);
         if let Some(ca) = &cfg.ca_file {
             client = client.with_tls_config(crate::tls::config_with_ca_file(ca)?);
         }

@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aloft_registry::{PullClient, UpstreamConfig};
+use aloft_registry::{EgressPolicy, PullClient, UpstreamConfig};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -187,6 +187,7 @@ async fn pull_through_https_bearer_upstream_with_cdn_redirects() {
         .await;
 
     let log = Arc::new(Mutex::new(Vec::new()));
+    let hub_log_handle = log.clone();
     let backend = real.registry.router();
     let log2 = log.clone();
     let (port, ca_pem) = serve_tls(move |port| {
@@ -216,10 +217,18 @@ async fn pull_through_https_bearer_upstream_with_cdn_redirects() {
             .is_err()
     );
     // With it, the client speaks to the hub directly (token dance, redirects).
+    // The CDN is on loopback too: only allowed because it is named, as an operator
+    // would name it.
+    let cdn = format!("https://127.0.0.1:{port}");
     let direct =
         PullClient::with_basic_auth(&format!("https://localhost:{port}"), "hub-user", "hub-pass")
             .with_extra_root_certificates(ca_pem.as_bytes())
-            .expect("ca");
+            .expect("ca")
+            .with_egress(
+                EgressPolicy::public_only()
+                    .trust(&format!("https://localhost:{port}"))
+                    .trust(&cdn),
+            );
     let m = direct
         .manifest("library/debian:bookworm-slim")
         .await
@@ -231,6 +240,8 @@ async fn pull_through_https_bearer_upstream_with_cdn_redirects() {
     cfg.password = Some("hub-pass".into());
     cfg.ca_file = Some(ca);
     cfg.tag_ttl = Duration::from_secs(60);
+    let mut cfg_without_cdn = cfg.clone();
+    cfg.trusted_origins = vec![cdn.clone()];
     let local = TestRegistry::start_with(Some(cfg)).await;
     log.lock().expect("log").clear();
 
@@ -266,5 +277,65 @@ async fn pull_through_https_bearer_upstream_with_cdn_redirects() {
     assert!(
         cdn_calls[0].trim_end().ends_with(&layers[0]),
         "the CDN gets no credentials: {log:#?}"
+    );
+
+    // An upstream that redirects to an address the operator did not name (here a
+    // loopback one, as a redirect to 169.254.169.254 or a private LAN would be): refused
+    // before any connection is made.
+    cfg_without_cdn.trusted_origins.clear();
+    let strict = TestRegistry::start_with(Some(cfg_without_cdn)).await;
+    let hub_log = hub_log_handle;
+    hub_log.lock().expect("log").clear();
+    let c = PullClient::new(&strict.url(), Some("admin".into()));
+    let refused = c
+        .blob_bytes("dockerhub/library/debian", &layers[0])
+        .await
+        .expect_err("a redirect to a loopback origin is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("refusing to connect to 127.0.0.1"),
+        "{refused}"
+    );
+    let log = hub_log.lock().expect("log").clone();
+    assert!(
+        !log.iter().any(|l| l.starts_with("cdn ")),
+        "the CDN was never reached: {log:#?}"
+    );
+}
+
+/// An upstream's error body reaches the registry's clients only as a short summary: no
+/// control characters (terminal escapes, forged log lines), at most 200 characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_error_bodies_are_summarised() {
+    let hostile =
+        "first line\n\u{1b}[31mforged: log line\r\n".to_string() + &"internal detail ".repeat(500);
+    let app = axum::Router::new().fallback(any(move || {
+        let body = hostile.clone();
+        async move { (StatusCode::INTERNAL_SERVER_ERROR, body) }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let local = TestRegistry::start_with(Some(UpstreamConfig::new(upstream, "up"))).await;
+    let resp = Http::new(&local.url())
+        .get("/v2/up/library/x/manifests/v1", Some("admin"))
+        .await;
+    let body = String::from_utf8_lossy(&resp.body).into_owned();
+    let message = resp.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("first line"), "{body}");
+    assert!(
+        !message.chars().any(char::is_control) && !body.contains("\\u001b"),
+        "no control characters: {body}"
+    );
+    assert!(
+        message.chars().count() <= 260,
+        "a short summary, not the whole body ({} chars): {message}",
+        message.chars().count()
     );
 }

@@ -77,6 +77,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         proxy_http_port: args.proxy_port,
         database_url: args.database_url.clone(),
         registry_upstream: None,
+        allowed_private_registries: Vec::new(),
     })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -85,6 +85,11 @@ pub struct ServerArgs {
     /// The repository prefix that is pulled through from the upstream.
     #[arg(long, default_value = "dockerhub")]
     pub registry_upstream_prefix: String,
+    /// A registry (`host:port`) that image imports and pull-through may reach although it
+    /// is at a loopback, private or link-local address (repeatable). Other registries must
+    /// be at public addresses; the `--registry-upstream` itself always may.
+    #[arg(long = "allow-private-registry", value_name = "HOST:PORT")]
+    pub allow_private_registries: Vec<String>,
     /// Where machines' DNS server (`.internal` names) listens; every network's own
     /// `fdaa:<network>::3` gets the same port.
     #[arg(long, default_value = "[fdaa::3]:53")]
@@ -137,11 +142,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         base_domain: args.base_domain.clone(),
         proxy_http_port: args.proxy_listen.port(),
         registry_upstream: args.registry_upstream.as_ref().map(|url| {
-            aloft_registry::UpstreamConfig::new(
+            let mut upstream = aloft_registry::UpstreamConfig::new(
                 url.trim_end_matches('/'),
                 args.registry_upstream_prefix.trim_matches('/'),
-            )
+            );
+            upstream.trusted_origins = args.allow_private_registries.clone();
+            upstream
         }),
+        allowed_private_registries: args.allow_private_registries.clone(),
         database_url: args.database_url.clone(),
     })?;
     plane

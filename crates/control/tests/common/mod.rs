@@ -36,6 +36,7 @@ pub async fn start() -> Harness {
         proxy_http_port: 8080,
         database_url: None,
         registry_upstream: None,
+        allowed_private_registries: Vec::new(),
     })
     .expect("opening the control plane");
     tokio::spawn(plane.clone().serve(listener, std::future::pending()));
