@@ -11,7 +11,7 @@
 //!   a new release of the current config and image, through the deploy path (NDJSON
 //!   [`DeployEvent`]s, like `/deploys`).
 //! - `GET /v1/hosts/{host}/secrets-key` and `GET /v1/hosts/{host}/machines/{id}/secrets`:
-//!   host tokens only; the second answers only for a live machine placed on that host.
+//!   that host's own token only; the second answers only for a live machine placed on it.
 //! - `POST /v1/secrets/rotate-key`: re-seals every app's data key under a new root key
 //!   (the operator's admin token only; the root key is the whole platform's).
 //!
@@ -425,7 +425,7 @@ async fn host_secrets_key(
     caller: Caller,
     Path(host): Path<String>,
 ) -> ApiResult<Json<HostSecretsKey>> {
-    caller.require_host()?;
+    caller.require_host_itself(&host)?;
     if !plane.store.hosts()?.iter().any(|h| h.id == host) {
         return Err(ApiError::not_found(format!(
             "host {host} is not registered"
@@ -441,7 +441,7 @@ async fn machine_secrets(
     caller: Caller,
     Path((host, id)): Path<(String, String)>,
 ) -> ApiResult<Json<MachineSecrets>> {
-    caller.require_host()?;
+    caller.require_host_itself(&host)?;
     let machine = match plane.store.machine(&id)? {
         Some(machine) if machine.state != MachineState::Destroyed => machine,
         _ => return Err(ApiError::not_found(format!("machine not found: {id}"))),

@@ -140,6 +140,20 @@ impl Keys {
     }
 }
 
+/// The variable that makes a rotation abort the process at one of its steps, as a power
+/// cut would: `rotate:after-new-key`, `rotate:after-vault-commit`, `rotate:after-old-kept`
+/// or `rotate:after-key-swap`. For the crash tests; unset, it costs one lookup per step.
+pub const FAILPOINT_ENV: &str = "ALOFT_FAILPOINT";
+
+fn failpoint(step: &str) {
+    if let Ok(wanted) = std::env::var(FAILPOINT_ENV)
+        && wanted.strip_prefix("rotate:") == Some(step)
+    {
+        tracing::error!(step, "{FAILPOINT_ENV}: aborting the root key rotation here");
+        std::process::abort();
+    }
+}
+
 /// Where a rotation puts the new key until the database is re-sealed under it.
 fn pending_path(file: &Path) -> PathBuf {
     let mut name = file.as_os_str().to_os_string();
@@ -490,6 +504,7 @@ impl Vault {
             VaultError::RootKey(format!("writing the new key to {}: {e}", pending.display()))
         })?;
         sync_parent(&pending);
+        failpoint("after-new-key");
         let inner = &mut *guard;
         let resealed = reseal_data_keys(&mut inner.conn, &inner.keys, &new_keys);
         let data_keys = match resealed {
@@ -499,6 +514,7 @@ impl Vault {
                 return Err(err);
             }
         };
+        failpoint("after-vault-commit");
         inner.keys = new_keys;
         drop(guard);
         std::fs::rename(&pending, &file).map_err(|e| {
@@ -509,6 +525,7 @@ impl Vault {
             ))
         })?;
         sync_parent(&file);
+        failpoint("after-key-swap");
         Ok(Rotation {
             data_keys,
             key_file: file,

@@ -137,8 +137,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )
         .context("saving the release retention setting")?;
     let api_url = format!("http://{}", args.api_listen);
-    write_private(&data_dir.join("host.token"), &credentials.host_token)
-        .context("saving the host token")?;
+    // This host's own credential: its agent, proxy and resolver act as this host only.
+    let host_id = aloft_agent::local_host_id(&data_dir)?;
+    let host_token = plane
+        .host_token_for(&host_id)
+        .context("making this host's token")?;
+    write_private(&data_dir.join("host.token"), &host_token).context("saving the host token")?;
     // Shared IPv4 addresses are the proxy's.
     plane.store.set_setting(
         aloft_control::ips::SETTING_SHARED_V4,
@@ -156,7 +160,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         listen: args.agent_listen,
         region: args.region.clone(),
         control_url: api_url.clone(),
-        token: credentials.host_token.clone(),
+        token: host_token.clone(),
         runtime: args.runtime.clone(),
         driver: args.driver,
         vm: aloft_agent::microvm::MicrovmOptions {
@@ -197,7 +201,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     tokio::spawn(agent.clone().report());
     agent.reconcile().await.context("reconciling machines")?;
 
-    let dns = start_dns(&args, &api_url, &credentials.host_token);
+    let dns = start_dns(&args, &api_url, &host_token);
 
     let proxy = Proxy::new(ProxyConfig {
         http_listen: args.proxy_listen,
@@ -205,7 +209,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         region: args.region.clone(),
         base_domain: args.base_domain.clone(),
         control_url: api_url.clone(),
-        token: credentials.host_token.clone(),
+        token: host_token.clone(),
         ..ProxyConfig::default()
     });
     proxy.bind().await.context("binding the proxy")?;
