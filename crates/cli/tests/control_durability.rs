@@ -240,12 +240,21 @@ async fn acknowledged_writes_survive_kill_9() {
     let _ = restarted.wait();
 }
 
-async fn call(client: &Client, method: Method, path: &str, body: serde_json::Value) -> serde_json::Value {
+async fn call(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
     let (status, bytes) = client
         .raw(method, path, Some(body.to_string().into_bytes()), &[])
         .await
         .unwrap_or_else(|e| panic!("{path}: {e}"));
-    assert!(status.is_success(), "{path}: {status} {}", String::from_utf8_lossy(&bytes));
+    assert!(
+        status.is_success(),
+        "{path}: {status} {}",
+        String::from_utf8_lossy(&bytes)
+    );
     serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
 }
 
@@ -268,16 +277,36 @@ async fn a_root_key_rotation_cut_short_at_any_step_loses_no_secret() {
         let admin = wait_until_up(root.path(), port).await;
         let mut before = Vec::new();
         for app in ["alpha", "beta"] {
-            call(&admin, Method::POST, "/v1/apps", json!({ "app_name": app, "org_slug": "personal" })).await;
-            let values = json!({ "DATABASE_URL": format!("postgres://{app}"), "TOKEN": format!("t-{app}") });
-            let listing = call(&admin, Method::POST, &format!("/v1/apps/{app}/secrets"), json!({ "values": values.clone() })).await;
+            call(
+                &admin,
+                Method::POST,
+                "/v1/apps",
+                json!({ "app_name": app, "org_slug": "personal" }),
+            )
+            .await;
+            let values =
+                json!({ "DATABASE_URL": format!("postgres://{app}"), "TOKEN": format!("t-{app}") });
+            let listing = call(
+                &admin,
+                Method::POST,
+                &format!("/v1/apps/{app}/secrets"),
+                json!({ "values": values.clone() }),
+            )
+            .await;
             before.push((app, values, listing));
         }
         let rotation = admin
-            .raw(Method::POST, "/v1/secrets/rotate-key", Some(b"{}".to_vec()), &[])
+            .raw(
+                Method::POST,
+                "/v1/secrets/rotate-key",
+                Some(b"{}".to_vec()),
+                &[],
+            )
             .await;
         assert!(
-            !rotation.as_ref().is_ok_and(|(status, _)| status.is_success()),
+            !rotation
+                .as_ref()
+                .is_ok_and(|(status, _)| status.is_success()),
             "{step} aborts the rotation: {rotation:?}"
         );
         let exit = control.wait().expect("waiting for aloft control");
@@ -287,8 +316,17 @@ async fn a_root_key_rotation_cut_short_at_any_step_loses_no_secret() {
         let mut control = spawn_control(root.path(), port);
         let admin = wait_until_up(root.path(), port).await;
         for (app, values, listing) in &before {
-            let again = call(&admin, Method::POST, &format!("/v1/apps/{app}/secrets"), json!({ "values": values })).await;
-            assert_eq!(&again, listing, "{step}: the secrets of {app} after the restart");
+            let again = call(
+                &admin,
+                Method::POST,
+                &format!("/v1/apps/{app}/secrets"),
+                json!({ "values": values }),
+            )
+            .await;
+            assert_eq!(
+                &again, listing,
+                "{step}: the secrets of {app} after the restart"
+            );
         }
         let data = root.path().join("data");
         for leftover in ["secrets-root.key.new", "secrets-root.key.old"] {

@@ -61,6 +61,8 @@ pub struct ControlConfig {
 pub struct Credentials {
     pub org_slug: String,
     pub admin_token: String,
+    /// The platform's own token: a host token bound to no host, which acts as none (for
+    /// proxies and the control plane itself; agents get [`ControlPlane::host_token_for`]).
     pub host_token: String,
 }
 

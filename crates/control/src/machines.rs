@@ -693,8 +693,7 @@ impl ControlPlane {
         }
         let updated = self.reload(&replacing.id)?;
         let agent = self.agent(&updated.host_id)?;
-        if let Err(err) = agent.put(&self.spec(&updated, app, &agent)).await
-        {
+        if let Err(err) = agent.put(&self.spec(&updated, app, &agent)).await {
             self.resync(&updated).await;
             return Err(err);
         }

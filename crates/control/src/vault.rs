@@ -598,7 +598,9 @@ impl Vault {
                 sync_parent(&old);
             }
             // Left for the next start, which settles on whichever key opens the vault.
-            Ok(_) => tracing::error!(file = %file.display(), "the key file does not read back as the new root key; the old key is kept beside it"),
+            Ok(_) => {
+                tracing::error!(file = %file.display(), "the key file does not read back as the new root key; the old key is kept beside it")
+            }
             Err(err) => tracing::error!(error = %err, "reading the new root key back"),
         }
         Ok(Rotation {
@@ -776,7 +778,9 @@ fn reseal_data_keys(c: &mut Connection, old: &Keys, new: &Keys) -> Result<usize,
     if resealed.is_ok() {
         let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
         if busy != 0 {
-            tracing::warn!("a reader kept the rotation's checkpoint from completing; its commit is durable in the synced write-ahead log");
+            tracing::warn!(
+                "a reader kept the rotation's checkpoint from completing; its commit is durable in the synced write-ahead log"
+            );
         }
     }
     c.pragma_update(None, "synchronous", "NORMAL")?;
@@ -1086,6 +1090,21 @@ mod tests {
         assert!(!pending.exists());
         assert_eq!(std::fs::read(&key_file).unwrap(), new_key);
         assert!(vault.machine_secrets(APP, "h1", "m1").is_ok());
+        drop(vault);
+
+        // The key file was replaced but the re-sealing did not reach the disk: the old key,
+        // kept beside it, is the one the vault is sealed under, and is put back.
+        let old = old_path(&key_file);
+        std::fs::rename(&key_file, &old).unwrap();
+        create_key_file(&key_file, &[7u8; KEY_LEN]).unwrap();
+        let vault = file_vault(dir.path());
+        assert_eq!(std::fs::read(&key_file).unwrap(), new_key);
+        assert!(!old.exists());
+        let bundle = vault.machine_secrets(APP, "h1", "m1").unwrap();
+        assert_eq!(
+            bundle.open(&vault.host_key("h1"), "h1", "web").unwrap()["A"],
+            "1"
+        );
     }
 
     /// A power cut keeps what reached the disk and nothing else: copy, right after a

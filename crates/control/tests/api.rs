@@ -975,7 +975,10 @@ async fn a_host_token_speaks_for_its_own_host_only() {
         let machine = h.plane.store.machine(id).unwrap().unwrap();
         machine.host_id
     };
-    assert_eq!((host_of(&on_h1).as_str(), host_of(&on_h2).as_str()), ("h1", "h2"));
+    assert_eq!(
+        (host_of(&on_h1).as_str(), host_of(&on_h2).as_str()),
+        ("h1", "h2")
+    );
 
     // Each host fetches its own key and the secrets of its own machines...
     let (status, key1) = send(h1, Method::GET, "/v1/hosts/h1/secrets-key", None).await;
@@ -1020,7 +1023,11 @@ async fn a_host_token_speaks_for_its_own_host_only() {
         Some(json!({ "id": "h1", "region": "iad", "agent_url": h.agent_url })),
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "a host re-registers itself: {body}");
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "a host re-registers itself: {body}"
+    );
 
     // Nor report events or checks for h1's machines, under h1's name or its own.
     let state_of = |id: &str| h.plane.store.machine(id).unwrap().unwrap().state;
@@ -1032,8 +1039,15 @@ async fn a_host_token_speaks_for_its_own_host_only() {
     let (status, body) = send(h2, Method::POST, "/v1/hosts/h1/events", Some(event.clone())).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, body) = send(h2, Method::POST, "/v1/hosts/h2/events", Some(event)).await;
-    assert!(status.is_success() || status == StatusCode::FORBIDDEN, "{status} {body}");
-    assert_eq!(state_of(&on_h1), before, "h2's event about h1's machine changed nothing");
+    assert!(
+        status.is_success() || status == StatusCode::FORBIDDEN,
+        "{status} {body}"
+    );
+    assert_eq!(
+        state_of(&on_h1),
+        before,
+        "h2's event about h1's machine changed nothing"
+    );
     let checks = json!({ "machines": [{ "machine_id": on_h1, "checks": [] }] });
     let (status, body) = send(h2, Method::POST, "/v1/hosts/h1/checks", Some(checks)).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
