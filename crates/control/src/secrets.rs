@@ -16,7 +16,7 @@
 //!   (the operator's admin token only; the root key is the whole platform's).
 //!
 //! Setting and listing need deploy rights on the app: a read-only token gets 403, a token
-//! for other apps (or another org) 404, as for every app route.
+//! for other apps (or another org) 404, as for every app route; a host token 403.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -220,6 +220,12 @@ pub fn listing(plane: &ControlPlane, app: &AppRow) -> ApiResult<ListSecretsRespo
 
 /// Finds the app for a caller with deploy rights on it.
 fn app_for_deployer(plane: &ControlPlane, caller: &Caller, name: &str) -> ApiResult<AppRow> {
+    if caller.is_host() {
+        // A host gets secrets only for machines placed on it (`/v1/hosts/...`).
+        return Err(ApiError::forbidden(
+            "host tokens cannot list or change an app's secrets",
+        ));
+    }
     let app = visible_app(plane, caller, name)?;
     caller.require_write()?;
     Ok(app)

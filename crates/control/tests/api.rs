@@ -1005,6 +1005,20 @@ async fn a_host_token_speaks_for_its_own_host_only() {
         assert!(!body.to_string().contains("\"key\""), "{body}");
     }
 
+    // Hosts read secrets only as machines placed on them: not an app's list, nor set one.
+    for client in [h1, h2, &platform] {
+        let (status, body) = send(client, Method::GET, "/v1/apps/tenant/secrets", None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        let (status, body) = send(
+            client,
+            Method::POST,
+            "/v1/apps/tenant/secrets",
+            Some(json!({ "values": { "DATABASE_URL": "postgres://attacker" } })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    }
+
     // Host h2 cannot move h1's agent (where the control plane sends h1's token) elsewhere.
     let hijack = json!({ "id": "h1", "region": "iad", "agent_url": "http://127.0.0.1:9" });
     for client in [h2, &platform] {
