@@ -67,7 +67,12 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
         })?;
         std::fs::write(
             std::path::Path::new(data_dir).join("tokens"),
-            format!("{}\n{}\n", credentials.admin_token, credentials.host_token),
+            // The fake agent registers as bench-host, with that host's own token.
+            format!(
+                "{}\n{}\n",
+                credentials.admin_token,
+                plane.host_token_for("bench-host")?
+            ),
         )?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         plane.serve(listener, std::future::pending()).await

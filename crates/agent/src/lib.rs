@@ -1141,6 +1141,14 @@ async fn wait_for_exit(pid: i32, timeout: Option<Duration>) -> bool {
     }
 }
 
+/// The identity of the agent whose data is under `data_dir` (created on first use), for
+/// minting its host token before it starts.
+pub fn local_host_id(data_dir: &Path) -> anyhow::Result<String> {
+    let root = data_dir.join("agent");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    host_id(&root)
+}
+
 /// This host's stable identity, created on first start.
 fn host_id(root: &Path) -> anyhow::Result<String> {
     let path = root.join("host_id");

@@ -1,6 +1,7 @@
 //! Every write the control plane acknowledged survives `kill -9`: `aloft control` runs
 //! under concurrent writes (apps, secrets, org tokens), is killed mid-load, restarts on
-//! the same data dir, and every acknowledged write is checked.
+//! the same data dir, and every acknowledged write is checked. And a secrets root key
+//! rotation cut short at any of its steps loses no secret.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -22,8 +23,18 @@ fn free_port() -> u16 {
 }
 
 fn spawn_control(root: &Path, port: u16) -> Child {
+    spawn_control_failing_at(root, port, None)
+}
+
+/// `aloft control`, aborting at `failpoint` (an `ALOFT_FAILPOINT` value) when given.
+fn spawn_control_failing_at(root: &Path, port: u16, failpoint: Option<&str>) -> Child {
     let log = std::fs::File::create(root.join(format!("control-{port}.log"))).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_aloft"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_aloft"));
+    match failpoint {
+        Some(step) => command.env("ALOFT_FAILPOINT", step),
+        None => command.env_remove("ALOFT_FAILPOINT"),
+    };
+    command
         .args(["control", "--data-dir"])
         .arg(root.join("data"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -227,4 +238,103 @@ async fn acknowledged_writes_survive_kill_9() {
     );
     let _ = restarted.kill();
     let _ = restarted.wait();
+}
+
+async fn call(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let (status, bytes) = client
+        .raw(method, path, Some(body.to_string().into_bytes()), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(
+        status.is_success(),
+        "{path}: {status} {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+}
+
+/// `secrets rotate-key` aborted at each of its steps (`ALOFT_FAILPOINT`, as a crash there
+/// would) leaves a control plane that starts with every secret of every app readable:
+/// setting each secret to the value it has changes nothing, which takes its app's data key
+/// opening and the value's digest matching. No key file is left beside the key, and the
+/// next rotation works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_key_rotation_cut_short_at_any_step_loses_no_secret() {
+    for step in [
+        "rotate:after-new-key",
+        "rotate:after-vault-commit",
+        "rotate:after-old-kept",
+        "rotate:after-key-swap",
+    ] {
+        let root = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut control = spawn_control_failing_at(root.path(), port, Some(step));
+        let admin = wait_until_up(root.path(), port).await;
+        let mut before = Vec::new();
+        for app in ["alpha", "beta"] {
+            call(
+                &admin,
+                Method::POST,
+                "/v1/apps",
+                json!({ "app_name": app, "org_slug": "personal" }),
+            )
+            .await;
+            let values =
+                json!({ "DATABASE_URL": format!("postgres://{app}"), "TOKEN": format!("t-{app}") });
+            let listing = call(
+                &admin,
+                Method::POST,
+                &format!("/v1/apps/{app}/secrets"),
+                json!({ "values": values.clone() }),
+            )
+            .await;
+            before.push((app, values, listing));
+        }
+        let rotation = admin
+            .raw(
+                Method::POST,
+                "/v1/secrets/rotate-key",
+                Some(b"{}".to_vec()),
+                &[],
+            )
+            .await;
+        assert!(
+            !rotation
+                .as_ref()
+                .is_ok_and(|(status, _)| status.is_success()),
+            "{step} aborts the rotation: {rotation:?}"
+        );
+        let exit = control.wait().expect("waiting for aloft control");
+        assert!(!exit.success(), "{step}: {exit}");
+
+        let port = free_port();
+        let mut control = spawn_control(root.path(), port);
+        let admin = wait_until_up(root.path(), port).await;
+        for (app, values, listing) in &before {
+            let again = call(
+                &admin,
+                Method::POST,
+                &format!("/v1/apps/{app}/secrets"),
+                json!({ "values": values }),
+            )
+            .await;
+            assert_eq!(
+                &again, listing,
+                "{step}: the secrets of {app} after the restart"
+            );
+        }
+        let data = root.path().join("data");
+        for leftover in ["secrets-root.key.new", "secrets-root.key.old"] {
+            assert!(!data.join(leftover).exists(), "{step}: {leftover} is left");
+        }
+        let rotated = call(&admin, Method::POST, "/v1/secrets/rotate-key", json!({})).await;
+        assert_eq!(rotated["data_keys"], 2, "{step}: {rotated}");
+        let _ = control.kill();
+        let _ = control.wait();
+    }
 }

@@ -1222,7 +1222,9 @@ async fn register_host(
     caller: Caller,
     JsonBody(registration): JsonBody<HostRegistration>,
 ) -> ApiResult<StatusCode> {
-    caller.require_host()?;
+    // Only the host itself may say where its agent is: the control plane sends that
+    // host's token there.
+    caller.require_host_itself(&registration.id)?;
     if registration.id.is_empty() || registration.region.is_empty() {
         return Err(ApiError::bad_request(
             "host registration needs an id and a region",
@@ -1244,7 +1246,7 @@ async fn host_events(
     Path(host): Path<String>,
     JsonBody(events): JsonBody<Vec<AgentEvent>>,
 ) -> ApiResult<StatusCode> {
-    caller.require_host()?;
+    caller.require_host_itself(&host)?;
     plane.apply_agent_events(&host, &events)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -25,6 +25,8 @@ pub struct Caller {
     pub expires_at: Option<i64>,
     /// Who the token says it is, for lease owners and the like.
     pub name: String,
+    /// The host a `host` token speaks for; `None` for the platform's own token.
+    pub host_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +80,9 @@ pub fn authenticate(
         .token(&token.id)?
         .ok_or_else(|| ApiError::unauthorized("invalid token: unknown token"))?;
     let mut caller = check(&row, &token, now_secs)?;
+    if caller.kind == TokenKind::Host {
+        caller.host_id = store.token_host(&row.id)?;
+    }
     if caller.kind == TokenKind::User {
         caller.org_ids = store.token_org_ids(&row.id)?;
         if !caller.org_ids.contains(&row.org_id) {
@@ -110,6 +115,7 @@ fn check(row: &TokenRow, token: &Token, now_secs: i64) -> Result<Caller, ApiErro
         read_only: token.read_only() || kind == TokenKind::ReadOnly,
         expires_at: token.expires_at(),
         name: row.name.clone(),
+        host_id: None,
     })
 }
 
@@ -144,6 +150,19 @@ impl Caller {
             Err(ApiError::forbidden(
                 "this endpoint is for platform hosts only",
             ))
+        }
+    }
+
+    /// Host-only endpoints about one host answer only that host's own token: another
+    /// host's token, or the platform's (bound to no host), gets 403.
+    pub fn require_host_itself(&self, host_id: &str) -> Result<(), ApiError> {
+        self.require_host()?;
+        if self.host_id.as_deref() == Some(host_id) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(&format!(
+                "this endpoint needs host {host_id}'s own token"
+            )))
         }
     }
 

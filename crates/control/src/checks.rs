@@ -98,7 +98,7 @@ async fn host_checks(
     Path(host): Path<String>,
     Json(report): Json<ChecksReport>,
 ) -> ApiResult<StatusCode> {
-    caller.require_host()?;
+    caller.require_host_itself(&host)?;
     plane.apply_checks_report(&host, report)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -41,6 +41,8 @@ pub fn place(hosts: &[HostRow], wanted: &str) -> Result<Placement, ApiError> {
 #[derive(Clone)]
 pub struct AgentClient {
     client: Client,
+    /// The host's own token, which its agent takes (and pulls images with).
+    token: String,
 }
 
 fn agent_error(err: ClientError) -> ApiError {
@@ -54,7 +56,13 @@ impl AgentClient {
     pub fn new(agent_url: &str, token: &str) -> Self {
         Self {
             client: Client::new(agent_url, Some(token.to_string())),
+            token: token.to_string(),
         }
+    }
+
+    /// The host's own token.
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     /// The underlying HTTP client, for calls that stream (logs) or upgrade (consoles).

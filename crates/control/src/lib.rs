@@ -66,6 +66,8 @@ pub struct ControlConfig {
 pub struct Credentials {
     pub org_slug: String,
     pub admin_token: String,
+    /// The platform's own token: a host token bound to no host, which acts as none (for
+    /// proxies and the control plane itself; agents get [`ControlPlane::host_token_for`]).
     pub host_token: String,
 }
 
@@ -191,9 +193,35 @@ impl ControlPlane {
         ))
     }
 
-    /// The host token, used to call agents and to pull from the registry on their behalf.
+    /// The platform's own token (a host token bound to no host), for the control plane's
+    /// calls to its own API and registry. It cannot act as any host: registering, events
+    /// and secrets need the host's own token ([`Self::host_token_for`]).
     pub fn host_token(&self) -> &str {
         &self.host_token
+    }
+
+    /// The credential of host `host_id`, made on first use. With it the host's agent
+    /// registers as that host, reports its machines and fetches its own secrets key and the
+    /// secrets of machines placed on it, nothing of other hosts; the control plane calls
+    /// that agent with it.
+    pub fn host_token_for(&self, host_id: &str) -> Result<String, store::StoreError> {
+        if let Some(row) = self.store.host_token(host_id)? {
+            return Ok(Token::mint(&row.id, &row.key, Vec::new()).encode());
+        }
+        let row = TokenRow {
+            id: names::random_id(16),
+            org_id: String::new(),
+            kind: TokenKind::Host.as_str().to_string(),
+            name: format!("host {host_id}"),
+            key: names::random_key(),
+            created_at: now_rfc3339(),
+            revoked: false,
+            expires_at: None,
+            apps: Vec::new(),
+        };
+        self.store.insert_token(&row)?;
+        self.store.bind_host_token(&row.id, host_id)?;
+        Ok(Token::mint(&row.id, &row.key, Vec::new()).encode())
     }
 
     pub fn registry_host(&self) -> String {
@@ -226,7 +254,7 @@ impl ControlPlane {
             .ok_or_else(|| {
                 error::ApiError::unavailable(format!("host {host_id} is not registered"))
             })?;
-        let client = AgentClient::new(&host.agent_url, &self.host_token);
+        let client = AgentClient::new(&host.agent_url, &self.host_token_for(host_id)?);
         self.agents
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 use crate::ControlPlane;
 use crate::catalog::Published;
 use crate::error::{ApiError, ApiResult};
-use crate::hosts::place;
+use crate::hosts::{AgentClient, place};
 use crate::names;
 use crate::states::{Operation, Plan, plan};
 use crate::store::{
@@ -300,7 +300,9 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn spec(&self, row: &MachineRow, app: &AppRow) -> MachineSpec {
+    /// What `agent` (the machine's host's) is given; it pulls our registry's images with
+    /// its own token.
+    fn spec(&self, row: &MachineRow, app: &AppRow, agent: &AgentClient) -> MachineSpec {
         let registry = self.registry_host();
         let ours = row.config.image.starts_with(&format!("{registry}/"));
         MachineSpec {
@@ -319,7 +321,7 @@ impl ControlPlane {
                     String::new()
                 },
                 token: if ours {
-                    self.host_token().to_string()
+                    agent.token().to_string()
                 } else {
                     String::new()
                 },
@@ -354,6 +356,10 @@ impl ControlPlane {
             let Some(row) = self.store.machine(&event.machine_id)? else {
                 continue;
             };
+            if row.host_id != host_id {
+                tracing::warn!(host = %host_id, machine = %row.id, placed_on = %row.host_id, "ignoring an event about a machine placed on another host");
+                continue;
+            }
             let request = event
                 .exit
                 .as_ref()
@@ -461,7 +467,7 @@ impl ControlPlane {
         row.private_ip = Some(self.store.insert_machine_allocating(&row, |c| {
             crate::ips::machine_private_ip_in(c, app, &host_id)
         })?);
-        if let Err(err) = agent.put(&self.spec(&row, app)).await {
+        if let Err(err) = agent.put(&self.spec(&row, app, &agent)).await {
             self.store.delete_machine(&row.id)?;
             self.forget_agent(&row.host_id);
             return Err(err);
@@ -686,11 +692,8 @@ impl ControlPlane {
             self.store.set_machine_cordoned(&row.id, cordoned)?;
         }
         let updated = self.reload(&replacing.id)?;
-        if let Err(err) = self
-            .agent(&updated.host_id)?
-            .put(&self.spec(&updated, app))
-            .await
-        {
+        let agent = self.agent(&updated.host_id)?;
+        if let Err(err) = agent.put(&self.spec(&updated, app, &agent)).await {
             self.resync(&updated).await;
             return Err(err);
         }

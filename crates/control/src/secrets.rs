@@ -11,12 +11,12 @@
 //!   a new release of the current config and image, through the deploy path (NDJSON
 //!   [`DeployEvent`]s, like `/deploys`).
 //! - `GET /v1/hosts/{host}/secrets-key` and `GET /v1/hosts/{host}/machines/{id}/secrets`:
-//!   host tokens only; the second answers only for a live machine placed on that host.
+//!   that host's own token only; the second answers only for a live machine placed on it.
 //! - `POST /v1/secrets/rotate-key`: re-seals every app's data key under a new root key
 //!   (the operator's admin token only; the root key is the whole platform's).
 //!
 //! Setting and listing need deploy rights on the app: a read-only token gets 403, a token
-//! for other apps (or another org) 404, as for every app route.
+//! for other apps (or another org) 404, as for every app route; a host token 403.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -220,6 +220,12 @@ pub fn listing(plane: &ControlPlane, app: &AppRow) -> ApiResult<ListSecretsRespo
 
 /// Finds the app for a caller with deploy rights on it.
 fn app_for_deployer(plane: &ControlPlane, caller: &Caller, name: &str) -> ApiResult<AppRow> {
+    if caller.is_host() {
+        // A host gets secrets only for machines placed on it (`/v1/hosts/...`).
+        return Err(ApiError::forbidden(
+            "host tokens cannot list or change an app's secrets",
+        ));
+    }
     let app = visible_app(plane, caller, name)?;
     caller.require_write()?;
     Ok(app)
@@ -425,7 +431,7 @@ async fn host_secrets_key(
     caller: Caller,
     Path(host): Path<String>,
 ) -> ApiResult<Json<HostSecretsKey>> {
-    caller.require_host()?;
+    caller.require_host_itself(&host)?;
     if !plane.store.hosts()?.iter().any(|h| h.id == host) {
         return Err(ApiError::not_found(format!(
             "host {host} is not registered"
@@ -441,7 +447,7 @@ async fn machine_secrets(
     caller: Caller,
     Path((host, id)): Path<(String, String)>,
 ) -> ApiResult<Json<MachineSecrets>> {
-    caller.require_host()?;
+    caller.require_host_itself(&host)?;
     let machine = match plane.store.machine(&id)? {
         Some(machine) if machine.state != MachineState::Destroyed => machine,
         _ => return Err(ApiError::not_found(format!("machine not found: {id}"))),

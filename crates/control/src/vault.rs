@@ -29,8 +29,10 @@
 //! Rotation ([`Vault::rotate_root_key`]) re-seals every app's data key under a new root
 //! key in one transaction; values stay sealed as they are under their data keys, so
 //! nothing about a running machine changes. The new key is written next to the key file
-//! (`<file>.new`) before the transaction and renamed over it after; a start that finds the
-//! database already rotated but the rename not done finishes it.
+//! (`<file>.new`) before the transaction, which is synced and checkpointed before the old
+//! key is set aside (`<file>.old`) and the new one renamed over the key file. A start after
+//! a crash at any step settles on whichever of the three keys the vault is sealed under
+//! (the `root_key_check` value says which) and checks that every app's data key opens.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -140,10 +142,31 @@ impl Keys {
     }
 }
 
+/// The variable that makes a rotation abort the process at one of its steps, as a power
+/// cut would: `rotate:after-new-key`, `rotate:after-vault-commit`, `rotate:after-old-kept`
+/// or `rotate:after-key-swap`. For the crash tests; unset, it costs one lookup per step.
+pub const FAILPOINT_ENV: &str = "ALOFT_FAILPOINT";
+
+fn failpoint(step: &str) {
+    if let Ok(wanted) = std::env::var(FAILPOINT_ENV)
+        && wanted.strip_prefix("rotate:") == Some(step)
+    {
+        tracing::error!(step, "{FAILPOINT_ENV}: aborting the root key rotation here");
+        std::process::abort();
+    }
+}
+
 /// Where a rotation puts the new key until the database is re-sealed under it.
 fn pending_path(file: &Path) -> PathBuf {
     let mut name = file.as_os_str().to_os_string();
     name.push(".new");
+    PathBuf::from(name)
+}
+
+/// Where a rotation keeps the old key until the new one is confirmed.
+fn old_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_os_string();
+    name.push(".old");
     PathBuf::from(name)
 }
 
@@ -329,71 +352,101 @@ fn wrong_root_key(source: &RootKeySource) -> VaultError {
     ))
 }
 
-/// Checks `root` against the database and returns the key to use: `root` itself, or the
-/// new key of a rotation whose transaction committed but whose key file was not replaced
-/// yet (the replacement is finished here).
+/// Checks `root` against the database and returns the key to use. A rotation cut short
+/// may have left the key the vault is sealed under beside the key file: its new key
+/// (`<file>.new`, when the re-sealing committed but the file was not replaced yet), or the
+/// old one (`<file>.old`, kept until the new one is confirmed). Whichever of the three
+/// opens the vault becomes the key file's content and the others are removed. Every app's
+/// data key must then open.
 fn settle_root_key(c: &Connection, root: RootKey) -> Result<RootKey, VaultError> {
-    let check = Keys::from_root(&root.key).check;
-    let pending = root.source.file().map(pending_path);
-    match meta(c, META_KEY_CHECK)? {
-        Some(stored) if stored == check => {
-            // A rotation that did not commit leaves its new key behind; it sealed nothing.
-            if let Some(pending) = pending.filter(|p| p.exists()) {
-                tracing::warn!(file = %pending.display(), "removing the key of a root key rotation that did not complete");
-                let _ = std::fs::remove_file(&pending);
-            }
-            Ok(root)
-        }
-        Some(stored) => {
-            if let (Some(file), Some(pending)) = (root.source.file(), pending)
-                && pending.exists()
-            {
-                let new_key = read_key_file(&pending)?;
-                if Keys::from_root(&new_key).check == stored {
-                    std::fs::rename(&pending, file).map_err(|e| {
-                        VaultError::RootKey(format!(
-                            "finishing a root key rotation: moving {} to {}: {e}",
-                            pending.display(),
-                            file.display()
-                        ))
-                    })?;
-                    sync_parent(file);
-                    tracing::warn!(file = %file.display(), "finished a root key rotation that was cut short");
-                    return Ok(RootKey::new(
-                        new_key,
-                        RootKeySource::File(file.to_path_buf()),
-                    ));
-                }
-            }
+    let Some(stored) = meta(c, META_KEY_CHECK)? else {
+        // The vault's first start with key checks: stored data keys must open.
+        if let Err(err) = every_data_key_opens(c, &Keys::from_root(&root.key)) {
             if let RootKeySource::Created(path) = &root.source {
-                // Made just now for a database that already has secrets: it is of no use,
-                // and must not be mistaken for the real key next time.
                 let _ = std::fs::remove_file(path);
             }
-            Err(wrong_root_key(&root.source))
+            tracing::error!(error = %err, "a stored data key does not open");
+            return Err(wrong_root_key(&root.source));
         }
-        None => {
-            // The vault's first start with key checks: stored data keys must open.
-            let row: Option<(String, Vec<u8>, Vec<u8>)> = c
-                .query_row(
-                    "SELECT app_id, nonce, wrapped FROM secret_keys LIMIT 1",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            if let Some((app_id, nonce, wrapped)) = row {
-                let keys = Keys::from_root(&root.key);
-                if open_raw(&keys.key_encryption, &key_aad(&app_id), &nonce, &wrapped).is_err() {
-                    if let RootKeySource::Created(path) = &root.source {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    return Err(wrong_root_key(&root.source));
-                }
+        set_meta(c, META_KEY_CHECK, &Keys::from_root(&root.key).check)?;
+        return Ok(root);
+    };
+    let opens = |key: &[u8]| Keys::from_root(key).check == stored;
+    let file = root.source.file().map(Path::to_path_buf);
+    let beside = |path: &dyn Fn(&Path) -> PathBuf| {
+        file.as_deref()
+            .map(path)
+            .filter(|p| p.exists())
+            .and_then(|p| read_key_file(&p).ok().map(|key| (p, key)))
+    };
+    let pending = beside(&pending_path);
+    let old = beside(&old_path);
+    let chosen = if opens(&root.key) {
+        root
+    } else if let (Some(file), Some((path, key))) = (&file, pending.filter(|(_, k)| opens(k))) {
+        move_key(&path, file)?;
+        tracing::warn!(file = %file.display(), "finished a root key rotation that was cut short");
+        RootKey::new(key, RootKeySource::File(file.clone()))
+    } else if let (Some(file), Some((path, key))) = (&file, old.filter(|(_, k)| opens(k))) {
+        move_key(&path, file)?;
+        tracing::warn!(file = %file.display(), "undid a root key rotation whose re-sealed data keys are not in the database");
+        RootKey::new(key, RootKeySource::File(file.clone()))
+    } else {
+        if let RootKeySource::Created(path) = &root.source {
+            // Made just now for a database that already has secrets: it is of no use,
+            // and must not be mistaken for the real key next time.
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(wrong_root_key(&root.source));
+    };
+    every_data_key_opens(c, &Keys::from_root(&chosen.key))?;
+    if let Some(file) = &file {
+        // The key file opens the vault: a new key that never sealed anything, or an old
+        // one kept for a rotation, is of no further use.
+        for leftover in [pending_path(file), old_path(file)] {
+            if leftover.exists() {
+                tracing::warn!(file = %leftover.display(), "removing the leftover key of a root key rotation");
+                let _ = std::fs::remove_file(&leftover);
             }
-            set_meta(c, META_KEY_CHECK, &check)?;
-            Ok(root)
+        }
+        sync_parent(file);
+    }
+    Ok(chosen)
+}
+
+/// Renames a key file over another and makes the rename durable.
+fn move_key(from: &Path, to: &Path) -> Result<(), VaultError> {
+    std::fs::rename(from, to).map_err(|e| {
+        VaultError::RootKey(format!(
+            "settling a root key rotation: moving {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })?;
+    sync_parent(to);
+    Ok(())
+}
+
+/// Fails, naming the app, unless every stored data key opens under `keys`.
+fn every_data_key_opens(c: &Connection, keys: &Keys) -> Result<(), VaultError> {
+    let mut stmt = c.prepare("SELECT app_id, nonce, wrapped FROM secret_keys")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (app_id, nonce, wrapped) = row?;
+        if open_raw(&keys.key_encryption, &key_aad(&app_id), &nonce, &wrapped).is_err() {
+            return Err(VaultError::Corrupt {
+                app: app_id,
+                what: "its data key, though the root key's check value matches".into(),
+            });
         }
     }
+    Ok(())
 }
 
 /// The digest the API shows for `value`, keyed by the app's data key.
@@ -464,6 +517,14 @@ impl Vault {
     /// Re-seals every app's data key under a new random root key, which replaces the key
     /// file; stored values are untouched, so they open as before and machines go on
     /// running. Afterwards the old root key opens nothing.
+    ///
+    /// A power cut at any step leaves a vault that opens at the next start: the new key
+    /// is written and synced to `<file>.new` first; the re-sealing commits with its log
+    /// synced and checkpointed into the database; the old key is kept as `<file>.old`
+    /// while the new one is renamed over the key file (directory synced); only then, once
+    /// the key file reads back as the key the vault is sealed under, is the old one
+    /// removed. A start finds whichever of the three the vault is sealed under
+    /// ([`settle_root_key`]).
     pub fn rotate_root_key(&self) -> Result<Rotation, VaultError> {
         let file = self
             .root_file
@@ -473,23 +534,27 @@ impl Vault {
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut new_root);
         let new_keys = Keys::from_root(&new_root);
         let pending = pending_path(&file);
+        let old = old_path(&file);
         // Held throughout: one rotation at a time, and nothing is sealed under the old
         // key once the data keys are re-sealed.
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match std::fs::remove_file(&pending) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(VaultError::RootKey(format!(
-                    "removing {}: {e}",
-                    pending.display()
-                )));
+        for leftover in [&pending, &old] {
+            match std::fs::remove_file(leftover) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(VaultError::RootKey(format!(
+                        "removing {}: {e}",
+                        leftover.display()
+                    )));
+                }
             }
         }
         create_key_file(&pending, &new_root).map_err(|e| {
             VaultError::RootKey(format!("writing the new key to {}: {e}", pending.display()))
         })?;
         sync_parent(&pending);
+        failpoint("after-new-key");
         let inner = &mut *guard;
         let resealed = reseal_data_keys(&mut inner.conn, &inner.keys, &new_keys);
         let data_keys = match resealed {
@@ -499,8 +564,20 @@ impl Vault {
                 return Err(err);
             }
         };
+        failpoint("after-vault-commit");
+        let check = new_keys.check.clone();
         inner.keys = new_keys;
         drop(guard);
+        // A hard link: the old key stays, under another name, until the new one is in place.
+        std::fs::hard_link(&file, &old).map_err(|e| {
+            VaultError::RootKey(format!(
+                "the secrets are sealed under the new root key in {}, but keeping the old key as {} failed: {e} (the next start finishes the rotation)",
+                pending.display(),
+                old.display()
+            ))
+        })?;
+        sync_parent(&old);
+        failpoint("after-old-kept");
         std::fs::rename(&pending, &file).map_err(|e| {
             VaultError::RootKey(format!(
                 "the secrets are sealed under the new root key in {}, but moving it to {} failed: {e} (the next start moves it)",
@@ -509,6 +586,23 @@ impl Vault {
             ))
         })?;
         sync_parent(&file);
+        failpoint("after-key-swap");
+        match read_key_file(&file) {
+            Ok(key) if Keys::from_root(&key).check == check => {
+                std::fs::remove_file(&old).map_err(|e| {
+                    VaultError::RootKey(format!(
+                        "the rotation is done, but removing the old key {} failed: {e} (the next start removes it)",
+                        old.display()
+                    ))
+                })?;
+                sync_parent(&old);
+            }
+            // Left for the next start, which settles on whichever key opens the vault.
+            Ok(_) => {
+                tracing::error!(file = %file.display(), "the key file does not read back as the new root key; the old key is kept beside it")
+            }
+            Err(err) => tracing::error!(error = %err, "reading the new root key back"),
+        }
         Ok(Rotation {
             data_keys,
             key_file: file,
@@ -677,6 +771,23 @@ impl Vault {
 /// Re-seals every data key from `old` to `new` and records `new`'s check value, in one
 /// transaction. Returns how many data keys there are.
 fn reseal_data_keys(c: &mut Connection, old: &Keys, new: &Keys) -> Result<usize, VaultError> {
+    // The key file is replaced once this returns, so the commit must survive a power cut:
+    // its log is synced at commit (FULL), and checkpointed into the database file.
+    c.pragma_update(None, "synchronous", "FULL")?;
+    let resealed = reseal_in_transaction(c, old, new);
+    if resealed.is_ok() {
+        let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy != 0 {
+            tracing::warn!(
+                "a reader kept the rotation's checkpoint from completing; its commit is durable in the synced write-ahead log"
+            );
+        }
+    }
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    resealed
+}
+
+fn reseal_in_transaction(c: &mut Connection, old: &Keys, new: &Keys) -> Result<usize, VaultError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let rows: Vec<(String, Vec<u8>, Vec<u8>)> = tx
         .prepare("SELECT app_id, nonce, wrapped FROM secret_keys")?
@@ -979,6 +1090,57 @@ mod tests {
         assert!(!pending.exists());
         assert_eq!(std::fs::read(&key_file).unwrap(), new_key);
         assert!(vault.machine_secrets(APP, "h1", "m1").is_ok());
+        drop(vault);
+
+        // The key file was replaced but the re-sealing did not reach the disk: the old key,
+        // kept beside it, is the one the vault is sealed under, and is put back.
+        let old = old_path(&key_file);
+        std::fs::rename(&key_file, &old).unwrap();
+        create_key_file(&key_file, &[7u8; KEY_LEN]).unwrap();
+        let vault = file_vault(dir.path());
+        assert_eq!(std::fs::read(&key_file).unwrap(), new_key);
+        assert!(!old.exists());
+        let bundle = vault.machine_secrets(APP, "h1", "m1").unwrap();
+        assert_eq!(
+            bundle.open(&vault.host_key("h1"), "h1", "web").unwrap()["A"],
+            "1"
+        );
+    }
+
+    /// A power cut keeps what reached the disk and nothing else: copy, right after a
+    /// rotation, the database's main file (not its write-ahead log, which is synced only
+    /// at checkpoints) and the key files, as a start after the cut would find them.
+    #[test]
+    fn a_power_cut_after_a_rotation_loses_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = file_vault(dir.path());
+        vault.change(APP, &[set("A", "1")]).unwrap();
+        // What was set before the rotation is on disk.
+        vault
+            .with(|c, _| {
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                Ok(())
+            })
+            .unwrap();
+        vault.rotate_root_key().unwrap();
+        let after_cut = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.ends_with("-wal") && !name.ends_with("-shm") {
+                std::fs::copy(&path, after_cut.path().join(&name)).unwrap();
+            }
+        }
+        // No clean close (which would checkpoint): the process is gone.
+        std::mem::forget(vault);
+        let root = load_root_key(after_cut.path()).unwrap();
+        let vault = Vault::open(&after_cut.path().join("control.db"), root)
+            .expect("the vault opens after the power cut");
+        let bundle = vault.machine_secrets(APP, "h1", "m1").unwrap();
+        assert_eq!(
+            bundle.open(&vault.host_key("h1"), "h1", "web").unwrap()["A"],
+            "1"
+        );
     }
 
     #[test]

@@ -992,3 +992,123 @@ async fn catalog_publishes_platform_names_only_with_the_app_they_name() {
         "{data}"
     );
 }
+
+/// Each host has its own token, and with it acts as that host only: another host's
+/// secrets key, the secrets of machines placed elsewhere, another host's registration,
+/// events and checks are refused; the platform's own token acts as no host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_token_speaks_for_its_own_host_only() {
+    let h = start().await;
+    h.add_host("h2", "fra").await;
+    let (h1, h2) = (&h.host, &h.host_client("h2"));
+    let platform = h.client(h.plane.host_token());
+    create_app(&h.admin, "tenant").await;
+    let (status, body) = send(
+        &h.admin,
+        Method::POST,
+        "/v1/apps/tenant/secrets",
+        Some(json!({ "values": { "DATABASE_URL": "postgres://secret" } })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let on_h1 = create_machine(&h.admin, "tenant", image()).await;
+    let on_h1 = on_h1["id"].as_str().unwrap().to_string();
+    let mut fra = image();
+    fra["region"] = json!("fra");
+    let on_h2 = create_machine(&h.admin, "tenant", fra).await;
+    let on_h2 = on_h2["id"].as_str().unwrap().to_string();
+    let host_of = |id: &str| {
+        let machine = h.plane.store.machine(id).unwrap().unwrap();
+        machine.host_id
+    };
+    assert_eq!(
+        (host_of(&on_h1).as_str(), host_of(&on_h2).as_str()),
+        ("h1", "h2")
+    );
+
+    // Each host fetches its own key and the secrets of its own machines...
+    let (status, key1) = send(h1, Method::GET, "/v1/hosts/h1/secrets-key", None).await;
+    assert_eq!(status, StatusCode::OK, "{key1}");
+    let (status, key2) = send(h2, Method::GET, "/v1/hosts/h2/secrets-key", None).await;
+    assert_eq!(status, StatusCode::OK, "{key2}");
+    assert_ne!(key1["key"], key2["key"]);
+    let own = format!("/v1/hosts/h2/machines/{on_h2}/secrets");
+    let (status, body) = send(h2, Method::GET, &own, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // ...and nothing of the other host's, nor does the platform's token, which is no host.
+    let theirs = format!("/v1/hosts/h1/machines/{on_h1}/secrets");
+    let misplaced = format!("/v1/hosts/h2/machines/{on_h1}/secrets");
+    for (client, path) in [
+        (h2, "/v1/hosts/h1/secrets-key"),
+        (h2, theirs.as_str()),
+        (h2, misplaced.as_str()),
+        (&platform, "/v1/hosts/h1/secrets-key"),
+        (&platform, theirs.as_str()),
+    ] {
+        let (status, body) = send(client, Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "GET {path}: {body}");
+        assert!(!body.to_string().contains("\"key\""), "{body}");
+    }
+
+    // Hosts read secrets only as machines placed on them: not an app's list, nor set one.
+    for client in [h1, h2, &platform] {
+        let (status, body) = send(client, Method::GET, "/v1/apps/tenant/secrets", None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        let (status, body) = send(
+            client,
+            Method::POST,
+            "/v1/apps/tenant/secrets",
+            Some(json!({ "values": { "DATABASE_URL": "postgres://attacker" } })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    }
+
+    // Host h2 cannot move h1's agent (where the control plane sends h1's token) elsewhere.
+    let hijack = json!({ "id": "h1", "region": "iad", "agent_url": "http://127.0.0.1:9" });
+    for client in [h2, &platform] {
+        let (status, body) = send(client, Method::POST, "/v1/hosts", Some(hijack.clone())).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    }
+    let agent_url_of_h1 = || {
+        let hosts = h.plane.store.hosts().unwrap();
+        hosts.into_iter().find(|x| x.id == "h1").unwrap().agent_url
+    };
+    assert_eq!(agent_url_of_h1(), h.agent_url);
+    let (status, body) = send(
+        h1,
+        Method::POST,
+        "/v1/hosts",
+        Some(json!({ "id": "h1", "region": "iad", "agent_url": h.agent_url })),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "a host re-registers itself: {body}"
+    );
+
+    // Nor report events or checks for h1's machines, under h1's name or its own.
+    let state_of = |id: &str| h.plane.store.machine(id).unwrap().unwrap().state;
+    let before = state_of(&on_h1);
+    let event = json!([{
+        "seq": 1_000_000, "machine_id": on_h1, "instance_id": "x", "type": "destroy",
+        "state": "destroyed", "timestamp": 1
+    }]);
+    let (status, body) = send(h2, Method::POST, "/v1/hosts/h1/events", Some(event.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = send(h2, Method::POST, "/v1/hosts/h2/events", Some(event)).await;
+    assert!(
+        status.is_success() || status == StatusCode::FORBIDDEN,
+        "{status} {body}"
+    );
+    assert_eq!(
+        state_of(&on_h1),
+        before,
+        "h2's event about h1's machine changed nothing"
+    );
+    let checks = json!({ "machines": [{ "machine_id": on_h1, "checks": [] }] });
+    let (status, body) = send(h2, Method::POST, "/v1/hosts/h1/checks", Some(checks)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}

@@ -100,7 +100,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     println!("  Organization      {}", credentials.org_slug);
     println!("  Access token      saved to {}", settings_path.display());
     println!(
-        "  Host token        saved to {} (for agents and proxies)",
+        "  Platform token    saved to {} (for proxies; it acts as no host: each agent has its own)",
         host_token_path.display()
     );
     plane.serve(listener, shutdown_signal()).await

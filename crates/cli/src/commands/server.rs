@@ -160,8 +160,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )
         .context("saving the release retention setting")?;
     let api_url = format!("http://{}", args.api_listen);
-    write_private(&data_dir.join("host.token"), &credentials.host_token)
-        .context("saving the host token")?;
+    // This host's own credential: its agent, proxy and resolver act as this host only.
+    let host_id = aloft_agent::local_host_id(&data_dir)?;
+    let host_token = plane
+        .host_token_for(&host_id)
+        .context("making this host's token")?;
+    write_private(&data_dir.join("host.token"), &host_token).context("saving the host token")?;
     // Shared IPv4 addresses are the proxy's.
     plane.store.set_setting(
         aloft_control::ips::SETTING_SHARED_V4,
@@ -183,7 +187,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         listen: args.agent_listen,
         region: args.region.clone(),
         control_url: api_url.clone(),
-        token: credentials.host_token.clone(),
+        token: host_token.clone(),
         runtime: args.runtime.clone(),
         driver: args.driver,
         vm: aloft_agent::microvm::MicrovmOptions {
@@ -224,7 +228,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     tokio::spawn(agent.clone().report());
     agent.reconcile().await.context("reconciling machines")?;
 
-    let dns = start_dns(&args, &api_url, &credentials.host_token);
+    let dns = start_dns(&args, &api_url, &host_token);
 
     let proxy = Proxy::new(ProxyConfig {
         http_listen: args.proxy_listen,
@@ -232,7 +236,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         region: args.region.clone(),
         base_domain: args.base_domain.clone(),
         control_url: api_url.clone(),
-        token: credentials.host_token.clone(),
+        token: host_token.clone(),
         request_body_timeout: args.proxy_request_body_timeout.to_std(),
         max_buffered_request_bytes: usize::try_from(args.proxy_max_buffered_request_bytes)
             .context("--proxy-max-buffered-request-bytes is larger than this host's memory")?,

@@ -234,6 +234,7 @@ CREATE TABLE IF NOT EXISTS hosts (
     id TEXT PRIMARY KEY, region TEXT NOT NULL, agent_url TEXT NOT NULL, last_seen TEXT NOT NULL,
     last_event_seq {int} NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS host_tokens (token_id TEXT PRIMARY KEY, host_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS volumes (
     id TEXT PRIMARY KEY, app_id TEXT NOT NULL, name TEXT NOT NULL, region TEXT NOT NULL, zone TEXT NOT NULL,
@@ -1333,6 +1334,40 @@ impl Store {
                 })
             })
             .collect()
+        })
+    }
+
+    /// Binds a `host` token to the one host it speaks for.
+    pub fn bind_host_token(&self, token_id: &str, host_id: &str) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO host_tokens(token_id, host_id) VALUES ($1, $2)",
+            &[token_id.into(), host_id.into()],
+        )
+    }
+
+    /// The host a `host` token is bound to (`None`: the platform's own token).
+    pub fn token_host(&self, token_id: &str) -> StoreResult<Option<String>> {
+        self.read(|c| {
+            c.query_one(
+                "SELECT host_id FROM host_tokens WHERE token_id = $1",
+                &[token_id.into()],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
+        })
+    }
+
+    /// The host's token that is not revoked, if it has one.
+    pub fn host_token(&self, host_id: &str) -> StoreResult<Option<TokenRow>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE revoked = 0 AND id IN (SELECT token_id FROM host_tokens WHERE host_id = $1) ORDER BY created_at, id"
+        );
+        self.read(|c| {
+            c.query(&sql, &[host_id.into()])?
+                .iter()
+                .map(token_from_row)
+                .next()
+                .transpose()
         })
     }
 

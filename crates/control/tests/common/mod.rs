@@ -42,7 +42,10 @@ pub async fn start() -> Harness {
     tokio::spawn(plane.clone().serve(listener, std::future::pending()));
     let url = format!("http://{addr}");
     let (agent_url, agent) = FakeAgent::spawn().await.expect("fake agent");
-    let host = Client::new(&url, Some(credentials.host_token.clone()));
+    let host = Client::new(
+        &url,
+        Some(plane.host_token_for("h1").expect("minting h1's token")),
+    );
     host.call(
         Method::POST,
         "/v1/hosts",
@@ -67,9 +70,14 @@ impl Harness {
         Client::new(&self.url, Some(token.to_string()))
     }
 
-    /// Registers another host (the same fake agent) in `region`.
+    /// A client with host `id`'s own token.
+    pub fn host_client(&self, id: &str) -> Client {
+        self.client(&self.plane.host_token_for(id).expect("minting a host token"))
+    }
+
+    /// Registers another host (the same fake agent) in `region`, with its own token.
     pub async fn add_host(&self, id: &str, region: &str) {
-        self.host
+        self.host_client(id)
             .call(
                 Method::POST,
                 "/v1/hosts",
