@@ -137,8 +137,8 @@ impl Duration {
                 return Err(invalid());
             }
         }
-        let nanos = i64::try_from(total)
-            .map_err(|_| ParseDurationError::new("invalid duration", input))?;
+        let nanos =
+            i64::try_from(total).map_err(|_| ParseDurationError::new("invalid duration", input))?;
         Ok(Self {
             nanos: if negative { -nanos } else { nanos },
         })

@@ -22,6 +22,7 @@ use crate::states::{Operation, Plan, plan};
 use crate::store::{
     AppRow, LeaseRow, MachineFilter, MachineRow, StoreError, now_millis, now_rfc3339, now_secs,
 };
+use aloft_api::token::constant_time_eq;
 use std::sync::Arc;
 
 const DEFAULT_LEASE_TTL: u64 = 30;
@@ -293,7 +294,7 @@ impl ControlPlane {
     pub fn check_lease(&self, machine_id: &str, nonce: Option<&str>) -> ApiResult<()> {
         if let Some(lease) = self.store.lease(machine_id)?
             && lease.expires_at > now_secs()
-            && nonce != Some(lease.nonce.as_str())
+            && !nonce.is_some_and(|n| constant_time_eq(n.as_bytes(), lease.nonce.as_bytes()))
         {
             return Err(ApiError::conflict(crate::store::lease_conflict(&lease)));
         }
