@@ -258,6 +258,44 @@ impl ControlPlane {
     }
 }
 
+/// The root key `ALOFT_SECRETS_ROOT_KEY` held, once [`take_root_key_from_env`] took it.
+static ROOT_KEY_FROM_ENV: Mutex<Option<String>> = Mutex::new(None);
+
+/// Moves `ALOFT_SECRETS_ROOT_KEY` from the process environment into memory, so processes
+/// the server starts (runtimes, shims, machines) don't inherit it. Call it at the top of
+/// `main`, before any thread starts: changing the environment is only sound then.
+pub fn take_root_key_from_env() {
+    let Some(value) = std::env::var_os(vault::ROOT_KEY_ENV) else {
+        return;
+    };
+    // SAFETY: called from main before the async runtime or any other thread exists, so
+    // nothing reads the environment concurrently.
+    unsafe { std::env::remove_var(vault::ROOT_KEY_ENV) };
+    *ROOT_KEY_FROM_ENV.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(value.to_string_lossy().into_owned());
+}
+
+/// The secrets root key: the one taken from the environment at start, else as
+/// [`vault::load_root_key`] finds it.
+fn root_key(data_dir: &Path) -> anyhow::Result<vault::RootKey> {
+    let taken = ROOT_KEY_FROM_ENV
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match taken {
+        Some(text) => {
+            let key = aloft_api::secrets::decode_key(text.trim()).map_err(|_| {
+                anyhow::anyhow!(
+                    "{} is not a base64 32-byte key (make one with `openssl rand -base64 32`)",
+                    vault::ROOT_KEY_ENV
+                )
+            })?;
+            Ok(vault::RootKey::new(key, vault::RootKeySource::Env))
+        }
+        None => Ok(vault::load_root_key(data_dir)?),
+    }
+}
+
 /// The stores a control plane works on, opened from its data dir.
 struct State {
     store: Arc<Store>,
@@ -276,7 +314,7 @@ impl State {
                 Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?
             }
         };
-        let root_key = vault::load_root_key(data_dir)?;
+        let root_key = root_key(data_dir)?;
         tracing::info!(root_key = %root_key.source, "secrets vault ready");
         let secrets = vault::Vault::open(&db_path, root_key)
             .with_context(|| format!("opening the secrets vault in {}", db_path.display()))?;

@@ -323,3 +323,88 @@ async fn plain_token_keys_from_before_are_sealed_on_start_and_keep_working() {
         "the old plain key is sealed"
     );
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_limits_refuse_machines_beyond_count_and_memory_creating_nothing() {
+    let h = start().await;
+    h.plane
+        .store
+        .set_setting(aloft_control::machines::SETTING_ORG_MAX_MACHINES, "2")
+        .unwrap();
+    h.plane
+        .store
+        .set_setting(aloft_control::machines::SETTING_ORG_MAX_MEMORY_MB, "1024")
+        .unwrap();
+    create_app(&h.admin, "limited").await;
+    let count = || async {
+        let (_, list) = send(&h.admin, Method::GET, "/v1/apps/limited/machines", None).await;
+        list.as_array().map_or(0, Vec::len)
+    };
+
+    let (status, body) = send(
+        &h.admin,
+        Method::POST,
+        "/v1/apps/limited/machines",
+        Some(machine(2048)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("personal") && error.contains("1024 MB"),
+        "names the org and the limit: {error}"
+    );
+    assert_eq!(count().await, 0);
+
+    for _ in 0..2 {
+        let (status, body) = send(
+            &h.admin,
+            Method::POST,
+            "/v1/apps/limited/machines",
+            Some(machine(256)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, body) = send(
+        &h.admin,
+        Method::POST,
+        "/v1/apps/limited/machines",
+        Some(machine(256)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("personal") && error.contains("2 machines"),
+        "names the org and the limit: {error}"
+    );
+    assert_eq!(count().await, 2);
+
+    // Growing a machine past the memory limit is refused too, and changes nothing.
+    let (_, list) = send(&h.admin, Method::GET, "/v1/apps/limited/machines", None).await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let (status, body) = send(
+        &h.admin,
+        Method::POST,
+        &format!("/v1/apps/limited/machines/{id}"),
+        Some(json!({ "config": { "image": "nginx", "guest": { "cpus": 1, "memory_mb": 1024 } } })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (_, shown) = send(
+        &h.admin,
+        Method::GET,
+        &format!("/v1/apps/limited/machines/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(shown["config"]["guest"]["memory_mb"], 256, "{shown}");
+    let (status, body) = send(
+        &h.admin,
+        Method::POST,
+        &format!("/v1/apps/limited/machines/{id}"),
+        Some(json!({ "config": { "image": "nginx", "guest": { "cpus": 1, "memory_mb": 512 } } })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "within the limit: {body}");
+}
