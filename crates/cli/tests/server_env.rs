@@ -53,5 +53,8 @@ fn the_secrets_root_key_is_not_in_the_environment_of_what_the_server_starts() {
         .collect();
     assert!(holders.is_empty(), "processes with the key: {holders:#?}");
     let machines = platform.aloft(&["machine", "list", "-a", "hello", "-q"]);
-    assert!(!machines.stdout.trim().is_empty(), "a machine runs: {machines}");
+    assert!(
+        !machines.stdout.trim().is_empty(),
+        "a machine runs: {machines}"
+    );
 }
