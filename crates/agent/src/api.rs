@@ -80,7 +80,10 @@ async fn require_token(State(agent): State<Arc<Agent>>, request: Request, next: 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if given != Some(expected.as_str()) {
+    let matches = given.is_some_and(|given| {
+        aloft_api::token::constant_time_eq(given.as_bytes(), expected.as_bytes())
+    });
+    if !matches {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "this agent API needs the host token".into(),

@@ -114,30 +114,31 @@ impl Duration {
                 "" => return Err(ParseDurationError::new("missing unit in duration", input)),
                 _ => return Err(ParseDurationError::new("unknown unit in duration", input)),
             };
-            let whole: i128 = if int_part.is_empty() {
-                0
-            } else {
-                int_part
-                    .parse::<i128>()
-                    .map_err(|_| ParseDurationError::new("invalid duration", input))?
+            let invalid = || ParseDurationError::new("invalid duration", input);
+            // Leading zeros aside, more digits than i128 holds is out of range anyway.
+            let whole: i128 = match int_part.trim_start_matches('0') {
+                "" => 0,
+                digits => digits.parse::<i128>().map_err(|_| invalid())?,
             };
-            let mut value = whole
-                .checked_mul(unit_nanos)
-                .ok_or_else(|| ParseDurationError::new("invalid duration", input))?;
+            let mut value = whole.checked_mul(unit_nanos).ok_or_else(invalid)?;
             let mut scale = unit_nanos;
             for digit in frac_part.bytes().take(18) {
                 scale /= 10;
                 if scale == 0 {
                     break;
                 }
-                value += i128::from(digit - b'0') * scale;
+                value = i128::from(digit - b'0')
+                    .checked_mul(scale)
+                    .and_then(|part| value.checked_add(part))
+                    .ok_or_else(invalid)?;
             }
-            total += value;
+            total = total.checked_add(value).ok_or_else(invalid)?;
             if total > i64::MAX as i128 {
-                return Err(ParseDurationError::new("invalid duration", input));
+                return Err(invalid());
             }
         }
-        let nanos = total as i64;
+        let nanos =
+            i64::try_from(total).map_err(|_| ParseDurationError::new("invalid duration", input))?;
         Ok(Self {
             nanos: if negative { -nanos } else { nanos },
         })
@@ -336,5 +337,69 @@ mod tests {
             serde_json::to_string(&Duration::from_secs(90)).unwrap(),
             "\"1m30s\""
         );
+    }
+
+    #[test]
+    fn huge_values_are_errors_not_overflows() {
+        let max = i128::MAX.to_string();
+        for text in [
+            format!("1h{max}ns"),
+            format!("{max}ns{max}ns"),
+            format!("{}h", i128::MAX / NANOS_PER_HOUR as i128),
+            format!("{}.999999999h", i128::MAX / NANOS_PER_HOUR as i128),
+            format!("{max}.9ns"),
+            "9".repeat(400) + "s",
+            "9223372036854775807ns1ns".to_string(),
+            "2562048h".to_string(),
+        ] {
+            assert_eq!(
+                Duration::parse(&text).unwrap_err().to_string(),
+                format!("time: invalid duration {text:?}"),
+            );
+        }
+        assert_eq!(
+            Duration::parse("9223372036854775807ns").unwrap(),
+            Duration::from_nanos(i64::MAX)
+        );
+    }
+
+    proptest::proptest! {
+        /// Any run of digits, fraction and units parses to a value or an error, never a panic,
+        /// and what parses is what exact arithmetic gives.
+        #[test]
+        fn long_digit_runs_never_panic(
+            parts in proptest::collection::vec(
+                ("[0-9]{0,60}", proptest::option::of("[0-9]{0,60}"), proptest::sample::select(vec!["ns", "us", "µs", "ms", "s", "m", "h", "", "x"])),
+                1..6,
+            ),
+            sign in proptest::sample::select(vec!["", "-", "+"]),
+        ) {
+            let mut text = sign.to_string();
+            for (whole, fraction, unit) in &parts {
+                text.push_str(whole);
+                if let Some(fraction) = fraction {
+                    text.push('.');
+                    text.push_str(fraction);
+                }
+                text.push_str(unit);
+            }
+            let _ = Duration::parse(&text);
+        }
+
+        #[test]
+        fn whole_numbers_match_exact_arithmetic(values in proptest::collection::vec((0u64..u64::MAX, 0usize..6), 1..4)) {
+            const UNITS: [(&str, i128); 6] = [("ns", 1), ("us", 1_000), ("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000)];
+            let mut text = String::new();
+            let mut exact: i128 = 0;
+            for (value, unit) in &values {
+                text.push_str(&value.to_string());
+                text.push_str(UNITS[*unit].0);
+                exact += i128::from(*value) * UNITS[*unit].1;
+            }
+            match Duration::parse(&text) {
+                Ok(parsed) => proptest::prop_assert_eq!(i128::from(parsed.as_nanos()), exact),
+                Err(_) => proptest::prop_assert!(exact > i128::from(i64::MAX)),
+            }
+        }
     }
 }

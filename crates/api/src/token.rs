@@ -50,6 +50,13 @@ pub enum TokenError {
     BadSignature,
 }
 
+/// Whether two secrets (signatures, tokens, nonces) are equal, in time that depends only
+/// on their lengths, so a caller can't learn a secret byte by byte from response times.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
 fn chain(key: &[u8], message: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
@@ -88,12 +95,7 @@ impl Token {
         for caveat in &self.caveats {
             signature = chain(&signature, &caveat_bytes(caveat));
         }
-        let same = signature
-            .iter()
-            .zip(self.signature.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-        if same {
+        if constant_time_eq(&signature, &self.signature) {
             Ok(())
         } else {
             Err(TokenError::BadSignature)
@@ -203,6 +205,14 @@ mod tests {
         let mut swapped = narrowed;
         swapped.caveats[0] = Caveat::Apps(vec!["x".into()]);
         assert_eq!(swapped.verify(b"k"), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn secrets_compare_equal_only_when_identical() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]

@@ -118,6 +118,11 @@ enum Command {
         #[command(subcommand)]
         command: OrgsCommand,
     },
+    /// Operator commands run as root on the host, from the data dir (`admin token`).
+    Admin {
+        #[command(subcommand)]
+        command: commands::admin::AdminCommand,
+    },
     /// Manage access tokens.
     #[command(alias = "token")]
     Tokens {
@@ -198,6 +203,11 @@ fn main() {
     }
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Server(_) | Command::Control(_));
+    if server {
+        // The secrets root key leaves the environment before any thread or child process
+        // starts (no runtime yet), so no process the server starts inherits it.
+        aloft_control::take_root_key_from_env();
+    }
     // hickory logs every DNS query at info.
     let default_filter = if server {
         "info,hickory_server=warn"
@@ -246,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let api = cli.api;
     match cli.command {
         Command::Server(args) => commands::server::run(args).await?,
+        Command::Admin { command } => commands::admin::run(command)?,
         Command::Control(args) => commands::control::run(args).await?,
         Command::Apps { command } => commands::apps::run(&api, command).await?,
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,

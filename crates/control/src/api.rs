@@ -187,7 +187,12 @@ impl FromRequestParts<Arc<ControlPlane>> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        authenticate(&plane.store, header, chrono::Utc::now().timestamp())
+        authenticate(
+            &plane.store,
+            &plane.token_keys,
+            header,
+            chrono::Utc::now().timestamp(),
+        )
     }
 }
 

@@ -65,9 +65,84 @@ impl TokenKind {
     }
 }
 
+/// Token root keys at rest. A token's root key is stored sealed (XChaCha20-Poly1305, the
+/// token's id as associated data) under a key the secrets vault keeps sealed under its
+/// root key ([`crate::vault::Vault::token_sealing_key`]), so the tokens table alone (a
+/// stolen database or backup) can't mint or check tokens, and a root key rotation, which
+/// re-seals the vault's keys, leaves tokens as they are.
+pub struct TokenKeys {
+    sealing_key: Vec<u8>,
+}
+
+/// What a sealed root key starts with in the `key` column; a plain one (from before keys
+/// were sealed) is 32 random bytes and is sealed at the next start.
+const SEALED_PREFIX: &[u8] = b"aloft-sealed-v1:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenKeyError {
+    #[error("the root key of token {0} is not sealed")]
+    NotSealed(String),
+    #[error("the root key of token {0} does not open (was the secrets root key replaced?)")]
+    DoesNotOpen(String),
+    #[error("sealing the root key of token {0} failed")]
+    Seal(String),
+}
+
+impl TokenKeys {
+    pub fn new(sealing_key: Vec<u8>) -> Self {
+        Self { sealing_key }
+    }
+
+    pub fn is_sealed(stored: &[u8]) -> bool {
+        stored.starts_with(SEALED_PREFIX)
+    }
+
+    /// The stored form of `root_key`, for token `token_id`.
+    pub fn seal(&self, token_id: &str, root_key: &[u8]) -> Result<Vec<u8>, TokenKeyError> {
+        let (nonce, ciphertext) =
+            aloft_api::secrets::seal_raw(&self.sealing_key, token_id.as_bytes(), root_key)
+                .map_err(|_| TokenKeyError::Seal(token_id.to_string()))?;
+        let mut stored = SEALED_PREFIX.to_vec();
+        stored.push(
+            u8::try_from(nonce.len()).map_err(|_| TokenKeyError::Seal(token_id.to_string()))?,
+        );
+        stored.extend(nonce);
+        stored.extend(ciphertext);
+        Ok(stored)
+    }
+
+    /// The root key of token `token_id` from its stored form.
+    pub fn open(&self, token_id: &str, stored: &[u8]) -> Result<Vec<u8>, TokenKeyError> {
+        let sealed = stored
+            .strip_prefix(SEALED_PREFIX)
+            .ok_or_else(|| TokenKeyError::NotSealed(token_id.to_string()))?;
+        let does_not_open = || TokenKeyError::DoesNotOpen(token_id.to_string());
+        let (&nonce_len, rest) = sealed.split_first().ok_or_else(does_not_open)?;
+        let (nonce, ciphertext) = rest
+            .split_at_checked(usize::from(nonce_len))
+            .ok_or_else(does_not_open)?;
+        aloft_api::secrets::open_raw(&self.sealing_key, token_id.as_bytes(), nonce, ciphertext)
+            .map_err(|_| does_not_open())
+    }
+
+    /// Seals every root key still stored plain; returns how many there were.
+    pub fn seal_plain_keys(&self, store: &Store) -> anyhow::Result<usize> {
+        let mut sealed = 0;
+        for (id, stored) in store.token_keys()? {
+            if Self::is_sealed(&stored) {
+                continue;
+            }
+            store.set_token_key(&id, &stored, &self.seal(&id, &stored)?)?;
+            sealed += 1;
+        }
+        Ok(sealed)
+    }
+}
+
 /// Reads the token from an `Authorization` header value.
 pub fn authenticate(
     store: &Store,
+    keys: &TokenKeys,
     header: Option<&str>,
     now_secs: i64,
 ) -> Result<Caller, ApiError> {
@@ -79,7 +154,11 @@ pub fn authenticate(
     let row = store
         .token(&token.id)?
         .ok_or_else(|| ApiError::unauthorized("invalid token: unknown token"))?;
-    let mut caller = check(&row, &token, now_secs)?;
+    let root_key = keys.open(&row.id, &row.key).map_err(|err| {
+        tracing::error!(error = %err, "checking a token");
+        ApiError::unauthorized("invalid token: its key does not open on this server")
+    })?;
+    let mut caller = check(&row, &root_key, &token, now_secs)?;
     if caller.kind == TokenKind::Host {
         caller.host_id = store.token_host(&row.id)?;
     }
@@ -92,9 +171,14 @@ pub fn authenticate(
     Ok(caller)
 }
 
-fn check(row: &TokenRow, token: &Token, now_secs: i64) -> Result<Caller, ApiError> {
+fn check(
+    row: &TokenRow,
+    root_key: &[u8],
+    token: &Token,
+    now_secs: i64,
+) -> Result<Caller, ApiError> {
     token
-        .verify(&row.key)
+        .verify(root_key)
         .map_err(|e: TokenError| ApiError::unauthorized(&format!("invalid token: {e}")))?;
     if row.revoked {
         return Err(ApiError::unauthorized("token has been revoked"));
@@ -190,15 +274,17 @@ impl Caller {
 /// token may pull an app's images if it sees the app, and push if it may also write.
 pub struct RegistryAuth {
     store: Arc<Store>,
+    keys: Arc<TokenKeys>,
     /// Repositories under this prefix are pulled through from an upstream registry
     /// (public base images): any valid token may pull them; only hosts may write.
     pull_through_prefix: Option<String>,
 }
 
 impl RegistryAuth {
-    pub fn new(store: Arc<Store>) -> Self {
+    pub fn new(store: Arc<Store>, keys: Arc<TokenKeys>) -> Self {
         Self {
             store,
+            keys,
             pull_through_prefix: None,
         }
     }
@@ -219,8 +305,13 @@ impl Authorizer for RegistryAuth {
         action: Action,
     ) -> Result<(), AuthError> {
         let token = token.ok_or(AuthError::Unauthenticated)?;
-        let caller = authenticate(&self.store, Some(token), chrono::Utc::now().timestamp())
-            .map_err(|_| AuthError::Unauthenticated)?;
+        let caller = authenticate(
+            &self.store,
+            &self.keys,
+            Some(token),
+            chrono::Utc::now().timestamp(),
+        )
+        .map_err(|_| AuthError::Unauthenticated)?;
         if repository.is_empty() || caller.is_host() {
             return Ok(());
         }

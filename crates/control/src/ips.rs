@@ -402,9 +402,13 @@ async fn assign(
     };
     let (address, network_id) = match request.kind.as_str() {
         "private_v6" => {
+            // Another org's network only for a caller of that org too; one it can't see
+            // answers as one that doesn't exist.
             let org = match request.org_slug.as_str() {
                 "" => store.org_by_id(&app.org_id)?,
-                slug => store.org_by_slug(slug)?,
+                slug => store
+                    .org_by_slug(slug)?
+                    .filter(|org| caller.in_org(&org.id)),
             }
             .ok_or_else(|| {
                 ApiError::not_found(format!("organization not found: {}", request.org_slug))

@@ -30,7 +30,7 @@ pub mod volumes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use aloft_api::token::Token;
@@ -81,6 +81,8 @@ pub struct ControlPlane {
     pub deploys: deploy::Deploys,
     /// App secrets, sealed at rest; see [`vault`].
     pub secrets: Arc<vault::Vault>,
+    /// Opens the token root keys the store keeps sealed.
+    pub token_keys: Arc<auth::TokenKeys>,
     host_token: String,
     agents: Mutex<HashMap<String, AgentClient>>,
     app_locks: Locks,
@@ -98,39 +100,15 @@ impl ControlPlane {
     /// `personal` org, an admin (user) token for it, and a host token for platform
     /// components.
     pub fn open(config: ControlConfig) -> anyhow::Result<(Arc<Self>, Credentials)> {
-        private::create_private_dir(&config.data_dir)
-            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let store = match config.database_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) => Store::open_url(url).context("opening the database (--database-url)")?,
-            None => {
-                let db_path = config.data_dir.join("control.db");
-                private::create_private_file(&db_path)
-                    .with_context(|| format!("creating {}", db_path.display()))?;
-                Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?
-            }
-        };
-        let store = Arc::new(store);
-        let org = match store.org_by_slug(DEFAULT_ORG)? {
-            Some(org) => org,
-            None => {
-                let org = OrgRow {
-                    id: names::random_id(12),
-                    slug: DEFAULT_ORG.into(),
-                    name: "Personal".into(),
-                    created_at: now_rfc3339(),
-                };
-                match store.create_org(&org) {
-                    Ok(()) => org,
-                    // Another control plane on the same database got there first.
-                    Err(store::StoreError::Conflict(_)) => store
-                        .org_by_slug(DEFAULT_ORG)?
-                        .context("the personal org vanished")?,
-                    Err(other) => return Err(other.into()),
-                }
-            }
-        };
+        let State {
+            store,
+            secrets,
+            token_keys,
+        } = State::open(&config.data_dir, config.database_url.as_deref())?;
+        let org = personal_org(&store)?;
         let admin_token = ensure_token(
             &store,
+            &token_keys,
             SETTING_ADMIN_TOKEN_ID,
             &org.id,
             TokenKind::User,
@@ -138,18 +116,12 @@ impl ControlPlane {
         )?;
         let host_token = ensure_token(
             &store,
+            &token_keys,
             SETTING_HOST_TOKEN_ID,
             "",
             TokenKind::Host,
             "local host",
         )?;
-        let db_path = config.data_dir.join("control.db");
-        let root_key = vault::load_root_key(&config.data_dir)?;
-        tracing::info!(root_key = %root_key.source, "secrets vault ready");
-        let secrets = Arc::new(
-            vault::Vault::open(&db_path, root_key)
-                .with_context(|| format!("opening the secrets vault in {}", db_path.display()))?,
-        );
         let interrupted = store.interrupt_running_releases()?;
         if interrupted > 0 {
             tracing::warn!(
@@ -164,9 +136,10 @@ impl ControlPlane {
                 upstream: config.registry_upstream.clone(),
             },
             Arc::new(
-                auth::RegistryAuth::new(store.clone()).with_pull_through_prefix(
-                    config.registry_upstream.as_ref().map(|u| u.prefix.clone()),
-                ),
+                auth::RegistryAuth::new(store.clone(), token_keys.clone())
+                    .with_pull_through_prefix(
+                        config.registry_upstream.as_ref().map(|u| u.prefix.clone()),
+                    ),
             ),
         )
         .context("opening the image registry")?;
@@ -177,6 +150,7 @@ impl ControlPlane {
             catalog,
             deploys: deploy::Deploys::default(),
             secrets,
+            token_keys,
             host_token: host_token.clone(),
             agents: Mutex::new(HashMap::new()),
             app_locks: Mutex::new(HashMap::new()),
@@ -317,11 +291,165 @@ impl ControlPlane {
     }
 }
 
+/// The root key `ALOFT_SECRETS_ROOT_KEY` held, once [`take_root_key_from_env`] took it.
+static ROOT_KEY_FROM_ENV: Mutex<Option<String>> = Mutex::new(None);
+
+/// Moves `ALOFT_SECRETS_ROOT_KEY` from the process environment into memory, so processes
+/// the server starts (runtimes, shims, machines) don't inherit it. Call it at the top of
+/// `main`, before any thread starts: changing the environment is only sound then.
+pub fn take_root_key_from_env() {
+    let Some(value) = std::env::var_os(vault::ROOT_KEY_ENV) else {
+        return;
+    };
+    // SAFETY: called from main before the async runtime or any other thread exists, so
+    // nothing reads the environment concurrently.
+    unsafe { std::env::remove_var(vault::ROOT_KEY_ENV) };
+    *ROOT_KEY_FROM_ENV.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(value.to_string_lossy().into_owned());
+}
+
+/// The secrets root key: the one taken from the environment at start, else as
+/// [`vault::load_root_key`] finds it.
+fn root_key(data_dir: &Path) -> anyhow::Result<vault::RootKey> {
+    let taken = ROOT_KEY_FROM_ENV
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match taken {
+        Some(text) => {
+            let key = aloft_api::secrets::decode_key(text.trim()).map_err(|_| {
+                anyhow::anyhow!(
+                    "{} is not a base64 32-byte key (make one with `openssl rand -base64 32`)",
+                    vault::ROOT_KEY_ENV
+                )
+            })?;
+            Ok(vault::RootKey::new(key, vault::RootKeySource::Env))
+        }
+        None => Ok(vault::load_root_key(data_dir)?),
+    }
+}
+
+/// The stores a control plane works on, opened from its data dir.
+struct State {
+    store: Arc<Store>,
+    secrets: Arc<vault::Vault>,
+    token_keys: Arc<auth::TokenKeys>,
+}
+
+impl State {
+    fn open(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Self> {
+        private::create_private_dir(data_dir)
+            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let db_path = data_dir.join("control.db");
+        private::create_private_file(&db_path)
+            .with_context(|| format!("creating {}", db_path.display()))?;
+        let store = match database_url.filter(|u| !u.is_empty()) {
+            Some(url) => Store::open_url(url).context("opening the database (--database-url)")?,
+            None => {
+                Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?
+            }
+        };
+        let root_key = root_key(data_dir)?;
+        tracing::info!(root_key = %root_key.source, "secrets vault ready");
+        let secrets = vault::Vault::open(&db_path, root_key)
+            .with_context(|| format!("opening the secrets vault in {}", db_path.display()))?;
+        let token_keys = auth::TokenKeys::new(
+            secrets
+                .token_sealing_key()
+                .context("reading the key that seals token root keys")?,
+        );
+        let sealed = token_keys
+            .seal_plain_keys(&store)
+            .context("sealing token root keys stored in plain text")?;
+        if sealed > 0 {
+            tracing::info!(
+                sealed,
+                "token root keys stored in plain text are sealed now"
+            );
+        }
+        Ok(Self {
+            store: Arc::new(store),
+            secrets: Arc::new(secrets),
+            token_keys: Arc::new(token_keys),
+        })
+    }
+}
+
+fn personal_org(store: &Store) -> anyhow::Result<OrgRow> {
+    if let Some(org) = store.org_by_slug(DEFAULT_ORG)? {
+        return Ok(org);
+    }
+    let org = OrgRow {
+        id: names::random_id(12),
+        slug: DEFAULT_ORG.into(),
+        name: "Personal".into(),
+        created_at: now_rfc3339(),
+    };
+    match store.create_org(&org) {
+        Ok(()) => Ok(org),
+        // Another control plane on the same database got there first.
+        Err(store::StoreError::Conflict(_)) => store
+            .org_by_slug(DEFAULT_ORG)?
+            .context("the personal org vanished"),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Where `aloft admin token` finds a control plane's state.
+#[derive(Clone, Debug)]
+pub struct DataDirAccess {
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+}
+
+/// The operator's way back: a new admin token (a user token of the `personal` org with
+/// the previous admin token's memberships), made from the data dir directly; the previous
+/// admin token is revoked. For whoever can read the data dir (root), with or without a
+/// server running.
+pub fn mint_admin_token(access: &DataDirAccess) -> anyhow::Result<String> {
+    let State {
+        store, token_keys, ..
+    } = State::open(&access.data_dir, access.database_url.as_deref())?;
+    let org = personal_org(&store)?;
+    let previous = match store.setting(SETTING_ADMIN_TOKEN_ID)? {
+        Some(id) => store.token(&id)?,
+        None => None,
+    };
+    let id = names::random_id(16);
+    let root_key = names::random_key();
+    let row = TokenRow {
+        key: token_keys.seal(&id, &root_key)?,
+        id,
+        org_id: previous
+            .as_ref()
+            .map_or(org.id.clone(), |p| p.org_id.clone()),
+        kind: TokenKind::User.as_str().to_string(),
+        name: "admin".to_string(),
+        created_at: now_rfc3339(),
+        revoked: false,
+        expires_at: None,
+        apps: Vec::new(),
+    };
+    store.insert_token(&row)?;
+    if let Some(previous) = &previous {
+        for org_id in store.token_org_ids(&previous.id)? {
+            store.add_token_org(&row.id, &org_id)?;
+        }
+    }
+    store.set_setting(SETTING_ADMIN_TOKEN_ID, &row.id)?;
+    if let Some(previous) = previous {
+        store.revoke_token(&previous.id)?;
+    }
+    Ok(Token::mint(&row.id, &root_key, Vec::new()).encode())
+}
+
 /// Re-mints the token recorded under `setting`, creating it on first use. Tokens are
-/// deterministic from (id, key), so the same token comes back on every start. An admin
-/// token from before user tokens existed becomes one.
+/// deterministic from (id, key), so the same token comes back on every start (revoked, if
+/// it was: `aloft admin token` makes a new one). An admin token from before user tokens
+/// existed becomes one.
 fn ensure_token(
     store: &Store,
+    token_keys: &auth::TokenKeys,
     setting: &str,
     org_id: &str,
     kind: TokenKind,
@@ -333,14 +461,23 @@ fn ensure_token(
         if kind == TokenKind::User && row.kind == TokenKind::Org.as_str() {
             store.set_token_kind(&row.id, TokenKind::User.as_str())?;
         }
-        return Ok(Token::mint(&row.id, &row.key, Vec::new()).encode());
+        let root_key = token_keys.open(&row.id, &row.key)?;
+        if row.revoked && kind == TokenKind::User {
+            tracing::warn!(
+                token = %row.id,
+                "the {name} token is revoked; `aloft admin token` makes a new admin token"
+            );
+        }
+        return Ok(Token::mint(&row.id, &root_key, Vec::new()).encode());
     }
+    let id = names::random_id(16);
+    let root_key = names::random_key();
     let row = TokenRow {
-        id: names::random_id(16),
+        key: token_keys.seal(&id, &root_key)?,
+        id,
         org_id: org_id.to_string(),
         kind: kind.as_str().to_string(),
         name: name.to_string(),
-        key: names::random_key(),
         created_at: now_rfc3339(),
         revoked: false,
         expires_at: None,
@@ -348,5 +485,5 @@ fn ensure_token(
     };
     store.insert_token(&row)?;
     store.set_setting(setting, &row.id)?;
-    Ok(Token::mint(&row.id, &row.key, Vec::new()).encode())
+    Ok(Token::mint(&row.id, &root_key, Vec::new()).encode())
 }

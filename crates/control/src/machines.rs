@@ -22,10 +22,29 @@ use crate::states::{Operation, Plan, plan};
 use crate::store::{
     AppRow, LeaseRow, MachineFilter, MachineRow, StoreError, now_millis, now_rfc3339, now_secs,
 };
+use aloft_api::token::constant_time_eq;
 use std::sync::Arc;
 
 const DEFAULT_LEASE_TTL: u64 = 30;
 const MAX_LEASE_TTL: u64 = 24 * 3600;
+
+/// Settings keys of the per-org limits (`aloft server --org-max-machines`,
+/// `--org-max-memory-mb`); 0 means no limit.
+pub const SETTING_ORG_MAX_MACHINES: &str = "limits.org_max_machines";
+pub const SETTING_ORG_MAX_MEMORY_MB: &str = "limits.org_max_memory_mb";
+pub const DEFAULT_ORG_MAX_MACHINES: u64 = 100;
+pub const DEFAULT_ORG_MAX_MEMORY_MB: u64 = 64 * 1024;
+
+/// The memory a machine with `config` gets (the default guest's when it names none).
+fn memory_mb(config: &aloft_api::MachineConfig) -> u64 {
+    config
+        .guest
+        .as_ref()
+        .map(|g| g.memory_mb)
+        .filter(|m| *m > 0)
+        .unwrap_or(aloft_api::MachineGuest::default_shared().memory_mb)
+        .into()
+}
 
 /// The machine states `GET …/wait` can wait for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,7 +312,7 @@ impl ControlPlane {
     pub fn check_lease(&self, machine_id: &str, nonce: Option<&str>) -> ApiResult<()> {
         if let Some(lease) = self.store.lease(machine_id)?
             && lease.expires_at > now_secs()
-            && nonce != Some(lease.nonce.as_str())
+            && !nonce.is_some_and(|n| constant_time_eq(n.as_bytes(), lease.nonce.as_bytes()))
         {
             return Err(ApiError::conflict(crate::store::lease_conflict(&lease)));
         }
@@ -418,6 +437,54 @@ impl ControlPlane {
         }
     }
 
+    fn org_limit(&self, key: &str, default: u64) -> ApiResult<u64> {
+        Ok(self
+            .store
+            .setting(key)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default))
+    }
+
+    /// Refuses (422, creating nothing) a machine with `config` that would take the org of
+    /// `app` past its limits; `replacing` is the machine whose config it replaces.
+    fn check_org_limits(
+        &self,
+        app: &AppRow,
+        config: &aloft_api::MachineConfig,
+        replacing: Option<&str>,
+    ) -> ApiResult<()> {
+        let max_machines = self.org_limit(SETTING_ORG_MAX_MACHINES, DEFAULT_ORG_MAX_MACHINES)?;
+        let max_memory = self.org_limit(SETTING_ORG_MAX_MEMORY_MB, DEFAULT_ORG_MAX_MEMORY_MB)?;
+        if max_machines == 0 && max_memory == 0 {
+            return Ok(());
+        }
+        let mut machines = 0u64;
+        let mut memory = memory_mb(config);
+        for other in self.store.list_apps(Some(&app.org_id))? {
+            for row in self.store.list_machines(&other.id, false)? {
+                if Some(row.id.as_str()) == replacing {
+                    continue;
+                }
+                machines += 1;
+                memory = memory.saturating_add(memory_mb(&row.config));
+            }
+        }
+        let org = &app.org_slug;
+        let refuse =
+            |message: String| Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message));
+        if replacing.is_none() && max_machines > 0 && machines + 1 > max_machines {
+            return refuse(format!(
+                "organization {org} has reached its limit of {max_machines} machines; destroy one, or ask the operator to raise --org-max-machines"
+            ));
+        }
+        if max_memory > 0 && memory > max_memory {
+            return refuse(format!(
+                "organization {org} would use {memory} MB of memory, over its limit of {max_memory} MB; use smaller machines, or ask the operator to raise --org-max-memory-mb"
+            ));
+        }
+        Ok(())
+    }
+
     /// Creates (and unless `skip_launch`, starts) a machine. Returns it and, when the
     /// request asked for one, the lease nonce.
     pub async fn create_machine_with_lease(
@@ -437,6 +504,10 @@ impl ControlPlane {
                 "invalid lease_ttl: must be between 1 and {MAX_LEASE_TTL} seconds"
             )));
         }
+        // One create at a time per org between the limit check and the insert.
+        let org_lock = self.app_lock(&format!("org-limits:{}", app.org_id));
+        let org_guard = org_lock.lock().await;
+        self.check_org_limits(app, &request.config, None)?;
         let hosts = self.store.hosts()?;
         let wanted = self.wanted_region(request.region.as_deref(), &hosts)?;
         let placement = place(&hosts, &wanted)?;
@@ -467,6 +538,7 @@ impl ControlPlane {
         row.private_ip = Some(self.store.insert_machine_allocating(&row, |c| {
             crate::ips::machine_private_ip_in(c, app, &host_id)
         })?);
+        drop(org_guard);
         if let Err(err) = agent.put(&self.spec(&row, app, &agent)).await {
             self.store.delete_machine(&row.id)?;
             self.forget_agent(&row.host_id);
@@ -667,6 +739,7 @@ impl ControlPlane {
         let _guard = lock.lock().await;
         let row = self.reload(&row.id)?;
         plan(Operation::Update, row.state)?;
+        self.check_org_limits(app, &config, Some(&row.id))?;
         let was_running = matches!(row.state, MachineState::Started);
         let before = row.state;
         let row = if was_running {

@@ -162,6 +162,20 @@ fn token_info(plane: &ControlPlane, row: &TokenRow) -> TokenInfo {
     }
 }
 
+/// Whether `caller` may see and revoke `row`: tokens of its orgs, never a wider one than
+/// its own. Host tokens are nobody's to manage and manage none; a user token (the
+/// operator's, a member of several orgs) is seen only by a user token.
+fn manages_token(caller: &Caller, row: &TokenRow) -> bool {
+    if caller.is_host() {
+        return false;
+    }
+    match TokenKind::parse(&row.kind) {
+        None | Some(TokenKind::Host) => false,
+        Some(TokenKind::User) => caller.kind == TokenKind::User && caller.in_org(&row.org_id),
+        Some(_) => caller.in_org(&row.org_id),
+    }
+}
+
 #[utoipa::path(get, path = "/v1/tokens", tag = "Tokens", operation_id = "Tokens_list",
     responses((status = 200, body = ListTokensResponse), ErrorAnswers))]
 async fn list_tokens(State(plane): Plane, caller: Caller) -> ApiResult<Json<ListTokensResponse>> {
@@ -173,6 +187,7 @@ async fn list_tokens(State(plane): Plane, caller: Caller) -> ApiResult<Json<List
                 .store
                 .list_tokens(org)?
                 .iter()
+                .filter(|t| manages_token(&caller, t))
                 .map(|t| token_info(&plane, t)),
         );
     }
@@ -263,19 +278,24 @@ async fn create_token(
             "invalid name: at most 200 characters",
         ));
     }
+    let id = names::random_id(16);
+    let root_key = names::random_key();
     let row = TokenRow {
-        id: names::random_id(16),
+        key: plane
+            .token_keys
+            .seal(&id, &root_key)
+            .map_err(|e| ApiError::internal(e.to_string()))?,
+        id,
         org_id: org.id.clone(),
         kind: kind.as_str().to_string(),
         name,
-        key: names::random_key(),
         created_at: now_rfc3339(),
         revoked: false,
         expires_at: Some(expires_at),
         apps,
     };
     plane.store.insert_token(&row)?;
-    let token = Token::mint(&row.id, &row.key, caveats).encode();
+    let token = Token::mint(&row.id, &root_key, caveats).encode();
     Ok((
         StatusCode::CREATED,
         Json(CreateTokenResponse {
@@ -295,7 +315,7 @@ async fn revoke_token(
 ) -> ApiResult<Json<TokenInfo>> {
     caller.require_org_write()?;
     let row = match plane.store.token(&id)? {
-        Some(row) if row.kind != TokenKind::Host.as_str() && caller.in_org(&row.org_id) => row,
+        Some(row) if manages_token(&caller, &row) => row,
         _ => return Err(ApiError::not_found(format!("token not found: {id}"))),
     };
     plane.store.revoke_token(&row.id)?;

@@ -859,6 +859,27 @@ fn data_key(
     Ok(Some(key))
 }
 
+/// Where the key that seals access tokens' root keys is kept: among the apps' data keys
+/// (app ids are alphanumeric, never this), so a root key rotation re-seals it with them.
+const TOKEN_SEALING_KEY_ID: &str = "!tokens";
+
+impl Vault {
+    /// The key the control store's token root keys are sealed under (see
+    /// `auth::TokenKeys`); made on first use and kept sealed under the root key.
+    pub fn token_sealing_key(&self) -> Result<Vec<u8>, VaultError> {
+        self.with(|c, keys| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tokens = AppRef {
+                id: TOKEN_SEALING_KEY_ID,
+                name: "access tokens",
+            };
+            let key = data_key(&tx, keys, tokens, true)?.ok_or(VaultError::Seal)?;
+            tx.commit()?;
+            Ok(key)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

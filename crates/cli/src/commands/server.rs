@@ -78,6 +78,13 @@ pub struct ServerArgs {
     /// garbage-collected after each deploy.
     #[arg(long, default_value_t = aloft_control::releases::DEFAULT_KEEP_RELEASES)]
     pub keep_releases: usize,
+    /// At most this many machines per organization (0: no limit); more answer 422.
+    #[arg(long, default_value_t = aloft_control::machines::DEFAULT_ORG_MAX_MACHINES)]
+    pub org_max_machines: u64,
+    /// At most this much memory (MB) in all of an organization's machines together (0: no
+    /// limit); more answers 422.
+    #[arg(long, default_value_t = aloft_control::machines::DEFAULT_ORG_MAX_MEMORY_MB)]
+    pub org_max_memory_mb: u64,
     /// Pull-through from this upstream registry (e.g. https://registry-1.docker.io), so
     /// `FROM debian:bookworm-slim` resolves through the platform's registry. Off by default.
     #[arg(long)]
@@ -159,6 +166,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             &args.keep_releases.max(1).to_string(),
         )
         .context("saving the release retention setting")?;
+    for (key, value) in [
+        (
+            aloft_control::machines::SETTING_ORG_MAX_MACHINES,
+            args.org_max_machines,
+        ),
+        (
+            aloft_control::machines::SETTING_ORG_MAX_MEMORY_MB,
+            args.org_max_memory_mb,
+        ),
+    ] {
+        plane
+            .store
+            .set_setting(key, &value.to_string())
+            .context("saving the per-org limits")?;
+    }
     let api_url = format!("http://{}", args.api_listen);
     // This host's own credential: its agent, proxy and resolver act as this host only.
     let host_id = aloft_agent::local_host_id(&data_dir)?;

@@ -653,6 +653,27 @@ impl Store {
         })
     }
 
+    /// Every token's id and stored root key.
+    pub fn token_keys(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        self.read(|c| {
+            c.query("SELECT id, key FROM tokens ORDER BY id", &[])?
+                .iter()
+                .map(|r| Ok((r.text(0)?, r.blob(1)?)))
+                .collect()
+        })
+    }
+
+    /// Replaces a token's stored root key if it is still `old` (another control plane on
+    /// the same database may have sealed it first).
+    pub fn set_token_key(&self, id: &str, old: &[u8], new: &[u8]) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE tokens SET key = $3 WHERE id = $1 AND key = $2",
+                &[id.into(), old.into(), new.into()],
+            )? == 1)
+        })
+    }
+
     pub fn revoke_token(&self, id: &str) -> StoreResult<bool> {
         self.tx(|c| {
             Ok(c.execute("UPDATE tokens SET revoked = 1 WHERE id = $1", &[id.into()])? == 1)
@@ -669,6 +690,17 @@ impl Store {
                 )?;
             }
             Ok(())
+        })
+    }
+
+    /// Makes a `user` token a member of an org.
+    pub fn add_token_org(&self, token_id: &str, org_id: &str) -> StoreResult<()> {
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO token_orgs(token_id, org_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[token_id.into(), org_id.into()],
+            )
+            .map(|_| ())
         })
     }
 
@@ -1201,10 +1233,10 @@ impl Store {
                     insert_lease(c, wanted)?;
                     Ok(Ok(wanted.clone()))
                 }
-                Some(held) if held.expires_at > now && nonce != Some(held.nonce.as_str()) => Ok(Err(held)),
+                Some(held) if held.expires_at > now && !holds(nonce, &held) => Ok(Err(held)),
                 Some(held) => {
                     // Refresh keeps the holder's nonce; a taken-over expired lease gets a new one.
-                    let next = if nonce == Some(held.nonce.as_str()) { LeaseRow { nonce: held.nonce.clone(), ..wanted.clone() } } else { wanted.clone() };
+                    let next = if holds(nonce, &held) { LeaseRow { nonce: held.nonce.clone(), ..wanted.clone() } } else { wanted.clone() };
                     let changed = c.execute(
                         "UPDATE machine_leases SET nonce = $3, owner = $4, description = $5, expires_at = $6, version = $7 WHERE machine_id = $1 AND nonce = $2",
                         &[(&next.machine_id).into(), (&held.nonce).into(), (&next.nonce).into(), (&next.owner).into(), (&next.description).into(), next.expires_at.into(), (&next.version).into()],
@@ -1226,7 +1258,7 @@ impl Store {
             else {
                 return Ok(Ok(false));
             };
-            if held.nonce != nonce && held.expires_at > now {
+            if !holds(Some(nonce), &held) && held.expires_at > now {
                 return Ok(Err(held));
             }
             c.execute("DELETE FROM machine_leases WHERE machine_id = $1", &[machine_id.into()])?;
@@ -1621,6 +1653,12 @@ fn record_event(c: &mut dyn Conn, machine_id: &str, event: &MachineEvent) -> DbR
         &[machine_id.into(), json(&recent)?.into()],
     )
     .map(|_| ())
+}
+
+/// Whether a request with `nonce` is the lease's holder (compared in constant time: the
+/// nonce is the holder's secret).
+fn holds(nonce: Option<&str>, lease: &LeaseRow) -> bool {
+    nonce.is_some_and(|n| aloft_api::token::constant_time_eq(n.as_bytes(), lease.nonce.as_bytes()))
 }
 
 #[cfg(test)]

@@ -118,6 +118,19 @@ pub fn suite(store: &Store) {
         store.token_org_ids("t1").unwrap(),
         vec!["o1".to_string(), "o2".to_string()]
     );
+    store.add_token_org("t1", "o2").unwrap();
+    assert_eq!(store.token_org_ids("t1").unwrap().len(), 2);
+    assert_eq!(
+        store.token_keys().unwrap(),
+        vec![("t1".to_string(), vec![0, 1, 2, 255])]
+    );
+    assert!(!store.set_token_key("t1", b"not the key", b"x").unwrap());
+    assert!(
+        store
+            .set_token_key("t1", &[0, 1, 2, 255], b"sealed")
+            .unwrap()
+    );
+    assert_eq!(store.token("t1").unwrap().unwrap().key, b"sealed".to_vec());
     assert!(store.revoke_token("t1").unwrap());
     assert!(store.token("t1").unwrap().unwrap().revoked);
     assert_eq!(store.list_tokens("o1").unwrap().len(), 1);
