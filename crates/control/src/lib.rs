@@ -179,15 +179,19 @@ impl ControlPlane {
     /// secrets of machines placed on it, nothing of other hosts; the control plane calls
     /// that agent with it.
     pub fn host_token_for(&self, host_id: &str) -> Result<String, store::StoreError> {
+        let unreadable = |err: auth::TokenKeyError| store::StoreError::Corrupt(err.to_string());
         if let Some(row) = self.store.host_token(host_id)? {
-            return Ok(Token::mint(&row.id, &row.key, Vec::new()).encode());
+            let root_key = self.token_keys.open(&row.id, &row.key).map_err(unreadable)?;
+            return Ok(Token::mint(&row.id, &root_key, Vec::new()).encode());
         }
+        let id = names::random_id(16);
+        let root_key = names::random_key();
         let row = TokenRow {
-            id: names::random_id(16),
+            key: self.token_keys.seal(&id, &root_key).map_err(unreadable)?,
+            id,
             org_id: String::new(),
             kind: TokenKind::Host.as_str().to_string(),
             name: format!("host {host_id}"),
-            key: names::random_key(),
             created_at: now_rfc3339(),
             revoked: false,
             expires_at: None,
@@ -195,7 +199,7 @@ impl ControlPlane {
         };
         self.store.insert_token(&row)?;
         self.store.bind_host_token(&row.id, host_id)?;
-        Ok(Token::mint(&row.id, &row.key, Vec::new()).encode())
+        Ok(Token::mint(&row.id, &root_key, Vec::new()).encode())
     }
 
     pub fn registry_host(&self) -> String {
