@@ -53,8 +53,10 @@ fn busybox_app(platform: &Platform, name: &str) -> PathBuf {
     dir
 }
 
-/// A second organization with an org token, written into the server's database (no API
-/// creates organizations yet).
+/// A second organization, the operator a member, with an org token, written into the
+/// server's database with a
+/// plain root key, as tokens were stored before their keys were sealed: restart the
+/// server before using it, and the start seals it.
 fn create_org(platform: &Platform, slug: &str) -> String {
     let db = rusqlite::Connection::open(platform.data_dir().join("control.db")).unwrap();
     db.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -63,6 +65,12 @@ fn create_org(platform: &Platform, slug: &str) -> String {
     db.execute(
         "INSERT INTO orgs(id, slug, name, created_at) VALUES (?1, ?2, ?2, ?3)",
         (&org_id, slug, now),
+    )
+    .unwrap();
+    // The operator is a member, as `aloft orgs create` makes its creator.
+    db.execute(
+        "INSERT INTO token_orgs(token_id, org_id) SELECT value, ?1 FROM settings WHERE key = 'admin_token_id'",
+        [&org_id],
     )
     .unwrap();
     let token_id = format!("tok{slug}");
@@ -293,13 +301,14 @@ fn machines_reach_their_own_network_only() {
     }
     // The API listens on every IPv4 address and the agent on every address, so a refused
     // connection below is the packet filter's doing, not a missing listener.
-    let platform = Platform::start_with(&[
+    let mut platform = Platform::start_with(&[
         "--api-listen",
         "0.0.0.0:4280",
         "--agent-listen",
         "[::]:4281",
     ]);
     let other_token = create_org(&platform, "other");
+    platform.restart();
 
     let backend = deploy(&platform, "backend", None, &[]);
     let frontend = deploy(&platform, "frontend", None, &[]);

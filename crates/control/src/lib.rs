@@ -181,7 +181,10 @@ impl ControlPlane {
     pub fn host_token_for(&self, host_id: &str) -> Result<String, store::StoreError> {
         let unreadable = |err: auth::TokenKeyError| store::StoreError::Corrupt(err.to_string());
         if let Some(row) = self.store.host_token(host_id)? {
-            let root_key = self.token_keys.open(&row.id, &row.key).map_err(unreadable)?;
+            let root_key = self
+                .token_keys
+                .open(&row.id, &row.key)
+                .map_err(unreadable)?;
             return Ok(Token::mint(&row.id, &root_key, Vec::new()).encode());
         }
         let id = names::random_id(16);
