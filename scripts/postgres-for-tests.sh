@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Starts the Debian PostgreSQL cluster (no systemd here), makes a superuser role for root
 # (peer authentication over the Unix socket) and exports ALOFT_TEST_POSTGRES_URL, which the
-# control plane's store suite runs against. Sourced by scripts/test.sh; never fatal.
+# control plane's store suite and the server tests (ALOFT_TEST_STORE=postgres) run against;
+# a Unix socket, so servers inside test network namespaces reach it. Sourced by
+# scripts/test.sh; fails (returns 1) when PostgreSQL does not come up, since the suite must run.
 if command -v pg_lsclusters >/dev/null 2>&1; then
   read -r pg_version pg_cluster _ < <(pg_lsclusters -h 2>/dev/null | head -1) || true
   if [[ -z "${pg_version:-}" ]] && command -v pg_createcluster >/dev/null 2>&1; then
@@ -21,8 +23,10 @@ if command -v pg_lsclusters >/dev/null 2>&1; then
       fi
       export ALOFT_TEST_POSTGRES_URL="host=/var/run/postgresql user=$(id -un) dbname=postgres"
       echo "test: PostgreSQL $pg_version/$pg_cluster is up for the store suite"
-    else
-      echo "test: WARNING: PostgreSQL did not start; the PostgreSQL store suite will skip" >&2
     fi
   fi
+fi
+if [[ -z "${ALOFT_TEST_POSTGRES_URL:-}" ]]; then
+  echo "test: PostgreSQL did not start (apt-get install postgresql; see scripts/postgres-for-tests.sh)" >&2
+  return 1
 fi

@@ -1,4 +1,4 @@
-//! Turns every file of shared/flytoml/{wild,fixtures} into its own test case
+//! Turns every file of tests/data/flytoml/{wild,fixtures} into its own test case
 //! (tests/corpus.rs includes the generated list).
 
 use std::fmt::Write;
@@ -45,7 +45,7 @@ fn cases(dir: &Path, prefix: &str, out: &mut String) {
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
-    let corpus = manifest.join("../../../shared/flytoml");
+    let corpus = manifest.join("tests/data/flytoml");
     let mut out = String::new();
     cases(&corpus.join("wild"), "wild", &mut out);
     cases(&corpus.join("fixtures"), "fixture", &mut out);

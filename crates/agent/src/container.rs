@@ -163,24 +163,18 @@ impl ContainerDriver {
     }
 
     /// Mounts a fresh overlay of the image's layers at `machine_dir/rootfs` (the root
-    /// filesystem is rebuilt from the image on every start).
+    /// filesystem is rebuilt from the image on every start), its writable layer in an
+    /// ext4 image of `layer_bytes` (the machine's disk quota).
     pub fn prepare_rootfs(
         &self,
         machine_dir: &Path,
         image: &PreparedImage,
+        layer_bytes: u64,
     ) -> Result<PathBuf, DriverError> {
         let rootfs = machine_dir.join("rootfs");
-        let upper = machine_dir.join("upper");
-        let work = machine_dir.join("work");
         unmount(&rootfs);
-        for dir in [&upper, &work] {
-            if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(io(format!("clearing {}", dir.display())))?;
-            }
-        }
-        for dir in [&rootfs, &upper, &work] {
-            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        }
+        std::fs::create_dir_all(&rootfs).map_err(io(format!("creating {}", rootfs.display())))?;
+        let (upper, work) = writable_layer(machine_dir, layer_bytes, LayerOwner::HOST_ROOT)?;
         if image.layers.is_empty() {
             return Err(DriverError::Rootfs(format!(
                 "image {} has no layers",
@@ -311,7 +305,8 @@ impl Driver for ContainerDriver {
 
     fn start(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
         let began = std::time::Instant::now();
-        let rootfs = self.prepare_rootfs(request.machine_dir, request.image)?;
+        let layer_bytes = u64::from(request.rootfs_size_gb) * GIB;
+        let rootfs = self.prepare_rootfs(request.machine_dir, request.image, layer_bytes)?;
         let mounted = began.elapsed();
         self.write_bundle(
             request.machine_dir,
@@ -461,6 +456,114 @@ impl Driver for ContainerDriver {
             let _ = std::fs::remove_dir(cgroup_file(controller, machine_id, ""));
         }
     }
+
+    fn release_storage(&self, _machine_id: &str, machine_dir: &Path) {
+        release_writable_layer(machine_dir);
+    }
+}
+
+const GIB: u64 = 1024 * 1024 * 1024;
+/// A machine's writable layer: an ext4 image in the machine's directory, mounted at
+/// [`LAYER_DIR`], holding the overlay's `upper/` and `work/`.
+pub const LAYER_IMAGE: &str = "layer.ext4";
+pub const LAYER_DIR: &str = "layer";
+/// Where the last runs' layers go to be deleted in the background.
+const DISCARDED_DIR: &str = "discarded";
+
+/// Who owns the writable layer's root, `upper/` and `work/` (the container's root user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerOwner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl LayerOwner {
+    pub const HOST_ROOT: Self = Self { uid: 0, gid: 0 };
+}
+
+/// Makes the machine's writable layer ready for a run and returns its `upper/` and
+/// `work/`, both empty. The layer's filesystem stays mounted between runs of the machine,
+/// so a start costs no mkfs or mount: the last run's directories are moved aside and
+/// deleted in the background. It is made afresh (a new ext4 of `size_bytes`) when it is
+/// not mounted (first start, after a host reboot or a platform shutdown) or its size
+/// changed; nothing in it outlives a run, so it needs no journal.
+pub fn writable_layer(
+    machine_dir: &Path,
+    size_bytes: u64,
+    owner: LayerOwner,
+) -> Result<(PathBuf, PathBuf), DriverError> {
+    let image = machine_dir.join(LAYER_IMAGE);
+    let layer = machine_dir.join(LAYER_DIR);
+    let reusable = crate::block_image::is_mount_point(&layer)
+        && std::fs::metadata(&image).is_ok_and(|m| m.len() == size_bytes);
+    if reusable {
+        discard_last_run(&layer)?;
+    } else {
+        release_writable_layer(machine_dir);
+        std::fs::create_dir_all(&layer).map_err(io(format!("creating {}", layer.display())))?;
+        let options = crate::block_image::FormatOptions {
+            journal: false,
+            label: Some("layer".into()),
+            root_uid: owner.uid,
+            root_gid: owner.gid,
+        };
+        crate::block_image::create(&image, size_bytes, &options)
+            .map_err(|e| DriverError::Rootfs(e.to_string()))?;
+        crate::block_image::mount(&image, &layer, nix::mount::MsFlags::empty())
+            .map_err(|e| DriverError::Rootfs(e.to_string()))?;
+    }
+    let (upper, work) = (layer.join("upper"), layer.join("work"));
+    for dir in [&upper, &work] {
+        std::fs::create_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
+        std::os::unix::fs::chown(dir, Some(owner.uid), Some(owner.gid)).map_err(io(format!(
+            "handing {} to uid {}",
+            dir.display(),
+            owner.uid
+        )))?;
+    }
+    Ok((upper, work))
+}
+
+/// Moves the last run's `upper/` and `work/` aside and deletes them (and whatever an
+/// earlier deletion left) in the background.
+fn discard_last_run(layer: &Path) -> Result<(), DriverError> {
+    let discarded = layer.join(DISCARDED_DIR);
+    std::fs::create_dir_all(&discarded).map_err(io(format!("creating {}", discarded.display())))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    for name in ["upper", "work"] {
+        let dir = layer.join(name);
+        if dir.exists() {
+            let aside = discarded.join(format!("{stamp}-{name}"));
+            std::fs::rename(&dir, &aside).map_err(io(format!("moving {} aside", dir.display())))?;
+        }
+    }
+    std::thread::spawn(move || {
+        let Ok(entries) = std::fs::read_dir(&discarded) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    });
+    Ok(())
+}
+
+/// Unmounts the machine's writable layer, detaches its loop device and deletes its image.
+pub fn release_writable_layer(machine_dir: &Path) {
+    let layer = machine_dir.join(LAYER_DIR);
+    let image = machine_dir.join(LAYER_IMAGE);
+    if let Err(err) = crate::block_image::unmount(&layer) {
+        tracing::warn!(error = %err, "releasing a machine's writable layer");
+    }
+    for device in crate::block_image::loop_devices_under(&image) {
+        if let Err(err) = crate::block_image::release(&device) {
+            tracing::warn!(error = %err, "releasing a machine's writable layer");
+        }
+    }
+    let _ = std::fs::remove_file(&image);
 }
 
 fn unmount(path: &Path) {
@@ -728,5 +831,57 @@ mod tests {
         });
         assert!(performance["shares"].as_u64() > shared["shares"].as_u64());
         assert_eq!(performance["quota"], shared["quota"]);
+    }
+
+    #[test]
+    fn the_writable_layer_is_kept_across_runs_emptied_and_remade_when_resized() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipping: needs root (loop devices, mounts)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mib = 1024 * 1024;
+        let (upper, work) = writable_layer(dir.path(), 32 * mib, LayerOwner::HOST_ROOT).unwrap();
+        assert!(upper.starts_with(dir.path().join(LAYER_DIR)) && work.exists());
+        let devices = crate::block_image::loop_devices_under(dir.path());
+        assert_eq!(devices.len(), 1, "{devices:?}");
+        std::fs::write(upper.join("left-over"), b"x").unwrap();
+
+        let (upper, _) = writable_layer(dir.path(), 32 * mib, LayerOwner::HOST_ROOT).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&upper).unwrap().count(),
+            0,
+            "a run starts empty"
+        );
+        assert_eq!(
+            crate::block_image::loop_devices_under(dir.path()),
+            devices,
+            "the same filesystem serves the next run"
+        );
+
+        let owner = LayerOwner {
+            uid: 100000,
+            gid: 100000,
+        };
+        let (upper, _) = writable_layer(dir.path(), 48 * mib, owner).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join(LAYER_IMAGE))
+                .unwrap()
+                .len(),
+            48 * mib
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&upper).unwrap().uid(), 100000);
+
+        release_writable_layer(dir.path());
+        assert!(!dir.path().join(LAYER_IMAGE).exists());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !crate::block_image::loop_devices_under(dir.path()).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the loop device stays attached"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }

@@ -56,6 +56,9 @@ pub struct StartRequest<'a> {
     pub guest: &'a MachineGuest,
     pub config: &'a aloft_api::MachineConfig,
     pub init: &'a InitConfig,
+    /// The machine's root filesystem size (`rootfs.size_gb`, or the host's default): a
+    /// container's writable layer, a microVM's root disk.
+    pub rootfs_size_gb: u32,
 }
 
 /// A terminal's size in characters.
@@ -263,6 +266,11 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Removes what a run left (runtime state, mounts, cgroups). Idempotent.
     fn cleanup(&self, machine_id: &str, machine_dir: &Path);
+
+    /// Releases what a machine keeps between runs on the host's devices (a container's
+    /// writable layer: its mount and loop device), after [`Driver::cleanup`]; the machine
+    /// is being destroyed or the host is shutting down. Idempotent.
+    fn release_storage(&self, _machine_id: &str, _machine_dir: &Path) {}
 }
 
 /// Reads how a machine's last run ended, if it has ended.

@@ -337,7 +337,7 @@ mod tests {
     #[test]
     fn whiteouts_and_opaque_dirs_become_overlay_markers() {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipping: creating whiteout devices and trusted xattrs needs root");
+            aloft_testkit::skip("creating whiteout devices and trusted xattrs needs root");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -18,6 +18,7 @@ pub fn init_config(
     spec: &MachineSpec,
     image: &PreparedImage,
     link: &MachineLink,
+    public_ip: Option<std::net::IpAddr>,
 ) -> Result<InitConfig, String> {
     let init = spec.config.init.clone().unwrap_or_default();
     let argv = if !init.exec.is_empty() {
@@ -76,7 +77,18 @@ pub fn init_config(
     for (key, value) in platform {
         env.insert(key.to_string(), value);
     }
-    let mut etc_hosts = vec![(link.machine_address.to_string(), spec.id.clone())];
+    // Outbound traffic leaves through the host (masqueraded): its address is the machine's.
+    if let Some(ip) = public_ip {
+        env.insert("FLY_PUBLIC_IP".into(), ip.to_string());
+    }
+    // UDP services bind `fly-global-services`: the address the proxy delivers UDP to.
+    let mut etc_hosts = vec![
+        (link.machine_address.to_string(), spec.id.clone()),
+        (
+            link.machine_address.to_string(),
+            "fly-global-services".into(),
+        ),
+    ];
     if let Some(ip) = spec.private_ip.as_ref().filter(|ip| !ip.is_empty()) {
         env.insert("FLY_PRIVATE_IP".into(), ip.clone());
         etc_hosts.push((ip.clone(), "fly-local-6pn".into()));
@@ -157,14 +169,14 @@ mod tests {
     fn command_follows_docker_rules() {
         let link = MachineLink::for_machine("0123456789abcd", 0).unwrap();
         let mut s = spec();
-        let i = init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link).unwrap();
+        let i = init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link, None).unwrap();
         assert_eq!(i.argv, vec!["/ep", "a"]);
         s.config.init = Some(aloft_api::MachineInit {
             cmd: vec!["b".into()],
             ..Default::default()
         });
         assert_eq!(
-            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
+            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link, None)
                 .unwrap()
                 .argv,
             vec!["/ep", "b"]
@@ -174,7 +186,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
+            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link, None)
                 .unwrap()
                 .argv,
             vec!["/other"]
@@ -184,13 +196,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link)
+            init_config(&s, &image(Some(vec!["/ep"]), Some(vec!["a"])), &link, None)
                 .unwrap()
                 .argv,
             vec!["/x"]
         );
         assert!(
-            init_config(&spec(), &image(None, None), &link)
+            init_config(&spec(), &image(None, None), &link, None)
                 .unwrap_err()
                 .contains("no command")
         );
@@ -199,7 +211,7 @@ mod tests {
     #[test]
     fn env_layers_image_config_and_platform() {
         let link = MachineLink::for_machine("0123456789abcd", 0).unwrap();
-        let i = init_config(&spec(), &image(None, Some(vec!["/bin/app"])), &link).unwrap();
+        let i = init_config(&spec(), &image(None, Some(vec!["/bin/app"])), &link, None).unwrap();
         assert_eq!(i.env["A"], "config");
         assert_eq!(i.env["PATH"], "/bin");
         assert_eq!(i.env["FLY_APP_NAME"], "hello");
@@ -209,6 +221,26 @@ mod tests {
         assert_eq!(i.env["FLY_MACHINE_VERSION"], "v1");
         assert_eq!(i.env["FLY_VM_MEMORY_MB"], "256");
         assert_eq!(i.hostname, "0123456789abcd");
+        assert!(
+            !i.env.contains_key("FLY_PUBLIC_IP"),
+            "no route out, no public address"
+        );
+        let address = link.machine_address.to_string();
+        assert!(
+            i.etc_hosts
+                .contains(&(address.clone(), "fly-global-services".to_string())),
+            "{:?}",
+            i.etc_hosts
+        );
+        let public: std::net::IpAddr = "2001:db8::7".parse().unwrap();
+        let routed = init_config(
+            &spec(),
+            &image(None, Some(vec!["/bin/app"])),
+            &link,
+            Some(public),
+        )
+        .unwrap();
+        assert_eq!(routed.env["FLY_PUBLIC_IP"], "2001:db8::7");
         assert!(
             !i.env.contains_key("FLY_PRIVATE_IP"),
             "no 6PN address, no variable"
@@ -223,7 +255,7 @@ mod tests {
         let link = MachineLink::for_machine("0123456789abcd", 0)
             .unwrap()
             .with_private_ip(s.private_ip.as_deref());
-        let i = init_config(&s, &image(None, Some(vec!["/bin/app"])), &link).unwrap();
+        let i = init_config(&s, &image(None, Some(vec!["/bin/app"])), &link, None).unwrap();
         assert_eq!(i.env["FLY_PRIVATE_IP"], "fdaa:0:1:0:1:0:7:2");
         assert!(i.etc_hosts.contains(&(
             "fdaa:0:1:0:1:0:7:2".to_string(),
@@ -234,7 +266,7 @@ mod tests {
             nameservers: vec!["1.1.1.1".into()],
             ..Default::default()
         });
-        let own = init_config(&s, &image(None, Some(vec!["/bin/app"])), &link).unwrap();
+        let own = init_config(&s, &image(None, Some(vec!["/bin/app"])), &link, None).unwrap();
         assert_eq!(
             own.nameservers,
             vec!["1.1.1.1".to_string()],

@@ -4,10 +4,12 @@
 //! of every state change to the control plane.
 
 pub mod api;
+pub mod block_image;
 pub mod checks;
 pub mod console;
 pub mod container;
 pub mod driver;
+pub mod image_files;
 pub mod images;
 pub mod init_config;
 pub mod logs;
@@ -59,7 +61,12 @@ pub struct AgentConfig {
     pub vm: microvm::MicrovmOptions,
     /// How much of each machine's log is kept.
     pub log_limits: logs::LogLimits,
+    /// The root filesystem size of machines whose config sets no `rootfs.size_gb`.
+    pub rootfs_default_gb: u32,
 }
+
+/// `aloft server --machine-rootfs-default-gb`'s default.
+pub const DEFAULT_ROOTFS_GB: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -222,6 +229,27 @@ impl Agent {
         self.machines_dir.join(id)
     }
 
+    /// What `components` (from the image's root) name in the image of machine `id` on
+    /// this host: read-only, never through a symlink (see [`image_files`]). The proxy
+    /// serves `[[statics]]` with it.
+    pub fn image_entry(
+        &self,
+        id: &str,
+        components: &[&str],
+    ) -> Result<image_files::ImageEntry, AgentError> {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(AgentError::NotFound(id.to_string()));
+        }
+        let bytes = std::fs::read(self.machine_dir(id).join("image.json"))
+            .map_err(|_| AgentError::NotFound(id.to_string()))?;
+        let image: PreparedImage = serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::Failed(format!("the image record of machine {id}: {e}")))?;
+        image_files::lookup(&image.layers, components).map_err(|e| match e {
+            image_files::ImageFileError::BadComponent(_) => AgentError::BadRequest(e.to_string()),
+            image_files::ImageFileError::Io(_) => AgentError::Failed(e.to_string()),
+        })
+    }
+
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
@@ -271,6 +299,7 @@ impl Agent {
                 .ok()
                 .map(|l| l.machine_address.to_string()),
             message,
+            restart_count: exit.is_some().then_some(record.restart_total),
         };
         self.store.transition(&mut event, exit.as_ref())?;
         self.outbox.notify_one();
@@ -379,11 +408,12 @@ impl Agent {
             .clone()
             .unwrap_or_else(aloft_api::MachineGuest::default_shared);
         check_guest(&guest)?;
+        let rootfs_size_gb = rootfs_size_gb(&spec.config, self.config.rootfs_default_gb)?;
         let image = self.image_for(spec, &dir).await?;
         let link = MachineLink::for_machine(&spec.id, record.slot)
             .map_err(|e| e.to_string())?
             .with_private_ip(spec.private_ip.as_deref());
-        let mut init = init_config(spec, &image, &link)?;
+        let mut init = init_config(spec, &image, &link, network::outbound_address())?;
         let secrets = self.secrets.for_machine(spec).await?;
         secrets::apply(&mut init, spec, &secrets)?;
         let _ = std::fs::remove_file(dir.join(driver::EXIT_FILE));
@@ -409,6 +439,7 @@ impl Agent {
                 guest: &guest,
                 config: &config,
                 init: &init,
+                rootfs_size_gb,
             };
             let started = driver.start(&request).map_err(|e| e.to_string());
             tracing::debug!(machine = %id, ?prepared, ?scheduled, ?networked, total = ?began.elapsed(), "machine launched");
@@ -739,7 +770,7 @@ impl Agent {
             .map_err(AgentError::Failed)?;
         let link = MachineLink::for_machine(&spec.id, record.slot)
             .map_err(|e| AgentError::Failed(e.to_string()))?;
-        let mut env = match init_config(spec, &image, &link) {
+        let mut env = match init_config(spec, &image, &link, network::outbound_address()) {
             Ok(mut init) => {
                 self.add_delivered_secrets(&mut init, spec).await;
                 init.env
@@ -891,6 +922,7 @@ impl Agent {
         let dir_for_cleanup = dir.clone();
         let _ = tokio::task::spawn_blocking(move || {
             driver.cleanup(&machine, &dir_for_cleanup);
+            driver.release_storage(&machine, &dir_for_cleanup);
             if let Some(link) = link {
                 network::teardown(&link);
             }
@@ -933,7 +965,16 @@ impl Agent {
     /// those that ended meanwhile (through their restart policy), and bring back machines
     /// that should be running.
     pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
-        for record in self.store.machines()? {
+        let records = self.store.machines()?;
+        let known: std::collections::HashSet<String> =
+            records.iter().map(|r| r.spec.id.clone()).collect();
+        let machines_dir = self.machines_dir.clone();
+        let driver = self.driver.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            release_orphaned_storage(&machines_dir, &known, driver.as_ref())
+        })
+        .await;
+        for record in records {
             let id = record.spec.id.clone();
             match record.shim_pid {
                 Some(pid) if shim::is_shim_of(pid, &self.machine_dir(&id)) => {
@@ -986,6 +1027,23 @@ impl Agent {
         for stop in stops {
             let _ = stop.await;
         }
+        // What stopped machines keep between runs goes too (a start makes it again), so
+        // a stopped host holds no mounts or loop devices.
+        let stopped: Vec<(String, PathBuf)> = self
+            .store
+            .machines()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.shim_pid.is_none())
+            .map(|r| (r.spec.id.clone(), self.machine_dir(&r.spec.id)))
+            .collect();
+        let driver = self.driver.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (id, dir) in stopped {
+                driver.release_storage(&id, &dir);
+            }
+        })
+        .await;
         let _ = tokio::task::spawn_blocking(move || links.iter().for_each(network::teardown)).await;
     }
 
@@ -1166,9 +1224,78 @@ fn host_id(root: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
+/// The root filesystem size a machine gets, in GB: its `rootfs.size_gb`, or the host's
+/// default.
+pub fn rootfs_size_gb(config: &aloft_api::MachineConfig, default_gb: u32) -> Result<u32, String> {
+    match config.rootfs.as_ref().and_then(|r| r.size_gb) {
+        Some(0) => {
+            Err("rootfs.size_gb 0 leaves the machine no root filesystem: give at least 1".into())
+        }
+        Some(size) => Ok(size),
+        None => Ok(default_gb.max(1)),
+    }
+}
+
+/// Releases the mounts and loop devices of machine directories this host no longer has a
+/// machine for (an agent killed while destroying one).
+fn release_orphaned_storage(
+    machines_dir: &Path,
+    known: &std::collections::HashSet<String>,
+    driver: &dyn Driver,
+) {
+    let orphan = |path: &Path| {
+        path.strip_prefix(machines_dir)
+            .ok()
+            .and_then(|rest| rest.components().next())
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .filter(|id| !known.contains(id))
+    };
+    let mut orphans = std::collections::BTreeSet::new();
+    for mount_point in block_image::mount_points_under(machines_dir) {
+        if let Some(id) = orphan(&mount_point) {
+            if let Err(err) = block_image::unmount(&mount_point) {
+                tracing::warn!(error = %err, "releasing a destroyed machine's mount");
+            }
+            orphans.insert(id);
+        }
+    }
+    for device in block_image::loop_devices_under(machines_dir) {
+        if let Some(id) = orphan(&device.backing_file) {
+            if let Err(err) = block_image::release(&device) {
+                tracing::warn!(error = %err, "releasing a destroyed machine's loop device");
+            }
+            orphans.insert(id);
+        }
+    }
+    for id in orphans {
+        tracing::info!(machine = %id, "released the storage of a destroyed machine");
+        driver.release_storage(&id, &machines_dir.join(&id));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rootfs_size_comes_from_the_config_or_the_hosts_default() {
+        let mut config = aloft_api::MachineConfig::default();
+        assert_eq!(rootfs_size_gb(&config, 8), Ok(8));
+        config.rootfs = Some(aloft_api::RootfsConfig {
+            size_gb: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(rootfs_size_gb(&config, 8), Ok(2));
+        config.rootfs = Some(aloft_api::RootfsConfig {
+            size_gb: Some(0),
+            ..Default::default()
+        });
+        assert!(
+            rootfs_size_gb(&config, 8)
+                .unwrap_err()
+                .contains("rootfs.size_gb")
+        );
+    }
     use aloft_api::MachineRestart;
 
     fn exit(code: i32) -> ExitStatus {

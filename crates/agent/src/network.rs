@@ -672,6 +672,23 @@ fn elements_of(listing: &str, interface: &str) -> Vec<String> {
     values
 }
 
+/// The address this host sends outbound traffic from (and so machines, whose traffic it
+/// masquerades): the source the kernel picks for a public IPv6 destination, else for a
+/// public IPv4 one. Connecting a UDP socket only consults the routing table; nothing is
+/// sent. `None` when the host has no route out.
+pub fn outbound_address() -> Option<std::net::IpAddr> {
+    let probes: [(&str, &str); 2] = [
+        ("[::]:0", "[2001:4860:4860::8888]:53"),
+        ("0.0.0.0:0", "8.8.8.8:53"),
+    ];
+    probes.iter().find_map(|(local, remote)| {
+        let socket = std::net::UdpSocket::bind(local).ok()?;
+        socket.connect(remote).ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        (!ip.is_unspecified() && !ip.is_loopback()).then_some(ip)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,7 +815,7 @@ mod tests {
         if !nix::unistd::Uid::effective().is_root()
             || Command::new("nft").arg("-v").output().is_err()
         {
-            eprintln!("skipping: needs root and nft");
+            aloft_testkit::skip("needs root and nft");
             return;
         }
         let loaded = format!("aloft-rt{}a", std::process::id());

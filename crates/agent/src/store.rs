@@ -387,6 +387,7 @@ mod tests {
             exit: None,
             private_ipv4: None,
             message: None,
+            restart_count: None,
         };
         assert_eq!(store.transition(&mut event, None).unwrap(), 1);
         assert_eq!(store.transition(&mut event, None).unwrap(), 2);

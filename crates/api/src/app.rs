@@ -20,6 +20,10 @@ pub struct App {
     pub network: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Where the platform's proxy serves the app (an Aloft addition: the proxy's port
+    /// need not be 80).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
 }

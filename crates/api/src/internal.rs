@@ -190,6 +190,10 @@ pub struct AgentEvent {
     pub private_ipv4: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With an exit: how many times the restart policy has restarted the machine (Fly's
+    /// `request.restart_count`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_count: Option<u64>,
 }
 
 /// The exec and ps shapes are the Machines API's own; the agent takes and answers them too.
@@ -336,6 +340,10 @@ pub struct CatalogMachine {
     /// The latest result of each of the machine's health checks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckStatus>,
+    /// The machine config's `[[statics]]`: URL prefixes the proxy serves from the files
+    /// of the machine's image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statics: Vec<crate::Static>,
 }
 
 /// One message of the catalog stream (`GET /v1/catalog`, NDJSON).

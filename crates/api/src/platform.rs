@@ -232,10 +232,22 @@ pub struct Certificate {
     pub hostname: String,
     /// `acme` or `custom`.
     pub source: String,
-    /// `pending`, `ready`, ...
+    /// `pending` (nothing tried yet), `issuing`, `failed` or `ready`.
     pub status: String,
     pub configured: bool,
     pub created_at: String,
+    /// What flyctl shows: `Awaiting configuration`, `Awaiting certificates` or `Ready`.
+    #[serde(default)]
+    pub client_status: String,
+    /// Who issued the certificate served now (its issuer's common name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_authority: Option<String>,
+    /// When the certificate served now expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Why the last attempt to get a certificate failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -695,8 +695,8 @@ mod tests {
     #[tokio::test]
     async fn builds_and_reports_a_failing_step() {
         if !Buildah::available() || !std::path::Path::new("/bin/busybox").exists() {
-            eprintln!(
-                "skipping: needs buildah and /bin/busybox (apt-get install buildah busybox-static)"
+            aloft_testkit::skip(
+                "needs buildah and /bin/busybox (apt-get install buildah busybox-static)",
             );
             return;
         }

@@ -5,8 +5,8 @@ use aloft_build::{BuildError, Buildah, DockerfileBuild};
 
 fn prerequisites() -> bool {
     if !Buildah::available() || !std::path::Path::new("/bin/busybox").exists() {
-        eprintln!(
-            "skipping: needs buildah and /bin/busybox (apt-get install buildah busybox-static)"
+        aloft_testkit::skip(
+            "needs buildah and /bin/busybox (apt-get install buildah busybox-static)",
         );
         return false;
     }

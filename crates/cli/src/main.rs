@@ -20,7 +20,7 @@ use crate::settings::ApiArgs;
 #[derive(Parser, Debug)]
 #[command(
     name = "aloft",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ALOFT_COMMIT"), ")"),
     about = "Aloft: a self-hosted application platform that runs fly.toml apps"
 )]
 struct Cli {
@@ -118,6 +118,8 @@ enum Command {
         #[command(subcommand)]
         command: OrgsCommand,
     },
+    /// Check that this host has what `aloft server` needs, and say how to get what is missing.
+    Doctor(commands::doctor::DoctorArgs),
     /// Operator commands run as root on the host, from the data dir (`admin token`).
     Admin {
         #[command(subcommand)]
@@ -134,6 +136,11 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// Manage certificates: the app's hostnames and their TLS certificates.
+    Certs {
+        #[command(subcommand)]
+        command: commands::certs::CertsCommand,
+    },
     /// Manage the app's IP addresses (public and Flycast).
     Ips {
         #[command(subcommand)]
@@ -143,6 +150,13 @@ enum Command {
     Dig(commands::dig::DigArgs),
     /// Forward a local port to an address in the app's private network.
     Proxy(commands::proxy::ProxyArgs),
+    /// What the platform offers: regions and VM sizes.
+    Platform {
+        #[command(subcommand)]
+        command: commands::platform::PlatformCommand,
+    },
+    /// Open the app's URL in a browser (prints it).
+    Open(commands::open::OpenArgs),
     /// The per-machine shim (started by the agent).
     #[command(hide = true)]
     Shim {
@@ -256,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let api = cli.api;
     match cli.command {
         Command::Server(args) => commands::server::run(args).await?,
+        Command::Doctor(args) => return commands::doctor::run(args),
         Command::Admin { command } => commands::admin::run(command)?,
         Command::Control(args) => commands::control::run(args).await?,
         Command::Apps { command } => commands::apps::run(&api, command).await?,
@@ -338,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map_err(|e| explain_app(e, &api, &app))?
         }
+        Command::Certs { command } => commands::certs::run(&api, command).await?,
         Command::Ips { command } => commands::ips::run(&api, command).await?,
         Command::Dig(args) => commands::dig::run(&api, args).await?,
         Command::Proxy(args) => commands::proxy::run(&api, args).await?,
@@ -350,6 +366,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Auth {
             command: AuthCommand::Token,
         } => println!("{}", api.token()?),
+        Command::Platform { command } => commands::platform::run(command)?,
+        Command::Open(args) => {
+            let app = app_name(args.app.clone(), args.config.as_deref())?;
+            commands::open::run(&api, &app, &args)
+                .await
+                .map_err(|e| explain_app(e, &api, &app))?
+        }
         Command::Shim { .. } => unreachable!("handled before the runtime starts"),
     }
     Ok(0)

@@ -81,7 +81,7 @@ fn stop(mut child: Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_admin_token_stays_revoked_and_root_mints_a_new_one() {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root (aloft admin token is root-only)");
+        aloft_testkit::skip("needs root (aloft admin token is root-only)");
         return;
     }
     let root = tempfile::tempdir().expect("temp dir");

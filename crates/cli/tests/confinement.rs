@@ -47,7 +47,9 @@ fn lab_app(platform: &Platform) -> Option<PathBuf> {
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(dir.join("rootfs/www")).unwrap();
     if let Err(why) = build_probe(&bin.join("uring-probe")) {
-        eprintln!("skipping: cannot build a static C program (gcc, libc6-dev): {why}");
+        aloft_testkit::skip(format!(
+            "cannot build a static C program (gcc, libc6-dev): {why}"
+        ));
         return None;
     }
     std::fs::copy("/bin/busybox", bin.join("busybox"))

@@ -711,7 +711,7 @@ fn images_from_another_registry_deploy_roll_back_and_old_ones_are_collected() {
         .output()
         .is_err()
     {
-        eprintln!("skipping: needs skopeo (scripts/setup.sh --test installs it)");
+        aloft_testkit::skip("needs skopeo (scripts/setup.sh --test installs it)");
         return;
     }
     let platform = Platform::start_with(&[

@@ -281,7 +281,7 @@ fn machines_reach_the_internet_and_nothing_private() {
 fn microvms_reach_the_internet_and_nothing_private() {
     require_platform!();
     if let Some(reason) = common::missing_vm_prerequisite() {
-        eprintln!("skipping microVM test: {reason}");
+        aloft_testkit::skip(format!("microVM test: {reason}"));
         return;
     }
     let _lock = common::vm_lock();

@@ -152,11 +152,11 @@ fn snapshot(dir: &Path) -> Vec<(String, String, Vec<u8>)> {
 #[test]
 fn a_layer_with_whiteouts_beneath_a_symlink_leaves_the_host_alone() {
     if let Some(reason) = common::missing_prerequisite() {
-        eprintln!("skipping platform test: {reason}");
+        aloft_testkit::skip(format!("platform test: {reason}"));
         return;
     }
     if Command::new("skopeo").arg("--version").output().is_err() {
-        eprintln!("skipping platform test: needs skopeo (apt-get install skopeo)");
+        aloft_testkit::skip("platform test: needs skopeo (apt-get install skopeo)");
         return;
     }
     let work = tempfile::tempdir().unwrap();

@@ -87,14 +87,14 @@ impl Driver {
 /// Starts a platform on `driver`, or says why this host cannot (then the test returns).
 fn platform_on(driver: Driver) -> Option<(Platform, Option<common::VmLock>)> {
     if let Some(reason) = common::missing_prerequisite() {
-        eprintln!("skipping platform test: {reason}");
+        aloft_testkit::skip(format!("platform test: {reason}"));
         return None;
     }
     let lock = match driver {
         Driver::Container => None,
         Driver::Microvm => {
             if let Some(reason) = common::missing_vm_prerequisite() {
-                eprintln!("skipping microVM test: {reason}");
+                aloft_testkit::skip(format!("microVM test: {reason}"));
                 return None;
             }
             Some(common::vm_lock())
@@ -212,6 +212,14 @@ fn answers(platform: &Platform, ipv4: &str) -> bool {
         == "200"
 }
 
+/// Waits (with a deadline) until the app in the machine accepts and answers: a machine
+/// reported `started` has run its process, which may not be listening yet.
+fn wait_for_answer(platform: &Platform, ipv4: &str, what: &str) {
+    wait_until(what, Duration::from_secs(30), || {
+        (!answers(platform, ipv4)).then(String::new)
+    });
+}
+
 fn events(platform: &Platform, id: &str) -> Vec<Value> {
     let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
     let run = platform.curl(&[
@@ -241,10 +249,10 @@ fn lifecycle(driver: Driver) {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    assert!(answers(&platform, &ipv4));
+    wait_for_answer(&platform, &ipv4, "the app to answer");
 
     // Logs, in flyctl's line format and as JSON.
-    let expected = format!("app[{id}] local [info] hello: listening on 0.0.0.0:8080");
+    let expected = format!("app[{id}] local [info] hello: listening on [::]:8080 and 0.0.0.0:8080");
     let logs = wait_until(
         "the app's first line in the logs",
         Duration::from_secs(20),
@@ -270,7 +278,7 @@ fn lifecycle(driver: Driver) {
         .stdout
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
-        .find(|v: &Value| v["message"] == "hello: listening on 0.0.0.0:8080")
+        .find(|v: &Value| v["message"] == "hello: listening on [::]:8080 and 0.0.0.0:8080")
         .unwrap_or_else(|| panic!("{json}"));
     assert_eq!(
         (
@@ -514,7 +522,7 @@ fn lifecycle(driver: Driver) {
         Duration::from_secs(20),
         || {
             let text = std::fs::read_to_string(&followed).unwrap_or_default();
-            (text.matches("hello: listening on 0.0.0.0:8080").count() < 2).then_some(text)
+            (text.matches("hello: listening on [::]:8080 and 0.0.0.0:8080").count() < 2).then_some(text)
         },
     );
     let _ = follower.kill();
@@ -549,7 +557,7 @@ fn lifecycle(driver: Driver) {
         )["state"],
         "started"
     );
-    assert!(answers(&platform, &ipv4));
+    wait_for_answer(&platform, &ipv4, "the resumed app to answer");
     assert_eq!(
         run_id(&platform, &id, driver),
         frozen_run,
@@ -557,7 +565,7 @@ fn lifecycle(driver: Driver) {
     );
 
     // Restart: a new run from a fresh root filesystem.
-    platform.aloft(&[
+    let written = platform.aloft(&[
         "machine",
         "exec",
         &id,
@@ -566,8 +574,12 @@ fn lifecycle(driver: Driver) {
         "--",
         "sh",
         "-c",
-        "echo scribble > /scribble",
+        "echo scribble > /scribble && cat /scribble",
     ]);
+    assert!(
+        written.ok() && written.stdout.contains("scribble"),
+        "writing /scribble before the restart: {written}"
+    );
     let restarted = agent_json(
         &platform,
         "POST",
@@ -670,6 +682,7 @@ fn survive_killed_platform(driver: Driver) {
         .to_string();
     let pid = host_pid(&platform, &id, driver);
     assert!(alive(pid));
+    wait_for_answer(&platform, &ipv4, "the app to answer");
 
     platform.kill_server();
     assert!(alive(pid), "the machine outlives the platform");
@@ -708,7 +721,7 @@ fn survive_killed_platform(driver: Driver) {
             (state["state"] != "started" || now == pid || !alive(now)).then(|| state.to_string())
         },
     );
-    assert!(answers(&platform, &ipv4));
+    wait_for_answer(&platform, &ipv4, "the restarted app to answer");
     let all = wait_until(
         "the exit event at the control plane",
         Duration::from_secs(10),
@@ -803,13 +816,11 @@ fn bad_input(driver: Driver) {
             "exited with code 9",
         ),
     ];
-    // An image too big for its root disk (none at all here: rootfs.size_gb 0).
-    if driver == Driver::Microvm {
-        cases.push((
-            serde_json::json!({ "image": image, "init": { "exec": ["/hello"] }, "rootfs": { "size_gb": 0 }, "restart": { "policy": "no" } }),
-            "but the machine's root disk is 0 MB: set rootfs.size_gb",
-        ));
-    }
+    // A root filesystem of no size is refused when the machine is created.
+    cases.push((
+        serde_json::json!({ "image": image, "init": { "exec": ["/hello"] }, "rootfs": { "size_gb": 0 }, "restart": { "policy": "no" } }),
+        "invalid config.rootfs.size_gb: 0 must be between 1 and 500",
+    ));
     // (The guest kernel's OOM killer under TCG takes minutes to get there; containers only.)
     if driver == Driver::Container {
         cases.push((

@@ -296,7 +296,7 @@ impl Drop for World {
 fn machines_reach_their_own_network_only() {
     require_platform!();
     if !have_dig() {
-        eprintln!("skipping: needs `dig` (scripts/setup.sh --test installs dnsutils)");
+        aloft_testkit::skip("needs `dig` (scripts/setup.sh --test installs dnsutils)");
         return;
     }
     // The API listens on every IPv4 address and the agent on every address, so a refused

@@ -566,7 +566,11 @@ fn secrets_reach_only_the_apps_machines() {
         files.iter().all(|f| {
             let inside = f.strip_prefix(&machines_dir).ok();
             let layer = inside.and_then(|p| p.components().nth(1));
-            layer.is_some_and(|l| l.as_os_str() == "upper" || l.as_os_str() == "rootfs")
+            // The machine's writable layer: its ext4 image, mounted at `layer/`.
+            layer.is_some_and(|l| {
+                ["upper", "rootfs", "layer", "layer.ext4"]
+                    .contains(&l.as_os_str().to_string_lossy().as_ref())
+            })
         }),
         "only machines' own filesystems hold the file: {files:?}"
     );
@@ -590,7 +594,7 @@ fn secrets_reach_only_the_apps_machines() {
 fn secrets_reach_a_microvm_and_stay_off_the_host() {
     require_platform!();
     if let Some(reason) = common::missing_vm_prerequisite() {
-        eprintln!("skipping microVM test: {reason}");
+        aloft_testkit::skip(format!("microVM test: {reason}"));
         return;
     }
     let _lock = common::vm_lock();

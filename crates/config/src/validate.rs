@@ -209,8 +209,10 @@ fn top_level(v: &mut Validator) {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         let codes = regions::REGIONS.iter().map(|r| r.code);
         match regions::find(region) {
+            // flyctl checks no region offline, and real files carry placeholders such as
+            // `{REGION}`: a warning, never an error.
             _ if !well_formed => v.push(
-                Diagnostic::error(
+                Diagnostic::warning(
                     DiagnosticCode::Invalid,
                     "primary_region",
                     format!("invalid region code `{region}`"),

@@ -1,4 +1,4 @@
-//! Every real-world file (shared/flytoml/wild) and flyctl fixture is a test case: it loads,
+//! Every real-world file (tests/data/flytoml/wild) and flyctl fixture is a test case: it loads,
 //! every problem it has is located, every process group converts or fails cleanly, and
 //! writing it back (TOML in place, fresh TOML, JSON, YAML) reads back as the same config.
 
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use aloft_config::{Format, MachineConfigOptions, load, parse_str, render, render_preserving};
 
 fn corpus_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/flytoml")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/flytoml")
 }
 
 fn check_file(path: &Path) {
@@ -82,9 +82,9 @@ fn corpus_is_present() {
             .map(|d| d.count())
             .unwrap_or(0)
     };
-    assert!(count("wild") >= 120, "shared/flytoml/wild is missing");
+    assert!(count("wild") >= 120, "tests/data/flytoml/wild is missing");
     assert!(
         count("fixtures") >= 45,
-        "shared/flytoml/fixtures is missing"
+        "tests/data/flytoml/fixtures is missing"
     );
 }

@@ -1,4 +1,4 @@
-//! flyctl's fixtures: each loads (or fails) as shared/flytoml/fixtures/EXPECTED.md says, and
+//! flyctl's fixtures: each loads (or fails) as tests/data/flytoml/fixtures/EXPECTED.md says, and
 //! the facts recorded there hold.
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use aloft_api::{AutoStop, Duration, MachineConfig, RestartPolicy};
 use aloft_config::{AppConfig, Loaded, MachineConfigOptions, Severity, is_valid, load};
 
 fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/flytoml/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/flytoml/fixtures")
 }
 
 fn fixture(name: &str) -> Loaded {

@@ -11,7 +11,7 @@ use aloft_config::{Format, load, parse_str, render, to_flyctl_json};
 
 fn full_reference_json() -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/flytoml/fixtures/appconfig__full-reference.toml");
+        .join("tests/data/flytoml/fixtures/appconfig__full-reference.toml");
     let loaded = load(&path).unwrap();
     render(&loaded.config, Format::Json)
 }

@@ -10,7 +10,7 @@ use aloft_config::{
 use proptest::prelude::*;
 
 fn corpus() -> Vec<String> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/flytoml");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/flytoml");
     let mut files = Vec::new();
     for dir in ["wild", "fixtures"] {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(dir))

@@ -1,4 +1,4 @@
-//! Validation of the real-world corpus (shared/flytoml/wild) against what flyctl says.
+//! Validation of the real-world corpus (tests/data/flytoml/wild) against what flyctl says.
 //!
 //! Where `fly config validate` accepts a file, Aloft may warn about it (a guest size the
 //! Machines API does not offer, two services on one port, a `[[vm]]` naming no group) but
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use aloft_config::{Diagnostic, DiagnosticCode, Severity, load};
 
 fn wild_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/flytoml/wild")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/flytoml/wild")
 }
 
 fn diagnostics(name: &str) -> Vec<Diagnostic> {
@@ -36,7 +36,7 @@ const FLYCTL_REFUSES: &[(&str, &str, DiagnosticCode)] = &[(
 #[test]
 fn every_wild_file_flyctl_accepts_validates() {
     let mut names: Vec<String> = std::fs::read_dir(wild_dir())
-        .expect("shared/flytoml/wild is missing")
+        .expect("tests/data/flytoml/wild is missing")
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".toml"))

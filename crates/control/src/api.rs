@@ -344,6 +344,7 @@ fn app_view(plane: &ControlPlane, app: &AppRow) -> App {
         },
         network: Some(app.network.clone()),
         hostname: Some(format!("{}.{}", app.name, plane.config.base_domain)),
+        app_url: Some(plane.app_url(&app.name)),
         created_at: Some(app.created_at.clone()),
     }
 }
@@ -1252,6 +1253,7 @@ async fn host_events(
     JsonBody(events): JsonBody<Vec<AgentEvent>>,
 ) -> ApiResult<StatusCode> {
     caller.require_host_itself(&host)?;
-    plane.apply_agent_events(&host, &events)?;
+    let stopped = plane.apply_agent_events(&host, &events)?;
+    plane.destroy_stopped(stopped);
     Ok(StatusCode::NO_CONTENT)
 }

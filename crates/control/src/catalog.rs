@@ -191,6 +191,7 @@ impl Catalog {
                 machine.config.services.clone()
             },
             checks: self.checks.get(&machine.id),
+            statics: machine.config.statics.clone(),
         }
     }
 

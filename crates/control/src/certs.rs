@@ -1,22 +1,31 @@
 //! Certificates through the API: `GET /v1/apps/{app}/certificates`, `POST …/acme` and
 //! `…/custom` to add a hostname, `GET/DELETE …/{hostname}`, `POST …/{hostname}/check`.
 //! This module keeps which hostnames an app serves (published on the catalog so proxies
-//! route them); issuing and storing the certificates themselves is the proxy's ACME work.
+//! route them) and the certificates themselves: those the proxies obtain from their ACME
+//! CA, and custom ones imported with `…/custom`, each with its private key sealed under a
+//! key the secrets vault keeps ([`crate::vault::Vault::certificate_sealing_key`]).
+//!
+//! For proxies (host tokens only): `GET/PUT /v1/proxy/certificates/{hostname}` (the
+//! certificate with its private key, as PEM) and `PUT …/{hostname}/status` (an ACME order
+//! started or failed, which `aloft certs show` reports).
 
 use std::sync::Arc;
 
 use aloft_api::{Certificate, CreateCertificateRequest, ListCertificatesResponse};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use http::StatusCode;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
 
 use crate::ControlPlane;
 use crate::api::{ErrorAnswers, JsonBody, Plane, visible_app};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{AppRow, CertificateRow, StoreError, now_rfc3339};
+use crate::store::{AppRow, CertificateRow, StoreError, TlsCertificateRow, now_rfc3339};
 
 pub fn routes() -> Router<Arc<ControlPlane>> {
     Router::new()
@@ -31,15 +40,238 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
             "/v1/apps/{app_name}/certificates/{hostname}/check",
             post(check_certificate),
         )
+        .route(
+            "/v1/proxy/certificates/{hostname}",
+            get(proxy_get_certificate).put(proxy_put_certificate),
+        )
+        .route(
+            "/v1/proxy/certificates/{hostname}/status",
+            put(proxy_put_status),
+        )
 }
 
-fn view(row: &CertificateRow) -> Certificate {
+/// The API's view of a hostname: its row, and where its certificate stands.
+fn view(row: &CertificateRow, tls: Option<&TlsCertificateRow>) -> Certificate {
+    let issued = tls.filter(|t| !t.certificate.is_empty() && !expired(&t.not_after));
+    let (status, client_status) = match (issued, tls.map(|t| t.state.as_str())) {
+        (Some(_), _) => ("ready", "Ready"),
+        (None, Some("issuing")) => ("issuing", "Awaiting certificates"),
+        (None, Some("failed")) => ("failed", "Awaiting configuration"),
+        _ => ("pending", "Awaiting configuration"),
+    };
     Certificate {
         hostname: row.hostname.clone(),
         source: row.source.clone(),
-        status: row.status.clone(),
-        configured: row.status == "ready",
+        status: status.into(),
+        configured: issued.is_some(),
         created_at: row.created_at.clone(),
+        client_status: client_status.into(),
+        certificate_authority: issued.map(|t| t.issuer.clone()),
+        expires_at: issued.map(|t| t.not_after.clone()),
+        error: tls
+            .filter(|t| t.state == "failed" && !t.error.is_empty())
+            .map(|t| t.error.clone()),
+    }
+}
+
+fn expired(not_after: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(not_after)
+        .map(|t| t <= chrono::Utc::now())
+        .unwrap_or(true)
+}
+
+fn view_of(plane: &ControlPlane, row: &CertificateRow) -> ApiResult<Certificate> {
+    Ok(view(
+        row,
+        plane.store.tls_certificate(&row.hostname)?.as_ref(),
+    ))
+}
+
+/// What a certificate says about itself, once checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedCertificate {
+    /// The issuer's common name (or organization).
+    pub issuer: String,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+/// Checks a PEM chain and private key for `hostname`: every certificate parses, the leaf
+/// is valid now and names the hostname (exactly, or by a `*.` wildcard one level up), and
+/// the key is the leaf's. Errors name the field (`fullchain`, `private_key`) and the fix.
+pub fn check_certificate_pem(
+    hostname: &str,
+    chain_pem: &str,
+    key_pem: &str,
+) -> ApiResult<CheckedCertificate> {
+    let invalid_chain = |why: String| ApiError::bad_request(format!("invalid fullchain: {why}"));
+    let mut chain = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(chain_pem.as_bytes()) {
+        chain.push(
+            cert.map_err(|e| invalid_chain(format!("a certificate in it is not valid PEM ({e})")))?,
+        );
+    }
+    let leaf_der = chain.first().ok_or_else(|| {
+        invalid_chain("no certificate in it; give the PEM chain, your certificate first".into())
+    })?;
+    for der in &chain {
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| {
+            invalid_chain(format!("a certificate in it does not parse as X.509 ({e})"))
+        })?;
+    }
+    let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der.as_ref())
+        .map_err(|e| invalid_chain(format!("the certificate does not parse ({e})")))?;
+    let now = chrono::Utc::now().timestamp();
+    let validity = leaf.validity();
+    if validity.not_after.timestamp() <= now {
+        return Err(invalid_chain(format!(
+            "the certificate expired on {}; get a current one",
+            validity.not_after
+        )));
+    }
+    if validity.not_before.timestamp() > now {
+        return Err(invalid_chain(format!(
+            "the certificate is not valid before {}",
+            validity.not_before
+        )));
+    }
+    let names = certificate_names(&leaf);
+    if !names.iter().any(|name| name_covers(name, hostname)) {
+        return Err(invalid_chain(format!(
+            "the certificate is for {} and does not cover {hostname}; give one whose subject alternative names include it",
+            if names.is_empty() {
+                "no DNS name".to_string()
+            } else {
+                names.join(", ")
+            }
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid private_key: no PEM private key in it ({e})"
+        ))
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid private_key: not a usable RSA, ECDSA or Ed25519 key ({e})"
+        ))
+    })?;
+    rustls::sign::CertifiedKey::new(chain.clone(), signing)
+        .keys_match()
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid private_key: it is not the key of the certificate (the first one in fullchain)",
+            )
+        })?;
+    let issuer = leaf
+        .issuer()
+        .iter_common_name()
+        .chain(leaf.issuer().iter_organization())
+        .find_map(|a| a.as_str().ok().map(str::to_string))
+        .unwrap_or_default();
+    let not_after = chrono::DateTime::from_timestamp(validity.not_after.timestamp(), 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    Ok(CheckedCertificate { issuer, not_after })
+}
+
+/// The DNS names a certificate is for: its subject alternative names, else its CN.
+fn certificate_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(name) => Some(name.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !sans.is_empty() {
+        return sans;
+    }
+    cert.subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_ascii_lowercase))
+        .collect()
+}
+
+/// Whether a certificate name covers `hostname` (a `*.` wildcard covers one label).
+fn name_covers(name: &str, hostname: &str) -> bool {
+    let hostname = hostname.to_ascii_lowercase();
+    if name == hostname {
+        return true;
+    }
+    match (name.strip_prefix("*."), hostname.split_once('.')) {
+        (Some(suffix), Some((_, rest))) => suffix == rest && !hostname.starts_with("*."),
+        _ => false,
+    }
+}
+
+/// Seals and opens TLS private keys for the `tls_certificates` table: XChaCha20-Poly1305
+/// under the vault's certificate key, with the hostname as associated data, so a sealed key
+/// copied to another hostname's row does not open.
+pub struct KeySealer {
+    key: Vec<u8>,
+}
+
+/// What a sealed key starts with in its column.
+const SEALED_KEY_PREFIX: &[u8] = b"aloft-sealed-v1:";
+
+fn key_aad(hostname: &str) -> Vec<u8> {
+    format!("aloft/tls-private-key/v1\0{hostname}").into_bytes()
+}
+
+impl KeySealer {
+    pub fn new(key: Vec<u8>) -> Self {
+        Self { key }
+    }
+
+    fn of(plane: &ControlPlane) -> ApiResult<Self> {
+        let key = plane.secrets.certificate_sealing_key().map_err(|err| {
+            tracing::error!(error = %err, "reading the key that seals TLS private keys");
+            ApiError::internal("the certificate store is unavailable")
+        })?;
+        Ok(Self::new(key))
+    }
+
+    pub fn seal(&self, hostname: &str, key_pem: &str) -> ApiResult<Vec<u8>> {
+        let (nonce, ciphertext) =
+            aloft_api::secrets::seal_raw(&self.key, &key_aad(hostname), key_pem.as_bytes())
+                .map_err(|_| ApiError::internal("sealing a private key failed"))?;
+        let mut stored = SEALED_KEY_PREFIX.to_vec();
+        stored.push(
+            u8::try_from(nonce.len())
+                .map_err(|_| ApiError::internal("sealing a private key failed"))?,
+        );
+        stored.extend(nonce);
+        stored.extend(ciphertext);
+        Ok(stored)
+    }
+
+    pub fn open(&self, hostname: &str, stored: &[u8]) -> ApiResult<String> {
+        let does_not_open = || {
+            tracing::error!(hostname, "a stored TLS private key does not open");
+            ApiError::internal(format!(
+                "the private key of {hostname} does not open (was the secrets root key replaced?)"
+            ))
+        };
+        let sealed = stored
+            .strip_prefix(SEALED_KEY_PREFIX)
+            .ok_or_else(does_not_open)?;
+        let (&nonce_len, rest) = sealed.split_first().ok_or_else(does_not_open)?;
+        let (nonce, ciphertext) = rest
+            .split_at_checked(usize::from(nonce_len))
+            .ok_or_else(does_not_open)?;
+        let plain = aloft_api::secrets::open_raw(&self.key, &key_aad(hostname), nonce, ciphertext)
+            .map_err(|_| does_not_open())?;
+        String::from_utf8(plain).map_err(|_| does_not_open())
     }
 }
 
@@ -125,7 +357,9 @@ fn find(plane: &ControlPlane, app: &AppRow, hostname: &str) -> ApiResult<Certifi
         .ok_or_else(|| ApiError::not_found(format!("certificate not found: {hostname}")))
 }
 
-fn add(plane: &ControlPlane, app: &AppRow, hostname: &str, source: &str) -> ApiResult<Response> {
+/// The hostname as stored, after the checks every new name gets: a domain name, and under
+/// the platform's domain only the app's own names.
+fn claimable(plane: &ControlPlane, app: &AppRow, hostname: &str) -> ApiResult<String> {
     let hostname = check_hostname(hostname)?;
     let base = &plane.config.base_domain;
     if !may_claim(&app.name, &hostname, base) {
@@ -137,9 +371,18 @@ fn add(plane: &ControlPlane, app: &AppRow, hostname: &str, source: &str) -> ApiR
             ),
         ));
     }
+    Ok(hostname)
+}
+
+fn insert(
+    plane: &ControlPlane,
+    app: &AppRow,
+    hostname: &str,
+    source: &str,
+) -> ApiResult<CertificateRow> {
     let row = CertificateRow {
         app_id: app.id.clone(),
-        hostname: hostname.clone(),
+        hostname: hostname.to_string(),
         source: source.into(),
         status: "pending".into(),
         created_at: now_rfc3339(),
@@ -151,8 +394,14 @@ fn add(plane: &ControlPlane, app: &AppRow, hostname: &str, source: &str) -> ApiR
         ),
         other => other.into(),
     })?;
+    Ok(row)
+}
+
+fn add(plane: &ControlPlane, app: &AppRow, hostname: &str, source: &str) -> ApiResult<Response> {
+    let hostname = claimable(plane, app, hostname)?;
+    let row = insert(plane, app, &hostname, source)?;
     plane.catalog.app_changed(app);
-    Ok((StatusCode::CREATED, Json(view(&row))).into_response())
+    Ok((StatusCode::CREATED, Json(view_of(plane, &row)?)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/apps/{app_name}/certificates", tag = "Certificates", operation_id = "Certificates_list",
@@ -163,12 +412,12 @@ async fn list_certificates(
     Path(app_name): Path<String>,
 ) -> ApiResult<Json<ListCertificatesResponse>> {
     let app = visible_app(&plane, &caller, &app_name)?;
-    let certificates: Vec<Certificate> = plane
+    let certificates = plane
         .store
         .certificates(Some(&app.id))?
         .iter()
-        .map(view)
-        .collect();
+        .map(|row| view_of(&plane, row))
+        .collect::<ApiResult<Vec<Certificate>>>()?;
     Ok(Json(ListCertificatesResponse {
         total_count: certificates.len() as u64,
         certificates,
@@ -188,6 +437,9 @@ async fn add_acme(
     add(&plane, &app, &request.hostname, "acme")
 }
 
+/// Imports a certificate of the user's own (checked: parses, valid now, names the
+/// hostname, key matches) for a new hostname or one the app already has; the proxies serve
+/// it from the next catalog update, and no ACME order replaces it.
 #[utoipa::path(post, path = "/v1/apps/{app_name}/certificates/custom", tag = "Certificates", operation_id = "Certificates_import_custom",
     params(("app_name" = String, Path)), request_body = CreateCertificateRequest, responses((status = 201, body = Certificate), ErrorAnswers))]
 async fn add_custom(
@@ -198,17 +450,53 @@ async fn add_custom(
 ) -> ApiResult<Response> {
     let app = visible_app(&plane, &caller, &app_name)?;
     caller.require_write()?;
+    let mut pem = Vec::new();
     for (field, value) in [
         ("fullchain", &request.fullchain),
         ("private_key", &request.private_key),
     ] {
-        if !value.as_deref().is_some_and(|v| v.contains("-----BEGIN ")) {
-            return Err(ApiError::bad_request(format!(
-                "invalid {field}: a PEM document is required for a custom certificate"
-            )));
+        match value.as_deref().filter(|v| v.contains("-----BEGIN ")) {
+            Some(v) => pem.push(v),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid {field}: a PEM document is required for a custom certificate"
+                )));
+            }
         }
     }
-    add(&plane, &app, &request.hostname, "custom")
+    let (chain, key) = (pem[0], pem[1]);
+    let hostname = claimable(&plane, &app, &request.hostname)?;
+    let checked = check_certificate_pem(&hostname, chain, key)?;
+    let sealed_key = KeySealer::of(&plane)?.seal(&hostname, key)?;
+    let existing = plane
+        .store
+        .certificates(Some(&app.id))?
+        .into_iter()
+        .find(|c| c.hostname == hostname);
+    let row = match existing {
+        Some(mut row) => {
+            plane
+                .store
+                .set_certificate_source(&app.id, &hostname, "custom")?;
+            row.source = "custom".into();
+            row
+        }
+        None => insert(&plane, &app, &hostname, "custom")?,
+    };
+    plane.store.put_tls_certificate(&TlsCertificateRow {
+        hostname: hostname.clone(),
+        app_id: app.id.clone(),
+        source: "custom".into(),
+        certificate: chain.to_string(),
+        sealed_key,
+        issuer: checked.issuer,
+        not_after: checked.not_after,
+        state: "issued".into(),
+        error: String::new(),
+        updated_at: now_rfc3339(),
+    })?;
+    plane.catalog.app_changed(&app);
+    Ok((StatusCode::CREATED, Json(view_of(&plane, &row)?)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/apps/{app_name}/certificates/{hostname}", tag = "Certificates", operation_id = "Certificates_show",
@@ -219,7 +507,7 @@ async fn get_certificate(
     Path((app_name, hostname)): Path<(String, String)>,
 ) -> ApiResult<Json<Certificate>> {
     let app = visible_app(&plane, &caller, &app_name)?;
-    Ok(Json(view(&find(&plane, &app, &hostname)?)))
+    Ok(Json(view_of(&plane, &find(&plane, &app, &hostname)?)?))
 }
 
 #[utoipa::path(post, path = "/v1/apps/{app_name}/certificates/{hostname}/check", tag = "Certificates", operation_id = "Certificates_check",
@@ -242,9 +530,154 @@ async fn delete_certificate(
     let app = visible_app(&plane, &caller, &app_name)?;
     caller.require_write()?;
     let row = find(&plane, &app, &hostname)?;
+    let shown = view_of(&plane, &row)?;
     plane.store.delete_certificate(&app.id, &row.hostname)?;
     plane.catalog.app_changed(&app);
-    Ok(Json(view(&row)))
+    Ok(Json(shown))
+}
+
+/// A certificate as proxies fetch and store it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProxyCertificate {
+    pub hostname: String,
+    /// PEM chain, leaf first.
+    pub certificate: String,
+    /// PEM private key.
+    pub private_key: String,
+    /// `acme` or `custom` (a custom one is never replaced by an ACME order).
+    #[serde(default)]
+    pub source: String,
+}
+
+/// Where a proxy's ACME order for a hostname stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProxyCertificateStatus {
+    /// `issuing` or `failed`.
+    pub state: String,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// The app that serves `hostname`: `<app>.<base domain>` is the app's own; other names
+/// are the apps' added hostnames.
+fn app_serving(plane: &ControlPlane, hostname: &str) -> ApiResult<(String, AppRow)> {
+    let name = check_hostname(hostname)?;
+    let not_found = || ApiError::not_found(format!("no app serves {name}"));
+    if let Some(app_name) = name
+        .strip_suffix(plane.config.base_domain.trim_end_matches('.'))
+        .and_then(|prefix| prefix.strip_suffix('.'))
+        .filter(|prefix| !prefix.contains('.'))
+        && let Some(app) = plane.store.app(app_name)?
+    {
+        return Ok((name, app));
+    }
+    let row = plane
+        .store
+        .certificates(None)?
+        .into_iter()
+        .find(|c| c.hostname == name)
+        .ok_or_else(not_found)?;
+    let app = plane.store.app_by_id(&row.app_id)?.ok_or_else(not_found)?;
+    Ok((name, app))
+}
+
+#[utoipa::path(get, path = "/v1/proxy/certificates/{hostname}", tag = "Certificates", operation_id = "Proxy_certificate_get",
+    params(("hostname" = String, Path)), responses((status = 200, body = ProxyCertificate), ErrorAnswers))]
+async fn proxy_get_certificate(
+    State(plane): Plane,
+    caller: Caller,
+    Path(hostname): Path<String>,
+) -> ApiResult<Json<ProxyCertificate>> {
+    caller.require_host()?;
+    let (name, _) = app_serving(&plane, &hostname)?;
+    let row = plane
+        .store
+        .tls_certificate(&name)?
+        .filter(|row| !row.certificate.is_empty())
+        .ok_or_else(|| ApiError::not_found(format!("no certificate stored for {name}")))?;
+    let private_key = KeySealer::of(&plane)?.open(&name, &row.sealed_key)?;
+    Ok(Json(ProxyCertificate {
+        hostname: name,
+        certificate: row.certificate,
+        private_key,
+        source: row.source,
+    }))
+}
+
+#[utoipa::path(put, path = "/v1/proxy/certificates/{hostname}", tag = "Certificates", operation_id = "Proxy_certificate_put",
+    params(("hostname" = String, Path)), request_body = ProxyCertificate, responses((status = 200, body = ProxyCertificate), ErrorAnswers))]
+async fn proxy_put_certificate(
+    State(plane): Plane,
+    caller: Caller,
+    Path(hostname): Path<String>,
+    JsonBody(request): JsonBody<ProxyCertificate>,
+) -> ApiResult<StatusCode> {
+    caller.require_host()?;
+    let (name, app) = app_serving(&plane, &hostname)?;
+    if plane
+        .store
+        .tls_certificate(&name)?
+        .is_some_and(|row| row.source == "custom")
+    {
+        return Err(ApiError::conflict(format!(
+            "{name} has a custom certificate; remove it (aloft certs remove) before ACME may replace it"
+        )));
+    }
+    let checked = check_certificate_pem(&name, &request.certificate, &request.private_key)?;
+    let sealed_key = KeySealer::of(&plane)?.seal(&name, &request.private_key)?;
+    plane.store.put_tls_certificate(&TlsCertificateRow {
+        hostname: name.clone(),
+        app_id: app.id.clone(),
+        source: "acme".into(),
+        certificate: request.certificate,
+        sealed_key,
+        issuer: checked.issuer,
+        not_after: checked.not_after,
+        state: "issued".into(),
+        error: String::new(),
+        updated_at: now_rfc3339(),
+    })?;
+    tracing::info!(hostname = %name, app = %app.name, "certificate stored");
+    Ok(StatusCode::OK)
+}
+
+#[utoipa::path(put, path = "/v1/proxy/certificates/{hostname}/status", tag = "Certificates", operation_id = "Proxy_certificate_status",
+    params(("hostname" = String, Path)), request_body = ProxyCertificateStatus, responses((status = 200), ErrorAnswers))]
+async fn proxy_put_status(
+    State(plane): Plane,
+    caller: Caller,
+    Path(hostname): Path<String>,
+    JsonBody(request): JsonBody<ProxyCertificateStatus>,
+) -> ApiResult<StatusCode> {
+    caller.require_host()?;
+    if !matches!(request.state.as_str(), "issuing" | "failed") {
+        return Err(ApiError::bad_request(format!(
+            "invalid state: {:?}; use issuing or failed",
+            request.state
+        )));
+    }
+    let (name, app) = app_serving(&plane, &hostname)?;
+    let mut row = plane
+        .store
+        .tls_certificate(&name)?
+        .unwrap_or_else(|| TlsCertificateRow {
+            hostname: name.clone(),
+            app_id: app.id.clone(),
+            source: "acme".into(),
+            certificate: String::new(),
+            sealed_key: Vec::new(),
+            issuer: String::new(),
+            not_after: String::new(),
+            state: String::new(),
+            error: String::new(),
+            updated_at: String::new(),
+        });
+    row.state = request.state;
+    row.error = request.error.chars().take(2000).collect();
+    row.updated_at = now_rfc3339();
+    plane.store.put_tls_certificate(&row)?;
+    Ok(StatusCode::OK)
 }
 
 #[cfg(test)]

@@ -367,6 +367,9 @@ fn parse_config(value: &serde_json::Value) -> Result<AppConfig, DeployError> {
         .into_iter()
         .filter(|d| d.severity == Severity::Error)
         .map(|d| d.to_string())
+        .chain(config.statics.iter().enumerate().filter_map(|(i, s)| {
+            crate::validate::static_unsupported(i, s.tigris_bucket.as_deref())
+        }))
         .collect();
     if !problems.is_empty() {
         return Err(bad(format!(

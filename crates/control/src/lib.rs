@@ -24,6 +24,7 @@ pub mod scale;
 pub mod secrets;
 pub mod states;
 pub mod store;
+pub mod timers;
 pub mod validate;
 pub mod vault;
 pub mod volumes;
@@ -89,6 +90,8 @@ pub struct ControlPlane {
     machine_locks: Locks,
     /// Machines as the API shows them, by id, with the store revision they were made from.
     views: Mutex<HashMap<String, machines::CachedView>>,
+    /// Whether each host's agent answered its latest probe (`host_status`).
+    pub host_probes: timers::HostProbes,
 }
 
 pub const DEFAULT_ORG: &str = "personal";
@@ -156,6 +159,7 @@ impl ControlPlane {
             app_locks: Mutex::new(HashMap::new()),
             machine_locks: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
+            host_probes: timers::HostProbes::default(),
         });
         Ok((
             plane,
@@ -285,16 +289,19 @@ impl ControlPlane {
     ) -> anyhow::Result<()> {
         use axum::serve::ListenerExt;
         let router = api::router(self.clone()).merge(self.registry.router());
+        let timers = tokio::spawn(self.clone().run_timers());
         // Small JSON answers go out at once rather than waiting on Nagle's algorithm.
         let listener = listener.tap_io(|tcp| {
             if let Err(err) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %err, "setting TCP_NODELAY");
             }
         });
-        axum::serve(listener, router)
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
-            .context("serving the API")
+            .context("serving the API");
+        timers.abort();
+        served
     }
 }
 

@@ -95,6 +95,16 @@ impl WaitState {
     }
 }
 
+/// Whether a machine is destroyed once it stops: `auto_destroy`, except on the platform's
+/// own one-off machines (release commands, machine checks, consoles), whose owner reads
+/// their logs and exit before retiring them.
+fn destroys_itself(config: &MachineConfig) -> bool {
+    config.auto_destroy
+        && !config
+            .process_group()
+            .is_some_and(|group| group.starts_with("fly_app_"))
+}
+
 /// Options of an update beyond the new config.
 #[derive(Clone, Debug, Default)]
 pub struct UpdateOptions {
@@ -136,6 +146,8 @@ pub struct CachedView {
     rev: i64,
     /// The check board's stamp of the machine's results when the view was made.
     checks: u64,
+    /// The `host_status` the view shows (it changes without the row changing).
+    host_status: &'static str,
     row: Arc<MachineRow>,
     json: bytes::Bytes,
 }
@@ -159,9 +171,11 @@ impl ControlPlane {
         let board = &self.catalog.checks;
         let current =
             |views: &std::collections::HashMap<String, CachedView>, id: &String, rev: i64| {
-                views
-                    .get(id)
-                    .is_some_and(|v| v.rev == rev && v.checks == board.stamp(id))
+                views.get(id).is_some_and(|v| {
+                    v.rev == rev
+                        && v.checks == board.stamp(id)
+                        && v.host_status == self.host_probes.status(&v.row.host_id)
+                })
             };
         let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
         let missing = revisions
@@ -192,6 +206,7 @@ impl ControlPlane {
                 .into_iter()
                 .map(|(row, rev)| {
                     let checks = board.stamp(&row.id);
+                    let host_status = self.host_probes.status(&row.host_id);
                     let json = bytes::Bytes::from(
                         serde_json::to_vec(&self.machine_view(&row)).unwrap_or_default(),
                     );
@@ -200,6 +215,7 @@ impl ControlPlane {
                         CachedView {
                             rev,
                             checks,
+                            host_status,
                             row: Arc::new(row),
                             json,
                         },
@@ -258,7 +274,7 @@ impl ControlPlane {
             events: row.recent_events.clone(),
             checks: self.machine_checks(&row.id),
             nonce: None,
-            host_status: "ok".into(),
+            host_status: self.host_probes.status(&row.host_id).into(),
             cordoned: Some(row.cordoned),
             incomplete_config: None,
         }
@@ -365,7 +381,14 @@ impl ControlPlane {
     }
 
     /// Events an agent delivers (in its sequence order, possibly again after a retry).
-    pub fn apply_agent_events(&self, host_id: &str, events: &[AgentEvent]) -> ApiResult<()> {
+    /// Returns the machines these events stopped that are to be destroyed now
+    /// (`auto_destroy`, as `machine run --rm` sets it).
+    pub fn apply_agent_events(
+        &self,
+        host_id: &str,
+        events: &[AgentEvent],
+    ) -> ApiResult<Vec<String>> {
+        let mut to_destroy: Vec<String> = Vec::new();
         let mut events: Vec<&AgentEvent> = events.iter().collect();
         events.sort_by_key(|e| e.seq);
         for event in events {
@@ -379,10 +402,13 @@ impl ControlPlane {
                 tracing::warn!(host = %host_id, machine = %row.id, placed_on = %row.host_id, "ignoring an event about a machine placed on another host");
                 continue;
             }
-            let request = event
-                .exit
-                .as_ref()
-                .map(|exit| serde_json::json!({ "exit_event": exit, "message": event.message }));
+            let request = event.exit.as_ref().map(|exit| {
+                serde_json::json!({
+                    "exit_event": exit,
+                    "restart_count": event.restart_count.unwrap_or(0),
+                    "message": event.message,
+                })
+            });
             let request = request.or_else(|| {
                 event
                     .message
@@ -409,9 +435,35 @@ impl ControlPlane {
                 Some(&recorded),
             )? {
                 self.publish(&row);
+                if row.state == MachineState::Stopped
+                    && destroys_itself(&row.config)
+                    && !to_destroy.contains(&row.id)
+                {
+                    to_destroy.push(row.id.clone());
+                }
             }
         }
-        Ok(())
+        Ok(to_destroy)
+    }
+
+    /// Destroys machines that stopped with `auto_destroy` set (in the background: the
+    /// agent that reported the stop is waiting for its answer).
+    pub fn destroy_stopped(self: &Arc<Self>, ids: Vec<String>) {
+        for id in ids {
+            let plane = self.clone();
+            tokio::spawn(async move {
+                let Ok(Some(row)) = plane.store.machine(&id) else {
+                    return;
+                };
+                if row.state != MachineState::Stopped {
+                    return;
+                }
+                tracing::info!(machine = %id, "destroying a machine that exited (auto_destroy)");
+                if let Err(err) = plane.destroy_machine(&row, false).await {
+                    tracing::warn!(machine = %id, error = %err.message, "auto-destroying a machine");
+                }
+            });
+        }
     }
 
     /// The region a new machine goes to: the one asked for (a Fly region code, or a region

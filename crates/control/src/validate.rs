@@ -7,6 +7,8 @@ use crate::error::{ApiError, ApiResult};
 
 const CPU_COUNTS: [u32; 5] = [1, 2, 4, 8, 16];
 const MAX_MEMORY_MB_PER_CPU: u32 = 8192;
+/// The largest root filesystem (`rootfs.size_gb`) a machine may ask for, in GB.
+pub const MAX_ROOTFS_SIZE_GB: u32 = 500;
 const SCHEDULES: [&str; 4] = ["hourly", "daily", "weekly", "monthly"];
 /// Fly's named guest sizes (`config.size`).
 pub const SIZES: [&str; 11] = [
@@ -27,7 +29,23 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(format!("invalid {field}: {message}"))
 }
 
+/// Why `[[statics]]` entry `index` cannot be served, if it can't: Aloft serves statics
+/// from the machine's image only, not from a Tigris bucket.
+pub fn static_unsupported(index: usize, tigris_bucket: Option<&str>) -> Option<String> {
+    tigris_bucket.filter(|b| !b.is_empty()).map(|_| {
+        format!(
+            "statics[{index}].tigris_bucket: serving statics from a Tigris bucket is not \
+             supported by Aloft; remove tigris_bucket to serve guest_path from the app's image"
+        )
+    })
+}
+
 pub fn machine_config(config: &MachineConfig) -> ApiResult<()> {
+    for (index, mapping) in config.statics.iter().enumerate() {
+        if let Some(problem) = static_unsupported(index, mapping.tigris_bucket.as_deref()) {
+            return Err(ApiError::bad_request(format!("invalid config.{problem}")));
+        }
+    }
     if config.image.trim().is_empty() {
         return Err(invalid("config.image", "an image is required"));
     }
@@ -88,6 +106,14 @@ pub fn machine_config(config: &MachineConfig) -> ApiResult<()> {
                 ));
             }
         }
+    }
+    if let Some(size) = config.rootfs.as_ref().and_then(|r| r.size_gb)
+        && !(1..=MAX_ROOTFS_SIZE_GB).contains(&size)
+    {
+        return Err(invalid(
+            "config.rootfs.size_gb",
+            format!("{size} must be between 1 and {MAX_ROOTFS_SIZE_GB} (GB)"),
+        ));
     }
     for (i, service) in config.services.iter().enumerate() {
         if !matches!(service.protocol.as_str(), "tcp" | "udp") {
@@ -203,6 +229,33 @@ mod tests {
         MachineConfig {
             image: "nginx".into(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rootfs_sizes_out_of_range_name_the_field() {
+        for (size, ok) in [
+            (1, true),
+            (MAX_ROOTFS_SIZE_GB, true),
+            (0, false),
+            (501, false),
+        ] {
+            let mut c = config();
+            c.rootfs = Some(aloft_api::RootfsConfig {
+                size_gb: Some(size),
+                ..Default::default()
+            });
+            match machine_config(&c) {
+                Ok(()) => assert!(ok, "{size} accepted"),
+                Err(err) => {
+                    assert!(!ok, "{size} refused: {}", err.message);
+                    assert!(
+                        err.message.contains("config.rootfs.size_gb"),
+                        "{}",
+                        err.message
+                    );
+                }
+            }
         }
     }
 

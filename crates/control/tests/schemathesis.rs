@@ -34,8 +34,8 @@ fn schemathesis() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
     let Some(program) = schemathesis() else {
-        eprintln!(
-            "skipping the schemathesis run: `schemathesis` is not installed (scripts/setup.sh --test installs it with pip)"
+        aloft_testkit::skip(
+            "the schemathesis run: `schemathesis` is not installed (scripts/setup.sh --test installs it with pip)",
         );
         return;
     };

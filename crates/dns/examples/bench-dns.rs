@@ -38,6 +38,7 @@ fn machine(id: &str, app: &str, number: u32, state: MachineState) -> CatalogMach
         private_ip: Some(sixpn::machine_address(1, 1, number).to_string()),
         services: vec![],
         checks: vec![],
+        statics: Vec::new(),
     }
 }
 

@@ -403,6 +403,7 @@ mod tests {
             private_ip: Some(ip.into()),
             services: vec![],
             checks: vec![],
+            statics: Vec::new(),
         }
     }
 

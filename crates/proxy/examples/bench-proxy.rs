@@ -91,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             private_ip: None,
             services: vec![service],
             checks: Vec::new(),
+            statics: Vec::new(),
         };
         proxy.catalog().apply(CatalogUpdate::Snapshot {
             seq: 1,

@@ -6,7 +6,12 @@
 //! - `GET /v1/proxy/certificates/{hostname}` → `200 {"hostname", "certificate" (PEM chain),
 //!   "private_key" (PEM)}` or `404` when the control plane holds none;
 //! - `PUT /v1/proxy/certificates/{hostname}` with the same document, to store one this
-//!   proxy obtained.
+//!   proxy obtained;
+//! - `PUT /v1/proxy/certificates/{hostname}/status` with `{"state": "issuing"|"failed",
+//!   "error"}`, so `aloft certs show` tells where an order stands.
+//!
+//! A stored certificate whose `source` is `custom` (imported by the user) is served as it
+//! is and never replaced by an ACME order.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -20,7 +25,7 @@ use instant_acme::{
 use serde::{Deserialize, Serialize};
 
 use crate::Proxy;
-use crate::tls::{certified_key_from_pem, not_after};
+use crate::tls::{certified_key_from_pem, validity};
 
 /// How the proxy talks to an ACME CA.
 #[derive(Clone, Debug)]
@@ -66,6 +71,9 @@ pub struct StoredCertificate {
     pub hostname: String,
     pub certificate: String,
     pub private_key: String,
+    /// `acme` or `custom` (empty: `acme`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
 }
 
 #[derive(Default)]
@@ -80,11 +88,16 @@ struct HostState {
     issued: Option<SystemTime>,
 }
 
+/// Renew when less than `renew_before` is left, or less than a third of the certificate's
+/// lifetime when that is shorter (short-lived certificates).
 fn needs_renewal(state: &HostState, renew_before: Duration) -> bool {
+    needs_renewal_at(state, renew_before, SystemTime::now())
+}
+
+fn needs_renewal_at(state: &HostState, renew_before: Duration, now: SystemTime) -> bool {
     let Some(expires) = state.expires else {
         return true;
     };
-    let now = SystemTime::now();
     let left = expires.duration_since(now).unwrap_or_default();
     let lifetime = state.issued.and_then(|i| expires.duration_since(i).ok());
     left < renew_before.min(lifetime.map(|l| l / 3).unwrap_or(renew_before))
@@ -216,16 +229,21 @@ async fn obtain(
             .await
         {
             Ok(value) => {
-                if let Ok(stored) = serde_json::from_value::<StoredCertificate>(value)
-                    && let Some(expires) =
-                        install(proxy, host, &stored.certificate, &stored.private_key)
-                {
-                    let state = HostState {
-                        expires: Some(expires),
-                        ..HostState::default()
-                    };
-                    if proxy.config.acme.is_none() || !needs_renewal(&state, renew_before) {
-                        return Ok(Some((expires, None)));
+                if let Ok(stored) = serde_json::from_value::<StoredCertificate>(value) {
+                    let installed = install(proxy, host, &stored.certificate, &stored.private_key);
+                    if stored.source == "custom" {
+                        // The user's own certificate: served as it is, never replaced.
+                        return Ok(installed.map(|(issued, expires)| (expires, Some(issued))));
+                    }
+                    if let Some((issued, expires)) = installed {
+                        let state = HostState {
+                            expires: Some(expires),
+                            issued: Some(issued),
+                            ..HostState::default()
+                        };
+                        if proxy.config.acme.is_none() || !needs_renewal(&state, renew_before) {
+                            return Ok(Some((expires, Some(issued))));
+                        }
                     }
                 }
             }
@@ -235,15 +253,27 @@ async fn obtain(
     let Some(config) = proxy.config.acme.as_ref().filter(|_| acme_allowed) else {
         return Ok(None);
     };
-    let (chain, key) = issue(proxy, config, host, account).await?;
-    let expires = install(proxy, host, &chain, &key)
-        .ok_or_else(|| AcmeError::Other("CA issued an unusable certificate".into()))?;
+    report(proxy, host, "issuing", "").await;
+    let issued = match issue(proxy, config, host, account).await {
+        Ok((chain, key)) => install(proxy, host, &chain, &key)
+            .map(|(_, expires)| (chain, key, expires))
+            .ok_or_else(|| AcmeError::Other("the CA issued an unusable certificate".into())),
+        Err(err) => Err(err),
+    };
+    let (chain, key, expires) = match issued {
+        Ok(issued) => issued,
+        Err(err) => {
+            report(proxy, host, "failed", &err.to_string()).await;
+            return Err(err);
+        }
+    };
     tracing::info!(app, host, "certificate issued");
     if let Some(control) = &proxy.control {
         let stored = StoredCertificate {
             hostname: host.to_string(),
             certificate: chain,
             private_key: key,
+            source: String::new(),
         };
         let body = serde_json::to_value(&stored).unwrap_or_default();
         if let Err(e) = control
@@ -260,15 +290,34 @@ async fn obtain(
     Ok(Some((expires, Some(SystemTime::now()))))
 }
 
-/// Installs a PEM certificate in the catalog; returns its expiry.
-fn install(proxy: &Proxy, host: &str, chain: &str, key: &str) -> Option<SystemTime> {
+/// Installs a PEM certificate in the catalog; returns its validity (from, until).
+fn install(proxy: &Proxy, host: &str, chain: &str, key: &str) -> Option<(SystemTime, SystemTime)> {
     let certified = certified_key_from_pem(chain, key).ok()?;
-    let expires = certified.cert.first().and_then(|c| not_after(c.as_ref()))?;
+    let (issued, expires) = certified.cert.first().and_then(|c| validity(c.as_ref()))?;
     if expires <= SystemTime::now() {
         return None;
     }
     proxy.catalog.set_certificate(host, Arc::new(certified));
-    Some(expires)
+    Some((issued, expires))
+}
+
+/// Tells the control plane where an ACME order for `host` stands (`issuing`, `failed`),
+/// for `aloft certs show`; a failure to tell is only logged.
+async fn report(proxy: &Proxy, host: &str, state: &str, error: &str) {
+    let Some(control) = &proxy.control else {
+        return;
+    };
+    let body = serde_json::json!({ "state": state, "error": error });
+    if let Err(e) = control
+        .send_json(
+            http::Method::PUT,
+            &format!("/v1/proxy/certificates/{host}/status"),
+            &body,
+        )
+        .await
+    {
+        tracing::debug!(host, error = %e, "could not report the certificate's state");
+    }
 }
 
 async fn account_for(
@@ -388,4 +437,44 @@ async fn issue(
         http01.remove(&token);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn state(issued_days_ago: u64, expires_in_days: u64, now: SystemTime) -> HostState {
+        HostState {
+            issued: Some(now - DAY * issued_days_ago as u32),
+            expires: Some(now + DAY * expires_in_days as u32),
+            ..HostState::default()
+        }
+    }
+
+    #[test]
+    fn renews_with_less_than_a_third_of_the_lifetime_or_renew_before_left() {
+        let now = SystemTime::now();
+        let renew_before = DAY * 30;
+        // A 90-day certificate: renewed in its last 30 days.
+        assert!(!needs_renewal_at(&state(30, 60, now), renew_before, now));
+        assert!(!needs_renewal_at(&state(59, 31, now), renew_before, now));
+        assert!(needs_renewal_at(&state(61, 29, now), renew_before, now));
+        // A 6-day certificate: renewed in its last 2 days, not as soon as it arrives.
+        assert!(!needs_renewal_at(&state(1, 5, now), renew_before, now));
+        assert!(!needs_renewal_at(&state(3, 3, now), renew_before, now));
+        assert!(needs_renewal_at(&state(5, 1, now), renew_before, now));
+        // None yet, or expired: now.
+        assert!(needs_renewal_at(&HostState::default(), renew_before, now));
+        assert!(needs_renewal_at(
+            &HostState {
+                issued: Some(now - DAY * 10),
+                expires: Some(now - DAY),
+                ..HostState::default()
+            },
+            renew_before,
+            now
+        ));
+    }
 }

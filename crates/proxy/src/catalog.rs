@@ -85,6 +85,13 @@ pub struct AppView {
 }
 
 impl AppView {
+    /// Some machine of the app serves `path` from its image (`[[statics]]`).
+    pub fn serves_static(&self, path: &str) -> bool {
+        self.machines
+            .iter()
+            .any(|m| crate::statics::matching(&m.statics, path).is_some())
+    }
+
     /// The service of the app that exposes `port` (first machine that has one, preferring
     /// started machines), which decides the handlers of a connection.
     pub fn port_config(&self, port: u16) -> Option<(&MachineService, &aloft_api::MachinePort)> {
@@ -185,6 +192,8 @@ pub struct MachineView {
     pub healthy: bool,
     /// One backend per service (same order as `services`): `private_ipv4:internal_port`.
     pub backends: Vec<Option<Arc<Backend>>>,
+    /// `[[statics]]` of the machine's config, served from its image.
+    pub statics: Vec<aloft_api::Static>,
 }
 
 impl MachineView {
@@ -551,6 +560,7 @@ fn build_snapshot(
             process_group: m.process_group.clone(),
             private_ipv4: ipv4,
             services: m.services.clone(),
+            statics: m.statics.clone(),
             healthy,
             backends,
         };

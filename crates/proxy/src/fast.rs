@@ -761,6 +761,11 @@ fn fast_route(
     if !conn.tls && buf[head.target.0..head.target.1].starts_with(b"/.well-known/acme-challenge/") {
         return None;
     }
+    if std::str::from_utf8(&buf[head.target.0..head.target.1])
+        .is_ok_and(|target| app.serves_static(target.split('?').next().unwrap_or(target)))
+    {
+        return None;
+    }
     let at = app.port_location(conn.public_port)?;
     let route = Route {
         app: app.clone(),

@@ -402,10 +402,48 @@ impl Proxy {
                 Some(route),
             );
         }
+        if let Some(files) = self.image_files.get()
+            && route.app.serves_static(parts.uri.path())
+            && let Some(resp) =
+                Box::pin(self.serve_static(files, &route, conn, &parts, deadline)).await
+        {
+            return (resp, stats, pristine, Some(route));
+        }
         let outcome = self
             .forward(conn, parts, body, client_upgrade, &route, host, deadline)
             .await;
         (outcome, stats, pristine, Some(route))
+    }
+
+    /// A `[[statics]]` answer from the image of a machine chosen as for the app itself
+    /// (autostart included); `None` when that machine's config maps no prefix for the path.
+    async fn serve_static(
+        self: &Arc<Self>,
+        files: &Arc<dyn crate::statics::ImageFiles>,
+        route: &Route,
+        conn: &ConnInfo,
+        parts: &http::request::Parts,
+        deadline: Instant,
+    ) -> Option<Outcome> {
+        let constraints = constraints_from_headers(&parts.headers);
+        let chosen = match self
+            .choose(&route.app.name, conn.public_port, &constraints, deadline)
+            .await
+        {
+            Ok(chosen) => chosen,
+            Err((status, message)) => return Some(Outcome::Error(status, message)),
+        };
+        let (mapping, rest) = crate::statics::matching(&chosen.machine.statics, parts.uri.path())?;
+        let resp = crate::statics::respond(
+            files.clone(),
+            &chosen.machine.id,
+            mapping,
+            rest,
+            &parts.method,
+            &parts.headers,
+        )
+        .await;
+        Some(Outcome::Response(resp))
     }
 
     /// Finds the app and the service config of `port`, waiting (bounded) while the app

@@ -38,6 +38,7 @@ mod proxy_proto;
 pub mod raw;
 pub mod replay;
 mod server;
+pub mod statics;
 pub mod tls;
 mod udp;
 
@@ -210,6 +211,8 @@ pub struct Proxy {
     pub(crate) stop: watch::Sender<bool>,
     /// Answers to ACME HTTP-01 challenges: token → key authorization.
     pub(crate) http01: Mutex<HashMap<String, String>>,
+    /// Where `[[statics]]` are read from; unset: requests under their prefixes go to the app.
+    pub(crate) image_files: std::sync::OnceLock<Arc<dyn statics::ImageFiles>>,
 }
 
 impl Proxy {
@@ -247,6 +250,7 @@ impl Proxy {
             addrs: Mutex::new(BoundAddrs::default()),
             stop,
             http01: Mutex::new(HashMap::new()),
+            image_files: std::sync::OnceLock::new(),
             config,
         })
     }
@@ -260,9 +264,21 @@ impl Proxy {
         &self.config
     }
 
+    /// Serves `[[statics]]` from the images `files` reads (once; later calls are ignored).
+    pub fn serve_statics_from(&self, files: Arc<dyn statics::ImageFiles>) {
+        let _ = self.image_files.set(files);
+    }
+
     /// Records a measured round-trip time from this edge to `region`.
     pub fn set_rtt(&self, region: &str, rtt: Duration) {
         self.rtt.set(region, rtt.as_secs_f64() * 1000.0);
+    }
+
+    /// How many requests are queued waiting for a machine under its hard limit.
+    pub fn queued_requests(&self) -> usize {
+        self.released
+            .waiters
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The Prometheus text of every metric.

@@ -74,6 +74,11 @@ pub fn self_signed(host: &str) -> Result<CertifiedKey, CertError> {
 
 /// The end of validity (`notAfter`) of a DER certificate.
 pub fn not_after(der: &[u8]) -> Option<SystemTime> {
+    validity(der).map(|(_, not_after)| not_after)
+}
+
+/// The validity (`notBefore`, `notAfter`) of a DER certificate.
+pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version?, serial, sigAlg,
     //   issuer, validity SEQUENCE { notBefore, notAfter }, ... } ... }
     fn tlv(data: &[u8]) -> Option<(u8, &[u8], &[u8])> {
@@ -106,8 +111,13 @@ pub fn not_after(der: &[u8]) -> Option<SystemTime> {
     let (_, _, rest) = tlv(rest)?; // signature algorithm
     let (_, _, rest) = tlv(rest)?; // issuer
     let (_, validity, _) = tlv(rest)?;
-    let (_, _, validity) = tlv(validity)?; // notBefore
-    let (tag, time, _) = tlv(validity)?;
+    let (before_tag, before, validity) = tlv(validity)?;
+    let (after_tag, after, _) = tlv(validity)?;
+    Some((time_of(before_tag, before)?, time_of(after_tag, after)?))
+}
+
+/// An X.509 `UTCTime` (tag 0x17) or `GeneralizedTime` (0x18) as a system time.
+fn time_of(tag: u8, time: &[u8]) -> Option<SystemTime> {
     let text = std::str::from_utf8(time).ok()?;
     let (year, rest) = match tag {
         0x17 => {

@@ -100,7 +100,10 @@ async fn least_loaded_local_first_cross_region_only_at_hard_limit_then_queue() {
     assert!(r5.text().contains("hard limit"), "{}", r5.text());
     // A queued request is served once a slot frees up.
     let r6 = spawn_get();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the request is queued", || async {
+        proxy.proxy.queued_requests() == 1
+    })
+    .await;
     open.send(true).unwrap();
     for r in [r1, r2, r3, r4, r6] {
         assert_eq!(r.await.unwrap().status, 200);

@@ -33,17 +33,25 @@ async fn free_udp_port(ip: &str) -> u16 {
     socket.local_addr().unwrap().port()
 }
 
-/// Sends `payload` until an answer comes back (the proxy opens its UDP listener once the
-/// catalog names the port).
+/// Sends `payload` until an answer to it comes back (the proxy opens its UDP listener once
+/// the catalog names the port). Sending again after a slow answer gets two answers: a
+/// late one, to this or an earlier exchange, is not taken for the answer to this one
+/// (the echo server's answer ends with the datagram it answers).
 async fn exchange(client: &UdpSocket, payload: &[u8]) -> io::Result<Vec<u8>> {
     let mut last = io::Error::new(io::ErrorKind::TimedOut, "no answer");
+    let mut buf = vec![0u8; 65_535];
     for _ in 0..100 {
         client.send(payload).await?;
-        let mut buf = vec![0u8; 65_535];
-        match tokio::time::timeout(Duration::from_millis(100), client.recv(&mut buf)).await {
-            Ok(Ok(n)) => return Ok(buf[..n].to_vec()),
-            Ok(Err(e)) => last = e,
-            Err(_) => {}
+        let wait_until = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(received) = tokio::time::timeout_at(wait_until, client.recv(&mut buf)).await {
+            match received {
+                Ok(n) if buf[..n].ends_with(payload) => return Ok(buf[..n].to_vec()),
+                Ok(_) => {} // a late answer to an earlier exchange
+                Err(e) => {
+                    last = e;
+                    break;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

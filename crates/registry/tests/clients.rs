@@ -21,7 +21,9 @@ fn have(bin: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
         .unwrap_or(false);
     if !found {
-        println!("SKIPPED: `{bin}` is not installed (apt-get install -y {bin})");
+        aloft_testkit::skip(format!(
+            "`{bin}` is not installed (apt-get install -y {bin})"
+        ));
     }
     found
 }
@@ -110,7 +112,7 @@ impl Buildah {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buildah_pushes_and_skopeo_copies_in_and_out() {
     if !have("buildah") || !have("skopeo") || !Path::new("/bin/busybox").is_file() {
-        println!("SKIPPED: buildah/skopeo/busybox missing");
+        aloft_testkit::skip("buildah/skopeo/busybox missing");
         return;
     }
     let r = TestRegistry::start().await;
@@ -303,7 +305,7 @@ async fn buildah_pushes_and_skopeo_copies_in_and_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buildah_pushes_a_manifest_list_and_skopeo_copies_all() {
     if !have("buildah") || !have("skopeo") || !Path::new("/bin/busybox").is_file() {
-        println!("SKIPPED: buildah/skopeo/busybox missing");
+        aloft_testkit::skip("buildah/skopeo/busybox missing");
         return;
     }
     let r = TestRegistry::start().await;
@@ -390,7 +392,7 @@ async fn buildah_pushes_a_manifest_list_and_skopeo_copies_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buildah_from_resolves_through_pull_through_mirror() {
     if !have("buildah") || !Path::new("/bin/busybox").is_file() {
-        println!("SKIPPED: buildah/busybox missing");
+        aloft_testkit::skip("buildah/busybox missing");
         return;
     }
     let upstream = TestRegistry::start().await;

@@ -1,6 +1,7 @@
 //! The example app: answers `GET /` with JSON of its environment and of the request
 //! headers it received, so the platform's env vars and proxy headers can be seen (and
-//! tested). Listens on `0.0.0.0:$PORT` (default 8080); std only, one thread per connection.
+//! tested). Listens on `[::]:$PORT` and `0.0.0.0:$PORT` (default 8080); std only, one
+//! thread per connection.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -68,7 +69,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     })
 }
 
-fn respond(stream: &mut TcpStream, request: &Request) -> std::io::Result<()> {
+fn respond(stream: &mut impl Write, request: &Request) -> std::io::Result<()> {
     let (status, body) = if request.method == "GET" || request.method == "HEAD" {
         let env: BTreeMap<String, String> = std::env::vars().collect();
         let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -99,14 +100,16 @@ fn respond(stream: &mut TcpStream, request: &Request) -> std::io::Result<()> {
     } else {
         "close"
     };
-    let head = format!(
+    // Head and body go out in one write: a second small write would wait for the peer's
+    // delayed ACK (Nagle's algorithm), 40 ms a request.
+    let mut answer = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
     if request.method != "HEAD" {
-        stream.write_all(body.as_bytes())?;
+        answer.push_str(&body);
     }
+    stream.write_all(answer.as_bytes())?;
     stream.flush()
 }
 
@@ -123,20 +126,97 @@ fn serve(stream: TcpStream) {
     }
 }
 
+/// Listens on `[::]` (IPv6, so the machine's 6PN address answers, and IPv4 too where the
+/// socket is dual-stack) and on `0.0.0.0` where IPv4 needs its own socket.
+fn listeners(port: u16) -> Vec<TcpListener> {
+    let mut listeners = Vec::new();
+    match TcpListener::bind(("::", port)) {
+        Ok(listener) => listeners.push(listener),
+        Err(err) => eprintln!("hello: cannot listen on [::]:{port}: {err}"),
+    }
+    // Fails with "address in use" when the IPv6 socket already takes IPv4.
+    if let Ok(listener) = TcpListener::bind(("0.0.0.0", port)) {
+        listeners.push(listener);
+    }
+    listeners
+}
+
 fn main() {
     let port = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or(8080);
-    let listener = match TcpListener::bind(("0.0.0.0", port)) {
-        Ok(listener) => listener,
-        Err(err) => {
-            eprintln!("hello: cannot listen on 0.0.0.0:{port}: {err}");
-            std::process::exit(1);
+    let listeners = listeners(port);
+    if listeners.is_empty() {
+        eprintln!("hello: cannot listen on port {port}");
+        std::process::exit(1);
+    }
+    println!("hello: listening on [::]:{port} and 0.0.0.0:{port}");
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let _ = stream.set_nodelay(true);
+                    std::thread::spawn(move || serve(stream));
+                }
+            })
+        })
+        .collect();
+    for thread in accepting {
+        let _ = thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts the writes made to it: each is a send(2) on a socket.
+    #[derive(Default)]
+    struct Writes {
+        calls: usize,
+        bytes: Vec<u8>,
+    }
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            self.bytes.extend_from_slice(buf);
+            Ok(buf.len())
         }
-    };
-    println!("hello: listening on 0.0.0.0:{port}");
-    for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || serve(stream));
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn listens_on_ipv6_and_ipv4() {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let _listening = listeners(port);
+        for address in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+            TcpStream::connect(&address).unwrap_or_else(|e| panic!("connecting to {address}: {e}"));
+        }
+    }
+
+    #[test]
+    fn answers_head_and_body_in_one_write() {
+        let request = Request {
+            method: "GET".into(),
+            path: "/".into(),
+            headers: vec![("Host".into(), "hello".into())],
+            keep_alive: true,
+        };
+        let mut writes = Writes::default();
+        respond(&mut writes, &request).unwrap();
+        let text = String::from_utf8(writes.bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("\"path\": \"/\""), "{text}");
+        assert_eq!(
+            writes.calls, 1,
+            "a second write waits on Nagle and the peer's delayed ACK (40 ms a request)"
+        );
     }
 }

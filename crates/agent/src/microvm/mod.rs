@@ -270,14 +270,7 @@ impl MicrovmDriver {
             .as_ref()
             .and_then(|i| i.swap_size_mb)
             .unwrap_or(0);
-        let disk_mb = request
-            .config
-            .rootfs
-            .as_ref()
-            .and_then(|r| r.size_gb)
-            .map(|gb| u64::from(gb) * 1024)
-            .unwrap_or(rootfs::DEFAULT_DISK_MB)
-            + swap_mb;
+        let disk_mb = u64::from(request.rootfs_size_gb) * 1024 + swap_mb;
         let base = {
             let _building = self.images.lock().unwrap_or_else(|p| p.into_inner());
             rootfs::base_image(&self.cache.join("images"), request.image, disk_mb)?

@@ -9,8 +9,6 @@ use std::process::{Command, Stdio};
 use crate::driver::DriverError;
 use crate::images::PreparedImage;
 
-/// The root disk of a machine whose config sets no `rootfs.size_gb`.
-pub const DEFAULT_DISK_MB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
 /// Bytes a tree takes on ext4, roughly: each file rounded up to 4 KiB plus an inode.

@@ -27,6 +27,13 @@ pub enum AppsCommand {
         #[arg(short = 'j', long)]
         json: bool,
     },
+    /// Restart every running machine of an app, one at a time.
+    Restart {
+        name: String,
+        /// Stop each machine with SIGKILL rather than its kill signal.
+        #[arg(long)]
+        force_stop: bool,
+    },
     /// Destroy an app and all its machines.
     #[command(alias = "delete")]
     Destroy {
@@ -78,6 +85,35 @@ pub async fn run(api: &ApiArgs, command: AppsCommand) -> anyhow::Result<()> {
                 "{}",
                 table(&["NAME", "OWNER", "STATUS", "LATEST DEPLOY"], rows)
             );
+        }
+        AppsCommand::Restart { name, force_stop } => {
+            let machines: Vec<aloft_api::Machine> = client
+                .get(&crate::commands::machine::machines_path(&name))
+                .await
+                .with_context(|| format!("listing the machines of app {name}"))?;
+            let running: Vec<&aloft_api::Machine> = machines
+                .iter()
+                .filter(|m| m.state == aloft_api::MachineState::Started)
+                .collect();
+            if running.is_empty() {
+                println!("App {name} has no running machines to restart");
+                return Ok(());
+            }
+            println!("Restarting {} machine(s) of app {name}", running.len());
+            for machine in running {
+                let path = format!(
+                    "{}/{}/restart{}",
+                    crate::commands::machine::machines_path(&name),
+                    aloft_client::encode_component(&machine.id),
+                    if force_stop { "?signal=SIGKILL" } else { "" }
+                );
+                println!("Restarting machine {}", machine.id);
+                client
+                    .call::<()>(http::Method::POST, &path, None)
+                    .await
+                    .with_context(|| format!("restarting machine {}", machine.id))?;
+                println!("  Machine {} restarted successfully!", machine.id);
+            }
         }
         AppsCommand::Destroy { name, yes } => {
             if !yes {

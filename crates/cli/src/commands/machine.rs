@@ -51,6 +51,9 @@ pub struct ConfigFlags {
     /// The entrypoint, replacing the image's.
     #[arg(long)]
     pub entrypoint: Option<String>,
+    /// Size of the machine's root filesystem in GB (its writable layer's quota).
+    #[arg(long = "rootfs-size")]
+    pub rootfs_size: Option<u32>,
     /// Restart policy: no, always or on-fail.
     #[arg(long)]
     pub restart: Option<String>,
@@ -120,6 +123,19 @@ pub enum MachineCommand {
         /// Wait for the machine to be stopped (default true).
         #[arg(short = 'w', long = "wait-timeout")]
         wait_timeout: Option<u64>,
+    },
+    /// Suspend machines: their memory is saved and the next start resumes them.
+    Suspend {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        app: AppArg,
+    },
+    /// Kill a machine's main process with SIGKILL.
+    Kill {
+        id: String,
+        #[command(flatten)]
+        app: AppArg,
     },
     /// Restart machines.
     Restart {
@@ -366,6 +382,9 @@ fn apply_flags(config: &mut MachineConfig, flags: &ConfigFlags) -> anyhow::Resul
             guest.cpu_kind = kind.clone();
         }
     }
+    if let Some(size) = flags.rootfs_size {
+        config.rootfs.get_or_insert_with(Default::default).size_gb = Some(size);
+    }
     if let Some(entrypoint) = &flags.entrypoint {
         config
             .init
@@ -397,7 +416,7 @@ fn apply_flags(config: &mut MachineConfig, flags: &ConfigFlags) -> anyhow::Resul
 }
 
 /// Fly's presets: (cpu kind, cpus, memory MB).
-fn preset(size: &str) -> Option<(&'static str, u32, u32)> {
+pub fn preset(size: &str) -> Option<(&'static str, u32, u32)> {
     let (kind, rest) = if let Some(rest) = size.strip_prefix("shared-cpu-") {
         ("shared", rest)
     } else {
@@ -514,6 +533,38 @@ pub async fn run(api: &ApiArgs, command: MachineCommand) -> anyhow::Result<()> {
                     .map_err(|e| not_found(e, &app, &id))?;
                 println!("{id} has been started");
             }
+            Ok(())
+        }
+        MachineCommand::Suspend { ids, app } => {
+            let app = app_name(&app)?;
+            for id in ids {
+                println!("Suspending machine {id}");
+                client
+                    .call::<()>(
+                        Method::POST,
+                        &format!("{}/suspend", machine_path(&app, &id)),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| not_found(e, &app, &id))?;
+                wait(&client, &app, &id, "suspended", None, 60).await?;
+                println!("Machine {id} was suspended");
+            }
+            Ok(())
+        }
+        MachineCommand::Kill { id, app } => {
+            let app = app_name(&app)?;
+            client
+                .call(
+                    Method::POST,
+                    &format!("{}/signal", machine_path(&app, &id)),
+                    Some(&aloft_api::SignalRequest {
+                        signal: "SIGKILL".into(),
+                    }),
+                )
+                .await
+                .map_err(|e| not_found(e, &app, &id))?;
+            println!("Kill signal has been sent");
             Ok(())
         }
         MachineCommand::Stop {
@@ -731,10 +782,13 @@ async fn run_machine(client: &Client, args: RunArgs, start: bool) -> anyhow::Res
             ..Default::default()
         });
     }
-    // `fly machine run` restarts always by default; --rm never restarts and destroys on exit.
+    // `fly machine run` restarts always by default; --rm never restarts and destroys on
+    // exit; a scheduled machine restarts only on failure (it is meant to exit).
     config.restart = Some(MachineRestart {
         policy: if args.rm {
             RestartPolicy::No
+        } else if args.flags.schedule.is_some() {
+            RestartPolicy::OnFailure
         } else {
             RestartPolicy::Always
         },

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_agent::{Agent, AgentConfig};
@@ -26,6 +27,20 @@ pub struct ServerArgs {
     /// Address the proxy serves HTTPS on (off when not given).
     #[arg(long)]
     pub proxy_https_listen: Option<SocketAddr>,
+    /// Get certificates from this ACME CA (e.g.
+    /// https://acme-v02.api.letsencrypt.org/directory) for every app's <app>.<base-domain>
+    /// and every hostname added with `aloft certs add`: TLS-ALPN-01 on the HTTPS port (or
+    /// HTTP-01 on the HTTP port without one). Off when not given: HTTPS serves imported
+    /// certificates and a self-signed fallback.
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// Contact address of the ACME account (expiry notices).
+    #[arg(long, value_name = "ADDR", requires = "acme_directory")]
+    pub acme_email: Option<String>,
+    /// A PEM root that signs the ACME CA's own HTTPS certificate (a private CA such as
+    /// Pebble); default: the system's roots.
+    #[arg(long, value_name = "PEM", requires = "acme_directory")]
+    pub acme_ca_root: Option<PathBuf>,
     /// How long a client may take to send a request body the proxy buffers for fly-replay
     /// (up to 1 MiB), whole; past it the request gets a 408.
     #[arg(long, default_value = "60s")]
@@ -34,6 +49,10 @@ pub struct ServerArgs {
     /// with a k, m or g suffix); past it bodies stream to the app without fly-replay.
     #[arg(long, default_value = "64m", value_parser = parse_size)]
     pub proxy_max_buffered_request_bytes: u64,
+    /// Where Prometheus scrapes `/metrics`: the proxy's (requests per app and status,
+    /// latency, connections, TLS) and the agent's (each machine's CPU, memory, network).
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub metrics_listen: SocketAddr,
     /// Address of this host's agent API.
     #[arg(long, default_value = "127.0.0.1:4281")]
     pub agent_listen: SocketAddr,
@@ -71,6 +90,11 @@ pub struct ServerArgs {
     /// How many log files each machine keeps, the live one included.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub log_max_files: u32,
+    /// Root filesystem size (GB) of machines whose config sets no `rootfs.size_gb`: a
+    /// container's writable layer (a sparse ext4 image, so a quota that costs nothing
+    /// until written), a microVM's root disk.
+    #[arg(long, default_value_t = aloft_agent::DEFAULT_ROOTFS_GB, value_parser = clap::value_parser!(u32).range(1..=i64::from(aloft_control::validate::MAX_ROOTFS_SIZE_GB)))]
+    pub machine_rootfs_default_gb: u32,
     /// Leave machines running when the server exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
@@ -112,6 +136,10 @@ pub struct ServerArgs {
     /// other machines' private IPv4 stay closed whatever this says.
     #[arg(long = "allow-egress", value_name = "CIDR")]
     pub allow_egress: Vec<aloft_agent::network::Cidr>,
+    /// Make machine schedules (`--schedule hourly` …) run this many times faster than real
+    /// time; for tests (1800 makes an hour pass in 2 s).
+    #[arg(long, default_value_t = 1, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    pub schedule_time_scale: u64,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -140,7 +168,48 @@ async fn shutdown_signal() {
     }
 }
 
+/// The proxy's ACME settings from `--acme-*`, checked before anything starts.
+fn acme_config(args: &ServerArgs) -> anyhow::Result<Option<aloft_proxy::AcmeConfig>> {
+    let Some(directory) = &args.acme_directory else {
+        return Ok(None);
+    };
+    if !directory.starts_with("https://") {
+        anyhow::bail!(
+            "--acme-directory {directory:?} is not an https:// URL; give the CA's directory, e.g. https://acme-v02.api.letsencrypt.org/directory"
+        );
+    }
+    if let Some(root) = &args.acme_ca_root
+        && !root.is_file()
+    {
+        anyhow::bail!(
+            "--acme-ca-root {}: no such file; give the PEM file of the root that signs the ACME server's certificate",
+            root.display()
+        );
+    }
+    let contact = match &args.acme_email {
+        Some(email) if !email.contains('@') || email.contains(char::is_whitespace) => {
+            anyhow::bail!("--acme-email {email:?} is not an email address")
+        }
+        Some(email) => vec![format!("mailto:{email}")],
+        None => Vec::new(),
+    };
+    Ok(Some(aloft_proxy::AcmeConfig {
+        directory_url: directory.clone(),
+        contact,
+        ca_root_pem: args.acme_ca_root.clone(),
+        ..aloft_proxy::AcmeConfig::default()
+    }))
+}
+
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    // Machines cannot start without cgroups: say so now, not at the first machine start.
+    if let Err(why) = crate::commands::doctor::cgroups_visible() {
+        anyhow::bail!(
+            "cgroups are not visible ({why}); {}",
+            crate::commands::doctor::CGROUPS_HINT
+        );
+    }
+    let acme = acme_config(&args)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let (plane, credentials) = ControlPlane::open(ControlConfig {
         data_dir: data_dir.clone(),
@@ -174,6 +243,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         (
             aloft_control::machines::SETTING_ORG_MAX_MEMORY_MB,
             args.org_max_memory_mb,
+        ),
+        (
+            aloft_control::timers::SETTING_SCHEDULE_TIME_SCALE,
+            args.schedule_time_scale,
         ),
     ] {
         plane
@@ -218,6 +291,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             ready_timeout: args.vm_ready_timeout.map(|d| d.to_std()),
         },
         log_limits: aloft_agent::logs::LogLimits::new(args.log_max_size, args.log_max_files),
+        rootfs_default_gb: args.machine_rootfs_default_gb,
     })?;
     // The local host is known before the API answers its first call, so that a client
     // that sees the API up can place machines at once (the agent re-registers as it reports).
@@ -262,14 +336,25 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         request_body_timeout: args.proxy_request_body_timeout.to_std(),
         max_buffered_request_bytes: usize::try_from(args.proxy_max_buffered_request_bytes)
             .context("--proxy-max-buffered-request-bytes is larger than this host's memory")?,
+        acme: acme.clone(),
         ..ProxyConfig::default()
     });
+    proxy.serve_statics_from(Arc::new(AgentImageFiles(agent.clone())));
     proxy.bind().await.context("binding the proxy")?;
     tokio::spawn(proxy.clone().follow_catalog());
     let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();
     let proxy_task = tokio::spawn(proxy.clone().serve(async {
         let _ = proxy_stopped.await;
     }));
+
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding the metrics endpoint to {}", args.metrics_listen))?;
+    tokio::spawn(crate::commands::metrics_endpoint::serve(
+        metrics_listener,
+        agent.clone(),
+        proxy.clone(),
+    ));
 
     println!(
         "Aloft is running (region {}, data in {})",
@@ -283,6 +368,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         args.base_domain,
         args.proxy_listen.port()
     );
+    println!("  Metrics           http://{}/metrics", args.metrics_listen);
+    if let Some(https) = args.proxy_https_listen {
+        match &acme {
+            Some(acme) => println!(
+                "  HTTPS             https://{https}  (certificates from {})",
+                acme.directory_url
+            ),
+            None => println!(
+                "  HTTPS             https://{https}  (imported certificates, else self-signed)"
+            ),
+        }
+    }
     match &dns {
         Some(dns) => println!("  Private DNS       {dns} (and fdaa:<network>::3 for each network)"),
         None => println!("  Private DNS       off (machine networking needs root; see the log)"),
@@ -304,6 +401,37 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), proxy_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     Ok(())
+}
+
+/// The proxy reads `[[statics]]` from the images of this host's machines through the
+/// agent (read-only, no symlinks). A proxy on another host than the machine has no
+/// access to its image yet.
+struct AgentImageFiles(Arc<Agent>);
+
+impl aloft_proxy::statics::ImageFiles for AgentImageFiles {
+    fn lookup(
+        &self,
+        machine_id: &str,
+        components: &[&str],
+    ) -> Result<aloft_proxy::statics::ImageEntry, String> {
+        use aloft_agent::image_files::ImageEntry as Agent;
+        use aloft_proxy::statics::ImageEntry as Proxy;
+        match self.0.image_entry(machine_id, components) {
+            Ok(Agent::File {
+                file,
+                len,
+                modified,
+            }) => Ok(Proxy::File {
+                file,
+                len,
+                modified,
+            }),
+            Ok(Agent::Directory) => Ok(Proxy::Directory),
+            Ok(Agent::Missing) => Ok(Proxy::Missing),
+            Err(aloft_agent::AgentError::BadRequest(_)) => Ok(Proxy::Missing),
+            Err(err) => Err(err.to_string()),
+        }
+    }
 }
 
 /// Writes a credential readable by its owner only (the host token, which agents joining

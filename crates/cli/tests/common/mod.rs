@@ -46,7 +46,7 @@ pub fn missing_prerequisite() -> Option<String> {
 macro_rules! require_platform {
     () => {
         if let Some(reason) = common::missing_prerequisite() {
-            eprintln!("skipping platform test: {reason}");
+            aloft_testkit::skip(format!("platform test: {reason}"));
             return;
         }
     };
@@ -57,6 +57,129 @@ pub struct Platform {
     pub root: tempfile::TempDir,
     server: Option<Child>,
     server_args: Vec<String>,
+    /// The platform's own PostgreSQL database when ALOFT_TEST_STORE=postgres.
+    pub database: Option<TestDatabase>,
+}
+
+/// With ALOFT_TEST_STORE=postgres (scripts/test.sh's second pass over the end-to-end
+/// suites) every platform keeps its state in a PostgreSQL database of its own; otherwise
+/// in SQLite, as `aloft server` does by default.
+fn server_database() -> Option<TestDatabase> {
+    match std::env::var("ALOFT_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(TestDatabase::create().expect(
+            "ALOFT_TEST_STORE=postgres needs ALOFT_TEST_POSTGRES_URL (source scripts/postgres-for-tests.sh)",
+        )),
+        Ok("sqlite") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("ALOFT_TEST_STORE must be `postgres` or `sqlite`, not {other:?}"),
+    }
+}
+
+/// A database of its own on the PostgreSQL server ALOFT_TEST_POSTGRES_URL names (libpq
+/// keyword form with a Unix socket directory as `host`: the server runs inside the test's
+/// network namespace, where the host's loopback is not reachable but the socket file is).
+/// Dropped with the value.
+pub struct TestDatabase {
+    pub name: String,
+    /// `key=value` pairs of ALOFT_TEST_POSTGRES_URL, without `dbname`.
+    server: Vec<(String, String)>,
+}
+
+impl TestDatabase {
+    /// None when ALOFT_TEST_POSTGRES_URL is unset (the platform then uses SQLite).
+    pub fn create() -> Option<Self> {
+        let admin = std::env::var("ALOFT_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())?;
+        let server: Vec<(String, String)> = admin
+            .split_whitespace()
+            .map(|pair| match pair.split_once('=') {
+                Some((key, value)) => (key.to_string(), value.to_string()),
+                None => panic!(
+                    "ALOFT_TEST_POSTGRES_URL must be libpq's keyword form \
+                     (host=/var/run/postgresql user=NAME dbname=postgres), got {admin:?}"
+                ),
+            })
+            .filter(|(key, _)| key != "dbname")
+            .collect();
+        let host = server
+            .iter()
+            .find(|(key, _)| key == "host")
+            .map(|(_, value)| value.as_str());
+        assert!(
+            host.is_some_and(|h| h.starts_with('/')),
+            "ALOFT_TEST_POSTGRES_URL's host must be a Unix socket directory (the server runs \
+             in a network namespace that cannot reach the host's loopback), got {admin:?}"
+        );
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "aloft_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let database = Self { name, server };
+        database.psql_on("postgres", &format!("CREATE DATABASE {}", database.name));
+        Some(database)
+    }
+
+    fn conninfo_for(&self, dbname: &str) -> String {
+        let mut pairs: Vec<String> = self
+            .server
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        pairs.push(format!("dbname={dbname}"));
+        pairs.join(" ")
+    }
+
+    /// libpq keyword form: `host=/var/run/postgresql user=… dbname=…`.
+    pub fn conninfo(&self) -> String {
+        self.conninfo_for(&self.name)
+    }
+
+    /// URL form: `postgresql:///NAME?host=/var/run/postgresql&user=…`.
+    pub fn url(&self) -> String {
+        let query: Vec<String> = self
+            .server
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!("postgresql:///{}?{}", self.name, query.join("&"))
+    }
+
+    fn psql_on(&self, dbname: &str, sql: &str) -> String {
+        let output = Command::new("psql")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.conninfo_for(dbname))
+            .args(["-c", sql])
+            .output()
+            .expect("running psql");
+        assert!(
+            output.status.success(),
+            "psql {sql:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// Runs `sql` in this database; its unaligned output.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_on(&self.name, sql)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-X", "-q", "-d"])
+            .arg(self.conninfo_for("postgres"))
+            .args([
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// Why this machine can't run microVM tests, if it can't (beyond the platform's needs).
@@ -157,6 +280,7 @@ impl Platform {
             root,
             server: None,
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
+            database: server_database(),
         };
         platform.spawn_server();
         platform
@@ -195,8 +319,12 @@ impl Platform {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.server_args)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
+            .env_remove("ALOFT_DATABASE_URL");
+        if let Some(database) = &self.database {
+            // An explicit --database-url in server_args takes precedence over the variable.
+            command.env("ALOFT_DATABASE_URL", database.conninfo());
+        }
+        command.stdout(log.try_clone().expect("log")).stderr(log);
         self.server = Some(command.spawn().expect("starting aloft server"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -352,5 +480,37 @@ impl Drop for Platform {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
+        release_mounts_under(self.root.path());
+    }
+}
+
+/// Unmounts what a test's machines left mounted under `root` (machines still running
+/// after a killed server) and detaches loop devices backed by files there, so removing
+/// the test's directory removes everything.
+fn release_mounts_under(root: &Path) {
+    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for mount in mounts {
+        let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let Ok(devices) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for device in devices.flatten() {
+        let Ok(backing) = std::fs::read_to_string(device.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if Path::new(backing.trim().trim_end_matches(" (deleted)")).starts_with(root) {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(Path::new("/dev").join(device.file_name()))
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }

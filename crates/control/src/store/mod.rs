@@ -190,6 +190,29 @@ pub struct CertificateRow {
     pub created_at: String,
 }
 
+/// A hostname's certificate itself (what the proxy serves), with its private key sealed
+/// (`certs::KeySealer`), or where getting one stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsCertificateRow {
+    pub hostname: String,
+    pub app_id: String,
+    /// `acme` (issued by the proxy's CA) or `custom` (imported).
+    pub source: String,
+    /// PEM chain, leaf first; empty while none was issued.
+    pub certificate: String,
+    /// The private key, sealed; empty while none was issued.
+    pub sealed_key: Vec<u8>,
+    /// The issuer's common name (organization where it has none).
+    pub issuer: String,
+    /// RFC 3339; empty while none was issued.
+    pub not_after: String,
+    /// `issuing`, `failed` or `issued`.
+    pub state: String,
+    /// Why the last attempt failed (`failed`).
+    pub error: String,
+    pub updated_at: String,
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS orgs (
     id TEXT PRIMARY KEY, slug TEXT NOT NULL UNIQUE, name TEXT NOT NULL, created_at TEXT NOT NULL
@@ -250,6 +273,11 @@ CREATE TABLE IF NOT EXISTS volume_snapshots (
 CREATE TABLE IF NOT EXISTS app_certificates (
     hostname TEXT PRIMARY KEY, app_id TEXT NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL,
     created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tls_certificates (
+    hostname TEXT PRIMARY KEY, app_id TEXT NOT NULL, source TEXT NOT NULL,
+    certificate TEXT NOT NULL, sealed_key {blob} NOT NULL, issuer TEXT NOT NULL,
+    not_after TEXT NOT NULL, state TEXT NOT NULL, error TEXT NOT NULL, updated_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS networks (
     id {serial}, org_id TEXT NOT NULL, name TEXT NOT NULL, created_at TEXT NOT NULL,
@@ -433,6 +461,74 @@ fn event_from_row(row: &Row) -> DbResult<MachineEvent> {
     })
 }
 
+/// What a `--database-url` names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DatabaseLocation<'a> {
+    Postgres(&'a str),
+    Sqlite(&'a Path),
+}
+
+/// The connection parameters libpq knows; a keyword string starts with one of them.
+const LIBPQ_KEYWORDS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "gssencmode",
+    "sslmode",
+    "requiressl",
+    "sslcompression",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "service",
+    "target_session_attrs",
+    "load_balance_hosts",
+];
+
+/// `postgres://…`/`postgresql://…` URLs and libpq keyword strings (`host=/run/postgresql
+/// dbname=aloft`: the first word is a libpq keyword followed by `=`) are PostgreSQL;
+/// anything else is a SQLite file path, even one with `=` in it (`/data/a=b/control.db`).
+pub fn database_location(url: &str) -> DatabaseLocation<'_> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return DatabaseLocation::Postgres(url);
+    }
+    let text = url.trim_start();
+    let key_end = text
+        .find(|c: char| c == '=' || c.is_whitespace())
+        .unwrap_or(text.len());
+    let (key, rest) = text.split_at(key_end);
+    if LIBPQ_KEYWORDS.contains(&key) && rest.trim_start().starts_with('=') {
+        DatabaseLocation::Postgres(url)
+    } else {
+        DatabaseLocation::Sqlite(Path::new(url))
+    }
+}
+
 /// The store: one handle, shared by every request.
 pub struct Store {
     db: Arc<dyn Backend>,
@@ -448,17 +544,18 @@ impl Store {
         Self::with_backend(Arc::new(sqlite::Sqlite::in_memory()?))
     }
 
-    /// A PostgreSQL database (`postgresql://user@host:port/db`).
+    /// A PostgreSQL database (`postgresql://user@host:port/db` or libpq's
+    /// `host=… user=… dbname=…`).
     pub fn open_postgres(url: &str) -> StoreResult<Self> {
         Self::with_backend(Arc::new(postgres::Postgres::connect(url, 4)?))
     }
 
-    /// `postgres://…` or `postgresql://…` selects PostgreSQL; anything else is a SQLite path.
+    /// PostgreSQL for a URL or libpq keyword string (see [`database_location`]); anything
+    /// else is a SQLite path.
     pub fn open_url(url: &str) -> StoreResult<Self> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Self::open_postgres(url)
-        } else {
-            Self::open(Path::new(url))
+        match database_location(url) {
+            DatabaseLocation::Postgres(url) => Self::open_postgres(url),
+            DatabaseLocation::Sqlite(path) => Self::open(path),
         }
     }
 
@@ -833,7 +930,7 @@ impl Store {
             c.execute(&format!("DELETE FROM machine_versions WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
             c.execute(&format!("DELETE FROM machine_leases WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
             c.execute("DELETE FROM volume_snapshots WHERE volume_id IN (SELECT id FROM volumes WHERE app_id = $1)", std::slice::from_ref(&id))?;
-            for table in ["machines", "releases", "volumes", "app_certificates", "ip_assignments"] {
+            for table in ["machines", "releases", "volumes", "app_certificates", "tls_certificates", "ip_assignments"] {
                 c.execute(&format!("DELETE FROM {table} WHERE app_id = $1"), std::slice::from_ref(&id))?;
             }
             c.execute("DELETE FROM apps WHERE id = $1", &[id])?;
@@ -1523,13 +1620,78 @@ impl Store {
         }
     }
 
+    /// Removes a hostname from an app, with its certificate.
     pub fn delete_certificate(&self, app_id: &str, hostname: &str) -> StoreResult<bool> {
         self.tx(|c| {
+            c.execute(
+                "DELETE FROM tls_certificates WHERE app_id = $1 AND hostname = $2",
+                &[app_id.into(), hostname.into()],
+            )?;
             Ok(c.execute(
                 "DELETE FROM app_certificates WHERE app_id = $1 AND hostname = $2",
                 &[app_id.into(), hostname.into()],
             )? == 1)
         })
+    }
+
+    /// Sets where an app's hostname stands: `acme` or `custom`.
+    pub fn set_certificate_source(
+        &self,
+        app_id: &str,
+        hostname: &str,
+        source: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "UPDATE app_certificates SET source = $3 WHERE app_id = $1 AND hostname = $2",
+            &[app_id.into(), hostname.into(), source.into()],
+        )
+    }
+
+    pub fn tls_certificate(&self, hostname: &str) -> StoreResult<Option<TlsCertificateRow>> {
+        self.read(|c| {
+            c.query_one(
+                "SELECT hostname, app_id, source, certificate, sealed_key, issuer, not_after, state, error, updated_at FROM tls_certificates WHERE hostname = $1",
+                &[hostname.into()],
+            )?
+            .map(|r| {
+                Ok(TlsCertificateRow {
+                    hostname: r.text(0)?,
+                    app_id: r.text(1)?,
+                    source: r.text(2)?,
+                    certificate: r.text(3)?,
+                    sealed_key: r.blob(4)?,
+                    issuer: r.text(5)?,
+                    not_after: r.text(6)?,
+                    state: r.text(7)?,
+                    error: r.text(8)?,
+                    updated_at: r.text(9)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    /// Stores (or replaces) a hostname's certificate or the state of getting one.
+    pub fn put_tls_certificate(&self, row: &TlsCertificateRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO tls_certificates(hostname, app_id, source, certificate, sealed_key, issuer, not_after, state, error, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT(hostname) DO UPDATE SET \
+             app_id = excluded.app_id, source = excluded.source, certificate = excluded.certificate, \
+             sealed_key = excluded.sealed_key, issuer = excluded.issuer, not_after = excluded.not_after, \
+             state = excluded.state, error = excluded.error, updated_at = excluded.updated_at",
+            &[
+                (&row.hostname).into(),
+                (&row.app_id).into(),
+                (&row.source).into(),
+                (&row.certificate).into(),
+                row.sealed_key.as_slice().into(),
+                (&row.issuer).into(),
+                (&row.not_after).into(),
+                (&row.state).into(),
+                (&row.error).into(),
+                (&row.updated_at).into(),
+            ],
+        )
     }
 }
 

@@ -147,16 +147,31 @@ impl<C: postgres::GenericClient> Conn for PgConn<'_, C> {
 
 impl Postgres {
     /// Connects `connections` clients to `url` (`postgresql://user@host/db` or
-    /// `host=... user=...`).
+    /// `host=... user=...`). Each client is made on its own thread: the synchronous
+    /// client runs a small runtime of its own, which panics when started on a thread
+    /// that is already driving the server's.
     pub fn connect(url: &str, connections: usize) -> DbResult<Self> {
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
         for n in 0..connections.max(1) {
-            let client = Client::connect(url, NoTls).map_err(db_error)?;
+            let (connected, wait_connected) = mpsc::sync_channel::<DbResult<()>>(1);
             let receiver = receiver.clone();
+            let url = url.to_string();
             std::thread::Builder::new()
                 .name(format!("aloft-pg-{n}"))
                 .spawn(move || {
+                    let client = match Client::connect(&url, NoTls) {
+                        Ok(client) => {
+                            let _ = connected.send(Ok(()));
+                            client
+                        }
+                        Err(err) => {
+                            let _ = connected.send(Err(DbError::Backend(format!(
+                                "connecting to PostgreSQL: {err}"
+                            ))));
+                            return;
+                        }
+                    };
                     let mut worker = Worker {
                         client,
                         statements: HashMap::new(),
@@ -173,6 +188,9 @@ impl Postgres {
                     }
                 })
                 .map_err(|e| DbError::Backend(format!("starting a database thread: {e}")))?;
+            // Dropping `sender` on an error below closes the threads already connected.
+            wait_until(|| wait_connected.recv())
+                .map_err(|_| DbError::Backend("the database connection thread stopped".into()))??;
         }
         Ok(Self {
             jobs: Mutex::new(sender),
@@ -198,8 +216,22 @@ impl Postgres {
             .unwrap_or_else(|p| p.into_inner())
             .send(job)
             .map_err(|_| DbError::Backend("database connections are closed".into()))?;
-        wait.recv()
+        wait_until(|| wait.recv())
             .map_err(|_| DbError::Backend("database connection thread stopped".into()))?
+    }
+}
+
+/// Waits for a database thread's answer. On a worker of the server's multi-threaded
+/// runtime the wait is announced with `block_in_place`, so the worker's other tasks
+/// move to another thread instead of stalling behind a slow query; anywhere else (a
+/// plain thread, a current-thread runtime, where `block_in_place` would panic) it
+/// simply blocks.
+fn wait_until<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
     }
 }
 

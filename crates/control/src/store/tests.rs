@@ -453,8 +453,8 @@ fn postgres_passes_the_suite() {
         .ok()
         .filter(|u| !u.is_empty())
     else {
-        eprintln!(
-            "skipping the PostgreSQL store suite: ALOFT_TEST_POSTGRES_URL is not set (scripts/test.sh starts PostgreSQL and sets it)"
+        aloft_testkit::skip(
+            "the PostgreSQL store suite: ALOFT_TEST_POSTGRES_URL is not set (scripts/test.sh starts PostgreSQL and sets it)",
         );
         return;
     };
@@ -478,4 +478,103 @@ fn postgres_passes_the_suite() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+#[test]
+fn urls_and_libpq_keyword_strings_are_postgres_and_everything_else_a_sqlite_path() {
+    for postgres in [
+        "postgresql://aloft@db/aloft",
+        "postgres:///aloft?host=/run/postgresql",
+        "host=/var/run/postgresql user=root dbname=aloft",
+        "  dbname=aloft",
+        "port = 5433 host=db",
+        "service=aloft",
+    ] {
+        assert_eq!(
+            database_location(postgres),
+            DatabaseLocation::Postgres(postgres),
+            "{postgres:?}"
+        );
+    }
+    for sqlite in [
+        "/var/lib/aloft/control.db",
+        "control.db",
+        "/data/a=b/control.db",
+        "hosts=1.db",
+        "host.db",
+        "mydb=x",
+        "",
+    ] {
+        assert_eq!(
+            database_location(sqlite),
+            DatabaseLocation::Sqlite(Path::new(sqlite)),
+            "{sqlite:?}"
+        );
+    }
+}
+
+/// A database of its own on ALOFT_TEST_POSTGRES_URL's server, dropped afterwards.
+fn with_test_database(prefix: &str, test: impl FnOnce(&str) + std::panic::UnwindSafe) {
+    let Some(url) = std::env::var("ALOFT_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!(
+            "skipping: ALOFT_TEST_POSTGRES_URL is not set (scripts/test.sh starts PostgreSQL and sets it)"
+        );
+        return;
+    };
+    let database = format!("{prefix}_{}_{}", std::process::id(), now_millis());
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls)
+        .expect("connecting to ALOFT_TEST_POSTGRES_URL");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .expect("creating the test database");
+    let test_url = format!("{url} dbname={database}");
+    let result = std::panic::catch_unwind(|| test(&test_url));
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The server calls the store from its async handlers: opening and using PostgreSQL there
+/// must neither panic (the synchronous client's own runtime nested in the server's) nor
+/// stall the runtime's other tasks while a query runs.
+#[test]
+fn postgres_works_from_inside_the_servers_runtime() {
+    with_test_database("aloft_store_runtime", |url| {
+        for flavor in ["multi_thread", "current_thread"] {
+            let runtime = match flavor {
+                "multi_thread" => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build(),
+                _ => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build(),
+            }
+            .expect("a runtime");
+            runtime.block_on(async {
+                let store = Store::open_url(url).expect("opening PostgreSQL inside tokio");
+                assert_eq!(store.backend(), BackendKind::Postgres);
+                let org = OrgRow {
+                    id: format!("o-{flavor}"),
+                    slug: flavor.replace('_', "-"),
+                    ..org()
+                };
+                let slug = org.slug.clone();
+                let handle = tokio::spawn(async move {
+                    store.create_org(&org).expect("a write from a task");
+                    store.org_by_slug(&slug).expect("a read from a task")
+                });
+                let found = handle.await.expect("the task");
+                assert_eq!(
+                    found.map(|o| o.name),
+                    Some("Personal".to_string()),
+                    "{flavor}"
+                );
+            });
+        }
+    });
 }

@@ -192,6 +192,7 @@ pub fn machine_with(
         private_ip: None,
         services,
         checks: Vec::new(),
+        statics: Vec::new(),
     }
 }
 
