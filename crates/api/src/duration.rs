@@ -364,6 +364,12 @@ mod tests {
     }
 
     proptest::proptest! {
+        // A random seed, printed; PROPTEST_RNG_SEED replays a failed run.
+        #![proptest_config(proptest::test_runner::Config {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(aloft_testkit::property_seed()),
+            ..proptest::test_runner::Config::default()
+        })]
+
         /// Any run of digits, fraction and units parses to a value or an error, never a panic,
         /// and what parses is what exact arithmetic gives.
         #[test]

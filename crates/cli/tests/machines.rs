@@ -522,7 +522,11 @@ fn lifecycle(driver: Driver) {
         Duration::from_secs(20),
         || {
             let text = std::fs::read_to_string(&followed).unwrap_or_default();
-            (text.matches("hello: listening on [::]:8080 and 0.0.0.0:8080").count() < 2).then_some(text)
+            (text
+                .matches("hello: listening on [::]:8080 and 0.0.0.0:8080")
+                .count()
+                < 2)
+            .then_some(text)
         },
     );
     let _ = follower.kill();

@@ -188,10 +188,33 @@ fn cases_from_env(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// A printed seed replays a run: two runners from one seed draw the same cases.
+#[test]
+fn a_seed_replays_the_same_cases() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngSeed, TestRunner};
+    let draw = |seed| {
+        let mut runner = TestRunner::new(Config {
+            rng_seed: RngSeed::Fixed(seed),
+            ..Config::default()
+        });
+        (0..20)
+            .map(|_| {
+                let tree = prop::collection::vec(edit_strategy(), 1..6)
+                    .new_tree(&mut runner)
+                    .expect("a strategy without filters draws a value");
+                format!("{:?}", tree.current())
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(draw(7), draw(7));
+    assert_ne!(draw(7), draw(8));
+}
+
 proptest! {
-    // Random seeds, 300 cases a run; PROPTEST_CASES raises the count for a longer hunt and
-    // PROPTEST_RNG_SEED replays a run.
-    #![proptest_config(ProptestConfig { cases: cases_from_env(300), failure_persistence: None, ..ProptestConfig::default() })]
+    // A random seed (printed), 300 cases a run; PROPTEST_CASES raises the count for a longer
+    // hunt and PROPTEST_RNG_SEED replays a run.
+    #![proptest_config(ProptestConfig { cases: cases_from_env(300), failure_persistence: None, rng_seed: proptest::test_runner::RngSeed::Fixed(aloft_testkit::property_seed()), ..ProptestConfig::default() })]
 
     #[test]
     fn random_edits_of_valid_files_never_panic(index in any::<usize>(), edits in prop::collection::vec(edit_strategy(), 1..6)) {

@@ -1,4 +1,5 @@
-//! Test support shared by the workspace's test suites: the one way a test skips.
+//! Test support shared by the workspace's test suites: the one way a test skips, and the
+//! seed a property test runs from.
 //!
 //! A test that cannot run on this machine (no root, a tool missing) calls [`skip`] and
 //! returns. Locally that prints why and the test passes; under
@@ -29,13 +30,39 @@ pub fn skip(reason: impl Display) {
     eprintln!("skipping: {reason}");
 }
 
+/// proptest reads this variable; a run that failed is replayed by setting it.
+pub const PROPERTY_SEED: &str = "PROPTEST_RNG_SEED";
+
+/// The seed for a property test: `PROPTEST_RNG_SEED` when set (a replay), otherwise a fresh
+/// random one. Either way it is printed, so a failing run's output says how to replay it.
+pub fn property_seed() -> u64 {
+    let seed = std::env::var(PROPERTY_SEED)
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(fresh_seed);
+    eprintln!("property test seed: {seed} (replay with {PROPERTY_SEED}={seed})");
+    seed
+}
+
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// One test toggles the variable, so no other test in this binary races with it.
     #[test]
-    fn skipping_fails_only_when_every_test_must_run() {
+    fn skips_fail_only_when_every_test_must_run_and_seeds_replay() {
         // SAFETY: the only test in this binary that touches the environment.
         unsafe { std::env::remove_var(REQUIRE_ALL_TESTS) };
         skip("a reason");
@@ -48,5 +75,11 @@ mod tests {
             .cloned()
             .unwrap_or_default();
         assert!(text.contains("tool X is missing"), "{text}");
+
+        // The seed variable, in the same test for the same reason.
+        unsafe { std::env::set_var(PROPERTY_SEED, "12345") };
+        assert_eq!(property_seed(), 12345);
+        unsafe { std::env::remove_var(PROPERTY_SEED) };
+        assert_ne!(property_seed(), property_seed(), "fresh seeds differ");
     }
 }
