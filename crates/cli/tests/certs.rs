@@ -212,23 +212,15 @@ fn deploy_hello(platform: &Platform) {
     assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
 }
 
-fn https_get(platform: &Platform, host: &str, ca_file: &Path) -> Run {
-    platform.curl(&[
-        "--cacert",
-        ca_file.to_str().unwrap(),
-        "--resolve",
-        &format!("{host}:8443:127.0.0.1"),
-        &format!("https://{host}:8443/"),
-    ])
-}
-
-#[test]
-fn acme_certificates_for_added_hostnames_and_the_apps_own_name() {
-    require_platform!();
+/// A platform whose server gets certificates from Pebble (`--acme-directory`), with Pebble
+/// and the directory of its files; `None` (after a skip) when a tool is missing.
+fn platform_with_acme() -> Option<(Platform, tempfile::TempDir, Pebble)> {
     for program in ["pebble", "pebble-challtestsrv", "openssl"] {
         if !have(program) {
-            eprintln!("skipping: needs `{program}` (apt-get install pebble openssl)");
-            return;
+            aloft_testkit::skip(format!(
+                "needs `{program}` (apt-get install pebble openssl)"
+            ));
+            return None;
         }
     }
     let mut platform =
@@ -248,6 +240,25 @@ fn acme_certificates_for_added_hostnames_and_the_apps_own_name() {
         "--acme-ca-root",
         &ca_root,
     ]);
+    Some((platform, files, pebble))
+}
+
+fn https_get(platform: &Platform, host: &str, ca_file: &Path) -> Run {
+    platform.curl(&[
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        "--resolve",
+        &format!("{host}:8443:127.0.0.1"),
+        &format!("https://{host}:8443/"),
+    ])
+}
+
+#[test]
+fn acme_certificates_for_added_hostnames_and_the_apps_own_name() {
+    require_platform!();
+    let Some((mut platform, files, _pebble)) = platform_with_acme() else {
+        return;
+    };
     deploy_hello(&platform);
 
     let added = platform.aloft(&["certs", "add", "www.example.com", "-a", "hello"]);
@@ -378,7 +389,7 @@ fn acme_certificates_for_added_hostnames_and_the_apps_own_name() {
 fn an_imported_certificate_is_stored_sealed_and_served() {
     require_platform!();
     if !have("openssl") {
-        eprintln!("skipping: needs `openssl`");
+        aloft_testkit::skip("needs `openssl` (apt-get install openssl)");
         return;
     }
     let platform = platform_with_hello(&[]);
@@ -468,4 +479,91 @@ fn an_imported_certificate_is_stored_sealed_and_served() {
     // The private key is sealed: its bytes are in no file of the data dir.
     let found = files_containing(&platform.data_dir(), &pem_body_line(&key));
     assert!(found.is_empty(), "the private key in plain text: {found:?}");
+}
+
+/// A stored ACME certificate with two days left (as after a long outage) is renewed from
+/// the CA when the server starts, served, and stored back; `aloft certs show` follows.
+#[test]
+fn an_acme_certificate_close_to_expiry_is_renewed_from_the_ca() {
+    require_platform!();
+    let Some((mut platform, files, _pebble)) = platform_with_acme() else {
+        return;
+    };
+    deploy_hello(&platform);
+    let (root, _) = pebble_issuers(&platform);
+    let root_file = files.path().join("pebble-root.pem");
+    std::fs::write(&root_file, &root).unwrap();
+    eventually(
+        "hello.aloft.test's certificate from Pebble",
+        Duration::from_secs(120),
+        || https_get(&platform, "hello.aloft.test", &root_file).ok(),
+    );
+
+    // What the proxy would store for a certificate it got 58 days ago from another CA.
+    let (_, issuer) = ca("an old test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["hello.aloft.test".to_string()]).unwrap();
+    let day = |date: chrono::NaiveDate| {
+        use chrono::Datelike;
+        rcgen::date_time_ymd(date.year(), date.month() as u8, date.day() as u8)
+    };
+    let now = chrono::Utc::now();
+    params.not_before = day(now.date_naive() - chrono::Days::new(58));
+    params.not_after = day(now.date_naive() + chrono::Days::new(2));
+    let near_expiry = params.signed_by(&key, &issuer).unwrap();
+    let body = serde_json::json!({
+        "hostname": "hello.aloft.test",
+        "certificate": near_expiry.pem(),
+        "private_key": key.serialize_pem(),
+        "source": "acme",
+    });
+    let stored = platform.curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        &format!("Authorization: Bearer {}", platform.host_token()),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body.to_string(),
+        "-w",
+        "\n%{http_code}",
+        "http://127.0.0.1:4280/v1/proxy/certificates/hello.aloft.test",
+    ]);
+    assert!(stored.stdout.ends_with("200"), "{stored}");
+    let show = |platform: &Platform| -> Value {
+        let shown = platform.aloft(&["certs", "show", "hello.aloft.test", "-a", "hello", "--json"]);
+        serde_json::from_str(&shown.stdout).unwrap_or_else(|e| panic!("{e}: {shown}"))
+    };
+    let before = show(&platform);
+    assert_eq!(
+        before["certificate_authority"], "an old test CA",
+        "{before}"
+    );
+
+    // A restart: the proxy loads the stored certificate, finds it close to expiry, and
+    // gets a new one from Pebble.
+    platform.kill_server();
+    platform.restart_server();
+    eventually(
+        "the renewed certificate stored",
+        Duration::from_secs(120),
+        || {
+            show(&platform)["certificate_authority"]
+                .as_str()
+                .is_some_and(|ca| ca.starts_with("Pebble Intermediate CA"))
+        },
+    );
+    let after = show(&platform);
+    assert_eq!(after["client_status"], "Ready", "{after}");
+    let expires = after["expires_at"].as_str().unwrap_or_default();
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(expires).unwrap_or_else(|e| panic!("{e}: {after}"));
+    assert!(
+        expires > now + chrono::Days::new(30),
+        "renewed well before expiry: {after}"
+    );
+    let served = https_get(&platform, "hello.aloft.test", &root_file);
+    assert!(served.ok(), "the renewed certificate is served: {served}");
+    platform.stop();
 }
