@@ -1,7 +1,7 @@
 //! Scale benchmark of the control plane: 10,000 machines in one org.
 //!
 //! The control plane runs in a child process (this binary, `serve`), so its RSS is its
-//! own; machines are placed on an agent that runs nothing (`aloft_control::fake_agent`),
+//! own; machines are placed on an agent that runs nothing (`aloft_fake_agent`),
 //! so only the control plane is measured. Prints creates/s, p50/p99 of GET machine, of a
 //! filtered list and of the full list, the server's RSS, and ratios against a peer: the
 //! same rows written and read through the store directly, in this process, with no HTTP.
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aloft_client::Client;
-use aloft_control::fake_agent::FakeAgent;
+use aloft_fake_agent::FakeAgent;
 use aloft_control::store::{AppRow, MachineFilter, MachineRow, OrgRow, Store, now_rfc3339};
 use aloft_control::{ControlConfig, ControlPlane};
 use anyhow::{Context, bail};

@@ -8,7 +8,6 @@ pub mod certs;
 pub mod checks;
 pub mod deploy;
 pub mod error;
-pub mod fake_agent;
 pub mod hosts;
 pub mod ips;
 pub mod logs;

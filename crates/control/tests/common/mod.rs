@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use aloft_client::Client;
-use aloft_control::fake_agent::FakeAgent;
+use aloft_fake_agent::FakeAgent;
 use aloft_control::{ControlConfig, ControlPlane};
 use bytes::Bytes;
 use http::{Method, StatusCode};
