@@ -78,6 +78,13 @@ one_connection() {
   wrk -t1 -c1 -d"${DURATION}s" "$1" | awk '/Requests\/sec/ {printf "%.0f", $2}'
 }
 echo "== one keep-alive connection, wrk -t1 -c1 -d${DURATION}s (req/s)"
-printf "hello directly        %8s\n" "$(one_connection "http://$HELLO/")"
-printf "hello via aloft proxy %8s\n" "$(one_connection "http://$ALOFT/")"
-printf "hello via nginx       %8s\n" "$(one_connection "http://$NGINX/")"
+direct=$(one_connection "http://$HELLO/")
+via_aloft=$(one_connection "http://$ALOFT/")
+via_nginx=$(one_connection "http://$NGINX/")
+printf "hello directly        %8s\n" "$direct"
+printf "hello via aloft proxy %8s\n" "$via_aloft"
+printf "hello via nginx       %8s\n" "$via_nginx"
+awk -v a="$via_aloft" -v n="$via_nginx" -v d="$direct" 'BEGIN {
+  if (n > 0) printf "aloft proxy / nginx   %8.2fx\n", a / n
+  if (d > 0) printf "aloft proxy / direct  %8.2fx\n", a / d
+}'
