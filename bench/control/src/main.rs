@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aloft_client::Client;
-use aloft_fake_agent::FakeAgent;
 use aloft_control::store::{AppRow, MachineFilter, MachineRow, OrgRow, Store, now_rfc3339};
 use aloft_control::{ControlConfig, ControlPlane};
+use aloft_fake_agent::FakeAgent;
 use anyhow::{Context, bail};
 use http::{Method, StatusCode};
 use serde_json::json;

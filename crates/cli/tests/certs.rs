@@ -486,6 +486,7 @@ fn an_imported_certificate_is_stored_sealed_and_served() {
 #[test]
 fn an_acme_certificate_close_to_expiry_is_renewed_from_the_ca() {
     require_platform!();
+    const HOST: &str = "renew.example.com";
     let Some((mut platform, files, _pebble)) = platform_with_acme() else {
         return;
     };
@@ -493,16 +494,18 @@ fn an_acme_certificate_close_to_expiry_is_renewed_from_the_ca() {
     let (root, _) = pebble_issuers(&platform);
     let root_file = files.path().join("pebble-root.pem");
     std::fs::write(&root_file, &root).unwrap();
+    let added = platform.aloft(&["certs", "add", HOST, "-a", "hello"]);
+    assert!(added.ok(), "{added}");
     eventually(
-        "hello.aloft.test's certificate from Pebble",
+        "the added hostname's certificate from Pebble",
         Duration::from_secs(120),
-        || https_get(&platform, "hello.aloft.test", &root_file).ok(),
+        || https_get(&platform, HOST, &root_file).ok(),
     );
 
     // What the proxy would store for a certificate it got 58 days ago from another CA.
     let (_, issuer) = ca("an old test CA");
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["hello.aloft.test".to_string()]).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![HOST.to_string()]).unwrap();
     let day = |date: chrono::NaiveDate| {
         use chrono::Datelike;
         rcgen::date_time_ymd(date.year(), date.month() as u8, date.day() as u8)
@@ -512,7 +515,7 @@ fn an_acme_certificate_close_to_expiry_is_renewed_from_the_ca() {
     params.not_after = day(now.date_naive() + chrono::Days::new(2));
     let near_expiry = params.signed_by(&key, &issuer).unwrap();
     let body = serde_json::json!({
-        "hostname": "hello.aloft.test",
+        "hostname": HOST,
         "certificate": near_expiry.pem(),
         "private_key": key.serialize_pem(),
         "source": "acme",
@@ -528,11 +531,11 @@ fn an_acme_certificate_close_to_expiry_is_renewed_from_the_ca() {
         &body.to_string(),
         "-w",
         "\n%{http_code}",
-        "http://127.0.0.1:4280/v1/proxy/certificates/hello.aloft.test",
+        &format!("http://127.0.0.1:4280/v1/proxy/certificates/{HOST}"),
     ]);
     assert!(stored.stdout.ends_with("200"), "{stored}");
     let show = |platform: &Platform| -> Value {
-        let shown = platform.aloft(&["certs", "show", "hello.aloft.test", "-a", "hello", "--json"]);
+        let shown = platform.aloft(&["certs", "show", HOST, "-a", "hello", "--json"]);
         serde_json::from_str(&shown.stdout).unwrap_or_else(|e| panic!("{e}: {shown}"))
     };
     let before = show(&platform);
@@ -563,7 +566,7 @@ fn an_acme_certificate_close_to_expiry_is_renewed_from_the_ca() {
         expires > now + chrono::Days::new(30),
         "renewed well before expiry: {after}"
     );
-    let served = https_get(&platform, "hello.aloft.test", &root_file);
+    let served = https_get(&platform, HOST, &root_file);
     assert!(served.ok(), "the renewed certificate is served: {served}");
     platform.stop();
 }

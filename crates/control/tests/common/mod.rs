@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use aloft_client::Client;
-use aloft_fake_agent::FakeAgent;
 use aloft_control::{ControlConfig, ControlPlane};
+use aloft_fake_agent::FakeAgent;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::Value;
