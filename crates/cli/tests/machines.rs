@@ -419,8 +419,9 @@ fn lifecycle(driver: Driver) {
             .iter()
             .find(|p| p["command"] == "/hello")
             .unwrap_or_else(|| panic!("{processes}"));
+        // hello listens on [::]:8080, dual-stack (IPv4 arrives mapped).
         assert!(
-            hello["listen_sockets"].to_string().contains("0.0.0.0:8080"),
+            hello["listen_sockets"].to_string().contains("[::]:8080"),
             "{processes}"
         );
         assert!(hello["rss"].as_u64().unwrap_or(0) > 0);
