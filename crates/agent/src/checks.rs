@@ -107,25 +107,11 @@ fn definition(
 
 /// Every check a machine config asks for.
 pub fn definitions(config: &MachineConfig) -> Vec<CheckDefinition> {
-    let mut out = Vec::new();
-    let mut index = 0;
-    for service in &config.services {
-        for check in &service.checks {
-            let kind = if check.check_type.is_empty() {
-                "tcp".to_string()
-            } else {
-                check.check_type.to_ascii_lowercase()
-            };
-            let port = check.port.unwrap_or(service.internal_port);
-            let name = format!("servicecheck-{index:02}-{kind}-{port}");
-            index += 1;
-            out.extend(definition(name, check, Some(service.internal_port)));
-        }
-    }
-    for (name, check) in &config.checks {
-        out.extend(definition(name.clone(), check, None));
-    }
-    out
+    config
+        .named_checks()
+        .into_iter()
+        .filter_map(|named| definition(named.name, named.check, named.service_port))
+        .collect()
 }
 
 fn now() -> String {

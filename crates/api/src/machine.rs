@@ -73,6 +73,57 @@ impl MachineConfig {
             .or_else(|| self.metadata.get("process_group"))
             .map(String::as_str)
     }
+
+    /// Every check this config asks for, named as Fly names them: a service's checks
+    /// `servicecheck-NN-<type>-<port>` (NN counts across services, the type lowercased and
+    /// `tcp` when unset, the port the check's own or the service's), top-level checks by
+    /// their own names. The agent runs them under these names and deploys wait for them.
+    pub fn named_checks(&self) -> Vec<NamedCheck<'_>> {
+        let service_checks = self.services.iter().flat_map(|service| {
+            service
+                .checks
+                .iter()
+                .map(move |check| (check, service.internal_port))
+        });
+        let mut named: Vec<NamedCheck<'_>> = service_checks
+            .enumerate()
+            .map(|(index, (check, service_port))| {
+                let kind = if check.check_type.is_empty() {
+                    "tcp".to_string()
+                } else {
+                    check.check_type.to_ascii_lowercase()
+                };
+                let port = check.port.unwrap_or(service_port);
+                NamedCheck {
+                    name: format!("servicecheck-{index:02}-{kind}-{port}"),
+                    check,
+                    service_port: Some(service_port),
+                }
+            })
+            .collect();
+        named.extend(self.checks.iter().map(|(name, check)| NamedCheck {
+            name: name.clone(),
+            check,
+            service_port: None,
+        }));
+        named
+    }
+}
+
+/// A check of a machine config with the name it runs under ([`MachineConfig::named_checks`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedCheck<'a> {
+    pub name: String,
+    pub check: &'a MachineCheck,
+    /// The internal port of the service the check belongs to (none for top-level checks).
+    pub service_port: Option<u16>,
+}
+
+impl NamedCheck<'_> {
+    /// The port the check probes: its own, else its service's.
+    pub fn port(&self) -> Option<u16> {
+        self.check.port.or(self.service_port)
+    }
 }
 
 pub const METADATA_PROCESS_GROUP: &str = "fly_process_group";
@@ -868,6 +919,52 @@ pub struct TempDirVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent and the control plane name checks with this one function; a type written
+    /// `HTTP` used to be `http` for the agent and `HTTP` for deploys waiting on it.
+    #[test]
+    fn checks_are_named_as_fly_names_them_whatever_the_types_case() {
+        let mut config = MachineConfig::default();
+        for port in [8080, 9090] {
+            config.services.push(MachineService {
+                internal_port: port,
+                checks: vec![
+                    MachineCheck {
+                        check_type: "HTTP".into(),
+                        ..Default::default()
+                    },
+                    MachineCheck {
+                        port: Some(7000),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            });
+        }
+        config.checks.insert(
+            "db".into(),
+            MachineCheck {
+                check_type: "tcp".into(),
+                port: Some(5432),
+                ..Default::default()
+            },
+        );
+        let named: Vec<(String, Option<u16>)> = config
+            .named_checks()
+            .iter()
+            .map(|c| (c.name.clone(), c.port()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("servicecheck-00-http-8080".to_string(), Some(8080)),
+                ("servicecheck-01-tcp-7000".to_string(), Some(7000)),
+                ("servicecheck-02-http-9090".to_string(), Some(9090)),
+                ("servicecheck-03-tcp-7000".to_string(), Some(7000)),
+                ("db".to_string(), Some(5432)),
+            ]
+        );
+    }
 
     #[test]
     fn autostop_reads_every_spelling_and_writes_fly_form() {

@@ -168,32 +168,15 @@ pub struct ExpectedCheck {
 }
 
 pub fn expected_checks(config: &MachineConfig) -> Vec<ExpectedCheck> {
-    let mut checks = Vec::new();
-    let mut index = 0;
-    for service in &config.services {
-        for check in &service.checks {
-            let port = check.port.unwrap_or(service.internal_port);
-            let kind = if check.check_type.is_empty() {
-                "tcp"
-            } else {
-                check.check_type.as_str()
-            };
-            checks.push(ExpectedCheck {
-                name: format!("servicecheck-{index:02}-{kind}-{port}"),
-                check: check.clone(),
-                port,
-            });
-            index += 1;
-        }
-    }
-    for (name, check) in &config.checks {
-        checks.push(ExpectedCheck {
-            name: name.clone(),
-            check: check.clone(),
-            port: check.port.unwrap_or_default(),
-        });
-    }
-    checks
+    config
+        .named_checks()
+        .into_iter()
+        .map(|named| ExpectedCheck {
+            port: named.port().unwrap_or_default(),
+            name: named.name,
+            check: named.check.clone(),
+        })
+        .collect()
 }
 
 /// What one look at a check found.
