@@ -410,6 +410,35 @@ impl Platform {
         self.aloft_in(None, args)
     }
 
+    /// A Machines API request with a bearer token, from inside the namespace:
+    /// (status code, body).
+    pub fn api(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, String) {
+        let url = format!("http://127.0.0.1:4280{path}");
+        let auth = format!("Authorization: Bearer {token}");
+        let body = body.map(|b| b.to_string());
+        let mut args = vec!["-X", method, "-H", &auth, "-w", "\n%{http_code}", &url];
+        if let Some(body) = &body {
+            args.extend(["-H", "Content-Type: application/json", "-d", body]);
+        }
+        let run = self.curl(&args);
+        assert!(run.ok(), "{run}");
+        let (body, code) = run
+            .stdout
+            .rsplit_once('\n')
+            .unwrap_or_else(|| panic!("no status line: {run}"));
+        let code = code
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("status: {run}"));
+        (code, body.to_string())
+    }
+
     /// curl inside the namespace; `-s` and a time limit are always added.
     pub fn curl(&self, args: &[&str]) -> Run {
         let mut command = self.in_netns(Path::new("curl"));

@@ -1,15 +1,17 @@
 //! Every implemented Machines API endpoint answers in the shapes of Fly's own published
 //! schema (tests/data/fly-machines-openapi-3.0.1.json, Fly's openapi-3.0.1 document), not
-//! only our generated one: real answers from the control plane over HTTP are checked
-//! field by field against Fly's component schemas. Every field we return that Fly's
-//! schema defines must have Fly's type (and enum value); the fields Fly's clients
-//! (flyctl, fly-go) rely on must be there. Fly's document marks nothing required, so the
-//! relied-on fields are listed here, per schema.
+//! only our generated one: real answers of `aloft server` (a deployed app, a machine from
+//! its image on runc, a real stop, a real volume) are checked field by field against Fly's
+//! component schemas. Every field we return that Fly's schema defines must have Fly's type
+//! (and enum value); the fields Fly's clients (flyctl, fly-go) rely on must be there.
+//! Fly's document marks nothing required, so the relied-on fields are listed here, per
+//! schema.
 
 mod common;
 
-use common::{create_app, create_machine, send, start};
-use http::{Method, StatusCode};
+use std::time::{Duration, Instant};
+
+use common::Platform;
 use serde_json::{Value, json};
 
 const FLY_SCHEMA: &str = include_str!("data/fly-machines-openapi-3.0.1.json");
@@ -218,58 +220,77 @@ fn check_exit_request(request: &Value, problems: &mut Vec<String>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_answer_has_the_shape_of_flys_published_schema() {
+#[test]
+fn every_answer_of_the_server_has_the_shape_of_flys_published_schema() {
+    require_platform!();
     let fly = Fly::load();
-    let h = start().await;
+    let platform = Platform::start();
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
     let mut problems = Vec::new();
-    let call = async |method: Method, path: &str, body: Option<Value>| -> Value {
-        let (status, value) = send(&h.admin, method.clone(), path, body).await;
-        assert!(status.is_success(), "{method} {path}: {status} {value}");
-        value
+    let call = |method: &str, path: &str, body: Option<Value>| -> Value {
+        let (status, text) = platform.api(&token, method, path, body.as_ref());
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {text}\n{}",
+            platform.server_log()
+        );
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
     };
 
-    create_app(&h.admin, "shapes").await;
-    let apps = call(Method::GET, "/v1/apps?org_slug=personal", None).await;
+    let created = platform.aloft(&["apps", "create", "shapes"]);
+    assert!(created.ok(), "{created}");
+    let deployed = platform.aloft_in(Some(&platform.hello_app_dir("shapes")), &["deploy"]);
+    assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
+
+    let apps = call("GET", "/v1/apps?org_slug=personal", None);
     fly.check("ListAppsResponse", &apps, "GET /apps", &mut problems);
-    let app = call(Method::GET, "/v1/apps/shapes", None).await;
+    let app = call("GET", "/v1/apps/shapes", None);
     fly.check("App", &app, "GET /apps/{app}", &mut problems);
 
-    let machine = create_machine(
-        &h.admin,
-        "shapes",
-        json!({ "config": { "image": "nginx", "guest": { "cpus": 1, "memory_mb": 256, "cpu_kind": "shared" } } }),
-    )
-    .await;
+    let listed = call("GET", "/v1/apps/shapes/machines", None);
+    fly.check_list("Machine", &listed, "GET /machines", &mut problems);
+    let deployed_machine = &listed[0];
+    let image = deployed_machine["config"]["image"].clone();
+    let region = deployed_machine["region"].clone();
+    let machine = call(
+        "POST",
+        "/v1/apps/shapes/machines",
+        Some(json!({ "region": region, "config": {
+            "image": image,
+            "env": { "PORT": "8080" },
+            "guest": { "cpus": 1, "memory_mb": 256, "cpu_kind": "shared" },
+        } })),
+    );
     fly.check("Machine", &machine, "POST /machines", &mut problems);
     let id = machine["id"].as_str().expect("a machine id").to_string();
     let base = format!("/v1/apps/shapes/machines/{id}");
-    let listed = call(Method::GET, "/v1/apps/shapes/machines", None).await;
-    fly.check_list("Machine", &listed, "GET /machines", &mut problems);
-    let got = call(Method::GET, &base, None).await;
+    call(
+        "GET",
+        &format!("{base}/wait?state=started&timeout=60"),
+        None,
+    );
+    let got = call("GET", &base, None);
     fly.check("Machine", &got, "GET /machines/{id}", &mut problems);
     let updated = call(
-        Method::POST,
+        "POST",
         &base,
-        Some(json!({ "config": { "image": "nginx", "env": { "A": "1" } } })),
-    )
-    .await;
+        Some(json!({ "config": { "image": image, "env": { "PORT": "8080", "A": "1" } } })),
+    );
     fly.check("Machine", &updated, "POST /machines/{id}", &mut problems);
-    let versions = call(Method::GET, &format!("{base}/versions"), None).await;
+    let versions = call("GET", &format!("{base}/versions"), None);
     fly.check_list("MachineVersion", &versions, "GET /versions", &mut problems);
     let lease = call(
-        Method::POST,
+        "POST",
         &format!("{base}/lease"),
         Some(json!({ "ttl": 30, "description": "shape check" })),
-    )
-    .await;
+    );
     let lease = if lease["data"].is_object() {
-        &lease["data"]
+        lease["data"].clone()
     } else {
-        &lease
+        lease
     };
-    fly.check("Lease", lease, "POST /lease", &mut problems);
-    let shown = call(Method::GET, &format!("{base}/lease"), None).await;
+    fly.check("Lease", &lease, "POST /lease", &mut problems);
+    let shown = call("GET", &format!("{base}/lease"), None);
     let shown = if shown["data"].is_object() {
         &shown["data"]
     } else {
@@ -277,16 +298,24 @@ async fn every_answer_has_the_shape_of_flys_published_schema() {
     };
     fly.check("Lease", shown, "GET /lease", &mut problems);
     let nonce = lease["nonce"].as_str().unwrap_or_default().to_string();
-    let (status, _) = common::send_with(
-        &h.admin,
-        Method::DELETE,
-        &format!("{base}/lease"),
-        None,
-        &[("fly-machine-lease-nonce", &nonce)],
-    )
-    .await;
-    assert!(status.is_success(), "releasing the lease: {status}");
-    let metadata = call(Method::GET, &format!("{base}/metadata"), None).await;
+    let released = platform.curl(&[
+        "-X",
+        "DELETE",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        &format!("fly-machine-lease-nonce: {nonce}"),
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &format!("http://127.0.0.1:4280{base}/lease"),
+    ]);
+    assert!(
+        released.stdout.starts_with('2'),
+        "releasing the lease: {released}"
+    );
+    let metadata = call("GET", &format!("{base}/metadata"), None);
     if !metadata
         .as_object()
         .is_some_and(|m| m.values().all(Value::is_string))
@@ -295,56 +324,56 @@ async fn every_answer_has_the_shape_of_flys_published_schema() {
             "GET /metadata: Fly answers a map of strings, we return {metadata}"
         ));
     }
-    let ps = call(Method::GET, &format!("{base}/ps"), None).await;
+    call(
+        "GET",
+        &format!("{base}/wait?state=started&timeout=60"),
+        None,
+    );
+    let ps = call("GET", &format!("{base}/ps"), None);
     fly.check_list("ProcessStat", &ps, "GET /ps", &mut problems);
 
-    // An exit, as the machine's agent reports it.
-    let instance = got["instance_id"].as_str().unwrap_or_default();
-    let (status, body) = send(
-        &h.host,
-        Method::POST,
-        "/v1/hosts/h1/events",
-        Some(json!([{
-            "seq": 1_000_000,
-            "machine_id": id,
-            "instance_id": instance,
-            "type": "exit",
-            "state": "stopped",
-            "timestamp": 1_700_000_000_000i64,
-            "exit": { "exit_code": 3, "oom_killed": false, "requested_stop": false,
-                      "exited_at": "2023-11-14T22:13:20Z", "restarting": false },
-        }])),
-    )
-    .await;
-    assert!(status.is_success(), "reporting an exit: {status} {body}");
-    let events = call(Method::GET, &format!("{base}/events"), None).await;
-    fly.check_list("MachineEvent", &events, "GET /events", &mut problems);
-    let exit = events
-        .as_array()
-        .and_then(|all| all.iter().find(|e| e["type"] == "exit"))
-        .cloned()
-        .expect("the exit event is listed");
+    // A real exit: the machine stopped, its agent reports how its process ended.
+    call("POST", &format!("{base}/stop"), Some(json!({})));
+    call(
+        "GET",
+        &format!("{base}/wait?state=stopped&timeout=60"),
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        let events = call("GET", &format!("{base}/events"), None);
+        if let Some(exit) = events
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["type"] == "exit"))
+        {
+            fly.check_list("MachineEvent", &events, "GET /events", &mut problems);
+            break exit.clone();
+        }
+        assert!(Instant::now() < deadline, "no exit event: {events}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
     check_exit_request(&exit["request"], &mut problems);
-    assert_eq!(exit["request"]["exit_event"]["exit_code"], 3);
+    assert_eq!(
+        exit["request"]["exit_event"]["requested_stop"], true,
+        "{exit}"
+    );
 
     let volume = call(
-        Method::POST,
+        "POST",
         "/v1/apps/shapes/volumes",
-        Some(json!({ "name": "data", "region": "iad", "size_gb": 1 })),
-    )
-    .await;
+        Some(json!({ "name": "data", "region": region, "size_gb": 1 })),
+    );
     fly.check("Volume", &volume, "POST /volumes", &mut problems);
     let vol = volume["id"].as_str().expect("a volume id").to_string();
-    let volumes = call(Method::GET, "/v1/apps/shapes/volumes", None).await;
+    let volumes = call("GET", "/v1/apps/shapes/volumes", None);
     fly.check_list("Volume", &volumes, "GET /volumes", &mut problems);
-    let one = call(Method::GET, &format!("/v1/apps/shapes/volumes/{vol}"), None).await;
+    let one = call("GET", &format!("/v1/apps/shapes/volumes/{vol}"), None);
     fly.check("Volume", &one, "GET /volumes/{id}", &mut problems);
     let extended = call(
-        Method::PUT,
+        "PUT",
         &format!("/v1/apps/shapes/volumes/{vol}/extend"),
         Some(json!({ "size_gb": 2 })),
-    )
-    .await;
+    );
     fly.check(
         "ExtendVolumeResponse",
         &extended,
@@ -352,23 +381,17 @@ async fn every_answer_has_the_shape_of_flys_published_schema() {
         &mut problems,
     );
     let snapshots = call(
-        Method::GET,
+        "GET",
         &format!("/v1/apps/shapes/volumes/{vol}/snapshots"),
         None,
-    )
-    .await;
+    );
     fly.check_list(
         "VolumeSnapshot",
         &snapshots,
         "GET /snapshots",
         &mut problems,
     );
-    let deleted = call(
-        Method::DELETE,
-        &format!("/v1/apps/shapes/volumes/{vol}"),
-        None,
-    )
-    .await;
+    let deleted = call("DELETE", &format!("/v1/apps/shapes/volumes/{vol}"), None);
     fly.check("Volume", &deleted, "DELETE /volumes/{id}", &mut problems);
 
     assert!(
@@ -376,8 +399,8 @@ async fn every_answer_has_the_shape_of_flys_published_schema() {
         "answers that differ from Fly's schema:\n{}",
         problems.join("\n")
     );
-    let (status, _) = send(&h.admin, Method::GET, "/v1/apps/nope", None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = platform.api(&token, "GET", "/v1/apps/nope", None);
+    assert_eq!(status, 404);
 }
 
 #[test]
