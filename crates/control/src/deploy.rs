@@ -1743,8 +1743,15 @@ impl Deployer<'_> {
             }
         });
         let touched = vec![change];
+        let update = if self.has_config_already(row, &config).await {
+            // Caught mid-update by a restart with the new config in place: started (if it
+            // should run), not updated again.
+            self.start_unrouted(row, was_running).await
+        } else {
+            rollout::update_unrouted(self.plane, self.app, row, config).await
+        };
         let (updated, started_ms) =
-            match rollout::update_unrouted(self.plane, self.app, row, config).await {
+            match update {
                 Ok(updated) => updated,
                 Err(failure) => {
                     return (
@@ -1805,6 +1812,41 @@ impl Deployer<'_> {
                 row.id
             )),
         )
+    }
+
+    /// Whether the machine's agent already runs `config` for it (the store's config is
+    /// of the same release and the agent's instance is the store's).
+    async fn has_config_already(&self, row: &MachineRow, config: &MachineConfig) -> bool {
+        let release = |c: &MachineConfig| c.metadata.get(aloft_api::METADATA_RELEASE_ID).cloned();
+        if release(config).is_none() || release(config) != release(&row.config) {
+            return false;
+        }
+        let Ok(agent) = self.plane.agent(&row.host_id) else {
+            return false;
+        };
+        agent
+            .get(&row.id)
+            .await
+            .is_ok_and(|m| m.instance_id == row.instance_id && m.state != MachineState::Failed)
+    }
+
+    async fn start_unrouted(
+        &self,
+        row: &MachineRow,
+        was_running: bool,
+    ) -> Result<(MachineRow, i64), MachineFailure> {
+        rollout::set_routed(self.plane, &row.id, false)
+            .map_err(|e| MachineFailure::from_api(row, e))?;
+        let started_ms = crate::store::now_millis();
+        if was_running && row.state != MachineState::Started {
+            let started = self
+                .plane
+                .start_machine(row)
+                .await
+                .map_err(|e| MachineFailure::from_api(row, e))?;
+            return Ok((started, started_ms));
+        }
+        Ok((row.clone(), started_ms))
     }
 
     /// Puts machines a failed rollout changed back as they were.
