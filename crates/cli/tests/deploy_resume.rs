@@ -97,7 +97,11 @@ fn versions(platform: &Platform, id: &str) -> usize {
 fn a_rolling_deploy_goes_on_after_the_server_is_killed_and_deploy_resume_follows_it() {
     require_platform!();
     let mut platform = Platform::start();
-    must(platform.aloft(&["apps", "create", "rs"]), "apps create", &platform);
+    must(
+        platform.aloft(&["apps", "create", "rs"]),
+        "apps create",
+        &platform,
+    );
     let v1 = app_dir(&platform, "v1");
     must(deploy(&platform, &v1, &[]), "first deploy", &platform);
     must(
@@ -128,7 +132,10 @@ fn a_rolling_deploy_goes_on_after_the_server_is_killed_and_deploy_resume_follows
         if list.iter().filter(|m| release_of(m) == "2").count() >= 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "the deploy never got mid-way: {list:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the deploy never got mid-way: {list:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     platform.kill_server();
@@ -196,6 +203,12 @@ fn a_rolling_deploy_goes_on_after_the_server_is_killed_and_deploy_resume_follows
         "deploy --resume after the end",
         &platform,
     );
-    assert!(again.stdout.contains("No deploy of rs is in progress"), "{again}");
-    assert!(again.stdout.contains("Release v2 of rs deployed"), "{again}");
+    assert!(
+        again.stdout.contains("No deploy of rs is in progress"),
+        "{again}"
+    );
+    assert!(
+        again.stdout.contains("Release v2 of rs deployed"),
+        "{again}"
+    );
 }

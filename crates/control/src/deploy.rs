@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aloft_api::internal::{
-    DeployEvent, DeployFailure, DeployOperation, DeployRequest, ExitStatus,
-};
+use aloft_api::internal::{DeployEvent, DeployFailure, DeployOperation, DeployRequest, ExitStatus};
 use aloft_api::{
     MachineConfig, MachineInit, MachineRestart, MachineState, RestartPolicy, StopRequest, regions,
 };
@@ -49,7 +47,10 @@ pub const STRATEGIES: [&str; 4] = ["rolling", "immediate", "canary", "bluegreen"
 
 pub fn routes() -> Router<Arc<ControlPlane>> {
     Router::new()
-        .route("/v1/apps/{app}/deploys", post(start_deploy).get(list_deploys))
+        .route(
+            "/v1/apps/{app}/deploys",
+            post(start_deploy).get(list_deploys),
+        )
         .route("/v1/apps/{app}/deploys/{id}", get(watch_deploy))
         .merge(crate::releases::routes())
         .merge(crate::scale::routes())
@@ -163,12 +164,7 @@ fn is_terminal(event: &DeployEvent) -> bool {
 }
 
 impl Operation {
-    fn new(
-        id: String,
-        app: &str,
-        past: Vec<DeployEvent>,
-        store: Option<Arc<Store>>,
-    ) -> Arc<Self> {
+    fn new(id: String, app: &str, past: Vec<DeployEvent>, store: Option<Arc<Store>>) -> Arc<Self> {
         let (sender, _) = broadcast::channel(1024);
         Arc::new(Operation {
             id,
@@ -745,7 +741,9 @@ impl Deployer<'_> {
         })?;
         let config = parse_config(&value)?;
         let settings = settings_for(&config, &request)?;
-        self.plane.store.set_release_status(&release.id, "running")?;
+        self.plane
+            .store
+            .set_release_status(&release.id, "running")?;
         self.wait_for_hosts().await;
         let record = self.recorded();
         let region = if record.region.is_empty() {
@@ -1736,7 +1734,13 @@ impl Deployer<'_> {
                 was_running: matches!(row.state, MachineState::Started | MachineState::Starting),
             },
         };
-        let was_running = matches!(change, Touched::Updated { was_running: true, .. });
+        let was_running = matches!(
+            change,
+            Touched::Updated {
+                was_running: true,
+                ..
+            }
+        );
         self.note(|r| {
             if !r.touched.iter().any(|t| t.id() == row.id) {
                 r.touched.push(change.clone());
@@ -1750,18 +1754,17 @@ impl Deployer<'_> {
         } else {
             rollout::update_unrouted(self.plane, self.app, row, config).await
         };
-        let (updated, started_ms) =
-            match update {
-                Ok(updated) => updated,
-                Err(failure) => {
-                    return (
-                        touched,
-                        Err(rollout::with_logs(self.plane, &self.app.name, failure)
-                            .await
-                            .into()),
-                    );
-                }
-            };
+        let (updated, started_ms) = match update {
+            Ok(updated) => updated,
+            Err(failure) => {
+                return (
+                    touched,
+                    Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                        .await
+                        .into()),
+                );
+            }
+        };
         let starts = was_running || updated.state == MachineState::Started;
         if starts && wait {
             if let Err(failure) = rollout::wait_healthy(
@@ -2009,7 +2012,8 @@ impl Deployer<'_> {
         }
         self.note(|r| {
             r.done.extend(green.iter().cloned());
-            r.retiring.extend(running.iter().map(|(row, _)| row.id.clone()));
+            r.retiring
+                .extend(running.iter().map(|(row, _)| row.id.clone()));
         });
         let retirements = running
             .iter()

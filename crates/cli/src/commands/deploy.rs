@@ -353,10 +353,7 @@ async fn resume(api: &ApiArgs, args: &DeployArgs) -> anyhow::Result<()> {
     } = watch(lines, &name, false).await?
     {
         println!("Release v{release_version} of {name} deployed");
-        println!(
-            "Followed for {:.1}s",
-            started.elapsed().as_secs_f64()
-        );
+        println!("Followed for {:.1}s", started.elapsed().as_secs_f64());
         if let Some(url) = url {
             println!();
             println!("Visit your newly deployed app at {url}");

@@ -453,17 +453,23 @@ pub fn suite(store: &Store) {
         .iter()
         .enumerate()
     {
-        store
-            .append_deploy_event("d1", seq as u64, event)
-            .unwrap();
+        store.append_deploy_event("d1", seq as u64, event).unwrap();
     }
     let stored = store.deploy("d1").unwrap().unwrap();
     assert_eq!(stored.release_id, "r1");
     assert_eq!(stored.progress, r#"{"done":["m1"]}"#);
-    assert_eq!(store.release("r1").unwrap().unwrap().version, release.version);
+    assert_eq!(
+        store.release("r1").unwrap().unwrap().version,
+        release.version
+    );
     assert!(store.release("nope").unwrap().is_none());
     assert_eq!(
-        store.unfinished_deploys().unwrap().iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        store
+            .unfinished_deploys()
+            .unwrap()
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect::<Vec<_>>(),
         vec!["d1"]
     );
     assert_eq!(
