@@ -443,7 +443,7 @@ pub fn suite(store: &Store) {
         Err(StoreError::Conflict(_))
     ));
     let release = store
-        .create_release(&app.id, "r1", "img", "{}", "deploy", "admin")
+        .create_release(&app.id, "r-deploy", "img", "{}", "deploy", "admin")
         .unwrap();
     store.set_deploy_release("d1", &release.id).unwrap();
     store
@@ -456,10 +456,10 @@ pub fn suite(store: &Store) {
         store.append_deploy_event("d1", seq as u64, event).unwrap();
     }
     let stored = store.deploy("d1").unwrap().unwrap();
-    assert_eq!(stored.release_id, "r1");
+    assert_eq!(stored.release_id, "r-deploy");
     assert_eq!(stored.progress, r#"{"done":["m1"]}"#);
     assert_eq!(
-        store.release("r1").unwrap().unwrap().version,
+        store.release("r-deploy").unwrap().unwrap().version,
         release.version
     );
     assert!(store.release("nope").unwrap().is_none());
