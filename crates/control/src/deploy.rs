@@ -1726,6 +1726,7 @@ impl Deployer<'_> {
             .touched
             .into_iter()
             .find(|t| t.id() == row.id);
+        let earlier_update = matches!(earlier, Some(Touched::Updated { .. }));
         let change = match earlier {
             Some(change @ Touched::Updated { .. }) => change,
             _ => Touched::Updated {
@@ -1747,7 +1748,7 @@ impl Deployer<'_> {
             }
         });
         let touched = vec![change];
-        let update = if self.has_config_already(row, &config).await {
+        let update = if earlier_update && self.has_config_already(row, &config).await {
             // Caught mid-update by a restart with the new config in place: started (if it
             // should run), not updated again.
             self.start_unrouted(row, was_running).await
