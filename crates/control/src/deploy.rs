@@ -40,7 +40,8 @@ use crate::store::{AppRow, DeployRow, MachineRow, Store, StoreError, now_rfc3339
 const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_MAX_UNAVAILABLE: f64 = 0.33;
-/// Finished deploys kept in memory so a client can still read how they ended.
+/// Finished operations kept in memory (and finished deploys kept in the store, per app) so a
+/// client can still read how they ended.
 const KEPT_OPERATIONS: usize = 64;
 
 pub const STRATEGIES: [&str; 4] = ["rolling", "immediate", "canary", "bluegreen"];
@@ -95,6 +96,7 @@ impl Deploys {
         request: &DeployRequest,
         user: &str,
     ) -> Result<Arc<Operation>, StoreError> {
+        store.prune_deploys(&app.id, KEPT_OPERATIONS)?;
         let id = ulid::Ulid::new().to_string().to_lowercase();
         let now = now_rfc3339();
         store.insert_deploy(&DeployRow {

@@ -137,6 +137,23 @@ impl Store {
         })
     }
 
+    /// Forgets the app's finished deploys but the newest `keep`.
+    pub fn prune_deploys(&self, app_id: &str, keep: usize) -> StoreResult<()> {
+        let old = "SELECT id FROM deploy_operations WHERE app_id = $1 AND status != 'running' AND id NOT IN (SELECT id FROM deploy_operations WHERE app_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2)";
+        self.tx(|c| {
+            let params = [app_id.into(), (keep as i64).into()];
+            c.execute(
+                &format!("DELETE FROM deploy_events WHERE deploy_id IN ({old})"),
+                &params,
+            )?;
+            c.execute(
+                &format!("DELETE FROM deploy_operations WHERE id IN ({old})"),
+                &params,
+            )?;
+            Ok(())
+        })
+    }
+
     pub fn release(&self, id: &str) -> StoreResult<Option<ReleaseRow>> {
         self.read(|c| {
             c.query_one(

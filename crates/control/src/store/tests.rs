@@ -480,6 +480,22 @@ pub fn suite(store: &Store) {
     assert!(store.unfinished_deploys().unwrap().is_empty());
     assert_eq!(store.deploys_of_app(&app.id, 10).unwrap().len(), 1);
     assert!(store.deploy("nope").unwrap().is_none());
+    let newer = DeployRow {
+        id: "d2".into(),
+        status: "running".into(),
+        created_at: "9999-01-01T00:00:00Z".into(),
+        ..deploy.clone()
+    };
+    store.insert_deploy(&newer).unwrap();
+    store.prune_deploys(&app.id, 1).unwrap();
+    assert!(store.deploy("d1").unwrap().is_none(), "finished and older");
+    assert!(store.deploy_events("d1").unwrap().is_empty());
+    assert!(store.deploy("d2").unwrap().is_some());
+    store.prune_deploys(&app.id, 0).unwrap();
+    assert!(
+        store.deploy("d2").unwrap().is_some(),
+        "running ones are kept"
+    );
 
     // deleting an app removes everything of it
     store.delete_app(&app.id).unwrap();
