@@ -212,3 +212,69 @@ fn a_rolling_deploy_goes_on_after_the_server_is_killed_and_deploy_resume_follows
         "{again}"
     );
 }
+
+/// Blue/green, killed while the green machines are coming up: the restarted server
+/// destroys the half-launched green machines, makes new ones and switches to them; the
+/// blue ones serve until then and are destroyed at the end.
+#[test]
+fn a_bluegreen_deploy_cut_short_by_a_kill_starts_its_green_machines_again() {
+    require_platform!();
+    let mut platform = Platform::start();
+    must(
+        platform.aloft(&["apps", "create", "rs"]),
+        "apps create",
+        &platform,
+    );
+    let v1 = app_dir(&platform, "v1");
+    must(deploy(&platform, &v1, &[]), "first deploy", &platform);
+    let blue: Vec<String> = machines(&platform)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(blue.len(), 2, "{blue:?}");
+
+    let v2 = app_dir(&platform, "v2");
+    must(
+        deploy(&platform, &v2, &["--detach", "--strategy", "bluegreen"]),
+        "detached bluegreen deploy",
+        &platform,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let green: Vec<String> = loop {
+        let list = machines(&platform);
+        let green: Vec<String> = list
+            .iter()
+            .filter(|m| release_of(m) == "2")
+            .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        if green.len() >= 2 {
+            break green;
+        }
+        assert!(Instant::now() < deadline, "no green machines: {list:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    platform.kill_server();
+    platform.restart_server();
+
+    let resumed = must(
+        platform.aloft(&["deploy", "--resume", "-a", "rs"]),
+        "deploy --resume",
+        &platform,
+    );
+    println!("{resumed}");
+    assert!(
+        resumed.stdout.contains("Release v2 of rs deployed"),
+        "{resumed}"
+    );
+    let after = machines(&platform);
+    assert_eq!(after.len(), 2, "two machines, as before: {after:?}");
+    for machine in &after {
+        let id = machine["id"].as_str().unwrap_or_default().to_string();
+        assert_eq!(release_of(machine), "2", "{machine}");
+        assert_eq!(machine["state"], "started", "{machine}");
+        assert!(!blue.contains(&id), "blue machine {id} was destroyed");
+        if !resumed.stdout.contains("which this deploy was launching") {
+            assert!(green.contains(&id), "{id} is one of {green:?}\n{resumed}");
+        }
+    }
+}
