@@ -76,6 +76,24 @@ pub enum DeployEvent {
     },
 }
 
+/// `GET /v1/apps/{app}/deploys`: one of the app's deploys (newest first), kept in the store
+/// so it outlives the server that ran it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployOperation {
+    pub id: String,
+    /// `running`, `complete` or `failed`.
+    pub status: String,
+    /// The release it rolls out, once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_version: Option<u64>,
+    #[serde(default)]
+    pub strategy: String,
+    #[serde(default)]
+    pub user: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
 /// Which machine stopped a deploy, and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployFailure {

@@ -9,11 +9,11 @@
 //! already changed go back to their previous config, so the previous release keeps serving.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aloft_api::internal::{DeployEvent, DeployFailure, DeployRequest, ExitStatus};
+use aloft_api::internal::{DeployEvent, DeployFailure, DeployOperation, DeployRequest, ExitStatus};
 use aloft_api::{
     MachineConfig, MachineInit, MachineRestart, MachineState, RestartPolicy, StopRequest, regions,
 };
@@ -26,6 +26,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use http::header;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::ControlPlane;
@@ -34,19 +35,23 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::place;
 use crate::rollout::{self, MachineFailure, group_of};
-use crate::store::{AppRow, MachineRow, StoreError};
+use crate::store::{AppRow, DeployRow, MachineRow, Store, StoreError, now_rfc3339};
 
 const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_MAX_UNAVAILABLE: f64 = 0.33;
-/// Finished deploys kept in memory so a client can still read how they ended.
+/// Finished operations kept in memory (and finished deploys kept in the store, per app) so a
+/// client can still read how they ended.
 const KEPT_OPERATIONS: usize = 64;
 
 pub const STRATEGIES: [&str; 4] = ["rolling", "immediate", "canary", "bluegreen"];
 
 pub fn routes() -> Router<Arc<ControlPlane>> {
     Router::new()
-        .route("/v1/apps/{app}/deploys", post(start_deploy))
+        .route(
+            "/v1/apps/{app}/deploys",
+            post(start_deploy).get(list_deploys),
+        )
         .route("/v1/apps/{app}/deploys/{id}", get(watch_deploy))
         .merge(crate::releases::routes())
         .merge(crate::scale::routes())
@@ -67,18 +72,73 @@ pub struct Operation {
     events: Mutex<Vec<DeployEvent>>,
     sender: broadcast::Sender<DeployEvent>,
     finished: AtomicBool,
+    /// Where a deploy's events are kept (scalings are kept in memory only).
+    store: Option<Arc<Store>>,
+    /// Events already in the store (they are numbered from 0).
+    stored: AtomicU64,
 }
 
 impl Deploys {
     pub fn begin(&self, app: &str) -> Arc<Operation> {
-        let (sender, _) = broadcast::channel(1024);
-        let operation = Arc::new(Operation {
-            id: ulid::Ulid::new().to_string().to_lowercase(),
-            app: app.to_string(),
-            events: Mutex::new(Vec::new()),
-            sender,
-            finished: AtomicBool::new(false),
-        });
+        self.remember(Operation::new(
+            ulid::Ulid::new().to_string().to_lowercase(),
+            app,
+            Vec::new(),
+            None,
+        ))
+    }
+
+    /// A deploy, recorded in the store with its request so it outlives this process.
+    pub fn begin_deploy(
+        &self,
+        store: &Arc<Store>,
+        app: &AppRow,
+        request: &DeployRequest,
+        user: &str,
+    ) -> Result<Arc<Operation>, StoreError> {
+        store.prune_deploys(&app.id, KEPT_OPERATIONS)?;
+        let id = ulid::Ulid::new().to_string().to_lowercase();
+        let now = now_rfc3339();
+        store.insert_deploy(&DeployRow {
+            id: id.clone(),
+            app_id: app.id.clone(),
+            status: "running".into(),
+            request: serde_json::to_string(request)
+                .map_err(|e| StoreError::Corrupt(format!("encoding a deploy request: {e}")))?,
+            user: user.to_string(),
+            release_id: String::new(),
+            progress: "{}".into(),
+            created_at: now.clone(),
+            updated_at: now,
+        })?;
+        Ok(self.remember(Operation::new(
+            id,
+            &app.name,
+            Vec::new(),
+            Some(store.clone()),
+        )))
+    }
+
+    /// A deploy recorded in the store, with the events it reported before.
+    fn adopt(&self, store: &Arc<Store>, row: &DeployRow, app: &str) -> Arc<Operation> {
+        if let Some(known) = self.get(&row.id) {
+            return known;
+        }
+        let past = store
+            .deploy_events(&row.id)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| serde_json::from_str(e).ok())
+            .collect();
+        self.remember(Operation::new(
+            row.id.clone(),
+            app,
+            past,
+            Some(store.clone()),
+        ))
+    }
+
+    fn remember(&self, operation: Arc<Operation>) -> Arc<Operation> {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() >= KEPT_OPERATIONS
             && let Some(position) = recent
@@ -106,10 +166,44 @@ fn is_terminal(event: &DeployEvent) -> bool {
 }
 
 impl Operation {
+    fn new(id: String, app: &str, past: Vec<DeployEvent>, store: Option<Arc<Store>>) -> Arc<Self> {
+        let (sender, _) = broadcast::channel(1024);
+        Arc::new(Operation {
+            id,
+            app: app.to_string(),
+            finished: AtomicBool::new(past.iter().any(is_terminal)),
+            stored: AtomicU64::new(past.len() as u64),
+            events: Mutex::new(past),
+            sender,
+            store,
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
     pub fn emit(&self, event: DeployEvent) {
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if is_terminal(&event) {
             self.finished.store(true, Ordering::SeqCst);
+        }
+        if let Some(store) = &self.store {
+            let seq = self.stored.fetch_add(1, Ordering::SeqCst);
+            let line = serde_json::to_string(&event).unwrap_or_default();
+            if let Err(err) = store.append_deploy_event(&self.id, seq, &line) {
+                tracing::warn!(deploy = %self.id, error = %err, "recording a deploy event");
+            }
+            let status = match &event {
+                DeployEvent::Done { .. } => Some("complete"),
+                DeployEvent::Error { .. } => Some("failed"),
+                _ => None,
+            };
+            if let Some(status) = status
+                && let Err(err) = store.set_deploy_status(&self.id, status)
+            {
+                tracing::warn!(deploy = %self.id, error = %err, "recording how a deploy ended");
+            }
         }
         events.push(event.clone());
         // Nobody may be watching: the operation goes on regardless.
@@ -183,6 +277,67 @@ impl Progress {
     pub fn emit(&self, event: DeployEvent) {
         self.operation.emit(event);
     }
+    /// The record of a deploy kept in the store (none for scalings).
+    fn recorder(&self) -> Option<Arc<Recorder>> {
+        let store = self.operation.store.clone()?;
+        Some(Arc::new(Recorder {
+            store,
+            id: self.operation.id.clone(),
+            record: Mutex::new(Record::default()),
+        }))
+    }
+}
+
+// ---- the record of a deploy's progress, so a restarted server resumes it ----
+
+const PHASE_RELEASE: &str = "release";
+const PHASE_ROLLOUT: &str = "rollout";
+
+/// How far a deploy got, kept in the store as it goes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(default)]
+    pub strategy: String,
+    /// Where new machines go.
+    #[serde(default)]
+    pub region: String,
+    /// `release` (release command and machine checks) or `rollout`.
+    #[serde(default)]
+    pub phase: String,
+    /// Machines this deploy finished: on the new release, started if they should run,
+    /// healthy and routed.
+    #[serde(default)]
+    pub done: Vec<String>,
+    /// Machines that have a healthy replacement and are to be destroyed.
+    #[serde(default)]
+    pub retiring: Vec<String>,
+    /// Machines updated in place, with what to put back if the deploy fails.
+    #[serde(default)]
+    pub touched: Vec<Touched>,
+}
+
+pub struct Recorder {
+    store: Arc<Store>,
+    id: String,
+    record: Mutex<Record>,
+}
+
+impl Recorder {
+    fn snapshot(&self) -> Record {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn change(&self, change: impl FnOnce(&mut Record)) {
+        let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut record);
+        let text = serde_json::to_string(&*record).unwrap_or_default();
+        if let Err(err) = self.store.set_deploy_progress(&self.id, &text) {
+            tracing::warn!(deploy = %self.id, error = %err, "recording a deploy's progress");
+        }
+    }
 }
 
 pub fn ndjson_response(operation: &Arc<Operation>) -> Response {
@@ -208,7 +363,9 @@ async fn start_deploy(
         .token(&caller.token_id)?
         .map(|t| t.name)
         .unwrap_or_default();
-    let operation = plane.deploys.begin(&app.name);
+    let operation = plane
+        .deploys
+        .begin_deploy(&plane.store, &app, &request, &user)?;
     operation.emit(DeployEvent::Started {
         deploy_id: operation.id.clone(),
     });
@@ -230,13 +387,51 @@ async fn watch_deploy(
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let app = visible_app(&plane, &caller, &name)?;
-    match plane.deploys.get(&id) {
-        Some(operation) if operation.app == app.name => Ok(ndjson_response(&operation)),
-        _ => Err(ApiError::not_found(format!(
-            "deploy {id} not found for app {}",
-            app.name
-        ))),
+    if let Some(operation) = plane.deploys.get(&id) {
+        if operation.app == app.name {
+            return Ok(ndjson_response(&operation));
+        }
+    } else if let Some(row) = plane.store.deploy(&id)?
+        && row.app_id == app.id
+    {
+        // Older than what is kept in memory: its recorded events.
+        return Ok(ndjson_response(&plane.deploys.adopt(
+            &plane.store,
+            &row,
+            &app.name,
+        )));
     }
+    Err(ApiError::not_found(format!(
+        "deploy {id} not found for app {}",
+        app.name
+    )))
+}
+
+/// The app's recent deploys, newest first (`aloft deploy --resume` and `aloft status`).
+async fn list_deploys(
+    State(plane): Plane,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<Vec<DeployOperation>>> {
+    let app = visible_app(&plane, &caller, &name)?;
+    let mut list = Vec::new();
+    for row in plane.store.deploys_of_app(&app.id, 20)? {
+        let record: Record = serde_json::from_str(&row.progress).unwrap_or_default();
+        let release_version = match row.release_id.as_str() {
+            "" => None,
+            id => plane.store.release(id)?.map(|r| r.version),
+        };
+        list.push(DeployOperation {
+            id: row.id,
+            status: row.status,
+            release_version,
+            strategy: record.strategy,
+            user: row.user,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        });
+    }
+    Ok(axum::Json(list))
 }
 
 // ---- the deploy ----
@@ -307,8 +502,19 @@ pub async fn run(
         plane: &plane,
         app: &app,
         progress: &progress,
+        record: progress.recorder(),
     };
-    match deployer.deploy(&request, &caller, &user).await {
+    let result = deployer.deploy(&request, &caller, &user).await;
+    report(&plane, &app, &progress, result);
+}
+
+fn report(
+    plane: &ControlPlane,
+    app: &AppRow,
+    progress: &Progress,
+    result: Result<u64, DeployError>,
+) {
+    match result {
         Ok(version) => progress.emit(DeployEvent::Done {
             release_version: version,
             url: Some(plane.app_url(&app.name)),
@@ -318,6 +524,70 @@ pub async fn run(
             failure: err.failure.map(|f| *f),
         }),
     }
+}
+
+/// Takes up the deploys a previous run of the server left unfinished: each goes on from
+/// where its record says it was, holding its app's lock from before the API answers.
+pub fn resume_unfinished(plane: &Arc<ControlPlane>) {
+    let rows = match plane.store.unfinished_deploys() {
+        Ok(rows) => rows,
+        Err(err) => {
+            tracing::error!(error = %err, "reading unfinished deploys");
+            return;
+        }
+    };
+    for row in rows {
+        let app = match plane.store.app_by_id(&row.app_id) {
+            Ok(Some(app)) => app,
+            _ => {
+                let _ = plane.store.set_deploy_status(&row.id, "failed");
+                continue;
+            }
+        };
+        tracing::info!(deploy = %row.id, app = %app.name, "resuming a deploy the server's restart interrupted");
+        let operation = plane.deploys.adopt(&plane.store, &row, &app.name);
+        let guard = plane.app_lock(&app.name).try_lock_owned().ok();
+        tokio::spawn(resume(
+            plane.clone(),
+            app,
+            row,
+            Progress::new(operation),
+            guard,
+        ));
+    }
+}
+
+async fn resume(
+    plane: Arc<ControlPlane>,
+    app: AppRow,
+    row: DeployRow,
+    progress: Progress,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+) {
+    let _guard = match guard {
+        Some(guard) => guard,
+        None => plane.app_lock(&app.name).lock_owned().await,
+    };
+    progress
+        .say(format!(
+            "The server restarted; deploy {} goes on from where it stopped",
+            row.id
+        ))
+        .await;
+    let record: Record = serde_json::from_str(&row.progress).unwrap_or_default();
+    let recorder = Arc::new(Recorder {
+        store: plane.store.clone(),
+        id: row.id.clone(),
+        record: Mutex::new(record),
+    });
+    let deployer = Deployer {
+        plane: &plane,
+        app: &app,
+        progress: &progress,
+        record: Some(recorder),
+    };
+    let result = deployer.resume(&row).await;
+    report(&plane, &app, &progress, result);
 }
 
 /// Settings of one rollout.
@@ -342,7 +612,9 @@ impl RolloutSettings {
 }
 
 /// A machine a rollout changed, to put back if the rollout fails.
-enum Touched {
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Touched {
     Updated {
         id: String,
         previous: Box<MachineConfig>,
@@ -353,10 +625,20 @@ enum Touched {
     },
 }
 
+impl Touched {
+    fn id(&self) -> &str {
+        match self {
+            Touched::Updated { id, .. } | Touched::Created { id } => id,
+        }
+    }
+}
+
 pub struct Deployer<'a> {
     pub plane: &'a ControlPlane,
     pub app: &'a AppRow,
     pub progress: &'a Progress,
+    /// Where a deploy keeps its progress (none for scalings).
+    pub record: Option<Arc<Recorder>>,
 }
 
 fn parse_config(value: &serde_json::Value) -> Result<AppConfig, DeployError> {
@@ -426,6 +708,168 @@ impl Deployer<'_> {
         self.progress.say(message).await;
     }
 
+    fn note(&self, change: impl FnOnce(&mut Record)) {
+        if let Some(record) = &self.record {
+            record.change(change);
+        }
+    }
+
+    fn recorded(&self) -> Record {
+        self.record
+            .as_ref()
+            .map(|r| r.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Goes on with a deploy a restart interrupted, from its record.
+    async fn resume(&self, row: &DeployRow) -> Result<u64, DeployError> {
+        let request: DeployRequest = serde_json::from_str(&row.request)
+            .map_err(|e| bad(format!("the recorded deploy request is unreadable: {e}")))?;
+        if row.release_id.is_empty() {
+            return Err(bad(
+                "the server stopped before this deploy made its release, so no machine was changed; run `aloft deploy` again",
+            ));
+        }
+        let release = self
+            .plane
+            .store
+            .release(&row.release_id)?
+            .ok_or_else(|| bad(format!("release {} of this deploy is gone", row.release_id)))?;
+        let value: serde_json::Value = serde_json::from_str(&release.config).map_err(|e| {
+            bad(format!(
+                "release v{} has an unreadable config: {e}",
+                release.version
+            ))
+        })?;
+        let config = parse_config(&value)?;
+        let settings = settings_for(&config, &request)?;
+        self.plane
+            .store
+            .set_release_status(&release.id, "running")?;
+        self.wait_for_hosts().await;
+        let record = self.recorded();
+        let region = if record.region.is_empty() {
+            self.plane.config.region.clone()
+        } else {
+            record.region.clone()
+        };
+        let options = MachineConfigOptions {
+            image: release.image.clone(),
+            release_id: Some(release.id.clone()),
+            release_version: Some(release.version),
+            primary_region: Some(region.clone()),
+        };
+        let result = match self.tidy_after_restart(&release.id).await {
+            Ok(()) => {
+                self.roll_out_release(
+                    &config,
+                    &request,
+                    &options,
+                    &settings,
+                    &region,
+                    record.phase == PHASE_ROLLOUT,
+                )
+                .await
+            }
+            Err(err) => Err(err),
+        };
+        self.conclude(&release, result)
+    }
+
+    /// Waits (a minute at most) until the agents of the app's machines answer and no
+    /// machine is between two states, as after a restart they may not yet be.
+    async fn wait_for_hosts(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let machines = self
+                .plane
+                .store
+                .list_machines(&self.app.id, false)
+                .unwrap_or_default();
+            let mut hosts: Vec<&str> = machines.iter().map(|m| m.host_id.as_str()).collect();
+            hosts.sort();
+            hosts.dedup();
+            let mut ready = machines.iter().all(|m| {
+                !matches!(
+                    m.state,
+                    MachineState::Starting
+                        | MachineState::Stopping
+                        | MachineState::Replacing
+                        | MachineState::Destroying
+                        | MachineState::Suspending
+                )
+            });
+            for host in hosts {
+                let answers = match self.plane.agent(host) {
+                    Ok(agent) => tokio::time::timeout(
+                        Duration::from_secs(3),
+                        agent.http().get::<serde_json::Value>("/v1/machines"),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+                    Err(_) => false,
+                };
+                ready &= answers;
+            }
+            if ready || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Finishes what the restart cut short: replaced machines not yet destroyed go; new
+    /// machines this deploy had not finished launching (replacements, canaries, green
+    /// machines, machines of new groups) are destroyed, and made again as the rollout goes on.
+    async fn tidy_after_restart(&self, release_id: &str) -> Result<(), DeployError> {
+        let record = self.recorded();
+        for id in &record.retiring {
+            if let Some(row) = self.plane.store.machine(id)?
+                && row.state != MachineState::Destroyed
+            {
+                self.say(format!(
+                    "Destroying machine {id}, which a healthy machine of the new release replaced before the restart"
+                ))
+                .await;
+                rollout::retire(self.plane, &row).await?;
+            }
+            self.note(|r| r.retiring.retain(|m| m != id));
+        }
+        for machine in self.plane.store.list_machines(&self.app.id, false)? {
+            let on_release = machine
+                .config
+                .metadata
+                .get(aloft_api::METADATA_RELEASE_ID)
+                .is_some_and(|r| r == release_id);
+            let known = record.done.contains(&machine.id)
+                || record.touched.iter().any(|t| t.id() == machine.id);
+            if on_release && !known {
+                self.say(format!(
+                    "Destroying machine {} [{}], which this deploy was launching when the server stopped",
+                    machine.id,
+                    group_of(&machine)
+                ))
+                .await;
+                rollout::retire(self.plane, &machine).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records how the release's rollout ended.
+    fn conclude(
+        &self,
+        release: &crate::store::ReleaseRow,
+        result: Result<(), DeployError>,
+    ) -> Result<u64, DeployError> {
+        let status = if result.is_ok() { "complete" } else { "failed" };
+        self.plane.store.set_release_status(&release.id, status)?;
+        result?;
+        self.plane.store.set_app_status(&self.app.id, "deployed")?;
+        crate::releases::collect_old_images_later(self.plane, self.app);
+        Ok(release.version)
+    }
+
     async fn deploy(
         &self,
         request: &DeployRequest,
@@ -465,6 +909,16 @@ impl Deployer<'_> {
             &description,
             user,
         )?;
+        if let Some(record) = &self.record {
+            self.plane
+                .store
+                .set_deploy_release(&record.id, &release.id)?;
+        }
+        self.note(|r| {
+            r.strategy = settings.strategy.clone();
+            r.region = placement.region.clone();
+            r.phase = PHASE_RELEASE.into();
+        });
         // Proxies learn the release's primary region (min_machines_running applies there).
         self.plane.catalog.app_changed(self.app);
         self.progress.emit(DeployEvent::Release {
@@ -485,14 +939,16 @@ impl Deployer<'_> {
             primary_region: Some(placement.region.clone()),
         };
         let result = self
-            .roll_out_release(&config, request, &options, &settings, &placement.region)
+            .roll_out_release(
+                &config,
+                request,
+                &options,
+                &settings,
+                &placement.region,
+                false,
+            )
             .await;
-        let status = if result.is_ok() { "complete" } else { "failed" };
-        self.plane.store.set_release_status(&release.id, status)?;
-        result?;
-        self.plane.store.set_app_status(&self.app.id, "deployed")?;
-        crate::releases::collect_old_images_later(self.plane, self.app);
-        Ok(release.version)
+        self.conclude(&release, result)
     }
 
     async fn roll_out_release(
@@ -502,6 +958,7 @@ impl Deployer<'_> {
         options: &MachineConfigOptions,
         settings: &RolloutSettings,
         region: &str,
+        rolling_out_already: bool,
     ) -> Result<(), DeployError> {
         let mut wanted: BTreeMap<String, MachineConfig> = BTreeMap::new();
         for group in config.process_groups() {
@@ -509,6 +966,9 @@ impl Deployer<'_> {
                 .to_machine_config(&group, options)
                 .map_err(|e| bad(format!("process group {group}: {e}")))?;
             wanted.insert(group, machine_config);
+        }
+        if rolling_out_already {
+            return self.roll_out(&wanted, region, settings).await;
         }
         if !request.skip_release_command {
             let timeout = request
@@ -527,6 +987,7 @@ impl Deployer<'_> {
             self.machine_checks(config, &wanted, region, settings)
                 .await?;
         }
+        self.note(|r| r.phase = PHASE_ROLLOUT.into());
         self.roll_out(&wanted, region, settings).await
     }
 
@@ -1010,7 +1471,10 @@ impl Deployer<'_> {
                 "bluegreen" => self.bluegreen(&targets, settings).await?,
                 "immediate" => self.in_place(&targets, |n| n, false, settings).await?,
                 "canary" => {
-                    self.canary(&targets, settings).await?;
+                    let record = self.recorded();
+                    if record.done.is_empty() && record.touched.is_empty() {
+                        self.canary(&targets, settings).await?;
+                    }
                     self.in_place(&targets, |n| settings.batch_size(n), true, settings)
                         .await?;
                 }
@@ -1076,6 +1540,7 @@ impl Deployer<'_> {
             self.say(format!("Machine {id} [{group}] is started and healthy"))
                 .await;
         }
+        self.note(|r| r.done.extend(created.iter().cloned()));
         Ok(())
     }
 
@@ -1154,7 +1619,9 @@ impl Deployer<'_> {
         for target in targets {
             groups.entry(group_of(&target.0)).or_default().push(target);
         }
-        let mut touched: Vec<Touched> = Vec::new();
+        // After a restart: what the deploy changed before it, to put back on failure.
+        let recorded = self.recorded();
+        let mut touched: Vec<Touched> = recorded.touched.clone();
         let total = targets.len();
         let mut done = 0;
         for members in groups.values() {
@@ -1164,6 +1631,19 @@ impl Deployer<'_> {
                     row.state == MachineState::Started && !row.config.services.is_empty()
                 })
                 .count();
+            let (finished, members): (Vec<&(MachineRow, MachineConfig)>, Vec<_>) = members
+                .iter()
+                .copied()
+                .partition(|(row, _)| recorded.done.contains(&row.id));
+            for (row, _) in finished {
+                done += 1;
+                self.say(format!(
+                    "[{done}/{total}] Machine {} [{}] was updated before the restart",
+                    row.id,
+                    group_of(row)
+                ))
+                .await;
+            }
             for chunk in members.chunks(batch(members.len()).max(1)) {
                 let steps = chunk.iter().map(|(row, config)| {
                     let surge = wait
@@ -1174,8 +1654,12 @@ impl Deployer<'_> {
                     self.update_one(row, config.clone(), surge, wait, settings)
                 });
                 let mut failed = None;
-                for (mut changes, outcome) in join_all(steps).await {
-                    touched.append(&mut changes);
+                for (changes, outcome) in join_all(steps).await {
+                    for change in changes {
+                        if !touched.iter().any(|t| t.id() == change.id()) {
+                            touched.push(change);
+                        }
+                    }
                     match outcome {
                         Ok(message) => {
                             done += 1;
@@ -1213,8 +1697,13 @@ impl Deployer<'_> {
                     if let Err(err) = rollout::set_routed(self.plane, &id, true) {
                         return (touched, Err(err.into()));
                     }
+                    self.note(|r| {
+                        r.done.push(id.clone());
+                        r.retiring.push(row.id.clone());
+                    });
                     match rollout::retire(self.plane, row).await {
                         Ok(()) => {
+                            self.note(|r| r.retiring.retain(|m| m != &row.id));
                             touched.clear();
                             (
                                 touched,
@@ -1233,24 +1722,52 @@ impl Deployer<'_> {
                 ),
             };
         }
-        let was_running = matches!(row.state, MachineState::Started | MachineState::Starting);
-        let touched = vec![Touched::Updated {
-            id: row.id.clone(),
-            previous: Box::new(row.config.clone()),
-            was_running,
-        }];
-        let (updated, started_ms) =
-            match rollout::update_unrouted(self.plane, self.app, row, config).await {
-                Ok(updated) => updated,
-                Err(failure) => {
-                    return (
-                        touched,
-                        Err(rollout::with_logs(self.plane, &self.app.name, failure)
-                            .await
-                            .into()),
-                    );
-                }
-            };
+        // A machine the restart caught mid-update is put back as it was before this deploy.
+        let earlier = self
+            .recorded()
+            .touched
+            .into_iter()
+            .find(|t| t.id() == row.id);
+        let earlier_update = matches!(earlier, Some(Touched::Updated { .. }));
+        let change = match earlier {
+            Some(change @ Touched::Updated { .. }) => change,
+            _ => Touched::Updated {
+                id: row.id.clone(),
+                previous: Box::new(row.config.clone()),
+                was_running: matches!(row.state, MachineState::Started | MachineState::Starting),
+            },
+        };
+        let was_running = matches!(
+            change,
+            Touched::Updated {
+                was_running: true,
+                ..
+            }
+        );
+        self.note(|r| {
+            if !r.touched.iter().any(|t| t.id() == row.id) {
+                r.touched.push(change.clone());
+            }
+        });
+        let touched = vec![change];
+        let update = if earlier_update && self.has_config_already(row, &config).await {
+            // Caught mid-update by a restart with the new config in place: started (if it
+            // should run), not updated again.
+            self.start_unrouted(row, was_running).await
+        } else {
+            rollout::update_unrouted(self.plane, self.app, row, config).await
+        };
+        let (updated, started_ms) = match update {
+            Ok(updated) => updated,
+            Err(failure) => {
+                return (
+                    touched,
+                    Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                        .await
+                        .into()),
+                );
+            }
+        };
         let starts = was_running || updated.state == MachineState::Started;
         if starts && wait {
             if let Err(failure) = rollout::wait_healthy(
@@ -1284,6 +1801,7 @@ impl Deployer<'_> {
         if let Err(err) = rollout::set_routed(self.plane, &row.id, true) {
             return (touched, Err(err.into()));
         }
+        self.note(|r| r.done.push(row.id.clone()));
         let state = if starts {
             if wait {
                 "started and healthy"
@@ -1300,6 +1818,41 @@ impl Deployer<'_> {
                 row.id
             )),
         )
+    }
+
+    /// Whether the machine's agent already runs `config` for it (the store's config is
+    /// of the same release and the agent's instance is the store's).
+    async fn has_config_already(&self, row: &MachineRow, config: &MachineConfig) -> bool {
+        let release = |c: &MachineConfig| c.metadata.get(aloft_api::METADATA_RELEASE_ID).cloned();
+        if release(config).is_none() || release(config) != release(&row.config) {
+            return false;
+        }
+        let Ok(agent) = self.plane.agent(&row.host_id) else {
+            return false;
+        };
+        agent
+            .get(&row.id)
+            .await
+            .is_ok_and(|m| m.instance_id == row.instance_id && m.state != MachineState::Failed)
+    }
+
+    async fn start_unrouted(
+        &self,
+        row: &MachineRow,
+        was_running: bool,
+    ) -> Result<(MachineRow, i64), MachineFailure> {
+        rollout::set_routed(self.plane, &row.id, false)
+            .map_err(|e| MachineFailure::from_api(row, e))?;
+        let started_ms = crate::store::now_millis();
+        if was_running && row.state != MachineState::Started {
+            let started = self
+                .plane
+                .start_machine(row)
+                .await
+                .map_err(|e| MachineFailure::from_api(row, e))?;
+            return Ok((started, started_ms));
+        }
+        Ok((row.clone(), started_ms))
     }
 
     /// Puts machines a failed rollout changed back as they were.
@@ -1418,9 +1971,13 @@ impl Deployer<'_> {
         targets: &[(MachineRow, MachineConfig)],
         settings: &RolloutSettings,
     ) -> Result<(), DeployError> {
-        let (running, idle): (Vec<_>, Vec<_>) = targets.iter().partition(|(row, _)| {
-            matches!(row.state, MachineState::Started | MachineState::Starting)
-        });
+        let finished = self.recorded().done;
+        let (running, idle): (Vec<_>, Vec<_>) = targets
+            .iter()
+            .filter(|(row, _)| !finished.contains(&row.id))
+            .partition(|(row, _)| {
+                matches!(row.state, MachineState::Started | MachineState::Starting)
+            });
         self.say(format!("Creating {} green machine(s)", running.len()))
             .await;
         let launches = running
@@ -1456,12 +2013,20 @@ impl Deployer<'_> {
         for id in &green {
             rollout::set_routed(self.plane, id, true)?;
         }
+        self.note(|r| {
+            r.done.extend(green.iter().cloned());
+            r.retiring
+                .extend(running.iter().map(|(row, _)| row.id.clone()));
+        });
         let retirements = running
             .iter()
             .map(|(row, _)| rollout::retire(self.plane, row));
         for (result, (row, _)) in join_all(retirements).await.into_iter().zip(&running) {
             match result {
-                Ok(()) => self.say(format!("Blue machine {} destroyed", row.id)).await,
+                Ok(()) => {
+                    self.note(|r| r.retiring.retain(|m| m != &row.id));
+                    self.say(format!("Blue machine {} destroyed", row.id)).await
+                }
                 Err(err) => {
                     self.progress
                         .warn(format!(

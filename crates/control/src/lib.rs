@@ -289,6 +289,7 @@ impl ControlPlane {
         use axum::serve::ListenerExt;
         let router = api::router(self.clone()).merge(self.registry.router());
         let timers = tokio::spawn(self.clone().run_timers());
+        deploy::resume_unfinished(&self);
         // Small JSON answers go out at once rather than waiting on Nagle's algorithm.
         let listener = listener.tap_io(|tcp| {
             if let Err(err) = tcp.set_nodelay(true) {

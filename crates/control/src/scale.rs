@@ -202,6 +202,7 @@ async fn count(
             plane,
             app,
             progress,
+            record: None,
         };
         let launches = (0..adding)
             .map(|_| deployer.launch_healthy(template.config.clone(), &target_region, &settings));
@@ -368,6 +369,7 @@ async fn scale_vm(
             plane: &plane,
             app: &app,
             progress: &progress,
+            record: None,
         };
         let mut sizes: BTreeMap<String, String> = BTreeMap::new();
         for (machine, config) in &targets {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use aloft_api::App;
-use aloft_api::internal::{DeployEvent, DeployFailure, DeployRequest};
+use aloft_api::internal::{DeployEvent, DeployFailure, DeployOperation, DeployRequest};
 use aloft_build::static_site::StaticBuild;
 use aloft_build::{BuildError, DockerfileBuild, DockerfileBuilder, RegistryAccess};
 use aloft_client::{Client, ClientError};
@@ -75,6 +75,10 @@ pub struct DeployArgs {
     /// Return once the server has started the deploy; it goes on without the CLI.
     #[arg(long)]
     pub detach: bool,
+    /// Build nothing and start nothing: follow the app's deploy in progress (one the
+    /// server took up again after a restart, or one started with --detach) to its end.
+    #[arg(long, conflicts_with_all = ["image", "build_only", "detach"])]
+    pub resume: bool,
 }
 
 /// A one-line explanation for an API failure, naming what to do about it.
@@ -194,6 +198,9 @@ pub fn registry_host(api_url: &str) -> String {
 }
 
 pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
+    if args.resume {
+        return resume(api, &args).await;
+    }
     let started = Instant::now();
     let app = load_app(
         args.config.as_deref(),
@@ -266,7 +273,7 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
                 .map(|v| format!("release v{v}"))
                 .unwrap_or_else(|| "the release".into());
             println!(
-                "Deploy {deploy_id} of {release} goes on on the server; follow it with `aloft status -a {}` or `aloft releases -a {}`",
+                "Deploy {deploy_id} of {release} goes on on the server; follow it with `aloft deploy --resume -a {}` or `aloft status -a {}`",
                 app.name, app.name
             );
         }
@@ -288,6 +295,68 @@ pub async fn run(api: &ApiArgs, args: DeployArgs) -> anyhow::Result<()> {
                 println!();
                 println!("Visit your newly deployed app at {url}");
             }
+        }
+    }
+    Ok(())
+}
+
+/// The app's deploys, newest first.
+pub async fn deploys(client: &Client, app: &str) -> Result<Vec<DeployOperation>, ClientError> {
+    client
+        .get(&format!(
+            "/v1/apps/{}/deploys",
+            aloft_client::encode_component(app)
+        ))
+        .await
+}
+
+/// `deploy --resume`: follows the app's unfinished deploy (else shows how the latest ended).
+async fn resume(api: &ApiArgs, args: &DeployArgs) -> anyhow::Result<()> {
+    let name = match args.app.as_deref().filter(|a| !a.is_empty()) {
+        Some(app) => app.to_string(),
+        None => load_app(args.config.as_deref(), args.dir.as_deref(), None)?.name,
+    };
+    let api_url = api.api_url()?;
+    let client = api.client()?;
+    let list = deploys(&client, &name)
+        .await
+        .map_err(|e| explain(e, &api_url, &name))?;
+    let deploy = match list.iter().find(|d| d.status == "running") {
+        Some(running) => {
+            println!("==> Following deploy {} of {name}", running.id);
+            running
+        }
+        None => {
+            let Some(latest) = list.first() else {
+                bail!("app {name} has no deploy to resume; start one with `aloft deploy`");
+            };
+            println!(
+                "==> No deploy of {name} is in progress; deploy {} ended ({}). Its output:",
+                latest.id, latest.status
+            );
+            latest
+        }
+    };
+    let path = format!(
+        "/v1/apps/{}/deploys/{}",
+        aloft_client::encode_component(&name),
+        aloft_client::encode_component(&deploy.id)
+    );
+    let started = Instant::now();
+    let lines = client
+        .lines(http::Method::GET, &path, None::<&()>, &[])
+        .await
+        .map_err(|e| explain(e, &api_url, &name))?;
+    if let Watched::Done {
+        release_version,
+        url,
+    } = watch(lines, &name, false).await?
+    {
+        println!("Release v{release_version} of {name} deployed");
+        println!("Followed for {:.1}s", started.elapsed().as_secs_f64());
+        if let Some(url) = url {
+            println!();
+            println!("Visit your newly deployed app at {url}");
         }
     }
     Ok(())
@@ -480,7 +549,7 @@ pub async fn watch(
     let mut warned = std::collections::HashSet::new();
     let mut deploy_id = String::new();
     while let Some(line) = lines.next().await {
-        let line = line.map_err(|e| anyhow::anyhow!("lost the deploy's progress stream ({e}); it goes on on the server: check `aloft status -a {app}`"))?;
+        let line = line.map_err(|e| anyhow::anyhow!("lost the deploy's progress stream ({e}); it goes on on the server: follow it again with `aloft deploy --resume -a {app}`"))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -527,7 +596,7 @@ pub async fn watch(
         });
     }
     bail!(
-        "the server stopped answering before the deploy finished; it may go on there: check `aloft status -a {app}` and `aloft releases -a {app}`"
+        "the server stopped answering before the deploy finished; it goes on when the server is back: follow it with `aloft deploy --resume -a {app}`"
     )
 }
 

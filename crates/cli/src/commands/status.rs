@@ -28,10 +28,16 @@ pub async fn status(api: &ApiArgs, app_name: &str, json: bool) -> anyhow::Result
     let machines: Vec<Machine> = client
         .get(&format!("{}/machines", app_path(app_name)))
         .await?;
+    let deploying = crate::commands::deploy::deploys(&client, app_name)
+        .await?
+        .into_iter()
+        .find(|d| d.status == "running");
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "app": app, "machines": machines }))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "app": app, "machines": machines, "deployment": deploying })
+            )?
         );
         return Ok(());
     }
@@ -46,6 +52,22 @@ pub async fn status(api: &ApiArgs, app_name: &str, json: bool) -> anyhow::Result
     println!("  Image    = {image}");
     println!("  Platform = machines");
     println!();
+    if let Some(deploy) = &deploying {
+        println!("Deployment Status");
+        println!("  ID       = {}", deploy.id);
+        println!(
+            "  Version  = {}",
+            deploy
+                .release_version
+                .map(|v| format!("v{v}"))
+                .unwrap_or_else(|| "(not yet made)".into())
+        );
+        println!("  Status   = running");
+        println!("  Strategy = {}", deploy.strategy);
+        println!("  Started  = {}", when(&deploy.created_at));
+        println!("  Follow it with `aloft deploy --resume -a {}`", app.name);
+        println!();
+    }
     if machines.is_empty() {
         println!("No machines are available on this app {}", app.name);
         return Ok(());

@@ -4,6 +4,7 @@
 //! been committed.
 
 pub mod db;
+pub mod deploys;
 pub mod postgres;
 pub mod sqlite;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use aloft_api::{MachineConfig, MachineEvent, MachineState};
 
 pub use db::{Backend, BackendKind, Conn, DbError, Row, Value};
+pub use deploys::DeployRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -290,7 +292,16 @@ CREATE TABLE IF NOT EXISTS ip_assignments (
     network_id {int}, service_name TEXT NOT NULL DEFAULT '', created_at TEXT NOT NULL,
     PRIMARY KEY (address, app_id)
 );
-CREATE INDEX IF NOT EXISTS ip_assignments_by_app ON ip_assignments(app_id)
+CREATE INDEX IF NOT EXISTS ip_assignments_by_app ON ip_assignments(app_id);
+CREATE TABLE IF NOT EXISTS deploy_operations (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL,
+    created_by TEXT NOT NULL, release_id TEXT NOT NULL, progress TEXT NOT NULL,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deploy_operations_by_app ON deploy_operations(app_id, created_at);
+CREATE TABLE IF NOT EXISTS deploy_events (
+    deploy_id TEXT NOT NULL, seq {int} NOT NULL, event TEXT NOT NULL, PRIMARY KEY (deploy_id, seq)
+)
 "#;
 
 /// Columns added after the first release of a table: (table, column, type).
@@ -930,7 +941,8 @@ impl Store {
             c.execute(&format!("DELETE FROM machine_versions WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
             c.execute(&format!("DELETE FROM machine_leases WHERE machine_id IN ({machines})"), std::slice::from_ref(&id))?;
             c.execute("DELETE FROM volume_snapshots WHERE volume_id IN (SELECT id FROM volumes WHERE app_id = $1)", std::slice::from_ref(&id))?;
-            for table in ["machines", "releases", "volumes", "app_certificates", "tls_certificates", "ip_assignments"] {
+            c.execute("DELETE FROM deploy_events WHERE deploy_id IN (SELECT id FROM deploy_operations WHERE app_id = $1)", std::slice::from_ref(&id))?;
+            for table in ["machines", "releases", "deploy_operations", "volumes", "app_certificates", "tls_certificates", "ip_assignments"] {
                 c.execute(&format!("DELETE FROM {table} WHERE app_id = $1"), std::slice::from_ref(&id))?;
             }
             c.execute("DELETE FROM apps WHERE id = $1", &[id])?;

@@ -425,9 +425,83 @@ pub fn suite(store: &Store) {
     ));
     assert_eq!(store.certificates(Some(&app.id)).unwrap(), vec![cert]);
 
+    // deploy operations: recorded, advanced, listed, ended, with their event log
+    let deploy = DeployRow {
+        id: "d1".into(),
+        app_id: app.id.clone(),
+        status: "running".into(),
+        request: r#"{"image":"img"}"#.into(),
+        user: "admin".into(),
+        release_id: String::new(),
+        progress: "{}".into(),
+        created_at: now_rfc3339(),
+        updated_at: now_rfc3339(),
+    };
+    store.insert_deploy(&deploy).unwrap();
+    assert!(matches!(
+        store.insert_deploy(&deploy),
+        Err(StoreError::Conflict(_))
+    ));
+    let release = store
+        .create_release(&app.id, "r-deploy", "img", "{}", "deploy", "admin")
+        .unwrap();
+    store.set_deploy_release("d1", &release.id).unwrap();
+    store
+        .set_deploy_progress("d1", r#"{"done":["m1"]}"#)
+        .unwrap();
+    for (seq, event) in ["{\"type\":\"started\"}", "{\"type\":\"progress\"}"]
+        .iter()
+        .enumerate()
+    {
+        store.append_deploy_event("d1", seq as u64, event).unwrap();
+    }
+    let stored = store.deploy("d1").unwrap().unwrap();
+    assert_eq!(stored.release_id, "r-deploy");
+    assert_eq!(stored.progress, r#"{"done":["m1"]}"#);
+    assert_eq!(
+        store.release("r-deploy").unwrap().unwrap().version,
+        release.version
+    );
+    assert!(store.release("nope").unwrap().is_none());
+    assert_eq!(
+        store
+            .unfinished_deploys()
+            .unwrap()
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["d1"]
+    );
+    assert_eq!(
+        store.deploy_events("d1").unwrap(),
+        vec!["{\"type\":\"started\"}", "{\"type\":\"progress\"}"]
+    );
+    store.set_deploy_status("d1", "complete").unwrap();
+    assert!(store.unfinished_deploys().unwrap().is_empty());
+    assert_eq!(store.deploys_of_app(&app.id, 10).unwrap().len(), 1);
+    assert!(store.deploy("nope").unwrap().is_none());
+    let newer = DeployRow {
+        id: "d2".into(),
+        status: "running".into(),
+        created_at: "9999-01-01T00:00:00Z".into(),
+        ..deploy.clone()
+    };
+    store.insert_deploy(&newer).unwrap();
+    store.prune_deploys(&app.id, 1).unwrap();
+    assert!(store.deploy("d1").unwrap().is_none(), "finished and older");
+    assert!(store.deploy_events("d1").unwrap().is_empty());
+    assert!(store.deploy("d2").unwrap().is_some());
+    store.prune_deploys(&app.id, 0).unwrap();
+    assert!(
+        store.deploy("d2").unwrap().is_some(),
+        "running ones are kept"
+    );
+
     // deleting an app removes everything of it
     store.delete_app(&app.id).unwrap();
     assert!(store.app("hello").unwrap().is_none());
+    assert!(store.deploy("d1").unwrap().is_none());
+    assert!(store.deploy_events("d1").unwrap().is_empty());
     assert!(store.machine("m1").unwrap().is_none());
     assert!(store.certificates(None).unwrap().is_empty());
     assert!(store.volume("vol_1").unwrap().is_none());
