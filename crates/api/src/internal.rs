@@ -438,3 +438,25 @@ impl std::fmt::Debug for InitFile {
             .finish()
     }
 }
+
+/// `PUT /v1/volumes/{id}` on the agent: make the volume's disk (a new, empty ext4 of
+/// `size_gb`), or `PUT /v1/volumes/{id}/extend`: grow it to `size_gb`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDiskRequest {
+    pub size_gb: u64,
+}
+
+/// A volume's disk on its host, as the agent sees it: the image's size and the
+/// filesystem's counts (statvfs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDisk {
+    pub id: String,
+    pub size_bytes: u64,
+    pub blocks: u64,
+    pub block_size: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    /// Whether a size change needs the machine using the volume to restart.
+    #[serde(default)]
+    pub needs_restart: bool,
+}

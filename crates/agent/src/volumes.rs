@@ -1,0 +1,445 @@
+//! Volumes on this host: each one a sparse file holding its own ext4 filesystem
+//! (`agent/volumes/<id>.ext4`, 0600, in a directory only root can enter), so its size is
+//! a hard quota. While the agent needs it (a machine starts with it, the control plane
+//! asks for its counts) it is mounted on a loop device at `agent/volumes/mnt/<id>`, and
+//! a container gets that directory bind-mounted at the mount's path. A host that stops
+//! (or reboots) unmounts them all; the next use mounts them again. The filesystem keeps
+//! a journal, so a crash loses no acknowledged write.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use aloft_api::internal::{MachineSpec, VolumeDisk};
+use serde_json::json;
+
+use crate::block_image;
+
+const GIB: u64 = 1024 * 1024 * 1024;
+/// `<linux/loop.h>`: re-read the backing file's size.
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume {0} is not on this host")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A volume bind-mounted into a machine: the host directory and the path inside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMount {
+    pub volume: String,
+    pub source: PathBuf,
+    pub destination: String,
+}
+
+/// The volumes of this host, under one directory. Mounting and unmounting take one lock,
+/// so a volume is never attached to two loop devices (two filesystems on one image).
+#[derive(Clone)]
+pub struct Volumes {
+    dir: PathBuf,
+    lock: Arc<Mutex<()>>,
+}
+
+/// Volume ids are made by the control plane: `vol_` and letters or digits.
+fn check_id(id: &str) -> Result<(), VolumeError> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(VolumeError::BadRequest(format!(
+            "invalid volume id {id:?}: letters, digits and underscores only"
+        )));
+    }
+    Ok(())
+}
+
+fn failed(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let what = what.to_string();
+    move |e| VolumeError::Failed(format!("{what}: {e}"))
+}
+
+/// Creates `dir` (and parents) and closes it to everyone but root.
+fn private_dir(dir: &Path) -> Result<(), VolumeError> {
+    std::fs::create_dir_all(dir).map_err(failed(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(failed(format!("closing {}", dir.display())))
+}
+
+impl Volumes {
+    pub fn new(dir: &Path) -> Result<Self, VolumeError> {
+        private_dir(dir)?;
+        private_dir(&dir.join("mnt"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            lock: Arc::default(),
+        })
+    }
+
+    fn image(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.ext4"))
+    }
+
+    fn mount_point(&self, id: &str) -> PathBuf {
+        self.dir.join("mnt").join(id)
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the volume's disk: a sparse image of `size_gb` with an empty ext4. Asking
+    /// again for a volume that exists with that size answers its counts; nothing is left
+    /// behind when it fails.
+    pub fn create(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, VolumeError> {
+        check_id(id)?;
+        if !(1..=16 * 1024).contains(&size_gb) {
+            return Err(VolumeError::BadRequest(format!(
+                "invalid size_gb: {size_gb} must be between 1 and 16384"
+            )));
+        }
+        let size = size_gb * GIB;
+        let image = self.image(id);
+        {
+            let _guard = self.guard();
+            match std::fs::metadata(&image) {
+                Ok(meta) if meta.len() == size => {}
+                Ok(meta) => {
+                    return Err(VolumeError::Conflict(format!(
+                        "volume {id} exists here with another size ({} bytes)",
+                        meta.len()
+                    )));
+                }
+                Err(_) => {
+                    let partial = self.dir.join(format!("{id}.ext4.partial"));
+                    let options = block_image::FormatOptions {
+                        journal: true,
+                        label: None,
+                        root_uid: 0,
+                        root_gid: 0,
+                    };
+                    block_image::create(&partial, size, &options)
+                        .map_err(|e| VolumeError::Failed(e.to_string()))?;
+                    if let Err(e) = std::fs::File::open(&partial)
+                        .and_then(|f| f.sync_all())
+                        .and_then(|()| std::fs::rename(&partial, &image))
+                    {
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(VolumeError::Failed(format!(
+                            "storing the disk of volume {id}: {e}"
+                        )));
+                    }
+                    if let Ok(dir) = std::fs::File::open(&self.dir) {
+                        let _ = dir.sync_all();
+                    }
+                    tracing::info!(volume = id, size_gb, "volume created");
+                }
+            }
+        }
+        self.status(id)
+    }
+
+    /// Mounts the volume at its mount point unless it is already; returns that directory.
+    /// The caller holds the lock.
+    fn ensure_mounted(&self, id: &str) -> Result<PathBuf, VolumeError> {
+        let image = self.image(id);
+        if !image.exists() {
+            return Err(VolumeError::NotFound(id.to_string()));
+        }
+        let target = self.mount_point(id);
+        if block_image::is_mount_point(&target) {
+            return Ok(target);
+        }
+        std::fs::create_dir_all(&target)
+            .map_err(failed(format!("creating {}", target.display())))?;
+        // A device still attached to the image (a machine's mount namespace kept the
+        // filesystem alive) is mounted again rather than attaching a second one: the
+        // kernel then shares one filesystem between both mounts.
+        let attached = block_image::loop_devices_under(&image)
+            .into_iter()
+            .find(|d| d.backing_file == image);
+        match attached {
+            Some(device) => nix::mount::mount(
+                Some(device.device.as_path()),
+                &target,
+                Some("ext4"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| {
+                VolumeError::Failed(format!(
+                    "mounting volume {id} ({}): {e}",
+                    device.device.display()
+                ))
+            })?,
+            None => {
+                block_image::mount(&image, &target, nix::mount::MsFlags::empty())
+                    .map_err(|e| VolumeError::Failed(format!("mounting volume {id}: {e}")))?;
+            }
+        }
+        Ok(target)
+    }
+
+    /// The volume's sizes and counts (mounting it if it is not).
+    pub fn status(&self, id: &str) -> Result<VolumeDisk, VolumeError> {
+        check_id(id)?;
+        let _guard = self.guard();
+        let target = self.ensure_mounted(id)?;
+        let size_bytes = std::fs::metadata(self.image(id))
+            .map(|m| m.len())
+            .map_err(failed(format!("volume {id}")))?;
+        let stat = nix::sys::statvfs::statvfs(&target)
+            .map_err(|e| VolumeError::Failed(format!("statvfs of volume {id}: {e}")))?;
+        Ok(VolumeDisk {
+            id: id.to_string(),
+            size_bytes,
+            blocks: stat.blocks(),
+            block_size: stat.fragment_size(),
+            blocks_free: stat.blocks_free(),
+            blocks_avail: stat.blocks_available(),
+            needs_restart: false,
+        })
+    }
+
+    /// Grows the volume to `size_gb` while it stays mounted (ext4 resizes online), so a
+    /// machine using it sees the space without a restart.
+    pub fn extend(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, VolumeError> {
+        check_id(id)?;
+        let size = size_gb.saturating_mul(GIB);
+        {
+            let _guard = self.guard();
+            let image = self.image(id);
+            let current = std::fs::metadata(&image)
+                .map_err(|_| VolumeError::NotFound(id.to_string()))?
+                .len();
+            if size < current {
+                return Err(VolumeError::BadRequest(format!(
+                    "invalid size_gb: {size_gb} is smaller than the volume ({} bytes); volumes only grow",
+                    current
+                )));
+            }
+            self.ensure_mounted(id)?;
+            if size > current {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&image)
+                    .map_err(failed(format!("opening volume {id}")))?;
+                file.set_len(size)
+                    .map_err(failed(format!("growing volume {id}")))?;
+                file.sync_all()
+                    .map_err(failed(format!("growing volume {id}")))?;
+            }
+            let device = block_image::loop_devices_under(&image)
+                .into_iter()
+                .find(|d| d.backing_file == image)
+                .ok_or_else(|| VolumeError::Failed(format!("volume {id} has no loop device")))?;
+            let handle = std::fs::File::open(&device.device)
+                .map_err(failed(format!("opening {}", device.device.display())))?;
+            // SAFETY: LOOP_SET_CAPACITY takes no argument.
+            if unsafe { libc::ioctl(handle.as_raw_fd(), LOOP_SET_CAPACITY as _, 0) } < 0 {
+                return Err(failed(format!("resizing {}", device.device.display()))(
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            let output = std::process::Command::new("resize2fs")
+                .arg(&device.device)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(failed("running resize2fs (is e2fsprogs installed?)"))?;
+            if !output.status.success() {
+                return Err(VolumeError::Failed(format!(
+                    "resize2fs of volume {id}: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )));
+            }
+        }
+        self.status(id)
+    }
+
+    /// Unmounts the volume and deletes its disk. Refused while `in_use_by` names a
+    /// machine on this host that mounts it.
+    pub fn destroy(&self, id: &str, in_use_by: Option<&str>) -> Result<(), VolumeError> {
+        check_id(id)?;
+        if let Some(machine) = in_use_by {
+            return Err(VolumeError::Conflict(format!(
+                "volume {id} is mounted by machine {machine} on this host; destroy the machine first"
+            )));
+        }
+        let _guard = self.guard();
+        let image = self.image(id);
+        if !image.exists() {
+            return Err(VolumeError::NotFound(id.to_string()));
+        }
+        self.release(id);
+        std::fs::remove_file(&image).map_err(failed(format!("deleting volume {id}")))?;
+        let _ = std::fs::remove_dir(self.mount_point(id));
+        tracing::info!(volume = id, "volume destroyed");
+        Ok(())
+    }
+
+    /// Unmounts one volume and detaches its loop devices. The caller holds the lock.
+    fn release(&self, id: &str) {
+        let target = self.mount_point(id);
+        if let Err(err) = block_image::unmount(&target) {
+            tracing::warn!(volume = id, error = %err, "unmounting a volume");
+        }
+        let image = self.image(id);
+        for device in block_image::loop_devices_under(&image) {
+            if device.backing_file != image {
+                continue;
+            }
+            if let Err(err) = block_image::release(&device) {
+                tracing::warn!(volume = id, error = %err, "detaching a volume's loop device");
+            }
+        }
+    }
+
+    /// Unmounts every volume (the host stops): nothing stays mounted or attached.
+    pub fn release_all(&self) {
+        let _guard = self.guard();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".ext4") {
+                self.release(id);
+            }
+        }
+    }
+
+    /// The volumes a machine mounts, each mounted on the host and ready to bind.
+    pub fn mounts_for(&self, spec: &MachineSpec) -> Result<Vec<VolumeMount>, VolumeError> {
+        let _guard = self.guard();
+        let mut mounts = Vec::new();
+        for (i, mount) in spec.config.mounts.iter().enumerate() {
+            if mount.volume.is_empty() {
+                continue;
+            }
+            check_id(&mount.volume)?;
+            let source = self.ensure_mounted(&mount.volume).map_err(|e| match e {
+                VolumeError::NotFound(id) => VolumeError::NotFound(format!(
+                    "{id} (mounts[{i}].volume of machine {})",
+                    spec.id
+                )),
+                other => other,
+            })?;
+            mounts.push(VolumeMount {
+                volume: mount.volume.clone(),
+                source,
+                destination: mount.path.clone(),
+            });
+        }
+        Ok(mounts)
+    }
+}
+
+/// Adds the volumes to a container's OCI bundle as bind mounts (after the runtime's own
+/// mounts, so nothing of the platform's is shadowed).
+pub fn add_to_bundle(machine_dir: &Path, mounts: &[VolumeMount]) -> Result<(), VolumeError> {
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    let path = machine_dir.join("bundle/config.json");
+    let text = std::fs::read(&path).map_err(failed(format!("reading {}", path.display())))?;
+    let mut spec: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| VolumeError::Failed(format!("{}: {e}", path.display())))?;
+    let Some(list) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Err(VolumeError::Failed(format!(
+            "{}: no mounts list",
+            path.display()
+        )));
+    };
+    for mount in mounts {
+        list.push(json!({
+            "destination": mount.destination,
+            "type": "bind",
+            "source": mount.source,
+            "options": ["rbind", "rw", "nosuid", "nodev"],
+        }));
+    }
+    let text = serde_json::to_vec(&spec).map_err(|e| VolumeError::Failed(e.to_string()))?;
+    std::fs::write(&path, text).map_err(failed(format!("writing {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn root() -> bool {
+        nix::unistd::Uid::effective().is_root() && Path::new("/dev/loop-control").exists()
+    }
+
+    #[test]
+    fn a_volume_is_a_private_sparse_ext4_that_grows_and_goes() {
+        if !root() {
+            eprintln!("skipping: needs root and loop devices");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = Volumes::new(&dir.path().join("volumes")).unwrap();
+        let disk = volumes.create("vol_test1", 1).unwrap();
+        assert_eq!(disk.size_bytes, GIB);
+        assert!(disk.blocks > 0 && disk.blocks_avail > 0 && disk.block_size == 4096);
+        let image = dir.path().join("volumes/vol_test1.ext4");
+        let meta = std::fs::metadata(&image).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(meta.blocks() * 512 < GIB / 4, "sparse");
+        let dir_mode = std::fs::metadata(dir.path().join("volumes")).unwrap().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        // Asking again answers the same volume; another size is refused.
+        assert_eq!(volumes.create("vol_test1", 1).unwrap().blocks, disk.blocks);
+        assert!(matches!(
+            volumes.create("vol_test1", 2),
+            Err(VolumeError::Conflict(_))
+        ));
+        std::fs::write(dir.path().join("volumes/mnt/vol_test1/kept"), "data").unwrap();
+        // Released (a host stop) and mounted again: the file is there.
+        volumes.release_all();
+        assert!(!block_image::is_mount_point(
+            &dir.path().join("volumes/mnt/vol_test1")
+        ));
+        volumes.status("vol_test1").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("volumes/mnt/vol_test1/kept")).unwrap(),
+            "data"
+        );
+        let grown = volumes.extend("vol_test1", 2).unwrap();
+        assert_eq!(grown.size_bytes, 2 * GIB);
+        assert!(grown.blocks > disk.blocks * 3 / 2, "{grown:?} vs {disk:?}");
+        assert!(matches!(
+            volumes.extend("vol_test1", 1),
+            Err(VolumeError::BadRequest(_))
+        ));
+        assert!(matches!(
+            volumes.destroy("vol_test1", Some("m1")),
+            Err(VolumeError::Conflict(_))
+        ));
+        volumes.destroy("vol_test1", None).unwrap();
+        assert!(!image.exists());
+        assert!(matches!(
+            volumes.status("vol_test1"),
+            Err(VolumeError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn ids_that_are_not_ids_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = Volumes::new(dir.path()).unwrap();
+        for id in ["", "../x", "a/b", "vol x"] {
+            assert!(matches!(
+                volumes.status(id),
+                Err(VolumeError::BadRequest(_))
+            ));
+        }
+    }
+}
