@@ -208,12 +208,13 @@ impl Volumes {
         })
     }
 
-    /// Grows the volume to `size_gb` while it stays mounted (ext4 resizes online), so a
-    /// machine using it sees the space without a restart.
-    pub fn extend(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, VolumeError> {
+    /// Grows the volume to `size_gb`. ext4 grows online (mounted) where the agent may
+    /// (CAP_SYS_RESOURCE); otherwise a volume no running machine uses is grown offline at
+    /// once, and one in use when its machine next starts (`needs_restart`).
+    pub fn extend(&self, id: &str, size_gb: u64, in_use: bool) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
         let size = size_gb.saturating_mul(GIB);
-        {
+        let needs_restart = {
             let _guard = self.guard();
             let image = self.image(id);
             let current = std::fs::metadata(&image)
@@ -221,11 +222,10 @@ impl Volumes {
                 .len();
             if size < current {
                 return Err(VolumeError::BadRequest(format!(
-                    "invalid size_gb: {size_gb} is smaller than the volume ({} bytes); volumes only grow",
-                    current
+                    "invalid size_gb: {size_gb} is smaller than the volume ({} GB); volumes only grow",
+                    current / GIB
                 )));
             }
-            self.ensure_mounted(id)?;
             if size > current {
                 let file = std::fs::OpenOptions::new()
                     .write(true)
@@ -236,31 +236,74 @@ impl Volumes {
                 file.sync_all()
                     .map_err(failed(format!("growing volume {id}")))?;
             }
-            let device = block_image::loop_devices_under(&image)
-                .into_iter()
-                .find(|d| d.backing_file == image)
-                .ok_or_else(|| VolumeError::Failed(format!("volume {id} has no loop device")))?;
-            let handle = std::fs::File::open(&device.device)
-                .map_err(failed(format!("opening {}", device.device.display())))?;
-            // SAFETY: LOOP_SET_CAPACITY takes no argument.
-            if unsafe { libc::ioctl(handle.as_raw_fd(), LOOP_SET_CAPACITY as _, 0) } < 0 {
-                return Err(failed(format!("resizing {}", device.device.display()))(
-                    std::io::Error::last_os_error(),
-                ));
+            match self.resize_online(id) {
+                Ok(()) => false,
+                Err(why) if in_use => {
+                    tracing::info!(volume = id, why = %why, "the volume grows when its machine restarts");
+                    std::fs::write(self.pending_resize(id), b"")
+                        .map_err(failed(format!("recording the resize of volume {id}")))?;
+                    true
+                }
+                Err(why) => {
+                    tracing::debug!(volume = id, why = %why, "growing the volume offline");
+                    self.release(id);
+                    self.resize_offline(id)?;
+                    false
+                }
             }
-            let output = std::process::Command::new("resize2fs")
-                .arg(&device.device)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .map_err(failed("running resize2fs (is e2fsprogs installed?)"))?;
-            if !output.status.success() {
-                return Err(VolumeError::Failed(format!(
-                    "resize2fs of volume {id}: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                )));
-            }
+        };
+        let mut disk = self.status(id)?;
+        disk.needs_restart = needs_restart;
+        Ok(disk)
+    }
+
+    fn pending_resize(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.resize"))
+    }
+
+    /// Tells the loop device the image grew and has ext4 grow into it, mounted.
+    fn resize_online(&self, id: &str) -> Result<(), String> {
+        let image = self.image(id);
+        self.ensure_mounted(id).map_err(|e| e.to_string())?;
+        let device = block_image::loop_devices_under(&image)
+            .into_iter()
+            .find(|d| d.backing_file == image)
+            .ok_or_else(|| format!("volume {id} has no loop device"))?;
+        let handle = std::fs::File::open(&device.device)
+            .map_err(|e| format!("opening {}: {e}", device.device.display()))?;
+        // SAFETY: LOOP_SET_CAPACITY takes no argument.
+        if unsafe { libc::ioctl(handle.as_raw_fd(), LOOP_SET_CAPACITY as _, 0) } < 0 {
+            return Err(format!(
+                "resizing {}: {}",
+                device.device.display(),
+                std::io::Error::last_os_error()
+            ));
         }
-        self.status(id)
+        run_e2fs("resize2fs", &[device.device.as_os_str()])
+    }
+
+    /// Checks and grows an unmounted volume's filesystem to its image's size.
+    fn resize_offline(&self, id: &str) -> Result<(), VolumeError> {
+        let image = self.image(id);
+        // resize2fs wants a filesystem checked since it was last mounted; -p repairs only
+        // what is safe without asking, and exits 1 when it fixed something.
+        let status = std::process::Command::new("e2fsck")
+            .args(["-f", "-p"])
+            .arg(&image)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map_err(failed("running e2fsck (is e2fsprogs installed?)"))?;
+        if !matches!(status.code(), Some(0 | 1)) {
+            return Err(VolumeError::Failed(format!(
+                "checking volume {id} before growing it: e2fsck exited with {status}"
+            )));
+        }
+        run_e2fs("resize2fs", &[image.as_os_str()])
+            .map_err(|e| VolumeError::Failed(format!("growing volume {id}: {e}")))?;
+        let _ = std::fs::remove_file(self.pending_resize(id));
+        Ok(())
     }
 
     /// Unmounts the volume and deletes its disk. Refused while `in_use_by` names a
@@ -279,6 +322,7 @@ impl Volumes {
         }
         self.release(id);
         std::fs::remove_file(&image).map_err(failed(format!("deleting volume {id}")))?;
+        let _ = std::fs::remove_file(self.pending_resize(id));
         let _ = std::fs::remove_dir(self.mount_point(id));
         tracing::info!(volume = id, "volume destroyed");
         Ok(())
@@ -324,6 +368,11 @@ impl Volumes {
                 continue;
             }
             check_id(&mount.volume)?;
+            if self.pending_resize(&mount.volume).exists() {
+                // Its machine is starting, so nothing else holds the filesystem.
+                self.release(&mount.volume);
+                self.resize_offline(&mount.volume)?;
+            }
             let source = self.ensure_mounted(&mount.volume).map_err(|e| match e {
                 VolumeError::NotFound(id) => VolumeError::NotFound(format!(
                     "{id} (mounts[{i}].volume of machine {})",
@@ -338,6 +387,22 @@ impl Volumes {
             });
         }
         Ok(mounts)
+    }
+}
+
+fn run_e2fs(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running {program} (is e2fsprogs installed?): {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
     }
 }
 
@@ -412,11 +477,16 @@ mod tests {
             std::fs::read_to_string(dir.path().join("volumes/mnt/vol_test1/kept")).unwrap(),
             "data"
         );
-        let grown = volumes.extend("vol_test1", 2).unwrap();
+        let grown = volumes.extend("vol_test1", 2, false).unwrap();
         assert_eq!(grown.size_bytes, 2 * GIB);
+        assert!(!grown.needs_restart);
         assert!(grown.blocks > disk.blocks * 3 / 2, "{grown:?} vs {disk:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("volumes/mnt/vol_test1/kept")).unwrap(),
+            "data"
+        );
         assert!(matches!(
-            volumes.extend("vol_test1", 1),
+            volumes.extend("vol_test1", 1, false),
             Err(VolumeError::BadRequest(_))
         ));
         assert!(matches!(

@@ -33,6 +33,9 @@ use crate::api::{JsonBody, visible_app};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::place;
+
+/// flyctl's `DefaultVolumeInitialSizeGB`.
+const DEFAULT_VOLUME_INITIAL_SIZE_GB: u64 = 1;
 use crate::rollout::{self, MachineFailure, group_of};
 use crate::store::{AppRow, MachineRow, StoreError};
 
@@ -508,6 +511,21 @@ impl Deployer<'_> {
             let machine_config = config
                 .to_machine_config(&group, options)
                 .map_err(|e| bad(format!("process group {group}: {e}")))?;
+            let mut machine_config = machine_config;
+            // The size of the volumes a first deploy makes (flyctl's default: 1 GB).
+            for mount in &mut machine_config.mounts {
+                let initial = config
+                    .mounts
+                    .iter()
+                    .find(|m| m.source == mount.name)
+                    .and_then(|m| m.initial_size.as_deref())
+                    .filter(|s| !s.trim().is_empty());
+                if let Some(text) = initial {
+                    let gb = aloft_config::parse_volume_size_gb(text)
+                        .map_err(|e| bad(format!("mounts: initial_size {text:?}: {e}")))?;
+                    mount.size_gb = Some(u32::try_from(gb).unwrap_or(u32::MAX));
+                }
+            }
             wanted.insert(group, machine_config);
         }
         if !request.skip_release_command {
@@ -1052,7 +1070,16 @@ impl Deployer<'_> {
             "Creating {count} machine(s) for process group '{group}' in region {region}"
         ))
         .await;
-        let launches = (0..count).map(|_| self.launch_healthy(config.clone(), region, settings));
+        let mut configs = Vec::new();
+        for _ in 0..count {
+            let mut config = config.clone();
+            self.volume_for_new_machine(group, &mut config, region)
+                .await?;
+            configs.push(config);
+        }
+        let launches = configs
+            .into_iter()
+            .map(|config| self.launch_healthy(config, region, settings));
         let results = join_all(launches).await;
         let mut created = Vec::new();
         let mut first_error = None;
@@ -1076,6 +1103,66 @@ impl Deployer<'_> {
             self.say(format!("Machine {id} [{group}] is started and healthy"))
                 .await;
         }
+        Ok(())
+    }
+
+    /// Fills in the volume a new machine of `group` mounts (`mounts[0].volume`): an
+    /// unattached volume of the app with the mount's name in `region`, or, on the app's
+    /// first deploy, a new one of `initial_size` (1 GB unless set), as flyctl does.
+    async fn volume_for_new_machine(
+        &self,
+        group: &str,
+        config: &mut MachineConfig,
+        region: &str,
+    ) -> Result<(), DeployError> {
+        let Some(mount) = config.mounts.first_mut() else {
+            return Ok(());
+        };
+        if !mount.volume.is_empty() {
+            return Ok(());
+        }
+        let name = mount.name.clone();
+        let free = self
+            .plane
+            .store
+            .list_volumes(&self.app.id, false)?
+            .into_iter()
+            .find(|v| {
+                v.name == name
+                    && v.region == region
+                    && v.attached_machine_id.as_deref().is_none_or(|m| {
+                        !matches!(self.plane.store.machine(m), Ok(Some(row)) if row.state != MachineState::Destroyed)
+                    })
+            });
+        if let Some(volume) = free {
+            mount.volume = volume.id;
+            return Ok(());
+        }
+        let first_deploy = self.plane.store.releases(&self.app.id, 2)?.len() <= 1;
+        if !first_deploy {
+            return Err(bad(format!(
+                "creating a new machine in group '{group}' requires an unattached '{name}' volume. Create it with `aloft volume create {name}`"
+            )));
+        }
+        let size = mount.size_gb.map(u64::from).unwrap_or(DEFAULT_VOLUME_INITIAL_SIZE_GB);
+        self.say(format!(
+            "Creating a {size} GB volume named '{name}' for process group '{group}'. Use 'aloft vol extend' to increase its size"
+        ))
+        .await;
+        let volume = crate::volumes::create(
+            self.plane,
+            self.app,
+            &aloft_api::CreateVolumeRequest {
+                name: name.clone(),
+                region: Some(region.to_string()),
+                size_gb: Some(size),
+                encrypted: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| bad(format!("creating volume '{name}' for process group '{group}': {}", e.message)))?;
+        mount.volume = volume.id;
         Ok(())
     }
 

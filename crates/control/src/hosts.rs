@@ -1,6 +1,6 @@
 //! Hosts (one agent each), placement, and the client the control plane uses to drive agents.
 
-use aloft_api::internal::{AgentMachine, MachineSpec};
+use aloft_api::internal::{AgentMachine, MachineSpec, VolumeDisk, VolumeDiskRequest};
 use aloft_api::{
     ExecResponse, MachineExecRequest, ProcessStat, SignalRequest, StopRequest, regions,
 };
@@ -143,6 +143,45 @@ impl AgentClient {
         self.client
             .post(&format!("/v1/machines/{id}/exec"), request)
             .await
+            .map_err(agent_error)
+    }
+
+    /// Makes a volume's disk on the host (`PUT /v1/volumes/{id}`).
+    pub async fn create_volume(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, ApiError> {
+        self.client
+            .put(
+                &format!("/v1/volumes/{id}"),
+                &VolumeDiskRequest { size_gb },
+            )
+            .await
+            .map_err(agent_error)
+    }
+
+    /// A volume's sizes and filesystem counts (`GET /v1/volumes/{id}`).
+    pub async fn volume(&self, id: &str) -> Result<VolumeDisk, ApiError> {
+        self.client
+            .get(&format!("/v1/volumes/{id}"))
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Grows a volume (`PUT /v1/volumes/{id}/extend`).
+    pub async fn extend_volume(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, ApiError> {
+        self.client
+            .put(
+                &format!("/v1/volumes/{id}/extend"),
+                &VolumeDiskRequest { size_gb },
+            )
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Deletes a volume's disk (`DELETE /v1/volumes/{id}`).
+    pub async fn destroy_volume(&self, id: &str) -> Result<(), ApiError> {
+        self.client
+            .json::<(), serde_json::Value>(Method::DELETE, &format!("/v1/volumes/{id}"), None)
+            .await
+            .map(|_| ())
             .map_err(agent_error)
     }
 

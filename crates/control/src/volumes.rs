@@ -1,9 +1,12 @@
 //! Volumes: `GET/POST /v1/apps/{app}/volumes`, get/update/delete one, extend, snapshots.
-//! The control plane keeps the record (name, region, size, state, attachment); creating
-//! the disk on a host belongs to the agent.
+//! The control plane keeps the record (name, region, host, size, state, attachment) and
+//! has the volume's host make, grow and delete the disk; the counts (`blocks`...) come
+//! from the host's filesystem. A machine that mounts a volume runs on its host, and one
+//! volume is attached to at most one machine ([`claim_for_machine`]).
 
 use std::sync::Arc;
 
+use aloft_api::internal::VolumeDisk;
 use aloft_api::{
     CreateVolumeRequest, ExtendVolumeRequest, ExtendVolumeResponse, UpdateVolumeRequest, Volume,
     VolumeSnapshot,
@@ -44,6 +47,33 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
             "/v1/apps/{app_name}/volumes/{volume_id}/snapshots",
             get(list_snapshots).post(create_snapshot),
         )
+}
+
+/// The volume with its host's counts (`host_status` says whether the host answered).
+async fn live_view(plane: &ControlPlane, v: &VolumeRow) -> Volume {
+    let mut volume = view(v);
+    if v.state == "destroyed" {
+        return volume;
+    }
+    let disk = match plane.agent(&v.host_id) {
+        Ok(agent) => agent.volume(&v.id).await,
+        Err(err) => Err(err),
+    };
+    match disk {
+        Ok(disk) => with_disk(&mut volume, &disk),
+        Err(err) => {
+            tracing::warn!(volume = %v.id, host = %v.host_id, error = %err.message, "volume's host did not answer");
+            volume.host_status = "unreachable".into();
+        }
+    }
+    volume
+}
+
+fn with_disk(volume: &mut Volume, disk: &VolumeDisk) {
+    volume.blocks = disk.blocks;
+    volume.block_size = disk.block_size;
+    volume.blocks_free = disk.blocks_free;
+    volume.blocks_avail = disk.blocks_avail;
 }
 
 fn view(v: &VolumeRow) -> Volume {
@@ -120,14 +150,9 @@ async fn list_volumes(
 ) -> ApiResult<Json<Vec<Volume>>> {
     let app = visible_app(&plane, &caller, &app_name)?;
     let all = matches!(query.include_deleted.as_deref(), Some("true" | "1"));
-    Ok(Json(
-        plane
-            .store
-            .list_volumes(&app.id, all)?
-            .iter()
-            .map(view)
-            .collect(),
-    ))
+    let rows = plane.store.list_volumes(&app.id, all)?;
+    let views = futures_util::future::join_all(rows.iter().map(|row| live_view(&plane, row))).await;
+    Ok(Json(views))
 }
 
 #[utoipa::path(post, path = "/v1/apps/{app_name}/volumes", tag = "Volumes", operation_id = "Volumes_create",
@@ -140,6 +165,15 @@ async fn create_volume(
 ) -> ApiResult<Json<Volume>> {
     let app = visible_app(&plane, &caller, &app_name)?;
     caller.require_write()?;
+    Ok(Json(create(&plane, &app, &request).await?))
+}
+
+/// Makes a volume of `app`: its disk on a host of the region, then its record.
+pub async fn create(
+    plane: &ControlPlane,
+    app: &AppRow,
+    request: &CreateVolumeRequest,
+) -> ApiResult<Volume> {
     check_name(&request.name)?;
     let size = request.size_gb.unwrap_or(DEFAULT_SIZE_GB);
     if size == 0 || size > MAX_SIZE_GB {
@@ -170,19 +204,28 @@ async fn create_volume(
         }
         Some(r) => {
             return Err(ApiError::bad_request(format!(
-                "invalid region: {r:?} is not a region code"
+                "invalid region: {r:?} is not a region code (see GET /v1/platform/regions)"
             )));
         }
         None => plane.config.region.clone(),
     };
+    if let Some(snapshot) = request.snapshot_id.as_deref().filter(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request(format!(
+            "invalid snapshot_id: {snapshot:?}: restoring a volume from a snapshot is not available on this platform yet; create an empty volume"
+        )));
+    }
     if let Some(source) = request
         .source_volume_id
         .as_deref()
         .filter(|s| !s.is_empty())
     {
-        visible_volume(&plane, &app, source)?;
+        visible_volume(plane, app, source)?;
+        return Err(ApiError::bad_request(format!(
+            "invalid source_volume_id: {source:?}: forking volumes is not available on this platform yet"
+        )));
     }
-    let row = VolumeRow {
+    let placement = crate::hosts::place(&hosts, &region)?;
+    let mut row = VolumeRow {
         id: format!("vol_{}", names::random_id(16)),
         app_id: app.id.clone(),
         name: request.name.clone(),
@@ -196,9 +239,21 @@ async fn create_volume(
         auto_backup_enabled: request.auto_backup_enabled.unwrap_or(true),
         attached_machine_id: None,
         created_at: now_rfc3339(),
+        host_id: placement.host.id.clone(),
     };
-    plane.store.insert_volume(&row)?;
-    Ok(Json(view(&row)))
+    // The disk first: a record only ever names a disk that exists.
+    let agent = plane.agent(&row.host_id)?;
+    let disk = agent.create_volume(&row.id, size).await?;
+    if let Err(err) = plane.store.insert_volume(&row) {
+        if let Err(cleanup) = agent.destroy_volume(&row.id).await {
+            tracing::warn!(volume = %row.id, error = %cleanup.message, "removing the disk of a volume that was not recorded");
+        }
+        return Err(err.into());
+    }
+    row.state = "created".into();
+    let mut volume = view(&row);
+    with_disk(&mut volume, &disk);
+    Ok(volume)
 }
 
 #[utoipa::path(get, path = "/v1/apps/{app_name}/volumes/{volume_id}", tag = "Volumes", operation_id = "Volumes_get_by_id",
@@ -209,7 +264,8 @@ async fn get_volume(
     Path((app_name, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Volume>> {
     let app = visible_app(&plane, &caller, &app_name)?;
-    Ok(Json(view(&visible_volume(&plane, &app, &id)?)))
+    let row = visible_volume(&plane, &app, &id)?;
+    Ok(Json(live_view(&plane, &row).await))
 }
 
 #[utoipa::path(post, path = "/v1/apps/{app_name}/volumes/{volume_id}", tag = "Volumes", operation_id = "Volumes_update",
@@ -245,12 +301,24 @@ async fn delete_volume(
     let app = visible_app(&plane, &caller, &app_name)?;
     caller.require_write()?;
     let mut row = visible_volume(&plane, &app, &id)?;
-    if let Some(machine) = row.attached_machine_id.as_deref() {
+    if let Some(machine) = attached_machine(&plane, &row)? {
         return Err(ApiError::precondition(format!(
             "volume {id} is attached to machine {machine}; destroy the machine first"
         )));
     }
+    match plane.agent(&row.host_id) {
+        Ok(agent) => match agent.destroy_volume(&row.id).await {
+            Ok(()) => {}
+            Err(err) if err.status == http::StatusCode::NOT_FOUND => {}
+            Err(err) => return Err(err),
+        },
+        Err(err) if row.host_id.is_empty() => {
+            tracing::debug!(volume = %row.id, error = %err.message, "a volume recorded before volumes had disks");
+        }
+        Err(err) => return Err(err),
+    }
     row.state = "destroyed".into();
+    row.attached_machine_id = None;
     plane.store.update_volume(&row)?;
     Ok(Json(view(&row)))
 }
@@ -273,11 +341,17 @@ async fn extend_volume(
             request.size_gb, row.size_gb
         )));
     }
+    let disk = plane
+        .agent(&row.host_id)?
+        .extend_volume(&row.id, request.size_gb)
+        .await?;
     row.size_gb = request.size_gb as i64;
     plane.store.update_volume(&row)?;
+    let mut volume = view(&row);
+    with_disk(&mut volume, &disk);
     Ok(Json(ExtendVolumeResponse {
-        volume: view(&row),
-        needs_restart: false,
+        volume,
+        needs_restart: disk.needs_restart,
     }))
 }
 
@@ -334,4 +408,110 @@ async fn create_snapshot(
         status: row.status,
         retention_days: row.retention_days.max(0) as u64,
     }))
+}
+
+/// The machine a volume is attached to, if that machine still exists.
+fn attached_machine(plane: &ControlPlane, row: &VolumeRow) -> ApiResult<Option<String>> {
+    let Some(machine) = row.attached_machine_id.as_deref() else {
+        return Ok(None);
+    };
+    Ok(match plane.store.machine(machine)? {
+        Some(m) if m.state != aloft_api::MachineState::Destroyed => Some(machine.to_string()),
+        _ => None,
+    })
+}
+
+/// The volume a new machine of `app` mounts (its config's `mounts[0].volume`), checked:
+/// it exists in the app, is in the machine's region (`region`, when the request names
+/// one) and attached to no other machine. The machine goes to the volume's host.
+pub fn volume_for_machine(
+    plane: &ControlPlane,
+    app: &AppRow,
+    config: &aloft_api::MachineConfig,
+    region: Option<&str>,
+) -> ApiResult<Option<VolumeRow>> {
+    let Some(mount) = config.mounts.first() else {
+        return Ok(None);
+    };
+    if mount.volume.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid config.mounts[0].volume: a mount needs the ID of a volume of the app (see `aloft volumes list`; create one with `aloft volumes create NAME`)",
+        ));
+    }
+    let row = match plane.store.volume(&mount.volume)? {
+        Some(v) if v.app_id == app.id && v.state != "destroyed" => v,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "invalid config.mounts[0].volume: volume {:?} not found in app {}",
+                mount.volume, app.name
+            )));
+        }
+    };
+    if let Some(region) = region.map(str::trim).filter(|r| !r.is_empty())
+        && region != row.region
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid region: volume {} (config.mounts[0].volume) is in region {}, not {region}; a machine runs where its volume is: ask for region {} or use a volume in {region}",
+            row.id, row.region, row.region
+        )));
+    }
+    if let Some(machine) = attached_machine(plane, &row)? {
+        return Err(ApiError::precondition(format!(
+            "volume {} (config.mounts[0].volume) is already attached to machine {machine}; a volume is attached to one machine at a time",
+            row.id
+        )));
+    }
+    Ok(Some(row))
+}
+
+/// Attaches `volume` to the new machine `machine_id`, or says which machine won it.
+pub fn attach(plane: &ControlPlane, volume: &VolumeRow, machine_id: &str) -> ApiResult<()> {
+    if plane.store.attach_volume(&volume.id, machine_id)? {
+        return Ok(());
+    }
+    let holder = plane
+        .store
+        .volume(&volume.id)?
+        .and_then(|v| v.attached_machine_id)
+        .unwrap_or_default();
+    Err(ApiError::precondition(format!(
+        "volume {} (config.mounts[0].volume) is already attached to machine {holder}; a volume is attached to one machine at a time",
+        volume.id
+    )))
+}
+
+/// A new config for an existing machine keeps its volume: a mount without a volume ID
+/// (a deploy from fly.toml) gets the one the machine has, and a different volume is
+/// refused (a machine can't change volumes; replace it).
+pub fn keep_volume(
+    old: &aloft_api::MachineConfig,
+    new: &mut aloft_api::MachineConfig,
+    machine_id: &str,
+) -> ApiResult<()> {
+    let (Some(was), Some(now)) = (old.mounts.first(), new.mounts.first_mut()) else {
+        if old.mounts.is_empty() && !new.mounts.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "invalid config.mounts: machine {machine_id} has no volume, and a volume can't be attached to an existing machine; create a new machine with the volume"
+            )));
+        }
+        return Ok(());
+    };
+    if now.volume.is_empty() {
+        if !now.name.is_empty() && !was.name.is_empty() && now.name != was.name {
+            return Err(ApiError::bad_request(format!(
+                "machine {machine_id} can't update the attached volume {} with name '{}' by '{}'",
+                was.volume, was.name, now.name
+            )));
+        }
+        now.volume = was.volume.clone();
+        if now.name.is_empty() {
+            now.name = was.name.clone();
+        }
+    } else if now.volume != was.volume {
+        return Err(ApiError::bad_request(format!(
+            "invalid config.mounts[0].volume: machine {machine_id} has volume {} attached and can't change it to {}; create a new machine with that volume",
+            was.volume, now.volume
+        )));
+    }
+    Ok(())
 }

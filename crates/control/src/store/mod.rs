@@ -167,6 +167,8 @@ pub struct VolumeRow {
     pub auto_backup_enabled: bool,
     pub attached_machine_id: Option<String>,
     pub created_at: String,
+    /// The host whose disk holds the volume.
+    pub host_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -301,6 +303,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("machines", "recent_events", "TEXT"),
     ("releases", "created_by", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
+    ("volumes", "host_id", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Indexes over added columns (made once those exist). Listings read `(id, rev)` in
@@ -428,7 +431,7 @@ fn release_from_row(row: &Row) -> DbResult<ReleaseRow> {
 const RELEASE_COLUMNS: &str =
     "id, app_id, version, status, description, image, config, created_at, created_by";
 
-const VOLUME_COLUMNS: &str = "id, app_id, name, region, zone, size_gb, state, encrypted, fstype, snapshot_retention, auto_backup_enabled, attached_machine_id, created_at";
+const VOLUME_COLUMNS: &str = "id, app_id, name, region, zone, size_gb, state, encrypted, fstype, snapshot_retention, auto_backup_enabled, attached_machine_id, created_at, host_id";
 
 fn volume_from_row(row: &Row) -> DbResult<VolumeRow> {
     Ok(VolumeRow {
@@ -445,6 +448,7 @@ fn volume_from_row(row: &Row) -> DbResult<VolumeRow> {
         auto_backup_enabled: row.bool(10)?,
         attached_machine_id: row.opt_text(11)?,
         created_at: row.text(12)?,
+        host_id: row.text(13)?,
     })
 }
 
@@ -1514,7 +1518,7 @@ impl Store {
 
     pub fn insert_volume(&self, v: &VolumeRow) -> StoreResult<()> {
         self.execute(
-                &format!("INSERT INTO volumes({VOLUME_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"),
+                &format!("INSERT INTO volumes({VOLUME_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"),
                 &[
                     (&v.id).into(),
                     (&v.app_id).into(),
@@ -1529,6 +1533,7 @@ impl Store {
                     v.auto_backup_enabled.into(),
                     v.attached_machine_id.clone().into(),
                     (&v.created_at).into(),
+                    (&v.host_id).into(),
                 ],
         )
     }
@@ -1562,6 +1567,25 @@ impl Store {
         self.execute(
                 "UPDATE volumes SET size_gb = $2, state = $3, snapshot_retention = $4, auto_backup_enabled = $5, attached_machine_id = $6 WHERE id = $1",
                 &[(&v.id).into(), v.size_gb.into(), (&v.state).into(), v.snapshot_retention.into(), v.auto_backup_enabled.into(), v.attached_machine_id.clone().into()],
+        )
+    }
+
+    /// Attaches a volume to a machine unless it is attached already (to another machine
+    /// that still exists); `true` when it now is `machine`'s.
+    pub fn attach_volume(&self, volume_id: &str, machine_id: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE volumes SET attached_machine_id = $2 WHERE id = $1 AND state != 'destroyed' AND (attached_machine_id IS NULL OR attached_machine_id = $2 OR attached_machine_id NOT IN (SELECT id FROM machines WHERE state != 'destroyed'))",
+                &[volume_id.into(), machine_id.into()],
+            )? == 1)
+        })
+    }
+
+    /// Detaches whatever volumes `machine_id` has.
+    pub fn detach_volumes_of(&self, machine_id: &str) -> StoreResult<()> {
+        self.execute(
+            "UPDATE volumes SET attached_machine_id = NULL WHERE attached_machine_id = $1",
+            &[machine_id.into()],
         )
     }
 
