@@ -986,9 +986,10 @@ impl Agent {
         id: &str,
         size_gb: u64,
     ) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
-        let in_use = self.store.machines()?.into_iter().any(|r| {
-            r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
-        });
+        let in_use =
+            self.store.machines()?.into_iter().any(|r| {
+                r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
+            });
         let (volumes, id) = (self.volumes.clone(), id.to_string());
         tokio::task::spawn_blocking(move || volumes.extend(&id, size_gb, in_use))
             .await

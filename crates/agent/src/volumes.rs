@@ -50,9 +50,7 @@ pub struct Volumes {
 
 /// Volume ids are made by the control plane: `vol_` and letters or digits.
 fn check_id(id: &str) -> Result<(), VolumeError> {
-    if id.is_empty()
-        || id.len() > 64
-        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
         return Err(VolumeError::BadRequest(format!(
             "invalid volume id {id:?}: letters, digits and underscores only"
@@ -458,7 +456,9 @@ mod tests {
         let meta = std::fs::metadata(&image).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert!(meta.blocks() * 512 < GIB / 4, "sparse");
-        let dir_mode = std::fs::metadata(dir.path().join("volumes")).unwrap().mode();
+        let dir_mode = std::fs::metadata(dir.path().join("volumes"))
+            .unwrap()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         // Asking again answers the same volume; another size is refused.
         assert_eq!(volumes.create("vol_test1", 1).unwrap().blocks, disk.blocks);

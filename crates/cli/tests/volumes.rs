@@ -164,14 +164,21 @@ fn a_volume_keeps_its_data_and_its_size() {
         &id,
         "echo acknowledged > /data/kept && sync && cat /data/kept",
     );
-    assert!(write.ok() && write.stdout.contains("acknowledged"), "{write}");
+    assert!(
+        write.ok() && write.stdout.contains("acknowledged"),
+        "{write}"
+    );
 
     let restart = platform.aloft(&["machine", "restart", &id, "-a", "vols"]);
     assert!(restart.ok(), "{restart}");
     assert_data(&platform, "vols", &id, "a machine restart");
 
     assert!(platform.aloft(&["machine", "stop", &id, "-a", "vols"]).ok());
-    assert!(platform.aloft(&["machine", "start", &id, "-a", "vols"]).ok());
+    assert!(
+        platform
+            .aloft(&["machine", "start", &id, "-a", "vols"])
+            .ok()
+    );
     assert_data(&platform, "vols", &id, "stop and start");
 
     // A redeploy updates the machine in place and keeps its volume.
@@ -221,10 +228,7 @@ fn a_volume_keeps_its_data_and_its_size() {
     // An attached volume can't be destroyed; once its machine is gone, it can.
     let refused = platform.aloft(&["volumes", "destroy", &vol_id, "-a", "vols", "-y"]);
     assert!(!refused.ok(), "{refused}");
-    assert!(
-        refused.stderr.contains("attached to machine"),
-        "{refused}"
-    );
+    assert!(refused.stderr.contains("attached to machine"), "{refused}");
     assert!(image.exists());
     let destroy = platform.aloft(&["machine", "destroy", &id, "-a", "vols", "--force"]);
     assert!(destroy.ok(), "{destroy}");
@@ -306,7 +310,8 @@ fn volume_commands_and_bad_input() {
     );
     let show = platform.aloft(&["volumes", "show", &vol_id, "-a", "volcli"]);
     assert!(
-        show.stdout.contains(&format!("                  ID: {vol_id}"))
+        show.stdout
+            .contains(&format!("                  ID: {vol_id}"))
             && show.stdout.contains("             Size GB: 1"),
         "{show}"
     );
@@ -327,12 +332,16 @@ fn volume_commands_and_bad_input() {
         "{grown:?}"
     );
     let shrink = platform.aloft(&["volumes", "extend", &vol_id, "-a", "volcli", "--size", "1"]);
-    assert!(!shrink.ok() && shrink.stderr.contains("size_gb"), "{shrink}");
+    assert!(
+        !shrink.ok() && shrink.stderr.contains("size_gb"),
+        "{shrink}"
+    );
 
     // Mount paths that shadow / or a system directory.
     for path in ["/", "/proc", "/etc", "/dev/shm", "/a/../etc"] {
         let volume_flag = format!("{vol_id}:{path}");
-        let refused = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
+        let refused =
+            platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
         assert!(!refused.ok(), "{refused}");
         assert!(
             refused.stderr.contains("config.mounts[0].path"),
@@ -341,14 +350,23 @@ fn volume_commands_and_bad_input() {
     }
     // Unknown volumes, by ID and by name.
     let refused = platform.aloft(&[
-        "machine", "run", &image, "-a", "volcli", "-v", "vol_doesnotexist00:/data",
+        "machine",
+        "run",
+        &image,
+        "-a",
+        "volcli",
+        "-v",
+        "vol_doesnotexist00:/data",
     ]);
     assert!(
         !refused.ok() && refused.stderr.contains("config.mounts[0].volume"),
         "{refused}"
     );
     let refused = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", "nope:/data"]);
-    assert!(!refused.ok() && refused.stderr.contains("nope"), "{refused}");
+    assert!(
+        !refused.ok() && refused.stderr.contains("nope"),
+        "{refused}"
+    );
     // A volume in another region than the machine asks for.
     let elsewhere = platform.aloft(&[
         "volumes", "create", "data", "-a", "volcli", "--region", "ams", "-y", "--json",
@@ -358,13 +376,25 @@ fn volume_commands_and_bad_input() {
     let elsewhere_id = elsewhere["id"].as_str().unwrap().to_string();
     let volume_flag = format!("{elsewhere_id}:/data");
     let refused = platform.aloft(&[
-        "machine", "run", &image, "-a", "volcli", "--region", "local", "-v", &volume_flag,
+        "machine",
+        "run",
+        &image,
+        "-a",
+        "volcli",
+        "--region",
+        "local",
+        "-v",
+        &volume_flag,
     ]);
     assert!(
         !refused.ok() && refused.stderr.contains("region") && refused.stderr.contains("ams"),
         "{refused}"
     );
-    assert_eq!(machine_ids(&platform, "volcli").len(), 1, "no machine was created");
+    assert_eq!(
+        machine_ids(&platform, "volcli").len(),
+        1,
+        "no machine was created"
+    );
 
     // One machine per volume.
     let volume_flag = format!("{vol_id}:/data");
@@ -374,8 +404,7 @@ fn volume_commands_and_bad_input() {
     let second = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
     assert!(!second.ok(), "{second}");
     assert!(
-        second.stderr.contains("already attached to machine")
-            && second.stderr.contains(&user),
+        second.stderr.contains("already attached to machine") && second.stderr.contains(&user),
         "{second}"
     );
     assert_eq!(machine_ids(&platform, "volcli").len(), 2);
@@ -386,7 +415,10 @@ fn volume_commands_and_bad_input() {
     let extend = platform.aloft(&["volumes", "extend", &vol_id, "-a", "volcli", "--size", "+1"]);
     assert!(extend.ok(), "{extend}\n{}", platform.server_log());
     assert!(extend.stdout.contains("Size GB: 3"), "{extend}");
-    if extend.stdout.contains("You will need to stop and start your Machine") {
+    if extend
+        .stdout
+        .contains("You will need to stop and start your Machine")
+    {
         assert!(
             platform
                 .aloft(&["machine", "restart", &user, "-a", "volcli"])

@@ -1144,7 +1144,10 @@ impl Deployer<'_> {
                 "creating a new machine in group '{group}' requires an unattached '{name}' volume. Create it with `aloft volume create {name}`"
             )));
         }
-        let size = mount.size_gb.map(u64::from).unwrap_or(DEFAULT_VOLUME_INITIAL_SIZE_GB);
+        let size = mount
+            .size_gb
+            .map(u64::from)
+            .unwrap_or(DEFAULT_VOLUME_INITIAL_SIZE_GB);
         self.say(format!(
             "Creating a {size} GB volume named '{name}' for process group '{group}'. Use 'aloft vol extend' to increase its size"
         ))
@@ -1161,7 +1164,12 @@ impl Deployer<'_> {
             },
         )
         .await
-        .map_err(|e| bad(format!("creating volume '{name}' for process group '{group}': {}", e.message)))?;
+        .map_err(|e| {
+            bad(format!(
+                "creating volume '{name}' for process group '{group}': {}",
+                e.message
+            ))
+        })?;
         mount.volume = volume.id;
         Ok(())
     }

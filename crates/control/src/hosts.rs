@@ -149,10 +149,7 @@ impl AgentClient {
     /// Makes a volume's disk on the host (`PUT /v1/volumes/{id}`).
     pub async fn create_volume(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, ApiError> {
         self.client
-            .put(
-                &format!("/v1/volumes/{id}"),
-                &VolumeDiskRequest { size_gb },
-            )
+            .put(&format!("/v1/volumes/{id}"), &VolumeDiskRequest { size_gb })
             .await
             .map_err(agent_error)
     }

@@ -381,12 +381,30 @@ mod mount_path_tests {
 
     #[test]
     fn mount_paths_must_not_shadow_the_system() {
-        for good in ["/data", "/var/lib/postgresql/data", "/app/uploads/", "/root/data"] {
+        for good in [
+            "/data",
+            "/var/lib/postgresql/data",
+            "/app/uploads/",
+            "/root/data",
+        ] {
             assert!(mount_path(good).is_ok(), "{good}");
         }
         for bad in [
-            "", "data", "/", "//", "/proc", "/proc/x", "/sys", "/dev/shm", "/etc", "/usr/",
-            "/.fly", "/var", "/a/../etc", "/a/./b", "/a//b",
+            "",
+            "data",
+            "/",
+            "//",
+            "/proc",
+            "/proc/x",
+            "/sys",
+            "/dev/shm",
+            "/etc",
+            "/usr/",
+            "/.fly",
+            "/var",
+            "/a/../etc",
+            "/a/./b",
+            "/a//b",
         ] {
             assert!(mount_path(bad).is_err(), "{bad}");
         }

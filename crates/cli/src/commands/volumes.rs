@@ -132,7 +132,10 @@ fn print_volume(volume: &Volume, app: &str) -> String {
         ("Encrypted", volume.encrypted.to_string()),
         ("Created at", created),
         ("Snapshot retention", volume.snapshot_retention.to_string()),
-        ("Scheduled snapshots", volume.auto_backup_enabled.to_string()),
+        (
+            "Scheduled snapshots",
+            volume.auto_backup_enabled.to_string(),
+        ),
     ];
     fields
         .iter()
@@ -374,7 +377,10 @@ mod tests {
         };
         let text = print_volume(&volume, "app");
         assert!(text.contains("                  ID: vol_1\n"), "{text}");
-        assert!(text.contains("          Created at: 05 Dec 26 21:00 UTC\n"), "{text}");
+        assert!(
+            text.contains("          Created at: 05 Dec 26 21:00 UTC\n"),
+            "{text}"
+        );
         let table = render_table(&[volume]);
         assert!(table.starts_with("ID"), "{table}");
         assert!(table.contains("ATTACHED VM"), "{table}");
