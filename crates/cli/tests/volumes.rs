@@ -24,7 +24,7 @@ fn busybox_app(platform: &Platform, name: &str, extra: &str) -> PathBuf {
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/bin/busybox", bin.join("busybox"))
         .expect("busybox-static is installed (scripts/setup.sh)");
-    for applet in ["sh", "dd", "rm", "echo", "sleep", "df", "cat", "sync", "ls"] {
+    for applet in ["sh", "dd", "rm", "echo", "sleep", "df", "cat", "sync", "ls", "mkdir"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
     std::fs::write(
@@ -162,7 +162,7 @@ fn a_volume_keeps_its_data_and_its_size() {
         &platform,
         "vols",
         &id,
-        "echo acknowledged > /data/kept && sync && cat /data/kept",
+        "mkdir -p /data && echo acknowledged > /data/kept && sync && cat /data/kept",
     );
     assert!(
         write.ok() && write.stdout.contains("acknowledged"),
