@@ -24,7 +24,9 @@ fn busybox_app(platform: &Platform, name: &str, extra: &str) -> PathBuf {
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/bin/busybox", bin.join("busybox"))
         .expect("busybox-static is installed (scripts/setup.sh)");
-    for applet in ["sh", "dd", "rm", "echo", "sleep", "df", "cat", "sync", "ls", "mkdir"] {
+    for applet in [
+        "sh", "dd", "rm", "echo", "sleep", "df", "cat", "sync", "ls", "mkdir",
+    ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
     std::fs::write(
@@ -102,6 +104,35 @@ fn assert_data(platform: &Platform, app: &str, id: &str, when: &str) {
         "the volume's file after {when}: {read}\n{}",
         platform.server_log()
     );
+}
+
+/// Waits until no loop device is backed by a file under `dir` and nothing under it is
+/// mounted.
+fn assert_released(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loops: Vec<String> = std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+            .filter(|b| Path::new(b.trim()).starts_with(dir))
+            .collect();
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| Path::new(p).starts_with(dir))
+            .map(str::to_string)
+            .collect();
+        if loops.is_empty() && mounts.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left after the platform stopped: loop devices {loops:?}, mounts {mounts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -198,7 +229,11 @@ fn a_volume_keeps_its_data_and_its_size() {
         );
     }
 
-    platform.restart();
+    // A stopped platform holds no mount or loop device (as after a host reboot); the
+    // next start mounts the volume again.
+    platform.stop();
+    assert_released(&platform.data_dir());
+    platform.restart_server();
     assert_data(&platform, "vols", &id, "a restart of aloft server");
     platform.kill_server();
     platform.restart_server();
@@ -225,6 +260,33 @@ fn a_volume_keeps_its_data_and_its_size() {
     let full = volumes_json(&platform, "vols", false);
     assert!(full[0]["blocks_free"].as_u64().unwrap_or(0) > blocks / 2);
 
+    // Scaling out gives the new machine a volume of its own; scaling in keeps its data.
+    let scale = platform.aloft_in(Some(&dir), &["scale", "count", "2", "-y"]);
+    assert!(scale.ok(), "{scale}\n{}", platform.server_log());
+    let machines = machine_ids(&platform, "vols");
+    assert_eq!(machines.len(), 2, "{scale}");
+    let volumes = volumes_json(&platform, "vols", false);
+    assert_eq!(volumes.len(), 2, "{volumes:?}");
+    let attached: Vec<&str> = volumes
+        .iter()
+        .filter_map(|v| v["attached_machine_id"].as_str())
+        .collect();
+    assert_eq!(attached.len(), 2, "each machine has its own: {volumes:?}");
+    assert!(
+        volumes
+            .iter()
+            .all(|v| v["name"] == "data" && v["size_gb"] == 1)
+    );
+    let scale = platform.aloft_in(Some(&dir), &["scale", "count", "1", "-y"]);
+    assert!(scale.ok(), "{scale}");
+    assert_eq!(machine_ids(&platform, "vols"), vec![id.clone()]);
+    assert_eq!(
+        volumes_json(&platform, "vols", false).len(),
+        2,
+        "scaling in destroys no volume"
+    );
+    assert_data(&platform, "vols", &id, "scaling out and in");
+
     // An attached volume can't be destroyed; once its machine is gone, it can.
     let refused = platform.aloft(&["volumes", "destroy", &vol_id, "-a", "vols", "-y"]);
     assert!(!refused.ok(), "{refused}");
@@ -243,8 +305,14 @@ fn a_volume_keeps_its_data_and_its_size() {
         "{destroyed}"
     );
     assert!(!image.exists(), "the disk is gone with the volume");
-    assert!(volumes_json(&platform, "vols", false).is_empty());
-    assert_eq!(volumes_json(&platform, "vols", true).len(), 1);
+    assert!(
+        volumes_json(&platform, "vols", false)
+            .iter()
+            .all(|v| v["id"] != vol_id.as_str())
+    );
+    let all = volumes_json(&platform, "vols", true);
+    let gone = all.iter().find(|v| v["id"] == vol_id.as_str());
+    assert_eq!(gone.map(|v| v["state"].clone()), Some("destroyed".into()));
 }
 
 #[test]

@@ -1071,9 +1071,11 @@ impl Deployer<'_> {
         ))
         .await;
         let mut configs = Vec::new();
+        let mut taken = Vec::new();
         for _ in 0..count {
             let mut config = config.clone();
-            self.volume_for_new_machine(group, &mut config, region)
+            let first_deploy = self.plane.store.releases(&self.app.id, 2)?.len() <= 1;
+            self.volume_for_new_machine(group, &mut config, region, first_deploy, &mut taken)
                 .await?;
             configs.push(config);
         }
@@ -1107,13 +1109,16 @@ impl Deployer<'_> {
     }
 
     /// Fills in the volume a new machine of `group` mounts (`mounts[0].volume`): an
-    /// unattached volume of the app with the mount's name in `region`, or, on the app's
-    /// first deploy, a new one of `initial_size` (1 GB unless set), as flyctl does.
-    async fn volume_for_new_machine(
+    /// unattached volume of the app with the mount's name in `region`, or, when `create`
+    /// (the app's first deploy, `scale count`), a new one of the mount's `size_gb`
+    /// (fly.toml's `initial_size`; 1 GB unless set), as flyctl does.
+    pub(crate) async fn volume_for_new_machine(
         &self,
         group: &str,
         config: &mut MachineConfig,
         region: &str,
+        create: bool,
+        taken: &mut Vec<String>,
     ) -> Result<(), DeployError> {
         let Some(mount) = config.mounts.first_mut() else {
             return Ok(());
@@ -1130,16 +1135,17 @@ impl Deployer<'_> {
             .find(|v| {
                 v.name == name
                     && v.region == region
+                    && !taken.contains(&v.id)
                     && v.attached_machine_id.as_deref().is_none_or(|m| {
                         !matches!(self.plane.store.machine(m), Ok(Some(row)) if row.state != MachineState::Destroyed)
                     })
             });
         if let Some(volume) = free {
+            taken.push(volume.id.clone());
             mount.volume = volume.id;
             return Ok(());
         }
-        let first_deploy = self.plane.store.releases(&self.app.id, 2)?.len() <= 1;
-        if !first_deploy {
+        if !create {
             return Err(bad(format!(
                 "creating a new machine in group '{group}' requires an unattached '{name}' volume. Create it with `aloft volume create {name}`"
             )));
@@ -1170,6 +1176,7 @@ impl Deployer<'_> {
                 e.message
             ))
         })?;
+        taken.push(volume.id.clone());
         mount.volume = volume.id;
         Ok(())
     }
