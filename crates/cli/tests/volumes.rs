@@ -510,5 +510,45 @@ fn volume_commands_and_bad_input() {
     );
     let refused = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
     assert!(!refused.ok(), "{refused}");
-    assert!(refused.stderr.contains("mounts"), "{refused}");
+    assert!(
+        refused
+            .stderr
+            .contains("Process group 'app' needs volumes with name 'missing'"),
+        "{refused}"
+    );
+    assert_eq!(machine_ids(&platform, "volcli").len(), 2);
+
+    // With a volume of that name, the machine without one is replaced by one with it.
+    let extra = platform.aloft(&["volumes", "create", "extra", "-a", "volcli", "-y", "--json"]);
+    assert!(extra.ok(), "{extra}");
+    let extra: serde_json::Value = serde_json::from_str(&extra.stdout).unwrap();
+    write_fly_toml(
+        &dir,
+        "volcli",
+        "\n[mounts]\n  source = \"extra\"\n  destination = \"/data\"\n",
+    );
+    let deploy = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
+    let machines = machine_ids(&platform, "volcli");
+    assert_eq!(machines.len(), 2, "{deploy}");
+    assert!(!machines.contains(&first[0]), "{deploy}");
+    let mounted: Vec<String> = machines
+        .iter()
+        .map(|m| {
+            machine_json(&platform, "volcli", m)["config"]["mounts"][0]["volume"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        mounted.contains(&extra["id"].as_str().unwrap().to_string()),
+        "{mounted:?}"
+    );
+    assert!(mounted.contains(&vol_id), "{mounted:?}");
+
+    // Destroying the app deletes its volumes' disks.
+    let destroy = platform.aloft(&["apps", "destroy", "volcli", "-y"]);
+    assert!(destroy.ok(), "{destroy}\n{}", platform.server_log());
+    assert_eq!(images(), 0, "no disk is left behind");
 }

@@ -1018,6 +1018,51 @@ impl Deployer<'_> {
             }
         }
 
+        // A volume can't be attached to an existing machine: one that gains a mount is
+        // replaced by a new machine with an unattached volume of that name, as flyctl does.
+        let mut replacements: Vec<(MachineRow, MachineConfig)> = Vec::new();
+        let mut missing: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+        let mut taken = Vec::new();
+        let mut kept = Vec::new();
+        for (machine, config) in targets {
+            if config.mounts.is_empty() || !machine.config.mounts.is_empty() {
+                kept.push((machine, config));
+                continue;
+            }
+            let group = group_of(&machine).to_string();
+            let mut replacement = config.clone();
+            match self
+                .volume_for_new_machine(
+                    &group,
+                    &mut replacement,
+                    &machine.region,
+                    false,
+                    &mut taken,
+                )
+                .await
+            {
+                Ok(()) => replacements.push((machine, replacement)),
+                Err(_) => {
+                    let name = config.mounts[0].name.clone();
+                    *missing
+                        .entry((group, name, machine.region.clone()))
+                        .or_default() += 1;
+                }
+            }
+        }
+        let targets = kept;
+        if let Some(((group, name, _), _)) = missing.iter().next() {
+            let counts: Vec<String> = missing
+                .iter()
+                .filter(|((g, n, _), _)| g == group && n == name)
+                .map(|((_, _, region), count)| format!("{region}={count}"))
+                .collect();
+            return Err(bad(format!(
+                "Process group '{group}' needs volumes with name '{name}' to fulfill mounts defined in fly.toml; Run `aloft volume create {name} -r REGION -n COUNT` for the following regions and counts: {}",
+                counts.join(" ")
+            )));
+        }
+
         if !targets.is_empty() {
             self.say(format!(
                 "Updating existing machines in '{}' with {} strategy",
@@ -1037,6 +1082,27 @@ impl Deployer<'_> {
                         .await?
                 }
             }
+        }
+        for (machine, config) in replacements {
+            let group = group_of(&machine).to_string();
+            self.say(format!(
+                "Replacing machine {} [{group}] with one that mounts volume {}",
+                machine.id, config.mounts[0].volume
+            ))
+            .await;
+            let id = match self.launch_healthy(config, &machine.region, settings).await {
+                Ok(id) => id,
+                Err((id, err)) => {
+                    if let Some(id) = id {
+                        self.destroy_quietly(&id).await;
+                    }
+                    return Err(err);
+                }
+            };
+            rollout::set_routed(self.plane, &id, true)?;
+            rollout::retire(self.plane, &machine).await?;
+            self.say(format!("Machine {id} [{group}] is started and healthy"))
+                .await;
         }
         for (group, config) in &new_groups {
             self.create_group(group, config, region, settings).await?;

@@ -515,3 +515,21 @@ pub fn keep_volume(
     }
     Ok(())
 }
+
+/// Deletes the disks of all of `app`'s volumes (the app is being destroyed, its machines
+/// already are) and marks them destroyed.
+pub async fn destroy_all(plane: &ControlPlane, app: &AppRow) -> ApiResult<()> {
+    for mut row in plane.store.list_volumes(&app.id, false)? {
+        if !row.host_id.is_empty() {
+            match plane.agent(&row.host_id)?.destroy_volume(&row.id).await {
+                Ok(()) => {}
+                Err(err) if err.status == http::StatusCode::NOT_FOUND => {}
+                Err(err) => return Err(err),
+            }
+        }
+        row.state = "destroyed".into();
+        row.attached_machine_id = None;
+        plane.store.update_volume(&row)?;
+    }
+    Ok(())
+}
