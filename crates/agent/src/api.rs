@@ -108,7 +108,11 @@ async fn create_volume(
     Path(id): Path<String>,
     Json(request): Json<VolumeDiskRequest>,
 ) -> Result<VolumeDisk> {
-    Ok(Json(agent.create_volume(&id, request.size_gb).await?))
+    Ok(Json(
+        agent
+            .create_volume(&id, request.size_gb, request.key.as_ref())
+            .await?,
+    ))
 }
 
 async fn extend_volume(

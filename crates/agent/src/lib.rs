@@ -441,10 +441,17 @@ impl Agent {
         let config = spec.config.clone();
         let volumes = self.volumes.clone();
         let spec_for_volumes = spec.clone();
+        let mut volume_keys = HashMap::new();
+        for mount in &spec.config.mounts {
+            if volumes.is_encrypted(&mount.volume) {
+                let key = self.secrets.volume_key(&mount.volume).await?;
+                volume_keys.insert(mount.volume.clone(), key);
+            }
+        }
         tokio::task::spawn_blocking(move || {
             let scheduled = began.elapsed();
             let volume_mounts = volumes
-                .mounts_for(&spec_for_volumes)
+                .mounts_for(&spec_for_volumes, &volume_keys)
                 .map_err(|e| format!("volumes: {e}"))?;
             driver
                 .ensure_network(&link)
@@ -963,9 +970,19 @@ impl Agent {
         &self,
         id: &str,
         size_gb: u64,
+        key: Option<&aloft_api::secrets::Sealed>,
     ) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
+        let key = match key {
+            Some(sealed) => Some(
+                self.secrets
+                    .open_volume_key(id, sealed)
+                    .await
+                    .map_err(AgentError::Failed)?,
+            ),
+            None => None,
+        };
         let (volumes, id) = (self.volumes.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || volumes.create(&id, size_gb))
+        tokio::task::spawn_blocking(move || volumes.create(&id, size_gb, key.as_deref()))
             .await
             .map_err(|e| AgentError::Failed(e.to_string()))?
             .map_err(volume_failure)

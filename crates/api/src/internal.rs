@@ -444,6 +444,10 @@ impl std::fmt::Debug for InitFile {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeDiskRequest {
     pub size_gb: u64,
+    /// On create: the volume's encryption key, sealed for the host
+    /// ([`crate::secrets::volume_key_host_aad`]); none for an unencrypted volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::secrets::Sealed>,
 }
 
 /// A volume's disk on its host, as the agent sees it: the image's size and the
