@@ -106,6 +106,26 @@ fn assert_data(platform: &Platform, app: &str, id: &str, when: &str) {
     );
 }
 
+/// Whether `needle` appears anywhere in the file at `path`.
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = file.read(&mut buffer).unwrap();
+        if n == 0 {
+            return false;
+        }
+        let mut window = std::mem::take(&mut carry);
+        window.extend_from_slice(&buffer[..n]);
+        if window.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        carry = window[window.len().saturating_sub(needle.len())..].to_vec();
+    }
+}
+
 /// Waits until no loop device is backed by a file under `dir` and nothing under it is
 /// mounted.
 fn assert_released(dir: &Path) {
@@ -233,6 +253,11 @@ fn a_volume_keeps_its_data_and_its_size() {
     // next start mounts the volume again.
     platform.stop();
     assert_released(&platform.data_dir());
+    // Encrypted at rest: the image holds no plaintext of what the machine wrote.
+    assert!(
+        !file_contains(&image, b"acknowledged"),
+        "the volume's image holds the machine's data in plain text"
+    );
     platform.restart_server();
     assert_data(&platform, "vols", &id, "a restart of aloft server");
     platform.kill_server();
@@ -339,6 +364,26 @@ fn volume_commands_and_bad_input() {
     assert_eq!(volume["region"], "local");
     assert_eq!(volume["encrypted"], true);
     assert!(volume["blocks"].as_u64().unwrap_or(0) > 200_000, "{volume}");
+
+    let plain = platform.aloft(&[
+        "volumes",
+        "create",
+        "plain",
+        "-a",
+        "volcli",
+        "--no-encryption",
+        "-y",
+        "--json",
+    ]);
+    assert!(plain.ok(), "{plain}");
+    let plain: serde_json::Value = serde_json::from_str(&plain.stdout).unwrap();
+    assert_eq!(plain["encrypted"], false);
+    let plain_id = plain["id"].as_str().unwrap().to_string();
+    assert!(
+        platform
+            .aloft(&["volumes", "destroy", &plain_id, "-a", "volcli", "-y"])
+            .ok()
+    );
 
     // Bad input is refused naming the field, and nothing is created.
     let volumes_dir = platform.data_dir().join("agent/volumes");

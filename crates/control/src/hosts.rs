@@ -147,9 +147,17 @@ impl AgentClient {
     }
 
     /// Makes a volume's disk on the host (`PUT /v1/volumes/{id}`).
-    pub async fn create_volume(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, ApiError> {
+    pub async fn create_volume(
+        &self,
+        id: &str,
+        size_gb: u64,
+        key: Option<aloft_api::secrets::Sealed>,
+    ) -> Result<VolumeDisk, ApiError> {
         self.client
-            .put(&format!("/v1/volumes/{id}"), &VolumeDiskRequest { size_gb })
+            .put(
+                &format!("/v1/volumes/{id}"),
+                &VolumeDiskRequest { size_gb, key },
+            )
             .await
             .map_err(agent_error)
     }
@@ -167,7 +175,7 @@ impl AgentClient {
         self.client
             .put(
                 &format!("/v1/volumes/{id}/extend"),
-                &VolumeDiskRequest { size_gb },
+                &VolumeDiskRequest { size_gb, key: None },
             )
             .await
             .map_err(agent_error)

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use aloft_api::internal::VolumeDisk;
+use aloft_api::secrets::{Sealed, volume_key_aad, volume_key_host_aad};
 use aloft_api::{
     CreateVolumeRequest, ExtendVolumeRequest, ExtendVolumeResponse, UpdateVolumeRequest, Volume,
     VolumeSnapshot,
@@ -25,6 +26,8 @@ use crate::store::{AppRow, SnapshotRow, VolumeRow, now_rfc3339};
 /// The API's default size (flyctl asks for 1 GB itself).
 const DEFAULT_SIZE_GB: u64 = 3;
 const MAX_SIZE_GB: u64 = 500;
+/// ext4 encryption's key size (AES-256-XTS).
+const VOLUME_KEY_LEN: usize = 64;
 
 pub fn routes() -> Router<Arc<ControlPlane>> {
     Router::new()
@@ -43,6 +46,7 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
             "/v1/apps/{app_name}/volumes/{volume_id}/extend",
             put(extend_volume),
         )
+        .route("/v1/hosts/{host}/volumes/{volume_id}/key", get(volume_key))
         .route(
             "/v1/apps/{app_name}/volumes/{volume_id}/snapshots",
             get(list_snapshots).post(create_snapshot),
@@ -241,10 +245,40 @@ pub async fn create(
         created_at: now_rfc3339(),
         host_id: placement.host.id.clone(),
     };
+    // A key of its own for an encrypted volume: sealed in the vault for the record, and
+    // for the host that holds the disk.
+    let keys = if row.encrypted {
+        let mut key = vec![0u8; VOLUME_KEY_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+        let stored = plane
+            .secrets
+            .volume_sealing_key()
+            .ok()
+            .and_then(|k| Sealed::seal(&k, &volume_key_aad(&row.id), &key).ok())
+            .ok_or_else(|| ApiError::internal("sealing the volume's key"))?;
+        let for_host = Sealed::seal(
+            &plane.secrets.host_key(&row.host_id),
+            &volume_key_host_aad(&row.host_id, &row.id),
+            &key,
+        )
+        .map_err(|_| ApiError::internal("sealing the volume's key for its host"))?;
+        key.fill(0);
+        Some((stored, for_host))
+    } else {
+        None
+    };
     // The disk first: a record only ever names a disk that exists.
     let agent = plane.agent(&row.host_id)?;
-    let disk = agent.create_volume(&row.id, size).await?;
-    if let Err(err) = plane.store.insert_volume(&row) {
+    let disk = agent
+        .create_volume(&row.id, size, keys.as_ref().map(|(_, host)| host.clone()))
+        .await?;
+    let recorded = plane.store.insert_volume(&row).and_then(|()| match &keys {
+        Some((stored, _)) => plane
+            .store
+            .set_volume_key(&row.id, &serde_json::to_string(stored).unwrap_or_default()),
+        None => Ok(()),
+    });
+    if let Err(err) = recorded {
         if let Err(cleanup) = agent.destroy_volume(&row.id).await {
             tracing::warn!(volume = %row.id, error = %cleanup.message, "removing the disk of a volume that was not recorded");
         }
@@ -532,4 +566,41 @@ pub async fn destroy_all(plane: &ControlPlane, app: &AppRow) -> ApiResult<()> {
         plane.store.update_volume(&row)?;
     }
     Ok(())
+}
+
+/// `GET /v1/hosts/{host}/volumes/{id}/key`: a volume's encryption key sealed for the host
+/// that holds it (its agent adds it to the filesystem when a machine starts), for that
+/// host's token only.
+async fn volume_key(
+    State(plane): Plane,
+    caller: Caller,
+    Path((host, id)): Path<(String, String)>,
+) -> ApiResult<Json<Sealed>> {
+    caller.require_host_itself(&host)?;
+    let row = match plane.store.volume(&id)? {
+        Some(v) if v.host_id == host && v.state != "destroyed" => v,
+        _ => return Err(ApiError::not_found(format!("volume not found: {id}"))),
+    };
+    let stored = plane
+        .store
+        .volume_key(&row.id)?
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::not_found(format!("volume {id} is not encrypted")))?;
+    let stored: Sealed = serde_json::from_str(&stored)
+        .map_err(|_| ApiError::internal(format!("the stored key of volume {id} is unreadable")))?;
+    let sealing = plane
+        .secrets
+        .volume_sealing_key()
+        .map_err(|_| ApiError::internal("opening the vault"))?;
+    let mut key = stored
+        .open(&sealing, &volume_key_aad(&row.id))
+        .map_err(|_| ApiError::internal(format!("the key of volume {id} does not open")))?;
+    let for_host = Sealed::seal(
+        &plane.secrets.host_key(&host),
+        &volume_key_host_aad(&host, &row.id),
+        &key,
+    )
+    .map_err(|_| ApiError::internal("sealing the volume's key for its host"));
+    key.fill(0);
+    Ok(Json(for_host?))
 }

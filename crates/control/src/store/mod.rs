@@ -304,6 +304,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("releases", "created_by", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
     ("volumes", "host_id", "TEXT NOT NULL DEFAULT ''"),
+    ("volumes", "sealed_key", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Indexes over added columns (made once those exist). Listings read `(id, rev)` in
@@ -1578,6 +1579,26 @@ impl Store {
                 "UPDATE volumes SET attached_machine_id = $2 WHERE id = $1 AND state != 'destroyed' AND (attached_machine_id IS NULL OR attached_machine_id = $2 OR attached_machine_id NOT IN (SELECT id FROM machines WHERE state != 'destroyed'))",
                 &[volume_id.into(), machine_id.into()],
             )? == 1)
+        })
+    }
+
+    /// Stores a volume's encryption key, sealed (see `volumes`).
+    pub fn set_volume_key(&self, volume_id: &str, sealed: &str) -> StoreResult<()> {
+        self.execute(
+            "UPDATE volumes SET sealed_key = $2 WHERE id = $1",
+            &[volume_id.into(), sealed.into()],
+        )
+    }
+
+    /// A volume's sealed encryption key ("" for an unencrypted volume).
+    pub fn volume_key(&self, volume_id: &str) -> StoreResult<Option<String>> {
+        self.read(|c| {
+            c.query_one(
+                "SELECT sealed_key FROM volumes WHERE id = $1",
+                &[volume_id.into()],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
         })
     }
 
