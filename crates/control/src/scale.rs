@@ -222,7 +222,7 @@ async fn count(
                 }
                 mount.volume.clear();
                 deployer
-                    .volume_for_new_machine(&group, &mut config, &target_region, true, &mut taken)
+                    .volume_for_new_machine(group, &mut config, &target_region, true, &mut taken)
                     .await?;
             }
             configs.push(config);
