@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_api::internal::{
-    AgentMachine, ExecResponse, LogLine, MachineExecRequest, MachineSpec, ProcessStat, VolumeDisk,
-    VolumeDiskRequest,
+    AgentMachine, ExecResponse, LogLine, MachineExecRequest, MachineSpec, ProcessStat,
+    SnapshotFile, VolumeDisk, VolumeDiskRequest,
 };
 use aloft_api::{CheckStatus, SignalRequest, StopRequest};
 use axum::body::Body;
@@ -72,6 +72,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
             get(get_volume).put(create_volume).delete(destroy_volume),
         )
         .route("/v1/volumes/{id}/extend", axum::routing::put(extend_volume))
+        .route(
+            "/v1/volumes/{id}/snapshots/{snapshot}",
+            post(snapshot_volume),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -110,9 +114,21 @@ async fn create_volume(
 ) -> Result<VolumeDisk> {
     Ok(Json(
         agent
-            .create_volume(&id, request.size_gb, request.key.as_ref())
+            .create_volume(
+                &id,
+                request.size_gb,
+                request.key.as_ref(),
+                request.snapshot_id.as_deref(),
+            )
             .await?,
     ))
+}
+
+async fn snapshot_volume(
+    State(agent): State<Arc<Agent>>,
+    Path((id, snapshot)): Path<(String, String)>,
+) -> Result<SnapshotFile> {
+    Ok(Json(agent.snapshot_volume(&id, &snapshot).await?))
 }
 
 async fn extend_volume(

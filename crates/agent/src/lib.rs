@@ -971,6 +971,7 @@ impl Agent {
         id: &str,
         size_gb: u64,
         key: Option<&aloft_api::secrets::Sealed>,
+        snapshot_id: Option<&str>,
     ) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
         let key = match key {
             Some(sealed) => Some(
@@ -982,7 +983,26 @@ impl Agent {
             None => None,
         };
         let (volumes, id) = (self.volumes.clone(), id.to_string());
+        if let Some(snapshot) = snapshot_id.map(str::to_string) {
+            return tokio::task::spawn_blocking(move || volumes.restore(&id, &snapshot, size_gb))
+                .await
+                .map_err(|e| AgentError::Failed(e.to_string()))?
+                .map_err(volume_failure);
+        }
         tokio::task::spawn_blocking(move || volumes.create(&id, size_gb, key.as_deref()))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
+    /// Takes a snapshot of a volume (see [`volumes::Volumes::snapshot`]).
+    pub async fn snapshot_volume(
+        &self,
+        id: &str,
+        snapshot: &str,
+    ) -> Result<aloft_api::internal::SnapshotFile, AgentError> {
+        let (volumes, id, snapshot) = (self.volumes.clone(), id.to_string(), snapshot.to_string());
+        tokio::task::spawn_blocking(move || volumes.snapshot(&id, &snapshot))
             .await
             .map_err(|e| AgentError::Failed(e.to_string()))?
             .map_err(volume_failure)

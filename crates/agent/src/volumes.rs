@@ -19,7 +19,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use aloft_api::internal::{MachineSpec, VolumeDisk};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+
+use aloft_api::internal::{MachineSpec, SnapshotFile, VolumeDisk};
 use serde_json::json;
 
 use crate::block_image;
@@ -407,6 +410,180 @@ impl Volumes {
         Ok(())
     }
 
+    fn snapshots_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    fn snapshot_file(&self, snapshot: &str) -> PathBuf {
+        self.snapshots_dir().join(format!("{snapshot}.ext4.zst"))
+    }
+
+    /// Takes a snapshot of the volume: its whole image, zstd-compressed, with its sha256,
+    /// stored beside the volumes (not in the volume). A mounted filesystem is frozen
+    /// while it is read, so the copy is consistent.
+    pub fn snapshot(&self, id: &str, snapshot: &str) -> Result<SnapshotFile, VolumeError> {
+        check_id(id)?;
+        check_id(snapshot)?;
+        let _guard = self.guard();
+        let image = self.image(id);
+        if !image.exists() {
+            return Err(VolumeError::NotFound(id.to_string()));
+        }
+        private_dir(&self.snapshots_dir())?;
+        let target = self.mount_point(id);
+        let frozen = block_image::is_mount_point(&target)
+            && fsfreeze(&target, true)
+                .map_err(|e| VolumeError::Failed(format!("freezing volume {id}: {e}")))
+                .is_ok();
+        let written = self.write_snapshot(id, snapshot, &image);
+        if frozen && let Err(err) = fsfreeze(&target, false) {
+            tracing::error!(volume = id, error = %err, "thawing a volume after its snapshot");
+        }
+        written
+    }
+
+    fn write_snapshot(
+        &self,
+        id: &str,
+        snapshot: &str,
+        image: &Path,
+    ) -> Result<SnapshotFile, VolumeError> {
+        use sha2::Digest;
+        let partial = self.snapshots_dir().join(format!("{snapshot}.partial"));
+        let result = (|| -> std::io::Result<(u64, String, u64)> {
+            let mut input = std::fs::File::open(image)?;
+            let volume_size = input.metadata()?.len();
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&partial)?;
+            let mut encoder = zstd::Encoder::new(file, 3)?;
+            std::io::copy(&mut input, &mut encoder)?;
+            let file = encoder.finish()?;
+            file.sync_all()?;
+            let mut hasher = sha2::Sha256::new();
+            std::io::copy(&mut std::fs::File::open(&partial)?, &mut hasher)?;
+            let size = std::fs::metadata(&partial)?.len();
+            std::fs::rename(&partial, self.snapshot_file(snapshot))?;
+            Ok((
+                size,
+                format!("sha256:{}", hex(&hasher.finalize())),
+                volume_size,
+            ))
+        })();
+        let (size, digest, volume_size) = result.map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            VolumeError::Failed(format!("taking snapshot {snapshot} of volume {id}: {e}"))
+        })?;
+        let record = SnapshotFile {
+            id: snapshot.to_string(),
+            volume: id.to_string(),
+            size,
+            volume_size,
+            digest,
+            encrypted: self.encrypted_marker(id).exists(),
+        };
+        let meta = self.snapshots_dir().join(format!("{snapshot}.json"));
+        std::fs::write(&meta, serde_json::to_vec(&record).unwrap_or_default())
+            .map_err(failed(format!("recording snapshot {snapshot}")))?;
+        tracing::info!(volume = id, snapshot, size, "snapshot taken");
+        Ok(record)
+    }
+
+    /// Makes volume `id` from a snapshot taken here, after checking its checksum; it is
+    /// grown to `size_gb` when that is larger than the snapshot's volume.
+    pub fn restore(
+        &self,
+        id: &str,
+        snapshot: &str,
+        size_gb: u64,
+    ) -> Result<VolumeDisk, VolumeError> {
+        use sha2::Digest;
+        check_id(id)?;
+        check_id(snapshot)?;
+        {
+            let _guard = self.guard();
+            let image = self.image(id);
+            if image.exists() {
+                return Err(VolumeError::Conflict(format!(
+                    "volume {id} exists here already"
+                )));
+            }
+            let meta = std::fs::read(self.snapshots_dir().join(format!("{snapshot}.json")))
+                .map_err(|_| VolumeError::NotFound(format!("snapshot {snapshot}")))?;
+            let record: SnapshotFile = serde_json::from_slice(&meta)
+                .map_err(|e| VolumeError::Failed(format!("snapshot {snapshot}: {e}")))?;
+            let file = self.snapshot_file(snapshot);
+            let mut hasher = sha2::Sha256::new();
+            std::io::copy(
+                &mut std::fs::File::open(&file).map_err(failed(format!("snapshot {snapshot}")))?,
+                &mut hasher,
+            )
+            .map_err(failed(format!("reading snapshot {snapshot}")))?;
+            if format!("sha256:{}", hex(&hasher.finalize())) != record.digest {
+                return Err(VolumeError::Failed(format!(
+                    "snapshot {snapshot} is damaged: its checksum does not match {}",
+                    record.digest
+                )));
+            }
+            let partial = self.dir.join(format!("{id}.ext4.partial"));
+            let written = (|| -> std::io::Result<()> {
+                use std::io::{Seek, SeekFrom};
+                let mut decoder = zstd::Decoder::new(std::fs::File::open(&file)?)?;
+                let mut output = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&partial)?;
+                // Zero blocks stay holes: the restored image is as sparse as the original.
+                let mut block = vec![0u8; 64 * 1024];
+                loop {
+                    let mut filled = 0;
+                    while filled < block.len() {
+                        let n = decoder.read(&mut block[filled..])?;
+                        if n == 0 {
+                            break;
+                        }
+                        filled += n;
+                    }
+                    if filled == 0 {
+                        break;
+                    }
+                    if block[..filled].iter().all(|b| *b == 0) {
+                        output.seek(SeekFrom::Current(filled as i64))?;
+                    } else {
+                        output.write_all(&block[..filled])?;
+                    }
+                    if filled < block.len() {
+                        break;
+                    }
+                }
+                output.set_len(record.volume_size.max(size_gb.saturating_mul(GIB)))?;
+                output.sync_all()?;
+                Ok(())
+            })();
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&partial);
+                return Err(VolumeError::Failed(format!(
+                    "restoring snapshot {snapshot} into volume {id}: {e}"
+                )));
+            }
+            if record.encrypted {
+                std::fs::write(self.encrypted_marker(id), b"")
+                    .map_err(failed(format!("marking volume {id} encrypted")))?;
+            }
+            std::fs::rename(&partial, &image).map_err(failed(format!("storing volume {id}")))?;
+            if size_gb.saturating_mul(GIB) > record.volume_size {
+                self.resize_offline(id)?;
+            }
+            tracing::info!(volume = id, snapshot, "volume restored from a snapshot");
+        }
+        self.status(id)
+    }
+
     /// Unmounts one volume and detaches its loop devices. The caller holds the lock.
     fn release(&self, id: &str) {
         let target = self.mount_point(id);
@@ -472,6 +649,24 @@ impl Volumes {
         }
         Ok(mounts)
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Freezes (or thaws) the filesystem mounted at `mount`: writes wait while it is frozen.
+fn fsfreeze(mount: &Path, freeze: bool) -> std::io::Result<()> {
+    // <linux/fs.h>: FIFREEZE _IOWR('X', 119, int), FITHAW _IOWR('X', 120, int).
+    const FIFREEZE: libc::c_ulong = 0xC004_5877;
+    const FITHAW: libc::c_ulong = 0xC004_5878;
+    let dir = std::fs::File::open(mount)?;
+    let request = if freeze { FIFREEZE } else { FITHAW };
+    // SAFETY: both take an ignored int argument.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), request as _, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// ext4 encryption's ioctls (`<linux/fscrypt.h>`), v2 policies: the key goes into the
@@ -738,7 +933,8 @@ mod tests {
             },
             ..Default::default()
         };
-        let keys = std::collections::HashMap::from([("vol_secret".to_string(), key.clone())]);
+        use std::collections::HashMap;
+        let keys = HashMap::from([("vol_secret".to_string(), key.clone())]);
         let needle = b"a-recognisable-secret-line-0123456789";
         for volume in ["vol_secret", "vol_plain"] {
             let mounts = volumes.mounts_for(&spec(volume), &keys).unwrap();
@@ -758,6 +954,29 @@ mod tests {
             !file_contains(&image("vol_secret"), needle),
             "an encrypted volume's image holds no plaintext"
         );
+        // A snapshot restores into a new volume, encrypted with the same key.
+        let taken = volumes.snapshot("vol_secret", "vs_one").unwrap();
+        assert!(taken.encrypted && taken.digest.starts_with("sha256:"));
+        assert!(taken.size < GIB / 16, "compressed: {taken:?}");
+        volumes.restore("vol_copy", "vs_one", 2).unwrap();
+        let copy = volumes
+            .mounts_for(
+                &spec("vol_copy"),
+                &HashMap::from([("vol_copy".to_string(), key.clone())]),
+            )
+            .unwrap();
+        assert_eq!(
+            std::fs::read(copy[0].source.join("kept")).unwrap(),
+            needle.to_vec()
+        );
+        assert!(
+            volumes.status("vol_copy").unwrap().blocks
+                > volumes.status("vol_secret").unwrap().blocks * 3 / 2
+        );
+        assert!(matches!(
+            volumes.restore("vol_copy", "vs_one", 2),
+            Err(VolumeError::Conflict(_))
+        ));
         // Without its key the volume does not start; with it, the data is back.
         assert!(
             volumes

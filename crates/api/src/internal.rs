@@ -448,6 +448,23 @@ pub struct VolumeDiskRequest {
     /// ([`crate::secrets::volume_key_host_aad`]); none for an unencrypted volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<crate::secrets::Sealed>,
+    /// On create: fill the volume from this snapshot (taken on this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+}
+
+/// A volume snapshot on its host: the compressed image's size and checksum.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFile {
+    pub id: String,
+    pub volume: String,
+    /// The compressed snapshot's size in bytes.
+    pub size: u64,
+    /// The volume's size in bytes when it was taken.
+    pub volume_size: u64,
+    /// `sha256:` and the hex digest of the compressed file.
+    pub digest: String,
+    pub encrypted: bool,
 }
 
 /// A volume's disk on its host, as the agent sees it: the image's size and the
