@@ -547,6 +547,75 @@ fn volume_commands_and_bad_input() {
         .unwrap_or(0);
     assert!(total_kb > 2 * 1024 * 1024 + 512 * 1024, "3 GB inside: {df}");
 
+    // A snapshot (taken while the machine runs) restores into a new volume with the data.
+    let write = in_machine(
+        &platform,
+        "volcli",
+        &user,
+        "echo snapped > /data/snap && sync",
+    );
+    assert!(write.ok(), "{write}");
+    let snap = platform.aloft(&["volumes", "snapshots", "create", &vol_id, "-a", "volcli"]);
+    assert!(
+        snap.ok()
+            && snap
+                .stdout
+                .contains(&format!("Scheduled to snapshot volume {vol_id}")),
+        "{snap}\n{}",
+        platform.server_log()
+    );
+    let listed = platform.aloft(&[
+        "volumes",
+        "snapshots",
+        "list",
+        &vol_id,
+        "-a",
+        "volcli",
+        "--json",
+    ]);
+    assert!(listed.ok(), "{listed}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let snapshot_id = listed[0]["id"].as_str().unwrap().to_string();
+    assert!(listed[0]["size"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        listed[0]["digest"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("sha256:")
+    );
+    let table = platform.aloft(&["volumes", "snapshots", "list", &vol_id, "-a", "volcli"]);
+    assert!(
+        table.stdout.contains("STORED SIZE") && table.stdout.contains("Total stored size:"),
+        "{table}"
+    );
+    let restored = platform.aloft(&[
+        "volumes",
+        "create",
+        "restored",
+        "-a",
+        "volcli",
+        "--snapshot-id",
+        &snapshot_id,
+        "-y",
+        "--json",
+    ]);
+    assert!(restored.ok(), "{restored}\n{}", platform.server_log());
+    let restored: serde_json::Value = serde_json::from_str(&restored.stdout).unwrap();
+    assert_eq!(restored["encrypted"], true);
+    assert_eq!(restored["size_gb"], 3);
+    let volume_flag = format!("{}:/data", restored["id"].as_str().unwrap());
+    let run = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
+    assert!(run.ok(), "{run}\n{}", platform.server_log());
+    let copy = created_machine(&run);
+    let read = in_machine(&platform, "volcli", &copy, "cat /data/snap");
+    assert_eq!(read.stdout.trim(), "snapped", "{read}");
+    assert!(
+        platform
+            .aloft(&["machine", "destroy", &copy, "-a", "volcli", "--force"])
+            .ok()
+    );
+
     // Unknown volume names in [mounts] on a later deploy.
     write_fly_toml(
         &dir,

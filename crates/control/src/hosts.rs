@@ -152,11 +152,16 @@ impl AgentClient {
         id: &str,
         size_gb: u64,
         key: Option<aloft_api::secrets::Sealed>,
+        snapshot_id: Option<String>,
     ) -> Result<VolumeDisk, ApiError> {
         self.client
             .put(
                 &format!("/v1/volumes/{id}"),
-                &VolumeDiskRequest { size_gb, key },
+                &VolumeDiskRequest {
+                    size_gb,
+                    key,
+                    snapshot_id,
+                },
             )
             .await
             .map_err(agent_error)
@@ -175,8 +180,24 @@ impl AgentClient {
         self.client
             .put(
                 &format!("/v1/volumes/{id}/extend"),
-                &VolumeDiskRequest { size_gb, key: None },
+                &VolumeDiskRequest {
+                    size_gb,
+                    key: None,
+                    snapshot_id: None,
+                },
             )
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Takes a snapshot of a volume (`POST /v1/volumes/{id}/snapshots/{snapshot}`).
+    pub async fn snapshot_volume(
+        &self,
+        id: &str,
+        snapshot: &str,
+    ) -> Result<aloft_api::internal::SnapshotFile, ApiError> {
+        self.client
+            .post(&format!("/v1/volumes/{id}/snapshots/{snapshot}"), &())
             .await
             .map_err(agent_error)
     }

@@ -213,11 +213,44 @@ pub async fn create(
         }
         None => plane.config.region.clone(),
     };
-    if let Some(snapshot) = request.snapshot_id.as_deref().filter(|s| !s.is_empty()) {
-        return Err(ApiError::bad_request(format!(
-            "invalid snapshot_id: {snapshot:?}: restoring a volume from a snapshot is not available on this platform yet; create an empty volume"
-        )));
-    }
+    // A volume from a snapshot is made on the host that keeps the snapshot, with the
+    // source volume's encryption key (the snapshot is its ciphertext).
+    let source = match request.snapshot_id.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(snapshot) => {
+            let found = plane
+                .store
+                .snapshot(snapshot)?
+                .filter(|s| s.status == "created")
+                .and_then(|s| plane.store.volume(&s.volume_id).ok().flatten())
+                .filter(|v| v.app_id == app.id);
+            let Some(volume) = found else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid snapshot_id: {snapshot:?} is not a snapshot of a volume of app {} (see `aloft volumes snapshots list VOLUME_ID`)",
+                    app.name
+                )));
+            };
+            if request
+                .region
+                .as_deref()
+                .is_some_and(|r| !r.is_empty() && r != volume.region)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "invalid region: snapshot {snapshot} is in region {}; restore it there",
+                    volume.region
+                )));
+            }
+            Some((snapshot.to_string(), volume))
+        }
+    };
+    let region = match &source {
+        Some((_, volume)) => volume.region.clone(),
+        None => region,
+    };
+    let size = match &source {
+        Some((_, volume)) => size.max(volume.size_gb.max(1) as u64),
+        None => size,
+    };
     if let Some(source) = request
         .source_volume_id
         .as_deref()
@@ -228,7 +261,22 @@ pub async fn create(
             "invalid source_volume_id: {source:?}: forking volumes is not available on this platform yet"
         )));
     }
-    let placement = crate::hosts::place(&hosts, &region)?;
+    let placement = match &source {
+        Some((_, volume)) => crate::hosts::Placement {
+            host: hosts
+                .iter()
+                .find(|h| h.id == volume.host_id)
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::unavailable(format!(
+                        "the host of the snapshot ({}) is not registered",
+                        volume.host_id
+                    ))
+                })?,
+            region: volume.region.clone(),
+        },
+        None => crate::hosts::place(&hosts, &region)?,
+    };
     let mut row = VolumeRow {
         id: format!("vol_{}", names::random_id(16)),
         app_id: app.id.clone(),
@@ -237,7 +285,10 @@ pub async fn create(
         zone: names::random_id(4),
         size_gb: size as i64,
         state: "created".into(),
-        encrypted: request.encrypted.unwrap_or(true),
+        encrypted: match &source {
+            Some((_, volume)) => volume.encrypted,
+            None => request.encrypted.unwrap_or(true),
+        },
         fstype,
         snapshot_retention: retention as i64,
         auto_backup_enabled: request.auto_backup_enabled.unwrap_or(true),
@@ -247,7 +298,29 @@ pub async fn create(
     };
     // A key of its own for an encrypted volume: sealed in the vault for the record, and
     // for the host that holds the disk.
-    let keys = if row.encrypted {
+    let keys = if let Some((_, volume)) = source.as_ref().filter(|(_, v)| v.encrypted) {
+        let sealing = plane
+            .secrets
+            .volume_sealing_key()
+            .map_err(|_| ApiError::internal("opening the vault"))?;
+        let stored: Sealed = plane
+            .store
+            .volume_key(&volume.id)?
+            .and_then(|k| serde_json::from_str(&k).ok())
+            .ok_or_else(|| ApiError::internal(format!("volume {} has no key", volume.id)))?;
+        let mut key = stored
+            .open(&sealing, &volume_key_aad(&volume.id))
+            .map_err(|_| {
+                ApiError::internal(format!("the key of volume {} does not open", volume.id))
+            })?;
+        let copied = Sealed::seal(&sealing, &volume_key_aad(&row.id), &key)
+            .map_err(|_| ApiError::internal("sealing the volume's key"));
+        key.fill(0);
+        // The disk is the snapshot's: the agent needs no key to make it.
+        Some((copied?, Sealed::default()))
+    } else if source.is_some() {
+        None
+    } else if row.encrypted {
         let mut key = vec![0u8; VOLUME_KEY_LEN];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
         let stored = plane
@@ -270,7 +343,14 @@ pub async fn create(
     // The disk first: a record only ever names a disk that exists.
     let agent = plane.agent(&row.host_id)?;
     let disk = agent
-        .create_volume(&row.id, size, keys.as_ref().map(|(_, host)| host.clone()))
+        .create_volume(
+            &row.id,
+            size,
+            keys.as_ref()
+                .filter(|_| source.is_none())
+                .map(|(_, host)| host.clone()),
+            source.as_ref().map(|(snapshot, _)| snapshot.clone()),
+        )
         .await?;
     let recorded = plane.store.insert_volume(&row).and_then(|()| match &keys {
         Some((stored, _)) => plane
@@ -424,11 +504,16 @@ async fn create_snapshot(
     let app = visible_app(&plane, &caller, &app_name)?;
     caller.require_write()?;
     let volume = visible_volume(&plane, &app, &id)?;
+    let snapshot_id = format!("vs_{}", names::random_id(16));
+    let file = plane
+        .agent(&volume.host_id)?
+        .snapshot_volume(&volume.id, &snapshot_id)
+        .await?;
     let row = SnapshotRow {
-        id: format!("vs_{}", names::random_id(16)),
+        id: snapshot_id,
         volume_id: volume.id.clone(),
-        size: 0,
-        digest: String::new(),
+        size: file.size as i64,
+        digest: file.digest,
         status: "created".into(),
         retention_days: volume.snapshot_retention,
         created_at: now_rfc3339(),
@@ -436,7 +521,7 @@ async fn create_snapshot(
     plane.store.insert_snapshot(&row)?;
     Ok(Json(VolumeSnapshot {
         id: row.id,
-        size: 0,
+        size: row.size.max(0) as u64,
         digest: row.digest,
         created_at: row.created_at,
         status: row.status,

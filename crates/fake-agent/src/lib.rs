@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aloft_api::MachineState;
-use aloft_api::internal::{AgentMachine, MachineSpec, VolumeDisk, VolumeDiskRequest};
+use aloft_api::internal::{AgentMachine, MachineSpec, SnapshotFile, VolumeDisk, VolumeDiskRequest};
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -49,6 +49,10 @@ impl FakeAgent {
                 get(get_volume).put(put_volume).delete(destroy_volume),
             )
             .route("/v1/volumes/{id}/extend", axum::routing::put(put_volume))
+            .route(
+                "/v1/volumes/{id}/snapshots/{snapshot}",
+                post(snapshot_volume),
+            )
             .with_state(agent.clone());
         tokio::spawn(async move {
             use axum::serve::ListenerExt;
@@ -111,6 +115,22 @@ async fn put_volume(
     let mut volumes = agent.volumes.lock().unwrap_or_else(|p| p.into_inner());
     volumes.insert(id.clone(), request.size_gb);
     Ok(Json(disk(&id, request.size_gb)))
+}
+
+async fn snapshot_volume(
+    State(agent): State<Shared>,
+    Path((id, snapshot)): Path<(String, String)>,
+) -> Result<Json<SnapshotFile>, (StatusCode, Json<serde_json::Value>)> {
+    let volumes = agent.volumes.lock().unwrap_or_else(|p| p.into_inner());
+    let size = volumes.get(&id).copied().ok_or_else(|| no_volume(&id))?;
+    Ok(Json(SnapshotFile {
+        id: snapshot,
+        volume: id,
+        size: 4096,
+        volume_size: size << 30,
+        digest: "sha256:0".into(),
+        encrypted: false,
+    }))
 }
 
 async fn get_volume(State(agent): State<Shared>, Path(id): Path<String>) -> VolumeAnswer {

@@ -92,6 +92,12 @@ pub enum VolumesCommand {
         #[arg(short = 'j', long)]
         json: bool,
     },
+    /// Manage volume snapshots.
+    #[command(alias = "snapshot", alias = "snaps")]
+    Snapshots {
+        #[command(subcommand)]
+        command: SnapshotsCommand,
+    },
     /// Destroy one or more volumes. When you destroy a volume, you permanently delete all its data.
     #[command(alias = "delete", alias = "rm")]
     Destroy {
@@ -103,6 +109,113 @@ pub enum VolumesCommand {
         #[arg(short = 'y', long)]
         yes: bool,
     },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SnapshotsCommand {
+    /// List snapshots associated with the specified volume.
+    #[command(alias = "ls")]
+    List {
+        /// The volume's ID.
+        id: String,
+        #[command(flatten)]
+        app: AppArgs,
+        #[arg(short = 'j', long)]
+        json: bool,
+    },
+    /// Snapshot a volume.
+    Create {
+        /// The volume's ID.
+        id: String,
+        #[command(flatten)]
+        app: AppArgs,
+        #[arg(short = 'j', long)]
+        json: bool,
+    },
+}
+
+/// go-humanize's `IBytes`: 1.2 MiB.
+fn ibytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 10.0 {
+        format!("{value:.1} {}", UNITS[unit])
+    } else {
+        format!("{value:.0} {}", UNITS[unit])
+    }
+}
+
+async fn snapshots(
+    api_client: &Client,
+    app: &str,
+    command: SnapshotsCommand,
+) -> anyhow::Result<()> {
+    match command {
+        SnapshotsCommand::List { id, json, .. } => {
+            let volume: Volume = api_client.get(&volume_path(app, &id)).await?;
+            let list: Vec<aloft_api::VolumeSnapshot> = api_client
+                .get(&format!("{}/snapshots", volume_path(app, &id)))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if list.is_empty() {
+                eprintln!("No snapshots available for volume {id}");
+                return Ok(());
+            }
+            let total: u64 = list.iter().map(|s| s.size).sum();
+            let rows = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.status.clone(),
+                        ibytes(s.size),
+                        ibytes(volume.size_gb << 30),
+                        when(&s.created_at),
+                        s.retention_days.to_string(),
+                    ]
+                })
+                .collect();
+            println!("Snapshots");
+            println!(
+                "{}",
+                table(
+                    &[
+                        "ID",
+                        "STATUS",
+                        "STORED SIZE",
+                        "VOL SIZE",
+                        "CREATED AT",
+                        "RETENTION DAYS"
+                    ],
+                    rows
+                )
+            );
+            println!("\nTotal stored size: {}", ibytes(total));
+        }
+        SnapshotsCommand::Create { id, json, .. } => {
+            let snapshot: aloft_api::VolumeSnapshot = api_client
+                .post(&format!("{}/snapshots", volume_path(app, &id)), &())
+                .await
+                .map_err(|e| anyhow::anyhow!("failed to snapshot volume: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                println!("Scheduled to snapshot volume {id}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn volumes_path(app: &str) -> String {
@@ -329,6 +442,14 @@ pub async fn run(api: &ApiArgs, command: VolumesCommand) -> anyhow::Result<()> {
             } else {
                 println!("Your Machine got its volume size extended without needing a restart");
             }
+        }
+        VolumesCommand::Snapshots { command } => {
+            let app = match &command {
+                SnapshotsCommand::List { app, .. } | SnapshotsCommand::Create { app, .. } => {
+                    name(app)?
+                }
+            };
+            snapshots(&client, &app, command).await?;
         }
         VolumesCommand::Destroy { ids, app, yes } => {
             let app = name(&app)?;

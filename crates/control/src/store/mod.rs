@@ -1617,6 +1617,25 @@ impl Store {
         )
     }
 
+    /// One snapshot by its id.
+    pub fn snapshot(&self, id: &str) -> StoreResult<Option<SnapshotRow>> {
+        self.read(|c| {
+            c.query_one("SELECT id, volume_id, size, digest, status, retention_days, created_at FROM volume_snapshots WHERE id = $1", &[id.into()])?
+                .map(|r| {
+                    Ok(SnapshotRow {
+                        id: r.text(0)?,
+                        volume_id: r.text(1)?,
+                        size: r.int(2)?,
+                        digest: r.text(3)?,
+                        status: r.text(4)?,
+                        retention_days: r.int(5)?,
+                        created_at: r.text(6)?,
+                    })
+                })
+                .transpose()
+        })
+    }
+
     pub fn snapshots(&self, volume_id: &str) -> StoreResult<Vec<SnapshotRow>> {
         self.read(|c| {
             c.query("SELECT id, volume_id, size, digest, status, retention_days, created_at FROM volume_snapshots WHERE volume_id = $1 ORDER BY created_at, id", &[volume_id.into()])?
