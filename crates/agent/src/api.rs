@@ -119,6 +119,7 @@ async fn create_volume(
                 request.size_gb,
                 request.key.as_ref(),
                 request.snapshot_id.as_deref(),
+                request.source_volume_id.as_deref(),
             )
             .await?,
     ))

@@ -972,6 +972,7 @@ impl Agent {
         size_gb: u64,
         key: Option<&aloft_api::secrets::Sealed>,
         snapshot_id: Option<&str>,
+        source_volume_id: Option<&str>,
     ) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
         let key = match key {
             Some(sealed) => Some(
@@ -983,6 +984,12 @@ impl Agent {
             None => None,
         };
         let (volumes, id) = (self.volumes.clone(), id.to_string());
+        if let Some(source) = source_volume_id.map(str::to_string) {
+            return tokio::task::spawn_blocking(move || volumes.fork(&id, &source, size_gb))
+                .await
+                .map_err(|e| AgentError::Failed(e.to_string()))?
+                .map_err(volume_failure);
+        }
         if let Some(snapshot) = snapshot_id.map(str::to_string) {
             return tokio::task::spawn_blocking(move || volumes.restore(&id, &snapshot, size_gb))
                 .await

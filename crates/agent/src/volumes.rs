@@ -584,6 +584,18 @@ impl Volumes {
         self.status(id)
     }
 
+    /// Makes volume `id` a copy of volume `source` (a fork): a snapshot restored, then
+    /// the snapshot removed.
+    pub fn fork(&self, id: &str, source: &str, size_gb: u64) -> Result<VolumeDisk, VolumeError> {
+        check_id(id)?;
+        let snapshot = format!("{id}_fork");
+        self.snapshot(source, &snapshot)?;
+        let restored = self.restore(id, &snapshot, size_gb);
+        let _ = std::fs::remove_file(self.snapshot_file(&snapshot));
+        let _ = std::fs::remove_file(self.snapshots_dir().join(format!("{snapshot}.json")));
+        restored
+    }
+
     /// Unmounts one volume and detaches its loop devices. The caller holds the lock.
     fn release(&self, id: &str) {
         let target = self.mount_point(id);

@@ -451,6 +451,9 @@ pub struct VolumeDiskRequest {
     /// On create: fill the volume from this snapshot (taken on this host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
+    /// On create: fill the volume with a copy of this volume of the host (a fork).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_volume_id: Option<String>,
 }
 
 /// A volume snapshot on its host: the compressed image's size and checksum.

@@ -616,6 +616,37 @@ fn volume_commands_and_bad_input() {
             .ok()
     );
 
+    // A fork is an independent copy, made while the source is in use.
+    let fork = platform.aloft(&[
+        "volumes", "fork", &vol_id, "-a", "volcli", "--name", "forked", "--json",
+    ]);
+    assert!(fork.ok(), "{fork}\n{}", platform.server_log());
+    let fork: serde_json::Value = serde_json::from_str(&fork.stdout).unwrap();
+    assert_eq!(fork["name"], "forked");
+    assert_ne!(fork["id"], vol_id.as_str());
+    let volume_flag = format!("{}:/data", fork["id"].as_str().unwrap());
+    let run = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
+    assert!(run.ok(), "{run}\n{}", platform.server_log());
+    let forked = created_machine(&run);
+    let read = in_machine(
+        &platform,
+        "volcli",
+        &forked,
+        "cat /data/snap && echo changed > /data/snap",
+    );
+    assert!(read.stdout.contains("snapped"), "{read}");
+    let original = in_machine(&platform, "volcli", &user, "cat /data/snap");
+    assert_eq!(
+        original.stdout.trim(),
+        "snapped",
+        "the source is untouched: {original}"
+    );
+    assert!(
+        platform
+            .aloft(&["machine", "destroy", &forked, "-a", "volcli", "--force"])
+            .ok()
+    );
+
     // Unknown volume names in [mounts] on a later deploy.
     write_fly_toml(
         &dir,

@@ -153,6 +153,7 @@ impl AgentClient {
         size_gb: u64,
         key: Option<aloft_api::secrets::Sealed>,
         snapshot_id: Option<String>,
+        source_volume_id: Option<String>,
     ) -> Result<VolumeDisk, ApiError> {
         self.client
             .put(
@@ -161,6 +162,7 @@ impl AgentClient {
                     size_gb,
                     key,
                     snapshot_id,
+                    source_volume_id,
                 },
             )
             .await
@@ -184,6 +186,7 @@ impl AgentClient {
                     size_gb,
                     key: None,
                     snapshot_id: None,
+                    source_volume_id: None,
                 },
             )
             .await

@@ -243,6 +243,38 @@ pub async fn create(
             Some((snapshot.to_string(), volume))
         }
     };
+    let forked = match request
+        .source_volume_id
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    {
+        None => None,
+        Some(id) => {
+            let volume = visible_volume(plane, app, id).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "invalid source_volume_id: volume {id:?} not found in app {}",
+                    app.name
+                ))
+            })?;
+            if request
+                .region
+                .as_deref()
+                .is_some_and(|r| !r.is_empty() && r != volume.region)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "invalid region: volume {id} is in region {}; a fork is made on its host, in its region",
+                    volume.region
+                )));
+            }
+            Some(volume)
+        }
+    };
+    if source.is_some() && forked.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid snapshot_id: give snapshot_id or source_volume_id, not both",
+        ));
+    }
+    let source = source.or_else(|| forked.clone().map(|v| (String::new(), v)));
     let region = match &source {
         Some((_, volume)) => volume.region.clone(),
         None => region,
@@ -251,16 +283,6 @@ pub async fn create(
         Some((_, volume)) => size.max(volume.size_gb.max(1) as u64),
         None => size,
     };
-    if let Some(source) = request
-        .source_volume_id
-        .as_deref()
-        .filter(|s| !s.is_empty())
-    {
-        visible_volume(plane, app, source)?;
-        return Err(ApiError::bad_request(format!(
-            "invalid source_volume_id: {source:?}: forking volumes is not available on this platform yet"
-        )));
-    }
     let placement = match &source {
         Some((_, volume)) => crate::hosts::Placement {
             host: hosts
@@ -349,7 +371,11 @@ pub async fn create(
             keys.as_ref()
                 .filter(|_| source.is_none())
                 .map(|(_, host)| host.clone()),
-            source.as_ref().map(|(snapshot, _)| snapshot.clone()),
+            source
+                .as_ref()
+                .filter(|_| forked.is_none())
+                .map(|(snapshot, _)| snapshot.clone()),
+            forked.as_ref().map(|v| v.id.clone()),
         )
         .await?;
     let recorded = plane.store.insert_volume(&row).and_then(|()| match &keys {

@@ -92,6 +92,23 @@ pub enum VolumesCommand {
         #[arg(short = 'j', long)]
         json: bool,
     },
+    /// Fork the specified volume: an independent copy of it, on its host.
+    Fork {
+        /// The volume's ID.
+        id: String,
+        #[command(flatten)]
+        app: AppArgs,
+        /// The name of the new volume (default: the source's).
+        #[arg(long)]
+        name: Option<String>,
+        /// The target region (default: the source volume's).
+        #[arg(short = 'r', long)]
+        region: Option<String>,
+        #[arg(long = "require-unique-zone", num_args = 0..=1, default_missing_value = "true")]
+        require_unique_zone: Option<bool>,
+        #[arg(short = 'j', long)]
+        json: bool,
+    },
     /// Manage volume snapshots.
     #[command(alias = "snapshot", alias = "snaps")]
     Snapshots {
@@ -441,6 +458,34 @@ pub async fn run(api: &ApiArgs, command: VolumesCommand) -> anyhow::Result<()> {
                 );
             } else {
                 println!("Your Machine got its volume size extended without needing a restart");
+            }
+        }
+        VolumesCommand::Fork {
+            id,
+            app,
+            name: new_name,
+            region,
+            require_unique_zone,
+            json,
+        } => {
+            let app = name(&app)?;
+            let source: Volume = client.get(&volume_path(&app, &id)).await?;
+            let request = CreateVolumeRequest {
+                name: new_name.unwrap_or_else(|| source.name.clone()),
+                region: region.filter(|r| !r.is_empty()),
+                size_gb: Some(source.size_gb),
+                source_volume_id: Some(source.id.clone()),
+                require_unique_zone,
+                ..Default::default()
+            };
+            let volume: Volume = client
+                .post(&volumes_path(&app), &request)
+                .await
+                .map_err(|e| anyhow::anyhow!("failed to fork volume: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&volume)?);
+            } else {
+                print!("{}", print_volume(&volume, &app));
             }
         }
         VolumesCommand::Snapshots { command } => {
