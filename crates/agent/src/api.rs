@@ -74,7 +74,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/volumes/{id}/extend", axum::routing::put(extend_volume))
         .route(
             "/v1/volumes/{id}/snapshots/{snapshot}",
-            post(snapshot_volume),
+            post(snapshot_volume).delete(delete_snapshot),
         )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
@@ -130,6 +130,14 @@ async fn snapshot_volume(
     Path((id, snapshot)): Path<(String, String)>,
 ) -> Result<SnapshotFile> {
     Ok(Json(agent.snapshot_volume(&id, &snapshot).await?))
+}
+
+async fn delete_snapshot(
+    State(agent): State<Arc<Agent>>,
+    Path((_id, snapshot)): Path<(String, String)>,
+) -> Result<serde_json::Value> {
+    agent.delete_snapshot(&snapshot).await?;
+    Ok(Json(serde_json::json!({ "ok": true })))
 }
 
 async fn extend_volume(

@@ -1015,6 +1015,15 @@ impl Agent {
             .map_err(volume_failure)
     }
 
+    /// Deletes a snapshot taken on this host.
+    pub async fn delete_snapshot(&self, snapshot: &str) -> Result<(), AgentError> {
+        let (volumes, snapshot) = (self.volumes.clone(), snapshot.to_string());
+        tokio::task::spawn_blocking(move || volumes.delete_snapshot(&snapshot))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
     /// A volume's sizes and filesystem counts.
     pub async fn volume(&self, id: &str) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
         let (volumes, id) = (self.volumes.clone(), id.to_string());

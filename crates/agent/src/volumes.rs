@@ -584,6 +584,18 @@ impl Volumes {
         self.status(id)
     }
 
+    /// Deletes a snapshot's files.
+    pub fn delete_snapshot(&self, snapshot: &str) -> Result<(), VolumeError> {
+        check_id(snapshot)?;
+        let file = self.snapshot_file(snapshot);
+        if !file.exists() {
+            return Err(VolumeError::NotFound(format!("snapshot {snapshot}")));
+        }
+        std::fs::remove_file(&file).map_err(failed(format!("deleting snapshot {snapshot}")))?;
+        let _ = std::fs::remove_file(self.snapshots_dir().join(format!("{snapshot}.json")));
+        Ok(())
+    }
+
     /// Makes volume `id` a copy of volume `source` (a fork): a snapshot restored, then
     /// the snapshot removed.
     pub fn fork(&self, id: &str, source: &str, size_gb: u64) -> Result<VolumeDisk, VolumeError> {

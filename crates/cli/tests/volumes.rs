@@ -697,3 +697,66 @@ fn volume_commands_and_bad_input() {
     assert!(destroy.ok(), "{destroy}\n{}", platform.server_log());
     assert_eq!(images(), 0, "no disk is left behind");
 }
+
+#[test]
+fn daily_snapshots_are_taken_and_expire() {
+    require_platform!();
+    // A day passes in 10 s.
+    let platform =
+        Platform::start_with(&["--driver", "container", "--schedule-time-scale", "8640"]);
+    assert!(platform.aloft(&["apps", "create", "volsnap"]).ok());
+    let create = |name: &str, extra: &[&str]| -> String {
+        let mut args = vec!["volumes", "create", name, "-a", "volsnap", "-y", "--json"];
+        args.extend(extra);
+        let run = platform.aloft(&args);
+        assert!(run.ok(), "{run}\n{}", platform.server_log());
+        let volume: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        volume["id"].as_str().unwrap().to_string()
+    };
+    let daily = create("daily", &["--snapshot-retention", "1"]);
+    let manual = create("manual", &["--scheduled-snapshots=false"]);
+    let snapshots = |volume: &str| -> Vec<String> {
+        let run = platform.aloft(&[
+            "volumes",
+            "snapshots",
+            "list",
+            volume,
+            "-a",
+            "volsnap",
+            "--json",
+        ]);
+        assert!(run.ok(), "{run}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&run.stdout).unwrap();
+        list.iter()
+            .map(|s| s["id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let first = loop {
+        if let Some(first) = snapshots(&daily).first().cloned() {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no daily snapshot\n{}",
+            platform.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let file = platform
+        .data_dir()
+        .join(format!("agent/volumes/snapshots/{first}.ext4.zst"));
+    assert!(file.exists(), "{}", file.display());
+    // Kept one (scaled) day, then gone, file and all, while newer ones keep coming.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let now = snapshots(&daily);
+        if !now.contains(&first) && !now.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{first} never expired: {now:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!file.exists());
+    assert!(snapshots(&manual).is_empty(), "scheduled snapshots off");
+}

@@ -205,6 +205,19 @@ impl AgentClient {
             .map_err(agent_error)
     }
 
+    /// Deletes a snapshot (`DELETE /v1/volumes/{id}/snapshots/{snapshot}`).
+    pub async fn delete_snapshot(&self, id: &str, snapshot: &str) -> Result<(), ApiError> {
+        self.client
+            .json::<(), serde_json::Value>(
+                Method::DELETE,
+                &format!("/v1/volumes/{id}/snapshots/{snapshot}"),
+                None,
+            )
+            .await
+            .map(|_| ())
+            .map_err(agent_error)
+    }
+
     /// Deletes a volume's disk (`DELETE /v1/volumes/{id}`).
     pub async fn destroy_volume(&self, id: &str) -> Result<(), ApiError> {
         self.client

@@ -715,3 +715,77 @@ async fn volume_key(
     key.fill(0);
     Ok(Json(for_host?))
 }
+
+/// A day of volume time: 24 hours, divided by `aloft server --schedule-time-scale` (tests).
+fn day_ms(plane: &ControlPlane) -> i64 {
+    let scale = plane
+        .store
+        .setting(crate::timers::SETTING_SCHEDULE_TIME_SCALE)
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(1);
+    86_400_000 / scale
+}
+
+fn millis(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| t.timestamp_millis())
+        .unwrap_or(0)
+}
+
+/// Daily automatic snapshots of volumes with `auto_backup_enabled`, and the end of
+/// snapshots older than their `retention_days` (Fly's defaults: daily, kept 5 days).
+pub async fn run_scheduled_snapshots(plane: &ControlPlane) -> Result<(), crate::store::StoreError> {
+    let day = day_ms(plane);
+    let now = crate::store::now_millis();
+    for volume in plane.store.all_live_volumes()? {
+        let Ok(agent) = plane.agent(&volume.host_id) else {
+            continue;
+        };
+        let snapshots = plane.store.snapshots(&volume.id)?;
+        for old in &snapshots {
+            let age = now - millis(&old.created_at);
+            if age > day.saturating_mul(old.retention_days.max(1)) {
+                match agent.delete_snapshot(&volume.id, &old.id).await {
+                    Ok(()) => {}
+                    Err(err) if err.status == http::StatusCode::NOT_FOUND => {}
+                    Err(err) => {
+                        tracing::warn!(snapshot = %old.id, error = %err.message, "removing an expired snapshot");
+                        continue;
+                    }
+                }
+                plane.store.delete_snapshot(&old.id)?;
+                tracing::info!(volume = %volume.id, snapshot = %old.id, "expired snapshot removed");
+            }
+        }
+        if !volume.auto_backup_enabled {
+            continue;
+        }
+        let last = snapshots
+            .iter()
+            .map(|s| millis(&s.created_at))
+            .max()
+            .unwrap_or_else(|| millis(&volume.created_at));
+        if now - last < day {
+            continue;
+        }
+        let id = format!("vs_{}", names::random_id(16));
+        match agent.snapshot_volume(&volume.id, &id).await {
+            Ok(file) => plane.store.insert_snapshot(&SnapshotRow {
+                id,
+                volume_id: volume.id.clone(),
+                size: file.size as i64,
+                digest: file.digest,
+                status: "created".into(),
+                retention_days: volume.snapshot_retention,
+                created_at: now_rfc3339(),
+            })?,
+            Err(err) => {
+                tracing::warn!(volume = %volume.id, error = %err.message, "daily snapshot failed")
+            }
+        }
+    }
+    Ok(())
+}

@@ -1617,6 +1617,18 @@ impl Store {
         )
     }
 
+    /// Every volume not destroyed, of every app.
+    pub fn all_live_volumes(&self) -> StoreResult<Vec<VolumeRow>> {
+        let sql = format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state != 'destroyed' ORDER BY created_at, id"
+        );
+        self.read(|c| c.query(&sql, &[])?.iter().map(volume_from_row).collect())
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> StoreResult<()> {
+        self.execute("DELETE FROM volume_snapshots WHERE id = $1", &[id.into()])
+    }
+
     /// One snapshot by its id.
     pub fn snapshot(&self, id: &str) -> StoreResult<Option<SnapshotRow>> {
         self.read(|c| {
