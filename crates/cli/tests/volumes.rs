@@ -760,3 +760,58 @@ fn daily_snapshots_are_taken_and_expire() {
     assert!(!file.exists());
     assert!(snapshots(&manual).is_empty(), "scheduled snapshots off");
 }
+
+#[test]
+fn volumes_extend_themselves_past_their_threshold() {
+    require_platform!();
+    let platform = Platform::start_with(&["--driver", "container"]);
+    assert!(platform.aloft(&["apps", "create", "volgrow"]).ok());
+    let dir = busybox_app(
+        &platform,
+        "volgrow",
+        "\n[mounts]\n  source = \"data\"\n  destination = \"/data\"\n  auto_extend_size_threshold = 50\n  auto_extend_size_increment = \"1GB\"\n  auto_extend_size_limit = \"2GB\"\n",
+    );
+    let deploy = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
+    let id = machine_ids(&platform, "volgrow")[0].clone();
+    assert_eq!(volumes_json(&platform, "volgrow", false)[0]["size_gb"], 1);
+    let fill = in_machine(
+        &platform,
+        "volgrow",
+        &id,
+        "dd if=/dev/zero of=/data/fill bs=1M count=600 2>&1 && sync; echo rc=$?",
+    );
+    assert!(fill.stdout.contains("rc=0"), "{fill}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while volumes_json(&platform, "volgrow", false)[0]["size_gb"] != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the volume did not grow past 50 % use\n{}",
+            platform.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The filesystem grows online where the host allows it, else at the next start.
+    assert!(
+        platform
+            .aloft(&["machine", "restart", &id, "-a", "volgrow"])
+            .ok()
+    );
+    let df = in_machine_when_up(&platform, "volgrow", &id, "df -k /data | tail -n 1");
+    let total_kb: u64 = df
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    assert!(total_kb > 1536 * 1024, "2 GB inside: {df}");
+    // Never past the limit.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(volumes_json(&platform, "volgrow", false)[0]["size_gb"], 2);
+    assert_eq!(
+        in_machine(&platform, "volgrow", &id, "ls /data/fill")
+            .stdout
+            .trim(),
+        "/data/fill"
+    );
+}

@@ -1,7 +1,8 @@
 //! What the control plane does on its own clock: it starts machines whose `schedule` is due,
 //! and it probes every host's agent so machines can say whether their host answers
 //! (`host_status`); it takes volumes' daily snapshots and drops expired ones
-//! (`volumes::run_scheduled_snapshots`).
+//! (`volumes::run_scheduled_snapshots`), and grows volumes past their mount's
+//! auto-extend threshold (`volumes::run_auto_extend`).
 //!
 //! A schedule's next run is computed from stored state only (the machine's latest `start`
 //! event, else its creation time), so it survives restarts of the control plane. Runs
@@ -171,6 +172,9 @@ impl ControlPlane {
                 last_snapshots = Some(Instant::now());
                 if let Err(err) = crate::volumes::run_scheduled_snapshots(&self).await {
                     tracing::warn!(error = %err, "taking daily volume snapshots");
+                }
+                if let Err(err) = crate::volumes::run_auto_extend(&self).await {
+                    tracing::warn!(error = %err, "extending volumes automatically");
                 }
             }
             tokio::time::sleep(TICK).await;

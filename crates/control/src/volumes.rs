@@ -789,3 +789,57 @@ pub async fn run_scheduled_snapshots(plane: &ControlPlane) -> Result<(), crate::
     }
     Ok(())
 }
+
+/// `[mounts]`' `auto_extend_size_*`: a volume whose machine's mount sets a threshold grows
+/// by `add_size_gb` (up to `size_gb_limit`) once that much of it is used.
+pub async fn run_auto_extend(plane: &ControlPlane) -> Result<(), crate::store::StoreError> {
+    for mut volume in plane.store.all_live_volumes()? {
+        let Some(machine_id) = volume.attached_machine_id.clone() else {
+            continue;
+        };
+        let Some(machine) = plane.store.machine(&machine_id)? else {
+            continue;
+        };
+        let Some(mount) = machine.config.mounts.iter().find(|m| m.volume == volume.id) else {
+            continue;
+        };
+        let (Some(threshold), Some(add)) = (mount.extend_threshold_percent, mount.add_size_gb)
+        else {
+            continue;
+        };
+        let limit = mount
+            .size_gb_limit
+            .map(u64::from)
+            .unwrap_or(MAX_SIZE_GB)
+            .min(MAX_SIZE_GB);
+        let size = volume.size_gb.max(0) as u64;
+        if threshold == 0 || add == 0 || size >= limit {
+            continue;
+        }
+        let Ok(agent) = plane.agent(&volume.host_id) else {
+            continue;
+        };
+        let Ok(disk) = agent.volume(&volume.id).await else {
+            continue;
+        };
+        if disk.blocks == 0 {
+            continue;
+        }
+        let used = disk.blocks.saturating_sub(disk.blocks_avail) * 100 / disk.blocks;
+        if used < u64::from(threshold) {
+            continue;
+        }
+        let wanted = (size + u64::from(add)).min(limit);
+        match agent.extend_volume(&volume.id, wanted).await {
+            Ok(disk) => {
+                tracing::info!(volume = %volume.id, used_percent = used, from = size, to = wanted, needs_restart = disk.needs_restart, "volume extended automatically");
+                volume.size_gb = wanted as i64;
+                plane.store.update_volume(&volume)?;
+            }
+            Err(err) => {
+                tracing::warn!(volume = %volume.id, error = %err.message, "extending a volume automatically")
+            }
+        }
+    }
+    Ok(())
+}
