@@ -287,9 +287,9 @@ impl Volumes {
                 }
                 Err(why) => {
                     tracing::debug!(volume = id, why = %why, "growing the volume offline");
-                    self.release(id);
-                    self.resize_offline(id)?;
-                    false
+                    std::fs::write(self.pending_resize(id), b"")
+                        .map_err(failed(format!("recording the resize of volume {id}")))?;
+                    !self.resize_if_unused(id)?
                 }
             }
         };
@@ -361,6 +361,34 @@ impl Volumes {
             ));
         }
         run_e2fs("resize2fs", &[device.device.as_os_str()])
+    }
+
+    /// Unmounts the volume and, once nothing holds its filesystem any more (no loop
+    /// device left on the image), grows it offline; `false` (the resize stays pending)
+    /// when something still does: a filesystem in use is never touched from outside.
+    /// The caller holds the lock.
+    fn resize_if_unused(&self, id: &str) -> Result<bool, VolumeError> {
+        self.release(id);
+        let image = self.image(id);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // The last machine's mount namespace lets go of the device a moment after its
+        // processes end.
+        while block_image::loop_devices_under(&image)
+            .iter()
+            .any(|d| d.backing_file == image)
+        {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    volume = id,
+                    "the volume is still in use; it grows at its machine's next start"
+                );
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            self.release(id);
+        }
+        self.resize_offline(id)?;
+        Ok(true)
     }
 
     /// Checks and grows an unmounted volume's filesystem to its image's size.
@@ -653,9 +681,8 @@ impl Volumes {
             }
             check_id(&mount.volume)?;
             if self.pending_resize(&mount.volume).exists() {
-                // Its machine is starting, so nothing else holds the filesystem.
-                self.release(&mount.volume);
-                self.resize_offline(&mount.volume)?;
+                // Its machine is starting, so nothing else should hold the filesystem.
+                self.resize_if_unused(&mount.volume)?;
             }
             let key = keys.get(&mount.volume).map(Vec::as_slice);
             let source = self.unlock(&mount.volume, key).map_err(|e| match e {

@@ -1004,7 +1004,7 @@ impl Deployer<'_> {
                 && !config.mounts.is_empty()
             {
                 return Err(bad(format!(
-                    "the {} strategy cannot be used with volumes (process group '{group}' mounts one); use rolling or immediate",
+                    "{} deployment strategy is not supported when using mounted volumes (process group '{group}' mounts one); use rolling or immediate",
                     settings.strategy
                 )));
             }
