@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use aloft_api::internal::{
     AgentMachine, ExecResponse, LogLine, MachineExecRequest, MachineSpec, ProcessStat,
+    SnapshotFile, VolumeDisk, VolumeDiskRequest,
 };
 use aloft_api::{CheckStatus, SignalRequest, StopRequest};
 use axum::body::Body;
@@ -66,6 +67,15 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/machines/{id}/logs", get(logs))
         .route("/v1/machines/{id}/checks", get(checks))
         .route("/v1/machines/{id}/console", get(console))
+        .route(
+            "/v1/volumes/{id}",
+            get(get_volume).put(create_volume).delete(destroy_volume),
+        )
+        .route("/v1/volumes/{id}/extend", axum::routing::put(extend_volume))
+        .route(
+            "/v1/volumes/{id}/snapshots/{snapshot}",
+            post(snapshot_volume).delete(delete_snapshot),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -91,6 +101,59 @@ async fn require_token(State(agent): State<Arc<Agent>>, request: Request, next: 
         .into_response();
     }
     next.run(request).await
+}
+
+async fn get_volume(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<VolumeDisk> {
+    Ok(Json(agent.volume(&id).await?))
+}
+
+async fn create_volume(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(request): Json<VolumeDiskRequest>,
+) -> Result<VolumeDisk> {
+    Ok(Json(
+        agent
+            .create_volume(
+                &id,
+                request.size_gb,
+                request.key.as_ref(),
+                request.snapshot_id.as_deref(),
+                request.source_volume_id.as_deref(),
+            )
+            .await?,
+    ))
+}
+
+async fn snapshot_volume(
+    State(agent): State<Arc<Agent>>,
+    Path((id, snapshot)): Path<(String, String)>,
+) -> Result<SnapshotFile> {
+    Ok(Json(agent.snapshot_volume(&id, &snapshot).await?))
+}
+
+async fn delete_snapshot(
+    State(agent): State<Arc<Agent>>,
+    Path((_id, snapshot)): Path<(String, String)>,
+) -> Result<serde_json::Value> {
+    agent.delete_snapshot(&snapshot).await?;
+    Ok(Json(serde_json::json!({ "ok": true })))
+}
+
+async fn extend_volume(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(request): Json<VolumeDiskRequest>,
+) -> Result<VolumeDisk> {
+    Ok(Json(agent.extend_volume(&id, request.size_gb).await?))
+}
+
+async fn destroy_volume(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<serde_json::Value> {
+    agent.destroy_volume(&id).await?;
+    Ok(Json(serde_json::json!({ "ok": true })))
 }
 
 async fn list(State(agent): State<Arc<Agent>>) -> Result<Vec<AgentMachine>> {

@@ -316,6 +316,8 @@ impl Driver for ContainerDriver {
             request.link,
             request.guest,
         )?;
+        crate::volumes::add_to_bundle(request.machine_dir, request.volumes)
+            .map_err(|e| DriverError::Start(e.to_string()))?;
         let bundled = began.elapsed();
         let pid = self.launch(request.machine_dir, request.machine_id, request.init)?;
         tracing::debug!(machine = request.machine_id, ?mounted, ?bundled, total = ?began.elapsed(), "container started");

@@ -59,6 +59,8 @@ pub struct StartRequest<'a> {
     /// The machine's root filesystem size (`rootfs.size_gb`, or the host's default): a
     /// container's writable layer, a microVM's root disk.
     pub rootfs_size_gb: u32,
+    /// Volumes mounted on the host, to appear at their paths inside the machine.
+    pub volumes: &'a [crate::volumes::VolumeMount],
 }
 
 /// A terminal's size in characters.

@@ -22,6 +22,7 @@ pub mod secrets;
 pub mod shim;
 pub mod store;
 pub mod unpack;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -96,6 +97,7 @@ pub struct Agent {
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: tokio::sync::Notify,
     checks: checks::Checks,
+    volumes: volumes::Volumes,
 }
 
 const DEFAULT_KILL_SIGNAL: &str = "SIGINT";
@@ -110,6 +112,15 @@ const MIN_MEMORY_MB: u32 = 64;
 
 fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+fn volume_failure(err: volumes::VolumeError) -> AgentError {
+    match err {
+        volumes::VolumeError::NotFound(_) => AgentError::NotFound(err.to_string()),
+        volumes::VolumeError::BadRequest(m) => AgentError::BadRequest(m),
+        volumes::VolumeError::Conflict(m) => AgentError::Conflict(m),
+        volumes::VolumeError::Failed(m) => AgentError::Failed(m),
+    }
 }
 
 fn driver_failure(err: DriverError) -> AgentError {
@@ -200,6 +211,8 @@ impl Agent {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         logs::expire(&logs_archive, logs::RETENTION);
+        let volumes = volumes::Volumes::new(&root.join("volumes"))
+            .map_err(|e| anyhow::anyhow!("opening the volumes directory: {e}"))?;
         tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
         let secrets = secrets::SecretsSource::new(&config.control_url, &config.token, &host_id);
         Ok(Arc::new(Self {
@@ -214,6 +227,7 @@ impl Agent {
             locks: Default::default(),
             outbox: tokio::sync::Notify::new(),
             checks: checks::Checks::default(),
+            volumes,
         }))
     }
 
@@ -425,8 +439,20 @@ impl Agent {
         let id = spec.id.clone();
         let prepared = began.elapsed();
         let config = spec.config.clone();
+        let volumes = self.volumes.clone();
+        let spec_for_volumes = spec.clone();
+        let mut volume_keys = HashMap::new();
+        for mount in &spec.config.mounts {
+            if volumes.is_encrypted(&mount.volume) {
+                let key = self.secrets.volume_key(&mount.volume).await?;
+                volume_keys.insert(mount.volume.clone(), key);
+            }
+        }
         tokio::task::spawn_blocking(move || {
             let scheduled = began.elapsed();
+            let volume_mounts = volumes
+                .mounts_for(&spec_for_volumes, &volume_keys)
+                .map_err(|e| format!("volumes: {e}"))?;
             driver
                 .ensure_network(&link)
                 .map_err(|e| format!("machine network: {e}"))?;
@@ -440,6 +466,7 @@ impl Agent {
                 config: &config,
                 init: &init,
                 rootfs_size_gb,
+                volumes: &volume_mounts,
             };
             let started = driver.start(&request).map_err(|e| e.to_string());
             tracing::debug!(machine = %id, ?prepared, ?scheduled, ?networked, total = ?began.elapsed(), "machine launched");
@@ -938,6 +965,106 @@ impl Agent {
         Ok(Self::view(&record))
     }
 
+    /// Makes a volume's disk on this host (see [`volumes`]).
+    pub async fn create_volume(
+        &self,
+        id: &str,
+        size_gb: u64,
+        key: Option<&aloft_api::secrets::Sealed>,
+        snapshot_id: Option<&str>,
+        source_volume_id: Option<&str>,
+    ) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
+        let key = match key {
+            Some(sealed) => Some(
+                self.secrets
+                    .open_volume_key(id, sealed)
+                    .await
+                    .map_err(AgentError::Failed)?,
+            ),
+            None => None,
+        };
+        let (volumes, id) = (self.volumes.clone(), id.to_string());
+        if let Some(source) = source_volume_id.map(str::to_string) {
+            return tokio::task::spawn_blocking(move || volumes.fork(&id, &source, size_gb))
+                .await
+                .map_err(|e| AgentError::Failed(e.to_string()))?
+                .map_err(volume_failure);
+        }
+        if let Some(snapshot) = snapshot_id.map(str::to_string) {
+            return tokio::task::spawn_blocking(move || volumes.restore(&id, &snapshot, size_gb))
+                .await
+                .map_err(|e| AgentError::Failed(e.to_string()))?
+                .map_err(volume_failure);
+        }
+        tokio::task::spawn_blocking(move || volumes.create(&id, size_gb, key.as_deref()))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
+    /// Takes a snapshot of a volume (see [`volumes::Volumes::snapshot`]).
+    pub async fn snapshot_volume(
+        &self,
+        id: &str,
+        snapshot: &str,
+    ) -> Result<aloft_api::internal::SnapshotFile, AgentError> {
+        let (volumes, id, snapshot) = (self.volumes.clone(), id.to_string(), snapshot.to_string());
+        tokio::task::spawn_blocking(move || volumes.snapshot(&id, &snapshot))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
+    /// Deletes a snapshot taken on this host.
+    pub async fn delete_snapshot(&self, snapshot: &str) -> Result<(), AgentError> {
+        let (volumes, snapshot) = (self.volumes.clone(), snapshot.to_string());
+        tokio::task::spawn_blocking(move || volumes.delete_snapshot(&snapshot))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
+    /// A volume's sizes and filesystem counts.
+    pub async fn volume(&self, id: &str) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
+        let (volumes, id) = (self.volumes.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || volumes.status(&id))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
+    /// Grows a volume online.
+    pub async fn extend_volume(
+        &self,
+        id: &str,
+        size_gb: u64,
+    ) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
+        let in_use =
+            self.store.machines()?.into_iter().any(|r| {
+                r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
+            });
+        let (volumes, id) = (self.volumes.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || volumes.extend(&id, size_gb, in_use))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
+    /// Deletes a volume's disk, unless a machine on this host mounts it.
+    pub async fn destroy_volume(&self, id: &str) -> Result<(), AgentError> {
+        let user = self
+            .store
+            .machines()?
+            .into_iter()
+            .find(|r| r.spec.config.mounts.iter().any(|m| m.volume == id))
+            .map(|r| r.spec.id);
+        let (volumes, id) = (self.volumes.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || volumes.destroy(&id, user.as_deref()))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure)
+    }
+
     /// Removes cached image layers no machine on this host uses any more.
     pub fn collect_garbage(&self) {
         let Ok(records) = self.store.machines() else {
@@ -1038,10 +1165,12 @@ impl Agent {
             .map(|r| (r.spec.id.clone(), self.machine_dir(&r.spec.id)))
             .collect();
         let driver = self.driver.clone();
+        let volumes = self.volumes.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for (id, dir) in stopped {
                 driver.release_storage(&id, &dir);
             }
+            volumes.release_all();
         })
         .await;
         let _ = tokio::task::spawn_blocking(move || links.iter().for_each(network::teardown)).await;

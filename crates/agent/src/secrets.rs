@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use aloft_api::internal::{InitConfig, InitFile, MachineSpec};
-use aloft_api::secrets::{HostSecretsKey, MachineSecrets, OpenSecretsError, decode_key};
+use aloft_api::secrets::{
+    HostSecretsKey, MachineSecrets, OpenSecretsError, Sealed, decode_key, volume_key_host_aad,
+};
 use aloft_client::{Client, ClientError};
 use base64::Engine;
 
@@ -75,6 +77,38 @@ impl SecretsSource {
             .map_err(|e| format!("the control plane sent an unusable host secrets key: {e}"))?;
         *cached = Some(key.clone());
         Ok(key)
+    }
+
+    /// Opens a volume's encryption key sealed for this host (in memory only).
+    pub async fn open_volume_key(&self, volume: &str, sealed: &Sealed) -> Result<Vec<u8>, String> {
+        let aad = volume_key_host_aad(&self.host_id, volume);
+        for attempt in 0..2 {
+            let key = self.host_key().await?;
+            if let Ok(raw) = sealed.open(&key, &aad) {
+                return Ok(raw);
+            }
+            if attempt == 0 {
+                // The root key was rotated since the host key was fetched.
+                *self.host_key.lock().await = None;
+            }
+        }
+        Err(format!(
+            "the key of volume {volume} does not open with this host's key"
+        ))
+    }
+
+    /// A volume's encryption key, fetched from the control plane sealed for this host.
+    pub async fn volume_key(&self, volume: &str) -> Result<Vec<u8>, String> {
+        let path = format!(
+            "/v1/hosts/{}/volumes/{}/key",
+            aloft_client::encode_component(&self.host_id),
+            aloft_client::encode_component(volume)
+        );
+        let sealed: Sealed = self
+            .get(&path)
+            .await
+            .map_err(|e| format!("fetching the key of volume {volume}: {e}"))?;
+        self.open_volume_key(volume, &sealed).await
     }
 
     /// The machine's secrets, opened: name → value.

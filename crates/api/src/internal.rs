@@ -456,3 +456,49 @@ impl std::fmt::Debug for InitFile {
             .finish()
     }
 }
+
+/// `PUT /v1/volumes/{id}` on the agent: make the volume's disk (a new, empty ext4 of
+/// `size_gb`), or `PUT /v1/volumes/{id}/extend`: grow it to `size_gb`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDiskRequest {
+    pub size_gb: u64,
+    /// On create: the volume's encryption key, sealed for the host
+    /// ([`crate::secrets::volume_key_host_aad`]); none for an unencrypted volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::secrets::Sealed>,
+    /// On create: fill the volume from this snapshot (taken on this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// On create: fill the volume with a copy of this volume of the host (a fork).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_volume_id: Option<String>,
+}
+
+/// A volume snapshot on its host: the compressed image's size and checksum.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFile {
+    pub id: String,
+    pub volume: String,
+    /// The compressed snapshot's size in bytes.
+    pub size: u64,
+    /// The volume's size in bytes when it was taken.
+    pub volume_size: u64,
+    /// `sha256:` and the hex digest of the compressed file.
+    pub digest: String,
+    pub encrypted: bool,
+}
+
+/// A volume's disk on its host, as the agent sees it: the image's size and the
+/// filesystem's counts (statvfs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDisk {
+    pub id: String,
+    pub size_bytes: u64,
+    pub blocks: u64,
+    pub block_size: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    /// Whether a size change needs the machine using the volume to restart.
+    #[serde(default)]
+    pub needs_restart: bool,
+}

@@ -218,6 +218,16 @@ pub fn host_wrap_aad(host: &str, app: &str) -> Vec<u8> {
     format!("aloft/host-wrap/v1\0{host}\0{app}").into_bytes()
 }
 
+/// Associated data of a volume's encryption key sealed for the host that holds it.
+pub fn volume_key_host_aad(host: &str, volume: &str) -> Vec<u8> {
+    format!("aloft/volume-key-host/v1\0{host}\0{volume}").into_bytes()
+}
+
+/// Associated data of a volume's encryption key as the control plane stores it.
+pub fn volume_key_aad(volume: &str) -> Vec<u8> {
+    format!("aloft/volume-key/v1\0{volume}").into_bytes()
+}
+
 /// Decodes a base64 key of [`KEY_LEN`] bytes.
 pub fn decode_key(text: &str) -> Result<Vec<u8>, SealError> {
     let key = b64().decode(text.trim()).map_err(|_| SealError::Encoding)?;

@@ -146,6 +146,12 @@ enum Command {
         #[command(subcommand)]
         command: commands::ips::IpsCommand,
     },
+    /// Manage Fly Volumes: persistent storage for machines.
+    #[command(alias = "volume", alias = "vol", alias = "v")]
+    Volumes {
+        #[command(subcommand)]
+        command: commands::volumes::VolumesCommand,
+    },
     /// Look up a name with the app's private-network resolver.
     Dig(commands::dig::DigArgs),
     /// Forward a local port to an address in the app's private network.
@@ -355,6 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Certs { command } => commands::certs::run(&api, command).await?,
         Command::Ips { command } => commands::ips::run(&api, command).await?,
+        Command::Volumes { command } => commands::volumes::run(&api, command).await?,
         Command::Dig(args) => commands::dig::run(&api, args).await?,
         Command::Proxy(args) => commands::proxy::run(&api, args).await?,
         Command::Orgs { command } => commands::orgs::run(&api, command)

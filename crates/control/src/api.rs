@@ -550,6 +550,7 @@ async fn delete_app(
     for machine in plane.store.list_machines(&app.id, false)? {
         plane.destroy_machine(&machine, true).await?;
     }
+    crate::volumes::destroy_all(&plane, &app).await?;
     // Before the app goes: once it is gone, another org may create an app of the same
     // name, and its repository must start empty.
     crate::releases::delete_app_repository(&plane, &app.name).await?;

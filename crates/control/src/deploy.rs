@@ -34,6 +34,9 @@ use crate::api::{JsonBody, visible_app};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::place;
+
+/// flyctl's `DefaultVolumeInitialSizeGB`.
+const DEFAULT_VOLUME_INITIAL_SIZE_GB: u64 = 1;
 use crate::rollout::{self, MachineFailure, group_of};
 use crate::store::{AppRow, DeployRow, MachineRow, Store, StoreError, now_rfc3339};
 
@@ -965,6 +968,21 @@ impl Deployer<'_> {
             let machine_config = config
                 .to_machine_config(&group, options)
                 .map_err(|e| bad(format!("process group {group}: {e}")))?;
+            let mut machine_config = machine_config;
+            // The size of the volumes a first deploy makes (flyctl's default: 1 GB).
+            for mount in &mut machine_config.mounts {
+                let initial = config
+                    .mounts
+                    .iter()
+                    .find(|m| m.source == mount.name)
+                    .and_then(|m| m.initial_size.as_deref())
+                    .filter(|s| !s.trim().is_empty());
+                if let Some(text) = initial {
+                    let gb = aloft_config::parse_volume_size_gb(text)
+                        .map_err(|e| bad(format!("mounts: initial_size {text:?}: {e}")))?;
+                    mount.size_gb = Some(u32::try_from(gb).unwrap_or(u32::MAX));
+                }
+            }
             wanted.insert(group, machine_config);
         }
         if rolling_out_already {
@@ -1447,7 +1465,7 @@ impl Deployer<'_> {
                 && !config.mounts.is_empty()
             {
                 return Err(bad(format!(
-                    "the {} strategy cannot be used with volumes (process group '{group}' mounts one); use rolling or immediate",
+                    "{} deployment strategy is not supported when using mounted volumes (process group '{group}' mounts one); use rolling or immediate",
                     settings.strategy
                 )));
             }
@@ -1459,6 +1477,51 @@ impl Deployer<'_> {
                     "the bluegreen strategy needs at least one health check: process group '{group}' has services but no checks; add [[http_service.checks]] (or [[services.http_checks]]/[[services.tcp_checks]]) to fly.toml"
                 )));
             }
+        }
+
+        // A volume can't be attached to an existing machine: one that gains a mount is
+        // replaced by a new machine with an unattached volume of that name, as flyctl does.
+        let mut replacements: Vec<(MachineRow, MachineConfig)> = Vec::new();
+        let mut missing: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+        let mut taken = Vec::new();
+        let mut kept = Vec::new();
+        for (machine, config) in targets {
+            if config.mounts.is_empty() || !machine.config.mounts.is_empty() {
+                kept.push((machine, config));
+                continue;
+            }
+            let group = group_of(&machine).to_string();
+            let mut replacement = config.clone();
+            match self
+                .volume_for_new_machine(
+                    &group,
+                    &mut replacement,
+                    &machine.region,
+                    false,
+                    &mut taken,
+                )
+                .await
+            {
+                Ok(()) => replacements.push((machine, replacement)),
+                Err(_) => {
+                    let name = config.mounts[0].name.clone();
+                    *missing
+                        .entry((group, name, machine.region.clone()))
+                        .or_default() += 1;
+                }
+            }
+        }
+        let targets = kept;
+        if let Some(((group, name, _), _)) = missing.iter().next() {
+            let counts: Vec<String> = missing
+                .iter()
+                .filter(|((g, n, _), _)| g == group && n == name)
+                .map(|((_, _, region), count)| format!("{region}={count}"))
+                .collect();
+            return Err(bad(format!(
+                "Process group '{group}' needs volumes with name '{name}' to fulfill mounts defined in fly.toml; Run `aloft volume create {name} -r REGION -n COUNT` for the following regions and counts: {}",
+                counts.join(" ")
+            )));
         }
 
         if !targets.is_empty() {
@@ -1483,6 +1546,27 @@ impl Deployer<'_> {
                         .await?
                 }
             }
+        }
+        for (machine, config) in replacements {
+            let group = group_of(&machine).to_string();
+            self.say(format!(
+                "Replacing machine {} [{group}] with one that mounts volume {}",
+                machine.id, config.mounts[0].volume
+            ))
+            .await;
+            let id = match self.launch_healthy(config, &machine.region, settings).await {
+                Ok(id) => id,
+                Err((id, err)) => {
+                    if let Some(id) = id {
+                        self.destroy_quietly(&id).await;
+                    }
+                    return Err(err);
+                }
+            };
+            rollout::set_routed(self.plane, &id, true)?;
+            rollout::retire(self.plane, &machine).await?;
+            self.say(format!("Machine {id} [{group}] is started and healthy"))
+                .await;
         }
         for (group, config) in &new_groups {
             self.create_group(group, config, region, settings).await?;
@@ -1516,7 +1600,18 @@ impl Deployer<'_> {
             "Creating {count} machine(s) for process group '{group}' in region {region}"
         ))
         .await;
-        let launches = (0..count).map(|_| self.launch_healthy(config.clone(), region, settings));
+        let mut configs = Vec::new();
+        let mut taken = Vec::new();
+        for _ in 0..count {
+            let mut config = config.clone();
+            let first_deploy = self.plane.store.releases(&self.app.id, 2)?.len() <= 1;
+            self.volume_for_new_machine(group, &mut config, region, first_deploy, &mut taken)
+                .await?;
+            configs.push(config);
+        }
+        let launches = configs
+            .into_iter()
+            .map(|config| self.launch_healthy(config, region, settings));
         let results = join_all(launches).await;
         let mut created = Vec::new();
         let mut first_error = None;
@@ -1541,6 +1636,79 @@ impl Deployer<'_> {
                 .await;
         }
         self.note(|r| r.done.extend(created.iter().cloned()));
+        Ok(())
+    }
+
+    /// Fills in the volume a new machine of `group` mounts (`mounts[0].volume`): an
+    /// unattached volume of the app with the mount's name in `region`, or, when `create`
+    /// (the app's first deploy, `scale count`), a new one of the mount's `size_gb`
+    /// (fly.toml's `initial_size`; 1 GB unless set), as flyctl does.
+    pub(crate) async fn volume_for_new_machine(
+        &self,
+        group: &str,
+        config: &mut MachineConfig,
+        region: &str,
+        create: bool,
+        taken: &mut Vec<String>,
+    ) -> Result<(), DeployError> {
+        let Some(mount) = config.mounts.first_mut() else {
+            return Ok(());
+        };
+        if !mount.volume.is_empty() {
+            return Ok(());
+        }
+        let name = mount.name.clone();
+        let free = self
+            .plane
+            .store
+            .list_volumes(&self.app.id, false)?
+            .into_iter()
+            .find(|v| {
+                v.name == name
+                    && v.region == region
+                    && !taken.contains(&v.id)
+                    && v.attached_machine_id.as_deref().is_none_or(|m| {
+                        !matches!(self.plane.store.machine(m), Ok(Some(row)) if row.state != MachineState::Destroyed)
+                    })
+            });
+        if let Some(volume) = free {
+            taken.push(volume.id.clone());
+            mount.volume = volume.id;
+            return Ok(());
+        }
+        if !create {
+            return Err(bad(format!(
+                "creating a new machine in group '{group}' requires an unattached '{name}' volume. Create it with `aloft volume create {name}`"
+            )));
+        }
+        let size = mount
+            .size_gb
+            .map(u64::from)
+            .unwrap_or(DEFAULT_VOLUME_INITIAL_SIZE_GB);
+        self.say(format!(
+            "Creating a {size} GB volume named '{name}' for process group '{group}'. Use 'aloft vol extend' to increase its size"
+        ))
+        .await;
+        let volume = crate::volumes::create(
+            self.plane,
+            self.app,
+            &aloft_api::CreateVolumeRequest {
+                name: name.clone(),
+                region: Some(region.to_string()),
+                size_gb: Some(size),
+                encrypted: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            bad(format!(
+                "creating volume '{name}' for process group '{group}': {}",
+                e.message
+            ))
+        })?;
+        taken.push(volume.id.clone());
+        mount.volume = volume.id;
         Ok(())
     }
 

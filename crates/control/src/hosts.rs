@@ -1,6 +1,6 @@
 //! Hosts (one agent each), placement, and the client the control plane uses to drive agents.
 
-use aloft_api::internal::{AgentMachine, MachineSpec};
+use aloft_api::internal::{AgentMachine, MachineSpec, VolumeDisk, VolumeDiskRequest};
 use aloft_api::{
     ExecResponse, MachineExecRequest, ProcessStat, SignalRequest, StopRequest, regions,
 };
@@ -143,6 +143,87 @@ impl AgentClient {
         self.client
             .post(&format!("/v1/machines/{id}/exec"), request)
             .await
+            .map_err(agent_error)
+    }
+
+    /// Makes a volume's disk on the host (`PUT /v1/volumes/{id}`).
+    pub async fn create_volume(
+        &self,
+        id: &str,
+        size_gb: u64,
+        key: Option<aloft_api::secrets::Sealed>,
+        snapshot_id: Option<String>,
+        source_volume_id: Option<String>,
+    ) -> Result<VolumeDisk, ApiError> {
+        self.client
+            .put(
+                &format!("/v1/volumes/{id}"),
+                &VolumeDiskRequest {
+                    size_gb,
+                    key,
+                    snapshot_id,
+                    source_volume_id,
+                },
+            )
+            .await
+            .map_err(agent_error)
+    }
+
+    /// A volume's sizes and filesystem counts (`GET /v1/volumes/{id}`).
+    pub async fn volume(&self, id: &str) -> Result<VolumeDisk, ApiError> {
+        self.client
+            .get(&format!("/v1/volumes/{id}"))
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Grows a volume (`PUT /v1/volumes/{id}/extend`).
+    pub async fn extend_volume(&self, id: &str, size_gb: u64) -> Result<VolumeDisk, ApiError> {
+        self.client
+            .put(
+                &format!("/v1/volumes/{id}/extend"),
+                &VolumeDiskRequest {
+                    size_gb,
+                    key: None,
+                    snapshot_id: None,
+                    source_volume_id: None,
+                },
+            )
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Takes a snapshot of a volume (`POST /v1/volumes/{id}/snapshots/{snapshot}`).
+    pub async fn snapshot_volume(
+        &self,
+        id: &str,
+        snapshot: &str,
+    ) -> Result<aloft_api::internal::SnapshotFile, ApiError> {
+        self.client
+            .post(&format!("/v1/volumes/{id}/snapshots/{snapshot}"), &())
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Deletes a snapshot (`DELETE /v1/volumes/{id}/snapshots/{snapshot}`).
+    pub async fn delete_snapshot(&self, id: &str, snapshot: &str) -> Result<(), ApiError> {
+        self.client
+            .json::<(), serde_json::Value>(
+                Method::DELETE,
+                &format!("/v1/volumes/{id}/snapshots/{snapshot}"),
+                None,
+            )
+            .await
+            .map(|_| ())
+            .map_err(agent_error)
+    }
+
+    /// Deletes a volume's disk (`DELETE /v1/volumes/{id}`).
+    pub async fn destroy_volume(&self, id: &str) -> Result<(), ApiError> {
+        self.client
+            .json::<(), serde_json::Value>(Method::DELETE, &format!("/v1/volumes/{id}"), None)
+            .await
+            .map(|_| ())
             .map_err(agent_error)
     }
 

@@ -561,8 +561,35 @@ impl ControlPlane {
         let org_guard = org_lock.lock().await;
         self.check_org_limits(app, &request.config, None)?;
         let hosts = self.store.hosts()?;
-        let wanted = self.wanted_region(request.region.as_deref(), &hosts)?;
-        let placement = place(&hosts, &wanted)?;
+        let volume = crate::volumes::volume_for_machine(
+            self,
+            app,
+            &request.config,
+            request.region.as_deref(),
+        )?;
+        let placement = match &volume {
+            // The machine runs where its volume is.
+            Some(volume) => {
+                let host = hosts
+                    .iter()
+                    .find(|h| h.id == volume.host_id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ApiError::unavailable(format!(
+                            "the host of volume {} ({}) is not registered",
+                            volume.id, volume.host_id
+                        ))
+                    })?;
+                crate::hosts::Placement {
+                    region: host.region.clone(),
+                    host,
+                }
+            }
+            None => {
+                let wanted = self.wanted_region(request.region.as_deref(), &hosts)?;
+                place(&hosts, &wanted)?
+            }
+        };
         let now = now_rfc3339();
         let mut row = MachineRow {
             id: names::machine_id(),
@@ -590,8 +617,15 @@ impl ControlPlane {
         row.private_ip = Some(self.store.insert_machine_allocating(&row, |c| {
             crate::ips::machine_private_ip_in(c, app, &host_id)
         })?);
+        if let Some(volume) = &volume
+            && let Err(err) = crate::volumes::attach(self, volume, &row.id)
+        {
+            self.store.delete_machine(&row.id)?;
+            return Err(err);
+        }
         drop(org_guard);
         if let Err(err) = agent.put(&self.spec(&row, app, &agent)).await {
+            self.store.detach_volumes_of(&row.id)?;
             self.store.delete_machine(&row.id)?;
             self.forget_agent(&row.host_id);
             return Err(err);
@@ -783,7 +817,7 @@ impl ControlPlane {
         &self,
         app: &AppRow,
         row: &MachineRow,
-        config: MachineConfig,
+        mut config: MachineConfig,
         options: UpdateOptions,
     ) -> ApiResult<MachineRow> {
         crate::validate::machine_config(&config)?;
@@ -791,6 +825,7 @@ impl ControlPlane {
         let _guard = lock.lock().await;
         let row = self.reload(&row.id)?;
         plan(Operation::Update, row.state)?;
+        crate::volumes::keep_volume(&row.config, &mut config, &row.id)?;
         self.check_org_limits(app, &config, Some(&row.id))?;
         let was_running = matches!(row.state, MachineState::Started);
         let before = row.state;
@@ -813,6 +848,9 @@ impl ControlPlane {
         };
         self.store
             .update_machine_config(&row.id, &instance_id, &config, settled, None)?;
+        if config.mounts.is_empty() && !row.config.mounts.is_empty() {
+            self.store.detach_volumes_of(&row.id)?;
+        }
         if let Some(cordoned) = options.skip_service_registration {
             self.store.set_machine_cordoned(&row.id, cordoned)?;
         }
@@ -855,6 +893,7 @@ impl ControlPlane {
             Some(&user_event("destroy", MachineState::Destroyed, None)),
         )?;
         let _ = self.store.release_lease(&row.id, "", i64::MAX);
+        self.store.detach_volumes_of(&row.id)?;
         self.publish(&self.reload(&row.id)?);
         self.forget_machine_lock(&row.id);
         Ok(())

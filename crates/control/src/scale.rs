@@ -204,8 +204,33 @@ async fn count(
             progress,
             record: None,
         };
-        let launches = (0..adding)
-            .map(|_| deployer.launch_healthy(template.config.clone(), &target_region, &settings));
+        // Each new machine gets a volume of its own (an unattached one of the same name,
+        // else a new one the size of the template's), never the template's.
+        let mut configs = Vec::new();
+        let mut taken = Vec::new();
+        for _ in 0..adding {
+            let mut config = template.config.clone();
+            if let Some(mount) = config.mounts.first_mut() {
+                let template_volume = plane.store.volume(&mount.volume)?;
+                if mount.name.is_empty() {
+                    mount.name = template_volume
+                        .as_ref()
+                        .map(|v| v.name.clone())
+                        .unwrap_or_default();
+                }
+                if let Some(volume) = &template_volume {
+                    mount.size_gb = Some(u32::try_from(volume.size_gb).unwrap_or(1));
+                }
+                mount.volume.clear();
+                deployer
+                    .volume_for_new_machine(group, &mut config, &target_region, true, &mut taken)
+                    .await?;
+            }
+            configs.push(config);
+        }
+        let launches = configs
+            .into_iter()
+            .map(|config| deployer.launch_healthy(config, &target_region, &settings));
         let mut created = Vec::new();
         let mut first_error = None;
         for result in join_all(launches).await {

@@ -1,6 +1,8 @@
 //! What the control plane does on its own clock: it starts machines whose `schedule` is due,
 //! and it probes every host's agent so machines can say whether their host answers
-//! (`host_status`).
+//! (`host_status`); it takes volumes' daily snapshots and drops expired ones
+//! (`volumes::run_scheduled_snapshots`), and grows volumes past their mount's
+//! auto-extend threshold (`volumes::run_auto_extend`).
 //!
 //! A schedule's next run is computed from stored state only (the machine's latest `start`
 //! event, else its creation time), so it survives restarts of the control plane. Runs
@@ -25,6 +27,8 @@ pub const SETTING_SCHEDULE_TIME_SCALE: &str = "schedule.time_scale";
 const TICK: Duration = Duration::from_secs(1);
 /// How often each host's agent is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How often volumes are checked for a due daily snapshot or an expired one.
+const SNAPSHOTS_EVERY: Duration = Duration::from_secs(2);
 /// A probe that takes longer than this counts as a failure.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -153,6 +157,7 @@ impl ControlPlane {
     /// The control plane's clock: schedules and host probes, until the process ends.
     pub async fn run_timers(self: Arc<Self>) {
         let mut last_probe: Option<Instant> = None;
+        let mut last_snapshots: Option<Instant> = None;
         loop {
             if last_probe.is_none_or(|at| at.elapsed() >= PROBE_EVERY) {
                 last_probe = Some(Instant::now());
@@ -162,6 +167,15 @@ impl ControlPlane {
             }
             if let Err(err) = self.run_due_schedules().await {
                 tracing::warn!(error = %err, "running scheduled machines");
+            }
+            if last_snapshots.is_none_or(|at| at.elapsed() >= SNAPSHOTS_EVERY) {
+                last_snapshots = Some(Instant::now());
+                if let Err(err) = crate::volumes::run_scheduled_snapshots(&self).await {
+                    tracing::warn!(error = %err, "taking daily volume snapshots");
+                }
+                if let Err(err) = crate::volumes::run_auto_extend(&self).await {
+                    tracing::warn!(error = %err, "extending volumes automatically");
+                }
             }
             tokio::time::sleep(TICK).await;
         }

@@ -146,12 +146,7 @@ pub fn machine_config(config: &MachineConfig) -> ApiResult<()> {
         ));
     }
     for (i, mount) in config.mounts.iter().enumerate() {
-        if !mount.path.starts_with('/') {
-            return Err(invalid(
-                &format!("config.mounts[{i}].path"),
-                format!("{:?} must be an absolute path", mount.path),
-            ));
-        }
+        mount_path(&mount.path).map_err(|why| invalid(&format!("config.mounts[{i}].path"), why))?;
     }
     if let Some(schedule) = config.schedule.as_deref().filter(|s| !s.is_empty())
         && !SCHEDULES.contains(&schedule)
@@ -334,5 +329,84 @@ mod tests {
         assert!(machine_name("no spaces").is_err());
         assert!(metadata_key("fly_process_group").is_ok());
         assert!(metadata_key("").is_err());
+    }
+}
+
+/// Directories a volume may not be mounted over (or, for the first four, under): the
+/// machine's system would be hidden or the platform's mounts shadowed.
+const SYSTEM_PATHS: &[&str] = &[
+    "/proc", "/sys", "/dev", "/.fly", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+    "/libx32", "/usr", "/boot", "/run", "/var", "/root",
+];
+const SYSTEM_TREES: &[&str] = &["/proc", "/sys", "/dev", "/.fly"];
+
+/// A volume's mount path: absolute, plain (no `.`, `..` or empty components), not `/`
+/// and not a system directory.
+pub fn mount_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must be an absolute path, such as /data"));
+    }
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err(format!(
+            "{path:?} would hide the machine's whole root filesystem: mount the volume at a directory such as /data"
+        ));
+    }
+    if trimmed[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "{path:?} must be a plain path without '.', '..' or '//', such as /data"
+        ));
+    }
+    if path.contains('\0') || path.len() > 4096 {
+        return Err(format!("{path:?} is not a usable path"));
+    }
+    if SYSTEM_PATHS.contains(&trimmed)
+        || SYSTEM_TREES
+            .iter()
+            .any(|tree| trimmed.starts_with(&format!("{tree}/")))
+    {
+        return Err(format!(
+            "{path:?} would shadow a system directory of the machine: mount the volume at a directory of its own, such as /data"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod mount_path_tests {
+    use super::mount_path;
+
+    #[test]
+    fn mount_paths_must_not_shadow_the_system() {
+        for good in [
+            "/data",
+            "/var/lib/postgresql/data",
+            "/app/uploads/",
+            "/root/data",
+        ] {
+            assert!(mount_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "data",
+            "/",
+            "//",
+            "/proc",
+            "/proc/x",
+            "/sys",
+            "/dev/shm",
+            "/etc",
+            "/usr/",
+            "/.fly",
+            "/var",
+            "/a/../etc",
+            "/a/./b",
+            "/a//b",
+        ] {
+            assert!(mount_path(bad).is_err(), "{bad}");
+        }
     }
 }

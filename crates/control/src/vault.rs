@@ -895,6 +895,26 @@ impl Vault {
     }
 }
 
+impl Vault {
+    /// The key volumes' encryption keys are sealed under (see `volumes`); made on first
+    /// use and kept, like the token key, among the data keys.
+    pub fn volume_sealing_key(&self) -> Result<Vec<u8>, VaultError> {
+        self.with(|c, keys| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let volumes = AppRef {
+                id: VOLUME_SEALING_KEY_ID,
+                name: "volume keys",
+            };
+            let key = data_key(&tx, keys, volumes, true)?.ok_or(VaultError::Seal)?;
+            tx.commit()?;
+            Ok(key)
+        })
+    }
+}
+
+/// Where the key that seals volumes' keys is kept (see [`TOKEN_SEALING_KEY_ID`]).
+const VOLUME_SEALING_KEY_ID: &str = "!volumes";
+
 /// Where the key that seals TLS private keys is kept (see [`TOKEN_SEALING_KEY_ID`]).
 const CERTIFICATE_SEALING_KEY_ID: &str = "!certificates";
 

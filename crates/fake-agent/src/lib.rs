@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aloft_api::MachineState;
-use aloft_api::internal::{AgentMachine, MachineSpec};
+use aloft_api::internal::{AgentMachine, MachineSpec, SnapshotFile, VolumeDisk, VolumeDiskRequest};
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,6 +17,8 @@ use http::StatusCode;
 #[derive(Default)]
 pub struct FakeAgent {
     machines: Mutex<HashMap<String, AgentMachine>>,
+    /// Volumes by id: their size in GB (a disk of nothing).
+    volumes: Mutex<HashMap<String, u64>>,
     seq: AtomicU64,
 }
 
@@ -42,6 +44,15 @@ impl FakeAgent {
             .route("/v1/machines/{id}/suspend", post(suspend))
             .route("/v1/machines/{id}/ps", get(ps))
             .route("/v1/machines/{id}/exec", post(exec))
+            .route(
+                "/v1/volumes/{id}",
+                get(get_volume).put(put_volume).delete(destroy_volume),
+            )
+            .route("/v1/volumes/{id}/extend", axum::routing::put(put_volume))
+            .route(
+                "/v1/volumes/{id}/snapshots/{snapshot}",
+                post(snapshot_volume),
+            )
             .with_state(agent.clone());
         tokio::spawn(async move {
             use axum::serve::ListenerExt;
@@ -72,6 +83,69 @@ impl FakeAgent {
         machine.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Json(machine.clone()))
     }
+}
+
+fn disk(id: &str, size_gb: u64) -> VolumeDisk {
+    let blocks = size_gb * 262_144;
+    VolumeDisk {
+        id: id.to_string(),
+        size_bytes: size_gb << 30,
+        blocks,
+        block_size: 4096,
+        blocks_free: blocks,
+        blocks_avail: blocks,
+        needs_restart: false,
+    }
+}
+
+type VolumeAnswer = Result<Json<VolumeDisk>, (StatusCode, Json<serde_json::Value>)>;
+
+fn no_volume(id: &str) -> (StatusCode, Json<serde_json::Value>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": format!("volume {id} is not on this host") })),
+    )
+}
+
+async fn put_volume(
+    State(agent): State<Shared>,
+    Path(id): Path<String>,
+    Json(request): Json<VolumeDiskRequest>,
+) -> VolumeAnswer {
+    let mut volumes = agent.volumes.lock().unwrap_or_else(|p| p.into_inner());
+    volumes.insert(id.clone(), request.size_gb);
+    Ok(Json(disk(&id, request.size_gb)))
+}
+
+async fn snapshot_volume(
+    State(agent): State<Shared>,
+    Path((id, snapshot)): Path<(String, String)>,
+) -> Result<Json<SnapshotFile>, (StatusCode, Json<serde_json::Value>)> {
+    let volumes = agent.volumes.lock().unwrap_or_else(|p| p.into_inner());
+    let size = volumes.get(&id).copied().ok_or_else(|| no_volume(&id))?;
+    Ok(Json(SnapshotFile {
+        id: snapshot,
+        volume: id,
+        size: 4096,
+        volume_size: size << 30,
+        digest: "sha256:0".into(),
+        encrypted: false,
+    }))
+}
+
+async fn get_volume(State(agent): State<Shared>, Path(id): Path<String>) -> VolumeAnswer {
+    let volumes = agent.volumes.lock().unwrap_or_else(|p| p.into_inner());
+    let size = volumes.get(&id).copied().ok_or_else(|| no_volume(&id))?;
+    Ok(Json(disk(&id, size)))
+}
+
+async fn destroy_volume(
+    State(agent): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
+    let mut volumes = agent.volumes.lock().unwrap_or_else(|p| p.into_inner());
+    volumes.remove(&id).ok_or_else(|| no_volume(&id))?;
+    Ok(Json(serde_json::json!({ "ok": true })))
 }
 
 async fn put(

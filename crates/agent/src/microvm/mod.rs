@@ -257,6 +257,12 @@ impl MicrovmDriver {
     }
 
     fn start_vm(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
+        if let Some(mount) = request.volumes.first() {
+            return Err(DriverError::Start(format!(
+                "volume {} (mounts[0].volume): volumes are not available to microVMs on this host yet; run the machine as a container (aloft server --driver container)",
+                mount.volume
+            )));
+        }
         if request.guest.memory_mb < MIN_GUEST_MEMORY_MB {
             return Err(DriverError::Start(format!(
                 "guest.memory_mb {} is too little for a microVM: give at least {MIN_GUEST_MEMORY_MB}",

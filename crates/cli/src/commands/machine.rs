@@ -69,6 +69,9 @@ pub struct ConfigFlags {
     /// Keep the machine out of internal DNS.
     #[arg(long)]
     pub skip_dns_registration: bool,
+    /// Volume to mount, as <volume_id_or_name>:/path/inside/machine.
+    #[arg(short = 'v', long = "volume")]
+    pub volumes: Vec<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -405,6 +408,19 @@ fn apply_flags(config: &mut MachineConfig, flags: &ConfigFlags) -> anyhow::Resul
     }
     if let Some(schedule) = &flags.schedule {
         config.schedule = Some(schedule.clone());
+    }
+    for volume in &flags.volumes {
+        let Some((source, path)) = volume.split_once(':') else {
+            bail!("invalid --volume {volume:?}: use <volume_id_or_name>:/path/inside/machine");
+        };
+        if source.is_empty() || !path.starts_with('/') {
+            bail!("invalid --volume {volume:?}: use <volume_id_or_name>:/path/inside/machine");
+        }
+        config.mounts = vec![aloft_api::MachineMount {
+            volume: source.to_string(),
+            path: path.to_string(),
+            ..Default::default()
+        }];
     }
     if flags.skip_dns_registration {
         config
@@ -796,6 +812,7 @@ async fn run_machine(client: &Client, args: RunArgs, start: bool) -> anyhow::Res
     });
     config.auto_destroy = args.rm;
     apply_flags(&mut config, &args.flags)?;
+    resolve_volume_names(client, &app, &mut config).await?;
     let request = CreateMachineRequest {
         name: args.name.clone(),
         region: args.region.clone(),
@@ -836,6 +853,35 @@ async fn run_machine(client: &Client, args: RunArgs, start: bool) -> anyhow::Res
                 &machine.private_ip
             }
         );
+    }
+    Ok(())
+}
+
+/// A `--volume` given by name becomes the ID of an unattached volume of that name.
+async fn resolve_volume_names(
+    client: &Client,
+    app: &str,
+    config: &mut MachineConfig,
+) -> anyhow::Result<()> {
+    for mount in &mut config.mounts {
+        if mount.volume.starts_with("vol_") {
+            continue;
+        }
+        let volumes: Vec<aloft_api::Volume> = client
+            .get(&format!("/v1/apps/{}/volumes", encode_component(app)))
+            .await?;
+        let Some(volume) = volumes
+            .iter()
+            .find(|v| v.name == mount.volume && v.attached_machine_id.is_none())
+        else {
+            bail!(
+                "invalid --volume: app {app} has no unattached volume named {:?}; create one with `aloft volumes create {}`",
+                mount.volume,
+                mount.volume
+            );
+        };
+        mount.name = volume.name.clone();
+        mount.volume = volume.id.clone();
     }
     Ok(())
 }

@@ -25,3 +25,4 @@ pub mod server;
 pub mod ssh;
 pub mod status;
 pub mod tokens;
+pub mod volumes;

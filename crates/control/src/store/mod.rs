@@ -169,6 +169,8 @@ pub struct VolumeRow {
     pub auto_backup_enabled: bool,
     pub attached_machine_id: Option<String>,
     pub created_at: String,
+    /// The host whose disk holds the volume.
+    pub host_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -312,6 +314,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("machines", "recent_events", "TEXT"),
     ("releases", "created_by", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
+    ("volumes", "host_id", "TEXT NOT NULL DEFAULT ''"),
+    ("volumes", "sealed_key", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Indexes over added columns (made once those exist). Listings read `(id, rev)` in
@@ -439,7 +443,7 @@ fn release_from_row(row: &Row) -> DbResult<ReleaseRow> {
 const RELEASE_COLUMNS: &str =
     "id, app_id, version, status, description, image, config, created_at, created_by";
 
-const VOLUME_COLUMNS: &str = "id, app_id, name, region, zone, size_gb, state, encrypted, fstype, snapshot_retention, auto_backup_enabled, attached_machine_id, created_at";
+const VOLUME_COLUMNS: &str = "id, app_id, name, region, zone, size_gb, state, encrypted, fstype, snapshot_retention, auto_backup_enabled, attached_machine_id, created_at, host_id";
 
 fn volume_from_row(row: &Row) -> DbResult<VolumeRow> {
     Ok(VolumeRow {
@@ -456,6 +460,7 @@ fn volume_from_row(row: &Row) -> DbResult<VolumeRow> {
         auto_backup_enabled: row.bool(10)?,
         attached_machine_id: row.opt_text(11)?,
         created_at: row.text(12)?,
+        host_id: row.text(13)?,
     })
 }
 
@@ -1526,7 +1531,7 @@ impl Store {
 
     pub fn insert_volume(&self, v: &VolumeRow) -> StoreResult<()> {
         self.execute(
-                &format!("INSERT INTO volumes({VOLUME_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"),
+                &format!("INSERT INTO volumes({VOLUME_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"),
                 &[
                     (&v.id).into(),
                     (&v.app_id).into(),
@@ -1541,6 +1546,7 @@ impl Store {
                     v.auto_backup_enabled.into(),
                     v.attached_machine_id.clone().into(),
                     (&v.created_at).into(),
+                    (&v.host_id).into(),
                 ],
         )
     }
@@ -1577,11 +1583,81 @@ impl Store {
         )
     }
 
+    /// Attaches a volume to a machine unless it is attached already (to another machine
+    /// that still exists); `true` when it now is `machine`'s.
+    pub fn attach_volume(&self, volume_id: &str, machine_id: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE volumes SET attached_machine_id = $2 WHERE id = $1 AND state != 'destroyed' AND (attached_machine_id IS NULL OR attached_machine_id = $2 OR attached_machine_id NOT IN (SELECT id FROM machines WHERE state != 'destroyed'))",
+                &[volume_id.into(), machine_id.into()],
+            )? == 1)
+        })
+    }
+
+    /// Stores a volume's encryption key, sealed (see `volumes`).
+    pub fn set_volume_key(&self, volume_id: &str, sealed: &str) -> StoreResult<()> {
+        self.execute(
+            "UPDATE volumes SET sealed_key = $2 WHERE id = $1",
+            &[volume_id.into(), sealed.into()],
+        )
+    }
+
+    /// A volume's sealed encryption key ("" for an unencrypted volume).
+    pub fn volume_key(&self, volume_id: &str) -> StoreResult<Option<String>> {
+        self.read(|c| {
+            c.query_one(
+                "SELECT sealed_key FROM volumes WHERE id = $1",
+                &[volume_id.into()],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
+        })
+    }
+
+    /// Detaches whatever volumes `machine_id` has.
+    pub fn detach_volumes_of(&self, machine_id: &str) -> StoreResult<()> {
+        self.execute(
+            "UPDATE volumes SET attached_machine_id = NULL WHERE attached_machine_id = $1",
+            &[machine_id.into()],
+        )
+    }
+
     pub fn insert_snapshot(&self, s: &SnapshotRow) -> StoreResult<()> {
         self.execute(
                 "INSERT INTO volume_snapshots(id, volume_id, size, digest, status, retention_days, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &[(&s.id).into(), (&s.volume_id).into(), s.size.into(), (&s.digest).into(), (&s.status).into(), s.retention_days.into(), (&s.created_at).into()],
         )
+    }
+
+    /// Every volume not destroyed, of every app.
+    pub fn all_live_volumes(&self) -> StoreResult<Vec<VolumeRow>> {
+        let sql = format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state != 'destroyed' ORDER BY created_at, id"
+        );
+        self.read(|c| c.query(&sql, &[])?.iter().map(volume_from_row).collect())
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> StoreResult<()> {
+        self.execute("DELETE FROM volume_snapshots WHERE id = $1", &[id.into()])
+    }
+
+    /// One snapshot by its id.
+    pub fn snapshot(&self, id: &str) -> StoreResult<Option<SnapshotRow>> {
+        self.read(|c| {
+            c.query_one("SELECT id, volume_id, size, digest, status, retention_days, created_at FROM volume_snapshots WHERE id = $1", &[id.into()])?
+                .map(|r| {
+                    Ok(SnapshotRow {
+                        id: r.text(0)?,
+                        volume_id: r.text(1)?,
+                        size: r.int(2)?,
+                        digest: r.text(3)?,
+                        status: r.text(4)?,
+                        retention_days: r.int(5)?,
+                        created_at: r.text(6)?,
+                    })
+                })
+                .transpose()
+        })
     }
 
     pub fn snapshots(&self, volume_id: &str) -> StoreResult<Vec<SnapshotRow>> {

@@ -388,6 +388,7 @@ pub fn suite(store: &Store) {
         auto_backup_enabled: true,
         attached_machine_id: None,
         created_at: now_rfc3339(),
+        host_id: "h1".into(),
     };
     store.insert_volume(&volume).unwrap();
     store
