@@ -48,6 +48,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
+if [[ "${1:-}" == "--test" ]] && ! command -v go >/dev/null 2>&1 && [[ ! -x /usr/local/go/bin/go ]]; then
+  # Debian 12's golang (1.19) is too old for flyctl (go.mod says 1.26.3): the machine's own
+  # Go toolchain is needed for scripts/flyctl-for-tests.sh.
+  echo "setup: WARNING: no Go toolchain (>= 1.26.3); the flyctl scenario test will fail" >&2
+fi
+
 if [[ "${1:-}" == "--test" ]]; then
   # Schemathesis fuzzes the API against its OpenAPI document, at a pinned version so a new
   # release cannot change what a green run means.

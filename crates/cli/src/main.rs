@@ -163,6 +163,10 @@ enum Command {
     },
     /// Open the app's URL in a browser (prints it).
     Open(commands::open::OpenArgs),
+    /// Print the environment that points the real flyctl at this Aloft:
+    /// `eval "$(aloft flyctl-env)"`.
+    #[command(name = "flyctl-env")]
+    FlyctlEnv,
     /// The per-machine shim (started by the agent).
     #[command(hide = true)]
     Shim {
@@ -374,6 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             command: AuthCommand::Token,
         } => println!("{}", api.token()?),
         Command::Platform { command } => commands::platform::run(command)?,
+        Command::FlyctlEnv => commands::flyctl_env::run(&api)?,
         Command::Open(args) => {
             let app = app_name(args.app.clone(), args.config.as_deref())?;
             commands::open::run(&api, &app, &args)

@@ -8,6 +8,7 @@ pub mod deploy;
 pub mod dig;
 pub mod doctor;
 pub mod exec;
+pub mod flyctl_env;
 pub mod ips;
 pub mod launch;
 pub mod logs;
