@@ -237,24 +237,24 @@ fn every_answer_of_the_server_has_the_shape_of_flys_published_schema() {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
     };
 
-    let created = platform.aloft(&["apps", "create", "shapes"]);
+    let created = platform.aloft(&["apps", "create", "hello"]);
     assert!(created.ok(), "{created}");
-    let deployed = platform.aloft_in(Some(&platform.hello_app_dir("shapes")), &["deploy"]);
+    let deployed = platform.aloft_in(Some(&platform.hello_app_dir("hello")), &["deploy"]);
     assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
 
     let apps = call("GET", "/v1/apps?org_slug=personal", None);
     fly.check("ListAppsResponse", &apps, "GET /apps", &mut problems);
-    let app = call("GET", "/v1/apps/shapes", None);
+    let app = call("GET", "/v1/apps/hello", None);
     fly.check("App", &app, "GET /apps/{app}", &mut problems);
 
-    let listed = call("GET", "/v1/apps/shapes/machines", None);
+    let listed = call("GET", "/v1/apps/hello/machines", None);
     fly.check_list("Machine", &listed, "GET /machines", &mut problems);
     let deployed_machine = &listed[0];
     let image = deployed_machine["config"]["image"].clone();
     let region = deployed_machine["region"].clone();
     let machine = call(
         "POST",
-        "/v1/apps/shapes/machines",
+        "/v1/apps/hello/machines",
         Some(json!({ "region": region, "config": {
             "image": image,
             "env": { "PORT": "8080" },
@@ -263,7 +263,7 @@ fn every_answer_of_the_server_has_the_shape_of_flys_published_schema() {
     );
     fly.check("Machine", &machine, "POST /machines", &mut problems);
     let id = machine["id"].as_str().expect("a machine id").to_string();
-    let base = format!("/v1/apps/shapes/machines/{id}");
+    let base = format!("/v1/apps/hello/machines/{id}");
     call(
         "GET",
         &format!("{base}/wait?state=started&timeout=60"),
@@ -360,18 +360,18 @@ fn every_answer_of_the_server_has_the_shape_of_flys_published_schema() {
 
     let volume = call(
         "POST",
-        "/v1/apps/shapes/volumes",
+        "/v1/apps/hello/volumes",
         Some(json!({ "name": "data", "region": region, "size_gb": 1 })),
     );
     fly.check("Volume", &volume, "POST /volumes", &mut problems);
     let vol = volume["id"].as_str().expect("a volume id").to_string();
-    let volumes = call("GET", "/v1/apps/shapes/volumes", None);
+    let volumes = call("GET", "/v1/apps/hello/volumes", None);
     fly.check_list("Volume", &volumes, "GET /volumes", &mut problems);
-    let one = call("GET", &format!("/v1/apps/shapes/volumes/{vol}"), None);
+    let one = call("GET", &format!("/v1/apps/hello/volumes/{vol}"), None);
     fly.check("Volume", &one, "GET /volumes/{id}", &mut problems);
     let extended = call(
         "PUT",
-        &format!("/v1/apps/shapes/volumes/{vol}/extend"),
+        &format!("/v1/apps/hello/volumes/{vol}/extend"),
         Some(json!({ "size_gb": 2 })),
     );
     fly.check(
@@ -382,7 +382,7 @@ fn every_answer_of_the_server_has_the_shape_of_flys_published_schema() {
     );
     let snapshots = call(
         "GET",
-        &format!("/v1/apps/shapes/volumes/{vol}/snapshots"),
+        &format!("/v1/apps/hello/volumes/{vol}/snapshots"),
         None,
     );
     fly.check_list(
@@ -391,7 +391,7 @@ fn every_answer_of_the_server_has_the_shape_of_flys_published_schema() {
         "GET /snapshots",
         &mut problems,
     );
-    let deleted = call("DELETE", &format!("/v1/apps/shapes/volumes/{vol}"), None);
+    let deleted = call("DELETE", &format!("/v1/apps/hello/volumes/{vol}"), None);
     fly.check("Volume", &deleted, "DELETE /volumes/{id}", &mut problems);
 
     assert!(
