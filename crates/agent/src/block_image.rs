@@ -387,7 +387,7 @@ mod tests {
     #[test]
     fn an_image_is_a_quota_that_goes_away_with_its_mount() {
         if !root() {
-            eprintln!("skipping: needs root and loop devices");
+            aloft_testkit::skip("needs root and loop devices");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -449,7 +449,7 @@ mod tests {
     #[test]
     fn released_devices_lose_their_mounts_and_detach() {
         if !root() {
-            eprintln!("skipping: needs root and loop devices");
+            aloft_testkit::skip("needs root and loop devices");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

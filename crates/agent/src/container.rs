@@ -838,7 +838,7 @@ mod tests {
     #[test]
     fn the_writable_layer_is_kept_across_runs_emptied_and_remade_when_resized() {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipping: needs root (loop devices, mounts)");
+            aloft_testkit::skip("needs root (loop devices, mounts)");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

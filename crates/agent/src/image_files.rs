@@ -259,7 +259,7 @@ mod tests {
     #[test]
     fn whiteouts_and_opaque_directories_hide_lower_layers() {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipping: whiteout devices and trusted xattrs need root");
+            aloft_testkit::skip("whiteout devices and trusted xattrs need root");
             return;
         }
         let root = tempfile::tempdir().unwrap();

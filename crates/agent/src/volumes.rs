@@ -880,7 +880,7 @@ mod tests {
     #[test]
     fn a_volume_is_a_private_sparse_ext4_that_grows_and_goes() {
         if !root() {
-            eprintln!("skipping: needs root and loop devices");
+            aloft_testkit::skip("needs root and loop devices");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -963,7 +963,7 @@ mod tests {
     #[test]
     fn an_encrypted_volume_holds_only_ciphertext_at_rest() {
         if !root() {
-            eprintln!("skipping: needs root and loop devices");
+            aloft_testkit::skip("needs root and loop devices");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
