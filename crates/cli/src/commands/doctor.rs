@@ -62,6 +62,11 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<i32> {
         program("nft", "nftables", "machines' firewall"),
         program("ip", "iproute2", "machines' network links"),
         program("nsenter", "util-linux", "enters machines' namespaces"),
+        program(
+            "mkfs.ext4",
+            "e2fsprogs",
+            "machines' writable layers and volumes",
+        ),
         cgroups(),
         tun(),
         kvm(),
