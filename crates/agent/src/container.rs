@@ -207,27 +207,28 @@ impl ContainerDriver {
         Ok(rootfs)
     }
 
-    /// Writes the OCI bundle's config.json.
-    pub fn write_bundle(
-        &self,
-        machine_dir: &Path,
-        container_id: &str,
-        hostname: &str,
-        rootfs: &Path,
-        link: &MachineLink,
-        guest: &MachineGuest,
-    ) -> Result<(), DriverError> {
-        let bundle = bundle_dir(machine_dir);
+    /// Writes the OCI bundle's config.json for `request`, with its root at `rootfs`.
+    fn write_bundle(&self, request: &StartRequest<'_>, rootfs: &Path) -> Result<(), DriverError> {
+        let bundle = bundle_dir(request.machine_dir);
         std::fs::create_dir_all(&bundle).map_err(io(format!("creating {}", bundle.display())))?;
-        let spec = oci_spec(
-            container_id,
-            hostname,
+        let mut spec = oci_spec(
+            request.machine_id,
+            &request.init.hostname,
             rootfs,
             &self.aloft_binary,
-            link,
-            guest,
+            request.link,
+            request.guest,
             &self.seccomp,
         );
+        // After the runtime's own mounts, so nothing of the platform's is shadowed.
+        if let Some(mounts) = spec["mounts"].as_array_mut() {
+            mounts.extend(
+                request
+                    .volumes
+                    .iter()
+                    .map(crate::volumes::VolumeMount::oci_mount),
+            );
+        }
         let text = serde_json::to_vec(&spec).map_err(|e| DriverError::Start(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), text).map_err(io("writing config.json"))
     }
@@ -308,16 +309,7 @@ impl Driver for ContainerDriver {
         let layer_bytes = u64::from(request.rootfs_size_gb) * GIB;
         let rootfs = self.prepare_rootfs(request.machine_dir, request.image, layer_bytes)?;
         let mounted = began.elapsed();
-        self.write_bundle(
-            request.machine_dir,
-            request.machine_id,
-            &request.init.hostname,
-            &rootfs,
-            request.link,
-            request.guest,
-        )?;
-        crate::volumes::add_to_bundle(request.machine_dir, request.volumes)
-            .map_err(|e| DriverError::Start(e.to_string()))?;
+        self.write_bundle(request, &rootfs)?;
         let bundled = began.elapsed();
         let pid = self.launch(request.machine_dir, request.machine_id, request.init)?;
         tracing::debug!(machine = request.machine_id, ?mounted, ?bundled, total = ?began.elapsed(), "container started");

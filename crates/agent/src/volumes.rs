@@ -53,6 +53,19 @@ pub struct VolumeMount {
     pub destination: String,
 }
 
+impl VolumeMount {
+    /// The bind mount in a container's OCI spec; the runtime resolves `destination`
+    /// inside the rootfs (an image's symlinks cannot lead it out).
+    pub fn oci_mount(&self) -> serde_json::Value {
+        json!({
+            "destination": self.destination,
+            "type": "bind",
+            "source": self.source,
+            "options": ["rbind", "rw", "nosuid", "nodev"],
+        })
+    }
+}
+
 /// The volumes of this host, under one directory. Mounting and unmounting take one lock,
 /// so a volume is never attached to two loop devices (two filesystems on one image).
 #[derive(Clone)]
@@ -838,34 +851,6 @@ fn run_e2fs(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
             String::from_utf8_lossy(&output.stderr).trim()
         ))
     }
-}
-
-/// Adds the volumes to a container's OCI bundle as bind mounts (after the runtime's own
-/// mounts, so nothing of the platform's is shadowed).
-pub fn add_to_bundle(machine_dir: &Path, mounts: &[VolumeMount]) -> Result<(), VolumeError> {
-    if mounts.is_empty() {
-        return Ok(());
-    }
-    let path = machine_dir.join("bundle/config.json");
-    let text = std::fs::read(&path).map_err(failed(format!("reading {}", path.display())))?;
-    let mut spec: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| VolumeError::Failed(format!("{}: {e}", path.display())))?;
-    let Some(list) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
-        return Err(VolumeError::Failed(format!(
-            "{}: no mounts list",
-            path.display()
-        )));
-    };
-    for mount in mounts {
-        list.push(json!({
-            "destination": mount.destination,
-            "type": "bind",
-            "source": mount.source,
-            "options": ["rbind", "rw", "nosuid", "nodev"],
-        }));
-    }
-    let text = serde_json::to_vec(&spec).map_err(|e| VolumeError::Failed(e.to_string()))?;
-    std::fs::write(&path, text).map_err(failed(format!("writing {}", path.display())))
 }
 
 #[cfg(test)]
