@@ -10,7 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Platform;
 use serde_json::Value;
@@ -64,19 +64,6 @@ fn in_namespace(platform: &Platform, program: &str, args: &[&str]) {
     assert!(status.success(), "{program} {args:?}");
 }
 
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<String>) {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match check() {
-            None => return,
-            Some(seen) => last = seen,
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("timed out waiting for {what}; last seen:\n{last}");
-}
-
 fn machine_json(platform: &Platform, id: &str) -> Value {
     let run = platform.aloft(&["machine", "status", id, "-a", "lab", "--json"]);
     assert!(run.ok(), "{run}");
@@ -106,16 +93,6 @@ fn exec(platform: &Platform, id: &str, argv: &[&str]) -> String {
     let run = platform.aloft(&args);
     assert!(run.ok(), "{run}");
     run.stdout
-}
-
-/// The machine id `machine run` printed.
-fn launched_id(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Machine ID: "))
-        .unwrap_or_else(|| panic!("no machine id in:\n{stdout}"))
-        .trim()
-        .to_string()
 }
 
 #[test]
@@ -232,7 +209,7 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
             .unwrap_or_default()
             .to_string()
     };
-    wait_until("host_status ok", Duration::from_secs(20), || {
+    common::wait_until("host_status ok", Duration::from_secs(20), || {
         let status = host_status(&platform);
         (status != "ok").then_some(status)
     });
@@ -252,7 +229,7 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
         "nft",
         &["add rule inet lifecycle_test out tcp dport 4281 drop"],
     );
-    wait_until("host_status unreachable", Duration::from_secs(30), || {
+    common::wait_until("host_status unreachable", Duration::from_secs(30), || {
         let status = host_status(&platform);
         (status != "unreachable").then_some(status)
     });
@@ -261,7 +238,7 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
         "nft",
         &["delete", "table", "inet", "lifecycle_test"],
     );
-    wait_until("host_status ok again", Duration::from_secs(30), || {
+    common::wait_until("host_status ok again", Duration::from_secs(30), || {
         let status = host_status(&platform);
         (status != "ok").then_some(status)
     });
@@ -271,8 +248,8 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
         "machine", "run", &image, "-a", "lab", "--rm", "-d", "--", "/bin/sh", "-c", "sleep 1",
     ]);
     assert!(run.ok(), "{run}");
-    let once = launched_id(&run.stdout);
-    wait_until(
+    let once = common::launched_machine_id(&run.stdout);
+    common::wait_until(
         "the --rm machine destroyed",
         Duration::from_secs(30),
         || {
@@ -286,14 +263,14 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
     assert!(suspend.ok(), "{suspend}\n{}", platform.server_log());
     assert_eq!(machine_json(&platform, &id)["state"], "suspended");
     assert!(platform.aloft(&["machine", "start", &id, "-a", "lab"]).ok());
-    wait_until("resumed", Duration::from_secs(30), || {
+    common::wait_until("resumed", Duration::from_secs(30), || {
         let state = machine_json(&platform, &id)["state"].to_string();
         (state != "\"started\"").then_some(state)
     });
     let kill = platform.aloft(&["machine", "kill", &id, "-a", "lab"]);
     assert!(kill.ok(), "{kill}");
     assert!(kill.stdout.contains("Kill signal has been sent"), "{kill}");
-    wait_until("an exit by SIGKILL", Duration::from_secs(30), || {
+    common::wait_until("an exit by SIGKILL", Duration::from_secs(30), || {
         let all = events(&platform, &id);
         let killed = all
             .iter()
@@ -302,7 +279,7 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
     });
 
     // ---- apps restart ----
-    wait_until("both machines started", Duration::from_secs(60), || {
+    common::wait_until("both machines started", Duration::from_secs(60), || {
         let list = platform.aloft(&["machine", "list", "-a", "lab", "--json"]);
         let machines: Vec<Value> = serde_json::from_str(&list.stdout).unwrap_or_default();
         (machines.iter().filter(|m| m["state"] == "started").count() != 2).then_some(list.stdout)
@@ -356,8 +333,8 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
         "echo scheduled run",
     ]);
     assert!(run.ok(), "{run}");
-    let scheduled = launched_id(&run.stdout);
-    wait_until(
+    let scheduled = common::launched_machine_id(&run.stdout);
+    common::wait_until(
         "two scheduled runs after the first",
         Duration::from_secs(40),
         || {
@@ -367,7 +344,7 @@ fn machine_lifecycle_and_guest_environment_as_flyctl_users_expect() {
     );
     platform.restart();
     let after_restart = starts(&platform, &scheduled);
-    wait_until(
+    common::wait_until(
         "a scheduled run after the server restarted",
         Duration::from_secs(40),
         || {

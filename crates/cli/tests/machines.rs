@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Platform, Run};
 use serde_json::Value;
@@ -149,19 +149,6 @@ fn deploy_lab(platform: &Platform, driver: Driver) -> (PathBuf, String) {
     (dir, id)
 }
 
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<String>) -> String {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match check() {
-            None => return last,
-            Some(state) => last = state,
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out waiting for {what}; last seen:\n{last}");
-}
-
 /// The agent's answer as JSON, asserting the status code.
 fn agent_json(
     platform: &Platform,
@@ -215,7 +202,7 @@ fn answers(platform: &Platform, ipv4: &str) -> bool {
 /// Waits (with a deadline) until the app in the machine accepts and answers: a machine
 /// reported `started` has run its process, which may not be listening yet.
 fn wait_for_answer(platform: &Platform, ipv4: &str, what: &str) {
-    wait_until(what, Duration::from_secs(30), || {
+    common::wait_until(what, Duration::from_secs(30), || {
         (!answers(platform, ipv4)).then(String::new)
     });
 }
@@ -253,7 +240,7 @@ fn lifecycle(driver: Driver) {
 
     // Logs, in flyctl's line format and as JSON.
     let expected = format!("app[{id}] local [info] hello: listening on [::]:8080 and 0.0.0.0:8080");
-    let logs = wait_until(
+    let logs = common::wait_until(
         "the app's first line in the logs",
         Duration::from_secs(20),
         || {
@@ -389,7 +376,7 @@ fn lifecycle(driver: Driver) {
     );
 
     // Health checks: both pass and show in `checks list` and on the machine.
-    wait_until("passing checks", Duration::from_secs(30), || {
+    common::wait_until("passing checks", Duration::from_secs(30), || {
         let run = platform.aloft(&["checks", "list", "-a", "lab"]);
         let passing = run
             .stdout
@@ -473,12 +460,12 @@ fn lifecycle(driver: Driver) {
         Some(r#"{"signal":"SIGUSR1"}"#),
         "200",
     );
-    wait_until("a restart after SIGUSR1", Duration::from_secs(90), || {
+    common::wait_until("a restart after SIGUSR1", Duration::from_secs(90), || {
         let now = run_id(&platform, &id, driver);
         let state = machine_state(&platform, &id);
         (now == before || now.is_empty() || state["state"] != "started").then(|| state.to_string())
     });
-    let exit = wait_until("the exit event", Duration::from_secs(10), || {
+    let exit = common::wait_until("the exit event", Duration::from_secs(10), || {
         let found = events(&platform, &id)
             .into_iter()
             .any(|e| e["type"] == "exit" && e["request"]["exit_event"]["signal"] == 10);
@@ -518,7 +505,7 @@ fn lifecycle(driver: Driver) {
             .contains("SIGNOPE")
     );
 
-    wait_until(
+    common::wait_until(
         "the follower to see the restarted app",
         Duration::from_secs(20),
         || {
@@ -534,7 +521,7 @@ fn lifecycle(driver: Driver) {
     let _ = follower.wait();
 
     // Suspend freezes the machine in place; start thaws it (same processes).
-    wait_until("the app after its restart", Duration::from_secs(20), || {
+    common::wait_until("the app after its restart", Duration::from_secs(20), || {
         (!answers(&platform, &ipv4)).then(String::new)
     });
     let frozen_run = run_id(&platform, &id, driver);
@@ -713,11 +700,11 @@ fn survive_killed_platform(driver: Driver) {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait_until("the machine to die", Duration::from_secs(10), || {
+    common::wait_until("the machine to die", Duration::from_secs(10), || {
         alive(pid).then(String::new)
     });
     platform.restart_server();
-    wait_until(
+    common::wait_until(
         "the restart policy to bring the machine back",
         Duration::from_secs(90),
         || {
@@ -727,7 +714,7 @@ fn survive_killed_platform(driver: Driver) {
         },
     );
     wait_for_answer(&platform, &ipv4, "the restarted app to answer");
-    let all = wait_until(
+    let all = common::wait_until(
         "the exit event at the control plane",
         Duration::from_secs(10),
         || {
@@ -841,7 +828,7 @@ fn bad_input(driver: Driver) {
             continue;
         }
         machines.push(id.clone());
-        let status = wait_until(reason, Duration::from_secs(90), || {
+        let status = common::wait_until(reason, Duration::from_secs(90), || {
             let run = platform.aloft(&["machine", "status", &id, "-a", "lab"]);
             let settled =
                 run.stdout.contains("State: stopped") || run.stdout.contains("State: failed");
@@ -919,7 +906,7 @@ fn bad_input(driver: Driver) {
             );
             continue;
         }
-        wait_until(reason, Duration::from_secs(90), || {
+        common::wait_until(reason, Duration::from_secs(90), || {
             let run = platform.aloft(&["machine", "status", &id, "-a", "bare"]);
             (!run.stdout.contains(reason)).then(|| run.to_string())
         });
@@ -978,7 +965,7 @@ fn microvm_with_a_guest_that_never_gets_ready_or_a_corrupt_kernel_fails_cleanly(
     );
     expect_failed_start(&platform, &run, &id, "is not usable");
     // The good machine, brought back after the restart, cannot boot that kernel either.
-    wait_until(
+    common::wait_until(
         "the good machine to fail too",
         Duration::from_secs(60),
         || {
@@ -1078,7 +1065,7 @@ fn microvm_guest_size_swap_and_secrets_over_the_channel() {
         }),
     );
     assert!(!id.is_empty(), "{run}\n{}", platform.server_log());
-    wait_until(
+    common::wait_until(
         "the sized machine to start",
         Duration::from_secs(120),
         || {
@@ -1245,7 +1232,7 @@ fn expect_failed_start(platform: &Platform, run: &Run, id: &str, reason: &str) {
         );
         return;
     }
-    wait_until(reason, Duration::from_secs(60), || {
+    common::wait_until(reason, Duration::from_secs(60), || {
         let run = platform.aloft(&["machine", "status", id, "-a", "lab"]);
         (!(run.stdout.contains("State: failed") && run.stdout.contains(reason)))
             .then(|| run.to_string())

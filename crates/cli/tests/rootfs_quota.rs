@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Platform, Run};
+use common::Platform;
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
@@ -56,19 +56,6 @@ fn deployed_image(platform: &Platform, app: &str) -> String {
         .to_string();
     assert!(!image.is_empty(), "{status}");
     image
-}
-
-fn machine_id(run: &Run) -> String {
-    run.stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Machine ID: "))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn in_machine(platform: &Platform, app: &str, id: &str, script: &str) -> Run {
-    platform.aloft(&["machine", "exec", id, "-a", app, "--", "sh", "-c", script])
 }
 
 /// Bytes the host's own filesystem holds for everything under `dir` (files on other
@@ -181,13 +168,12 @@ fn writes_past_the_rootfs_size_fail_inside_the_machine_and_spare_the_host() {
         "1",
     ]);
     assert!(run.ok(), "{run}\n{}", platform.server_log());
-    let id = machine_id(&run);
+    let id = common::launched_machine_id(&run.stdout);
     assert_eq!(id.len(), 14, "{run}");
     let machine_dir = platform.data_dir().join("agent/machines").join(&id);
     let before = host_bytes_under(&machine_dir);
 
-    let fill = in_machine(
-        &platform,
+    let fill = platform.machine_sh(
         "quota",
         &id,
         "dd if=/dev/zero of=/big bs=1M count=2000 2>&1; echo rc=$?",
@@ -205,8 +191,7 @@ fn writes_past_the_rootfs_size_fail_inside_the_machine_and_spare_the_host() {
     // The machine keeps running, and has its space back once the file is gone.
     let status = platform.aloft(&["machine", "status", &id, "-a", "quota"]);
     assert!(status.stdout.contains("started"), "{status}");
-    let again = in_machine(
-        &platform,
+    let again = platform.machine_sh(
         "quota",
         &id,
         "rm /big && dd if=/dev/zero of=/small bs=1M count=10 2>&1; echo rc=$?",
@@ -216,7 +201,7 @@ fn writes_past_the_rootfs_size_fail_inside_the_machine_and_spare_the_host() {
     // A restart starts from the image again, with the whole quota free.
     let restart = platform.aloft(&["machine", "restart", &id, "-a", "quota"]);
     assert!(restart.ok(), "{restart}");
-    let fresh = in_machine(&platform, "quota", &id, "cat /small 2>&1; echo rc=$?");
+    let fresh = platform.machine_sh("quota", &id, "cat /small 2>&1; echo rc=$?");
     assert!(
         !fresh.stdout.contains("rc=0"),
         "the last run's file is gone: {fresh}"
@@ -238,7 +223,7 @@ fn writes_past_the_rootfs_size_fail_inside_the_machine_and_spare_the_host() {
         "1",
     ]);
     assert!(run.ok(), "{run}\n{}", platform.server_log());
-    let second = machine_id(&run);
+    let second = common::launched_machine_id(&run.stdout);
     let second_dir = platform.data_dir().join("agent/machines").join(&second);
     assert!(
         !loop_devices_under(&second_dir).is_empty(),

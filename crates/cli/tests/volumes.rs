@@ -71,24 +71,11 @@ fn volumes_json(platform: &Platform, app: &str, all: bool) -> Vec<serde_json::Va
     serde_json::from_str(&list.stdout).unwrap_or_else(|e| panic!("{e}: {list}"))
 }
 
-fn created_machine(run: &Run) -> String {
-    run.stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Machine ID: "))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn in_machine(platform: &Platform, app: &str, id: &str, script: &str) -> Run {
-    platform.aloft(&["machine", "exec", id, "-a", app, "--", "sh", "-c", script])
-}
-
 /// Runs `script` in the machine once it runs again (after a restart of the platform).
 fn in_machine_when_up(platform: &Platform, app: &str, id: &str, script: &str) -> Run {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let run = in_machine(platform, app, id, script);
+        let run = platform.machine_sh(app, id, script);
         if run.ok() || Instant::now() > deadline {
             return run;
         }
@@ -209,8 +196,7 @@ fn a_volume_keeps_its_data_and_its_size() {
         0o700
     );
 
-    let write = in_machine(
-        &platform,
+    let write = platform.machine_sh(
         "vols",
         &id,
         "mkdir -p /data && echo acknowledged > /data/kept && sync && cat /data/kept",
@@ -267,8 +253,7 @@ fn a_volume_keeps_its_data_and_its_size() {
     assert_data(&platform, "vols", &id, "a kill -9 of aloft server");
 
     // The size is enforced inside the machine; the host holds no more than the image.
-    let fill = in_machine(
-        &platform,
+    let fill = platform.machine_sh(
         "vols",
         &id,
         "dd if=/dev/zero of=/data/big bs=1M count=1500 2>&1; echo rc=$?",
@@ -282,7 +267,7 @@ fn a_volume_keeps_its_data_and_its_size() {
     assert!(meta.blocks() * 512 <= GIB);
     let status = platform.aloft(&["machine", "status", &id, "-a", "vols"]);
     assert!(status.stdout.contains("started"), "{status}");
-    assert!(in_machine(&platform, "vols", &id, "rm /data/big").ok());
+    assert!(platform.machine_sh("vols", &id, "rm /data/big").ok());
     assert_data(&platform, "vols", &id, "filling the volume");
     // ext4 counts a deleted file's blocks free once its journal commits (every 5 s).
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -525,7 +510,7 @@ fn volume_commands_and_bad_input() {
     let volume_flag = format!("{vol_id}:/data");
     let run = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
     assert!(run.ok(), "{run}\n{}", platform.server_log());
-    let user = created_machine(&run);
+    let user = common::launched_machine_id(&run.stdout);
     let second = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
     assert!(!second.ok(), "{second}");
     assert!(
@@ -533,7 +518,7 @@ fn volume_commands_and_bad_input() {
         "{second}"
     );
     assert_eq!(machine_ids(&platform, "volcli").len(), 2);
-    let df = in_machine(&platform, "volcli", &user, "df -k /data | tail -n 1");
+    let df = platform.machine_sh("volcli", &user, "df -k /data | tail -n 1");
     assert!(df.ok(), "{df}");
 
     // Extending a volume its running machine uses: the size takes effect at its restart.
@@ -550,7 +535,7 @@ fn volume_commands_and_bad_input() {
                 .ok()
         );
     }
-    let df = in_machine(&platform, "volcli", &user, "df -k /data | tail -n 1");
+    let df = platform.machine_sh("volcli", &user, "df -k /data | tail -n 1");
     let total_kb: u64 = df
         .stdout
         .split_whitespace()
@@ -560,12 +545,7 @@ fn volume_commands_and_bad_input() {
     assert!(total_kb > 2 * 1024 * 1024 + 512 * 1024, "3 GB inside: {df}");
 
     // A snapshot (taken while the machine runs) restores into a new volume with the data.
-    let write = in_machine(
-        &platform,
-        "volcli",
-        &user,
-        "echo snapped > /data/snap && sync",
-    );
+    let write = platform.machine_sh("volcli", &user, "echo snapped > /data/snap && sync");
     assert!(write.ok(), "{write}");
     let snap = platform.aloft(&["volumes", "snapshots", "create", &vol_id, "-a", "volcli"]);
     assert!(
@@ -619,8 +599,8 @@ fn volume_commands_and_bad_input() {
     let volume_flag = format!("{}:/data", restored["id"].as_str().unwrap());
     let run = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
     assert!(run.ok(), "{run}\n{}", platform.server_log());
-    let copy = created_machine(&run);
-    let read = in_machine(&platform, "volcli", &copy, "cat /data/snap");
+    let copy = common::launched_machine_id(&run.stdout);
+    let read = platform.machine_sh("volcli", &copy, "cat /data/snap");
     assert_eq!(read.stdout.trim(), "snapped", "{read}");
     assert!(
         platform
@@ -639,15 +619,14 @@ fn volume_commands_and_bad_input() {
     let volume_flag = format!("{}:/data", fork["id"].as_str().unwrap());
     let run = platform.aloft(&["machine", "run", &image, "-a", "volcli", "-v", &volume_flag]);
     assert!(run.ok(), "{run}\n{}", platform.server_log());
-    let forked = created_machine(&run);
-    let read = in_machine(
-        &platform,
+    let forked = common::launched_machine_id(&run.stdout);
+    let read = platform.machine_sh(
         "volcli",
         &forked,
         "cat /data/snap && echo changed > /data/snap",
     );
     assert!(read.stdout.contains("snapped"), "{read}");
-    let original = in_machine(&platform, "volcli", &user, "cat /data/snap");
+    let original = platform.machine_sh("volcli", &user, "cat /data/snap");
     assert_eq!(
         original.stdout.trim(),
         "snapped",
@@ -787,8 +766,7 @@ fn volumes_extend_themselves_past_their_threshold() {
     assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
     let id = machine_ids(&platform, "volgrow")[0].clone();
     assert_eq!(volumes_json(&platform, "volgrow", false)[0]["size_gb"], 1);
-    let fill = in_machine(
-        &platform,
+    let fill = platform.machine_sh(
         "volgrow",
         &id,
         "dd if=/dev/zero of=/data/fill bs=1M count=600 2>&1 && sync; echo rc=$?",
@@ -821,7 +799,8 @@ fn volumes_extend_themselves_past_their_threshold() {
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(volumes_json(&platform, "volgrow", false)[0]["size_gb"], 2);
     assert_eq!(
-        in_machine(&platform, "volgrow", &id, "ls /data/fill")
+        platform
+            .machine_sh("volgrow", &id, "ls /data/fill")
             .stdout
             .trim(),
         "/data/fill"

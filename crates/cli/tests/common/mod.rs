@@ -439,6 +439,11 @@ impl Platform {
         (code, body.to_string())
     }
 
+    /// `sh -c SCRIPT` in a machine of `app`, through `aloft machine exec`.
+    pub fn machine_sh(&self, app: &str, id: &str, script: &str) -> Run {
+        self.aloft(&["machine", "exec", id, "-a", app, "--", "sh", "-c", script])
+    }
+
     /// curl inside the namespace; `-s` and a time limit are always added.
     pub fn curl(&self, args: &[&str]) -> Run {
         let mut command = self.in_netns(Path::new("curl"));
@@ -542,4 +547,33 @@ fn release_mounts_under(root: &Path) {
                 .status();
         }
     }
+}
+
+/// Polls `check` until it answers `None` (done), for at most `timeout`; `Some(seen)` says
+/// what it saw meanwhile, shown if time runs out. Returns the last thing seen before done.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<String>,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match check() {
+            None => return last,
+            Some(seen) => last = seen,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}; last seen:\n{last}");
+}
+
+/// The machine id in `aloft machine run`'s output ("Machine ID: ...").
+pub fn launched_machine_id(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Machine ID: "))
+        .unwrap_or_else(|| panic!("no machine id in:\n{stdout}"))
+        .trim()
+        .to_string()
 }
