@@ -1825,48 +1825,10 @@ fn push_date(out: &mut Vec<u8>) {
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
         if cache.0 != now {
-            *cache = (now, http_date(now));
+            *cache = (now, crate::http_date::format(now));
         }
         out.extend_from_slice(&cache.1);
     });
-}
-
-fn http_date(unix: u64) -> [u8; 29] {
-    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
-    const MONTHS: [&[u8; 3]; 12] = [
-        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
-        b"Dec",
-    ];
-    let days = unix / 86_400;
-    let secs = unix % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as usize;
-    let year = (yoe + era * 400 + if month <= 2 { 1 } else { 0 }) as u64;
-    let mut out = [0u8; 29];
-    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
-    out[3..5].copy_from_slice(b", ");
-    let two = |n: u64| [b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8];
-    out[5..7].copy_from_slice(&two(day));
-    out[7] = b' ';
-    out[8..11].copy_from_slice(MONTHS[month - 1]);
-    out[11] = b' ';
-    out[12..14].copy_from_slice(&two(year / 100));
-    out[14..16].copy_from_slice(&two(year));
-    out[16] = b' ';
-    out[17..19].copy_from_slice(&two(secs / 3600));
-    out[19] = b':';
-    out[20..22].copy_from_slice(&two(secs / 60 % 60));
-    out[22] = b':';
-    out[23..25].copy_from_slice(&two(secs % 60));
-    out[25..29].copy_from_slice(b" GMT");
-    out
 }
 
 /// A connection handed to hyper with the bytes the fast path already read in front.
@@ -1920,14 +1882,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_format_as_imf_fixdate() {
-        assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(&http_date(951_782_400), b"Tue, 29 Feb 2000 00:00:00 GMT");
-        assert_eq!(&http_date(4_102_444_799), b"Thu, 31 Dec 2099 23:59:59 GMT");
-    }
 
     #[test]
     fn request_heads_parse_in_place() {

@@ -32,6 +32,7 @@ mod fast;
 mod follow;
 pub mod headers;
 pub mod http;
+mod http_date;
 pub mod lb;
 pub mod metrics;
 mod proxy_proto;
