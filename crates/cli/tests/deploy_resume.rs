@@ -20,21 +20,35 @@ const CHECKED_SERVICE: &str = r#"
   min_machines_running = 0
 
   [[http_service.checks]]
-    grace_period = "3s"
+    grace_period = "10s"
     interval = "1s"
     timeout = "2s"
     method = "GET"
     path = "/"
 "#;
 
+/// How long a machine of the second version waits before it listens: its checks cannot
+/// pass sooner, so a rolling deploy spends this long on each machine and a kill that
+/// follows the second machine's update lands while the deploy is still going.
+const SLOW_START_SECONDS: u32 = 4;
+
 fn app_dir(platform: &Platform, version: &str) -> PathBuf {
     let dir = platform.root.path().join(version);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(common::hello_binary(), dir.join("hello")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox"))
+        .expect("busybox-static is installed (scripts/setup.sh)");
     std::fs::write(dir.join("version.txt"), version).unwrap();
+    let command = if version == "v1" {
+        r#"["/hello"]"#.to_string()
+    } else {
+        format!(r#"["/busybox", "sh", "-c", "sleep {SLOW_START_SECONDS}; exec /hello"]"#)
+    };
     std::fs::write(
         dir.join("Dockerfile"),
-        "FROM scratch\nCOPY hello /hello\nCOPY version.txt /version.txt\nCMD [\"/hello\"]\n",
+        format!(
+            "FROM scratch\nCOPY busybox /busybox\nCOPY hello /hello\nCOPY version.txt /version.txt\nCMD {command}\n"
+        ),
     )
     .unwrap();
     let toml = format!(
@@ -117,7 +131,7 @@ fn a_rolling_deploy_goes_on_after_the_server_is_killed_and_deploy_resume_follows
         .collect();
     let first_versions: Vec<usize> = ids.iter().map(|id| versions(&platform, id)).collect();
 
-    // One machine at a time; each needs its 3s grace period before it counts as healthy.
+    // One machine at a time; each takes SLOW_START_SECONDS before its check passes.
     let v2 = app_dir(&platform, "v2");
     let run = must(
         deploy(&platform, &v2, &["--detach", "--max-unavailable", "1"]),
