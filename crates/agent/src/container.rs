@@ -20,14 +20,25 @@ use crate::driver::{
 use crate::images::PreparedImage;
 use crate::network::MachineLink;
 use crate::procfs;
+use crate::unpack::IdShift;
 
 pub struct ContainerDriver {
     runtime: PathBuf,
     runtime_root: PathBuf,
+    /// The platform's data dir: the machine's root traverses from here to its rootfs.
+    data_dir: PathBuf,
     aloft_binary: PathBuf,
     /// The OCI `linux.seccomp` section every container gets.
     seccomp: serde_json::Value,
 }
+
+/// Every container machine runs in a user namespace whose ids `0..65536` are host ids
+/// from `1 << 30`: root in a machine is an unprivileged user on the host. All machines
+/// share the range (see SECURITY.md).
+pub const USER_NAMESPACE: IdShift = IdShift {
+    base: 1 << 30,
+    size: 65536,
+};
 
 /// Capabilities Docker grants a container by default.
 const DEFAULT_CAPABILITIES: &[&str] = &[
@@ -129,6 +140,7 @@ impl ContainerDriver {
         Ok(Self {
             runtime,
             runtime_root,
+            data_dir: state_dir.parent().unwrap_or(state_dir).to_path_buf(),
             aloft_binary,
             seccomp: crate::seccomp::default_profile(
                 DEFAULT_CAPABILITIES,
@@ -174,7 +186,8 @@ impl ContainerDriver {
         let rootfs = machine_dir.join("rootfs");
         unmount(&rootfs);
         std::fs::create_dir_all(&rootfs).map_err(io(format!("creating {}", rootfs.display())))?;
-        let (upper, work) = writable_layer(machine_dir, layer_bytes, LayerOwner::HOST_ROOT)?;
+        open_to_machine_root(machine_dir, &self.data_dir)?;
+        let (upper, work) = writable_layer(machine_dir, layer_bytes, LayerOwner::MACHINE_ROOT)?;
         if image.layers.is_empty() {
             return Err(DriverError::Rootfs(format!(
                 "image {} has no layers",
@@ -302,6 +315,10 @@ impl Driver for ContainerDriver {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
+    }
+
+    fn layer_id_shift(&self) -> Option<IdShift> {
+        Some(USER_NAMESPACE)
     }
 
     fn start(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
@@ -473,6 +490,36 @@ pub struct LayerOwner {
 
 impl LayerOwner {
     pub const HOST_ROOT: Self = Self { uid: 0, gid: 0 };
+    /// Root of [`USER_NAMESPACE`].
+    pub const MACHINE_ROOT: Self = Self {
+        uid: USER_NAMESPACE.base,
+        gid: USER_NAMESPACE.base,
+    };
+}
+
+/// Lets the machine's root (host id [`USER_NAMESPACE`]`.base`) traverse from `top` (the
+/// data dir, closed to other users) down to `machine_dir`, whose rootfs the runtime
+/// mounts from inside the machine's user namespace: each directory on the way becomes
+/// 0710, group the machine's root. Nothing is listed or read through them.
+fn open_to_machine_root(machine_dir: &Path, top: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let gid = USER_NAMESPACE.base;
+    for dir in machine_dir.ancestors() {
+        if dir.parent().is_none() {
+            break;
+        }
+        let meta = std::fs::metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
+        if meta.mode() & 0o7777 != 0o710 || meta.gid() != gid {
+            std::os::unix::fs::chown(dir, None, Some(gid))
+                .map_err(io(format!("handing {} to group {gid}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+                .map_err(io(format!("opening {} to group {gid}", dir.display())))?;
+        }
+        if dir == top || !dir.starts_with(top) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Makes the machine's writable layer ready for a run and returns its `upper/` and
@@ -636,6 +683,12 @@ fn oci_spec(
     seccomp: &serde_json::Value,
 ) -> serde_json::Value {
     let memory_bytes = u64::from(guest.memory_mb.max(64)) * 1024 * 1024;
+    // The same as the user namespace's own (the runtime joins it by path).
+    let id_mapping = json!({
+        "containerID": 0,
+        "hostID": USER_NAMESPACE.base,
+        "size": USER_NAMESPACE.size,
+    });
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -666,12 +719,15 @@ fn oci_spec(
         ],
         "linux": {
             "namespaces": [
+                { "type": "user", "path": link.userns_path() },
                 { "type": "pid" },
                 { "type": "ipc" },
                 { "type": "uts" },
                 { "type": "mount" },
                 { "type": "network", "path": link.netns_path() }
             ],
+            "uidMappings": [id_mapping],
+            "gidMappings": [id_mapping],
             "cgroupsPath": cgroup_path(container_id),
             "resources": {
                 "devices": [{ "allow": false, "access": "rwm" }],
@@ -771,9 +827,15 @@ mod tests {
         assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 200_000);
         assert_eq!(spec["linux"]["resources"]["cpu"]["shares"], 256);
         assert_eq!(
-            spec["linux"]["namespaces"][4]["path"],
+            spec["linux"]["namespaces"][5]["path"],
             "/run/netns/aloft-0123456789abcd"
         );
+        assert_eq!(
+            spec["linux"]["namespaces"][0],
+            json!({ "type": "user", "path": "/run/aloft/userns/aloft-0123456789abcd" })
+        );
+        assert_eq!(spec["linux"]["uidMappings"][0]["hostID"], 1 << 30);
+        assert_eq!(spec["linux"]["gidMappings"], spec["linux"]["uidMappings"]);
         assert_eq!(spec["process"]["args"][0], "/.fly/init");
         assert!(
             spec["mounts"]

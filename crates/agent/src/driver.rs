@@ -223,9 +223,10 @@ pub trait Driver: Send + Sync + 'static {
     }
 
     /// Sets up the machine's routed link (a veth into a network namespace for containers,
-    /// a tap device for microVMs). Idempotent.
+    /// owned by the machine's user namespace when [`Driver::layer_id_shift`] gives one; a
+    /// tap device for microVMs). Idempotent.
     fn ensure_network(&self, link: &MachineLink) -> Result<(), NetworkError> {
-        crate::network::ensure(link)
+        crate::network::ensure(link, self.layer_id_shift())
     }
 
     /// Builds the machine from its image (a fresh root filesystem every time) and starts

@@ -212,7 +212,8 @@ impl Agent {
         }
         logs::expire(&logs_archive, logs::RETENTION);
         let volumes = volumes::Volumes::new(&root.join("volumes"))
-            .map_err(|e| anyhow::anyhow!("opening the volumes directory: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("opening the volumes directory: {e}"))?
+            .for_machines_in(driver.layer_id_shift());
         tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
         let secrets = secrets::SecretsSource::new(&config.control_url, &config.token, &host_id);
         Ok(Arc::new(Self {

@@ -13,11 +13,13 @@
 //! host-side interface name, so the rules never change when machines come and go.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use aloft_api::sixpn;
+
+use crate::unpack::IdShift;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -33,6 +35,11 @@ pub enum NetworkError {
     Spawn {
         program: &'static str,
         package: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Namespace {
+        what: String,
         source: std::io::Error,
     },
     #[error("writing {path}: {source}")]
@@ -89,9 +96,20 @@ impl MachineLink {
     }
 
     pub fn netns_path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.netns)
+        PathBuf::from(NETNS_DIR).join(&self.netns)
+    }
+
+    /// The user namespace that owns the machine's network namespace, when the machine runs
+    /// in one (see [`ensure`]).
+    pub fn userns_path(&self) -> PathBuf {
+        PathBuf::from(USERNS_DIR).join(&self.netns)
     }
 }
+
+/// Where network namespaces are kept, as `ip netns` keeps them.
+const NETNS_DIR: &str = "/run/netns";
+/// Where machines' user namespaces are kept (bind mounts, like `ip netns`' files).
+pub const USERNS_DIR: &str = "/run/aloft/userns";
 
 fn run(
     program: &'static str,
@@ -370,15 +388,25 @@ pub fn ensure_service_block(network: u32) -> Result<(), NetworkError> {
 
 /// Creates the namespace and link if they don't exist yet, and (again, idempotently) the
 /// routes and filter entries: a restarted agent finds everything in place.
-pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
+///
+/// With `users`, the network namespace is owned by a user namespace of its own whose
+/// root is host id `users.base` (the machine runs in that user namespace: only a network
+/// namespace its user namespace owns lets the runtime mount `/sys` and configure it from
+/// inside). A namespace of the other kind left from before is replaced.
+pub fn ensure(link: &MachineLink, users: Option<IdShift>) -> Result<(), NetworkError> {
     prepare_host()?;
-    let exists = link.netns_path().exists() && interface_exists(&link.host_interface);
+    let exists = link.netns_path().exists()
+        && interface_exists(&link.host_interface)
+        && users.is_some() == owned_by_its_user_namespace(link);
     if exists && addressed_this_run(link, false) {
         return Ok(());
     }
     if !exists {
         teardown(link);
-        ip(&["netns", "add", &link.netns])?;
+        match users {
+            Some(users) => create_owned_namespaces(link, users)?,
+            None => ip(&["netns", "add", &link.netns])?,
+        }
         if let Err(err) = create_link(link) {
             teardown(link);
             return Err(err);
@@ -392,6 +420,128 @@ pub fn ensure(link: &MachineLink) -> Result<(), NetworkError> {
     }
     addressed_this_run(link, true);
     Ok(())
+}
+
+fn namespace_error(what: String) -> impl FnOnce(std::io::Error) -> NetworkError {
+    move |source| NetworkError::Namespace { what, source }
+}
+
+/// Makes `dir` a shared mount point, as `ip netns` does with its directory, so the
+/// namespaces bound in it show in mount namespaces made from this one later.
+fn prepare_namespace_dir(dir: &Path) -> Result<(), NetworkError> {
+    use nix::mount::{MsFlags, mount};
+    std::fs::create_dir_all(dir).map_err(namespace_error(format!("creating {}", dir.display())))?;
+    let shared = || mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+    if shared().is_ok() {
+        return Ok(());
+    }
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .and_then(|_| shared())
+        .map_err(|e| NetworkError::Namespace {
+            what: format!("making {} a shared mount", dir.display()),
+            source: e.into(),
+        })
+}
+
+/// Creates the machine's user namespace (ids `0..users.size` are host ids from
+/// `users.base`) and a network namespace it owns, both kept by bind mounts at
+/// [`MachineLink::userns_path`] and [`MachineLink::netns_path`].
+fn create_owned_namespaces(link: &MachineLink, users: IdShift) -> Result<(), NetworkError> {
+    use std::os::unix::process::CommandExt;
+    let targets = [
+        ("user", link.userns_path()),
+        ("net", link.netns_path()),
+    ];
+    for (_, path) in &targets {
+        if let Some(dir) = path.parent() {
+            prepare_namespace_dir(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(namespace_error(format!("creating {}", path.display())))?;
+    }
+    // A process that holds both namespaces while they are mapped and bound: the
+    // namespaces are made between its fork and exec (a threaded process can't make a user
+    // namespace), and it waits on its stdin until we are done.
+    let mut holder = Command::new("cat");
+    holder
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only unshare(2) between fork and exec.
+    unsafe {
+        holder.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut holder = holder.spawn().map_err(namespace_error(format!(
+        "creating the user and network namespaces of {}",
+        link.netns
+    )))?;
+    let proc_dir = PathBuf::from(format!("/proc/{}", holder.id()));
+    let bound = (|| {
+        let map = format!("0 {} {}\n", users.base, users.size);
+        for file in ["uid_map", "gid_map"] {
+            let path = proc_dir.join(file);
+            std::fs::write(&path, &map).map_err(namespace_error(format!(
+                "writing {} of {}'s user namespace",
+                file, link.netns
+            )))?;
+        }
+        for (kind, target) in &targets {
+            let source = proc_dir.join("ns").join(kind);
+            nix::mount::mount(
+                Some(&source),
+                target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| NetworkError::Namespace {
+                what: format!("binding {} at {}", source.display(), target.display()),
+                source: e.into(),
+            })?;
+        }
+        Ok(())
+    })();
+    drop(holder.stdin.take());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    if bound.is_err() {
+        teardown(link);
+    }
+    bound
+}
+
+/// Whether the machine's network namespace is owned by the user namespace kept at
+/// [`MachineLink::userns_path`].
+fn owned_by_its_user_namespace(link: &MachineLink) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    // NS_GET_USERNS, _IO(0xb7, 0x1): a descriptor of the namespace's owning user namespace.
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    let (Ok(netns), Ok(userns)) = (
+        std::fs::File::open(link.netns_path()),
+        std::fs::metadata(link.userns_path()),
+    ) else {
+        return false;
+    };
+    // SAFETY: the ioctl takes no argument and returns a new descriptor or -1.
+    let owner = unsafe { libc::ioctl(netns.as_raw_fd(), NS_GET_USERNS as _) };
+    if owner < 0 {
+        return false;
+    }
+    // SAFETY: `owner` is a descriptor the kernel just opened for us.
+    let owner = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(owner) });
+    owner
+        .metadata()
+        .is_ok_and(|m| m.dev() == userns.dev() && m.ino() == userns.ino())
 }
 
 /// A microVM's routed link: a persistent tap device named like the veth it replaces
@@ -641,6 +791,9 @@ pub fn teardown(link: &MachineLink) {
     }
     let _ = ip(&["link", "del", host]);
     let _ = ip(&["netns", "del", &link.netns]);
+    let userns = link.userns_path();
+    let _ = nix::mount::umount2(&userns, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(&userns);
 }
 
 /// The values paired with `interface` in one of the table's `ifname . address` sets.

@@ -26,6 +26,7 @@ use aloft_api::internal::{MachineSpec, SnapshotFile, VolumeDisk};
 use serde_json::json;
 
 use crate::block_image;
+use crate::unpack::IdShift;
 
 const GIB: u64 = 1024 * 1024 * 1024;
 /// The directory of an encrypted volume's filesystem that machines see.
@@ -72,6 +73,8 @@ impl VolumeMount {
 pub struct Volumes {
     dir: PathBuf,
     lock: Arc<Mutex<()>>,
+    /// The user namespace machines run in, whose root must own a volume's top directory.
+    machine_ids: Option<IdShift>,
 }
 
 /// Volume ids are made by the control plane: `vol_` and letters or digits.
@@ -104,7 +107,33 @@ impl Volumes {
         Ok(Self {
             dir: dir.to_path_buf(),
             lock: Arc::default(),
+            machine_ids: None,
         })
+    }
+
+    /// Volumes for machines in a user namespace (`ids`): a volume's top directory, made
+    /// by host root, is handed to the machine's root when it is mounted.
+    pub fn for_machines_in(mut self, ids: Option<IdShift>) -> Self {
+        self.machine_ids = ids;
+        self
+    }
+
+    /// Hands `top` (a volume's top directory as machines see it) to the machines' root
+    /// when it still belongs to host root; what a machine made inside stays as it is.
+    fn hand_to_machine_root(&self, top: &Path) -> Result<(), VolumeError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(ids) = self.machine_ids else {
+            return Ok(());
+        };
+        let meta = std::fs::metadata(top).map_err(failed(format!("reading {}", top.display())))?;
+        if meta.uid() == 0 && meta.gid() == 0 {
+            let root = ids.host_id(0);
+            std::os::unix::fs::chown(top, Some(root), Some(root)).map_err(failed(format!(
+                "handing {} to the machines' root (host id {root})",
+                top.display()
+            )))?;
+        }
+        Ok(())
     }
 
     fn image(&self, id: &str) -> PathBuf {
@@ -705,6 +734,7 @@ impl Volumes {
                 )),
                 other => other,
             })?;
+            self.hand_to_machine_root(&source)?;
             mounts.push(VolumeMount {
                 volume: mount.volume.clone(),
                 source,

@@ -1,6 +1,8 @@
-//! Other users on the host get nothing of the platform: its data dir is closed to them,
-//! its databases and keys are readable by root alone, and a tenant's setuid binary
-//! unpacked into the layer cache can't be reached, let alone run, by a host user.
+//! Other users on the host get nothing of the platform: its data dir is closed to them
+//! (only the machines' root, a host id of their user namespace, may traverse it to their
+//! root filesystems), its databases and keys are readable by root alone, and a tenant's
+//! setuid binary unpacked into the layer cache can't be reached, let alone run, by a
+//! host user.
 
 mod common;
 
@@ -91,8 +93,15 @@ fn host_users_cannot_read_state_keys_or_tenant_binaries() {
     let data_dir = platform.data_dir();
     assert_eq!(
         mode(&data_dir),
-        0o700,
-        "the data dir is closed to other users"
+        0o710,
+        "the data dir is closed to other users; the machines' root (its group) only traverses it"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let group = std::fs::metadata(&data_dir).expect("stat data dir").gid();
+    assert_eq!(
+        group,
+        1 << 30,
+        "the data dir's group is the machines' root, a host id of their user namespace"
     );
 
     let mut files = Vec::new();

@@ -274,6 +274,13 @@ impl Platform {
             .status()
             .expect("ip link set lo up");
         let root = tempfile::tempdir().expect("temp dir");
+        // Traversable, as /var/lib is: machines' roots (host ids of a user namespace) pass
+        // through it to their root filesystems.
+        std::fs::set_permissions(
+            root.path(),
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+        )
+        .expect("opening the temp dir to traversal");
         std::fs::create_dir_all(root.path().join("home")).expect("home dir");
         let mut platform = Self {
             netns,
