@@ -504,10 +504,7 @@ impl LayerOwner {
 fn open_to_machine_root(machine_dir: &Path, top: &Path) -> Result<(), DriverError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let gid = USER_NAMESPACE.base;
-    for dir in machine_dir.ancestors() {
-        if dir.parent().is_none() {
-            break;
-        }
+    for dir in machine_dir.ancestors().filter(|dir| dir.starts_with(top)) {
         let meta = std::fs::metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
         if meta.mode() & 0o7777 != 0o710 || meta.gid() != gid {
             std::os::unix::fs::chown(dir, None, Some(gid))
@@ -515,8 +512,21 @@ fn open_to_machine_root(machine_dir: &Path, top: &Path) -> Result<(), DriverErro
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
                 .map_err(io(format!("opening {} to group {gid}", dir.display())))?;
         }
-        if dir == top || !dir.starts_with(top) {
-            break;
+    }
+    // Above the data dir nothing is changed: those directories must let anyone pass.
+    for dir in top.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
+        if meta.mode() & 0o001 == 0 {
+            return Err(DriverError::Rootfs(format!(
+                "{} (mode {:o}) is closed to other users, so machines, which run as an \
+                 unprivileged host user in a user namespace, cannot reach their root \
+                 filesystems in the data dir {}: `chmod o+x {}`, or keep the data dir under \
+                 a directory anyone may pass, such as /var/lib",
+                dir.display(),
+                meta.mode() & 0o7777,
+                top.display(),
+                dir.display()
+            )));
         }
     }
     Ok(())
@@ -887,6 +897,50 @@ mod tests {
         });
         assert!(performance["shares"].as_u64() > shared["shares"].as_u64());
         assert_eq!(performance["quota"], shared["quota"]);
+    }
+
+    #[test]
+    fn the_machines_root_may_pass_down_to_its_rootfs_and_a_closed_parent_is_named() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::Uid::effective().is_root() {
+            aloft_testkit::skip("needs root (handing directories to group 2^30)");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let data = base.path().join("data");
+        let machine = data.join("agent/machines/0123456789abcd");
+        std::fs::create_dir_all(&machine).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        // The temp dir is 0700: machines could never reach their rootfs below it.
+        let err = open_to_machine_root(&machine, &data)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&base.path().display().to_string()) && err.contains("chmod o+x"),
+            "{err}"
+        );
+
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        open_to_machine_root(&machine, &data).unwrap();
+        for dir in [
+            &data,
+            &data.join("agent"),
+            &data.join("agent/machines"),
+            &machine,
+        ] {
+            let meta = std::fs::metadata(dir).unwrap();
+            assert_eq!(meta.mode() & 0o7777, 0o710, "{}", dir.display());
+            assert_eq!(meta.gid(), USER_NAMESPACE.base, "{}", dir.display());
+        }
+        let above = std::fs::metadata(base.path()).unwrap();
+        assert_eq!(
+            above.mode() & 0o7777,
+            0o711,
+            "nothing above the data dir changes"
+        );
+        assert_ne!(above.gid(), USER_NAMESPACE.base);
     }
 
     #[test]

@@ -431,16 +431,30 @@ fn namespace_error(what: String) -> impl FnOnce(std::io::Error) -> NetworkError 
 fn prepare_namespace_dir(dir: &Path) -> Result<(), NetworkError> {
     use nix::mount::{MsFlags, mount};
     std::fs::create_dir_all(dir).map_err(namespace_error(format!("creating {}", dir.display())))?;
-    let shared = || mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+    let shared = || {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
     if shared().is_ok() {
         return Ok(());
     }
-    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .and_then(|_| shared())
-        .map_err(|e| NetworkError::Namespace {
-            what: format!("making {} a shared mount", dir.display()),
-            source: e.into(),
-        })
+    mount(
+        Some(dir),
+        dir,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .and_then(|_| shared())
+    .map_err(|e| NetworkError::Namespace {
+        what: format!("making {} a shared mount", dir.display()),
+        source: e.into(),
+    })
 }
 
 /// Creates the machine's user namespace (ids `0..users.size` are host ids from
@@ -448,10 +462,7 @@ fn prepare_namespace_dir(dir: &Path) -> Result<(), NetworkError> {
 /// [`MachineLink::userns_path`] and [`MachineLink::netns_path`].
 fn create_owned_namespaces(link: &MachineLink, users: IdShift) -> Result<(), NetworkError> {
     use std::os::unix::process::CommandExt;
-    let targets = [
-        ("user", link.userns_path()),
-        ("net", link.netns_path()),
-    ];
+    let targets = [("user", link.userns_path()), ("net", link.netns_path())];
     for (_, path) in &targets {
         if let Some(dir) = path.parent() {
             prepare_namespace_dir(dir)?;

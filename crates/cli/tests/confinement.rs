@@ -183,19 +183,31 @@ fn root_in_a_machine_is_not_root_on_the_host() {
     );
 
     let whoami = exec(&["sh", "-c", "echo $(stat -c %u /proc/self/status)"]);
-    assert_eq!(whoami.stdout.trim(), "0", "the machine runs as its root: {whoami}");
+    assert_eq!(
+        whoami.stdout.trim(),
+        "0",
+        "the machine runs as its root: {whoami}"
+    );
     let wrote = exec(&["sh", "-c", "echo mine > /made-by-root"]);
     assert!(wrote.ok(), "{wrote}");
     let made = platform
         .data_dir()
         .join(format!("agent/machines/{id}/layer/upper/made-by-root"));
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(&made)
-        .unwrap_or_else(|e| panic!("the machine's file in its writable layer {}: {e}", made.display()));
+    let meta = std::fs::metadata(&made).unwrap_or_else(|e| {
+        panic!(
+            "the machine's file in its writable layer {}: {e}",
+            made.display()
+        )
+    });
     assert_eq!(
         u64::from(meta.uid()),
         host,
         "a file root made in the machine belongs to the mapped host id"
     );
-    assert_ne!(meta.uid(), 0, "a file root made in the machine is root's on the host");
+    assert_ne!(
+        meta.uid(),
+        0,
+        "a file root made in the machine is root's on the host"
+    );
 }
