@@ -324,52 +324,6 @@ fn cgroup_memory(id: &str) -> u64 {
     .unwrap_or(0)
 }
 
-/// Makes `/sys/class/net` show this network namespace, as it does for a server started
-/// in the host's own namespace: in a private mount namespace, a fresh sysfs (which shows
-/// the namespace of whoever mounts it) is bound over `/sys/class/net` only, so the cgroup
-/// mounts under `/sys/fs/cgroup` stay. Entering a namespace with setns alone leaves sysfs
-/// showing the host's interfaces, and the agent's `network::ensure` (which looks for the
-/// machine's link there) would rebuild the link on every start.
-fn show_this_netns_in_sysfs() -> anyhow::Result<()> {
-    use nix::mount::{MsFlags, mount};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .context("a private mount namespace")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making mounts private")?;
-    let fresh = std::env::temp_dir().join(format!("aloft-bench-sysfs-{}", std::process::id()));
-    std::fs::create_dir_all(&fresh)?;
-    mount(
-        Some("sysfs"),
-        &fresh,
-        Some("sysfs"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .context("mounting sysfs")?;
-    // The entries of class/net are symlinks into devices/virtual/net: both are bound.
-    let bound = ["class/net", "devices/virtual/net"]
-        .iter()
-        .try_for_each(|dir| {
-            mount(
-                Some(&fresh.join(dir)),
-                &Path::new("/sys").join(dir),
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-        });
-    let _ = nix::mount::umount2(&fresh, nix::mount::MntFlags::MNT_DETACH);
-    let _ = std::fs::remove_dir(&fresh);
-    bound.context("binding this namespace's /sys/class/net")?;
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, aloft, hello, example] = args.as_slice() else {
@@ -383,7 +337,6 @@ fn main() -> anyhow::Result<()> {
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
             .context("entering the bench network namespace")?;
         ip(&["link", "set", "lo", "up"])?;
-        show_this_netns_in_sysfs()?;
         let absolute = |p: &str| std::fs::canonicalize(p).with_context(|| format!("finding {p}"));
         bench(&absolute(aloft)?, &absolute(hello)?, &absolute(example)?)
     })();
