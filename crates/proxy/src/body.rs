@@ -166,7 +166,18 @@ pub enum RespBody {
         prefix: Option<Bytes>,
         rest: Box<RespBody>,
     },
+    /// A file read in chunks by a blocking task as the client takes them (see
+    /// [`RespBody::file`]); `remaining` counts the bytes not yet handed on.
+    File {
+        chunks: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+        remaining: u64,
+    },
 }
+
+/// Bytes read from a file at once, and chunks read ahead of the client: a streamed file
+/// holds at most `FILE_CHUNK * FILE_CHUNKS_AHEAD` bytes in memory, whatever its size.
+const FILE_CHUNK: usize = 64 * 1024;
+const FILE_CHUNKS_AHEAD: usize = 4;
 
 impl RespBody {
     /// A body streamed from a backend; an already-finished one releases its connection now.
@@ -190,6 +201,43 @@ impl RespBody {
         RespBody::Full(None)
     }
 
+    /// The first `len` bytes of `file`, streamed: a blocking task reads a chunk at a time
+    /// and waits while the client is behind. A file that turns out shorter than `len`
+    /// ends the body with an error (the response's Content-Length would lie otherwise).
+    pub fn file(file: std::fs::File, len: u64) -> Self {
+        let (sender, chunks) = tokio::sync::mpsc::channel(FILE_CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut reader = file.take(len);
+            let mut left = len;
+            while left > 0 {
+                let mut chunk = vec![0; FILE_CHUNK.min(left as usize)];
+                let read = match reader.read(&mut chunk) {
+                    Ok(0) => Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the file ended {left} bytes early"),
+                    )),
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        left -= n as u64;
+                        Ok(Bytes::from(chunk))
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(err) => Err(err),
+                };
+                let failed = read.is_err();
+                // The client went away: stop reading.
+                if sender.blocking_send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        RespBody::File {
+            chunks,
+            remaining: len,
+        }
+    }
+
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         if bytes.is_empty() {
@@ -210,7 +258,7 @@ impl RespBody {
                     rest: Box::new(self),
                 });
             }
-            RespBody::Upstream { .. } | RespBody::Raw { .. } => {}
+            RespBody::Upstream { .. } | RespBody::Raw { .. } | RespBody::File { .. } => {}
         }
         let mut buf = bytes::BytesMut::new();
         loop {
@@ -297,6 +345,22 @@ impl Body for RespBody {
                 }
                 Pin::new(rest.as_mut()).poll_frame(cx)
             }
+            RespBody::File { chunks, remaining } => {
+                if *remaining == 0 {
+                    return Poll::Ready(None);
+                }
+                match chunks.poll_recv(cx) {
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        *remaining = remaining.saturating_sub(chunk.len() as u64);
+                        Poll::Ready(Some(Ok(Frame::data(chunk))))
+                    }
+                    Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+                    Poll::Ready(None) => Poll::Ready(Some(Err(
+                        "the static file's reader stopped before its end".into(),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -306,6 +370,7 @@ impl Body for RespBody {
             RespBody::Upstream { inner, .. } => inner.is_end_stream(),
             RespBody::Raw { inner, .. } => inner.is_end_stream(),
             RespBody::Chained { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            RespBody::File { remaining, .. } => *remaining == 0,
         }
     }
 
@@ -316,6 +381,7 @@ impl Body for RespBody {
             RespBody::Upstream { inner, .. } => inner.size_hint(),
             RespBody::Raw { inner, .. } => inner.size_hint(),
             RespBody::Chained { .. } => SizeHint::default(),
+            RespBody::File { remaining, .. } => SizeHint::with_exact(*remaining),
         }
     }
 }

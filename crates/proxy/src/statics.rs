@@ -9,7 +9,6 @@
 //! file's extension. A path under a prefix that names no file is a 404 from the static
 //! server; the app never sees requests under a prefix.
 
-use std::io::Read;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,9 +17,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 
 use crate::body::RespBody;
-
-/// Largest file served (read whole into memory); larger ones get a 404 and a log line.
-pub const MAX_STATIC_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a path names in a machine's image.
 #[derive(Debug)]
@@ -253,10 +249,6 @@ pub async fn respond(
     else {
         return text_response(StatusCode::NOT_FOUND, "not found\n");
     };
-    if len > MAX_STATIC_BYTES {
-        tracing::warn!(machine = %machine_id, len, "a static file over the size served");
-        return text_response(StatusCode::NOT_FOUND, "not found\n");
-    }
     let tag = etag(len, modified);
     let last_modified = crate::http_date::format(unix_seconds(modified).0);
     let not_modified = match headers
@@ -278,32 +270,7 @@ pub async fn respond(
         let body = if method == Method::HEAD {
             RespBody::empty()
         } else {
-            let read = tokio::task::spawn_blocking(move || {
-                let mut bytes = Vec::with_capacity(len as usize);
-                let mut file = file;
-                file.by_ref()
-                    .take(len)
-                    .read_to_end(&mut bytes)
-                    .map(|_| bytes)
-            })
-            .await;
-            match read {
-                Ok(Ok(bytes)) if bytes.len() as u64 == len => RespBody::full(bytes),
-                Ok(Ok(_)) => {
-                    return text_response(StatusCode::BAD_GATEWAY, "static file unavailable\n");
-                }
-                Ok(Err(err)) => {
-                    tracing::warn!(machine = %machine_id, error = %err, "reading a static file");
-                    return text_response(StatusCode::BAD_GATEWAY, "static file unavailable\n");
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "reading a static file");
-                    return text_response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "static file unavailable\n",
-                    );
-                }
-            }
+            RespBody::file(file, len)
         };
         let mut resp = Response::new(body);
         let headers = resp.headers_mut();
@@ -334,6 +301,71 @@ mod tests {
             url_prefix: prefix.into(),
             ..Static::default()
         }
+    }
+
+    /// Files from one directory, standing in for a machine's image.
+    struct Directory(std::path::PathBuf);
+
+    impl ImageFiles for Directory {
+        fn lookup(&self, _: &str, components: &[&str]) -> Result<ImageEntry, String> {
+            let path = components.iter().fold(self.0.clone(), |p, c| p.join(c));
+            let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            let meta = file.metadata().map_err(|e| e.to_string())?;
+            Ok(ImageEntry::File {
+                file,
+                len: meta.len(),
+                modified: meta.modified().map_err(|e| e.to_string())?,
+            })
+        }
+    }
+
+    /// A file far larger than anything worth holding in memory is served whole, in
+    /// chunks of at most 64 KiB read as the client takes them (it used to be read whole
+    /// into memory, and refused above 64 MiB).
+    #[tokio::test]
+    async fn large_files_are_streamed_in_bounded_chunks() {
+        use http_body_util::BodyExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("app/public")).unwrap();
+        let len: u64 = 200 * 1024 * 1024 + 7;
+        let file = std::fs::File::create(dir.path().join("app/public/big.bin")).unwrap();
+        file.set_len(len).unwrap();
+        let files: Arc<dyn ImageFiles> = Arc::new(Directory(dir.path().to_path_buf()));
+        let resp = respond(
+            files,
+            "m1",
+            &mapping("/static"),
+            "/big.bin",
+            &Method::GET,
+            &http::HeaderMap::new(),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()[header::CONTENT_LENGTH],
+            len.to_string().as_str()
+        );
+        let mut body = resp.into_body();
+        let (mut total, mut largest) = (0u64, 0usize);
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            largest = largest.max(data.len());
+            total += data.len() as u64;
+        }
+        assert_eq!(total, len);
+        assert!(largest <= 64 * 1024, "a chunk of {largest} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_announced_ends_the_body_with_an_error() {
+        use http_body_util::BodyExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let mut body = RespBody::file(std::fs::File::open(&path).unwrap(), 20);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"0123456789");
+        assert!(body.frame().await.unwrap().is_err());
     }
 
     #[test]
