@@ -48,7 +48,16 @@ fn integrity(db: &Connection) -> rusqlite::Result<String> {
 fn write_forever(db: &Connection) -> rusqlite::Result<()> {
     let last: i64 = db.query_row("SELECT coalesce(max(id), 0) FROM rows", [], |r| r.get(0))?;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "writer up: integrity {}, last id {last}", integrity(db)?);
+    // The start time tells one start from another when no row came between.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "writer up: integrity {}, last id {last}, started {started}",
+        integrity(db)?
+    );
     let mut id = last;
     loop {
         id += 1;
