@@ -302,3 +302,165 @@ fn free_bytes(path: &Path) -> u64 {
     let stat = nix::sys::statvfs::statvfs(path).expect("statvfs");
     stat.blocks_free() * stat.fragment_size()
 }
+
+/// Writes zeros to `path` until the filesystem has no block left; returns how many bytes
+/// it took.
+fn fill_filesystem(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("the filler file");
+    let mut written = 0u64;
+    for chunk in [1 << 20, 4096, 512] {
+        let zeros = vec![0u8; chunk];
+        loop {
+            match file.write_all(&zeros).and_then(|()| file.sync_data()) {
+                Ok(()) => written += chunk as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+    written
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("the volumes dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_full_host_disk_gives_clear_errors_and_corrupts_no_volume() {
+    require_platform!();
+    // The data dir on a disk of 1.5 GB: room for the platform, an image and a 1 GB volume.
+    let mut platform = Platform::start_on_small_disk(1536, &["--driver", "container"]);
+    let app = "full";
+    assert!(platform.aloft(&["apps", "create", app]).ok());
+    let dir = common::idle_busybox_app(
+        &platform,
+        app,
+        "\n[mounts]\n  source = \"data\"\n  destination = \"/data\"\n",
+    );
+    let deploy = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
+    let id = machine_ids(&platform, app)[0].clone();
+    let volumes = common::volumes_json(&platform, app, false);
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    let vol_id = volumes[0]["id"].as_str().unwrap_or_default().to_string();
+    let volumes_dir = platform.data_dir().join("agent/volumes");
+    let image = volumes_dir.join(format!("{vol_id}.ext4"));
+    assert!(image.exists(), "{}", image.display());
+
+    // Data written before the disk fills.
+    let before = platform.machine_sh(
+        app,
+        &id,
+        "echo kept > /data/kept && dd if=/dev/urandom of=/data/before bs=1M count=20 2>/dev/null \
+         && sync && md5sum /data/before",
+    );
+    assert!(before.ok(), "{before}");
+    let checksum = before.stdout.split_whitespace().next().unwrap().to_string();
+
+    // The host's disk fills up (root's reserve included).
+    let filler = platform.data_dir().join("filler");
+    let filled = fill_filesystem(&filler);
+    println!(
+        "filled the host disk with {filled} bytes; {} left",
+        free_bytes(&platform.data_dir())
+    );
+
+    // A new volume is refused with a clear message, and nothing of it is left.
+    let files_before = files_in(&volumes_dir);
+    let create = platform.aloft(&["volumes", "create", "more", "-a", app, "--size", "1", "-y"]);
+    println!("volumes create on a full disk: {create}");
+    assert!(!create.ok(), "{create}");
+    assert!(
+        !create.stderr.contains("panicked") && !platform.server_log().contains("panicked"),
+        "{create}\n{}",
+        platform.server_log()
+    );
+    assert!(
+        create
+            .stderr
+            .contains("not enough space on this host for a 1 GB volume"),
+        "the error says the host is out of space: {create}"
+    );
+    assert_eq!(common::volumes_json(&platform, app, false).len(), 1);
+    assert_eq!(files_in(&volumes_dir), files_before, "no half-made volume");
+
+    // The machine writes to its volume: every byte lands (fsync says so), or it hears
+    // ENOSPC; never an I/O error, never a write reported done and then lost.
+    let write = platform.machine_sh(
+        app,
+        &id,
+        "dd if=/dev/urandom of=/data/after bs=1M count=200 conv=fsync 2>&1; echo dd=$?; \
+         md5sum /data/after",
+    );
+    println!("writing 200 MB to the volume on a full host: {write}");
+    assert!(write.ok(), "{write}");
+    let written = write.stdout.contains("dd=0\n");
+    assert!(
+        written || write.stdout.contains("No space left on device"),
+        "the write either succeeds or fails with ENOSPC: {write}"
+    );
+    // The volume is still a working filesystem with room of its own (not remounted
+    // read-only after the host refused its writes).
+    let small = platform.machine_sh(
+        app,
+        &id,
+        "echo still-writable > /data/small && sync && cat /data/small",
+    );
+    assert!(
+        small.ok() && small.stdout.contains("still-writable"),
+        "a small write to the volume after the host filled up: {small}"
+    );
+    let after = write
+        .stdout
+        .lines()
+        .find(|l| l.ends_with("/data/after"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+
+    // Stopped, the volume's filesystem is clean.
+    platform.stop();
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&image)
+        .output()
+        .expect("running e2fsck");
+    let fsck = common::Run::from(fsck);
+    assert!(fsck.ok(), "e2fsck -f -n of the volume: {fsck}");
+
+    // With room again, the machine comes back with its earlier data intact.
+    std::fs::remove_file(&filler).unwrap();
+    platform.restart_server();
+    let read = wait_for_sh(&platform, app, &id, "cat /data/kept && md5sum /data/before");
+    assert!(
+        read.stdout.contains("kept") && read.stdout.contains(&checksum),
+        "earlier data after the disk was full: {read}\n(expected {checksum})"
+    );
+    if written {
+        let read = platform.machine_sh(app, &id, "md5sum /data/after");
+        assert!(
+            read.stdout.contains(&after),
+            "what dd wrote and fsync confirmed on a full host: {read}\n(expected {after})"
+        );
+    }
+}
+
+/// Runs `script` in the machine once it runs (after the platform's restart).
+fn wait_for_sh(platform: &Platform, app: &str, id: &str, script: &str) -> common::Run {
+    let mut run = platform.machine_sh(app, id, script);
+    for _ in 0..120 {
+        if run.ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        run = platform.machine_sh(app, id, script);
+    }
+    run
+}

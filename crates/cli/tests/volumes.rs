@@ -1,4 +1,4 @@
-//! Volumes are real (issue 18): each one a sparse ext4 image on the host (0600, in a
+//! Volumes are real (issue 18): each one an ext4 image on the host (0600, in a
 //! directory closed to other users), mounted into the container at the mount's path.
 //! Through `aloft server` and the CLI: a first deploy of an app with `[mounts]` makes its
 //! volume; data on it survives machine restart, stop and start, a redeploy, a restart and
@@ -132,13 +132,13 @@ fn a_volume_keeps_its_data_and_its_size() {
     assert_eq!(config["config"]["mounts"][0]["volume"], vol_id.as_str());
     assert_eq!(config["config"]["mounts"][0]["path"], "/data");
 
-    // On the host: a sparse image only root can reach.
+    // On the host: an image only root can reach, its blocks reserved on the host's disk.
     let volumes_dir = platform.data_dir().join("agent/volumes");
     let image = volumes_dir.join(format!("{vol_id}.ext4"));
     let meta = std::fs::metadata(&image).expect("the volume's image");
     assert_eq!(meta.len(), GIB);
     assert_eq!(meta.mode() & 0o777, 0o600);
-    assert!(meta.blocks() * 512 < GIB / 4, "sparse");
+    assert!(meta.blocks() * 512 >= GIB, "preallocated");
     assert_eq!(
         std::fs::metadata(&volumes_dir).unwrap().mode() & 0o777,
         0o700
@@ -212,7 +212,8 @@ fn a_volume_keeps_its_data_and_its_size() {
     );
     let meta = std::fs::metadata(&image).unwrap();
     assert_eq!(meta.len(), GIB, "the image did not grow");
-    assert!(meta.blocks() * 512 <= GIB);
+    // Its preallocated blocks, and the host's extent tree for them (a block or so).
+    assert!(meta.blocks() * 512 <= GIB + (1 << 20), "{}", meta.blocks());
     let status = platform.aloft(&["machine", "status", &id, "-a", "vols"]);
     assert!(status.stdout.contains("started"), "{status}");
     assert!(platform.machine_sh("vols", &id, "rm /data/big").ok());
