@@ -388,8 +388,22 @@ fn a_full_host_disk_gives_clear_errors_and_corrupts_no_volume() {
             .contains("not enough space on this host for a 1 GB volume"),
         "the error says the host is out of space: {create}"
     );
-    assert_eq!(common::volumes_json(&platform, app, false).len(), 1);
+    assert_eq!(common::volumes_json(&platform, app, true).len(), 1);
     assert_eq!(files_in(&volumes_dir), files_before, "no half-made volume");
+
+    // Growing the volume is refused the same way; it keeps its size.
+    let extend = platform.aloft(&["volumes", "extend", &vol_id, "-a", app, "-s", "2", "-y"]);
+    println!("volumes extend on a full disk: {extend}");
+    assert!(!extend.ok(), "{extend}");
+    assert!(
+        extend.stderr.contains(&format!(
+            "not enough space on this host for volume {vol_id} to grow to 2 GB"
+        )),
+        "{extend}"
+    );
+    let volumes = common::volumes_json(&platform, app, false);
+    assert_eq!(volumes[0]["size_gb"], 1, "{volumes:?}");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 30);
 
     // The machine writes to its volume: every byte lands (fsync says so), or it hears
     // ENOSPC; never an I/O error, never a write reported done and then lost.
