@@ -24,6 +24,45 @@ pub enum BlockImageError {
     Format { path: PathBuf, message: String },
 }
 
+impl BlockImageError {
+    /// Whether the host's filesystem ran out of space.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            Self::Format { message, .. } => message.contains("No space left on device"),
+        }
+    }
+}
+
+/// Fails with ENOSPC when the filesystem holding `dir` has fewer than `bytes` available
+/// (its root reserve left to the host): checked before preallocating, which would
+/// otherwise fill the host's disk up to the last block before failing.
+pub fn check_room(dir: &Path, bytes: u64) -> std::io::Result<()> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    if stat.blocks_available().saturating_mul(stat.fragment_size()) < bytes {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    Ok(())
+}
+
+/// Allocates the host's blocks for bytes `from..to` of `file` (reading as zeros, as the
+/// holes they replace did), so writes there never need new space on the host.
+pub fn preallocate(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    if to <= from {
+        return Ok(());
+    }
+    let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn io_error(
     path: &Path,
     what: impl Into<String>,
@@ -51,6 +90,11 @@ pub struct FormatOptions {
     /// Owner of the filesystem's root directory (a user namespace's shifted root).
     pub root_uid: u32,
     pub root_gid: u32,
+    /// Reserve every block of the image on the host's disk at once (fallocate), so the
+    /// filesystem in it never meets a host that can't store its writes: a sparse image
+    /// on a full host turns the inner filesystem's writes into I/O errors, and ext4 then
+    /// aborts its journal. Creating the image fails instead, when the host lacks room.
+    pub preallocate: bool,
 }
 
 impl Default for FormatOptions {
@@ -60,6 +104,7 @@ impl Default for FormatOptions {
             label: None,
             root_uid: 0,
             root_gid: 0,
+            preallocate: false,
         }
     }
 }
@@ -77,23 +122,52 @@ pub fn create(
         }
         _ => {}
     }
+    if options.preallocate {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        check_room(dir, size_bytes).map_err(io_error(
+            path,
+            format!("reserving {size_bytes} bytes on the host's disk"),
+        ))?;
+    }
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(io_error(path, "creating the image"))?;
-    file.set_len(size_bytes).map_err(io_error(
+    let sized = file.set_len(size_bytes).map_err(io_error(
         path,
         format!("sizing the image to {size_bytes} bytes"),
-    ))?;
+    ));
+    let reserved = sized.and_then(|()| {
+        if options.preallocate {
+            preallocate(&file, 0, size_bytes).map_err(io_error(
+                path,
+                format!("reserving {size_bytes} bytes on the host's disk"),
+            ))
+        } else {
+            Ok(())
+        }
+    });
     drop(file);
+    if let Err(e) = reserved {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     let mut mkfs = Command::new("mkfs.ext4");
     // No reserved blocks (nothing privileged runs on it); inode tables are known to be
     // zero in a fresh sparse file, so nothing is initialised later either.
+    // nodiscard: mkfs would otherwise punch the whole file back into holes, undoing the
+    // preallocation.
     mkfs.args(["-q", "-F", "-m", "0"]).arg("-E").arg(format!(
-        "lazy_itable_init=1,lazy_journal_init=1,root_owner={}:{}",
-        options.root_uid, options.root_gid
+        "lazy_itable_init=1,lazy_journal_init=1,root_owner={}:{}{}",
+        options.root_uid,
+        options.root_gid,
+        if options.preallocate {
+            ",nodiscard"
+        } else {
+            ""
+        }
     ));
     if !options.journal {
         mkfs.args(["-O", "^has_journal"]);
@@ -444,6 +518,34 @@ mod tests {
             no_loop_devices_under(dir.path()),
             "autoclear detaches the device with the mount"
         );
+    }
+
+    #[test]
+    fn a_preallocated_image_holds_its_blocks_on_the_host() {
+        if !root() {
+            aloft_testkit::skip("needs root (mkfs.ext4)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fs.ext4");
+        let size = 64 * 1024 * 1024;
+        let options = FormatOptions {
+            preallocate: true,
+            ..Default::default()
+        };
+        create(&image, size, &options).unwrap();
+        let meta = std::fs::metadata(&image).unwrap();
+        assert_eq!(meta.len(), size);
+        assert!(meta.blocks() * 512 >= size, "{} blocks", meta.blocks());
+
+        // More than the host's filesystem has: refused before anything is allocated, and
+        // no file is left.
+        let free = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        let too_big = free.blocks_available() * free.fragment_size() + (1 << 30);
+        let err = create(&image, too_big, &options).unwrap_err();
+        assert!(err.is_no_space(), "{err}");
+        assert!(err.to_string().contains("reserving"), "{err}");
+        assert!(!image.exists());
     }
 
     #[test]

@@ -557,6 +557,7 @@ pub fn writable_layer(
             label: Some("layer".into()),
             root_uid: owner.uid,
             root_gid: owner.gid,
+            preallocate: false,
         };
         crate::block_image::create(&image, size_bytes, &options)
             .map_err(|e| DriverError::Rootfs(e.to_string()))?;

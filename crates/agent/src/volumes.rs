@@ -1,6 +1,9 @@
-//! Volumes on this host: each one a sparse file holding its own ext4 filesystem
+//! Volumes on this host: each one a file holding its own ext4 filesystem
 //! (`agent/volumes/<id>.ext4`, 0600, in a directory only root can enter), so its size is
-//! a hard quota. While the agent needs it (a machine starts with it, the control plane
+//! a hard quota. Its blocks are reserved on the host's disk when it is made (or grown,
+//! or restored): a sparse image on a host whose disk fills up would turn the volume's
+//! writes into I/O errors and abort its journal, so a host without room refuses the
+//! volume instead. While the agent needs it (a machine starts with it, the control plane
 //! asks for its counts) it is mounted on a loop device at `agent/volumes/mnt/<id>`, and
 //! a container gets that directory bind-mounted at the mount's path. A host that stops
 //! (or reboots) unmounts them all; the next use mounts them again. The filesystem keeps
@@ -148,7 +151,8 @@ impl Volumes {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes the volume's disk: a sparse image of `size_gb` with an empty ext4. Asking
+    /// Makes the volume's disk: an image of `size_gb` with an empty ext4, its blocks
+    /// reserved on the host (refused with a clear error when the host lacks room). Asking
     /// again for a volume that exists with that size answers its counts; nothing is left
     /// behind when it fails.
     pub fn create(
@@ -182,12 +186,20 @@ impl Volumes {
                         label: None,
                         root_uid: 0,
                         root_gid: 0,
+                        preallocate: true,
                     };
-                    block_image::create(&partial, size, &options)
-                        .map_err(|e| VolumeError::Failed(e.to_string()))?;
+                    block_image::create(&partial, size, &options).map_err(|e| {
+                        if e.is_no_space() {
+                            self.no_room(&format!("a {size_gb} GB volume"))
+                        } else {
+                            VolumeError::Failed(e.to_string())
+                        }
+                    })?;
                     if key.is_some() {
-                        std::fs::write(self.encrypted_marker(id), b"")
-                            .map_err(failed(format!("marking volume {id} encrypted")))?;
+                        std::fs::write(self.encrypted_marker(id), b"").map_err(|e| {
+                            let _ = std::fs::remove_file(&partial);
+                            VolumeError::Failed(format!("marking volume {id} encrypted: {e}"))
+                        })?;
                         run_e2fs(
                             "tune2fs",
                             &["-O".as_ref(), "encrypt".as_ref(), partial.as_os_str()],
@@ -310,12 +322,23 @@ impl Volumes {
                 )));
             }
             if size > current {
+                if block_image::check_room(&self.dir, size - current).is_err() {
+                    return Err(self.no_room(&format!("volume {id} to grow to {size_gb} GB")));
+                }
                 let file = std::fs::OpenOptions::new()
                     .write(true)
                     .open(&image)
                     .map_err(failed(format!("opening volume {id}")))?;
                 file.set_len(size)
                     .map_err(failed(format!("growing volume {id}")))?;
+                if let Err(e) = block_image::preallocate(&file, current, size) {
+                    let _ = file.set_len(current);
+                    return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+                        self.no_room(&format!("volume {id} to grow to {size_gb} GB"))
+                    } else {
+                        VolumeError::Failed(format!("growing volume {id}: {e}"))
+                    });
+                }
                 file.sync_all()
                     .map_err(failed(format!("growing volume {id}")))?;
             }
@@ -338,6 +361,21 @@ impl Volumes {
         let mut disk = self.status(id)?;
         disk.needs_restart = needs_restart;
         Ok(disk)
+    }
+
+    /// The error for a host whose disk can't hold `what`, with the room it has.
+    fn no_room(&self, what: &str) -> VolumeError {
+        let free = nix::sys::statvfs::statvfs(&self.dir)
+            .map(|s| {
+                format!(
+                    " ({:.1} GB free)",
+                    (s.blocks_available() * s.fragment_size()) as f64 / GIB as f64
+                )
+            })
+            .unwrap_or_default();
+        VolumeError::Failed(format!(
+            "not enough space on this host for {what}{free}: No space left on device"
+        ))
     }
 
     fn encrypted_marker(&self, id: &str) -> PathBuf {
@@ -599,6 +637,10 @@ impl Volumes {
                 )));
             }
             let partial = self.dir.join(format!("{id}.ext4.partial"));
+            let size = record.volume_size.max(size_gb.saturating_mul(GIB));
+            if block_image::check_room(&self.dir, size).is_err() {
+                return Err(self.no_room(&format!("volume {id} restored from snapshot {snapshot}")));
+            }
             let written = (|| -> std::io::Result<()> {
                 use std::io::{Seek, SeekFrom};
                 let mut decoder = zstd::Decoder::new(std::fs::File::open(&file)?)?;
@@ -608,7 +650,8 @@ impl Volumes {
                     .truncate(true)
                     .mode(0o600)
                     .open(&partial)?;
-                // Zero blocks stay holes: the restored image is as sparse as the original.
+                // Zero blocks are skipped rather than written; the host's blocks for them
+                // are reserved below, as for any volume.
                 let mut block = vec![0u8; 64 * 1024];
                 loop {
                     let mut filled = 0;
@@ -631,12 +674,18 @@ impl Volumes {
                         break;
                     }
                 }
-                output.set_len(record.volume_size.max(size_gb.saturating_mul(GIB)))?;
+                output.set_len(size)?;
+                block_image::preallocate(&output, 0, size)?;
                 output.sync_all()?;
                 Ok(())
             })();
             if let Err(e) = written {
                 let _ = std::fs::remove_file(&partial);
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    return Err(
+                        self.no_room(&format!("volume {id} restored from snapshot {snapshot}"))
+                    );
+                }
                 return Err(VolumeError::Failed(format!(
                     "restoring snapshot {snapshot} into volume {id}: {e}"
                 )));
@@ -893,7 +942,7 @@ mod tests {
     }
 
     #[test]
-    fn a_volume_is_a_private_sparse_ext4_that_grows_and_goes() {
+    fn a_volume_is_a_private_preallocated_ext4_that_grows_and_goes() {
         if !root() {
             aloft_testkit::skip("needs root and loop devices");
             return;
@@ -906,7 +955,10 @@ mod tests {
         let image = dir.path().join("volumes/vol_test1.ext4");
         let meta = std::fs::metadata(&image).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
-        assert!(meta.blocks() * 512 < GIB / 4, "sparse");
+        assert!(
+            meta.blocks() * 512 >= GIB,
+            "the host's blocks are reserved for the whole volume"
+        );
         let dir_mode = std::fs::metadata(dir.path().join("volumes"))
             .unwrap()
             .mode();
@@ -935,6 +987,10 @@ mod tests {
         assert_eq!(grown.size_bytes, 2 * GIB);
         assert!(!grown.needs_restart);
         assert!(grown.blocks > disk.blocks * 3 / 2, "{grown:?} vs {disk:?}");
+        assert!(
+            std::fs::metadata(&image).unwrap().blocks() * 512 >= 2 * GIB,
+            "the grown part is reserved too"
+        );
         assert_eq!(
             std::fs::read_to_string(dir.path().join("volumes/mnt/vol_test1/kept")).unwrap(),
             "data"

@@ -17,6 +17,11 @@ pub fn hello_binary() -> PathBuf {
     aloft_binary().with_file_name("hello")
 }
 
+/// examples/sqlite-writer's static binary, built next to `aloft` by `cargo build --workspace`.
+pub fn sqlite_writer_binary() -> PathBuf {
+    aloft_binary().with_file_name("sqlite-writer")
+}
+
 fn have(program: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -255,6 +260,51 @@ impl Platform {
 
     /// Like [`Platform::start`], with extra `aloft server` arguments.
     pub fn start_with(server_args: &[&str]) -> Self {
+        Self::start_in(Self::new_root(), server_args)
+    }
+
+    /// Like [`Platform::start_with`], with the data dir on an ext4 filesystem of its own of
+    /// `size_mb` MB (an image file in the test's directory, loop-mounted; unmounted and
+    /// removed with the platform), so a test can fill the host's disk.
+    pub fn start_on_small_disk(size_mb: u64, server_args: &[&str]) -> Self {
+        let root = Self::new_root();
+        let image = root.path().join("host-disk.ext4");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size_mb * 1024 * 1024))
+            .expect("the small disk's image");
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .output()
+            .expect("running mkfs.ext4");
+        assert!(mkfs.status.success(), "mkfs.ext4: {}", Run::from(mkfs));
+        let data = root.path().join("data");
+        std::fs::create_dir_all(&data).expect("the data dir");
+        let mount = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&data)
+            .output()
+            .expect("running mount");
+        assert!(mount.status.success(), "mount: {}", Run::from(mount));
+        Self::start_in(root, server_args)
+    }
+
+    /// The test's directory: HOME and the data dir live in it.
+    fn new_root() -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("temp dir");
+        // Traversable, as /var/lib is: machines' roots (host ids of a user namespace) pass
+        // through it to their root filesystems.
+        std::fs::set_permissions(
+            root.path(),
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+        )
+        .expect("opening the temp dir to traversal");
+        std::fs::create_dir_all(root.path().join("home")).expect("home dir");
+        root
+    }
+
+    fn start_in(root: tempfile::TempDir, server_args: &[&str]) -> Self {
         assert!(
             hello_binary().exists(),
             "{} is missing: run `cargo build --workspace` first",
@@ -273,15 +323,6 @@ impl Platform {
             .args(["-n", &netns, "link", "set", "lo", "up"])
             .status()
             .expect("ip link set lo up");
-        let root = tempfile::tempdir().expect("temp dir");
-        // Traversable, as /var/lib is: machines' roots (host ids of a user namespace) pass
-        // through it to their root filesystems.
-        std::fs::set_permissions(
-            root.path(),
-            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
-        )
-        .expect("opening the temp dir to traversal");
-        std::fs::create_dir_all(root.path().join("home")).expect("home dir");
         let mut platform = Self {
             netns,
             root,
@@ -527,8 +568,11 @@ impl Drop for Platform {
 
 /// Unmounts what a test's machines left mounted under `root` (machines still running
 /// after a killed server) and detaches loop devices backed by files there, so removing
-/// the test's directory removes everything.
+/// the test's directory removes everything. The devices are found before unmounting: a
+/// file on a filesystem unmounted lazily (a data dir on a disk of its own) no longer
+/// shows its path.
 fn release_mounts_under(root: &Path) {
+    let devices = loop_devices_under(root);
     let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
@@ -539,21 +583,29 @@ fn release_mounts_under(root: &Path) {
     for mount in mounts {
         let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
     }
-    let Ok(devices) = std::fs::read_dir("/sys/block") else {
-        return;
-    };
-    for device in devices.flatten() {
-        let Ok(backing) = std::fs::read_to_string(device.path().join("loop/backing_file")) else {
-            continue;
-        };
-        if Path::new(backing.trim().trim_end_matches(" (deleted)")).starts_with(root) {
-            let _ = Command::new("losetup")
-                .arg("-d")
-                .arg(Path::new("/dev").join(device.file_name()))
-                .stderr(Stdio::null())
-                .status();
-        }
+    for device in devices {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(device)
+            .stderr(Stdio::null())
+            .status();
     }
+}
+
+/// The loop devices (`/dev/loopN`) backed by files under `dir`.
+pub fn loop_devices_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(devices) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    devices
+        .flatten()
+        .filter(|device| {
+            std::fs::read_to_string(device.path().join("loop/backing_file")).is_ok_and(|backing| {
+                Path::new(backing.trim().trim_end_matches(" (deleted)")).starts_with(dir)
+            })
+        })
+        .map(|device| Path::new("/dev").join(device.file_name()))
+        .collect()
 }
 
 /// Polls `check` until it answers `None` (done), for at most `timeout`; `Some(seen)` says
@@ -583,4 +635,63 @@ pub fn launched_machine_id(stdout: &str) -> String {
         .unwrap_or_else(|| panic!("no machine id in:\n{stdout}"))
         .trim()
         .to_string()
+}
+
+/// The ids of `app`'s machines (`aloft machine list -q`).
+pub fn machine_ids(platform: &Platform, app: &str) -> Vec<String> {
+    platform
+        .aloft(&["machine", "list", "-a", app, "-q"])
+        .stdout
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| l.len() == 14)
+        .collect()
+}
+
+/// `aloft volumes list -a APP --json` (with `--all`, destroyed ones too).
+pub fn volumes_json(platform: &Platform, app: &str, all: bool) -> Vec<serde_json::Value> {
+    let mut args = vec!["volumes", "list", "-a", app, "--json"];
+    if all {
+        args.push("--all");
+    }
+    let list = platform.aloft(&args);
+    assert!(list.ok(), "{list}");
+    serde_json::from_str(&list.stdout).unwrap_or_else(|e| panic!("{e}: {list}"))
+}
+
+/// An app whose image is busybox (with sh, dd, sync, cat...), idling; `extra` is appended
+/// to its fly.toml.
+pub fn idle_busybox_app(platform: &Platform, name: &str, extra: &str) -> PathBuf {
+    let dir = platform.root.path().join(format!("app-{name}"));
+    let bin = dir.join("rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("busybox-static is installed (scripts/setup.sh)");
+    for applet in [
+        "sh", "dd", "rm", "echo", "sleep", "df", "cat", "sync", "ls", "mkdir", "md5sum",
+    ] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nCMD [\"/bin/sleep\", \"100000\"]\n",
+    )
+    .unwrap();
+    write_fly_toml(&dir, name, extra);
+    dir
+}
+
+/// fly.toml of `name` in region `local`, with `extra` appended.
+pub fn write_fly_toml(dir: &Path, name: &str, extra: &str) {
+    std::fs::write(
+        dir.join("fly.toml"),
+        format!("app = \"{name}\"\nprimary_region = \"local\"\n{extra}"),
+    )
+    .unwrap();
+}
+
+/// `aloft machine status ID --json` (null when it fails).
+pub fn machine_json(platform: &Platform, app: &str, id: &str) -> serde_json::Value {
+    let status = platform.aloft(&["machine", "status", id, "-a", app, "--json"]);
+    serde_json::from_str(&status.stdout).unwrap_or_default()
 }
