@@ -7,8 +7,14 @@
 //! machines before they stop, so the proxies only ever route to started, healthy machines.
 //! A machine that exits or fails a check stops the deploy at once; the machines it had
 //! already changed go back to their previous config, so the previous release keeps serving.
+//!
+//! A deploy is run by the control plane that holds its lease in the store (see
+//! [`crate::store::Store::claim_deploy`]): the one that started it, renewing it as it goes;
+//! after a restart, the same control plane at once; when its holder stops renewing, any
+//! control plane sharing the database, once the lease expires.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +52,13 @@ const DEFAULT_MAX_UNAVAILABLE: f64 = 0.33;
 /// Finished operations kept in memory (and finished deploys kept in the store, per app) so a
 /// client can still read how they ended.
 const KEPT_OPERATIONS: usize = 64;
+/// How long a control plane's hold on a deploy lasts unless renewed; it is renewed every
+/// third of that while the deploy runs, and another control plane may take the deploy
+/// over once it has run out.
+pub const DEPLOY_LEASE: Duration = Duration::from_secs(30);
+
+/// The description of the releases that roll secrets out (`aloft secrets set|deploy`).
+pub const SECRETS_DESCRIPTION: &str = "secrets";
 
 pub const STRATEGIES: [&str; 4] = ["rolling", "immediate", "canary", "bluegreen"];
 
@@ -66,6 +79,8 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
 #[derive(Default)]
 pub struct Deploys {
     recent: Mutex<VecDeque<Arc<Operation>>>,
+    /// Deploys this process runs (it holds their leases).
+    running: Mutex<HashSet<String>>,
 }
 
 /// One server-side operation and everything it has reported so far.
@@ -91,10 +106,12 @@ impl Deploys {
         ))
     }
 
-    /// A deploy, recorded in the store with its request so it outlives this process.
+    /// A deploy, recorded in the store with its request so it outlives this process, and
+    /// held by `owner` (this control plane): run it with [`run_held`].
     pub fn begin_deploy(
         &self,
         store: &Arc<Store>,
+        owner: &str,
         app: &AppRow,
         request: &DeployRequest,
         user: &str,
@@ -102,7 +119,10 @@ impl Deploys {
         store.prune_deploys(&app.id, KEPT_OPERATIONS)?;
         let id = ulid::Ulid::new().to_string().to_lowercase();
         let now = now_rfc3339();
-        store.insert_deploy(&DeployRow {
+        // Running here from before its row exists, so the takeover of abandoned deploys
+        // never picks it up as one.
+        self.mark_running(&id);
+        let inserted = store.insert_deploy(&DeployRow {
             id: id.clone(),
             app_id: app.id.clone(),
             status: "running".into(),
@@ -113,7 +133,13 @@ impl Deploys {
             progress: "{}".into(),
             created_at: now.clone(),
             updated_at: now,
-        })?;
+            lease_owner: owner.to_string(),
+            lease_expires_at: lease_end(),
+        });
+        if let Err(err) = inserted {
+            self.stop_running(&id);
+            return Err(err);
+        }
         Ok(self.remember(Operation::new(
             id,
             &app.name,
@@ -139,6 +165,30 @@ impl Deploys {
             past,
             Some(store.clone()),
         ))
+    }
+
+    /// Whether this process runs deploy `id`, and if not, marks it as run here.
+    fn mark_running(&self, id: &str) -> bool {
+        !self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+    }
+
+    fn stop_running(&self, id: &str) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Forgets an operation, so the next reader takes it from the store.
+    fn forget(&self, id: &str) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|o| o.id != id);
     }
 
     fn remember(&self, operation: Arc<Operation>) -> Arc<Operation> {
@@ -184,6 +234,19 @@ impl Operation {
 
     pub fn is_finished(&self) -> bool {
         self.finished.load(Ordering::SeqCst)
+    }
+
+    /// Ends the stream of those watching it here, without recording anything: this
+    /// control plane no longer runs the deploy, another one goes on with it.
+    fn abandon(&self, message: String) {
+        let event = DeployEvent::Error {
+            message,
+            failure: None,
+        };
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        self.finished.store(true, Ordering::SeqCst);
+        events.push(event.clone());
+        let _ = self.sender.send(event);
     }
 
     pub fn emit(&self, event: DeployEvent) {
@@ -366,21 +429,23 @@ async fn start_deploy(
         .token(&caller.token_id)?
         .map(|t| t.name)
         .unwrap_or_default();
-    let operation = plane
-        .deploys
-        .begin_deploy(&plane.store, &app, &request, &user)?;
+    let operation =
+        plane
+            .deploys
+            .begin_deploy(&plane.store, &plane.node_id, &app, &request, &user)?;
     operation.emit(DeployEvent::Started {
         deploy_id: operation.id.clone(),
     });
     let response = ndjson_response(&operation);
-    tokio::spawn(run(
+    let work = run(
         plane.clone(),
         app,
         request,
         caller,
         user,
-        Progress::new(operation),
-    ));
+        Progress::new(operation.clone()),
+    );
+    tokio::spawn(run_held(plane, operation, work));
     Ok(response)
 }
 
@@ -529,8 +594,61 @@ fn report(
     }
 }
 
-/// Takes up the deploys a previous run of the server left unfinished: each goes on from
-/// where its record says it was, holding its app's lock from before the API answers.
+/// When a lease taken now ends.
+fn lease_end() -> i64 {
+    crate::store::now_millis() + DEPLOY_LEASE.as_millis() as i64
+}
+
+/// Runs a deploy this control plane holds the lease of, renewing the lease as it goes.
+/// Should the lease be lost (the store refused the renewal, or could not be reached until
+/// the lease ran out), the work stops where it is: another control plane takes the
+/// deploy over from its record.
+pub async fn run_held(
+    plane: Arc<ControlPlane>,
+    operation: Arc<Operation>,
+    work: impl Future<Output = ()>,
+) {
+    let id = operation.id.clone();
+    let keeper = async {
+        let mut held_until = tokio::time::Instant::now() + DEPLOY_LEASE;
+        loop {
+            tokio::time::sleep(DEPLOY_LEASE / 3).await;
+            let asked = tokio::time::Instant::now();
+            match plane
+                .store
+                .renew_deploy_lease(&id, &plane.node_id, lease_end())
+            {
+                Ok(true) => held_until = asked + DEPLOY_LEASE,
+                Ok(false) => return "another control plane took the deploy over".to_string(),
+                Err(err) => {
+                    tracing::warn!(deploy = %id, error = %err, "renewing a deploy's lease");
+                    if tokio::time::Instant::now() >= held_until {
+                        return format!(
+                            "its lease ran out while the database was unreachable ({err})"
+                        );
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        reason = keeper => {
+            tracing::warn!(deploy = %id, app = %operation.app, %reason, "this control plane stopped running a deploy");
+            operation.abandon(format!(
+                "this control plane stopped running deploy {id}: {reason}; it goes on there: follow it with `aloft deploy --resume -a {}`",
+                operation.app
+            ));
+            plane.deploys.forget(&id);
+        }
+    }
+    plane.deploys.stop_running(&id);
+}
+
+/// Takes up the deploys nobody runs: at start, those this control plane ran before it
+/// stopped; on any control plane sharing the database, those whose holder's lease ran
+/// out. Each goes on from where its record says it was, holding its app's lock from
+/// before the API answers.
 pub fn resume_unfinished(plane: &Arc<ControlPlane>) {
     let rows = match plane.store.unfinished_deploys() {
         Ok(rows) => rows,
@@ -540,23 +658,58 @@ pub fn resume_unfinished(plane: &Arc<ControlPlane>) {
         }
     };
     for row in rows {
+        if plane.deploys.mark_running(&row.id) {
+            continue;
+        }
+        match plane.store.claim_deploy(
+            &row.id,
+            &plane.node_id,
+            crate::store::now_millis(),
+            lease_end(),
+        ) {
+            Ok(true) => {}
+            Ok(false) => {
+                plane.deploys.stop_running(&row.id);
+                continue;
+            }
+            Err(err) => {
+                tracing::warn!(deploy = %row.id, error = %err, "claiming an unfinished deploy");
+                plane.deploys.stop_running(&row.id);
+                continue;
+            }
+        }
         let app = match plane.store.app_by_id(&row.app_id) {
             Ok(Some(app)) => app,
             _ => {
                 let _ = plane.store.set_deploy_status(&row.id, "failed");
+                plane.deploys.stop_running(&row.id);
                 continue;
             }
         };
-        tracing::info!(deploy = %row.id, app = %app.name, "resuming a deploy the server's restart interrupted");
+        let taken_over = !row.lease_owner.is_empty() && row.lease_owner != plane.node_id;
+        tracing::info!(deploy = %row.id, app = %app.name, taken_over, "resuming an unfinished deploy");
+        // What another process of this or another control plane recorded, read afresh.
+        plane.deploys.forget(&row.id);
         let operation = plane.deploys.adopt(&plane.store, &row, &app.name);
         let guard = plane.app_lock(&app.name).try_lock_owned().ok();
-        tokio::spawn(resume(
+        let work = resume(
             plane.clone(),
             app,
             row,
-            Progress::new(operation),
+            Progress::new(operation.clone()),
             guard,
-        ));
+            taken_over,
+        );
+        tokio::spawn(run_held(plane.clone(), operation, work));
+    }
+}
+
+/// Every half lease, takes over the deploys whose holder stopped renewing its lease (a
+/// control plane sharing the database that died), until the server stops.
+pub async fn take_over_abandoned(plane: Arc<ControlPlane>) {
+    loop {
+        tokio::time::sleep(DEPLOY_LEASE / 2).await;
+        resume_unfinished(&plane);
     }
 }
 
@@ -566,14 +719,20 @@ async fn resume(
     row: DeployRow,
     progress: Progress,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    taken_over: bool,
 ) {
     let _guard = match guard {
         Some(guard) => guard,
         None => plane.app_lock(&app.name).lock_owned().await,
     };
+    let why = if taken_over {
+        "The control plane running it stopped"
+    } else {
+        "The server restarted"
+    };
     progress
         .say(format!(
-            "The server restarted; deploy {} goes on from where it stopped",
+            "{why}; deploy {} goes on from where it stopped",
             row.id
         ))
         .await;
@@ -729,9 +888,14 @@ impl Deployer<'_> {
         let request: DeployRequest = serde_json::from_str(&row.request)
             .map_err(|e| bad(format!("the recorded deploy request is unreadable: {e}")))?;
         if row.release_id.is_empty() {
-            return Err(bad(
-                "the server stopped before this deploy made its release, so no machine was changed; run `aloft deploy` again",
-            ));
+            let again = if request.description.as_deref() == Some(SECRETS_DESCRIPTION) {
+                "aloft secrets deploy"
+            } else {
+                "aloft deploy"
+            };
+            return Err(bad(format!(
+                "the server stopped before this deploy made its release, so no machine was changed; run `{again}` again"
+            )));
         }
         let release = self
             .plane
