@@ -379,7 +379,8 @@ fn kill_a_failing_deploy(
     assert!(
         resumed.stderr.contains("deploy failed:")
             && resumed.stderr.contains("failed its health check"),
-        "{resumed}"
+        "{resumed}\n--- server log (tail)\n{}",
+        tail(&platform.server_log(), 200)
     );
     assert!(
         !resumed.stdout.contains("Release v2 of rs deployed"),

@@ -773,6 +773,16 @@ impl RolloutSettings {
     }
 }
 
+/// Where a restart left the update of a machine.
+enum Caught {
+    /// Its agent runs the new config.
+    InPlace,
+    /// The store has the new config, its agent the old one.
+    StoredOnly,
+    /// It was not updated yet (or how far is unknown): it is updated.
+    Not,
+}
+
 /// A machine a rollout changed, to put back if the rollout fails.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -2082,14 +2092,21 @@ impl Deployer<'_> {
             }
         });
         let touched = vec![change];
-        let update = if earlier_update && self.has_config_already(row, &config).await {
+        let caught = if earlier_update {
+            self.caught_mid_update(row, &config).await
+        } else {
+            Caught::Not
+        };
+        let update = match caught {
             // Caught mid-update by a restart with the new config in place: started (if it
             // should run), not updated again.
-            self.start_unrouted(row, was_running).await
-        } else {
-            rollout::update_unrouted(self.plane, self.app, row, config).await
+            Caught::InPlace => self.start_unrouted(row, was_running).await,
+            // The store took the new config, its agent never got it: the agent gets the
+            // stored one (no new version), as the update would have given it.
+            Caught::StoredOnly => self.push_unrouted(row).await,
+            Caught::Not => rollout::update_unrouted(self.plane, self.app, row, config).await,
         };
-        let (updated, started_ms) = match update {
+        let (mut updated, started_ms) = match update {
             Ok(updated) => updated,
             Err(failure) => {
                 return (
@@ -2100,6 +2117,22 @@ impl Deployer<'_> {
                 );
             }
         };
+        if was_running && matches!(updated.state, MachineState::Stopped | MachineState::Created) {
+            // Stopped for an update that a restart cut short: an update keeps a stopped
+            // machine stopped, and this one ran before the deploy, so it is started.
+            match self.plane.start_machine(&updated).await {
+                Ok(started) => updated = started,
+                Err(err) => {
+                    let failure = MachineFailure::from_api(&updated, err);
+                    return (
+                        touched,
+                        Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                            .await
+                            .into()),
+                    );
+                }
+            }
+        }
         let starts = was_running || updated.state == MachineState::Started;
         if starts && wait {
             if let Err(failure) = rollout::wait_healthy(
@@ -2152,20 +2185,39 @@ impl Deployer<'_> {
         )
     }
 
-    /// Whether the machine's agent already runs `config` for it (the store's config is
-    /// of the same release and the agent's instance is the store's).
-    async fn has_config_already(&self, row: &MachineRow, config: &MachineConfig) -> bool {
+    /// How far the update of a machine that a restart interrupted got: whether the store
+    /// has `config` (of the same release) for it, and its agent as well (the agent's
+    /// instance is the store's).
+    async fn caught_mid_update(&self, row: &MachineRow, config: &MachineConfig) -> Caught {
         let release = |c: &MachineConfig| c.metadata.get(aloft_api::METADATA_RELEASE_ID).cloned();
         if release(config).is_none() || release(config) != release(&row.config) {
-            return false;
+            return Caught::Not;
         }
         let Ok(agent) = self.plane.agent(&row.host_id) else {
-            return false;
+            return Caught::Not;
         };
-        agent
-            .get(&row.id)
+        match agent.get(&row.id).await {
+            Ok(m) if m.instance_id == row.instance_id && m.state != MachineState::Failed => {
+                Caught::InPlace
+            }
+            Ok(_) if matches!(row.state, MachineState::Stopped | MachineState::Created) => {
+                Caught::StoredOnly
+            }
+            _ => Caught::Not,
+        }
+    }
+
+    /// Gives a machine's agent the config the store has for it, out of routing.
+    async fn push_unrouted(&self, row: &MachineRow) -> Result<(MachineRow, i64), MachineFailure> {
+        rollout::set_routed(self.plane, &row.id, false)
+            .map_err(|e| MachineFailure::from_api(row, e))?;
+        let started_ms = crate::store::now_millis();
+        let pushed = self
+            .plane
+            .push_stored_config(self.app, row)
             .await
-            .is_ok_and(|m| m.instance_id == row.instance_id && m.state != MachineState::Failed)
+            .map_err(|e| MachineFailure::from_api(row, e))?;
+        Ok((pushed, started_ms))
     }
 
     async fn start_unrouted(
@@ -2176,6 +2228,11 @@ impl Deployer<'_> {
         rollout::set_routed(self.plane, &row.id, false)
             .map_err(|e| MachineFailure::from_api(row, e))?;
         let started_ms = crate::store::now_millis();
+        // As the agent reported it since the restart, not as the rollout first listed it.
+        let row = &match self.plane.store.machine(&row.id) {
+            Ok(Some(current)) => current,
+            _ => row.clone(),
+        };
         if was_running && row.state != MachineState::Started {
             let started = self
                 .plane

@@ -871,6 +871,33 @@ impl ControlPlane {
         Ok(updated)
     }
 
+    /// Gives a stopped machine's agent the config (and instance) the store has for it,
+    /// without a new version: for an update that a restart of the control plane cut short
+    /// after the store took the new config and before the agent had it.
+    pub async fn push_stored_config(
+        &self,
+        app: &AppRow,
+        row: &MachineRow,
+    ) -> ApiResult<MachineRow> {
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        if !matches!(row.state, MachineState::Stopped | MachineState::Created) {
+            return Err(ApiError::conflict(format!(
+                "machine {} is {}; only a stopped machine gets its stored config again",
+                row.id, row.state
+            )));
+        }
+        let agent = self.agent(&row.host_id)?;
+        if let Err(err) = agent.put(&self.spec(&row, app, &agent)).await {
+            self.resync(&row).await;
+            return Err(err);
+        }
+        let row = self.reload(&row.id)?;
+        self.publish(&row);
+        Ok(row)
+    }
+
     pub async fn destroy_machine(&self, row: &MachineRow, force: bool) -> ApiResult<()> {
         let lock = self.machine_lock(&row.id);
         let _guard = lock.lock().await;
