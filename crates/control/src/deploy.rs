@@ -2233,7 +2233,7 @@ impl Deployer<'_> {
             Ok(Some(current)) => current,
             _ => row.clone(),
         };
-        if was_running && row.state != MachineState::Started {
+        if was_running && matches!(row.state, MachineState::Stopped | MachineState::Created) {
             let started = self
                 .plane
                 .start_machine(row)
