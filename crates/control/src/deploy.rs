@@ -773,6 +773,18 @@ impl RolloutSettings {
     }
 }
 
+/// Whether a machine is between two states (an operation on it is under way).
+fn between_states(state: MachineState) -> bool {
+    matches!(
+        state,
+        MachineState::Starting
+            | MachineState::Stopping
+            | MachineState::Replacing
+            | MachineState::Destroying
+            | MachineState::Suspending
+    )
+}
+
 /// Where a restart left the update of a machine.
 enum Caught {
     /// Its agent runs the new config.
@@ -954,9 +966,13 @@ impl Deployer<'_> {
     }
 
     /// Waits (a minute at most) until the agents of the app's machines answer and no
-    /// machine is between two states, as after a restart they may not yet be.
+    /// machine is between two states, as after a restart they may not yet be. A machine
+    /// the store shows between two states once its agent answers was left so by an
+    /// operation of the stopped server, which will never finish it: it takes the state
+    /// its agent reports.
     async fn wait_for_hosts(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut settled: HashSet<String> = HashSet::new();
         loop {
             let machines = self
                 .plane
@@ -966,16 +982,7 @@ impl Deployer<'_> {
             let mut hosts: Vec<&str> = machines.iter().map(|m| m.host_id.as_str()).collect();
             hosts.sort();
             hosts.dedup();
-            let mut ready = machines.iter().all(|m| {
-                !matches!(
-                    m.state,
-                    MachineState::Starting
-                        | MachineState::Stopping
-                        | MachineState::Replacing
-                        | MachineState::Destroying
-                        | MachineState::Suspending
-                )
-            });
+            let mut answering = HashSet::new();
             for host in hosts {
                 let answers = match self.plane.agent(host) {
                     Ok(agent) => tokio::time::timeout(
@@ -986,7 +993,20 @@ impl Deployer<'_> {
                     .is_ok_and(|r| r.is_ok()),
                     Err(_) => false,
                 };
-                ready &= answers;
+                if answers {
+                    answering.insert(host.to_string());
+                }
+            }
+            let mut ready = true;
+            for machine in &machines {
+                ready &= answering.contains(&machine.host_id);
+                if !between_states(machine.state) {
+                    continue;
+                }
+                ready = false;
+                if answering.contains(&machine.host_id) && settled.insert(machine.id.clone()) {
+                    self.plane.settle_from_agent(machine).await;
+                }
             }
             if ready || tokio::time::Instant::now() >= deadline {
                 return;
@@ -1967,10 +1987,15 @@ impl Deployer<'_> {
         let total = targets.len();
         let mut done = 0;
         for members in groups.values() {
+            // Serving before this deploy: started, or (after a restart) taken down by it.
             let serving = members
                 .iter()
                 .filter(|(row, _)| {
-                    row.state == MachineState::Started && !row.config.services.is_empty()
+                    !row.config.services.is_empty()
+                        && (row.state == MachineState::Started
+                            || recorded.touched.iter().any(|t| {
+                                matches!(t, Touched::Updated { id, was_running: true, .. } if *id == row.id)
+                            }))
                 })
                 .count();
             let (finished, members): (Vec<&(MachineRow, MachineConfig)>, Vec<_>) = members
@@ -2427,9 +2452,15 @@ impl Deployer<'_> {
             }
         }
         for (row, config) in idle {
-            self.plane
-                .update_machine(self.app, row, config.clone())
-                .await?;
+            // As it is now: one destroyed meanwhile needs no update.
+            match self.plane.store.machine(&row.id)? {
+                Some(current) if current.state != MachineState::Destroyed => {
+                    self.plane
+                        .update_machine(self.app, &current, config.clone())
+                        .await?;
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
