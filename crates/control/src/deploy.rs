@@ -176,6 +176,14 @@ impl Deploys {
             .insert(id.to_string())
     }
 
+    /// Whether this process runs deploy `id`.
+    fn runs(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
     fn stop_running(&self, id: &str) {
         self.running
             .lock()
@@ -306,6 +314,47 @@ impl Operation {
         use futures_util::StreamExt;
         Body::from_stream(replay.chain(live))
     }
+}
+
+/// A deploy's events as they are recorded in the store (by whichever control plane runs
+/// it), up to and including the final one, or until it is no longer running.
+fn recorded_events(
+    store: Arc<Store>,
+    id: String,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    futures_util::stream::unfold(
+        (store, id, 0u64, false),
+        |(store, id, next, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let lines = store.deploy_events_since(&id, next).unwrap_or_default();
+                if !lines.is_empty() {
+                    let mut chunk = Vec::new();
+                    let mut read = next;
+                    let mut last = false;
+                    for line in &lines {
+                        chunk.extend_from_slice(line.as_bytes());
+                        chunk.push(b'\n');
+                        read += 1;
+                        if serde_json::from_str::<DeployEvent>(line).is_ok_and(|e| is_terminal(&e))
+                        {
+                            last = true;
+                            break;
+                        }
+                    }
+                    return Some((Ok(Bytes::from(chunk)), (store, id, read, last)));
+                }
+                match store.deploy(&id) {
+                    Ok(Some(row)) if row.status == "running" => {}
+                    // Ended without a final event in the log, or gone.
+                    _ => return None,
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        },
+    )
 }
 
 fn ndjson(event: &DeployEvent) -> Bytes {
@@ -462,6 +511,14 @@ async fn watch_deploy(
     } else if let Some(row) = plane.store.deploy(&id)?
         && row.app_id == app.id
     {
+        if row.status == "running" && !plane.deploys.runs(&id) {
+            // Another control plane runs it: its events as that one records them.
+            return Ok((
+                [(header::CONTENT_TYPE, "application/x-ndjson")],
+                Body::from_stream(recorded_events(plane.store.clone(), id)),
+            )
+                .into_response());
+        }
         // Older than what is kept in memory: its recorded events.
         return Ok(ndjson_response(&plane.deploys.adopt(
             &plane.store,
@@ -2493,6 +2550,98 @@ mod tests {
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             ha: true,
         }
+    }
+
+    /// A deploy another control plane runs is followed from the store: what it recorded,
+    /// then what it records, up to its final event.
+    #[tokio::test]
+    async fn a_deploy_run_elsewhere_is_followed_from_its_recorded_events() {
+        use futures_util::StreamExt;
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        store
+            .create_org(&crate::store::OrgRow {
+                id: "o1".into(),
+                slug: "personal".into(),
+                name: "Personal".into(),
+                created_at: now_rfc3339(),
+            })
+            .unwrap();
+        store
+            .create_app(&AppRow {
+                id: "a1".into(),
+                name: "hello".into(),
+                org_id: "o1".into(),
+                org_slug: "personal".into(),
+                network: "default".into(),
+                status: "deployed".into(),
+                created_at: now_rfc3339(),
+            })
+            .unwrap();
+        store
+            .insert_deploy(&DeployRow {
+                id: "d1".into(),
+                app_id: "a1".into(),
+                status: "running".into(),
+                request: "{}".into(),
+                user: "admin".into(),
+                release_id: String::new(),
+                progress: "{}".into(),
+                created_at: now_rfc3339(),
+                updated_at: now_rfc3339(),
+                lease_owner: "cp-other".into(),
+                lease_expires_at: i64::MAX,
+            })
+            .unwrap();
+        let event = |e: &DeployEvent| serde_json::to_string(e).unwrap();
+        let started = DeployEvent::Started {
+            deploy_id: "d1".into(),
+        };
+        store
+            .append_deploy_event("d1", 0, &event(&started))
+            .unwrap();
+        let mut stream = Box::pin(recorded_events(store.clone(), "d1".into()));
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first, Bytes::from(format!("{}\n", event(&started))));
+
+        // The other control plane goes on: its events come as it records them.
+        let later = store.clone();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let progress = DeployEvent::Progress {
+                message: "Machine m1 updated".into(),
+            };
+            later
+                .append_deploy_event("d1", 1, &event(&progress))
+                .unwrap();
+            let done = DeployEvent::Done {
+                release_version: 2,
+                url: None,
+            };
+            later.append_deploy_event("d1", 2, &event(&done)).unwrap();
+            later.set_deploy_status("d1", "complete").unwrap();
+        });
+        let rest: Vec<Bytes> = stream.map(|chunk| chunk.unwrap()).collect().await;
+        writer.await.unwrap();
+        let text: String = rest
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        let lines: Vec<DeployEvent> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(matches!(lines[0], DeployEvent::Progress { .. }), "{text}");
+        assert!(
+            matches!(
+                lines[1],
+                DeployEvent::Done {
+                    release_version: 2,
+                    ..
+                }
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -183,6 +183,19 @@ impl Store {
         })
     }
 
+    /// A deploy's events (JSON) from number `seq` on, in order.
+    pub fn deploy_events_since(&self, id: &str, seq: u64) -> StoreResult<Vec<String>> {
+        self.read(|c| {
+            c.query(
+                "SELECT event FROM deploy_events WHERE deploy_id = $1 AND seq >= $2 ORDER BY seq",
+                &[id.into(), seq.into()],
+            )?
+            .iter()
+            .map(|r| r.text(0))
+            .collect()
+        })
+    }
+
     /// Forgets the app's finished deploys but the newest `keep`.
     pub fn prune_deploys(&self, app_id: &str, keep: usize) -> StoreResult<()> {
         let old = "SELECT id FROM deploy_operations WHERE app_id = $1 AND status != 'running' AND id NOT IN (SELECT id FROM deploy_operations WHERE app_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2)";
