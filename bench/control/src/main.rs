@@ -62,6 +62,7 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
             base_domain: "localhost".into(),
             proxy_http_port: 8080,
             database_url: None,
+            acme: false,
             registry_upstream: None,
             allowed_private_registries: Vec::new(),
         })?;

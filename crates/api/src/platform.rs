@@ -245,7 +245,8 @@ pub struct Certificate {
     /// When the certificate served now expires (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
-    /// Why the last attempt to get a certificate failed.
+    /// Why no certificate is served: the last attempt to get one failed, or (an ACME
+    /// hostname on a server without an ACME CA) none will be issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -393,6 +393,41 @@ fn an_imported_certificate_is_stored_sealed_and_served() {
         return;
     }
     let platform = platform_with_hello(&[]);
+
+    // This server has no --acme-directory: adding a hostname says that no certificate
+    // will be issued for it, and how to get one served, instead of "being issued".
+    let added = platform.aloft(&["certs", "add", "noacme.example.com", "-a", "hello"]);
+    assert!(added.ok(), "{added}");
+    let shown = platform.aloft(&["certs", "show", "noacme.example.com", "-a", "hello"]);
+    assert!(shown.ok(), "{shown}");
+    for run in [&added, &shown] {
+        assert!(
+            run.stdout
+                .contains("No ACME certificate authority is configured on this server")
+                && run.stdout.contains("aloft certs import")
+                && run.stdout.contains("--acme-directory")
+                && !run.stdout.contains("being issued")
+                && !run.stdout.contains("We are using the platform's ACME"),
+            "{run}"
+        );
+    }
+    let json = platform.aloft(&[
+        "certs",
+        "show",
+        "noacme.example.com",
+        "-a",
+        "hello",
+        "--json",
+    ]);
+    let json: Value = serde_json::from_str(&json.stdout).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(json["status"], "pending", "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no ACME certificate authority")),
+        "{json}"
+    );
+
     let files = tempfile::tempdir().unwrap();
     let (ca_pem, issuer) = ca("Imported Test CA");
     let (cert, key) = leaf(&issuer, &["shop.example.com"]);

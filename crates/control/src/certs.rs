@@ -50,8 +50,16 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
         )
 }
 
-/// The API's view of a hostname: its row, and where its certificate stands.
-fn view(row: &CertificateRow, tls: Option<&TlsCertificateRow>) -> Certificate {
+/// Why no certificate comes for an ACME hostname on a server without an ACME CA.
+pub fn no_acme_reason(hostname: &str) -> String {
+    format!(
+        "no ACME certificate authority is configured on this server, so no certificate will be issued for {hostname}; import one with `aloft certs import`, or start the server with --acme-directory"
+    )
+}
+
+/// The API's view of a hostname: its row, and where its certificate stands; `acme` says
+/// whether this server gets certificates from an ACME CA.
+fn view(row: &CertificateRow, tls: Option<&TlsCertificateRow>, acme: bool) -> Certificate {
     let issued = tls.filter(|t| !t.certificate.is_empty() && !expired(&t.not_after));
     let (status, client_status) = match (issued, tls.map(|t| t.state.as_str())) {
         (Some(_), _) => ("ready", "Ready"),
@@ -70,7 +78,11 @@ fn view(row: &CertificateRow, tls: Option<&TlsCertificateRow>) -> Certificate {
         expires_at: issued.map(|t| t.not_after.clone()),
         error: tls
             .filter(|t| t.state == "failed" && !t.error.is_empty())
-            .map(|t| t.error.clone()),
+            .map(|t| t.error.clone())
+            .or_else(|| {
+                (issued.is_none() && !acme && row.source == "acme")
+                    .then(|| no_acme_reason(&row.hostname))
+            }),
     }
 }
 
@@ -84,6 +96,7 @@ fn view_of(plane: &ControlPlane, row: &CertificateRow) -> ApiResult<Certificate>
     Ok(view(
         row,
         plane.store.tls_certificate(&row.hostname)?.as_ref(),
+        plane.config.acme,
     ))
 }
 
@@ -683,6 +696,34 @@ async fn proxy_put_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_acme_an_acme_hostname_says_no_certificate_will_come() {
+        let row = CertificateRow {
+            app_id: "a1".into(),
+            hostname: "www.example.com".into(),
+            source: "acme".into(),
+            status: "pending".into(),
+            created_at: now_rfc3339(),
+        };
+        let shown = view(&row, None, false);
+        assert_eq!(shown.status, "pending");
+        let error = shown.error.expect("a reason");
+        assert!(
+            error.contains("no ACME certificate authority is configured on this server")
+                && error.contains("aloft certs import")
+                && error.contains("--acme-directory"),
+            "{error}"
+        );
+        // With ACME, nothing has been tried yet: no error.
+        assert_eq!(view(&row, None, true).error, None);
+        // A custom hostname waits for its import, not for ACME.
+        let custom = CertificateRow {
+            source: "custom".into(),
+            ..row
+        };
+        assert_eq!(view(&custom, None, false).error, None);
+    }
 
     #[test]
     fn names_under_the_base_domain_belong_to_the_app_they_name() {

@@ -7,8 +7,14 @@
 //! machines before they stop, so the proxies only ever route to started, healthy machines.
 //! A machine that exits or fails a check stops the deploy at once; the machines it had
 //! already changed go back to their previous config, so the previous release keeps serving.
+//!
+//! A deploy is run by the control plane that holds its lease in the store (see
+//! [`crate::store::Store::claim_deploy`]): the one that started it, renewing it as it goes;
+//! after a restart, the same control plane at once; when its holder stops renewing, any
+//! control plane sharing the database, once the lease expires.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +52,13 @@ const DEFAULT_MAX_UNAVAILABLE: f64 = 0.33;
 /// Finished operations kept in memory (and finished deploys kept in the store, per app) so a
 /// client can still read how they ended.
 const KEPT_OPERATIONS: usize = 64;
+/// How long a control plane's hold on a deploy lasts unless renewed; it is renewed every
+/// third of that while the deploy runs, and another control plane may take the deploy
+/// over once it has run out.
+pub const DEPLOY_LEASE: Duration = Duration::from_secs(30);
+
+/// The description of the releases that roll secrets out (`aloft secrets set|deploy`).
+pub const SECRETS_DESCRIPTION: &str = "secrets";
 
 pub const STRATEGIES: [&str; 4] = ["rolling", "immediate", "canary", "bluegreen"];
 
@@ -66,6 +79,8 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
 #[derive(Default)]
 pub struct Deploys {
     recent: Mutex<VecDeque<Arc<Operation>>>,
+    /// Deploys this process runs (it holds their leases).
+    running: Mutex<HashSet<String>>,
 }
 
 /// One server-side operation and everything it has reported so far.
@@ -91,10 +106,12 @@ impl Deploys {
         ))
     }
 
-    /// A deploy, recorded in the store with its request so it outlives this process.
+    /// A deploy, recorded in the store with its request so it outlives this process, and
+    /// held by `owner` (this control plane): run it with [`run_held`].
     pub fn begin_deploy(
         &self,
         store: &Arc<Store>,
+        owner: &str,
         app: &AppRow,
         request: &DeployRequest,
         user: &str,
@@ -102,7 +119,10 @@ impl Deploys {
         store.prune_deploys(&app.id, KEPT_OPERATIONS)?;
         let id = ulid::Ulid::new().to_string().to_lowercase();
         let now = now_rfc3339();
-        store.insert_deploy(&DeployRow {
+        // Running here from before its row exists, so the takeover of abandoned deploys
+        // never picks it up as one.
+        self.mark_running(&id);
+        let inserted = store.insert_deploy(&DeployRow {
             id: id.clone(),
             app_id: app.id.clone(),
             status: "running".into(),
@@ -113,7 +133,13 @@ impl Deploys {
             progress: "{}".into(),
             created_at: now.clone(),
             updated_at: now,
-        })?;
+            lease_owner: owner.to_string(),
+            lease_expires_at: lease_end(),
+        });
+        if let Err(err) = inserted {
+            self.stop_running(&id);
+            return Err(err);
+        }
         Ok(self.remember(Operation::new(
             id,
             &app.name,
@@ -139,6 +165,38 @@ impl Deploys {
             past,
             Some(store.clone()),
         ))
+    }
+
+    /// Whether this process runs deploy `id`, and if not, marks it as run here.
+    fn mark_running(&self, id: &str) -> bool {
+        !self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+    }
+
+    /// Whether this process runs deploy `id`.
+    fn runs(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    fn stop_running(&self, id: &str) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Forgets an operation, so the next reader takes it from the store.
+    fn forget(&self, id: &str) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|o| o.id != id);
     }
 
     fn remember(&self, operation: Arc<Operation>) -> Arc<Operation> {
@@ -184,6 +242,19 @@ impl Operation {
 
     pub fn is_finished(&self) -> bool {
         self.finished.load(Ordering::SeqCst)
+    }
+
+    /// Ends the stream of those watching it here, without recording anything: this
+    /// control plane no longer runs the deploy, another one goes on with it.
+    fn abandon(&self, message: String) {
+        let event = DeployEvent::Error {
+            message,
+            failure: None,
+        };
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        self.finished.store(true, Ordering::SeqCst);
+        events.push(event.clone());
+        let _ = self.sender.send(event);
     }
 
     pub fn emit(&self, event: DeployEvent) {
@@ -243,6 +314,47 @@ impl Operation {
         use futures_util::StreamExt;
         Body::from_stream(replay.chain(live))
     }
+}
+
+/// A deploy's events as they are recorded in the store (by whichever control plane runs
+/// it), up to and including the final one, or until it is no longer running.
+fn recorded_events(
+    store: Arc<Store>,
+    id: String,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    futures_util::stream::unfold(
+        (store, id, 0u64, false),
+        |(store, id, next, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let lines = store.deploy_events_since(&id, next).unwrap_or_default();
+                if !lines.is_empty() {
+                    let mut chunk = Vec::new();
+                    let mut read = next;
+                    let mut last = false;
+                    for line in &lines {
+                        chunk.extend_from_slice(line.as_bytes());
+                        chunk.push(b'\n');
+                        read += 1;
+                        if serde_json::from_str::<DeployEvent>(line).is_ok_and(|e| is_terminal(&e))
+                        {
+                            last = true;
+                            break;
+                        }
+                    }
+                    return Some((Ok(Bytes::from(chunk)), (store, id, read, last)));
+                }
+                match store.deploy(&id) {
+                    Ok(Some(row)) if row.status == "running" => {}
+                    // Ended without a final event in the log, or gone.
+                    _ => return None,
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        },
+    )
 }
 
 fn ndjson(event: &DeployEvent) -> Bytes {
@@ -366,21 +478,23 @@ async fn start_deploy(
         .token(&caller.token_id)?
         .map(|t| t.name)
         .unwrap_or_default();
-    let operation = plane
-        .deploys
-        .begin_deploy(&plane.store, &app, &request, &user)?;
+    let operation =
+        plane
+            .deploys
+            .begin_deploy(&plane.store, &plane.node_id, &app, &request, &user)?;
     operation.emit(DeployEvent::Started {
         deploy_id: operation.id.clone(),
     });
     let response = ndjson_response(&operation);
-    tokio::spawn(run(
+    let work = run(
         plane.clone(),
         app,
         request,
         caller,
         user,
-        Progress::new(operation),
-    ));
+        Progress::new(operation.clone()),
+    );
+    tokio::spawn(run_held(plane, operation, work));
     Ok(response)
 }
 
@@ -397,6 +511,14 @@ async fn watch_deploy(
     } else if let Some(row) = plane.store.deploy(&id)?
         && row.app_id == app.id
     {
+        if row.status == "running" && !plane.deploys.runs(&id) {
+            // Another control plane runs it: its events as that one records them.
+            return Ok((
+                [(header::CONTENT_TYPE, "application/x-ndjson")],
+                Body::from_stream(recorded_events(plane.store.clone(), id)),
+            )
+                .into_response());
+        }
         // Older than what is kept in memory: its recorded events.
         return Ok(ndjson_response(&plane.deploys.adopt(
             &plane.store,
@@ -529,8 +651,61 @@ fn report(
     }
 }
 
-/// Takes up the deploys a previous run of the server left unfinished: each goes on from
-/// where its record says it was, holding its app's lock from before the API answers.
+/// When a lease taken now ends.
+fn lease_end() -> i64 {
+    crate::store::now_millis() + DEPLOY_LEASE.as_millis() as i64
+}
+
+/// Runs a deploy this control plane holds the lease of, renewing the lease as it goes.
+/// Should the lease be lost (the store refused the renewal, or could not be reached until
+/// the lease ran out), the work stops where it is: another control plane takes the
+/// deploy over from its record.
+pub async fn run_held(
+    plane: Arc<ControlPlane>,
+    operation: Arc<Operation>,
+    work: impl Future<Output = ()>,
+) {
+    let id = operation.id.clone();
+    let keeper = async {
+        let mut held_until = tokio::time::Instant::now() + DEPLOY_LEASE;
+        loop {
+            tokio::time::sleep(DEPLOY_LEASE / 3).await;
+            let asked = tokio::time::Instant::now();
+            match plane
+                .store
+                .renew_deploy_lease(&id, &plane.node_id, lease_end())
+            {
+                Ok(true) => held_until = asked + DEPLOY_LEASE,
+                Ok(false) => return "another control plane took the deploy over".to_string(),
+                Err(err) => {
+                    tracing::warn!(deploy = %id, error = %err, "renewing a deploy's lease");
+                    if tokio::time::Instant::now() >= held_until {
+                        return format!(
+                            "its lease ran out while the database was unreachable ({err})"
+                        );
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        reason = keeper => {
+            tracing::warn!(deploy = %id, app = %operation.app, %reason, "this control plane stopped running a deploy");
+            operation.abandon(format!(
+                "this control plane stopped running deploy {id}: {reason}; it goes on there: follow it with `aloft deploy --resume -a {}`",
+                operation.app
+            ));
+            plane.deploys.forget(&id);
+        }
+    }
+    plane.deploys.stop_running(&id);
+}
+
+/// Takes up the deploys nobody runs: at start, those this control plane ran before it
+/// stopped; on any control plane sharing the database, those whose holder's lease ran
+/// out. Each goes on from where its record says it was, holding its app's lock from
+/// before the API answers.
 pub fn resume_unfinished(plane: &Arc<ControlPlane>) {
     let rows = match plane.store.unfinished_deploys() {
         Ok(rows) => rows,
@@ -540,23 +715,58 @@ pub fn resume_unfinished(plane: &Arc<ControlPlane>) {
         }
     };
     for row in rows {
+        if plane.deploys.mark_running(&row.id) {
+            continue;
+        }
+        match plane.store.claim_deploy(
+            &row.id,
+            &plane.node_id,
+            crate::store::now_millis(),
+            lease_end(),
+        ) {
+            Ok(true) => {}
+            Ok(false) => {
+                plane.deploys.stop_running(&row.id);
+                continue;
+            }
+            Err(err) => {
+                tracing::warn!(deploy = %row.id, error = %err, "claiming an unfinished deploy");
+                plane.deploys.stop_running(&row.id);
+                continue;
+            }
+        }
         let app = match plane.store.app_by_id(&row.app_id) {
             Ok(Some(app)) => app,
             _ => {
                 let _ = plane.store.set_deploy_status(&row.id, "failed");
+                plane.deploys.stop_running(&row.id);
                 continue;
             }
         };
-        tracing::info!(deploy = %row.id, app = %app.name, "resuming a deploy the server's restart interrupted");
+        let taken_over = !row.lease_owner.is_empty() && row.lease_owner != plane.node_id;
+        tracing::info!(deploy = %row.id, app = %app.name, taken_over, "resuming an unfinished deploy");
+        // What another process of this or another control plane recorded, read afresh.
+        plane.deploys.forget(&row.id);
         let operation = plane.deploys.adopt(&plane.store, &row, &app.name);
         let guard = plane.app_lock(&app.name).try_lock_owned().ok();
-        tokio::spawn(resume(
+        let work = resume(
             plane.clone(),
             app,
             row,
-            Progress::new(operation),
+            Progress::new(operation.clone()),
             guard,
-        ));
+            taken_over,
+        );
+        tokio::spawn(run_held(plane.clone(), operation, work));
+    }
+}
+
+/// Every half lease, takes over the deploys whose holder stopped renewing its lease (a
+/// control plane sharing the database that died), until the server stops.
+pub async fn take_over_abandoned(plane: Arc<ControlPlane>) {
+    loop {
+        tokio::time::sleep(DEPLOY_LEASE / 2).await;
+        resume_unfinished(&plane);
     }
 }
 
@@ -566,14 +776,20 @@ async fn resume(
     row: DeployRow,
     progress: Progress,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    taken_over: bool,
 ) {
     let _guard = match guard {
         Some(guard) => guard,
         None => plane.app_lock(&app.name).lock_owned().await,
     };
+    let why = if taken_over {
+        "The control plane running it stopped"
+    } else {
+        "The server restarted"
+    };
     progress
         .say(format!(
-            "The server restarted; deploy {} goes on from where it stopped",
+            "{why}; deploy {} goes on from where it stopped",
             row.id
         ))
         .await;
@@ -612,6 +828,28 @@ impl RolloutSettings {
         };
         size.clamp(1, total.max(1))
     }
+}
+
+/// Whether a machine is between two states (an operation on it is under way).
+fn between_states(state: MachineState) -> bool {
+    matches!(
+        state,
+        MachineState::Starting
+            | MachineState::Stopping
+            | MachineState::Replacing
+            | MachineState::Destroying
+            | MachineState::Suspending
+    )
+}
+
+/// Where a restart left the update of a machine.
+enum Caught {
+    /// Its agent runs the new config.
+    InPlace,
+    /// The store has the new config, its agent the old one.
+    StoredOnly,
+    /// It was not updated yet (or how far is unknown): it is updated.
+    Not,
 }
 
 /// A machine a rollout changed, to put back if the rollout fails.
@@ -729,9 +967,14 @@ impl Deployer<'_> {
         let request: DeployRequest = serde_json::from_str(&row.request)
             .map_err(|e| bad(format!("the recorded deploy request is unreadable: {e}")))?;
         if row.release_id.is_empty() {
-            return Err(bad(
-                "the server stopped before this deploy made its release, so no machine was changed; run `aloft deploy` again",
-            ));
+            let again = if request.description.as_deref() == Some(SECRETS_DESCRIPTION) {
+                "aloft secrets deploy"
+            } else {
+                "aloft deploy"
+            };
+            return Err(bad(format!(
+                "the server stopped before this deploy made its release, so no machine was changed; run `{again}` again"
+            )));
         }
         let release = self
             .plane
@@ -780,9 +1023,13 @@ impl Deployer<'_> {
     }
 
     /// Waits (a minute at most) until the agents of the app's machines answer and no
-    /// machine is between two states, as after a restart they may not yet be.
+    /// machine is between two states, as after a restart they may not yet be. A machine
+    /// the store shows between two states once its agent answers was left so by an
+    /// operation of the stopped server, which will never finish it: it takes the state
+    /// its agent reports.
     async fn wait_for_hosts(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut settled: HashSet<String> = HashSet::new();
         loop {
             let machines = self
                 .plane
@@ -792,16 +1039,7 @@ impl Deployer<'_> {
             let mut hosts: Vec<&str> = machines.iter().map(|m| m.host_id.as_str()).collect();
             hosts.sort();
             hosts.dedup();
-            let mut ready = machines.iter().all(|m| {
-                !matches!(
-                    m.state,
-                    MachineState::Starting
-                        | MachineState::Stopping
-                        | MachineState::Replacing
-                        | MachineState::Destroying
-                        | MachineState::Suspending
-                )
-            });
+            let mut answering = HashSet::new();
             for host in hosts {
                 let answers = match self.plane.agent(host) {
                     Ok(agent) => tokio::time::timeout(
@@ -812,7 +1050,20 @@ impl Deployer<'_> {
                     .is_ok_and(|r| r.is_ok()),
                     Err(_) => false,
                 };
-                ready &= answers;
+                if answers {
+                    answering.insert(host.to_string());
+                }
+            }
+            let mut ready = true;
+            for machine in &machines {
+                ready &= answering.contains(&machine.host_id);
+                if !between_states(machine.state) {
+                    continue;
+                }
+                ready = false;
+                if answering.contains(&machine.host_id) && settled.insert(machine.id.clone()) {
+                    self.plane.settle_from_agent(machine).await;
+                }
             }
             if ready || tokio::time::Instant::now() >= deadline {
                 return;
@@ -1793,10 +2044,15 @@ impl Deployer<'_> {
         let total = targets.len();
         let mut done = 0;
         for members in groups.values() {
+            // Serving before this deploy: started, or (after a restart) taken down by it.
             let serving = members
                 .iter()
                 .filter(|(row, _)| {
-                    row.state == MachineState::Started && !row.config.services.is_empty()
+                    !row.config.services.is_empty()
+                        && (row.state == MachineState::Started
+                            || recorded.touched.iter().any(|t| {
+                                matches!(t, Touched::Updated { id, was_running: true, .. } if *id == row.id)
+                            }))
                 })
                 .count();
             let (finished, members): (Vec<&(MachineRow, MachineConfig)>, Vec<_>) = members
@@ -1918,14 +2174,21 @@ impl Deployer<'_> {
             }
         });
         let touched = vec![change];
-        let update = if earlier_update && self.has_config_already(row, &config).await {
+        let caught = if earlier_update {
+            self.caught_mid_update(row, &config).await
+        } else {
+            Caught::Not
+        };
+        let update = match caught {
             // Caught mid-update by a restart with the new config in place: started (if it
             // should run), not updated again.
-            self.start_unrouted(row, was_running).await
-        } else {
-            rollout::update_unrouted(self.plane, self.app, row, config).await
+            Caught::InPlace => self.start_unrouted(row, was_running).await,
+            // The store took the new config, its agent never got it: the agent gets the
+            // stored one (no new version), as the update would have given it.
+            Caught::StoredOnly => self.push_unrouted(row).await,
+            Caught::Not => rollout::update_unrouted(self.plane, self.app, row, config).await,
         };
-        let (updated, started_ms) = match update {
+        let (mut updated, started_ms) = match update {
             Ok(updated) => updated,
             Err(failure) => {
                 return (
@@ -1936,6 +2199,22 @@ impl Deployer<'_> {
                 );
             }
         };
+        if was_running && matches!(updated.state, MachineState::Stopped | MachineState::Created) {
+            // Stopped for an update that a restart cut short: an update keeps a stopped
+            // machine stopped, and this one ran before the deploy, so it is started.
+            match self.plane.start_machine(&updated).await {
+                Ok(started) => updated = started,
+                Err(err) => {
+                    let failure = MachineFailure::from_api(&updated, err);
+                    return (
+                        touched,
+                        Err(rollout::with_logs(self.plane, &self.app.name, failure)
+                            .await
+                            .into()),
+                    );
+                }
+            }
+        }
         let starts = was_running || updated.state == MachineState::Started;
         if starts && wait {
             if let Err(failure) = rollout::wait_healthy(
@@ -1988,20 +2267,39 @@ impl Deployer<'_> {
         )
     }
 
-    /// Whether the machine's agent already runs `config` for it (the store's config is
-    /// of the same release and the agent's instance is the store's).
-    async fn has_config_already(&self, row: &MachineRow, config: &MachineConfig) -> bool {
+    /// How far the update of a machine that a restart interrupted got: whether the store
+    /// has `config` (of the same release) for it, and its agent as well (the agent's
+    /// instance is the store's).
+    async fn caught_mid_update(&self, row: &MachineRow, config: &MachineConfig) -> Caught {
         let release = |c: &MachineConfig| c.metadata.get(aloft_api::METADATA_RELEASE_ID).cloned();
         if release(config).is_none() || release(config) != release(&row.config) {
-            return false;
+            return Caught::Not;
         }
         let Ok(agent) = self.plane.agent(&row.host_id) else {
-            return false;
+            return Caught::Not;
         };
-        agent
-            .get(&row.id)
+        match agent.get(&row.id).await {
+            Ok(m) if m.instance_id == row.instance_id && m.state != MachineState::Failed => {
+                Caught::InPlace
+            }
+            Ok(_) if matches!(row.state, MachineState::Stopped | MachineState::Created) => {
+                Caught::StoredOnly
+            }
+            _ => Caught::Not,
+        }
+    }
+
+    /// Gives a machine's agent the config the store has for it, out of routing.
+    async fn push_unrouted(&self, row: &MachineRow) -> Result<(MachineRow, i64), MachineFailure> {
+        rollout::set_routed(self.plane, &row.id, false)
+            .map_err(|e| MachineFailure::from_api(row, e))?;
+        let started_ms = crate::store::now_millis();
+        let pushed = self
+            .plane
+            .push_stored_config(self.app, row)
             .await
-            .is_ok_and(|m| m.instance_id == row.instance_id && m.state != MachineState::Failed)
+            .map_err(|e| MachineFailure::from_api(row, e))?;
+        Ok((pushed, started_ms))
     }
 
     async fn start_unrouted(
@@ -2012,7 +2310,12 @@ impl Deployer<'_> {
         rollout::set_routed(self.plane, &row.id, false)
             .map_err(|e| MachineFailure::from_api(row, e))?;
         let started_ms = crate::store::now_millis();
-        if was_running && row.state != MachineState::Started {
+        // As the agent reported it since the restart, not as the rollout first listed it.
+        let row = &match self.plane.store.machine(&row.id) {
+            Ok(Some(current)) => current,
+            _ => row.clone(),
+        };
+        if was_running && matches!(row.state, MachineState::Stopped | MachineState::Created) {
             let started = self
                 .plane
                 .start_machine(row)
@@ -2206,9 +2509,15 @@ impl Deployer<'_> {
             }
         }
         for (row, config) in idle {
-            self.plane
-                .update_machine(self.app, row, config.clone())
-                .await?;
+            // As it is now: one destroyed meanwhile needs no update.
+            match self.plane.store.machine(&row.id)? {
+                Some(current) if current.state != MachineState::Destroyed => {
+                    self.plane
+                        .update_machine(self.app, &current, config.clone())
+                        .await?;
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -2241,6 +2550,98 @@ mod tests {
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             ha: true,
         }
+    }
+
+    /// A deploy another control plane runs is followed from the store: what it recorded,
+    /// then what it records, up to its final event.
+    #[tokio::test]
+    async fn a_deploy_run_elsewhere_is_followed_from_its_recorded_events() {
+        use futures_util::StreamExt;
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        store
+            .create_org(&crate::store::OrgRow {
+                id: "o1".into(),
+                slug: "personal".into(),
+                name: "Personal".into(),
+                created_at: now_rfc3339(),
+            })
+            .unwrap();
+        store
+            .create_app(&AppRow {
+                id: "a1".into(),
+                name: "hello".into(),
+                org_id: "o1".into(),
+                org_slug: "personal".into(),
+                network: "default".into(),
+                status: "deployed".into(),
+                created_at: now_rfc3339(),
+            })
+            .unwrap();
+        store
+            .insert_deploy(&DeployRow {
+                id: "d1".into(),
+                app_id: "a1".into(),
+                status: "running".into(),
+                request: "{}".into(),
+                user: "admin".into(),
+                release_id: String::new(),
+                progress: "{}".into(),
+                created_at: now_rfc3339(),
+                updated_at: now_rfc3339(),
+                lease_owner: "cp-other".into(),
+                lease_expires_at: i64::MAX,
+            })
+            .unwrap();
+        let event = |e: &DeployEvent| serde_json::to_string(e).unwrap();
+        let started = DeployEvent::Started {
+            deploy_id: "d1".into(),
+        };
+        store
+            .append_deploy_event("d1", 0, &event(&started))
+            .unwrap();
+        let mut stream = Box::pin(recorded_events(store.clone(), "d1".into()));
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first, Bytes::from(format!("{}\n", event(&started))));
+
+        // The other control plane goes on: its events come as it records them.
+        let later = store.clone();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let progress = DeployEvent::Progress {
+                message: "Machine m1 updated".into(),
+            };
+            later
+                .append_deploy_event("d1", 1, &event(&progress))
+                .unwrap();
+            let done = DeployEvent::Done {
+                release_version: 2,
+                url: None,
+            };
+            later.append_deploy_event("d1", 2, &event(&done)).unwrap();
+            later.set_deploy_status("d1", "complete").unwrap();
+        });
+        let rest: Vec<Bytes> = stream.map(|chunk| chunk.unwrap()).collect().await;
+        writer.await.unwrap();
+        let text: String = rest
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        let lines: Vec<DeployEvent> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(matches!(lines[0], DeployEvent::Progress { .. }), "{text}");
+        assert!(
+            matches!(
+                lines[1],
+                DeployEvent::Done {
+                    release_version: 2,
+                    ..
+                }
+            ),
+            "{text}"
+        );
     }
 
     #[test]

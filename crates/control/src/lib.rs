@@ -60,6 +60,9 @@ pub struct ControlConfig {
     /// `postgresql://…` to keep state in PostgreSQL (several control planes may share
     /// it); otherwise state is in SQLite at `<data_dir>/control.db`.
     pub database_url: Option<String>,
+    /// Whether this server's proxy gets certificates from an ACME CA (`aloft server
+    /// --acme-directory`); without it, only imported certificates are served.
+    pub acme: bool,
 }
 
 /// What the first start created, and what a local agent and proxy need.
@@ -91,6 +94,10 @@ pub struct ControlPlane {
     views: Mutex<HashMap<String, machines::CachedView>>,
     /// Whether each host's agent answered its latest probe (`host_status`).
     pub host_probes: timers::HostProbes,
+    /// This control plane's identity, kept in its data dir: what it holds deploy leases
+    /// as, so control planes sharing one database never run the same deploy, and this one
+    /// takes its own deploys up again at once when it restarts.
+    pub node_id: String,
 }
 
 pub const DEFAULT_ORG: &str = "personal";
@@ -124,7 +131,8 @@ impl ControlPlane {
             TokenKind::Host,
             "local host",
         )?;
-        let interrupted = store.interrupt_running_releases()?;
+        let node_id = control_plane_id(&config.data_dir)?;
+        let interrupted = store.interrupt_running_releases(&node_id, crate::store::now_millis())?;
         if interrupted > 0 {
             tracing::warn!(
                 interrupted,
@@ -159,6 +167,7 @@ impl ControlPlane {
             machine_locks: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
             host_probes: timers::HostProbes::default(),
+            node_id,
         });
         Ok((
             plane,
@@ -290,6 +299,7 @@ impl ControlPlane {
         let router = api::router(self.clone()).merge(self.registry.router());
         let timers = tokio::spawn(self.clone().run_timers());
         deploy::resume_unfinished(&self);
+        let takeover = tokio::spawn(deploy::take_over_abandoned(self.clone()));
         // Small JSON answers go out at once rather than waiting on Nagle's algorithm.
         let listener = listener.tap_io(|tcp| {
             if let Err(err) = tcp.set_nodelay(true) {
@@ -301,8 +311,26 @@ impl ControlPlane {
             .await
             .context("serving the API");
         timers.abort();
+        takeover.abort();
         served
     }
+}
+
+const CONTROL_PLANE_ID_FILE: &str = "control-plane-id";
+
+/// The identity of the control plane whose data dir this is, made on first start.
+fn control_plane_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(CONTROL_PLANE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    }
+    let id = format!("cp-{}", ulid::Ulid::new().to_string().to_lowercase());
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
 }
 
 /// The root key `ALOFT_SECRETS_ROOT_KEY` held, once [`take_root_key_from_env`] took it.

@@ -871,6 +871,55 @@ impl ControlPlane {
         Ok(updated)
     }
 
+    /// A machine the store shows between two states takes the state its agent reports:
+    /// for one left so by an operation of a control plane that stopped mid-way (after a
+    /// restart nothing finishes it).
+    pub async fn settle_from_agent(&self, row: &MachineRow) {
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let Ok(row) = self.reload(&row.id) else {
+            return;
+        };
+        if matches!(
+            row.state,
+            MachineState::Starting
+                | MachineState::Stopping
+                | MachineState::Replacing
+                | MachineState::Destroying
+                | MachineState::Suspending
+        ) {
+            tracing::info!(machine = %row.id, state = %row.state, "taking the agent's state for a machine an interrupted operation left between two states");
+            self.resync(&row).await;
+        }
+    }
+
+    /// Gives a stopped machine's agent the config (and instance) the store has for it,
+    /// without a new version: for an update that a restart of the control plane cut short
+    /// after the store took the new config and before the agent had it.
+    pub async fn push_stored_config(
+        &self,
+        app: &AppRow,
+        row: &MachineRow,
+    ) -> ApiResult<MachineRow> {
+        let lock = self.machine_lock(&row.id);
+        let _guard = lock.lock().await;
+        let row = self.reload(&row.id)?;
+        if !matches!(row.state, MachineState::Stopped | MachineState::Created) {
+            return Err(ApiError::conflict(format!(
+                "machine {} is {}; only a stopped machine gets its stored config again",
+                row.id, row.state
+            )));
+        }
+        let agent = self.agent(&row.host_id)?;
+        if let Err(err) = agent.put(&self.spec(&row, app, &agent)).await {
+            self.resync(&row).await;
+            return Err(err);
+        }
+        let row = self.reload(&row.id)?;
+        self.publish(&row);
+        Ok(row)
+    }
+
     pub async fn destroy_machine(&self, row: &MachineRow, force: bool) -> ApiResult<()> {
         let lock = self.machine_lock(&row.id);
         let _guard = lock.lock().await;
@@ -886,9 +935,15 @@ impl ControlPlane {
             self.resync(&row).await;
             return Err(err);
         }
+        // The agent destroyed it: whatever state its reports moved the machine to while
+        // that ran (stopped, as its process ended), it is destroyed now.
+        let not_destroyed: Vec<MachineState> = MachineState::ALL
+            .into_iter()
+            .filter(|s| *s != MachineState::Destroyed)
+            .collect();
         self.store.transition(
             &row.id,
-            &[MachineState::Destroying],
+            &not_destroyed,
             MachineState::Destroyed,
             Some(&user_event("destroy", MachineState::Destroyed, None)),
         )?;

@@ -9,7 +9,9 @@
 //! - `POST /v1/apps/{app}/secrets/{name}` `{value}`, `DELETE /v1/apps/{app}/secrets/{name}`.
 //! - `POST /v1/apps/{app}/secrets:deploy`: rolls the stored secrets out to every machine as
 //!   a new release of the current config and image, through the deploy path (NDJSON
-//!   [`DeployEvent`]s, like `/deploys`).
+//!   [`DeployEvent`]s, like `/deploys`): recorded as a deploy, so it goes on after a
+//!   restart of the server and `aloft deploy --resume` follows it. (An app whose machines
+//!   were made without a release has its machines updated one by one instead, in memory.)
 //! - `GET /v1/hosts/{host}/secrets-key` and `GET /v1/hosts/{host}/machines/{id}/secrets`:
 //!   that host's own token only; the second answers only for a live machine placed on it.
 //! - `POST /v1/secrets/rotate-key`: re-seals every app's data key under a new root key
@@ -313,18 +315,56 @@ async fn deploy_secrets(
         .token(&caller.token_id)?
         .map(|t| t.name)
         .unwrap_or_default();
-    let operation = plane.deploys.begin(&app.name);
+    let Some(release) = plane.store.releases(&app.id, 1)?.into_iter().next() else {
+        // Machines made without a release: each is updated with its own config.
+        let operation = plane.deploys.begin(&app.name);
+        operation.emit(DeployEvent::Started {
+            deploy_id: operation.id.clone(),
+        });
+        let response = deploy::ndjson_response(&operation);
+        tokio::spawn(update_without_release(
+            plane.clone(),
+            app,
+            Progress::new(operation),
+        ));
+        return Ok(response);
+    };
+    // A new release of the current config and image through the deploy path, recorded
+    // like any deploy, so it goes on after a restart of the server.
+    let config = serde_json::from_str::<serde_json::Value>(&release.config).map_err(|err| {
+        ApiError::internal(format!(
+            "release v{} has an unreadable config: {err}",
+            release.version
+        ))
+    })?;
+    let request = DeployRequest {
+        config,
+        image: release.image,
+        description: Some(deploy::SECRETS_DESCRIPTION.into()),
+        ..Default::default()
+    };
+    let operation =
+        plane
+            .deploys
+            .begin_deploy(&plane.store, &plane.node_id, &app, &request, &user)?;
     operation.emit(DeployEvent::Started {
         deploy_id: operation.id.clone(),
     });
     let response = deploy::ndjson_response(&operation);
-    tokio::spawn(roll_out(
-        plane.clone(),
-        app,
-        caller,
-        user,
-        Progress::new(operation),
-    ));
+    let progress = Progress::new(operation.clone());
+    let work = {
+        let plane = plane.clone();
+        async move {
+            progress
+                .say(format!(
+                    "Rolling out secrets with the config and image of release v{}",
+                    release.version
+                ))
+                .await;
+            deploy::run(plane, app, request, caller, user, progress).await;
+        }
+    };
+    tokio::spawn(deploy::run_held(plane, operation, work));
     Ok(response)
 }
 
@@ -335,45 +375,9 @@ fn failed(message: impl Into<String>) -> DeployEvent {
     }
 }
 
-/// Rolls the app's current secrets out to every machine. With a release, that is a new
-/// release of its config and image through the deploy path, with its strategy and health
-/// gating; machines made without a release are updated one by one with their config.
-async fn roll_out(
-    plane: Arc<ControlPlane>,
-    app: AppRow,
-    caller: Caller,
-    user: String,
-    progress: Progress,
-) {
-    let latest = match plane.store.releases(&app.id, 1) {
-        Ok(releases) => releases.into_iter().next(),
-        Err(err) => return progress.emit(failed(ApiError::from(err).message)),
-    };
-    if let Some(release) = latest {
-        let config = match serde_json::from_str::<serde_json::Value>(&release.config) {
-            Ok(config) => config,
-            Err(err) => {
-                return progress.emit(failed(format!(
-                    "release v{} has an unreadable config: {err}",
-                    release.version
-                )));
-            }
-        };
-        progress
-            .say(format!(
-                "Rolling out secrets with the config and image of release v{}",
-                release.version
-            ))
-            .await;
-        let request = DeployRequest {
-            config,
-            image: release.image,
-            description: Some("secrets".into()),
-            ..Default::default()
-        };
-        deploy::run(plane, app, request, caller, user, progress).await;
-        return;
-    }
+/// Rolls the app's current secrets out to machines made without a release, one by one
+/// with their own config.
+async fn update_without_release(plane: Arc<ControlPlane>, app: AppRow, progress: Progress) {
     let lock = plane.app_lock(&app.name);
     let _guard = lock.lock().await;
     match update_each_machine(&plane, &app, &progress).await {

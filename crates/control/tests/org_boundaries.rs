@@ -158,6 +158,7 @@ fn reopen(h: &Harness) -> (std::sync::Arc<ControlPlane>, aloft_control::Credenti
         base_domain: "localhost".into(),
         proxy_http_port: 8080,
         database_url: None,
+        acme: false,
         registry_upstream: None,
         allowed_private_registries: Vec::new(),
     })
@@ -307,6 +308,7 @@ async fn plain_token_keys_from_before_are_sealed_on_start_and_keep_working() {
         base_domain: "localhost".into(),
         proxy_http_port: 8080,
         database_url: None,
+        acme: false,
         registry_upstream: None,
         allowed_private_registries: Vec::new(),
     })

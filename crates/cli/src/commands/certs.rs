@@ -205,9 +205,11 @@ async fn next_steps(api: &ApiArgs, app: &str, cert: &Certificate) -> anyhow::Res
         "You are creating a certificate for {}\n",
         cert.hostname
     ));
-    out.push_str(
-        "We are using the platform's ACME certificate authority for this certificate.\n\n",
-    );
+    if !no_acme(cert) {
+        out.push_str(
+            "We are using the platform's ACME certificate authority for this certificate.\n\n",
+        );
+    }
     out.push_str(
         "You can direct traffic to your application by adding records to your DNS provider.\n\n",
     );
@@ -232,14 +234,34 @@ async fn next_steps(api: &ApiArgs, app: &str, cert: &Certificate) -> anyhow::Res
         out.push_str("2. CNAME record\n\n");
         out.push_str(&format!("   CNAME {name} → {target}\n\n"));
     }
+    out.push_str(&issuing_status(cert));
+    Ok(out)
+}
+
+/// Whether the server said it has no ACME CA to issue this hostname's certificate: an
+/// ACME hostname on which nothing was tried, with a reason.
+fn no_acme(cert: &Certificate) -> bool {
+    cert.source == "acme" && cert.status == "pending" && cert.error.is_some()
+}
+
+/// The last line of the next steps: where issuing the certificate stands.
+fn issuing_status(cert: &Certificate) -> String {
     match &cert.error {
-        Some(error) => out.push_str(&format!("The last attempt to issue it failed: {error}\n")),
-        None => out.push_str(&format!(
+        Some(reason) if no_acme(cert) => format!("{}\n", upper_first(reason)),
+        Some(error) => format!("The last attempt to issue it failed: {error}\n"),
+        None => format!(
             "Your certificate for {} is being issued. Status is {}.\n",
             cert.hostname, cert.client_status
-        )),
+        ),
     }
-    Ok(out)
+}
+
+fn upper_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 fn read_pem(path: &Path, flag: &str) -> anyhow::Result<String> {
@@ -364,6 +386,40 @@ pub async fn run(api: &ApiArgs, command: CertsCommand) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_acme_the_next_steps_say_so_instead_of_being_issued() {
+        let pending = Certificate {
+            hostname: "www.example.com".into(),
+            source: "acme".into(),
+            status: "pending".into(),
+            client_status: "Awaiting configuration".into(),
+            ..Certificate::default()
+        };
+        let issuing = issuing_status(&pending);
+        assert!(issuing.contains("is being issued"), "{issuing}");
+        let no_acme = Certificate {
+            error: Some(aloft_control::certs::no_acme_reason("www.example.com")),
+            ..pending.clone()
+        };
+        let text = issuing_status(&no_acme);
+        assert!(!text.contains("being issued"), "{text}");
+        assert!(
+            text.starts_with("No ACME certificate authority is configured on this server")
+                && text.contains("aloft certs import")
+                && text.contains("--acme-directory"),
+            "{text}"
+        );
+        let failed = Certificate {
+            status: "failed".into(),
+            error: Some("DNS points elsewhere".into()),
+            ..pending
+        };
+        assert_eq!(
+            issuing_status(&failed),
+            "The last attempt to issue it failed: DNS points elsewhere\n"
+        );
+    }
 
     #[test]
     fn record_names_are_relative_to_the_zone() {

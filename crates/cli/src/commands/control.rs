@@ -76,6 +76,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         base_domain: args.base_domain.clone(),
         proxy_http_port: args.proxy_port,
         database_url: args.database_url.clone(),
+        acme: false,
         registry_upstream: None,
         allowed_private_registries: Vec::new(),
     })?;

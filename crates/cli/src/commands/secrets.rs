@@ -323,7 +323,7 @@ async fn follow_rollout(api: &ApiArgs, app: &str, detach: bool) -> anyhow::Resul
         }
         Watched::Done { .. } => println!("Secrets are deployed"),
         Watched::Detached { release, .. } => println!(
-            "The rollout{} goes on on the server; check it with `aloft secrets list -a {app}`",
+            "The rollout{} goes on on the server; follow it with `aloft deploy --resume -a {app}` or check it with `aloft secrets list -a {app}`",
             release
                 .map(|v| format!(" of release v{v}"))
                 .unwrap_or_default()

@@ -227,6 +227,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }),
         allowed_private_registries: args.allow_private_registries.clone(),
         database_url: args.database_url.clone(),
+        acme: acme.is_some(),
     })?;
     plane
         .store

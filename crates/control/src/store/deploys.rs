@@ -1,5 +1,10 @@
 //! Server-side deploy operations and their event logs, so a deploy outlives the process
 //! that started it: what was asked, its release, how far the rollout got, how it ended.
+//!
+//! A running deploy is held by one control plane at a time through a lease in its row
+//! (`lease_owner`, `lease_expires_at` in Unix milliseconds): taken and renewed with a
+//! compare-and-set in one statement, so control planes sharing one database never run
+//! the same deploy, and one whose holder stopped renewing is taken over once it expires.
 
 use super::db::{DbResult, Row};
 use super::{RELEASE_COLUMNS, ReleaseRow, Store, StoreResult, now_rfc3339, release_from_row};
@@ -21,10 +26,13 @@ pub struct DeployRow {
     pub progress: String,
     pub created_at: String,
     pub updated_at: String,
+    /// The control plane running it (empty when none holds it).
+    pub lease_owner: String,
+    /// Until when (Unix milliseconds) `lease_owner` holds it unless renewed.
+    pub lease_expires_at: i64,
 }
 
-const COLUMNS: &str =
-    "id, app_id, status, request, created_by, release_id, progress, created_at, updated_at";
+const COLUMNS: &str = "id, app_id, status, request, created_by, release_id, progress, created_at, updated_at, lease_owner, lease_expires_at";
 
 fn from_row(row: &Row) -> DbResult<DeployRow> {
     Ok(DeployRow {
@@ -37,13 +45,15 @@ fn from_row(row: &Row) -> DbResult<DeployRow> {
         progress: row.text(6)?,
         created_at: row.text(7)?,
         updated_at: row.text(8)?,
+        lease_owner: row.text(9)?,
+        lease_expires_at: row.int(10)?,
     })
 }
 
 impl Store {
     pub fn insert_deploy(&self, deploy: &DeployRow) -> StoreResult<()> {
         self.execute(
-            &format!("INSERT INTO deploy_operations({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            &format!("INSERT INTO deploy_operations({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
             &[
                 (&deploy.id).into(),
                 (&deploy.app_id).into(),
@@ -54,8 +64,44 @@ impl Store {
                 (&deploy.progress).into(),
                 (&deploy.created_at).into(),
                 (&deploy.updated_at).into(),
+                (&deploy.lease_owner).into(),
+                deploy.lease_expires_at.into(),
             ],
         )
+    }
+
+    /// Takes the lease of a running deploy for `owner` until `expires_at` (Unix ms) if
+    /// nobody holds it, `owner` already does, or its holder's lease ended before `now`.
+    /// One compare-and-set: of several claimers at once, exactly one gets it.
+    pub fn claim_deploy(
+        &self,
+        id: &str,
+        owner: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> StoreResult<bool> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE deploy_operations SET lease_owner = $2, lease_expires_at = $3 \
+                 WHERE id = $1 AND status = 'running' \
+                 AND (lease_owner = '' OR lease_owner = $2 OR lease_expires_at < $4)",
+                &[id.into(), owner.into(), expires_at.into(), now.into()],
+            )
+        })
+        .map(|changed| changed == 1)
+    }
+
+    /// Extends `owner`'s lease of a running deploy to `expires_at`; false when `owner`
+    /// no longer holds it (another control plane took it over, or it ended).
+    pub fn renew_deploy_lease(&self, id: &str, owner: &str, expires_at: i64) -> StoreResult<bool> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE deploy_operations SET lease_expires_at = $3 \
+                 WHERE id = $1 AND status = 'running' AND lease_owner = $2",
+                &[id.into(), owner.into(), expires_at.into()],
+            )
+        })
+        .map(|changed| changed == 1)
     }
 
     pub fn deploy(&self, id: &str) -> StoreResult<Option<DeployRow>> {
@@ -130,6 +176,19 @@ impl Store {
             c.query(
                 "SELECT event FROM deploy_events WHERE deploy_id = $1 ORDER BY seq",
                 &[id.into()],
+            )?
+            .iter()
+            .map(|r| r.text(0))
+            .collect()
+        })
+    }
+
+    /// A deploy's events (JSON) from number `seq` on, in order.
+    pub fn deploy_events_since(&self, id: &str, seq: u64) -> StoreResult<Vec<String>> {
+        self.read(|c| {
+            c.query(
+                "SELECT event FROM deploy_events WHERE deploy_id = $1 AND seq >= $2 ORDER BY seq",
+                &[id.into(), seq.into()],
             )?
             .iter()
             .map(|r| r.text(0))

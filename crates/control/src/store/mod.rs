@@ -316,6 +316,16 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
     ("volumes", "host_id", "TEXT NOT NULL DEFAULT ''"),
     ("volumes", "sealed_key", "TEXT NOT NULL DEFAULT ''"),
+    (
+        "deploy_operations",
+        "lease_owner",
+        "TEXT NOT NULL DEFAULT ''",
+    ),
+    (
+        "deploy_operations",
+        "lease_expires_at",
+        "{int} NOT NULL DEFAULT 0",
+    ),
 ];
 
 /// Indexes over added columns (made once those exist). Listings read `(id, rev)` in
@@ -1431,12 +1441,17 @@ impl Store {
         })
     }
 
-    /// Marks releases whose deploy was cut short (the control plane stopped mid-deploy).
-    pub fn interrupt_running_releases(&self) -> StoreResult<usize> {
+    /// Marks releases whose deploy was cut short (the control plane stopped mid-deploy),
+    /// leaving alone those whose deploy another control plane (not `owner`) holds a live
+    /// lease on at `now` (Unix ms): that one is still rolling them out.
+    pub fn interrupt_running_releases(&self, owner: &str, now: i64) -> StoreResult<usize> {
         self.tx(|c| {
             Ok(c.execute(
-                "UPDATE releases SET status = 'interrupted' WHERE status = 'running'",
-                &[],
+                "UPDATE releases SET status = 'interrupted' WHERE status = 'running' \
+                 AND id NOT IN (SELECT release_id FROM deploy_operations \
+                 WHERE status = 'running' AND lease_owner != '' AND lease_owner != $1 \
+                 AND lease_expires_at >= $2)",
+                &[owner.into(), now.into()],
             )? as usize)
         })
     }

@@ -344,7 +344,12 @@ pub fn suite(store: &Store) {
     );
     assert_eq!(list[0].status, "complete");
     assert_eq!(list[0].user, "admin");
-    assert_eq!(store.interrupt_running_releases().unwrap(), 1);
+    assert_eq!(
+        store
+            .interrupt_running_releases("cp-a", now_millis())
+            .unwrap(),
+        1
+    );
     assert_eq!(
         store.releases(&app.id, 10).unwrap()[1].status,
         "interrupted"
@@ -437,6 +442,8 @@ pub fn suite(store: &Store) {
         progress: "{}".into(),
         created_at: now_rfc3339(),
         updated_at: now_rfc3339(),
+        lease_owner: "cp-a".into(),
+        lease_expires_at: 1,
     };
     store.insert_deploy(&deploy).unwrap();
     assert!(matches!(
@@ -497,6 +504,7 @@ pub fn suite(store: &Store) {
         store.deploy("d2").unwrap().is_some(),
         "running ones are kept"
     );
+    deploy_leases(store, &app);
 
     // deleting an app removes everything of it
     store.delete_app(&app.id).unwrap();
@@ -652,4 +660,140 @@ fn postgres_works_from_inside_the_servers_runtime() {
             });
         }
     });
+}
+
+/// Deploy leases: of control planes claiming one deploy at once exactly one holds it; the
+/// holder renews it and takes it again after its own restart; another takes it over only
+/// once it has expired; a finished deploy is nobody's to take.
+fn deploy_leases(store: &Store, app: &AppRow) {
+    let base = DeployRow {
+        id: "lease-1".into(),
+        app_id: app.id.clone(),
+        status: "running".into(),
+        request: "{}".into(),
+        user: "admin".into(),
+        release_id: String::new(),
+        progress: "{}".into(),
+        created_at: now_rfc3339(),
+        updated_at: now_rfc3339(),
+        lease_owner: String::new(),
+        lease_expires_at: 0,
+    };
+    store.insert_deploy(&base).unwrap();
+    let now = now_millis();
+    let ttl = 30_000;
+    // Releases left running by the checks above are settled first.
+    store.interrupt_running_releases("cp-setup", now).unwrap();
+
+    // Several claimers at the same moment, each with its own connection: one wins.
+    let claimers: Vec<String> = (0..6).map(|i| format!("cp-{i}")).collect();
+    let barrier = std::sync::Barrier::new(claimers.len());
+    let won: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = claimers
+            .iter()
+            .map(|owner| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    store
+                        .claim_deploy("lease-1", owner, now, now + ttl)
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        won.iter().filter(|w| **w).count(),
+        1,
+        "exactly one claimer holds the deploy: {won:?}"
+    );
+    let holder = claimers[won.iter().position(|w| *w).unwrap()].clone();
+    let other = claimers.iter().find(|c| **c != holder).unwrap().clone();
+    let row = store.deploy("lease-1").unwrap().unwrap();
+    assert_eq!(row.lease_owner, holder);
+    assert_eq!(row.lease_expires_at, now + ttl);
+
+    // While the lease runs, nobody else gets it, and only the holder renews it.
+    assert!(
+        !store
+            .claim_deploy("lease-1", &other, now + ttl - 1, now + 2 * ttl)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .renew_deploy_lease("lease-1", &other, now + 2 * ttl)
+            .unwrap()
+    );
+    assert!(
+        store
+            .renew_deploy_lease("lease-1", &holder, now + 2 * ttl)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_deploy("lease-1", &other, now + ttl + 1, now + 3 * ttl)
+            .unwrap(),
+        "the renewal extended the lease"
+    );
+    // The holder, restarted, takes its own deploy again at once.
+    assert!(
+        store
+            .claim_deploy("lease-1", &holder, now, now + 2 * ttl)
+            .unwrap()
+    );
+
+    // A release whose deploy another control plane holds is not interrupted by one that
+    // starts; once that lease has run out, it is.
+    let release = store
+        .create_release(&app.id, "r-leased", "img", "{}", "deploy", "admin")
+        .unwrap();
+    store.set_deploy_release("lease-1", &release.id).unwrap();
+    assert_eq!(
+        store.interrupt_running_releases(&other, now).unwrap(),
+        0,
+        "{holder} still rolls it out"
+    );
+    assert_eq!(
+        store.release("r-leased").unwrap().unwrap().status,
+        "running"
+    );
+    assert_eq!(
+        store.interrupt_running_releases(&holder, now).unwrap(),
+        1,
+        "the holder itself restarted"
+    );
+    store.set_release_status("r-leased", "running").unwrap();
+    assert_eq!(
+        store
+            .interrupt_running_releases(&other, now + 2 * ttl + 1)
+            .unwrap(),
+        1
+    );
+
+    // Expired: another control plane takes it over, and the old holder's renewal fails.
+    assert!(
+        store
+            .claim_deploy("lease-1", &other, now + 2 * ttl + 1, now + 3 * ttl)
+            .unwrap()
+    );
+    assert_eq!(store.deploy("lease-1").unwrap().unwrap().lease_owner, other);
+    assert!(
+        !store
+            .renew_deploy_lease("lease-1", &holder, now + 4 * ttl)
+            .unwrap()
+    );
+
+    // A finished deploy is nobody's to claim or renew.
+    store.set_deploy_status("lease-1", "complete").unwrap();
+    assert!(
+        !store
+            .claim_deploy("lease-1", &holder, now + 10 * ttl, now + 11 * ttl)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .renew_deploy_lease("lease-1", &other, now + 11 * ttl)
+            .unwrap()
+    );
 }

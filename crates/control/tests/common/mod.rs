@@ -35,6 +35,7 @@ pub async fn start() -> Harness {
         base_domain: "localhost".into(),
         proxy_http_port: 8080,
         database_url: None,
+        acme: false,
         registry_upstream: None,
         allowed_private_registries: Vec::new(),
     })
