@@ -148,6 +148,7 @@ fn flyctl_app_commands_work_against_aloft() {
     let app = "flyapp";
     let run = |args: &[&str]| {
         let run = flyctl(&platform, &fly, &env, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
         assert!(
             run.ok(),
             "flyctl {}: {run}\n--- server log\n{}",
@@ -159,7 +160,10 @@ fn flyctl_app_commands_work_against_aloft() {
 
     // apps create: the only org is the personal one, picked without asking.
     let created = run(&["apps", "create", app]);
-    assert!(created.stdout.contains(&format!("New app created: {app}")), "{created}");
+    assert!(
+        created.stdout.contains(&format!("New app created: {app}")),
+        "{created}"
+    );
     let listed = platform.aloft(&["apps", "list", "--json"]);
     let apps: serde_json::Value = serde_json::from_str(&listed.stdout).expect("apps JSON");
     assert!(
@@ -229,8 +233,7 @@ fn flyctl_app_commands_work_against_aloft() {
     let allocated = platform.aloft(&["ips", "allocate-v6", "-a", app]);
     assert!(allocated.ok(), "{allocated}");
     let aloft_ips = platform.aloft(&["ips", "list", "-a", app, "--json"]);
-    let addresses: serde_json::Value =
-        serde_json::from_str(&aloft_ips.stdout).expect("ips JSON");
+    let addresses: serde_json::Value = serde_json::from_str(&aloft_ips.stdout).expect("ips JSON");
     let v6 = addresses
         .as_array()
         .expect("a list")
@@ -265,10 +268,14 @@ fn flyctl_app_commands_work_against_aloft() {
 
     // logs --no-tail: the machine's own output. (flyctl polls until a page has lines, so
     // wait for the machine to have written one first.)
-    common::wait_until("the machine's first log line", Duration::from_secs(60), || {
-        let logs = platform.aloft(&["logs", "-a", app, "--no-tail"]);
-        (!logs.stdout.contains("hello: listening")).then(|| logs.to_string())
-    });
+    common::wait_until(
+        "the machine's first log line",
+        Duration::from_secs(60),
+        || {
+            let logs = platform.aloft(&["logs", "-a", app, "--no-tail"]);
+            (!logs.stdout.contains("hello: listening")).then(|| logs.to_string())
+        },
+    );
     let logs = run(&["logs", "--no-tail", "-a", app]);
     assert!(
         logs.stdout
@@ -293,6 +300,13 @@ fn flyctl_app_commands_work_against_aloft() {
     assert!(
         listed.stdout.contains("SECOND") && !listed.stdout.contains("FROM_FLYCTL"),
         "{listed}"
+    );
+
+    // Every query these commands sent was one Aloft's schema answers.
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "flyctl sent GraphQL Aloft does not understand:\n{log}"
     );
 }
 
@@ -373,7 +387,10 @@ fn graphql_errors_name_what_aloft_lacks() {
     }));
     assert_eq!(code, "200", "{body}");
     assert_eq!(body["errors"][0]["message"], "Could not find App", "{body}");
-    assert_eq!(body["errors"][0]["extensions"]["code"], "NOT_FOUND", "{body}");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "{body}"
+    );
     let (_, body) = graphql(serde_json::json!({
         "query": "query ($n: String!) { appbasic: app(name: $n) { id name organization { slug type } } }",
         "variables": {"n": "gql-app"},
@@ -394,6 +411,12 @@ fn graphql_errors_name_what_aloft_lacks() {
         "http://127.0.0.1:4280/graphql",
     ]);
     let body: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
-    assert_eq!(body["errors"][0]["extensions"]["code"], "UNAUTHORIZED", "{body}");
-    assert!(body["data"].is_null() || body["data"]["app"].is_null(), "{body}");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "UNAUTHORIZED",
+        "{body}"
+    );
+    assert!(
+        body["data"].is_null() || body["data"]["app"].is_null(),
+        "{body}"
+    );
 }

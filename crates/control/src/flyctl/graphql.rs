@@ -58,9 +58,7 @@ pub async fn serve(
             .and_then(|v| v.to_str().ok()),
         chrono::Utc::now().timestamp(),
     );
-    let response = schema
-        .execute(request.data(plane).data(Auth(auth)))
-        .await;
+    let response = schema.execute(request.data(plane).data(Auth(auth))).await;
     if response.errors.is_empty() {
         tracing::debug!(operation = %operation, client = %client, "GraphQL request");
     } else {

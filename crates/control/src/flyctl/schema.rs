@@ -148,7 +148,9 @@ impl Query {
         let wanted = |org: &OrgRow| {
             id.as_ref().is_some_and(|id| id.as_str() == org.id)
                 || slug.as_deref().is_some_and(|s| s == org.slug)
-                || name.as_deref().is_some_and(|n| n == org.slug || n == org.name)
+                || name
+                    .as_deref()
+                    .is_some_and(|n| n == org.slug || n == org.name)
         };
         visible_orgs(plane(ctx)?, caller(ctx)?)?
             .into_iter()
@@ -358,10 +360,18 @@ impl App {
         self.0.status == "deployed"
     }
     async fn hostname(&self, ctx: &Context<'_>) -> Result<String> {
-        Ok(format!("{}.{}", self.0.name, plane(ctx)?.config.base_domain))
+        Ok(format!(
+            "{}.{}",
+            self.0.name,
+            plane(ctx)?.config.base_domain
+        ))
     }
     async fn cname_target(&self, ctx: &Context<'_>) -> Result<String> {
-        Ok(format!("{}.{}", self.0.name, plane(ctx)?.config.base_domain))
+        Ok(format!(
+            "{}.{}",
+            self.0.name,
+            plane(ctx)?.config.base_domain
+        ))
     }
     async fn app_url(&self, ctx: &Context<'_>) -> Result<String> {
         Ok(plane(ctx)?.app_url(&self.0.name))
@@ -415,7 +425,11 @@ impl App {
         let releases = self
             .release_rows(ctx)?
             .into_iter()
-            .filter(|r| status.as_deref().is_none_or(|s| s.is_empty() || s == r.status))
+            .filter(|r| {
+                status
+                    .as_deref()
+                    .is_none_or(|s| s.is_empty() || s == r.status)
+            })
             .map(Release)
             .collect();
         let (nodes, page_info, total_count) = page(releases, first, after.as_deref());
