@@ -301,6 +301,26 @@ fn flyctl_app_commands_work_against_aloft() {
         listed.stdout.contains("SECOND") && !listed.stdout.contains("FROM_FLYCTL"),
         "{listed}"
     );
+    // Each of those restarts is a release flyctl recorded, complete, after the deploy's v1.
+    let (code, body) = platform.api(&token, "GET", &format!("/v1/apps/{app}/releases"), None);
+    assert_eq!(code, 200, "{body}");
+    let releases: serde_json::Value = serde_json::from_str(&body).expect("releases JSON");
+    let statuses: Vec<(u64, &str)> = releases
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| {
+            (
+                r["version"].as_u64().unwrap_or_default(),
+                r["status"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![(3, "complete"), (2, "complete"), (1, "complete")],
+        "{body}"
+    );
 
     // Every query these commands sent was one Aloft's schema answers.
     let log = platform.server_log();

@@ -116,6 +116,18 @@ mod tests {
     use super::compact;
 
     #[test]
+    fn requests_without_variables_parse() {
+        // fly-go's client sends `"variables": null` for a query without any.
+        for body in [
+            r#"{"query":"{ organizations { nodes { slug } } }","variables":null}"#,
+            r#"{"query":"{ organizations { nodes { slug } } }"}"#,
+        ] {
+            let request: async_graphql::Request = serde_json::from_str(body).unwrap();
+            assert!(request.query.contains("organizations"));
+        }
+    }
+
+    #[test]
     fn queries_are_logged_on_one_line() {
         assert_eq!(
             compact("query ($a: String!) {\n\t app(name: $a) {\n  id\n }\n}"),
