@@ -291,10 +291,25 @@ fn flyctl_app_commands_work_against_aloft() {
     assert!(scaled.iter().any(|(id, _)| id == &machine_id), "{scaled:?}");
 
     // secrets set and unset on a deployed app: flyctl restarts the machines itself, with a
-    // release it records through FLY_UIEX_BASE_URL.
-    run(&["secrets", "set", "SECOND=2", "-a", app]);
+    // release it records through FLY_UIEX_BASE_URL. (Its DNS check after a restart looks
+    // up <app>.fly.dev at a public resolver: skipped.)
+    run(&[
+        "secrets",
+        "set",
+        "SECOND=2",
+        "-a",
+        app,
+        "--dns-checks=false",
+    ]);
     assert_eq!(secret_names(&platform, app), vec!["FROM_FLYCTL", "SECOND"]);
-    run(&["secrets", "unset", "FROM_FLYCTL", "-a", app]);
+    run(&[
+        "secrets",
+        "unset",
+        "FROM_FLYCTL",
+        "-a",
+        app,
+        "--dns-checks=false",
+    ]);
     assert_eq!(secret_names(&platform, app), vec!["SECOND"]);
     let listed = run(&["secrets", "list", "-a", app]);
     assert!(
