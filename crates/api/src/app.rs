@@ -52,6 +52,8 @@ pub struct ListAppsResponse {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateAppRequest {
+    /// fly-go's flaps client (flyctl 0.4) sends it as `name`.
+    #[serde(alias = "name")]
     pub app_name: String,
     #[serde(default)]
     pub org_slug: String,
@@ -69,4 +71,22 @@ pub struct ErrorResponse {
     pub status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CreateAppRequest;
+
+    #[test]
+    fn create_app_takes_the_name_as_flaps_clients_send_it() {
+        let ours: CreateAppRequest =
+            serde_json::from_str(r#"{"app_name":"a","org_slug":"personal"}"#).unwrap();
+        let flyctls: CreateAppRequest = serde_json::from_str(
+            r#"{"name":"a","org_slug":"personal","network":"","app_role_id":""}"#,
+        )
+        .unwrap();
+        assert_eq!(ours.app_name, "a");
+        assert_eq!(flyctls.app_name, "a");
+        assert_eq!(flyctls.org_slug, "personal");
+    }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::{Platform, Run};
 
@@ -95,19 +96,362 @@ fn flyctl_env_points_the_real_flyctl_at_aloft() {
         &["secrets", "list", "-a", "flyctl-app"],
     );
     assert!(secrets.ok(), "flyctl secrets list: {secrets}");
+}
 
-    // What the rest of the scenario gets today (no GraphQL endpoint yet): printed, not asserted.
-    for args in [
-        vec!["apps", "list"],
-        vec!["status", "-a", "flyctl-app"],
-        vec!["ips", "list", "-a", "flyctl-app"],
-        vec!["volumes", "list", "-a", "flyctl-app"],
-        vec!["releases", "-a", "flyctl-app"],
-        vec!["logs", "--no-tail", "-a", "flyctl-app"],
-        vec!["config", "show", "-a", "flyctl-app"],
-        vec!["scale", "count", "1", "-a", "flyctl-app", "--yes"],
-    ] {
-        let run = flyctl(&platform, &flyctl_path, &env, &args);
-        eprintln!("flyctl {}: {run}", args.join(" "));
+/// The app's machines through the Machines API: (id, state) pairs.
+fn machines(platform: &Platform, token: &str, app: &str) -> Vec<(String, String)> {
+    let (code, body) = platform.api(token, "GET", &format!("/v1/apps/{app}/machines"), None);
+    assert_eq!(code, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).expect("machines JSON");
+    listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap_or_default().to_string(),
+                m["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn secret_names(platform: &Platform, app: &str) -> Vec<String> {
+    let run = platform.aloft(&["secrets", "list", "-a", app, "--json"]);
+    assert!(run.ok(), "{run}");
+    let listed: serde_json::Value = serde_json::from_str(&run.stdout).expect("secrets JSON");
+    listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The app commands of issue 22, run by the real flyctl against Aloft (FLY_API_BASE_URL's
+/// GraphQL and logs, FLY_UIEX_BASE_URL's releases, the Machines API): each exits 0 and
+/// the platform's state afterwards is what it asked for, checked with Aloft's own CLI
+/// and API.
+#[test]
+fn flyctl_app_commands_work_against_aloft() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
     }
+    let Some(fly) = flyctl_binary() else {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+        return;
+    };
+    let platform = Platform::start();
+    let env = flyctl_env(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let app = "flyapp";
+    let run = |args: &[&str]| {
+        let run = flyctl(&platform, &fly, &env, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flyctl {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        run
+    };
+
+    // apps create: the only org is the personal one, picked without asking.
+    let created = run(&["apps", "create", app]);
+    assert!(
+        created.stdout.contains(&format!("New app created: {app}")),
+        "{created}"
+    );
+    let listed = platform.aloft(&["apps", "list", "--json"]);
+    let apps: serde_json::Value = serde_json::from_str(&listed.stdout).expect("apps JSON");
+    assert!(
+        apps.as_array()
+            .expect("a list")
+            .iter()
+            .any(|a| a["name"] == app && a["organization"]["slug"] == "personal"),
+        "{listed}"
+    );
+
+    // apps list: the app, its org and status.
+    let listed = run(&["apps", "list"]);
+    let row = listed
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(app))
+        .unwrap_or_else(|| panic!("{app} missing from flyctl apps list: {listed}"));
+    assert!(row.contains("personal") && row.contains("pending"), "{row}");
+
+    // secrets set before the first deploy: staged, and stored.
+    let staged = run(&["secrets", "set", "FROM_FLYCTL=yes", "-a", app]);
+    assert!(
+        staged.stdout.contains("staged for the first deployment"),
+        "{staged}"
+    );
+    assert_eq!(secret_names(&platform, app), vec!["FROM_FLYCTL"]);
+
+    // A deploy by Aloft's CLI gives the app a release, a machine and logs.
+    let dir = platform.hello_app_dir(app);
+    let toml = std::fs::read_to_string(dir.join("fly.toml")).expect("fly.toml");
+    std::fs::write(
+        dir.join("fly.toml"),
+        toml.replace("app = \"hello\"", &format!("app = \"{app}\"")),
+    )
+    .expect("fly.toml");
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
+    let first = machines(&platform, &token, app);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let machine_id = first[0].0.clone();
+
+    // status: the app and its machine.
+    let status = run(&["status", "-a", app]);
+    assert!(
+        status.stdout.contains(app) && status.stdout.contains(&machine_id),
+        "{status}"
+    );
+
+    // releases: the deploy's release, complete.
+    let releases = run(&["releases", "-a", app]);
+    let v1 = releases
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("v1"))
+        .unwrap_or_else(|| panic!("no v1 in flyctl releases: {releases}"));
+    assert!(v1.contains("complete"), "{releases}");
+
+    // config show: the deployed fly.toml, as JSON.
+    let shown = run(&["config", "show", "-a", app]);
+    let config: serde_json::Value =
+        serde_json::from_str(&shown.stdout).unwrap_or_else(|e| panic!("{e}: {shown}"));
+    assert_eq!(config["app"], app, "{config}");
+    assert_eq!(config["http_service"]["internal_port"], 8080, "{config}");
+    assert_eq!(config["env"]["GREETING"], "hello from aloft", "{config}");
+
+    // ips list: the addresses Aloft gave the app.
+    let allocated = platform.aloft(&["ips", "allocate-v6", "-a", app]);
+    assert!(allocated.ok(), "{allocated}");
+    let aloft_ips = platform.aloft(&["ips", "list", "-a", app, "--json"]);
+    let addresses: serde_json::Value = serde_json::from_str(&aloft_ips.stdout).expect("ips JSON");
+    let v6 = addresses
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|ip| ip["type"] == "v6")
+        .and_then(|ip| ip["ip"].as_str())
+        .unwrap_or_else(|| panic!("no v6 address: {aloft_ips}"))
+        .to_string();
+    let ips = run(&["ips", "list", "-a", app]);
+    assert!(
+        ips.stdout
+            .lines()
+            .any(|l| l.contains(&v6) && l.contains("v6")),
+        "{ips}"
+    );
+
+    // volumes list: a volume made with Aloft's CLI.
+    let volume = platform.aloft(&[
+        "volumes", "create", "data", "-a", app, "--size", "1", "-y", "--json",
+    ]);
+    assert!(volume.ok(), "{volume}\n{}", platform.server_log());
+    let volume: serde_json::Value = serde_json::from_str(&volume.stdout).expect("volume JSON");
+    let volume_id = volume["id"].as_str().expect("volume id").to_string();
+    let volumes = run(&["volumes", "list", "-a", app]);
+    assert!(
+        volumes
+            .stdout
+            .lines()
+            .any(|l| l.contains(&volume_id) && l.contains("data")),
+        "{volumes}"
+    );
+
+    // logs --no-tail: the machine's own output. (flyctl polls until a page has lines, so
+    // wait for the machine to have written one first.)
+    common::wait_until(
+        "the machine's first log line",
+        Duration::from_secs(60),
+        || {
+            let logs = platform.aloft(&["logs", "-a", app, "--no-tail"]);
+            (!logs.stdout.contains("hello: listening")).then(|| logs.to_string())
+        },
+    );
+    let logs = run(&["logs", "--no-tail", "-a", app]);
+    assert!(
+        logs.stdout
+            .lines()
+            .any(|l| l.contains("hello: listening") && l.contains(&machine_id)),
+        "{logs}"
+    );
+
+    // scale count: a second machine, made by flyctl through the Machines API.
+    run(&["scale", "count", "2", "-a", app, "--yes"]);
+    let scaled = machines(&platform, &token, app);
+    assert_eq!(scaled.len(), 2, "{scaled:?}");
+    assert!(scaled.iter().any(|(id, _)| id == &machine_id), "{scaled:?}");
+
+    // secrets set and unset on a deployed app: flyctl restarts the machines itself, with a
+    // release it records through FLY_UIEX_BASE_URL. (Its DNS check after a restart looks
+    // up <app>.fly.dev at a public resolver: skipped.)
+    run(&[
+        "secrets",
+        "set",
+        "SECOND=2",
+        "-a",
+        app,
+        "--dns-checks=false",
+    ]);
+    assert_eq!(secret_names(&platform, app), vec!["FROM_FLYCTL", "SECOND"]);
+    run(&[
+        "secrets",
+        "unset",
+        "FROM_FLYCTL",
+        "-a",
+        app,
+        "--dns-checks=false",
+    ]);
+    assert_eq!(secret_names(&platform, app), vec!["SECOND"]);
+    let listed = run(&["secrets", "list", "-a", app]);
+    assert!(
+        listed.stdout.contains("SECOND") && !listed.stdout.contains("FROM_FLYCTL"),
+        "{listed}"
+    );
+    // Each of those restarts is a release flyctl recorded, complete, after the deploy's v1.
+    let (code, body) = platform.api(&token, "GET", &format!("/v1/apps/{app}/releases"), None);
+    assert_eq!(code, 200, "{body}");
+    let releases: serde_json::Value = serde_json::from_str(&body).expect("releases JSON");
+    let statuses: Vec<(u64, &str)> = releases
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| {
+            (
+                r["version"].as_u64().unwrap_or_default(),
+                r["status"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![(3, "complete"), (2, "complete"), (1, "complete")],
+        "{body}"
+    );
+
+    // Every query these commands sent was one Aloft's schema answers.
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "flyctl sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
+
+/// Point 6: a query for something Aloft's schema lacks is a standard GraphQL error naming
+/// it, with status 200, and the server log says which operation sent it; a missing app is
+/// Fly's "Could not find App".
+#[test]
+fn graphql_errors_name_what_aloft_lacks() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let platform = Platform::start();
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let created = platform.aloft(&["apps", "create", "gql-app"]);
+    assert!(created.ok(), "{created}");
+    let graphql = |body: serde_json::Value| {
+        let auth = format!("Authorization: Bearer {token}");
+        let body = body.to_string();
+        let run = platform.curl(&[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+            "-w",
+            "\n%{http_code}",
+            "http://127.0.0.1:4280/graphql",
+        ]);
+        let (body, code) = run.stdout.rsplit_once('\n').expect("status line");
+        let body: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {run}"));
+        (code.trim().to_string(), body)
+    };
+
+    let (code, body) = graphql(serde_json::json!({
+        "query": "query FlyctlMadeThisUp($n: String!) { app(name: $n) { id machineBuildQuota } }",
+        "operationName": "FlyctlMadeThisUp",
+        "variables": {"n": "gql-app"},
+    }));
+    assert_eq!(code, "200", "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("machineBuildQuota"), "{body}");
+    let log = platform.server_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("FlyctlMadeThisUp") && l.contains("machineBuildQuota")),
+        "the server log does not name the operation:\n{log}"
+    );
+
+    // fly-go's own queries are anonymous: the log shows the query instead.
+    let (code, body) = graphql(serde_json::json!({
+        "query": "query ($n: String!) { appcompact: app(name: $n) { id noSuchField } }",
+        "variables": {"n": "gql-app"},
+    }));
+    assert_eq!(code, "200", "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("noSuchField"),
+        "{body}"
+    );
+    let log = platform.server_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("(anonymous)") && l.contains("appcompact: app(name: $n)")),
+        "{log}"
+    );
+
+    // What flyctl reacts to: "Could not find App", code NOT_FOUND; aliases are answered.
+    let (code, body) = graphql(serde_json::json!({
+        "query": "query ($n: String!) { appbasic: app(name: $n) { id name organization { slug } } }",
+        "variables": {"n": "no-such-app"},
+    }));
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(body["errors"][0]["message"], "Could not find App", "{body}");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "{body}"
+    );
+    let (_, body) = graphql(serde_json::json!({
+        "query": "query ($n: String!) { appbasic: app(name: $n) { id name organization { slug type } } }",
+        "variables": {"n": "gql-app"},
+    }));
+    assert!(body.get("errors").is_none(), "{body}");
+    assert_eq!(body["data"]["appbasic"]["name"], "gql-app", "{body}");
+    assert_eq!(body["data"]["appbasic"]["organization"]["slug"], "personal");
+    assert_eq!(body["data"]["appbasic"]["organization"]["type"], "PERSONAL");
+
+    // Without a valid token nothing is read.
+    let run = platform.curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"query":"{ app(name: \"gql-app\") { id } }"}"#,
+        "http://127.0.0.1:4280/graphql",
+    ]);
+    let body: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "UNAUTHORIZED",
+        "{body}"
+    );
+    assert!(
+        body["data"].is_null() || body["data"]["app"].is_null(),
+        "{body}"
+    );
 }

@@ -126,6 +126,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .merge(crate::secrets::routes())
         .merge(crate::certs::routes())
         .merge(crate::ips::routes())
+        .merge(crate::flyctl::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(errors_as_json))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -332,7 +332,8 @@ fn visible_app(plane: &ControlPlane, caller: &Caller, name: &str) -> ApiResult<A
     }
 }
 
-fn network_view(plane: &ControlPlane, network_id: Option<u32>) -> ApiResult<Option<IpNetwork>> {
+/// The network (name, org) of an address with one.
+pub fn network_view(plane: &ControlPlane, network_id: Option<u32>) -> ApiResult<Option<IpNetwork>> {
     let Some(id) = network_id else {
         return Ok(None);
     };

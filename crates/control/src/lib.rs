@@ -8,6 +8,7 @@ pub mod certs;
 pub mod checks;
 pub mod deploy;
 pub mod error;
+pub mod flyctl;
 pub mod hosts;
 pub mod ips;
 pub mod logs;

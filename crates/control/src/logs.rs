@@ -140,7 +140,11 @@ async fn agent_logs(
 }
 
 /// A machine's recent lines (none if its host cannot be reached).
-async fn backlog(plane: &ControlPlane, machine: &MachineRow, lines: usize) -> Vec<LogLine> {
+pub(crate) async fn backlog(
+    plane: &ControlPlane,
+    machine: &MachineRow,
+    lines: usize,
+) -> Vec<LogLine> {
     let Ok(mut stream) = agent_logs(plane, machine, false, lines).await else {
         return Vec::new();
     };
