@@ -114,39 +114,15 @@ fn io_uring_is_denied_and_powercap_masked_in_machines() {
     assert_eq!(listed.stdout.trim(), "end", "{listed}");
 }
 
-/// A busybox machine of app `name` serving nothing in particular; returns its id.
+/// An idle busybox machine of app `name`; returns its id.
 fn busybox_machine(platform: &Platform, name: &str) -> String {
-    let dir = platform.root.path().join(format!("app-{name}"));
-    let bin = dir.join("rootfs/bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox"))
-        .expect("busybox-static is installed (scripts/setup.sh)");
-    for applet in ["sh", "httpd", "cat", "echo", "stat", "ls"] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-    }
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY rootfs/ /\nCMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\"]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("fly.toml"),
-        format!("app = \"{name}\"\nprimary_region = \"local\"\n"),
-    )
-    .unwrap();
+    let dir = common::idle_busybox_app(platform, name, "");
     assert!(platform.aloft(&["apps", "create", name]).ok());
     let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
     assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
-    let ids = platform.aloft(&["machine", "list", "-a", name, "-q"]);
-    let id = ids
-        .stdout
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    assert_eq!(id.len(), 14, "{ids}");
-    id
+    let ids = common::machine_ids(platform, name);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    ids[0].clone()
 }
 
 #[test]

@@ -668,7 +668,7 @@ pub fn idle_busybox_app(platform: &Platform, name: &str, extra: &str) -> PathBuf
     std::fs::copy("/bin/busybox", bin.join("busybox"))
         .expect("busybox-static is installed (scripts/setup.sh)");
     for applet in [
-        "sh", "dd", "rm", "echo", "sleep", "df", "cat", "sync", "ls", "mkdir", "md5sum",
+        "sh", "dd", "rm", "echo", "sleep", "df", "cat", "sync", "ls", "mkdir", "md5sum", "stat",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
