@@ -587,6 +587,78 @@ fn volume_commands_and_bad_input() {
             .ok()
     );
 
+    // `machine clone` gives the clone a volume of its own, as flyctl does: empty by
+    // default, restored from the source volume's latest snapshot with
+    // `--from-snapshot last`; the source's volume stays with the source.
+    let clone_of = |extra: &[&str]| -> (String, String, Run) {
+        let mut args = vec!["machine", "clone", user.as_str(), "-a", "volcli"];
+        args.extend(extra);
+        let run = platform.aloft(&args);
+        assert!(run.ok(), "{run}\n{}", platform.server_log());
+        let id = run
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Machine has been cloned: "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no clone id in {run}"))
+            .to_string();
+        let volume = machine_json(&platform, "volcli", &id)["config"]["mounts"][0]["volume"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(!volume.is_empty() && volume != vol_id, "{run}");
+        (id, volume, run)
+    };
+    let (empty_clone, empty_volume, run) = clone_of(&[]);
+    assert!(
+        run.stdout.contains("Volume 'data' will start empty"),
+        "{run}"
+    );
+    let read = platform.machine_sh("volcli", &empty_clone, "ls /data/snap");
+    assert!(!read.ok(), "a new volume starts empty: {read}");
+    let (restored_clone, restored_volume, run) = clone_of(&["--from-snapshot", "last"]);
+    assert!(
+        run.stdout.contains(&format!(
+            "Creating new volume from snapshot {snapshot_id} of {vol_id}"
+        )),
+        "{run}"
+    );
+    let read = platform.machine_sh("volcli", &restored_clone, "cat /data/snap");
+    assert_eq!(read.stdout.trim(), "snapped", "{read}");
+    let attach = platform.aloft(&[
+        "machine",
+        "clone",
+        &user,
+        "-a",
+        "volcli",
+        "--attach-volume",
+        &vol_id,
+    ]);
+    assert!(!attach.ok(), "{attach}");
+    assert!(
+        attach
+            .stderr
+            .contains(&format!("volume {vol_id} is already attached to a machine")),
+        "{attach}"
+    );
+    for (machine, volume) in [
+        (empty_clone, empty_volume),
+        (restored_clone, restored_volume),
+    ] {
+        let destroy = platform.aloft(&["machine", "destroy", &machine, "-a", "volcli", "--force"]);
+        assert!(destroy.ok(), "{destroy}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let gone = platform.aloft(&["volumes", "destroy", &volume, "-a", "volcli", "-y"]);
+            if gone.ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{gone}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    assert_eq!(machine_ids(&platform, "volcli").len(), 2);
+
     // Unknown volume names in [mounts] on a later deploy.
     write_fly_toml(
         &dir,

@@ -24,6 +24,136 @@ pub struct AppArg {
     pub config: Option<std::path::PathBuf>,
 }
 
+/// `machine clone`'s volume flags, as flyctl's.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CloneVolumeFlags {
+    /// Clone attached volumes and restore from snapshot, use 'last' for most recent
+    /// snapshot. The default is an empty volume.
+    #[arg(long = "from-snapshot")]
+    pub from_snapshot: Option<String>,
+    /// Existing volume to attach to the new Machine in the form of
+    /// <volume_id>[:/path/inside/machine]
+    #[arg(long = "attach-volume")]
+    pub attach_volume: Option<String>,
+    /// Require volume to be placed in separate hardware zone from existing volumes.
+    #[arg(long = "volume-requires-unique-zone", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub volume_requires_unique_zone: bool,
+}
+
+fn volume_id_of(attach_spec: &str) -> &str {
+    attach_spec.split(':').next().unwrap_or(attach_spec)
+}
+
+/// The clone's mounts, as flyctl makes them: the volume given with `--attach-volume`
+/// (unattached, in the clone's region), or else a new volume per source mount with the
+/// source volume's name, size and encryption, empty or restored from `--from-snapshot`.
+async fn clone_mounts(
+    client: &Client,
+    app: &str,
+    source: &MachineConfig,
+    region: &str,
+    flags: &CloneVolumeFlags,
+    attached: Option<aloft_api::Volume>,
+) -> anyhow::Result<Vec<aloft_api::MachineMount>> {
+    let mut wanted = source.mounts.clone();
+    if let Some(spec) = &flags.attach_volume {
+        let path = spec.split_once(':').map(|(_, path)| path.to_string());
+        match (wanted.len(), path) {
+            (n, _) if n > 1 => {
+                bail!("Can't use --attach-volume for Machines with more than 1 volume.")
+            }
+            (0, None) => bail!(
+                "Please specify a mount path on '{spec}' using <volume_id>:/path/inside/machine"
+            ),
+            (0, Some(path)) => wanted.push(aloft_api::MachineMount {
+                path,
+                ..Default::default()
+            }),
+            (_, Some(path)) => {
+                println!(
+                    "Info: --attach-volume is overriding previous mount point from `{}` to `{path}`.",
+                    wanted[0].path
+                );
+                wanted[0].path = path;
+            }
+            (_, None) => {}
+        }
+    }
+    let mut mounts = Vec::with_capacity(wanted.len());
+    for mount in wanted {
+        let volume = if let Some(volume) = &attached {
+            println!("Attaching existing volume {}", volume.id);
+            if volume
+                .attached_machine_id
+                .as_deref()
+                .is_some_and(|m| !m.is_empty())
+            {
+                bail!("volume {} is already attached to a machine", volume.id);
+            }
+            volume.clone()
+        } else {
+            let source_volume =
+                crate::commands::volumes::get_volume(client, app, &mount.volume).await?;
+            let snapshot_id = match flags.from_snapshot.as_deref() {
+                None | Some("") => {
+                    println!("Volume '{}' will start empty", source_volume.name);
+                    None
+                }
+                Some("last") => {
+                    let snapshots =
+                        crate::commands::volumes::list_snapshots(client, app, &source_volume.id)
+                            .await?;
+                    match snapshots
+                        .into_iter()
+                        .max_by(|a, b| a.created_at.cmp(&b.created_at))
+                    {
+                        Some(snapshot) => {
+                            println!(
+                                "Creating new volume from snapshot {} of {}",
+                                snapshot.id, source_volume.id
+                            );
+                            Some(snapshot.id)
+                        }
+                        None => {
+                            println!(
+                                "No snapshot for source volume {}, the new volume will start empty",
+                                source_volume.id
+                            );
+                            None
+                        }
+                    }
+                }
+                Some(id) => {
+                    println!("Creating new volume from snapshot: {id}");
+                    Some(id.to_string())
+                }
+            };
+            let request = aloft_api::CreateVolumeRequest {
+                name: source_volume.name.clone(),
+                region: Some(region.to_string()),
+                size_gb: Some(mount.size_gb.map_or(source_volume.size_gb, u64::from)),
+                encrypted: Some(mount.encrypted.unwrap_or(source_volume.encrypted)),
+                snapshot_id,
+                require_unique_zone: Some(flags.volume_requires_unique_zone),
+                compute: source.guest.clone(),
+                compute_image: Some(source.image.clone()),
+                ..Default::default()
+            };
+            crate::commands::volumes::create_volume(client, app, &request).await?
+        };
+        mounts.push(aloft_api::MachineMount {
+            volume: volume.id.clone(),
+            name: volume.name.clone(),
+            path: mount.path,
+            extend_threshold_percent: mount.extend_threshold_percent,
+            add_size_gb: mount.add_size_gb,
+            size_gb_limit: mount.size_gb_limit,
+            ..Default::default()
+        });
+    }
+    Ok(mounts)
+}
+
 /// Flags that shape a machine's config (`run`, `create`, `update`).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConfigFlags {
@@ -195,6 +325,8 @@ pub enum MachineCommand {
         region: Option<String>,
         #[arg(short = 'n', long)]
         name: Option<String>,
+        #[command(flatten)]
+        volumes: CloneVolumeFlags,
     },
     /// Take machines out of load balancing.
     Cordon {
@@ -724,15 +856,38 @@ pub async fn run(api: &ApiArgs, command: MachineCommand) -> anyhow::Result<()> {
             app,
             region,
             name,
+            volumes,
         } => {
             let app = app_name(&app)?;
             let source = get_machine(&client, &app, &id).await?;
-            let region = region.unwrap_or_else(|| source.region.clone());
+            if source.host_status != "ok" {
+                bail!("the machine is on an unreachable host, try again later");
+            }
+            let attached = match &volumes.attach_volume {
+                Some(spec) => Some(
+                    crate::commands::volumes::get_volume(&client, &app, volume_id_of(spec))
+                        .await
+                        .context("could not get existing volume")?,
+                ),
+                None => None,
+            };
+            let region = match (&attached, region) {
+                (Some(volume), Some(region)) if volume.region != region => bail!(
+                    "specified region {region} but volume is in region {}, use the same region as the volume",
+                    volume.region
+                ),
+                (Some(volume), None) => volume.region.clone(),
+                (_, Some(region)) => region,
+                (None, None) => source.region.clone(),
+            };
             println!("Cloning machine {id} into region {region}");
+            let mut config = source.config.clone();
+            config.mounts =
+                clone_mounts(&client, &app, &source.config, &region, &volumes, attached).await?;
             let request = CreateMachineRequest {
                 name,
                 region: Some(region),
-                config: source.config.clone(),
+                config,
                 ..Default::default()
             };
             let machine: Machine = client.post(&machines_path(&app), &request).await?;

@@ -4,7 +4,9 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
-use aloft_api::{CreateVolumeRequest, ExtendVolumeRequest, ExtendVolumeResponse, Volume};
+use aloft_api::{
+    CreateVolumeRequest, ExtendVolumeRequest, ExtendVolumeResponse, Volume, VolumeSnapshot,
+};
 use aloft_client::{Client, encode_component};
 use anyhow::bail;
 use http::Method;
@@ -177,10 +179,8 @@ async fn snapshots(
 ) -> anyhow::Result<()> {
     match command {
         SnapshotsCommand::List { id, json, .. } => {
-            let volume: Volume = api_client.get(&volume_path(app, &id)).await?;
-            let list: Vec<aloft_api::VolumeSnapshot> = api_client
-                .get(&format!("{}/snapshots", volume_path(app, &id)))
-                .await?;
+            let volume = get_volume(api_client, app, &id).await?;
+            let list = list_snapshots(api_client, app, &id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
@@ -233,6 +233,28 @@ async fn snapshots(
         }
     }
     Ok(())
+}
+
+pub(crate) async fn get_volume(client: &Client, app: &str, id: &str) -> anyhow::Result<Volume> {
+    Ok(client.get(&volume_path(app, id)).await?)
+}
+
+pub(crate) async fn list_snapshots(
+    client: &Client,
+    app: &str,
+    id: &str,
+) -> anyhow::Result<Vec<VolumeSnapshot>> {
+    Ok(client
+        .get(&format!("{}/snapshots", volume_path(app, id)))
+        .await?)
+}
+
+pub(crate) async fn create_volume(
+    client: &Client,
+    app: &str,
+    request: &CreateVolumeRequest,
+) -> anyhow::Result<Volume> {
+    Ok(client.post(&volumes_path(app), request).await?)
 }
 
 fn volumes_path(app: &str) -> String {
@@ -396,7 +418,7 @@ pub async fn run(api: &ApiArgs, command: VolumesCommand) -> anyhow::Result<()> {
                 ..Default::default()
             };
             for _ in 0..count.max(1) {
-                let volume: Volume = client.post(&volumes_path(&app), &request).await?;
+                let volume = create_volume(&client, &app, &request).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&volume)?);
                 } else {
