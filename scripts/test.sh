@@ -26,5 +26,5 @@ if (( release_bytes > 40 * 1024 * 1024 )); then
 fi
 
 # The same end-to-end suites with the server's state in PostgreSQL (a database per test).
-ALOFT_TEST_STORE=postgres cargo test -p aloft --test walking_skeleton --test deploys \
+ALOFT_TEST_STORE=postgres cargo test -p aloft --test walking_skeleton --test deploys --test volumes \
   --test secrets -- --test-threads=2
