@@ -8,6 +8,8 @@
 
 use std::fmt::Display;
 
+pub mod netns;
+
 /// Set to `1` to turn every skip into a failure.
 pub const REQUIRE_ALL_TESTS: &str = "ALOFT_REQUIRE_ALL_TESTS";
 

@@ -21,6 +21,8 @@ use crate::tun::Tun;
 const BUFFER: usize = 65_535 + 64;
 /// The TUN device's MTU: a 1500-byte underlay less IPv6 (40), UDP (8) and WireGuard (32).
 pub const MTU: u32 = 1420;
+/// The UDP socket's buffers (the kernel caps them at net.core.rmem_max / wmem_max).
+const SOCKET_BUFFER: usize = 4 << 20;
 /// How long a blocking read waits before the thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
 /// Handshakes per second before the mesh answers with cookies. Each handshake is counted
@@ -183,6 +185,11 @@ impl Mesh {
             addr: config.listen,
             source,
         })?;
+        // Bursts from the TUN side outrun one receiving thread for a moment; a drop here
+        // is a TCP retransmission inside the mesh.
+        let sock = socket2::SockRef::from(&udp);
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
         udp.set_read_timeout(Some(POLL))
             .map_err(|source| MeshError::Socket {
                 addr: config.listen,

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -33,6 +34,7 @@ impl Tun {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open("/dev/net/tun")?;
         let mut request = InterfaceRequest {
             name: [0; libc::IFNAMSIZ],
@@ -47,8 +49,13 @@ impl Tun {
         Ok(Self { file })
     }
 
-    /// Waits up to `timeout` for a packet; `Ok(0)` when none came.
+    /// The next packet, waiting up to `timeout` only when none is queued (a busy device
+    /// costs one read per packet, not a poll and a read); `Ok(0)` when none came.
     pub(crate) fn read_timeout(&self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+        match (&self.file).read(buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => return other,
+        }
         let mut poll = libc::pollfd {
             fd: self.file.as_raw_fd(),
             events: libc::POLLIN,
@@ -57,18 +64,13 @@ impl Tun {
         let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut poll, 1, millis) };
-        if ready < 0 {
-            let err = std::io::Error::last_os_error();
-            return if err.kind() == std::io::ErrorKind::Interrupted {
-                Ok(0)
-            } else {
-                Err(err)
-            };
-        }
-        if ready == 0 {
+        if ready <= 0 {
             return Ok(0);
         }
-        (&self.file).read(buf)
+        match (&self.file).read(buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            other => other,
+        }
     }
 
     pub(crate) fn write(&self, packet: &[u8]) -> std::io::Result<()> {

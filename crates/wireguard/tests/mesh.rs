@@ -5,43 +5,17 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener};
-use std::process::Command;
 use std::time::Duration;
 
 use aloft_api::sixpn;
+use aloft_testkit::netns::{self, Netns};
 use aloft_wireguard::{Mesh, MeshConfig, Peer, PrivateKey};
 
 const NETWORK: u32 = 7;
 
-fn sh(args: &[&str]) {
-    let status = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(status.success(), "{args:?}: {status}");
-}
-
-fn in_ns(ns: &str, args: &[&str]) {
-    let netns = format!("--net=/run/netns/{ns}");
-    let mut all = vec!["nsenter", netns.as_str()];
-    all.extend(args);
-    sh(&all);
-}
-
-/// Network namespaces removed when the test ends, however it ends.
-struct Namespaces(Vec<String>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
 fn missing_prerequisite() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("the mesh test needs root (network namespaces, TUN devices)".into());
+    if let Some(reason) = netns::missing_root() {
+        return Some(format!("the mesh test {reason}"));
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
         return Some("the mesh test needs /dev/net/tun".into());
@@ -49,25 +23,13 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
-/// Runs `f` on a thread inside network namespace `ns` (threads it starts stay there).
-fn on_thread_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns file");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in namespace")
-}
-
 fn machine(host: u32) -> Ipv6Addr {
     sixpn::machine_address(NETWORK, host, 1)
 }
 
 /// Connects from `from` to `to` inside `ns`, sends a line and reads the echo.
-fn exchange(ns: &str, from: Ipv6Addr, to: SocketAddrV6) -> Result<String, String> {
-    on_thread_in(ns, move || {
+fn exchange(ns: &Netns, from: Ipv6Addr, to: SocketAddrV6) -> Result<String, String> {
+    ns.on_thread(move || {
         let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
             .map_err(|e| e.to_string())?;
         socket
@@ -97,83 +59,58 @@ fn hosts_reach_each_others_machines_and_refuse_what_is_not_theirs() {
         aloft_testkit::skip(reason);
         return;
     }
-    let tag = std::process::id();
     let (a, b, c) = (
-        format!("mesha{tag}"),
-        format!("meshb{tag}"),
-        format!("meshc{tag}"),
+        Netns::new("mesha"),
+        Netns::new("meshb"),
+        Netns::new("meshc"),
     );
-    let _cleanup = Namespaces(vec![a.clone(), b.clone(), c.clone()]);
-    for ns in [&a, &b, &c] {
-        sh(&["ip", "netns", "add", ns]);
-        in_ns(ns, &["ip", "link", "set", "lo", "up"]);
-    }
     // The datacenter network: a bridge in B, with A and C attached by veths.
-    in_ns(&b, &["ip", "link", "add", "dc", "type", "bridge"]);
-    in_ns(&b, &["ip", "link", "set", "dc", "up"]);
-    in_ns(&b, &["ip", "addr", "add", "10.77.0.2/24", "dev", "dc"]);
-    for (ns, address) in [(&a, "10.77.0.1/24"), (&c, "10.77.0.3/24")] {
-        let peer_ns = format!("/run/netns/{ns}");
-        in_ns(
-            &b,
-            &[
-                "ip", "link", "add", "up0", "type", "veth", "peer", "name", "uplink",
-            ],
-        );
-        in_ns(&b, &["ip", "link", "set", "uplink", "netns", &peer_ns]);
-        in_ns(&b, &["ip", "link", "set", "up0", "master", "dc", "up"]);
-        in_ns(
-            &b,
-            &[
-                "ip",
-                "link",
-                "set",
-                "up0",
-                "name",
-                &format!("p{}", &address[8..9]),
-            ],
-        );
-        in_ns(ns, &["ip", "addr", "add", address, "dev", "uplink"]);
-        in_ns(ns, &["ip", "link", "set", "uplink", "up"]);
+    b.run(&["ip", "link", "add", "dc", "type", "bridge"]);
+    b.run(&["ip", "link", "set", "dc", "up"]);
+    b.run(&["ip", "addr", "add", "10.77.0.2/24", "dev", "dc"]);
+    for (ns, port, address) in [(&a, "pa", "10.77.0.1/24"), (&c, "pc", "10.77.0.3/24")] {
+        b.veth_to(port, ns, "uplink");
+        b.run(&["ip", "link", "set", port, "master", "dc"]);
+        ns.run(&["ip", "addr", "add", address, "dev", "uplink"]);
     }
     // A "machine" address of each host on its loopback (the agent's veths stand in here).
-    in_ns(
-        &a,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/128", machine(1)),
-            "dev",
-            "lo",
-        ],
-    );
-    in_ns(
-        &b,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/128", machine(2)),
-            "dev",
-            "lo",
-        ],
-    );
+    a.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", machine(1)),
+        "dev",
+        "lo",
+    ]);
+    b.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", machine(2)),
+        "dev",
+        "lo",
+    ]);
     // A speaks for host 3's addresses too, which it must not.
-    in_ns(
-        &a,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/128", machine(3)),
-            "dev",
-            "lo",
-        ],
-    );
+    a.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", machine(3)),
+        "dev",
+        "lo",
+    ]);
+    c.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", machine(3)),
+        "dev",
+        "lo",
+    ]);
 
     let (key_a, key_b, key_c) = (
         PrivateKey::generate(),
@@ -181,7 +118,7 @@ fn hosts_reach_each_others_machines_and_refuse_what_is_not_theirs() {
         PrivateKey::generate(),
     );
     let endpoint = |last: u8| SocketAddr::from(([10, 77, 0, last], 51820));
-    let mesh = |ns: &str, key: &PrivateKey, host: u32, last: u8, peers: Vec<Peer>| {
+    let mesh = |ns: &Netns, key: &PrivateKey, host: u32, last: u8, peers: Vec<Peer>| {
         let config = MeshConfig {
             private_key: key.clone(),
             host,
@@ -190,7 +127,7 @@ fn hosts_reach_each_others_machines_and_refuse_what_is_not_theirs() {
             routes: vec!["fdaa::/16".into()],
             peers,
         };
-        on_thread_in(ns, move || Mesh::start(config).expect("mesh starts"))
+        ns.on_thread(move || Mesh::start(config).expect("mesh starts"))
     };
     let mesh_a = mesh(
         &a,
@@ -226,21 +163,9 @@ fn hosts_reach_each_others_machines_and_refuse_what_is_not_theirs() {
             endpoint: endpoint(2),
         }],
     );
-    in_ns(
-        &c,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/128", machine(3)),
-            "dev",
-            "lo",
-        ],
-    );
 
     let service = SocketAddrV6::new(machine(2), 7000, 0, 0);
-    let listener = on_thread_in(&b, move || TcpListener::bind(service).expect("listen in B"));
+    let listener = b.on_thread(move || TcpListener::bind(service).expect("listen in B"));
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -327,9 +252,7 @@ fn bad_peer_sets_are_refused_naming_the_host() {
         aloft_testkit::skip(reason);
         return;
     }
-    let ns = format!("meshbad{}", std::process::id());
-    let _cleanup = Namespaces(vec![ns.clone()]);
-    sh(&["ip", "netns", "add", &ns]);
+    let ns = Netns::new("meshbad");
     let key = PrivateKey::generate();
     let other = PrivateKey::generate().public_key();
     let peer = |host: u32, public_key| Peer {
@@ -345,9 +268,7 @@ fn bad_peer_sets_are_refused_naming_the_host() {
         routes: vec![],
         peers: vec![],
     };
-    let err = on_thread_in(&ns, move || {
-        Mesh::start(config).err().map(|e| e.to_string())
-    });
+    let err = ns.on_thread(move || Mesh::start(config).err().map(|e| e.to_string()));
     assert!(err.is_some_and(|e| e.contains("machines' links")));
     let config = MeshConfig {
         private_key: key,
@@ -357,7 +278,7 @@ fn bad_peer_sets_are_refused_naming_the_host() {
         routes: vec![],
         peers: vec![],
     };
-    let mesh = on_thread_in(&ns, move || Mesh::start(config).expect("mesh"));
+    let mesh = ns.on_thread(move || Mesh::start(config).expect("mesh"));
     for (peers, wanted) in [
         (
             vec![peer(1, other)],
