@@ -455,3 +455,142 @@ fn graphql_errors_name_what_aloft_lacks() {
         "{body}"
     );
 }
+
+/// A platform with an app whose busybox image is in Aloft's registry (deployed once by
+/// Aloft's CLI), and that image's reference.
+fn app_with_busybox_image(platform: &Platform, app: &str) -> String {
+    let dir = common::idle_busybox_app(platform, app, "");
+    let created = platform.aloft(&["apps", "create", app]);
+    assert!(created.ok(), "{created}");
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
+    let ids = common::machine_ids(platform, app);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let machine = common::machine_json(platform, app, &ids[0]);
+    let image = machine["config"]["image"].as_str().unwrap_or_default();
+    assert!(!image.is_empty(), "{machine}");
+    image.to_string()
+}
+
+/// Point 1: `fly machine run IMAGE`, `list`, `stop`, `start`, `destroy --force`, each
+/// checked against the Machines API's state.
+#[test]
+fn flyctl_machine_commands_work_against_aloft() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(fly) = flyctl_binary() else {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+        return;
+    };
+    let platform = Platform::start();
+    let env = flyctl_env(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let app = "flymachines";
+    let image = app_with_busybox_image(&platform, app);
+    let before = machines(&platform, &token, app);
+    let run = |args: &[&str]| {
+        let run = flyctl(&platform, &fly, &env, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flyctl {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        run
+    };
+
+    // machine run: a new machine of the image, started.
+    let launched = run(&[
+        "machine",
+        "run",
+        &image,
+        "-a",
+        app,
+        "--region",
+        "local",
+        "--",
+        "/bin/sleep",
+        "100000",
+    ]);
+    let after = machines(&platform, &token, app);
+    assert_eq!(after.len(), before.len() + 1, "{after:?}");
+    let (id, _) = after
+        .iter()
+        .find(|(id, _)| !before.iter().any(|(b, _)| b == id))
+        .cloned()
+        .expect("the new machine");
+    assert!(launched.stdout.contains(&id), "{launched}");
+    common::wait_until("the machine to start", Duration::from_secs(60), || {
+        let state = common::machine_json(&platform, app, &id)["state"].clone();
+        (state != "started").then(|| state.to_string())
+    });
+    let machine = common::machine_json(&platform, app, &id);
+    // flyctl resolved the tag to its digest in Aloft's registry, and pinned it.
+    let digest = machine["image_ref"]["digest"].as_str().unwrap_or_default();
+    assert!(digest.starts_with("sha256:"), "{machine}");
+    assert_eq!(
+        machine["config"]["image"],
+        format!("{image}@{digest}"),
+        "{machine}"
+    );
+    assert_eq!(
+        machine["config"]["init"]["cmd"],
+        serde_json::json!(["/bin/sleep", "100000"]),
+        "{machine}"
+    );
+
+    // machine list: every machine of the app, as JSON and as a table.
+    let listed = run(&["machine", "list", "-a", app, "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(listed.stdout.trim()).expect("JSON");
+    let mut ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    let mut want: Vec<&str> = after.iter().map(|(id, _)| id.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    let table = run(&["machine", "list", "-a", app]);
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("started")),
+        "{table}"
+    );
+
+    // machine stop / start.
+    run(&["machine", "stop", &id, "-a", app]);
+    assert_eq!(
+        common::machine_json(&platform, app, &id)["state"],
+        "stopped"
+    );
+    run(&["machine", "start", &id, "-a", app]);
+    common::wait_until(
+        "the machine to start again",
+        Duration::from_secs(60),
+        || {
+            let state = common::machine_json(&platform, app, &id)["state"].clone();
+            (state != "started").then(|| state.to_string())
+        },
+    );
+
+    // machine destroy --force: gone, the others untouched.
+    run(&["machine", "destroy", &id, "-a", app, "--force"]);
+    let left = machines(&platform, &token, app);
+    assert_eq!(
+        left.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        before.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        "{left:?}"
+    );
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "flyctl sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
