@@ -34,9 +34,23 @@ fn flyctl_env(platform: &Platform) -> Vec<(String, String)> {
 }
 
 fn flyctl(platform: &Platform, flyctl: &Path, env: &[(String, String)], args: &[&str]) -> Run {
+    flyctl_in(platform, flyctl, env, None, args)
+}
+
+/// flyctl run in `dir` (where it reads fly.toml), or in the test's own directory.
+fn flyctl_in(
+    platform: &Platform,
+    flyctl: &Path,
+    env: &[(String, String)],
+    dir: Option<&Path>,
+    args: &[&str],
+) -> Run {
     let home = platform.home().join("flyctl-home");
     std::fs::create_dir_all(&home).expect("flyctl home");
     let mut command = platform.in_netns(flyctl);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
     command
         .args(args)
         .env_clear()
@@ -588,6 +602,110 @@ fn flyctl_machine_commands_work_against_aloft() {
         before.iter().map(|(id, _)| id).collect::<Vec<_>>(),
         "{left:?}"
     );
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "flyctl sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
+
+/// Point 2: `fly deploy --image REF` of an app with a fly.toml, the image in Aloft's
+/// registry: flyctl creates the machine itself through the Machines API and records the
+/// release; and point 3: `fly volumes create` makes a volume `fly volumes list` shows.
+#[test]
+fn flyctl_deploys_an_image_and_creates_volumes() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(fly) = flyctl_binary() else {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+        return;
+    };
+    let platform = Platform::start();
+    let env = flyctl_env(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let image = app_with_busybox_image(&platform, "flysource");
+    let run_in = |dir: Option<&Path>, args: &[&str]| {
+        let run = flyctl_in(&platform, &fly, &env, dir, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flyctl {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        run
+    };
+
+    let app = "flydeploy";
+    run_in(None, &["apps", "create", app]);
+    let dir = platform.home().join("flydeploy-src");
+    std::fs::create_dir_all(&dir).expect("app dir");
+    common::write_fly_toml(
+        &dir,
+        app,
+        "\n[env]\n  FROM_FLY_TOML = \"yes\"\n\n[processes]\n  app = \"/bin/sleep 100000\"\n",
+    );
+
+    // deploy --image: one machine of that image, with the fly.toml's env and command.
+    run_in(
+        Some(&dir),
+        &["deploy", "--image", &image, "--ha=false", "--yes"],
+    );
+    let deployed = machines(&platform, &token, app);
+    assert_eq!(deployed.len(), 1, "{deployed:?}");
+    let machine = common::machine_json(&platform, app, &deployed[0].0);
+    assert_eq!(machine["state"], "started", "{machine}");
+    assert_eq!(machine["config"]["image"], image.as_str(), "{machine}");
+    assert_eq!(
+        machine["config"]["env"]["FROM_FLY_TOML"], "yes",
+        "{machine}"
+    );
+    assert_eq!(
+        machine["config"]["init"]["cmd"],
+        serde_json::json!(["/bin/sleep", "100000"]),
+        "{machine}"
+    );
+    // The release flyctl recorded, complete, with the image.
+    let (code, body) = platform.api(&token, "GET", &format!("/v1/apps/{app}/releases"), None);
+    assert_eq!(code, 200, "{body}");
+    let releases: serde_json::Value = serde_json::from_str(&body).expect("releases JSON");
+    assert_eq!(releases[0]["version"], 1, "{body}");
+    assert_eq!(releases[0]["status"], "complete", "{body}");
+    let listed = run_in(None, &["releases", "-a", app]);
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("v1") && l.contains("complete")),
+        "{listed}"
+    );
+
+    // volumes create: a volume of that name, size and region, which list shows.
+    let created = run_in(
+        None,
+        &[
+            "volumes", "create", "flydata", "--size", "1", "--region", "local", "--yes", "-a", app,
+        ],
+    );
+    let volumes = common::volumes_json(&platform, app, false);
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    let volume = &volumes[0];
+    assert_eq!(volume["name"], "flydata", "{volume}");
+    assert_eq!(volume["size_gb"], 1, "{volume}");
+    assert_eq!(volume["region"], "local", "{volume}");
+    let volume_id = volume["id"].as_str().expect("volume id");
+    assert!(created.stdout.contains(volume_id), "{created}");
+    let listed = run_in(None, &["volumes", "list", "-a", app]);
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.contains(volume_id) && l.contains("flydata")),
+        "{listed}"
+    );
+
     let log = platform.server_log();
     assert!(
         !log.contains("GraphQL query Aloft cannot answer"),

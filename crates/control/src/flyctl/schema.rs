@@ -218,6 +218,34 @@ impl Query {
         }
     }
 
+    /// The platform's regions (those with hosts) and the one answering this request
+    /// (the control plane's own).
+    async fn platform(&self, ctx: &Context<'_>) -> Result<FlyPlatform> {
+        let _ = caller(ctx)?;
+        let plane = plane(ctx)?;
+        let regions = crate::scale::region_list(plane)
+            .map_err(from_api)?
+            .into_iter()
+            .map(|r| {
+                let known = aloft_api::regions::find(&r.code);
+                Region {
+                    name: r.name,
+                    code: r.code,
+                    latitude: known.map(|k| k.latitude),
+                    longitude: known.map(|k| k.longitude),
+                    gateway_available: known.is_some_and(|k| k.gateway),
+                    requires_paid_plan: false,
+                    deprecated: known.is_some_and(|k| k.deprecated),
+                    process_group: None,
+                }
+            })
+            .collect();
+        Ok(FlyPlatform {
+            regions,
+            request_region: Some(plane.config.region.clone()),
+        })
+    }
+
     /// Fly's image-update check (`fly status`, `fly image update`) knows Fly's own
     /// images; Aloft tracks no image versions, so every repository is unknown, which
     /// flyctl takes as "nothing to update".
@@ -230,6 +258,25 @@ impl Query {
         let _ = (caller(ctx)?, fly_version);
         Err(coded(format!("Unknown repository: {image}"), "NOT_FOUND"))
     }
+}
+
+/// Fly's `FlyPlatform`.
+#[derive(SimpleObject)]
+pub struct FlyPlatform {
+    regions: Vec<Region>,
+    request_region: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct Region {
+    code: String,
+    name: String,
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+    gateway_available: bool,
+    requires_paid_plan: bool,
+    deprecated: bool,
+    process_group: Option<String>,
 }
 
 #[derive(SimpleObject, Default)]
