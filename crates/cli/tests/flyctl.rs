@@ -712,3 +712,141 @@ fn flyctl_deploys_an_image_and_creates_volumes() {
         "flyctl sent GraphQL Aloft does not understand:\n{log}"
     );
 }
+
+fn flygo_binary() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("ALOFT_TEST_FLYGO")?);
+    path.exists().then_some(path)
+}
+
+/// Point 5: the same scenario with fly-go as a library client (crates/cli/tests/flygo,
+/// built by scripts/flygo-for-tests.sh): each call succeeds and the platform's state
+/// afterwards is what it asked for, checked with Aloft's own CLI and API.
+#[test]
+fn fly_go_client_works_against_aloft() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(flygo) = flygo_binary() else {
+        aloft_testkit::skip("the fly-go client is not built: source scripts/flygo-for-tests.sh");
+        return;
+    };
+    let platform = Platform::start();
+    let env = flyctl_env(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let image = app_with_busybox_image(&platform, "gosource");
+    let call = |args: &[&str]| -> serde_json::Value {
+        let run = flyctl(&platform, &flygo, &env, args);
+        eprintln!("flygo-client {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flygo-client {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run}"))
+    };
+    let app = "flygoapp";
+
+    // Organizations (GraphQL): the personal one.
+    let orgs = call(&["orgs"]);
+    assert!(
+        orgs.as_array()
+            .expect("a list")
+            .iter()
+            .any(|o| o["Slug"] == "personal" && o["Type"] == "PERSONAL"),
+        "{orgs}"
+    );
+
+    // apps create (Machines API), then the app through GraphQL.
+    let created = call(&["app-create", app, "personal"]);
+    assert_eq!(created["name"], app, "{created}");
+    let listed = platform.aloft(&["apps", "list", "--json"]);
+    let apps: serde_json::Value = serde_json::from_str(&listed.stdout).expect("apps JSON");
+    assert!(
+        apps.as_array()
+            .expect("a list")
+            .iter()
+            .any(|a| a["name"] == app && a["organization"]["slug"] == "personal"),
+        "{listed}"
+    );
+    let shown = call(&["app", app]);
+    assert_eq!(shown["Name"], app, "{shown}");
+    assert_eq!(shown["Organization"]["Slug"], "personal", "{shown}");
+
+    // secrets set / list / unset.
+    call(&["secrets-set", app, "FROM_FLYGO", "yes"]);
+    call(&["secrets-set", app, "OTHER", "1"]);
+    assert_eq!(secret_names(&platform, app), vec!["FROM_FLYGO", "OTHER"]);
+    let secrets = call(&["secrets-list", app]);
+    let mut names: Vec<&str> = secrets
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, vec!["FROM_FLYGO", "OTHER"], "{secrets}");
+    call(&["secrets-unset", app, "OTHER"]);
+    assert_eq!(secret_names(&platform, app), vec!["FROM_FLYGO"]);
+
+    // machine run / list / stop / start / destroy.
+    let launched = call(&["machine-run", app, &image, "local", "/bin/sleep", "100000"]);
+    let id = launched["id"].as_str().expect("machine id").to_string();
+    assert_eq!(launched["state"], "started", "{launched}");
+    assert_eq!(
+        machines(&platform, &token, app),
+        vec![(id.clone(), "started".to_string())]
+    );
+    let machine = common::machine_json(&platform, app, &id);
+    assert_eq!(machine["config"]["image"], image.as_str(), "{machine}");
+    assert_eq!(
+        machine["config"]["init"]["cmd"],
+        serde_json::json!(["/bin/sleep", "100000"]),
+        "{machine}"
+    );
+    let listed = call(&["machine-list", app]);
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()], "{listed}");
+    call(&["machine-stop", app, &id]);
+    assert_eq!(
+        machines(&platform, &token, app),
+        vec![(id.clone(), "stopped".to_string())]
+    );
+    call(&["machine-start", app, &id]);
+    assert_eq!(
+        machines(&platform, &token, app),
+        vec![(id.clone(), "started".to_string())]
+    );
+    call(&["machine-destroy", app, &id]);
+    assert_eq!(machines(&platform, &token, app), vec![]);
+
+    // volumes create / list.
+    let volume = call(&["volume-create", app, "godata", "1", "local"]);
+    let volume_id = volume["id"].as_str().expect("volume id").to_string();
+    assert_eq!(volume["name"], "godata", "{volume}");
+    let volumes = common::volumes_json(&platform, app, false);
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    assert_eq!(volumes[0]["id"], volume_id.as_str());
+    assert_eq!(volumes[0]["size_gb"], 1);
+    assert_eq!(volumes[0]["region"], "local");
+    let listed = call(&["volume-list", app]);
+    assert_eq!(listed[0]["id"], volume_id.as_str(), "{listed}");
+
+    // releases (GraphQL): the deployed app's v1, complete; none for the new app.
+    let releases = call(&["releases", "gosource"]);
+    assert_eq!(releases[0]["Version"], 1, "{releases}");
+    assert_eq!(releases[0]["Status"], "complete", "{releases}");
+    assert_eq!(call(&["releases", app]), serde_json::json!([]));
+
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "fly-go sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
