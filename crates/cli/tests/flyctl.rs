@@ -850,3 +850,146 @@ fn fly_go_client_works_against_aloft() {
         "fly-go sent GraphQL Aloft does not understand:\n{log}"
     );
 }
+
+/// podman's Docker-compatible API service, run in the test's namespace with its storage
+/// under the test's directory (vfs: no mounts left behind) and Aloft's registry allowed
+/// over plain HTTP; stopped on drop.
+struct PodmanService {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl PodmanService {
+    fn start(platform: &Platform) -> Self {
+        let dir = platform.home().join("podman");
+        std::fs::create_dir_all(&dir).expect("podman dir");
+        let registries = dir.join("registries.conf");
+        std::fs::write(
+            &registries,
+            "[[registry]]\nlocation = \"127.0.0.1:4280\"\ninsecure = true\n",
+        )
+        .expect("registries.conf");
+        let socket = dir.join("podman.sock");
+        let log = std::fs::File::create(dir.join("service.log")).expect("podman log");
+        let mut command = platform.in_netns(Path::new("podman"));
+        command
+            .arg("--root")
+            .arg(dir.join("storage"))
+            .arg("--runroot")
+            .arg(dir.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+                "system",
+                "service",
+                "--time=0",
+            ])
+            .arg(format!("unix://{}", socket.display()))
+            .env("CONTAINERS_REGISTRIES_CONF", &registries)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = command.spawn().expect("starting podman system service");
+        let service = Self { child, socket };
+        common::wait_until("podman's API socket", Duration::from_secs(30), || {
+            (!service.socket.exists())
+                .then(|| std::fs::read_to_string(dir.join("service.log")).unwrap_or_default())
+        });
+        service
+    }
+
+    fn docker_host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn podman_installed() -> bool {
+    std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Point 4: `fly deploy --local-only` builds the Dockerfile through a Docker-API engine
+/// (podman's API service, DOCKER_HOST), pushes the image to Aloft's registry
+/// (FLY_REGISTRY_HOST, user `x` and the token) and deploys it.
+#[test]
+fn flyctl_deploy_local_only_builds_through_a_docker_api() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(fly) = flyctl_binary() else {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+        return;
+    };
+    if !podman_installed() {
+        aloft_testkit::skip("podman is not installed (scripts/setup.sh --test)");
+        return;
+    }
+    let platform = Platform::start();
+    let podman = PodmanService::start(&platform);
+    let mut env = flyctl_env(&platform);
+    env.push(("DOCKER_HOST".into(), podman.docker_host()));
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let run_in = |dir: Option<&Path>, args: &[&str]| {
+        let run = flyctl_in(&platform, &fly, &env, dir, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flyctl {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        run
+    };
+
+    let app = "flylocal";
+    let dir = common::idle_busybox_app(&platform, app, "");
+    run_in(None, &["apps", "create", app]);
+    run_in(
+        Some(&dir),
+        &["deploy", "--local-only", "--ha=false", "--yes"],
+    );
+
+    // The image flyctl built and pushed is in Aloft's registry, and the machine runs it.
+    let deployed = machines(&platform, &token, app);
+    assert_eq!(deployed.len(), 1, "{deployed:?}");
+    let machine = common::machine_json(&platform, app, &deployed[0].0);
+    assert_eq!(machine["state"], "started", "{machine}");
+    let image = machine["config"]["image"].as_str().unwrap_or_default();
+    let tag = image
+        .strip_prefix(&format!("127.0.0.1:4280/{app}:"))
+        .unwrap_or_else(|| panic!("not an image of Aloft's registry: {machine}"));
+    let tags = platform.curl(&[
+        "-u",
+        &format!("x:{token}"),
+        &format!("http://127.0.0.1:4280/v2/{app}/tags/list"),
+    ]);
+    let tags: serde_json::Value =
+        serde_json::from_str(&tags.stdout).unwrap_or_else(|e| panic!("{e}: {tags}"));
+    assert!(
+        tags["tags"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t == tag)),
+        "{tags}"
+    );
+    let ran = platform.machine_sh(app, &deployed[0].0, "ls /bin/busybox");
+    assert!(ran.ok(), "{ran}");
+
+    let (code, body) = platform.api(&token, "GET", &format!("/v1/apps/{app}/releases"), None);
+    assert_eq!(code, 200, "{body}");
+    let releases: serde_json::Value = serde_json::from_str(&body).expect("releases JSON");
+    assert_eq!(releases[0]["version"], 1, "{body}");
+    assert_eq!(releases[0]["status"], "complete", "{body}");
+}
