@@ -449,6 +449,50 @@ fn graphql_errors_name_what_aloft_lacks() {
     assert_eq!(body["data"]["appbasic"]["organization"]["slug"], "personal");
     assert_eq!(body["data"]["appbasic"]["organization"]["type"], "PERSONAL");
 
+    // An image reference in Aloft's registry that it does not have is null (flyctl then
+    // says it could not find the image); one elsewhere is passed through unresolved.
+    let (_, body) = graphql(serde_json::json!({
+        "query": "query ($n: String!, $r: String!) { app(name: $n) { id image(ref: $r) { id digest ref } } }",
+        "variables": {"n": "gql-app", "r": "127.0.0.1:4280/gql-app:no-such-tag"},
+    }));
+    assert!(body.get("errors").is_none(), "{body}");
+    assert!(body["data"]["app"]["image"].is_null(), "{body}");
+    let (_, body) = graphql(serde_json::json!({
+        "query": "query ($n: String!, $r: String!) { app(name: $n) { id image(ref: $r) { digest ref } } }",
+        "variables": {"n": "gql-app", "r": "docker.io/library/busybox:1"},
+    }));
+    assert_eq!(
+        body["data"]["app"]["image"],
+        serde_json::json!({"digest": "", "ref": "docker.io/library/busybox:1"}),
+        "{body}"
+    );
+
+    // The platform's regions: those with hosts, and the one answering.
+    let (_, body) = graphql(serde_json::json!({
+        "query": "{ platform { requestRegion regions { code name gatewayAvailable } } }",
+    }));
+    assert_eq!(body["data"]["platform"]["requestRegion"], "local", "{body}");
+    let codes: Vec<&str> = body["data"]["platform"]["regions"]
+        .as_array()
+        .expect("regions")
+        .iter()
+        .filter_map(|r| r["code"].as_str())
+        .collect();
+    assert_eq!(codes, vec!["local"], "{body}");
+
+    // uiex's organizations: the token's own, and a 404 for any other slug.
+    let (code, body) = platform.api(&token, "GET", "/api/v1/organizations/personal", None);
+    assert_eq!(code, 200, "{body}");
+    let org: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(org["organization"]["slug"], "personal", "{body}");
+    assert_eq!(org["organization"]["personal"], true, "{body}");
+    let (code, body) = platform.api(&token, "GET", "/api/v1/organizations", None);
+    assert_eq!(code, 200, "{body}");
+    let orgs: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(orgs["organizations"][0]["slug"], "personal", "{body}");
+    let (code, body) = platform.api(&token, "GET", "/api/v1/organizations/someone-else", None);
+    assert_eq!(code, 404, "{body}");
+
     // Without a valid token nothing is read.
     let run = platform.curl(&[
         "-X",
