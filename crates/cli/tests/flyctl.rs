@@ -467,6 +467,39 @@ fn graphql_errors_name_what_aloft_lacks() {
         "{body}"
     );
 
+    // The registry is named by the host the client reached the API at.
+    let query = serde_json::json!({
+        "query": "query ($n: String!, $r: String!) { app(name: $n) { id image(ref: $r) { ref } } }",
+        "variables": {"n": "gql-app", "r": "aloft.test:4280/gql-app:no-such-tag"},
+    })
+    .to_string();
+    let auth = format!("Authorization: Bearer {token}");
+    let by_name = |host: &str| {
+        let host = format!("Host: {host}");
+        let run = platform.curl(&[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-H",
+            &host,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &query,
+            "http://127.0.0.1:4280/graphql",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&run.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {run}"))
+    };
+    let body = by_name("aloft.test:4280");
+    assert!(body["data"]["app"]["image"].is_null(), "{body}");
+    let body = by_name("elsewhere.test:4280");
+    assert_eq!(
+        body["data"]["app"]["image"]["ref"], "aloft.test:4280/gql-app:no-such-tag",
+        "{body}"
+    );
+
     // The platform's regions: those with hosts, and the one answering.
     let (_, body) = graphql(serde_json::json!({
         "query": "{ platform { requestRegion regions { code name gatewayAvailable } } }",

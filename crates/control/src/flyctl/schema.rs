@@ -25,6 +25,10 @@ pub type FlySchema = Schema<Query, EmptyMutation, EmptySubscription>;
 /// read state need it to be valid.
 pub struct Auth(pub Result<Caller, ApiError>);
 
+/// The `Host` the request came to (`host:port`): the name clients give Aloft's registry
+/// in image references, as `aloft deploy` and flyctl tag them.
+pub struct RequestHost(pub String);
+
 /// Deeper queries than this are refused (flyctl's deepest is about 6 levels).
 const MAX_DEPTH: usize = 16;
 
@@ -521,7 +525,13 @@ impl App {
     ) -> Result<Option<Image>> {
         let plane = plane(ctx)?;
         let parsed = ImageVersion::parse(&reference);
-        if parsed.registry != plane.registry_host() {
+        let request_host = ctx
+            .data::<RequestHost>()
+            .map(|h| h.0.as_str())
+            .unwrap_or("");
+        let ours = parsed.registry == plane.registry_host()
+            || (!request_host.is_empty() && parsed.registry == request_host);
+        if !ours {
             return Ok(Some(Image {
                 parts: parsed,
                 reference: reference.clone(),
