@@ -600,8 +600,6 @@ fn flyctl_machine_commands_work_against_aloft() {
         &image,
         "-a",
         app,
-        "--region",
-        "local",
         "--",
         "/bin/sleep",
         "100000",
@@ -619,6 +617,8 @@ fn flyctl_machine_commands_work_against_aloft() {
         (state != "started").then(|| state.to_string())
     });
     let machine = common::machine_json(&platform, app, &id);
+    // No --region: a machine in the platform's own region.
+    assert_eq!(machine["region"], "local", "{machine}");
     // flyctl resolved the tag to its digest in Aloft's registry, and pinned it.
     let digest = machine["image_ref"]["digest"].as_str().unwrap_or_default();
     assert!(digest.starts_with("sha256:"), "{machine}");
