@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(buildah runc iproute2 nftables busybox-static ca-certificates curl procps e2fsprogs)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(skopeo crun nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils gcc libc6-dev dnsperf dnsmasq-base postgresql postgresql-client python3-pip wireguard-go wireguard-tools)
+  packages+=(skopeo crun podman nginx wrk pebble redis-server redis-tools util-linux openssl nghttp2-client dnsutils gcc libc6-dev dnsperf dnsmasq-base postgresql postgresql-client python3-pip wireguard-go wireguard-tools)
   # microVM driver tests (QEMU under TCG here) and bench/vm.
   packages+=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 e2fsprogs lz4 cpio binutils)
 fi

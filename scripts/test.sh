@@ -8,6 +8,7 @@ source scripts/setup.sh --test
 export PATH="$HOME/.cargo/bin:$PATH"
 source scripts/postgres-for-tests.sh
 source scripts/flyctl-for-tests.sh
+source scripts/flygo-for-tests.sh
 
 # Every test must run: a test that would skip (no root, a tool missing) fails instead.
 export ALOFT_REQUIRE_ALL_TESTS=1

@@ -34,9 +34,23 @@ fn flyctl_env(platform: &Platform) -> Vec<(String, String)> {
 }
 
 fn flyctl(platform: &Platform, flyctl: &Path, env: &[(String, String)], args: &[&str]) -> Run {
+    flyctl_in(platform, flyctl, env, None, args)
+}
+
+/// flyctl run in `dir` (where it reads fly.toml), or in the test's own directory.
+fn flyctl_in(
+    platform: &Platform,
+    flyctl: &Path,
+    env: &[(String, String)],
+    dir: Option<&Path>,
+    args: &[&str],
+) -> Run {
     let home = platform.home().join("flyctl-home");
     std::fs::create_dir_all(&home).expect("flyctl home");
     let mut command = platform.in_netns(flyctl);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
     command
         .args(args)
         .env_clear()
@@ -435,6 +449,83 @@ fn graphql_errors_name_what_aloft_lacks() {
     assert_eq!(body["data"]["appbasic"]["organization"]["slug"], "personal");
     assert_eq!(body["data"]["appbasic"]["organization"]["type"], "PERSONAL");
 
+    // An image reference in Aloft's registry that it does not have is null (flyctl then
+    // says it could not find the image); one elsewhere is passed through unresolved.
+    let (_, body) = graphql(serde_json::json!({
+        "query": "query ($n: String!, $r: String!) { app(name: $n) { id image(ref: $r) { id digest ref } } }",
+        "variables": {"n": "gql-app", "r": "127.0.0.1:4280/gql-app:no-such-tag"},
+    }));
+    assert!(body.get("errors").is_none(), "{body}");
+    assert!(body["data"]["app"]["image"].is_null(), "{body}");
+    let (_, body) = graphql(serde_json::json!({
+        "query": "query ($n: String!, $r: String!) { app(name: $n) { id image(ref: $r) { digest ref } } }",
+        "variables": {"n": "gql-app", "r": "docker.io/library/busybox:1"},
+    }));
+    assert_eq!(
+        body["data"]["app"]["image"],
+        serde_json::json!({"digest": "", "ref": "docker.io/library/busybox:1"}),
+        "{body}"
+    );
+
+    // The registry is named by the host the client reached the API at.
+    let query = serde_json::json!({
+        "query": "query ($n: String!, $r: String!) { app(name: $n) { id image(ref: $r) { ref } } }",
+        "variables": {"n": "gql-app", "r": "aloft.test:4280/gql-app:no-such-tag"},
+    })
+    .to_string();
+    let auth = format!("Authorization: Bearer {token}");
+    let by_name = |host: &str| {
+        let host = format!("Host: {host}");
+        let run = platform.curl(&[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-H",
+            &host,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &query,
+            "http://127.0.0.1:4280/graphql",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&run.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {run}"))
+    };
+    let body = by_name("aloft.test:4280");
+    assert!(body["data"]["app"]["image"].is_null(), "{body}");
+    let body = by_name("elsewhere.test:4280");
+    assert_eq!(
+        body["data"]["app"]["image"]["ref"], "aloft.test:4280/gql-app:no-such-tag",
+        "{body}"
+    );
+
+    // The platform's regions: those with hosts, and the one answering.
+    let (_, body) = graphql(serde_json::json!({
+        "query": "{ platform { requestRegion regions { code name gatewayAvailable } } }",
+    }));
+    assert_eq!(body["data"]["platform"]["requestRegion"], "local", "{body}");
+    let codes: Vec<&str> = body["data"]["platform"]["regions"]
+        .as_array()
+        .expect("regions")
+        .iter()
+        .filter_map(|r| r["code"].as_str())
+        .collect();
+    assert_eq!(codes, vec!["local"], "{body}");
+
+    // uiex's organizations: the token's own, and a 404 for any other slug.
+    let (code, body) = platform.api(&token, "GET", "/api/v1/organizations/personal", None);
+    assert_eq!(code, 200, "{body}");
+    let org: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(org["organization"]["slug"], "personal", "{body}");
+    assert_eq!(org["organization"]["personal"], true, "{body}");
+    let (code, body) = platform.api(&token, "GET", "/api/v1/organizations", None);
+    assert_eq!(code, 200, "{body}");
+    let orgs: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(orgs["organizations"][0]["slug"], "personal", "{body}");
+    let (code, body) = platform.api(&token, "GET", "/api/v1/organizations/someone-else", None);
+    assert_eq!(code, 404, "{body}");
+
     // Without a valid token nothing is read.
     let run = platform.curl(&[
         "-X",
@@ -454,4 +545,528 @@ fn graphql_errors_name_what_aloft_lacks() {
         body["data"].is_null() || body["data"]["app"].is_null(),
         "{body}"
     );
+}
+
+/// A platform with an app whose busybox image is in Aloft's registry (deployed once by
+/// Aloft's CLI), and that image's reference.
+fn app_with_busybox_image(platform: &Platform, app: &str) -> String {
+    let dir = common::idle_busybox_app(platform, app, "");
+    let created = platform.aloft(&["apps", "create", app]);
+    assert!(created.ok(), "{created}");
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
+    let ids = common::machine_ids(platform, app);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let machine = common::machine_json(platform, app, &ids[0]);
+    let image = machine["config"]["image"].as_str().unwrap_or_default();
+    assert!(!image.is_empty(), "{machine}");
+    image.to_string()
+}
+
+/// Point 1: `fly machine run IMAGE`, `list`, `stop`, `start`, `destroy --force`, each
+/// checked against the Machines API's state.
+#[test]
+fn flyctl_machine_commands_work_against_aloft() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(fly) = flyctl_binary() else {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+        return;
+    };
+    let platform = Platform::start();
+    let env = flyctl_env(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let app = "flymachines";
+    let image = app_with_busybox_image(&platform, app);
+    let before = machines(&platform, &token, app);
+    let run = |args: &[&str]| {
+        let run = flyctl(&platform, &fly, &env, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flyctl {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        run
+    };
+
+    // machine run: a new machine of the image, started.
+    let launched = run(&[
+        "machine",
+        "run",
+        &image,
+        "-a",
+        app,
+        "--",
+        "/bin/sleep",
+        "100000",
+    ]);
+    let after = machines(&platform, &token, app);
+    assert_eq!(after.len(), before.len() + 1, "{after:?}");
+    let (id, _) = after
+        .iter()
+        .find(|(id, _)| !before.iter().any(|(b, _)| b == id))
+        .cloned()
+        .expect("the new machine");
+    assert!(launched.stdout.contains(&id), "{launched}");
+    common::wait_until("the machine to start", Duration::from_secs(60), || {
+        let state = common::machine_json(&platform, app, &id)["state"].clone();
+        (state != "started").then(|| state.to_string())
+    });
+    let machine = common::machine_json(&platform, app, &id);
+    // No --region: a machine in the platform's own region.
+    assert_eq!(machine["region"], "local", "{machine}");
+    // flyctl resolved the tag to its digest in Aloft's registry, and pinned it.
+    let digest = machine["image_ref"]["digest"].as_str().unwrap_or_default();
+    assert!(digest.starts_with("sha256:"), "{machine}");
+    assert_eq!(
+        machine["config"]["image"],
+        format!("{image}@{digest}"),
+        "{machine}"
+    );
+    assert_eq!(
+        machine["config"]["init"]["cmd"],
+        serde_json::json!(["/bin/sleep", "100000"]),
+        "{machine}"
+    );
+
+    // machine list: every machine of the app, as JSON and as a table.
+    let listed = run(&["machine", "list", "-a", app, "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(listed.stdout.trim()).expect("JSON");
+    let mut ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    let mut want: Vec<&str> = after.iter().map(|(id, _)| id.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    let table = run(&["machine", "list", "-a", app]);
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("started")),
+        "{table}"
+    );
+
+    // machine stop / start.
+    run(&["machine", "stop", &id, "-a", app]);
+    assert_eq!(
+        common::machine_json(&platform, app, &id)["state"],
+        "stopped"
+    );
+    run(&["machine", "start", &id, "-a", app]);
+    common::wait_until(
+        "the machine to start again",
+        Duration::from_secs(60),
+        || {
+            let state = common::machine_json(&platform, app, &id)["state"].clone();
+            (state != "started").then(|| state.to_string())
+        },
+    );
+
+    // machine destroy --force: gone, the others untouched.
+    run(&["machine", "destroy", &id, "-a", app, "--force"]);
+    let left = machines(&platform, &token, app);
+    assert_eq!(
+        left.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        before.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        "{left:?}"
+    );
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "flyctl sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
+
+/// Point 2: `fly deploy --image REF` of an app with a fly.toml, the image in Aloft's
+/// registry: flyctl creates the machine itself through the Machines API and records the
+/// release; and point 3: `fly volumes create` makes a volume `fly volumes list` shows.
+#[test]
+fn flyctl_deploys_an_image_and_creates_volumes() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(fly) = flyctl_binary() else {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+        return;
+    };
+    let platform = Platform::start();
+    let env = flyctl_env(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let image = app_with_busybox_image(&platform, "flysource");
+    let run_in = |dir: Option<&Path>, args: &[&str]| {
+        let run = flyctl_in(&platform, &fly, &env, dir, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flyctl {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        run
+    };
+
+    let app = "flydeploy";
+    run_in(None, &["apps", "create", app]);
+    let dir = platform.home().join("flydeploy-src");
+    std::fs::create_dir_all(&dir).expect("app dir");
+    common::write_fly_toml(
+        &dir,
+        app,
+        "\n[env]\n  FROM_FLY_TOML = \"yes\"\n\n[processes]\n  app = \"/bin/sleep 100000\"\n",
+    );
+
+    // deploy --image: one machine of that image, with the fly.toml's env and command.
+    run_in(
+        Some(&dir),
+        &["deploy", "--image", &image, "--ha=false", "--yes"],
+    );
+    let deployed = machines(&platform, &token, app);
+    assert_eq!(deployed.len(), 1, "{deployed:?}");
+    let machine = common::machine_json(&platform, app, &deployed[0].0);
+    assert_eq!(machine["state"], "started", "{machine}");
+    assert_eq!(machine["config"]["image"], image.as_str(), "{machine}");
+    assert_eq!(
+        machine["config"]["env"]["FROM_FLY_TOML"], "yes",
+        "{machine}"
+    );
+    assert_eq!(
+        machine["config"]["init"]["cmd"],
+        serde_json::json!(["/bin/sleep", "100000"]),
+        "{machine}"
+    );
+    // The release flyctl recorded, complete, with the image.
+    let (code, body) = platform.api(&token, "GET", &format!("/v1/apps/{app}/releases"), None);
+    assert_eq!(code, 200, "{body}");
+    let releases: serde_json::Value = serde_json::from_str(&body).expect("releases JSON");
+    assert_eq!(releases[0]["version"], 1, "{body}");
+    assert_eq!(releases[0]["status"], "complete", "{body}");
+    let listed = run_in(None, &["releases", "-a", app]);
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("v1") && l.contains("complete")),
+        "{listed}"
+    );
+
+    // volumes create: a volume of that name, size and region, which list shows.
+    let created = run_in(
+        None,
+        &[
+            "volumes", "create", "flydata", "--size", "1", "--region", "local", "--yes", "-a", app,
+        ],
+    );
+    let volumes = common::volumes_json(&platform, app, false);
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    let volume = &volumes[0];
+    assert_eq!(volume["name"], "flydata", "{volume}");
+    assert_eq!(volume["size_gb"], 1, "{volume}");
+    assert_eq!(volume["region"], "local", "{volume}");
+    let volume_id = volume["id"].as_str().expect("volume id");
+    assert!(created.stdout.contains(volume_id), "{created}");
+    let listed = run_in(None, &["volumes", "list", "-a", app]);
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.contains(volume_id) && l.contains("flydata")),
+        "{listed}"
+    );
+
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "flyctl sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
+
+fn flygo_binary() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("ALOFT_TEST_FLYGO")?);
+    path.exists().then_some(path)
+}
+
+/// Point 5: the same scenario with fly-go as a library client (crates/cli/tests/flygo,
+/// built by scripts/flygo-for-tests.sh): each call succeeds and the platform's state
+/// afterwards is what it asked for, checked with Aloft's own CLI and API.
+#[test]
+fn fly_go_client_works_against_aloft() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(flygo) = flygo_binary() else {
+        aloft_testkit::skip("the fly-go client is not built: source scripts/flygo-for-tests.sh");
+        return;
+    };
+    let platform = Platform::start();
+    let env = flyctl_env(&platform);
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let image = app_with_busybox_image(&platform, "gosource");
+    let call = |args: &[&str]| -> serde_json::Value {
+        let run = flyctl(&platform, &flygo, &env, args);
+        eprintln!("flygo-client {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flygo-client {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run}"))
+    };
+    let app = "flygoapp";
+
+    // Organizations (GraphQL): the personal one.
+    let orgs = call(&["orgs"]);
+    assert!(
+        orgs.as_array()
+            .expect("a list")
+            .iter()
+            .any(|o| o["Slug"] == "personal" && o["Type"] == "PERSONAL"),
+        "{orgs}"
+    );
+
+    // apps create (Machines API), then the app through GraphQL.
+    let created = call(&["app-create", app, "personal"]);
+    assert_eq!(created["name"], app, "{created}");
+    let listed = platform.aloft(&["apps", "list", "--json"]);
+    let apps: serde_json::Value = serde_json::from_str(&listed.stdout).expect("apps JSON");
+    assert!(
+        apps.as_array()
+            .expect("a list")
+            .iter()
+            .any(|a| a["name"] == app && a["organization"]["slug"] == "personal"),
+        "{listed}"
+    );
+    let shown = call(&["app", app]);
+    assert_eq!(shown["Name"], app, "{shown}");
+    assert_eq!(shown["Organization"]["Slug"], "personal", "{shown}");
+
+    // secrets set / list / unset.
+    call(&["secrets-set", app, "FROM_FLYGO", "yes"]);
+    call(&["secrets-set", app, "OTHER", "1"]);
+    assert_eq!(secret_names(&platform, app), vec!["FROM_FLYGO", "OTHER"]);
+    let secrets = call(&["secrets-list", app]);
+    let mut names: Vec<&str> = secrets
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, vec!["FROM_FLYGO", "OTHER"], "{secrets}");
+    call(&["secrets-unset", app, "OTHER"]);
+    assert_eq!(secret_names(&platform, app), vec!["FROM_FLYGO"]);
+
+    // machine run / list / stop / start / destroy.
+    let launched = call(&["machine-run", app, &image, "local", "/bin/sleep", "100000"]);
+    let id = launched["id"].as_str().expect("machine id").to_string();
+    assert_eq!(launched["state"], "started", "{launched}");
+    assert_eq!(
+        machines(&platform, &token, app),
+        vec![(id.clone(), "started".to_string())]
+    );
+    let machine = common::machine_json(&platform, app, &id);
+    assert_eq!(machine["config"]["image"], image.as_str(), "{machine}");
+    assert_eq!(
+        machine["config"]["init"]["cmd"],
+        serde_json::json!(["/bin/sleep", "100000"]),
+        "{machine}"
+    );
+    let listed = call(&["machine-list", app]);
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()], "{listed}");
+    call(&["machine-stop", app, &id]);
+    assert_eq!(
+        machines(&platform, &token, app),
+        vec![(id.clone(), "stopped".to_string())]
+    );
+    call(&["machine-start", app, &id]);
+    assert_eq!(
+        machines(&platform, &token, app),
+        vec![(id.clone(), "started".to_string())]
+    );
+    call(&["machine-destroy", app, &id]);
+    assert_eq!(machines(&platform, &token, app), vec![]);
+
+    // volumes create / list.
+    let volume = call(&["volume-create", app, "godata", "1", "local"]);
+    let volume_id = volume["id"].as_str().expect("volume id").to_string();
+    assert_eq!(volume["name"], "godata", "{volume}");
+    let volumes = common::volumes_json(&platform, app, false);
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    assert_eq!(volumes[0]["id"], volume_id.as_str());
+    assert_eq!(volumes[0]["size_gb"], 1);
+    assert_eq!(volumes[0]["region"], "local");
+    let listed = call(&["volume-list", app]);
+    assert_eq!(listed[0]["id"], volume_id.as_str(), "{listed}");
+
+    // releases (GraphQL): the deployed app's v1, complete; none for the new app.
+    let releases = call(&["releases", "gosource"]);
+    assert_eq!(releases[0]["Version"], 1, "{releases}");
+    assert_eq!(releases[0]["Status"], "complete", "{releases}");
+    assert_eq!(call(&["releases", app]), serde_json::json!([]));
+
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "fly-go sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
+
+/// podman's Docker-compatible API service, run in the test's namespace with its storage
+/// under the test's directory (vfs: no mounts left behind) and Aloft's registry allowed
+/// over plain HTTP; stopped on drop.
+struct PodmanService {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl PodmanService {
+    fn start(platform: &Platform) -> Self {
+        let dir = platform.home().join("podman");
+        std::fs::create_dir_all(&dir).expect("podman dir");
+        let registries = dir.join("registries.conf");
+        std::fs::write(
+            &registries,
+            "[[registry]]\nlocation = \"127.0.0.1:4280\"\ninsecure = true\n",
+        )
+        .expect("registries.conf");
+        let socket = dir.join("podman.sock");
+        let log = std::fs::File::create(dir.join("service.log")).expect("podman log");
+        let mut command = platform.in_netns(Path::new("podman"));
+        command
+            .arg("--root")
+            .arg(dir.join("storage"))
+            .arg("--runroot")
+            .arg(dir.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+                "system",
+                "service",
+                "--time=0",
+            ])
+            .arg(format!("unix://{}", socket.display()))
+            .env("CONTAINERS_REGISTRIES_CONF", &registries)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = command.spawn().expect("starting podman system service");
+        let service = Self { child, socket };
+        common::wait_until("podman's API socket", Duration::from_secs(30), || {
+            (!service.socket.exists())
+                .then(|| std::fs::read_to_string(dir.join("service.log")).unwrap_or_default())
+        });
+        service
+    }
+
+    fn docker_host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn podman_installed() -> bool {
+    std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Point 4: `fly deploy --local-only` builds the Dockerfile through a Docker-API engine
+/// (podman's API service, DOCKER_HOST), pushes the image to Aloft's registry
+/// (FLY_REGISTRY_HOST, user `x` and the token) and deploys it.
+#[test]
+fn flyctl_deploy_local_only_builds_through_a_docker_api() {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return;
+    }
+    let Some(fly) = flyctl_binary() else {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+        return;
+    };
+    if !podman_installed() {
+        aloft_testkit::skip("podman is not installed (scripts/setup.sh --test)");
+        return;
+    }
+    let platform = Platform::start();
+    let podman = PodmanService::start(&platform);
+    let mut env = flyctl_env(&platform);
+    env.push(("DOCKER_HOST".into(), podman.docker_host()));
+    let token = platform.aloft(&["auth", "token"]).stdout.trim().to_string();
+    let run_in = |dir: Option<&Path>, args: &[&str]| {
+        let run = flyctl_in(&platform, &fly, &env, dir, args);
+        eprintln!("flyctl {}: {run}", args.join(" "));
+        assert!(
+            run.ok(),
+            "flyctl {}: {run}\n--- server log\n{}",
+            args.join(" "),
+            platform.server_log()
+        );
+        run
+    };
+
+    let app = "flylocal";
+    let dir = common::idle_busybox_app(&platform, app, "");
+    run_in(None, &["apps", "create", app]);
+    run_in(
+        Some(&dir),
+        &["deploy", "--local-only", "--ha=false", "--yes"],
+    );
+
+    // The image flyctl built and pushed is in Aloft's registry, and the machine runs it.
+    let deployed = machines(&platform, &token, app);
+    assert_eq!(deployed.len(), 1, "{deployed:?}");
+    let machine = common::machine_json(&platform, app, &deployed[0].0);
+    assert_eq!(machine["state"], "started", "{machine}");
+    let image = machine["config"]["image"].as_str().unwrap_or_default();
+    let tag = image
+        .strip_prefix(&format!("127.0.0.1:4280/{app}:"))
+        .unwrap_or_else(|| panic!("not an image of Aloft's registry: {machine}"));
+    let tags = platform.curl(&[
+        "-u",
+        &format!("x:{token}"),
+        &format!("http://127.0.0.1:4280/v2/{app}/tags/list"),
+    ]);
+    let tags: serde_json::Value =
+        serde_json::from_str(&tags.stdout).unwrap_or_else(|e| panic!("{e}: {tags}"));
+    assert!(
+        tags["tags"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t == tag)),
+        "{tags}"
+    );
+    let ran = platform.machine_sh(app, &deployed[0].0, "ls /bin/busybox");
+    assert!(ran.ok(), "{ran}");
+
+    let (code, body) = platform.api(&token, "GET", &format!("/v1/apps/{app}/releases"), None);
+    assert_eq!(code, 200, "{body}");
+    let releases: serde_json::Value = serde_json::from_str(&body).expect("releases JSON");
+    assert_eq!(releases[0]["version"], 1, "{body}");
+    assert_eq!(releases[0]["status"], "complete", "{body}");
 }

@@ -43,6 +43,11 @@ async fn platform_regions(
     State(plane): Plane,
     _caller: Caller,
 ) -> ApiResult<axum::Json<Vec<PlatformRegion>>> {
+    Ok(axum::Json(region_list(&plane)?))
+}
+
+/// The regions that have hosts, the control plane's own first.
+pub fn region_list(plane: &ControlPlane) -> ApiResult<Vec<PlatformRegion>> {
     let mut regions: BTreeMap<String, usize> = BTreeMap::new();
     for host in plane.store.hosts()? {
         *regions.entry(host.region).or_default() += 1;
@@ -58,7 +63,7 @@ async fn platform_regions(
         })
         .collect();
     list.sort_by_key(|r| r.code != plane.config.region);
-    Ok(axum::Json(list))
+    Ok(list)
 }
 
 type Plane = State<Arc<ControlPlane>>;

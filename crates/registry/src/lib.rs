@@ -305,6 +305,33 @@ impl Registry {
             .map(|(d, _)| d.to_string()))
     }
 
+    /// The manifest a tag or digest of `repo` names: its digest and bytes, `None` when
+    /// the repository has no such tag or manifest.
+    pub fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, RegistryError> {
+        validate_repository(repo)?;
+        let digest = if Digest::looks_like_digest(reference) {
+            match reference.parse::<Digest>() {
+                Ok(d) => d,
+                Err(_) => return Ok(None),
+            }
+        } else {
+            validate_tag(reference)?;
+            match self.store.resolve_tag(repo, reference)? {
+                Some((d, _)) => d,
+                None => return Ok(None),
+            }
+        };
+        match self.store.read_manifest(repo, &digest) {
+            Ok((_, body)) => Ok(Some((digest.to_string(), body))),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// All repositories, sorted.
     pub fn repositories(&self) -> Result<Vec<String>, RegistryError> {
         self.store.repositories()

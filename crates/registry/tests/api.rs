@@ -570,6 +570,24 @@ async fn tags_list_pagination() {
     assert_eq!(unknown.error_code(), "NAME_UNKNOWN");
 
     // Library API.
+    let digest = sha256(body.as_bytes());
+    let by_tag = r.registry.manifest("app-a", "t2").expect("manifest by tag");
+    assert_eq!(by_tag, Some((digest.clone(), body.clone().into_bytes())));
+    let by_digest = r
+        .registry
+        .manifest("app-a", &digest)
+        .expect("manifest by digest");
+    assert_eq!(by_digest, by_tag);
+    assert_eq!(
+        r.registry.manifest("app-a", "no-such-tag").expect("lookup"),
+        None
+    );
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(
+        r.registry.manifest("app-a", &unknown).expect("lookup"),
+        None
+    );
+    assert!(r.registry.manifest("app-a", "bad tag!").is_err());
     let tags = r.registry.list_tags("app-a").expect("list");
     assert_eq!(tags.len(), 5);
     assert!(tags.iter().all(|t| t.digest == sha256(body.as_bytes())));

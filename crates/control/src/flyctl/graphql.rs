@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 
-use super::schema::{Auth, FlySchema};
+use super::schema::{Auth, FlySchema, RequestHost};
 use crate::ControlPlane;
 use crate::auth::authenticate;
 
@@ -58,7 +58,17 @@ pub async fn serve(
             .and_then(|v| v.to_str().ok()),
         chrono::Utc::now().timestamp(),
     );
-    let response = schema.execute(request.data(plane).data(Auth(auth))).await;
+    // Image references name Aloft's registry by the host clients reach the API at.
+    let host = RequestHost(
+        headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+    );
+    let response = schema
+        .execute(request.data(plane).data(Auth(auth)).data(host))
+        .await;
     if response.errors.is_empty() {
         tracing::debug!(operation = %operation, client = %client, "GraphQL request");
     } else {

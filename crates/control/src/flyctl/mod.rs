@@ -2,11 +2,13 @@
 //! Machines API: Fly's GraphQL API at `POST /graphql` (the part of Fly's schema that
 //! flyctl's app commands query, see [`schema`]) and the logs endpoint
 //! `GET /api/v1/apps/{app}/logs` in Fly's JSON shape ([`logs`]), and the releases REST
-//! routes flyctl's own machine deploys use (`FLY_UIEX_BASE_URL`, [`releases`]). The Machines API
+//! routes flyctl's own machine deploys use and the organizations it looks apps' orgs up in
+//! (`FLY_UIEX_BASE_URL`, [`releases`], [`organizations`]). The Machines API
 //! (`FLY_FLAPS_BASE_URL`) is Aloft's own, under `/v1`.
 
 mod graphql;
 mod logs;
+mod organizations;
 mod releases;
 mod schema;
 
@@ -34,6 +36,8 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
             ),
         )
         .route("/api/v1/apps/{app}/logs", get(logs::app_logs))
+        .route("/api/v1/organizations", get(organizations::list))
+        .route("/api/v1/organizations/{slug}", get(organizations::show))
         .route("/api/v1/apps/{app}/releases", get(releases::list))
         .route("/api/v1/releases", post(releases::create))
         .route("/api/v1/releases/{id}", patch(releases::update))

@@ -25,6 +25,10 @@ pub type FlySchema = Schema<Query, EmptyMutation, EmptySubscription>;
 /// read state need it to be valid.
 pub struct Auth(pub Result<Caller, ApiError>);
 
+/// The `Host` the request came to (`host:port`): the name clients give Aloft's registry
+/// in image references, as `aloft deploy` and flyctl tag them.
+pub struct RequestHost(pub String);
+
 /// Deeper queries than this are refused (flyctl's deepest is about 6 levels).
 const MAX_DEPTH: usize = 16;
 
@@ -71,7 +75,7 @@ fn caller<'a>(ctx: &Context<'a>) -> Result<&'a Caller> {
 
 /// A stable positive number from a text id (Fly's `internalNumericId`s are numbers;
 /// Aloft's ids are random text).
-fn numeric_id(id: &str) -> i32 {
+pub(super) fn numeric_id(id: &str) -> i32 {
     let digest = Sha256::digest(id.as_bytes());
     let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x7fff_ffff;
     i32::try_from(n).unwrap_or(i32::MAX)
@@ -218,6 +222,34 @@ impl Query {
         }
     }
 
+    /// The platform's regions (those with hosts) and the one answering this request
+    /// (the control plane's own).
+    async fn platform(&self, ctx: &Context<'_>) -> Result<FlyPlatform> {
+        let _ = caller(ctx)?;
+        let plane = plane(ctx)?;
+        let regions = crate::scale::region_list(plane)
+            .map_err(from_api)?
+            .into_iter()
+            .map(|r| {
+                let known = aloft_api::regions::find(&r.code);
+                Region {
+                    name: r.name,
+                    code: r.code,
+                    latitude: known.map(|k| k.latitude),
+                    longitude: known.map(|k| k.longitude),
+                    gateway_available: known.is_some_and(|k| k.gateway),
+                    requires_paid_plan: false,
+                    deprecated: known.is_some_and(|k| k.deprecated),
+                    process_group: None,
+                }
+            })
+            .collect();
+        Ok(FlyPlatform {
+            regions,
+            request_region: Some(plane.config.region.clone()),
+        })
+    }
+
     /// Fly's image-update check (`fly status`, `fly image update`) knows Fly's own
     /// images; Aloft tracks no image versions, so every repository is unknown, which
     /// flyctl takes as "nothing to update".
@@ -230,6 +262,25 @@ impl Query {
         let _ = (caller(ctx)?, fly_version);
         Err(coded(format!("Unknown repository: {image}"), "NOT_FOUND"))
     }
+}
+
+/// Fly's `FlyPlatform`.
+#[derive(SimpleObject)]
+pub struct FlyPlatform {
+    regions: Vec<Region>,
+    request_region: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct Region {
+    code: String,
+    name: String,
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+    gateway_available: bool,
+    requires_paid_plan: bool,
+    deprecated: bool,
+    process_group: Option<String>,
 }
 
 #[derive(SimpleObject, Default)]
@@ -463,6 +514,71 @@ impl App {
             definition: Json(definition),
         })
     }
+    /// An image reference resolved for a deploy (`fly deploy --image`, `fly machine run`):
+    /// one in Aloft's registry answers with its manifest, digest and size, or null when
+    /// the registry has no such tag or digest; one elsewhere is passed through unresolved
+    /// (the host's agent pulls it when a machine starts).
+    async fn image(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(name = "ref")] reference: String,
+    ) -> Result<Option<Image>> {
+        let plane = plane(ctx)?;
+        let parsed = ImageVersion::parse(&reference);
+        let request_host = ctx
+            .data::<RequestHost>()
+            .map(|h| h.0.as_str())
+            .unwrap_or("");
+        let ours = parsed.registry == plane.registry_host()
+            || (!request_host.is_empty() && parsed.registry == request_host);
+        if !ours {
+            return Ok(Some(Image {
+                parts: parsed,
+                reference: reference.clone(),
+                digest: String::new(),
+                size: 0,
+                manifest: serde_json::json!({}),
+            }));
+        }
+        let wanted = if !parsed.digest.is_empty() {
+            parsed.digest.clone()
+        } else if !parsed.tag.is_empty() {
+            parsed.tag.clone()
+        } else {
+            "latest".to_string()
+        };
+        let found = plane
+            .registry
+            .manifest(&parsed.repository, &wanted)
+            .map_err(|err| coded(format!("image {reference}: {err}"), "INVALID_ARGUMENTS"))?;
+        let Some((digest, body)) = found else {
+            return Ok(None);
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(&body).map_err(|err| {
+            coded(
+                format!("image {reference}: the registry's manifest is not JSON: {err}"),
+                "SERVER_ERROR",
+            )
+        })?;
+        let size_of = |d: &serde_json::Value| d["size"].as_u64().unwrap_or(0);
+        let size = size_of(&manifest["config"])
+            + manifest["layers"]
+                .as_array()
+                .map_or(0, |layers| layers.iter().map(size_of).sum());
+        let name = format!("{}/{}", parsed.registry, parsed.repository);
+        let reference = if parsed.tag.is_empty() {
+            format!("{name}@{digest}")
+        } else {
+            format!("{name}:{}", parsed.tag)
+        };
+        Ok(Some(Image {
+            parts: parsed,
+            reference,
+            digest,
+            size,
+            manifest,
+        }))
+    }
     async fn image_details(&self, ctx: &Context<'_>) -> Result<Option<ImageVersion>> {
         Ok(self
             .current_release_row(ctx)?
@@ -607,6 +723,69 @@ impl ImageVersion {
             digest: digest.to_string(),
             version: None,
         }
+    }
+}
+
+/// Fly's `Image`: an image reference resolved against the registry.
+pub struct Image {
+    parts: ImageVersion,
+    reference: String,
+    digest: String,
+    /// The compressed size: the config's and layers' sizes in the manifest.
+    size: u64,
+    manifest: serde_json::Value,
+}
+
+#[Object]
+impl Image {
+    /// The digest identifies the image; an unresolved one, its reference.
+    async fn id(&self) -> ID {
+        if self.digest.is_empty() {
+            ID(self.reference.clone())
+        } else {
+            ID(self.digest.clone())
+        }
+    }
+    async fn digest(&self) -> &str {
+        &self.digest
+    }
+    #[graphql(name = "ref")]
+    async fn reference(&self) -> &str {
+        &self.reference
+    }
+    async fn absolute_ref(&self) -> String {
+        if self.digest.is_empty() {
+            self.reference.clone()
+        } else {
+            format!(
+                "{}@{}",
+                self.reference.split('@').next().unwrap_or_default(),
+                self.digest
+            )
+        }
+    }
+    async fn registry(&self) -> &str {
+        &self.parts.registry
+    }
+    async fn repository(&self) -> &str {
+        &self.parts.repository
+    }
+    async fn tag(&self) -> Option<&str> {
+        Some(self.parts.tag.as_str()).filter(|t| !t.is_empty())
+    }
+    async fn label(&self) -> &str {
+        &self.parts.tag
+    }
+    /// Fly's deprecated `Int` size.
+    async fn compressed_size(&self) -> i32 {
+        i32::try_from(self.size).unwrap_or(i32::MAX)
+    }
+    /// Fly's `BigInt`, which is a JSON string.
+    async fn compressed_size_full(&self) -> String {
+        self.size.to_string()
+    }
+    async fn manifest(&self) -> Json<serde_json::Value> {
+        Json(self.manifest.clone())
     }
 }
 
