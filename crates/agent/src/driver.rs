@@ -222,6 +222,12 @@ pub trait Driver: Send + Sync + 'static {
         None
     }
 
+    /// Whether machines get volumes as block devices (microVMs: never mounted on the
+    /// host, encrypted by QEMU's LUKS driver) rather than host mounts (containers).
+    fn volumes_as_disks(&self) -> bool {
+        false
+    }
+
     /// Sets up the machine's routed link (a veth into a network namespace for containers,
     /// owned by the machine's user namespace when [`Driver::layer_id_shift`] gives one; a
     /// tap device for microVMs). Idempotent.

@@ -213,7 +213,8 @@ impl Agent {
         logs::expire(&logs_archive, logs::RETENTION);
         let volumes = volumes::Volumes::new(&root.join("volumes"))
             .map_err(|e| anyhow::anyhow!("opening the volumes directory: {e}"))?
-            .for_machines_in(driver.layer_id_shift());
+            .for_machines_in(driver.layer_id_shift())
+            .as_disks(driver.volumes_as_disks());
         tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
         let secrets = secrets::SecretsSource::new(&config.control_url, &config.token, &host_id);
         Ok(Arc::new(Self {
@@ -1028,7 +1029,19 @@ impl Agent {
     /// A volume's sizes and filesystem counts.
     pub async fn volume(&self, id: &str) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
         let (volumes, id) = (self.volumes.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || volumes.status(&id))
+        // A microVM volume's filesystem is inside its LUKS image: reading its counts
+        // takes its key.
+        let key = if volumes.needs_key_for_status(&id) {
+            Some(
+                self.secrets
+                    .volume_key(&id)
+                    .await
+                    .map_err(AgentError::Failed)?,
+            )
+        } else {
+            None
+        };
+        tokio::task::spawn_blocking(move || volumes.status_with_key(&id, key.as_deref()))
             .await
             .map_err(|e| AgentError::Failed(e.to_string()))?
             .map_err(volume_failure)

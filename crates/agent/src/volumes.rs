@@ -29,6 +29,7 @@ use aloft_api::internal::{MachineSpec, SnapshotFile, VolumeDisk};
 use serde_json::json;
 
 use crate::block_image;
+use crate::microvm::volume::{self as vm_volume, DiskFormat, VmDisk};
 use crate::unpack::IdShift;
 
 const GIB: u64 = 1024 * 1024 * 1024;
@@ -50,11 +51,13 @@ pub enum VolumeError {
 }
 
 /// A volume bind-mounted into a machine: the host directory and the path inside.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct VolumeMount {
     pub volume: String,
     pub source: PathBuf,
     pub destination: String,
+    /// For a microVM: the volume as a disk (its image, never mounted on the host).
+    pub vm_disk: Option<VmDisk>,
 }
 
 impl VolumeMount {
@@ -78,6 +81,9 @@ pub struct Volumes {
     lock: Arc<Mutex<()>>,
     /// The user namespace machines run in, whose root must own a volume's top directory.
     machine_ids: Option<IdShift>,
+    /// Machines here are microVMs: volumes are disks for them (LUKS when encrypted),
+    /// never mounted on the host.
+    as_disks: bool,
 }
 
 /// Volume ids are made by the control plane: `vol_` and letters or digits.
@@ -111,7 +117,52 @@ impl Volumes {
             dir: dir.to_path_buf(),
             lock: Arc::default(),
             machine_ids: None,
+            as_disks: false,
         })
+    }
+
+    /// Volumes for microVMs (`true`): made as disk images QEMU opens (LUKS when
+    /// encrypted), read without mounting them on the host.
+    pub fn as_disks(mut self, as_disks: bool) -> Self {
+        self.as_disks = as_disks;
+        self
+    }
+
+    /// What the volume's image holds.
+    fn format(&self, id: &str) -> Result<DiskFormat, VolumeError> {
+        let image = self.image(id);
+        vm_volume::detect(&image).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                VolumeError::NotFound(id.to_string())
+            } else {
+                VolumeError::Failed(format!("reading volume {id}: {e}"))
+            }
+        })
+    }
+
+    /// Whether reading the volume's counts takes its key (a LUKS image).
+    pub fn needs_key_for_status(&self, id: &str) -> bool {
+        check_id(id).is_ok() && matches!(self.format(id), Ok(DiskFormat::Luks))
+    }
+
+    /// Refuses a volume whose image this host's driver cannot use, before anything
+    /// touches it.
+    fn check_usable_here(&self, id: &str) -> Result<DiskFormat, VolumeError> {
+        let format = self.format(id)?;
+        match format {
+            DiskFormat::Luks if !self.as_disks => Err(VolumeError::BadRequest(format!(
+                "volume {id} was made on a microVM host (a LUKS-encrypted disk image): containers cannot mount it; run its machine with aloft server --driver microvm"
+            ))),
+            DiskFormat::Ext4 if self.as_disks && self.encrypted_marker(id).exists() => {
+                Err(VolumeError::BadRequest(format!(
+                    "volume {id} was made on a container host (ext4 encryption): microVMs cannot open it; run its machine with aloft server --driver container"
+                )))
+            }
+            DiskFormat::Unknown => Err(VolumeError::Failed(format!(
+                "volume {id}: its image holds neither ext4 nor LUKS"
+            ))),
+            _ => Ok(format),
+        }
     }
 
     /// Volumes for machines in a user namespace (`ids`): a volume's top directory, made
@@ -173,11 +224,19 @@ impl Volumes {
             let _guard = self.guard();
             match std::fs::metadata(&image) {
                 Ok(meta) if meta.len() == size => {}
+                // A LUKS image: the payload and its header (2 MiB for LUKS1).
+                Ok(meta)
+                    if meta.len() > size
+                        && meta.len() - size < 16 * 1024 * 1024
+                        && matches!(self.format(id), Ok(DiskFormat::Luks)) => {}
                 Ok(meta) => {
                     return Err(VolumeError::Conflict(format!(
                         "volume {id} exists here with another size ({} bytes)",
                         meta.len()
                     )));
+                }
+                Err(_) if self.as_disks && key.is_some() => {
+                    self.create_luks(id, size, key.unwrap_or_default())?;
                 }
                 Err(_) => {
                     let partial = self.dir.join(format!("{id}.ext4.partial"));
@@ -195,7 +254,7 @@ impl Volumes {
                             VolumeError::Failed(e.to_string())
                         }
                     })?;
-                    if key.is_some() {
+                    if key.is_some() && !self.as_disks {
                         std::fs::write(self.encrypted_marker(id), b"").map_err(|e| {
                             let _ = std::fs::remove_file(&partial);
                             VolumeError::Failed(format!("marking volume {id} encrypted: {e}"))
@@ -221,7 +280,7 @@ impl Volumes {
                     if let Ok(dir) = std::fs::File::open(&self.dir) {
                         let _ = dir.sync_all();
                     }
-                    if let Some(key) = key
+                    if let Some(key) = key.filter(|_| !self.as_disks)
                         && let Err(err) = self.set_up_encryption(id, key)
                     {
                         self.release(id);
@@ -238,7 +297,36 @@ impl Volumes {
                 }
             }
         }
-        self.status(id)
+        self.status_with_key(id, key)
+    }
+
+    /// Makes a microVM host's encrypted volume: a LUKS image with ext4 inside, opened by
+    /// `key` (see [`vm_volume::create_luks`]). The caller holds the lock.
+    fn create_luks(&self, id: &str, size: u64, key: &[u8]) -> Result<(), VolumeError> {
+        if block_image::check_room(&self.dir, size).is_err() {
+            return Err(self.no_room(&format!("a {} GB volume", size / GIB)));
+        }
+        let partial = self.dir.join(format!("{id}.ext4.partial"));
+        let _ = std::fs::remove_file(&partial);
+        vm_volume::create_luks(&partial, size, key, &self.dir)
+            .map_err(|e| VolumeError::Failed(format!("making the disk of volume {id}: {e}")))?;
+        let stored = std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::write(self.encrypted_marker(id), b""))
+            .and_then(|()| std::fs::File::open(&partial))
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&partial, self.image(id)));
+        if let Err(e) = stored {
+            let _ = std::fs::remove_file(&partial);
+            let _ = std::fs::remove_file(self.encrypted_marker(id));
+            return Err(VolumeError::Failed(format!(
+                "storing the disk of volume {id}: {e}"
+            )));
+        }
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        tracing::info!(volume = id, size_gb = size / GIB, "volume created (LUKS image for microVMs)");
+        Ok(())
     }
 
     /// Mounts the volume at its mount point unless it is already; returns that directory.
@@ -247,6 +335,12 @@ impl Volumes {
         let image = self.image(id);
         if !image.exists() {
             return Err(VolumeError::NotFound(id.to_string()));
+        }
+        self.check_usable_here(id)?;
+        if self.as_disks {
+            return Err(VolumeError::Failed(format!(
+                "volume {id} is a microVM's disk on this host and is never mounted here"
+            )));
         }
         let target = self.mount_point(id);
         if block_image::is_mount_point(&target) {
@@ -284,8 +378,42 @@ impl Volumes {
 
     /// The volume's sizes and counts (mounting it if it is not).
     pub fn status(&self, id: &str) -> Result<VolumeDisk, VolumeError> {
+        self.status_with_key(id, None)
+    }
+
+    /// The volume's sizes and counts. On a container host the volume is mounted (if it
+    /// is not) and its filesystem asked (statvfs). A microVM host never mounts a volume:
+    /// the counts come from the ext4 superblock, read from the image (through QEMU's
+    /// LUKS driver with `key` when it is encrypted). The superblock's free count is the
+    /// one the guest's kernel last wrote there (at mount, unmount and journal commits
+    /// of the superblock), so it can lag behind a running machine's writes.
+    pub fn status_with_key(&self, id: &str, key: Option<&[u8]>) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
         let _guard = self.guard();
+        if self.as_disks {
+            let image = self.image(id);
+            self.check_usable_here(id)?;
+            let size_bytes = std::fs::metadata(&image)
+                .map(|m| m.len())
+                .map_err(failed(format!("volume {id}")))?;
+            let sb = vm_volume::read_superblock(&image, key, &self.dir)
+                .map_err(|e| VolumeError::Failed(format!("volume {id}: {e}")))?;
+            let size_bytes = if matches!(self.format(id)?, DiskFormat::Luks) {
+                // The payload, without the LUKS header.
+                sb.blocks * sb.block_size
+            } else {
+                size_bytes
+            };
+            return Ok(VolumeDisk {
+                id: id.to_string(),
+                size_bytes,
+                blocks: sb.blocks.saturating_sub(sb.overhead),
+                block_size: sb.block_size,
+                blocks_free: sb.free,
+                blocks_avail: sb.free.saturating_sub(sb.reserved),
+                needs_restart: false,
+            });
+        }
         let target = self.ensure_mounted(id)?;
         let size_bytes = std::fs::metadata(self.image(id))
             .map(|m| m.len())
@@ -308,6 +436,11 @@ impl Volumes {
     /// once, and one in use when its machine next starts (`needs_restart`).
     pub fn extend(&self, id: &str, size_gb: u64, in_use: bool) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
+        if self.as_disks {
+            return Err(VolumeError::BadRequest(format!(
+                "volume {id} is a microVM disk: extending microVM volumes is not supported on this host yet"
+            )));
+        }
         let size = size_gb.saturating_mul(GIB);
         let needs_restart = {
             let _guard = self.guard();
@@ -771,6 +904,10 @@ impl Volumes {
                 continue;
             }
             check_id(&mount.volume)?;
+            if self.as_disks {
+                mounts.push(self.vm_disk(spec, i, &mount.volume, &mount.path, keys)?);
+                continue;
+            }
             if self.pending_resize(&mount.volume).exists() {
                 // Its machine is starting, so nothing else should hold the filesystem.
                 self.resize_if_unused(&mount.volume)?;
@@ -788,9 +925,60 @@ impl Volumes {
                 volume: mount.volume.clone(),
                 source,
                 destination: mount.path.clone(),
+                vm_disk: None,
             });
         }
         Ok(mounts)
+    }
+
+    /// The volume as a microVM's disk: checked to be a format microVMs open, not in use
+    /// on the host, with its key when it is LUKS. The caller holds the lock.
+    fn vm_disk(
+        &self,
+        spec: &MachineSpec,
+        index: usize,
+        id: &str,
+        destination: &str,
+        keys: &std::collections::HashMap<String, Vec<u8>>,
+    ) -> Result<VolumeMount, VolumeError> {
+        let format = self.check_usable_here(id).map_err(|e| match e {
+            VolumeError::NotFound(id) => VolumeError::NotFound(format!(
+                "{id} (mounts[{index}].volume of machine {})",
+                spec.id
+            )),
+            other => other,
+        })?;
+        let image = self.image(id);
+        // A mount left by an earlier run as a container host goes first; an image still
+        // attached to a loop device is in use and is not handed to a VM as well.
+        self.release(id);
+        if block_image::loop_devices_under(&image)
+            .iter()
+            .any(|d| d.backing_file == image)
+        {
+            return Err(VolumeError::Conflict(format!(
+                "volume {id} is still attached to a loop device on this host; it cannot be a microVM's disk while it is"
+            )));
+        }
+        let passphrase = match format {
+            DiskFormat::Luks => Some(vm_volume::passphrase(keys.get(id).ok_or_else(|| {
+                VolumeError::Failed(format!(
+                    "volume {id} is encrypted and its key was not available"
+                ))
+            })?)),
+            _ => None,
+        };
+        Ok(VolumeMount {
+            volume: id.to_string(),
+            source: image.clone(),
+            destination: destination.to_string(),
+            vm_disk: Some(VmDisk {
+                volume: id.to_string(),
+                image,
+                passphrase,
+                destination: destination.to_string(),
+            }),
+        })
     }
 }
 

@@ -51,6 +51,9 @@ pub struct Launch {
     pub ready_timeout_secs: u64,
     pub kernel_cmdline: String,
     pub boot: BootConfig,
+    /// Volumes, as disks in this order (serials `fly-vol-N`); LUKS passphrases included.
+    #[serde(default)]
+    pub volumes: Vec<super::volume::VmDisk>,
 }
 
 impl Launch {
@@ -133,6 +136,39 @@ impl Launch {
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
         ]);
+        for (i, (disk, volume_fds)) in self.volumes.iter().zip(&fds.volumes).enumerate() {
+            // The image is opened by the shim and handed over (an fd set); QEMU's uid
+            // cannot open it. The passphrase is read from an inherited pipe.
+            let set = i + 1;
+            args.extend([
+                "-add-fd".into(),
+                format!("fd={},set={set}", volume_fds.image),
+                "-blockdev".into(),
+                format!(
+                    "driver=file,node-name=vol{i}-file,filename=/dev/fdset/{set},cache.direct=off,cache.no-flush=off"
+                ),
+            ]);
+            match (disk.passphrase.as_ref(), volume_fds.key) {
+                (Some(_), Some(key)) => args.extend([
+                    "-object".into(),
+                    format!("secret,id=vol{i}-key,file=/proc/self/fd/{key}"),
+                    "-blockdev".into(),
+                    format!("driver=luks,node-name=vol{i},file=vol{i}-file,key-secret=vol{i}-key"),
+                ]),
+                _ => args.extend([
+                    "-blockdev".into(),
+                    format!("driver=raw,node-name=vol{i},file=vol{i}-file"),
+                ]),
+            }
+            args.extend([
+                "-device".into(),
+                format!(
+                    "{},drive=vol{i},serial={}",
+                    bus("virtio-blk-pci", "virtio-blk-device"),
+                    super::volume::disk_serial(i)
+                ),
+            ]);
+        }
         if !microvm {
             // SeaBIOS would print its banner on the serial console (the machine's log).
             args.extend(["-fw_cfg".into(), "name=etc/sercon-port,string=0".into()]);
@@ -150,6 +186,14 @@ pub struct QemuFds {
     pub agent: RawFd,
     pub qmp: RawFd,
     pub tap: RawFd,
+    /// Per volume disk: its image, and the pipe holding its passphrase (LUKS).
+    pub volumes: Vec<VolumeFds>,
+}
+
+/// The descriptors of one volume disk.
+pub struct VolumeFds {
+    pub image: RawFd,
+    pub key: Option<RawFd>,
 }
 
 struct Qemu {
@@ -192,11 +236,35 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
     let (agent, agent_qemu) = socketpair()?;
     let (qmp, qmp_qemu) = socketpair()?;
     let tap = open_tap(&launch.tap)?;
+    // Held open until QEMU has its copies (the jail keeps them across exec).
+    let mut volume_files: Vec<(File, Option<OwnedFd>)> = Vec::new();
+    for disk in &launch.volumes {
+        let image = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk.image)
+            .map_err(|e| format!("opening the disk of volume {}: {e}", disk.volume))?;
+        let key = match &disk.passphrase {
+            Some(passphrase) => Some(
+                super::volume::secret_pipe(passphrase.as_bytes())
+                    .map_err(|e| format!("handing the key of volume {}: {e}", disk.volume))?,
+            ),
+            None => None,
+        };
+        volume_files.push((image, key));
+    }
     let fds = QemuFds {
         console: console_qemu.as_raw_fd(),
         agent: agent_qemu.as_raw_fd(),
         qmp: qmp_qemu.as_raw_fd(),
         tap: tap.as_raw_fd(),
+        volumes: volume_files
+            .iter()
+            .map(|(image, key)| VolumeFds {
+                image: image.as_raw_fd(),
+                key: key.as_ref().map(|k| k.as_raw_fd()),
+            })
+            .collect(),
     };
     let incoming_fd = incoming.map(|f| f.as_raw_fd());
     let args = launch.qemu_args(&fds, incoming_fd);
@@ -204,6 +272,10 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
     let (errors_read, errors_write) = pipe()?;
     let mut keep = vec![fds.console, fds.agent, fds.qmp, fds.tap];
     keep.extend(incoming_fd);
+    for volume in &fds.volumes {
+        keep.push(volume.image);
+        keep.extend(volume.key);
+    }
     let jail_root = dir.join("jail");
     std::fs::create_dir_all(&jail_root)
         .map_err(|e| format!("creating {}: {e}", jail_root.display()))?;
@@ -219,6 +291,7 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
     });
     let pid = jail.spawn()?.as_raw();
     drop(errors_write);
+    drop(volume_files);
     jail::enter_cgroups(
         &launch.machine_id,
         pid,

@@ -113,6 +113,8 @@ fn stage_one(channel: &mut Option<File>) -> Result<Never, InitError> {
         make_swap(config.swap_size_mb)?;
     }
     switch_root()?;
+    // Inside the new root, so the image's own symlinks resolve there.
+    mount_volumes(&config.volumes)?;
     exec_stage_two(port_writer, &config)
 }
 
@@ -208,6 +210,55 @@ fn mount_root(config: &BootConfig) -> Result<(), InitError> {
             source.desc()
         ))
     })
+}
+
+/// The virtio-blk disk (`/dev/vdX`) whose serial is `serial`.
+fn find_disk(serial: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("vd") {
+            continue;
+        }
+        let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if found.trim_end_matches(['\0', '\n']) == serial {
+            let device = Path::new("/dev").join(&name);
+            if device.exists() {
+                return Some(device);
+            }
+        }
+    }
+    None
+}
+
+/// Mounts each volume's disk (ext4) at its destination, made if the image lacks it.
+/// The volume's root directory belongs to root, as it does in a container.
+fn mount_volumes(volumes: &[channel::GuestVolume]) -> Result<(), InitError> {
+    for volume in volumes {
+        let device = wait_for(
+            &format!("the disk of the volume at {}", volume.destination),
+            || find_disk(&volume.serial),
+        )?;
+        std::fs::create_dir_all(&volume.destination)
+            .map_err(io_err(volume.destination.clone()))?;
+        mount(
+            Some(&device),
+            volume.destination.as_str(),
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            // Its inode tables were zero when it was made (and are kept so).
+            Some("noinit_itable"),
+        )
+        .map_err(|source| {
+            InitError::Invalid(format!(
+                "mounting the volume at {} ({}, ext4): {}",
+                volume.destination,
+                device.display(),
+                source.desc()
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// A swap file of `size_mb` on the root filesystem, in use.
