@@ -325,7 +325,11 @@ impl Volumes {
         if let Ok(dir) = std::fs::File::open(&self.dir) {
             let _ = dir.sync_all();
         }
-        tracing::info!(volume = id, size_gb = size / GIB, "volume created (LUKS image for microVMs)");
+        tracing::info!(
+            volume = id,
+            size_gb = size / GIB,
+            "volume created (LUKS image for microVMs)"
+        );
         Ok(())
     }
 
@@ -1299,6 +1303,104 @@ mod tests {
             needle.to_vec()
         );
         volumes.release_all();
+    }
+
+    #[test]
+    fn a_volume_made_for_one_driver_is_refused_by_the_other_untouched() {
+        if !root()
+            || std::process::Command::new("qemu-img")
+                .arg("--version")
+                .output()
+                .is_err()
+        {
+            aloft_testkit::skip("needs root, loop devices and qemu-img");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volumes");
+        let key = new_key();
+        let vm_host = Volumes::new(&path).unwrap().as_disks(true);
+        let container_host = Volumes::new(&path).unwrap();
+        // A microVM host's encrypted volume: a LUKS image, its counts read through it.
+        let disk = vm_host.create("vol_luks", 1, Some(&key)).unwrap();
+        assert_eq!(disk.size_bytes, GIB);
+        assert!(disk.blocks * disk.block_size > GIB * 9 / 10, "{disk:?}");
+        assert!(disk.blocks_avail > disk.blocks * 9 / 10, "{disk:?}");
+        assert!(vm_host.is_encrypted("vol_luks") && vm_host.needs_key_for_status("vol_luks"));
+        let image = path.join("vol_luks.ext4");
+        assert!(std::fs::metadata(&image).unwrap().blocks() * 512 >= GIB);
+        assert_eq!(std::fs::metadata(&image).unwrap().mode() & 0o777, 0o600);
+        // Asking again answers the same volume.
+        assert_eq!(
+            vm_host.create("vol_luks", 1, Some(&key)).unwrap().blocks,
+            disk.blocks
+        );
+        let before = std::fs::read(&image).unwrap();
+        let spec = |volume: &str| MachineSpec {
+            id: "m1".into(),
+            config: aloft_api::MachineConfig {
+                mounts: vec![aloft_api::MachineMount {
+                    volume: volume.into(),
+                    path: "/data".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        use std::collections::HashMap;
+        let keys = |v: &str| HashMap::from([(v.to_string(), key.clone())]);
+        for err in [
+            container_host.status("vol_luks").unwrap_err(),
+            container_host
+                .mounts_for(&spec("vol_luks"), &keys("vol_luks"))
+                .unwrap_err(),
+        ] {
+            assert!(
+                err.to_string().contains("made on a microVM host")
+                    && err.to_string().contains("--driver microvm"),
+                "{err}"
+            );
+        }
+        assert!(
+            std::fs::read(&image).unwrap() == before,
+            "the LUKS image is untouched"
+        );
+        // A container host's encrypted volume (ext4 encryption) is refused by a VM host.
+        container_host.create("vol_fscrypt", 1, Some(&key)).unwrap();
+        container_host.release_all();
+        let err = vm_host
+            .mounts_for(&spec("vol_fscrypt"), &keys("vol_fscrypt"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("made on a container host"),
+            "{err}"
+        );
+        // The VM host hands its volume over as a disk with its passphrase, unmounted.
+        let mounts = vm_host
+            .mounts_for(&spec("vol_luks"), &keys("vol_luks"))
+            .unwrap();
+        let disk = mounts[0].vm_disk.as_ref().unwrap();
+        assert_eq!(disk.image, image);
+        assert_eq!(
+            disk.passphrase.as_deref(),
+            Some(vm_volume::passphrase(&key).as_str())
+        );
+        assert!(!block_image::is_mount_point(&path.join("mnt/vol_luks")));
+        // Without its key it does not start.
+        assert!(
+            vm_host
+                .mounts_for(&spec("vol_luks"), &HashMap::new())
+                .is_err()
+        );
+        // An unencrypted volume is plain ext4 for both.
+        let plain = vm_host.create("vol_plain", 1, None).unwrap();
+        assert!(plain.blocks * plain.block_size > GIB * 9 / 10);
+        let mounts = vm_host
+            .mounts_for(&spec("vol_plain"), &HashMap::new())
+            .unwrap();
+        assert!(mounts[0].vm_disk.as_ref().unwrap().passphrase.is_none());
+        container_host.release_all();
     }
 
     #[test]

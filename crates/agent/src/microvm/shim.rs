@@ -245,10 +245,21 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
             .open(&disk.image)
             .map_err(|e| format!("opening the disk of volume {}: {e}", disk.volume))?;
         let key = match &disk.passphrase {
-            Some(passphrase) => Some(
-                super::volume::secret_pipe(passphrase.as_bytes())
-                    .map_err(|e| format!("handing the key of volume {}: {e}", disk.volume))?,
-            ),
+            Some(passphrase) => {
+                let pipe = super::volume::secret_pipe(passphrase.as_bytes())
+                    .map_err(|e| format!("handing the key of volume {}: {e}", disk.volume))?;
+                // QEMU reopens the pipe through /proc/self/fd: it must be its uid's.
+                // SAFETY: fchown on a descriptor we own.
+                if unsafe { libc::fchown(pipe.as_raw_fd(), launch.uid, launch.uid) } != 0 {
+                    return Err(format!(
+                        "handing the key pipe of volume {} to uid {}: {}",
+                        disk.volume,
+                        launch.uid,
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                Some(pipe)
+            }
             None => None,
         };
         volume_files.push((image, key));

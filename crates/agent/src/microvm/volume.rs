@@ -127,9 +127,9 @@ const SECRET_FD: i32 = 3;
 fn qemu_img(args: &[&std::ffi::OsStr], passphrase: Option<&str>) -> Result<(), String> {
     let (subcommand, rest) = args.split_first().ok_or("qemu-img: no subcommand")?;
     let pipe = match passphrase {
-        Some(p) => Some(
-            secret_pipe(p.as_bytes()).map_err(|e| format!("a pipe for the volume key: {e}"))?,
-        ),
+        Some(p) => {
+            Some(secret_pipe(p.as_bytes()).map_err(|e| format!("a pipe for the volume key: {e}"))?)
+        }
         None => None,
     };
     let object = format!("secret,id=volkey,file=/dev/fd/{SECRET_FD}");
@@ -179,7 +179,10 @@ fn qemu_img(args: &[&std::ffi::OsStr], passphrase: Option<&str>) -> Result<(), S
 pub fn create_luks(image: &Path, size: u64, key: &[u8], scratch: &Path) -> Result<(), String> {
     let plain = scratch.join(format!(
         "{}.plain",
-        image.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        image
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     let options = block_image::FormatOptions {
         journal: true,
@@ -189,27 +192,39 @@ pub fn create_luks(image: &Path, size: u64, key: &[u8], scratch: &Path) -> Resul
         preallocate: false,
     };
     // The LUKS image's blocks are all written by the conversion: check the room first.
-    block_image::check_room(scratch, size)
-        .map_err(|e| format!("No space left on device: {e}"))?;
+    block_image::check_room(scratch, size).map_err(|e| format!("No space left on device: {e}"))?;
     block_image::create(&plain, size, &options).map_err(|e| e.to_string())?;
     let secret = passphrase(key);
-    let converted = qemu_img(
-        &[
-            "convert".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-O".as_ref(),
-            "luks".as_ref(),
-            "-o".as_ref(),
-            // A short PBKDF time: the passphrase is a random 512-bit key, not a password.
-            "key-secret=volkey,iter-time=100,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64"
-                .as_ref(),
-            plain.as_os_str(),
-            image.as_os_str(),
-        ],
-        Some(&secret),
-    );
+    let mut converted = Err(String::new());
+    for _ in 0..PBKDF_BENCHMARK_TRIES {
+        converted = qemu_img(
+            &[
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "raw".as_ref(),
+                "-O".as_ref(),
+                "luks".as_ref(),
+                "-o".as_ref(),
+                // A short PBKDF time: the passphrase is a random 512-bit key, not a password.
+                "key-secret=volkey,iter-time=100,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64"
+                    .as_ref(),
+                plain.as_os_str(),
+                image.as_os_str(),
+            ],
+            Some(&secret),
+        );
+        match &converted {
+            // QEMU times a first PBKDF2 round with the thread's CPU clock to choose the
+            // iteration count, and gives up when that clock did not move (about one run
+            // in eight on this host's coarse CPU accounting): nothing was written, so it
+            // is tried again.
+            Err(e) if e.contains(PBKDF_BENCHMARK_FLAKE) => {
+                let _ = std::fs::remove_file(image);
+            }
+            _ => break,
+        }
+    }
     let _ = std::fs::remove_file(&plain);
     if let Err(e) = converted {
         let _ = std::fs::remove_file(image);
@@ -217,6 +232,10 @@ pub fn create_luks(image: &Path, size: u64, key: &[u8], scratch: &Path) -> Resul
     }
     Ok(())
 }
+
+/// How often `qemu-img` may fail its PBKDF benchmark before a volume is refused.
+const PBKDF_BENCHMARK_TRIES: usize = 8;
+const PBKDF_BENCHMARK_FLAKE: &str = "Unable to get accurate CPU usage";
 
 /// What an ext4 superblock says about the filesystem's blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,14 +253,24 @@ impl Superblock {
         let sb = head
             .get(SUPERBLOCK_OFFSET..SUPERBLOCK_OFFSET + 1024)
             .ok_or("too short to hold an ext4 superblock")?;
-        let u32_at = |offset: usize| u64::from(u32::from_le_bytes([sb[offset], sb[offset + 1], sb[offset + 2], sb[offset + 3]]));
+        let u32_at = |offset: usize| {
+            u64::from(u32::from_le_bytes([
+                sb[offset],
+                sb[offset + 1],
+                sb[offset + 2],
+                sb[offset + 3],
+            ]))
+        };
         let magic = u16::from_le_bytes([sb[0x38], sb[0x39]]);
         if magic != EXT4_MAGIC {
             return Err("no ext4 superblock (wrong magic)".into());
         }
         let log_block_size = u32_at(0x18);
         if log_block_size > 6 {
-            return Err(format!("ext4 superblock with block size 2^{}", 10 + log_block_size));
+            return Err(format!(
+                "ext4 superblock with block size 2^{}",
+                10 + log_block_size
+            ));
         }
         let wide = u32_at(0x60) & 0x80 != 0;
         let high = |offset: usize| if wide { u32_at(offset) << 32 } else { 0 };
@@ -258,7 +287,11 @@ impl Superblock {
 /// The superblock of a volume's filesystem, read without mounting it: straight from
 /// a plain image, through QEMU's LUKS driver (`qemu-img dd`, sharing the image with a
 /// running VM) from an encrypted one. `scratch` is a private directory for the copy.
-pub fn read_superblock(image: &Path, key: Option<&[u8]>, scratch: &Path) -> Result<Superblock, String> {
+pub fn read_superblock(
+    image: &Path,
+    key: Option<&[u8]>,
+    scratch: &Path,
+) -> Result<Superblock, String> {
     match detect(image).map_err(|e| format!("reading {}: {e}", image.display()))? {
         DiskFormat::Ext4 => {
             let mut head = vec![0u8; 2048];
@@ -269,7 +302,10 @@ pub fn read_superblock(image: &Path, key: Option<&[u8]>, scratch: &Path) -> Resu
         }
         DiskFormat::Luks => {
             let key = key.ok_or("the volume is encrypted and its key was not available")?;
-            let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let copy = scratch.join(format!("{name}.superblock"));
             let _ = std::fs::remove_file(&copy);
             let source = format!(
@@ -291,14 +327,13 @@ pub fn read_superblock(image: &Path, key: Option<&[u8]>, scratch: &Path) -> Resu
                 ],
                 Some(&passphrase(key)),
             )
-            .and_then(|()| std::fs::read(&copy).map_err(|e| format!("reading the superblock copy: {e}")));
+            .and_then(|()| {
+                std::fs::read(&copy).map_err(|e| format!("reading the superblock copy: {e}"))
+            });
             let _ = std::fs::remove_file(&copy);
             Superblock::parse(&read?)
         }
-        DiskFormat::Unknown => Err(format!(
-            "{} holds neither ext4 nor LUKS",
-            image.display()
-        )),
+        DiskFormat::Unknown => Err(format!("{} holds neither ext4 nor LUKS", image.display())),
     }
 }
 
@@ -327,7 +362,11 @@ mod tests {
         assert!(read_superblock(&image, Some(&[8u8; 64]), dir.path()).is_err());
         assert!(read_superblock(&image, None, dir.path()).is_err());
         // Nothing left behind in the scratch directory.
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("vol_a.ext4")]);
     }
 

@@ -239,8 +239,7 @@ fn mount_volumes(volumes: &[channel::GuestVolume]) -> Result<(), InitError> {
             &format!("the disk of the volume at {}", volume.destination),
             || find_disk(&volume.serial),
         )?;
-        std::fs::create_dir_all(&volume.destination)
-            .map_err(io_err(volume.destination.clone()))?;
+        std::fs::create_dir_all(&volume.destination).map_err(io_err(volume.destination.clone()))?;
         mount(
             Some(&device),
             volume.destination.as_str(),
