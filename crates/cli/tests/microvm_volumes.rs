@@ -198,3 +198,122 @@ fn a_microvm_volume_is_an_encrypted_disk_that_keeps_its_data() {
         "the probe finds plaintext in an unencrypted volume"
     );
 }
+
+/// Parses guest-io's line: write MB/s, read MB/s, fsync p50 and p99 (us).
+fn guest_figures(run: &Run) -> Option<[f64; 4]> {
+    let words: Vec<f64> = run
+        .stdout
+        .split_whitespace()
+        .take(4)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    words.try_into().ok()
+}
+
+/// The microVM figures of bench/volumes (run by bench/volumes/run.sh, not by `cargo
+/// test`): bench/volumes/guest-io.rs, built static and put into a busybox image, measures
+/// inside one microVM (QEMU, TCG here) its own root disk (a qcow2 overlay, `cache=unsafe`)
+/// and its volume (encrypted: LUKS in QEMU), and inside a second one a `--no-encryption`
+/// volume. `ALOFT_BENCH_GUEST_IO` names the binary; `SIZE_MB`, `FSYNCS`, `ROUNDS` as for
+/// the host figures (best of the rounds, interleaved).
+#[test]
+#[ignore = "a benchmark: bench/volumes/run.sh runs it"]
+fn bench_microvm_volume_io() {
+    require_platform!();
+    if let Some(reason) = common::missing_vm_prerequisite() {
+        aloft_testkit::skip(format!("microVM bench: {reason}"));
+        return;
+    }
+    let guest_io = std::env::var("ALOFT_BENCH_GUEST_IO").expect("ALOFT_BENCH_GUEST_IO");
+    let env = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let size_mb = env("SIZE_MB", 128).min(512).to_string();
+    let fsyncs = env("FSYNCS", 300).to_string();
+    let rounds = env("ROUNDS", 2);
+    let _lock = common::vm_lock();
+    let platform = Platform::start_with(&["--driver", "microvm", "--vm-accel", "tcg"]);
+    let mut machines = Vec::new();
+    for (app, encrypted) in [("vmbench", true), ("vmbenchplain", false)] {
+        assert!(platform.aloft(&["apps", "create", app]).ok());
+        if !encrypted {
+            let create = platform.aloft(&[
+                "volumes",
+                "create",
+                "data",
+                "--size",
+                "1",
+                "--no-encryption",
+                "-a",
+                app,
+                "-y",
+            ]);
+            assert!(create.ok(), "{create}");
+        }
+        let dir = idle_busybox_app(
+            &platform,
+            app,
+            "\n[mounts]\n  source = \"data\"\n  destination = \"/data\"\n\n[[vm]]\n  memory = \"512mb\"\n",
+        );
+        std::fs::copy(&guest_io, dir.join("rootfs/bin/guest-io")).expect("guest-io");
+        let deploy = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+        assert!(deploy.ok(), "{deploy}\n{}", platform.server_log());
+        let id = machine_ids(&platform, app)[0].clone();
+        assert!(in_machine_when_up(&platform, app, &id, "mkdir -p /bench").ok());
+        machines.push((app, id));
+    }
+    let targets = [
+        ("microVM root disk", 0, "/bench"),
+        ("microVM vol, encr.", 0, "/data"),
+        ("microVM vol, plain", 1, "/data"),
+    ];
+    let mut best: Vec<Option<[f64; 4]>> = vec![None; targets.len()];
+    for _ in 0..rounds {
+        for (i, (_, machine, path)) in targets.iter().enumerate() {
+            let (app, id) = &machines[*machine];
+            let run = platform.aloft(&[
+                "machine",
+                "exec",
+                id,
+                "-a",
+                app,
+                "--",
+                "/bin/guest-io",
+                path,
+                &size_mb,
+                &fsyncs,
+            ]);
+            let f = guest_figures(&run).unwrap_or_else(|| panic!("guest-io: {run}"));
+            best[i] = Some(match best[i] {
+                None => f,
+                Some(b) => [
+                    b[0].max(f[0]),
+                    b[1].max(f[1]),
+                    b[2].min(f[2]),
+                    b[3].min(f[3]),
+                ],
+            });
+        }
+    }
+    println!(
+        "microVM (QEMU TCG, q35, virtio-blk): {size_mb} MB sequential, {fsyncs} x 4 KiB fdatasync, best of {rounds}; x = vs the microVM's root disk"
+    );
+    let base = best[0].unwrap_or([1.0; 4]);
+    for ((name, _, _), figures) in targets.iter().zip(&best) {
+        let Some(f) = figures else { continue };
+        println!(
+            "{:<20} {:>10.0} {:>10.0} {:>9.0}us {:>9.0}us {:>8.2} {:>8.2} {:>9.2}",
+            name,
+            f[0],
+            f[1],
+            f[2],
+            f[3],
+            f[0] / base[0],
+            f[1] / base[1],
+            f[3] / base[3],
+        );
+    }
+}
