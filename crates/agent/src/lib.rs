@@ -987,16 +987,20 @@ impl Agent {
         };
         let (volumes, id) = (self.volumes.clone(), id.to_string());
         if let Some(source) = source_volume_id.map(str::to_string) {
-            return tokio::task::spawn_blocking(move || volumes.fork(&id, &source, size_gb))
-                .await
-                .map_err(|e| AgentError::Failed(e.to_string()))?
-                .map_err(volume_failure);
+            return tokio::task::spawn_blocking(move || {
+                volumes.fork_with_key(&id, &source, size_gb, key.as_deref())
+            })
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure);
         }
         if let Some(snapshot) = snapshot_id.map(str::to_string) {
-            return tokio::task::spawn_blocking(move || volumes.restore(&id, &snapshot, size_gb))
-                .await
-                .map_err(|e| AgentError::Failed(e.to_string()))?
-                .map_err(volume_failure);
+            return tokio::task::spawn_blocking(move || {
+                volumes.restore_with_key(&id, &snapshot, size_gb, key.as_deref())
+            })
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure);
         }
         tokio::task::spawn_blocking(move || volumes.create(&id, size_gb, key.as_deref()))
             .await

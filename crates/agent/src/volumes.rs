@@ -745,6 +745,18 @@ impl Volumes {
         snapshot: &str,
         size_gb: u64,
     ) -> Result<VolumeDisk, VolumeError> {
+        self.restore_with_key(id, snapshot, size_gb, None)
+    }
+
+    /// [`Volumes::restore`], with the volume's key (a microVM host reads an encrypted
+    /// volume's counts through it).
+    pub fn restore_with_key(
+        &self,
+        id: &str,
+        snapshot: &str,
+        size_gb: u64,
+        key: Option<&[u8]>,
+    ) -> Result<VolumeDisk, VolumeError> {
         use sha2::Digest;
         check_id(id)?;
         check_id(snapshot)?;
@@ -771,6 +783,11 @@ impl Volumes {
                 return Err(VolumeError::Failed(format!(
                     "snapshot {snapshot} is damaged: its checksum does not match {}",
                     record.digest
+                )));
+            }
+            if self.as_disks && size_gb.saturating_mul(GIB) > record.volume_size {
+                return Err(VolumeError::BadRequest(format!(
+                    "invalid size_gb: {size_gb} is larger than snapshot {snapshot}'s volume; microVM volumes are restored at their snapshot's size on this host"
                 )));
             }
             let partial = self.dir.join(format!("{id}.ext4.partial"));
@@ -837,7 +854,7 @@ impl Volumes {
             }
             tracing::info!(volume = id, snapshot, "volume restored from a snapshot");
         }
-        self.status(id)
+        self.status_with_key(id, key)
     }
 
     /// Deletes a snapshot's files.
@@ -855,10 +872,21 @@ impl Volumes {
     /// Makes volume `id` a copy of volume `source` (a fork): a snapshot restored, then
     /// the snapshot removed.
     pub fn fork(&self, id: &str, source: &str, size_gb: u64) -> Result<VolumeDisk, VolumeError> {
+        self.fork_with_key(id, source, size_gb, None)
+    }
+
+    /// [`Volumes::fork`], with the volume's key (see [`Volumes::restore_with_key`]).
+    pub fn fork_with_key(
+        &self,
+        id: &str,
+        source: &str,
+        size_gb: u64,
+        key: Option<&[u8]>,
+    ) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
         let snapshot = format!("{id}_fork");
         self.snapshot(source, &snapshot)?;
-        let restored = self.restore(id, &snapshot, size_gb);
+        let restored = self.restore_with_key(id, &snapshot, size_gb, key);
         let _ = std::fs::remove_file(self.snapshot_file(&snapshot));
         let _ = std::fs::remove_file(self.snapshots_dir().join(format!("{snapshot}.json")));
         restored
@@ -1393,6 +1421,32 @@ mod tests {
                 .mounts_for(&spec("vol_luks"), &HashMap::new())
                 .is_err()
         );
+        // A snapshot restores into a LUKS volume opened by the same key, at its size.
+        let taken = vm_host.snapshot("vol_luks", "vs_luks").unwrap();
+        assert!(taken.encrypted);
+        let restored = vm_host
+            .restore_with_key("vol_luks2", "vs_luks", 1, Some(&key))
+            .unwrap();
+        assert_eq!(
+            restored.blocks,
+            vm_host
+                .status_with_key("vol_luks", Some(&key))
+                .unwrap()
+                .blocks
+        );
+        assert_eq!(
+            vm_volume::detect(&path.join("vol_luks2.ext4")).unwrap(),
+            DiskFormat::Luks
+        );
+        assert!(matches!(
+            vm_host.restore_with_key("vol_luks3", "vs_luks", 2, Some(&key)),
+            Err(VolumeError::BadRequest(_))
+        ));
+        assert!(!path.join("vol_luks3.ext4").exists());
+        assert!(matches!(
+            vm_host.extend("vol_luks", 2, false),
+            Err(VolumeError::BadRequest(_))
+        ));
         // An unencrypted volume is plain ext4 for both.
         let plain = vm_host.create("vol_plain", 1, None).unwrap();
         assert!(plain.blocks * plain.block_size > GIB * 9 / 10);
