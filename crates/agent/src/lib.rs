@@ -1062,10 +1062,22 @@ impl Agent {
                 r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
             });
         let (volumes, id) = (self.volumes.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || volumes.extend(&id, size_gb, in_use))
-            .await
-            .map_err(|e| AgentError::Failed(e.to_string()))?
-            .map_err(volume_failure)
+        let key = if volumes.needs_key_for_status(&id) {
+            Some(
+                self.secrets
+                    .volume_key(&id)
+                    .await
+                    .map_err(AgentError::Failed)?,
+            )
+        } else {
+            None
+        };
+        tokio::task::spawn_blocking(move || {
+            volumes.extend_with_key(&id, size_gb, in_use, key.as_deref())
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?
+        .map_err(volume_failure)
     }
 
     /// Deletes a volume's disk, unless a machine on this host mounts it.

@@ -402,12 +402,14 @@ impl Volumes {
                 .map_err(failed(format!("volume {id}")))?;
             let sb = vm_volume::read_superblock(&image, key, &self.dir)
                 .map_err(|e| VolumeError::Failed(format!("volume {id}: {e}")))?;
-            let size_bytes = if matches!(self.format(id)?, DiskFormat::Luks) {
-                // The payload, without the LUKS header.
-                sb.blocks * sb.block_size
-            } else {
-                size_bytes
-            };
+            // The payload, without a LUKS header.
+            let size_bytes = size_bytes.saturating_sub(
+                vm_volume::payload_offset(&image).map_err(failed(format!("volume {id}")))?,
+            );
+            if sb.blocks * sb.block_size >= size_bytes {
+                // The filesystem fills its disk: nothing left to grow at the next start.
+                let _ = std::fs::remove_file(self.pending_resize(id));
+            }
             return Ok(VolumeDisk {
                 id: id.to_string(),
                 size_bytes,
@@ -439,11 +441,28 @@ impl Volumes {
     /// (CAP_SYS_RESOURCE); otherwise a volume no running machine uses is grown offline at
     /// once, and one in use when its machine next starts (`needs_restart`).
     pub fn extend(&self, id: &str, size_gb: u64, in_use: bool) -> Result<VolumeDisk, VolumeError> {
+        self.extend_with_key(id, size_gb, in_use, None)
+    }
+
+    /// [`Volumes::extend`], with the volume's key (a microVM host reads an encrypted
+    /// volume's counts through it). On a microVM host the image grows at once (a LUKS
+    /// image's payload is the rest of the file after its header, so the same holds for
+    /// it) and the filesystem grows when a machine next mounts it (init resizes it
+    /// online to the disk): `needs_restart`.
+    pub fn extend_with_key(
+        &self,
+        id: &str,
+        size_gb: u64,
+        in_use: bool,
+        key: Option<&[u8]>,
+    ) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
         if self.as_disks {
-            return Err(VolumeError::BadRequest(format!(
-                "volume {id} is a microVM disk: extending microVM volumes is not supported on this host yet"
-            )));
+            let grew = self.grow_disk(id, size_gb)?;
+            let mut disk = self.status_with_key(id, key)?;
+            disk.needs_restart = grew || self.pending_resize(id).exists();
+            let _ = in_use;
+            return Ok(disk);
         }
         let size = size_gb.saturating_mul(GIB);
         let needs_restart = {
@@ -498,6 +517,52 @@ impl Volumes {
         let mut disk = self.status(id)?;
         disk.needs_restart = needs_restart;
         Ok(disk)
+    }
+
+    /// Grows a microVM volume's image so its payload is `size_gb`; `true` when it grew.
+    /// The filesystem inside grows at its machine's next start (recorded until then).
+    fn grow_disk(&self, id: &str, size_gb: u64) -> Result<bool, VolumeError> {
+        let _guard = self.guard();
+        self.check_usable_here(id)?;
+        let image = self.image(id);
+        let header =
+            vm_volume::payload_offset(&image).map_err(failed(format!("reading volume {id}")))?;
+        let length = std::fs::metadata(&image)
+            .map_err(|_| VolumeError::NotFound(id.to_string()))?
+            .len();
+        let current = length.saturating_sub(header);
+        let size = size_gb.saturating_mul(GIB);
+        if size < current {
+            return Err(VolumeError::BadRequest(format!(
+                "invalid size_gb: {size_gb} is smaller than the volume ({} GB); volumes only grow",
+                current / GIB
+            )));
+        }
+        if size == current {
+            return Ok(false);
+        }
+        if block_image::check_room(&self.dir, size - current).is_err() {
+            return Err(self.no_room(&format!("volume {id} to grow to {size_gb} GB")));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .map_err(failed(format!("opening volume {id}")))?;
+        file.set_len(header + size)
+            .map_err(failed(format!("growing volume {id}")))?;
+        if let Err(e) = block_image::preallocate(&file, length, header + size) {
+            let _ = file.set_len(length);
+            return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+                self.no_room(&format!("volume {id} to grow to {size_gb} GB"))
+            } else {
+                VolumeError::Failed(format!("growing volume {id}: {e}"))
+            });
+        }
+        file.sync_all()
+            .map_err(failed(format!("growing volume {id}")))?;
+        std::fs::write(self.pending_resize(id), b"")
+            .map_err(failed(format!("recording the resize of volume {id}")))?;
+        Ok(true)
     }
 
     /// The error for a host whose disk can't hold `what`, with the room it has.
@@ -1443,8 +1508,19 @@ mod tests {
             Err(VolumeError::BadRequest(_))
         ));
         assert!(!path.join("vol_luks3.ext4").exists());
+        // Extending grows the image (the LUKS payload) at once, the filesystem at the
+        // next start; shrinking is refused.
+        let grown = vm_host
+            .extend_with_key("vol_luks", 2, false, Some(&key))
+            .unwrap();
+        assert_eq!(grown.size_bytes, 2 * GIB);
+        assert!(grown.needs_restart);
+        assert!(
+            std::fs::metadata(&image).unwrap().blocks() * 512 >= 2 * GIB,
+            "the grown part is reserved"
+        );
         assert!(matches!(
-            vm_host.extend("vol_luks", 2, false),
+            vm_host.extend_with_key("vol_luks", 1, false, Some(&key)),
             Err(VolumeError::BadRequest(_))
         ));
         // An unencrypted volume is plain ext4 for both.

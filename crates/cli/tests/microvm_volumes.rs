@@ -172,6 +172,47 @@ fn a_microvm_volume_is_an_encrypted_disk_that_keeps_its_data() {
         "the encrypted volume's image holds the machine's data in plain text"
     );
 
+    // Extend: the image (the LUKS payload) grows now, the filesystem when the machine
+    // next starts (init grows it online to its disk), with the data kept.
+    let id = machine_ids(&platform, "vmvol")[0].clone();
+    let vol_id = volumes_json(&platform, "vmvol", false)[0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let extend = platform.aloft(&["volumes", "extend", &vol_id, "-a", "vmvol", "--size", "2"]);
+    assert!(extend.ok(), "{extend}\n{}", platform.server_log());
+    assert!(extend.stdout.contains("Size GB: 2"), "{extend}");
+    assert!(
+        extend
+            .stdout
+            .contains("You will need to stop and start your Machine"),
+        "the filesystem grows at the next start: {extend}"
+    );
+    let start = platform.aloft(&["machine", "start", &id, "-a", "vmvol"]);
+    assert!(start.ok(), "{start}\n{}", platform.server_log());
+    let df = in_machine_when_up(&platform, "vmvol", &id, "df -k /data; cat /data/kept");
+    let total_kib: u64 = df
+        .stdout
+        .lines()
+        .find(|l| l.contains("/data"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(total_kib > 1900 * 1024, "the filesystem fills 2 GB: {df}");
+    assert!(df.stdout.contains(&marker), "{df}");
+    let grown = volumes_json(&platform, "vmvol", false);
+    assert_eq!(grown[0]["size_gb"], 2, "{grown:?}");
+    assert!(
+        grown[0]["blocks"].as_u64().unwrap_or(0) * grown[0]["block_size"].as_u64().unwrap_or(0)
+            > GIB * 19 / 10,
+        "the API reports the grown filesystem: {grown:?}"
+    );
+    assert!(
+        platform
+            .aloft(&["machine", "stop", &id, "-a", "vmvol"])
+            .ok()
+    );
+
     // --no-encryption: a plain ext4 image, where the data is readable.
     assert!(platform.aloft(&["apps", "create", "vmplain"]).ok());
     let create = platform.aloft(&[

@@ -67,6 +67,25 @@ pub fn detect(path: &Path) -> std::io::Result<DiskFormat> {
     Ok(DiskFormat::Unknown)
 }
 
+/// Where the filesystem starts in the image: after the LUKS header (its payload offset,
+/// in 512-byte sectors at byte 104 of a LUKS1 header), or at 0 for a plain image.
+pub fn payload_offset(path: &Path) -> std::io::Result<u64> {
+    let mut head = [0u8; 108];
+    std::fs::File::open(path)?.read_exact(&mut head)?;
+    if !head.starts_with(LUKS_MAGIC) {
+        return Ok(0);
+    }
+    if head[6..8] != [0, 1] {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a LUKS header of another version than 1",
+        ));
+    }
+    Ok(u64::from(u32::from_be_bytes([
+        head[104], head[105], head[106], head[107],
+    ])) * 512)
+}
+
 /// The LUKS passphrase of a volume: its key, in hex.
 pub fn passphrase(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
@@ -356,6 +375,12 @@ mod tests {
         let key = [7u8; 64];
         create_luks(&image, 64 * 1024 * 1024, &key, dir.path()).unwrap();
         assert_eq!(detect(&image).unwrap(), DiskFormat::Luks);
+        let header = payload_offset(&image).unwrap();
+        assert_eq!(
+            std::fs::metadata(&image).unwrap().len() - header,
+            64 * 1024 * 1024,
+            "the header ends where the payload starts"
+        );
         let sb = read_superblock(&image, Some(&key), dir.path()).unwrap();
         assert_eq!(sb.block_size * sb.blocks, 64 * 1024 * 1024, "{sb:?}");
         assert!(sb.free > 0 && sb.free < sb.blocks);

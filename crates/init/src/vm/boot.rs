@@ -256,6 +256,41 @@ fn mount_volumes(volumes: &[channel::GuestVolume]) -> Result<(), InitError> {
                 source.desc()
             ))
         })?;
+        // A volume extended since it was last mounted: its filesystem grows (online)
+        // into the whole disk. The machine runs anyway if it cannot.
+        if let Err(error) = grow_to_device(&device, &volume.destination) {
+            eprintln!(
+                "init: growing the volume at {} to its disk's size: {error}",
+                volume.destination
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Grows the ext4 mounted at `mount_point` to the size of `device` (the kernel's online
+/// resize, as resize2fs does on a mounted filesystem); nothing when it fills it already.
+fn grow_to_device(device: &Path, mount_point: &str) -> std::io::Result<()> {
+    // <linux/fs.h> BLKGETSIZE64 _IOR(0x12, 114, size_t); <linux/ext4.h>
+    // EXT4_IOC_RESIZE_FS _IOW('f', 16, __u64).
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    let disk = File::open(device)?;
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64.
+    if unsafe { libc::ioctl(disk.as_raw_fd(), BLKGETSIZE64 as _, &mut bytes) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let stat = nix::sys::statfs::statfs(mount_point).map_err(std::io::Error::from)?;
+    let block_size = stat.block_size() as u64;
+    if block_size == 0 {
+        return Ok(());
+    }
+    let blocks: u64 = bytes / block_size;
+    let dir = File::open(mount_point)?;
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64; equal to the current count, it does nothing.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &blocks) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
