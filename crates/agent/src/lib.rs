@@ -1015,10 +1015,41 @@ impl Agent {
         snapshot: &str,
     ) -> Result<aloft_api::internal::SnapshotFile, AgentError> {
         let (volumes, id, snapshot) = (self.volumes.clone(), id.to_string(), snapshot.to_string());
-        tokio::task::spawn_blocking(move || volumes.snapshot(&id, &snapshot))
-            .await
-            .map_err(|e| AgentError::Failed(e.to_string()))?
-            .map_err(volume_failure)
+        // A microVM writes its volume's image itself: it is held paused (its disks
+        // flushed) while the image is read, so the copy is one moment of the disk.
+        let user = if self.driver.volumes_as_disks() {
+            self.store
+                .machines()?
+                .into_iter()
+                .find(|r| {
+                    r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
+                })
+                .map(|r| r.spec.id)
+        } else {
+            None
+        };
+        let driver = self.driver.clone();
+        let machines_dir = self.machines_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let held = match &user {
+                Some(machine) => match driver.hold_io(machine, &machines_dir.join(machine)) {
+                    Ok(held) => held,
+                    Err(DriverError::NotRunning) => None,
+                    Err(err) => {
+                        return Err(volumes::VolumeError::Failed(format!(
+                            "pausing machine {machine} for the snapshot of volume {id}: {err}"
+                        )));
+                    }
+                },
+                None => None,
+            };
+            let taken = volumes.snapshot(&id, &snapshot);
+            drop(held);
+            taken
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?
+        .map_err(volume_failure)
     }
 
     /// Deletes a snapshot taken on this host.

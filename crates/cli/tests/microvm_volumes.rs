@@ -207,6 +207,82 @@ fn a_microvm_volume_is_an_encrypted_disk_that_keeps_its_data() {
             > GIB * 19 / 10,
         "the API reports the grown filesystem: {grown:?}"
     );
+
+    // A snapshot of a running VM's volume holds the VM paused (its disks flushed) while
+    // the image is read; the VM goes on afterwards, and the snapshot restores into a
+    // volume another machine mounts with the data.
+    let snap = platform.aloft(&["volumes", "snapshots", "create", &vol_id, "-a", "vmvol"]);
+    assert!(snap.ok(), "{snap}\n{}", platform.server_log());
+    let log = std::fs::read_to_string(
+        platform
+            .data_dir()
+            .join(format!("agent/machines/{id}/machine.log")),
+    )
+    .unwrap_or_default();
+    assert!(
+        log.contains("paused while a snapshot of its volumes is taken")
+            && log.contains("continued after the snapshot"),
+        "{log}"
+    );
+    let after = platform.machine_sh("vmvol", &id, "cat /data/kept");
+    assert_eq!(after.stdout.trim(), marker, "the VM runs on: {after}");
+    let listed = platform.aloft(&[
+        "volumes",
+        "snapshots",
+        "list",
+        &vol_id,
+        "-a",
+        "vmvol",
+        "--json",
+    ]);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout).unwrap_or_default();
+    let snapshot_id = listed
+        .first()
+        .and_then(|s| s["id"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let restored = platform.aloft(&[
+        "volumes",
+        "create",
+        "restored",
+        "-a",
+        "vmvol",
+        "--snapshot-id",
+        &snapshot_id,
+        "-y",
+        "--json",
+    ]);
+    assert!(restored.ok(), "{restored}\n{}", platform.server_log());
+    let restored: serde_json::Value = serde_json::from_str(&restored.stdout).unwrap_or_default();
+    let restored_id = restored["id"].as_str().unwrap_or_default().to_string();
+    let image_ref = common::machine_json(&platform, "vmvol", &id)["config"]["image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let volume_flag = format!("{restored_id}:/data");
+    let run = platform.aloft(&[
+        "machine",
+        "run",
+        &image_ref,
+        "-a",
+        "vmvol",
+        "--region",
+        "local",
+        "-v",
+        &volume_flag,
+    ]);
+    assert!(run.ok(), "{run}\n{}", platform.server_log());
+    let second = machine_ids(&platform, "vmvol")
+        .into_iter()
+        .find(|m| *m != id)
+        .expect("the machine with the restored volume");
+    let copy = in_machine_when_up(&platform, "vmvol", &second, "cat /data/kept");
+    assert_eq!(copy.stdout.trim(), marker, "the restored volume: {copy}");
+    assert!(
+        platform
+            .aloft(&["machine", "destroy", &second, "-a", "vmvol", "--force"])
+            .ok()
+    );
     assert!(
         platform
             .aloft(&["machine", "stop", &id, "-a", "vmvol"])

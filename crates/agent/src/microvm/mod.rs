@@ -400,6 +400,15 @@ impl Driver for MicrovmDriver {
         true
     }
 
+    fn hold_io(
+        &self,
+        _machine_id: &str,
+        machine_dir: &Path,
+    ) -> Result<Option<Box<dyn Send>>, DriverError> {
+        let held = shim::hold_io_until_dropped(machine_dir).map_err(map_control)?;
+        Ok(Some(Box::new(held)))
+    }
+
     fn ensure_network(&self, link: &MachineLink) -> Result<(), NetworkError> {
         network::ensure_tap(link)
     }

@@ -35,6 +35,9 @@ pub const CTL_RESUME: u8 = 41;
 pub const CTL_KILL: u8 = 42;
 pub const CTL_OK: u8 = 43;
 pub const CTL_ERROR: u8 = 44;
+/// Pauses the VM (its disks drained and flushed) for as long as the connection stays
+/// open: a volume's image is then a consistent copy source.
+pub const CTL_HOLD_IO: u8 = 45;
 
 /// What the agent tells the shim (on its stdin, never on disk: `boot` holds secrets).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -658,6 +661,7 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
             let result = request_resume(&shared);
             reply(&mut client, result);
         }
+        CTL_HOLD_IO => hold_io(&shared, client),
         CTL_KILL => {
             let mut state = shared.state();
             state.kill_requested = true;
@@ -731,6 +735,52 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
 }
 
 /// Saves the running VM to the snapshot file and ends QEMU (the shim stays).
+/// Stops the VM's CPUs (QEMU drains and flushes its disks), answers, and continues it
+/// when the client closes the connection, whatever happened to the client meanwhile.
+fn hold_io(shared: &Arc<Shared>, mut client: UnixStream) {
+    let stopped = {
+        let mut qmp_guard = shared.qmp.lock().unwrap_or_else(|p| p.into_inner());
+        match qmp_guard.as_mut() {
+            Some(qmp) => qmp.execute("stop", None).map(|_| ()),
+            None => Err("the machine is not running".to_string()),
+        }
+    };
+    if let Err(err) = stopped {
+        reply(&mut client, Err(err));
+        return;
+    }
+    shared.note("paused while a snapshot of its volumes is taken");
+    reply(&mut client, Ok(()));
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    let continued = shared
+        .qmp
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+        .map(|qmp| qmp.execute("cont", None));
+    match continued {
+        Some(Err(err)) => shared.note(&format!("continuing after the snapshot: {err}")),
+        _ => shared.note("continued after the snapshot"),
+    }
+}
+
+/// Holds the VM paused (see [`CTL_HOLD_IO`]) until the returned connection is dropped.
+pub fn hold_io_until_dropped(machine_dir: &Path) -> Result<UnixStream, String> {
+    let path = machine_dir.join(CONTROL_SOCKET);
+    let mut stream =
+        UnixStream::connect(&path).map_err(|_| "the machine is not running".to_string())?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    channel::write_frame(&mut stream, &Frame::new(0, CTL_HOLD_IO, Vec::new()))
+        .map_err(|e| format!("talking to the machine's supervisor: {e}"))?;
+    let answer = channel::read_frame(&mut stream)
+        .map_err(|e| format!("the machine's supervisor did not answer: {e}"))?;
+    match answer.kind {
+        CTL_OK => Ok(stream),
+        _ => Err(String::from_utf8_lossy(&answer.payload).into_owned()),
+    }
+}
+
 fn suspend(shared: &Arc<Shared>) -> Result<(), String> {
     {
         let state = shared.state();
