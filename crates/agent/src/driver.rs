@@ -222,6 +222,23 @@ pub trait Driver: Send + Sync + 'static {
         None
     }
 
+    /// Whether machines get volumes as block devices (microVMs: never mounted on the
+    /// host, encrypted by QEMU's LUKS driver) rather than host mounts (containers).
+    fn volumes_as_disks(&self) -> bool {
+        false
+    }
+
+    /// Holds the running machine's disk writes (a microVM paused, its disks flushed)
+    /// until the returned handle is dropped, so a volume image can be copied whole.
+    /// `None`: nothing to hold (volumes are host filesystems, frozen by the agent).
+    fn hold_io(
+        &self,
+        _machine_id: &str,
+        _machine_dir: &Path,
+    ) -> Result<Option<Box<dyn Send>>, DriverError> {
+        Ok(None)
+    }
+
     /// Sets up the machine's routed link (a veth into a network namespace for containers,
     /// owned by the machine's user namespace when [`Driver::layer_id_shift`] gives one; a
     /// tap device for microVMs). Idempotent.

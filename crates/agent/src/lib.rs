@@ -213,7 +213,8 @@ impl Agent {
         logs::expire(&logs_archive, logs::RETENTION);
         let volumes = volumes::Volumes::new(&root.join("volumes"))
             .map_err(|e| anyhow::anyhow!("opening the volumes directory: {e}"))?
-            .for_machines_in(driver.layer_id_shift());
+            .for_machines_in(driver.layer_id_shift())
+            .as_disks(driver.volumes_as_disks());
         tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
         let secrets = secrets::SecretsSource::new(&config.control_url, &config.token, &host_id);
         Ok(Arc::new(Self {
@@ -986,16 +987,20 @@ impl Agent {
         };
         let (volumes, id) = (self.volumes.clone(), id.to_string());
         if let Some(source) = source_volume_id.map(str::to_string) {
-            return tokio::task::spawn_blocking(move || volumes.fork(&id, &source, size_gb))
-                .await
-                .map_err(|e| AgentError::Failed(e.to_string()))?
-                .map_err(volume_failure);
+            return tokio::task::spawn_blocking(move || {
+                volumes.fork_with_key(&id, &source, size_gb, key.as_deref())
+            })
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure);
         }
         if let Some(snapshot) = snapshot_id.map(str::to_string) {
-            return tokio::task::spawn_blocking(move || volumes.restore(&id, &snapshot, size_gb))
-                .await
-                .map_err(|e| AgentError::Failed(e.to_string()))?
-                .map_err(volume_failure);
+            return tokio::task::spawn_blocking(move || {
+                volumes.restore_with_key(&id, &snapshot, size_gb, key.as_deref())
+            })
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(volume_failure);
         }
         tokio::task::spawn_blocking(move || volumes.create(&id, size_gb, key.as_deref()))
             .await
@@ -1010,10 +1015,41 @@ impl Agent {
         snapshot: &str,
     ) -> Result<aloft_api::internal::SnapshotFile, AgentError> {
         let (volumes, id, snapshot) = (self.volumes.clone(), id.to_string(), snapshot.to_string());
-        tokio::task::spawn_blocking(move || volumes.snapshot(&id, &snapshot))
-            .await
-            .map_err(|e| AgentError::Failed(e.to_string()))?
-            .map_err(volume_failure)
+        // A microVM writes its volume's image itself: it is held paused (its disks
+        // flushed) while the image is read, so the copy is one moment of the disk.
+        let user = if self.driver.volumes_as_disks() {
+            self.store
+                .machines()?
+                .into_iter()
+                .find(|r| {
+                    r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
+                })
+                .map(|r| r.spec.id)
+        } else {
+            None
+        };
+        let driver = self.driver.clone();
+        let machines_dir = self.machines_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let held = match &user {
+                Some(machine) => match driver.hold_io(machine, &machines_dir.join(machine)) {
+                    Ok(held) => held,
+                    Err(DriverError::NotRunning) => None,
+                    Err(err) => {
+                        return Err(volumes::VolumeError::Failed(format!(
+                            "pausing machine {machine} for the snapshot of volume {id}: {err}"
+                        )));
+                    }
+                },
+                None => None,
+            };
+            let taken = volumes.snapshot(&id, &snapshot);
+            drop(held);
+            taken
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?
+        .map_err(volume_failure)
     }
 
     /// Deletes a snapshot taken on this host.
@@ -1028,7 +1064,19 @@ impl Agent {
     /// A volume's sizes and filesystem counts.
     pub async fn volume(&self, id: &str) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
         let (volumes, id) = (self.volumes.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || volumes.status(&id))
+        // A microVM volume's filesystem is inside its LUKS image: reading its counts
+        // takes its key.
+        let key = if volumes.needs_key_for_status(&id) {
+            Some(
+                self.secrets
+                    .volume_key(&id)
+                    .await
+                    .map_err(AgentError::Failed)?,
+            )
+        } else {
+            None
+        };
+        tokio::task::spawn_blocking(move || volumes.status_with_key(&id, key.as_deref()))
             .await
             .map_err(|e| AgentError::Failed(e.to_string()))?
             .map_err(volume_failure)
@@ -1045,10 +1093,22 @@ impl Agent {
                 r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
             });
         let (volumes, id) = (self.volumes.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || volumes.extend(&id, size_gb, in_use))
-            .await
-            .map_err(|e| AgentError::Failed(e.to_string()))?
-            .map_err(volume_failure)
+        let key = if volumes.needs_key_for_status(&id) {
+            Some(
+                self.secrets
+                    .volume_key(&id)
+                    .await
+                    .map_err(AgentError::Failed)?,
+            )
+        } else {
+            None
+        };
+        tokio::task::spawn_blocking(move || {
+            volumes.extend_with_key(&id, size_gb, in_use, key.as_deref())
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?
+        .map_err(volume_failure)
     }
 
     /// Deletes a volume's disk, unless a machine on this host mounts it.

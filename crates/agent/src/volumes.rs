@@ -29,6 +29,7 @@ use aloft_api::internal::{MachineSpec, SnapshotFile, VolumeDisk};
 use serde_json::json;
 
 use crate::block_image;
+use crate::microvm::volume::{self as vm_volume, DiskFormat, VmDisk};
 use crate::unpack::IdShift;
 
 const GIB: u64 = 1024 * 1024 * 1024;
@@ -50,11 +51,13 @@ pub enum VolumeError {
 }
 
 /// A volume bind-mounted into a machine: the host directory and the path inside.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct VolumeMount {
     pub volume: String,
     pub source: PathBuf,
     pub destination: String,
+    /// For a microVM: the volume as a disk (its image, never mounted on the host).
+    pub vm_disk: Option<VmDisk>,
 }
 
 impl VolumeMount {
@@ -78,6 +81,9 @@ pub struct Volumes {
     lock: Arc<Mutex<()>>,
     /// The user namespace machines run in, whose root must own a volume's top directory.
     machine_ids: Option<IdShift>,
+    /// Machines here are microVMs: volumes are disks for them (LUKS when encrypted),
+    /// never mounted on the host.
+    as_disks: bool,
 }
 
 /// Volume ids are made by the control plane: `vol_` and letters or digits.
@@ -111,7 +117,52 @@ impl Volumes {
             dir: dir.to_path_buf(),
             lock: Arc::default(),
             machine_ids: None,
+            as_disks: false,
         })
+    }
+
+    /// Volumes for microVMs (`true`): made as disk images QEMU opens (LUKS when
+    /// encrypted), read without mounting them on the host.
+    pub fn as_disks(mut self, as_disks: bool) -> Self {
+        self.as_disks = as_disks;
+        self
+    }
+
+    /// What the volume's image holds.
+    fn format(&self, id: &str) -> Result<DiskFormat, VolumeError> {
+        let image = self.image(id);
+        vm_volume::detect(&image).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                VolumeError::NotFound(id.to_string())
+            } else {
+                VolumeError::Failed(format!("reading volume {id}: {e}"))
+            }
+        })
+    }
+
+    /// Whether reading the volume's counts takes its key (a LUKS image).
+    pub fn needs_key_for_status(&self, id: &str) -> bool {
+        check_id(id).is_ok() && matches!(self.format(id), Ok(DiskFormat::Luks))
+    }
+
+    /// Refuses a volume whose image this host's driver cannot use, before anything
+    /// touches it.
+    fn check_usable_here(&self, id: &str) -> Result<DiskFormat, VolumeError> {
+        let format = self.format(id)?;
+        match format {
+            DiskFormat::Luks if !self.as_disks => Err(VolumeError::BadRequest(format!(
+                "volume {id} was made on a microVM host (a LUKS-encrypted disk image): containers cannot mount it; run its machine with aloft server --driver microvm"
+            ))),
+            DiskFormat::Ext4 if self.as_disks && self.encrypted_marker(id).exists() => {
+                Err(VolumeError::BadRequest(format!(
+                    "volume {id} was made on a container host (ext4 encryption): microVMs cannot open it; run its machine with aloft server --driver container"
+                )))
+            }
+            DiskFormat::Unknown => Err(VolumeError::Failed(format!(
+                "volume {id}: its image holds neither ext4 nor LUKS"
+            ))),
+            _ => Ok(format),
+        }
     }
 
     /// Volumes for machines in a user namespace (`ids`): a volume's top directory, made
@@ -173,11 +224,19 @@ impl Volumes {
             let _guard = self.guard();
             match std::fs::metadata(&image) {
                 Ok(meta) if meta.len() == size => {}
+                // A LUKS image: the payload and its header (2 MiB for LUKS1).
+                Ok(meta)
+                    if meta.len() > size
+                        && meta.len() - size < 16 * 1024 * 1024
+                        && matches!(self.format(id), Ok(DiskFormat::Luks)) => {}
                 Ok(meta) => {
                     return Err(VolumeError::Conflict(format!(
                         "volume {id} exists here with another size ({} bytes)",
                         meta.len()
                     )));
+                }
+                Err(_) if self.as_disks && key.is_some() => {
+                    self.create_luks(id, size, key.unwrap_or_default())?;
                 }
                 Err(_) => {
                     let partial = self.dir.join(format!("{id}.ext4.partial"));
@@ -195,7 +254,7 @@ impl Volumes {
                             VolumeError::Failed(e.to_string())
                         }
                     })?;
-                    if key.is_some() {
+                    if key.is_some() && !self.as_disks {
                         std::fs::write(self.encrypted_marker(id), b"").map_err(|e| {
                             let _ = std::fs::remove_file(&partial);
                             VolumeError::Failed(format!("marking volume {id} encrypted: {e}"))
@@ -221,7 +280,7 @@ impl Volumes {
                     if let Ok(dir) = std::fs::File::open(&self.dir) {
                         let _ = dir.sync_all();
                     }
-                    if let Some(key) = key
+                    if let Some(key) = key.filter(|_| !self.as_disks)
                         && let Err(err) = self.set_up_encryption(id, key)
                     {
                         self.release(id);
@@ -238,7 +297,40 @@ impl Volumes {
                 }
             }
         }
-        self.status(id)
+        self.status_with_key(id, key)
+    }
+
+    /// Makes a microVM host's encrypted volume: a LUKS image with ext4 inside, opened by
+    /// `key` (see [`vm_volume::create_luks`]). The caller holds the lock.
+    fn create_luks(&self, id: &str, size: u64, key: &[u8]) -> Result<(), VolumeError> {
+        if block_image::check_room(&self.dir, size).is_err() {
+            return Err(self.no_room(&format!("a {} GB volume", size / GIB)));
+        }
+        let partial = self.dir.join(format!("{id}.ext4.partial"));
+        let _ = std::fs::remove_file(&partial);
+        vm_volume::create_luks(&partial, size, key, &self.dir)
+            .map_err(|e| VolumeError::Failed(format!("making the disk of volume {id}: {e}")))?;
+        let stored = std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::write(self.encrypted_marker(id), b""))
+            .and_then(|()| std::fs::File::open(&partial))
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&partial, self.image(id)));
+        if let Err(e) = stored {
+            let _ = std::fs::remove_file(&partial);
+            let _ = std::fs::remove_file(self.encrypted_marker(id));
+            return Err(VolumeError::Failed(format!(
+                "storing the disk of volume {id}: {e}"
+            )));
+        }
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        tracing::info!(
+            volume = id,
+            size_gb = size / GIB,
+            "volume created (LUKS image for microVMs)"
+        );
+        Ok(())
     }
 
     /// Mounts the volume at its mount point unless it is already; returns that directory.
@@ -247,6 +339,12 @@ impl Volumes {
         let image = self.image(id);
         if !image.exists() {
             return Err(VolumeError::NotFound(id.to_string()));
+        }
+        self.check_usable_here(id)?;
+        if self.as_disks {
+            return Err(VolumeError::Failed(format!(
+                "volume {id} is a microVM's disk on this host and is never mounted here"
+            )));
         }
         let target = self.mount_point(id);
         if block_image::is_mount_point(&target) {
@@ -284,8 +382,44 @@ impl Volumes {
 
     /// The volume's sizes and counts (mounting it if it is not).
     pub fn status(&self, id: &str) -> Result<VolumeDisk, VolumeError> {
+        self.status_with_key(id, None)
+    }
+
+    /// The volume's sizes and counts. On a container host the volume is mounted (if it
+    /// is not) and its filesystem asked (statvfs). A microVM host never mounts a volume:
+    /// the counts come from the ext4 superblock, read from the image (through QEMU's
+    /// LUKS driver with `key` when it is encrypted). The superblock's free count is the
+    /// one the guest's kernel last wrote there (at mount, unmount and journal commits
+    /// of the superblock), so it can lag behind a running machine's writes.
+    pub fn status_with_key(&self, id: &str, key: Option<&[u8]>) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
         let _guard = self.guard();
+        if self.as_disks {
+            let image = self.image(id);
+            self.check_usable_here(id)?;
+            let size_bytes = std::fs::metadata(&image)
+                .map(|m| m.len())
+                .map_err(failed(format!("volume {id}")))?;
+            let sb = vm_volume::read_superblock(&image, key, &self.dir)
+                .map_err(|e| VolumeError::Failed(format!("volume {id}: {e}")))?;
+            // The payload, without a LUKS header.
+            let size_bytes = size_bytes.saturating_sub(
+                vm_volume::payload_offset(&image).map_err(failed(format!("volume {id}")))?,
+            );
+            if sb.blocks * sb.block_size >= size_bytes {
+                // The filesystem fills its disk: nothing left to grow at the next start.
+                let _ = std::fs::remove_file(self.pending_resize(id));
+            }
+            return Ok(VolumeDisk {
+                id: id.to_string(),
+                size_bytes,
+                blocks: sb.blocks.saturating_sub(sb.overhead),
+                block_size: sb.block_size,
+                blocks_free: sb.free,
+                blocks_avail: sb.free.saturating_sub(sb.reserved),
+                needs_restart: false,
+            });
+        }
         let target = self.ensure_mounted(id)?;
         let size_bytes = std::fs::metadata(self.image(id))
             .map(|m| m.len())
@@ -307,7 +441,29 @@ impl Volumes {
     /// (CAP_SYS_RESOURCE); otherwise a volume no running machine uses is grown offline at
     /// once, and one in use when its machine next starts (`needs_restart`).
     pub fn extend(&self, id: &str, size_gb: u64, in_use: bool) -> Result<VolumeDisk, VolumeError> {
+        self.extend_with_key(id, size_gb, in_use, None)
+    }
+
+    /// [`Volumes::extend`], with the volume's key (a microVM host reads an encrypted
+    /// volume's counts through it). On a microVM host the image grows at once (a LUKS
+    /// image's payload is the rest of the file after its header, so the same holds for
+    /// it) and the filesystem grows when a machine next mounts it (init resizes it
+    /// online to the disk): `needs_restart`.
+    pub fn extend_with_key(
+        &self,
+        id: &str,
+        size_gb: u64,
+        in_use: bool,
+        key: Option<&[u8]>,
+    ) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
+        if self.as_disks {
+            let grew = self.grow_disk(id, size_gb)?;
+            let mut disk = self.status_with_key(id, key)?;
+            disk.needs_restart = grew || self.pending_resize(id).exists();
+            let _ = in_use;
+            return Ok(disk);
+        }
         let size = size_gb.saturating_mul(GIB);
         let needs_restart = {
             let _guard = self.guard();
@@ -361,6 +517,52 @@ impl Volumes {
         let mut disk = self.status(id)?;
         disk.needs_restart = needs_restart;
         Ok(disk)
+    }
+
+    /// Grows a microVM volume's image so its payload is `size_gb`; `true` when it grew.
+    /// The filesystem inside grows at its machine's next start (recorded until then).
+    fn grow_disk(&self, id: &str, size_gb: u64) -> Result<bool, VolumeError> {
+        let _guard = self.guard();
+        self.check_usable_here(id)?;
+        let image = self.image(id);
+        let header =
+            vm_volume::payload_offset(&image).map_err(failed(format!("reading volume {id}")))?;
+        let length = std::fs::metadata(&image)
+            .map_err(|_| VolumeError::NotFound(id.to_string()))?
+            .len();
+        let current = length.saturating_sub(header);
+        let size = size_gb.saturating_mul(GIB);
+        if size < current {
+            return Err(VolumeError::BadRequest(format!(
+                "invalid size_gb: {size_gb} is smaller than the volume ({} GB); volumes only grow",
+                current / GIB
+            )));
+        }
+        if size == current {
+            return Ok(false);
+        }
+        if block_image::check_room(&self.dir, size - current).is_err() {
+            return Err(self.no_room(&format!("volume {id} to grow to {size_gb} GB")));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .map_err(failed(format!("opening volume {id}")))?;
+        file.set_len(header + size)
+            .map_err(failed(format!("growing volume {id}")))?;
+        if let Err(e) = block_image::preallocate(&file, length, header + size) {
+            let _ = file.set_len(length);
+            return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+                self.no_room(&format!("volume {id} to grow to {size_gb} GB"))
+            } else {
+                VolumeError::Failed(format!("growing volume {id}: {e}"))
+            });
+        }
+        file.sync_all()
+            .map_err(failed(format!("growing volume {id}")))?;
+        std::fs::write(self.pending_resize(id), b"")
+            .map_err(failed(format!("recording the resize of volume {id}")))?;
+        Ok(true)
     }
 
     /// The error for a host whose disk can't hold `what`, with the room it has.
@@ -608,6 +810,18 @@ impl Volumes {
         snapshot: &str,
         size_gb: u64,
     ) -> Result<VolumeDisk, VolumeError> {
+        self.restore_with_key(id, snapshot, size_gb, None)
+    }
+
+    /// [`Volumes::restore`], with the volume's key (a microVM host reads an encrypted
+    /// volume's counts through it).
+    pub fn restore_with_key(
+        &self,
+        id: &str,
+        snapshot: &str,
+        size_gb: u64,
+        key: Option<&[u8]>,
+    ) -> Result<VolumeDisk, VolumeError> {
         use sha2::Digest;
         check_id(id)?;
         check_id(snapshot)?;
@@ -634,6 +848,11 @@ impl Volumes {
                 return Err(VolumeError::Failed(format!(
                     "snapshot {snapshot} is damaged: its checksum does not match {}",
                     record.digest
+                )));
+            }
+            if self.as_disks && size_gb.saturating_mul(GIB) > record.volume_size {
+                return Err(VolumeError::BadRequest(format!(
+                    "invalid size_gb: {size_gb} is larger than snapshot {snapshot}'s volume; microVM volumes are restored at their snapshot's size on this host"
                 )));
             }
             let partial = self.dir.join(format!("{id}.ext4.partial"));
@@ -700,7 +919,7 @@ impl Volumes {
             }
             tracing::info!(volume = id, snapshot, "volume restored from a snapshot");
         }
-        self.status(id)
+        self.status_with_key(id, key)
     }
 
     /// Deletes a snapshot's files.
@@ -718,10 +937,21 @@ impl Volumes {
     /// Makes volume `id` a copy of volume `source` (a fork): a snapshot restored, then
     /// the snapshot removed.
     pub fn fork(&self, id: &str, source: &str, size_gb: u64) -> Result<VolumeDisk, VolumeError> {
+        self.fork_with_key(id, source, size_gb, None)
+    }
+
+    /// [`Volumes::fork`], with the volume's key (see [`Volumes::restore_with_key`]).
+    pub fn fork_with_key(
+        &self,
+        id: &str,
+        source: &str,
+        size_gb: u64,
+        key: Option<&[u8]>,
+    ) -> Result<VolumeDisk, VolumeError> {
         check_id(id)?;
         let snapshot = format!("{id}_fork");
         self.snapshot(source, &snapshot)?;
-        let restored = self.restore(id, &snapshot, size_gb);
+        let restored = self.restore_with_key(id, &snapshot, size_gb, key);
         let _ = std::fs::remove_file(self.snapshot_file(&snapshot));
         let _ = std::fs::remove_file(self.snapshots_dir().join(format!("{snapshot}.json")));
         restored
@@ -771,6 +1001,10 @@ impl Volumes {
                 continue;
             }
             check_id(&mount.volume)?;
+            if self.as_disks {
+                mounts.push(self.vm_disk(spec, i, &mount.volume, &mount.path, keys)?);
+                continue;
+            }
             if self.pending_resize(&mount.volume).exists() {
                 // Its machine is starting, so nothing else should hold the filesystem.
                 self.resize_if_unused(&mount.volume)?;
@@ -788,9 +1022,60 @@ impl Volumes {
                 volume: mount.volume.clone(),
                 source,
                 destination: mount.path.clone(),
+                vm_disk: None,
             });
         }
         Ok(mounts)
+    }
+
+    /// The volume as a microVM's disk: checked to be a format microVMs open, not in use
+    /// on the host, with its key when it is LUKS. The caller holds the lock.
+    fn vm_disk(
+        &self,
+        spec: &MachineSpec,
+        index: usize,
+        id: &str,
+        destination: &str,
+        keys: &std::collections::HashMap<String, Vec<u8>>,
+    ) -> Result<VolumeMount, VolumeError> {
+        let format = self.check_usable_here(id).map_err(|e| match e {
+            VolumeError::NotFound(id) => VolumeError::NotFound(format!(
+                "{id} (mounts[{index}].volume of machine {})",
+                spec.id
+            )),
+            other => other,
+        })?;
+        let image = self.image(id);
+        // A mount left by an earlier run as a container host goes first; an image still
+        // attached to a loop device is in use and is not handed to a VM as well.
+        self.release(id);
+        if block_image::loop_devices_under(&image)
+            .iter()
+            .any(|d| d.backing_file == image)
+        {
+            return Err(VolumeError::Conflict(format!(
+                "volume {id} is still attached to a loop device on this host; it cannot be a microVM's disk while it is"
+            )));
+        }
+        let passphrase = match format {
+            DiskFormat::Luks => Some(vm_volume::passphrase(keys.get(id).ok_or_else(|| {
+                VolumeError::Failed(format!(
+                    "volume {id} is encrypted and its key was not available"
+                ))
+            })?)),
+            _ => None,
+        };
+        Ok(VolumeMount {
+            volume: id.to_string(),
+            source: image.clone(),
+            destination: destination.to_string(),
+            vm_disk: Some(VmDisk {
+                volume: id.to_string(),
+                image,
+                passphrase,
+                destination: destination.to_string(),
+            }),
+        })
     }
 }
 
@@ -1111,6 +1396,141 @@ mod tests {
             needle.to_vec()
         );
         volumes.release_all();
+    }
+
+    #[test]
+    fn a_volume_made_for_one_driver_is_refused_by_the_other_untouched() {
+        if !root()
+            || std::process::Command::new("qemu-img")
+                .arg("--version")
+                .output()
+                .is_err()
+        {
+            aloft_testkit::skip("needs root, loop devices and qemu-img");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volumes");
+        let key = new_key();
+        let vm_host = Volumes::new(&path).unwrap().as_disks(true);
+        let container_host = Volumes::new(&path).unwrap();
+        // A microVM host's encrypted volume: a LUKS image, its counts read through it.
+        let disk = vm_host.create("vol_luks", 1, Some(&key)).unwrap();
+        assert_eq!(disk.size_bytes, GIB);
+        assert!(disk.blocks * disk.block_size > GIB * 9 / 10, "{disk:?}");
+        assert!(disk.blocks_avail > disk.blocks * 9 / 10, "{disk:?}");
+        assert!(vm_host.is_encrypted("vol_luks") && vm_host.needs_key_for_status("vol_luks"));
+        let image = path.join("vol_luks.ext4");
+        assert!(std::fs::metadata(&image).unwrap().blocks() * 512 >= GIB);
+        assert_eq!(std::fs::metadata(&image).unwrap().mode() & 0o777, 0o600);
+        // Asking again answers the same volume.
+        assert_eq!(
+            vm_host.create("vol_luks", 1, Some(&key)).unwrap().blocks,
+            disk.blocks
+        );
+        let before = std::fs::read(&image).unwrap();
+        let spec = |volume: &str| MachineSpec {
+            id: "m1".into(),
+            config: aloft_api::MachineConfig {
+                mounts: vec![aloft_api::MachineMount {
+                    volume: volume.into(),
+                    path: "/data".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        use std::collections::HashMap;
+        let keys = |v: &str| HashMap::from([(v.to_string(), key.clone())]);
+        for err in [
+            container_host.status("vol_luks").unwrap_err(),
+            container_host
+                .mounts_for(&spec("vol_luks"), &keys("vol_luks"))
+                .unwrap_err(),
+        ] {
+            assert!(
+                err.to_string().contains("made on a microVM host")
+                    && err.to_string().contains("--driver microvm"),
+                "{err}"
+            );
+        }
+        assert!(
+            std::fs::read(&image).unwrap() == before,
+            "the LUKS image is untouched"
+        );
+        // A container host's encrypted volume (ext4 encryption) is refused by a VM host.
+        container_host.create("vol_fscrypt", 1, Some(&key)).unwrap();
+        container_host.release_all();
+        let err = vm_host
+            .mounts_for(&spec("vol_fscrypt"), &keys("vol_fscrypt"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("made on a container host"),
+            "{err}"
+        );
+        // The VM host hands its volume over as a disk with its passphrase, unmounted.
+        let mounts = vm_host
+            .mounts_for(&spec("vol_luks"), &keys("vol_luks"))
+            .unwrap();
+        let disk = mounts[0].vm_disk.as_ref().unwrap();
+        assert_eq!(disk.image, image);
+        assert_eq!(
+            disk.passphrase.as_deref(),
+            Some(vm_volume::passphrase(&key).as_str())
+        );
+        assert!(!block_image::is_mount_point(&path.join("mnt/vol_luks")));
+        // Without its key it does not start.
+        assert!(
+            vm_host
+                .mounts_for(&spec("vol_luks"), &HashMap::new())
+                .is_err()
+        );
+        // A snapshot restores into a LUKS volume opened by the same key, at its size.
+        let taken = vm_host.snapshot("vol_luks", "vs_luks").unwrap();
+        assert!(taken.encrypted);
+        let restored = vm_host
+            .restore_with_key("vol_luks2", "vs_luks", 1, Some(&key))
+            .unwrap();
+        assert_eq!(
+            restored.blocks,
+            vm_host
+                .status_with_key("vol_luks", Some(&key))
+                .unwrap()
+                .blocks
+        );
+        assert_eq!(
+            vm_volume::detect(&path.join("vol_luks2.ext4")).unwrap(),
+            DiskFormat::Luks
+        );
+        assert!(matches!(
+            vm_host.restore_with_key("vol_luks3", "vs_luks", 2, Some(&key)),
+            Err(VolumeError::BadRequest(_))
+        ));
+        assert!(!path.join("vol_luks3.ext4").exists());
+        // Extending grows the image (the LUKS payload) at once, the filesystem at the
+        // next start; shrinking is refused.
+        let grown = vm_host
+            .extend_with_key("vol_luks", 2, false, Some(&key))
+            .unwrap();
+        assert_eq!(grown.size_bytes, 2 * GIB);
+        assert!(grown.needs_restart);
+        assert!(
+            std::fs::metadata(&image).unwrap().blocks() * 512 >= 2 * GIB,
+            "the grown part is reserved"
+        );
+        assert!(matches!(
+            vm_host.extend_with_key("vol_luks", 1, false, Some(&key)),
+            Err(VolumeError::BadRequest(_))
+        ));
+        // An unencrypted volume is plain ext4 for both.
+        let plain = vm_host.create("vol_plain", 1, None).unwrap();
+        assert!(plain.blocks * plain.block_size > GIB * 9 / 10);
+        let mounts = vm_host
+            .mounts_for(&spec("vol_plain"), &HashMap::new())
+            .unwrap();
+        assert!(mounts[0].vm_disk.as_ref().unwrap().passphrase.is_none());
+        container_host.release_all();
     }
 
     #[test]

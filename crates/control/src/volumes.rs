@@ -337,9 +337,16 @@ pub async fn create(
             })?;
         let copied = Sealed::seal(&sealing, &volume_key_aad(&row.id), &key)
             .map_err(|_| ApiError::internal("sealing the volume's key"));
+        // The disk is the snapshot's ciphertext; a microVM host still needs the key to
+        // read the new volume's counts through its LUKS layer.
+        let for_host = Sealed::seal(
+            &plane.secrets.host_key(&row.host_id),
+            &volume_key_host_aad(&row.host_id, &row.id),
+            &key,
+        )
+        .map_err(|_| ApiError::internal("sealing the volume's key for its host"));
         key.fill(0);
-        // The disk is the snapshot's: the agent needs no key to make it.
-        Some((copied?, Sealed::default()))
+        Some((copied?, for_host?))
     } else if source.is_some() {
         None
     } else if row.encrypted {
@@ -368,9 +375,7 @@ pub async fn create(
         .create_volume(
             &row.id,
             size,
-            keys.as_ref()
-                .filter(|_| source.is_none())
-                .map(|(_, host)| host.clone()),
+            keys.as_ref().map(|(_, host)| host.clone()),
             source
                 .as_ref()
                 .filter(|_| forked.is_none())

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod jail;
 pub mod rootfs;
 pub mod shim;
+pub mod volume;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -19,7 +20,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use aloft_api::internal::ProcessStat;
-use aloft_init::vm::channel::{self, BootConfig, Frame, GuestNetwork};
+use aloft_init::vm::channel::{self, BootConfig, Frame, GuestNetwork, GuestVolume};
 use nix::sys::signal::Signal;
 
 use crate::driver::{
@@ -257,11 +258,20 @@ impl MicrovmDriver {
     }
 
     fn start_vm(&self, request: &StartRequest<'_>) -> Result<i32, DriverError> {
-        if let Some(mount) = request.volumes.first() {
-            return Err(DriverError::Start(format!(
-                "volume {} (mounts[0].volume): volumes are not available to microVMs on this host yet; run the machine as a container (aloft server --driver container)",
-                mount.volume
-            )));
+        let mut volumes = Vec::new();
+        let mut guest_volumes = Vec::new();
+        for (i, mount) in request.volumes.iter().enumerate() {
+            let disk = mount.vm_disk.clone().ok_or_else(|| {
+                DriverError::Start(format!(
+                    "volume {} (mounts[{i}].volume) was prepared as a host mount, not as a microVM disk",
+                    mount.volume
+                ))
+            })?;
+            guest_volumes.push(GuestVolume {
+                serial: volume::disk_serial(i),
+                destination: disk.destination.clone(),
+            });
+            volumes.push(disk);
         }
         if request.guest.memory_mb < MIN_GUEST_MEMORY_MB {
             return Err(DriverError::Start(format!(
@@ -314,7 +324,9 @@ impl MicrovmDriver {
                 network: guest_network(request.link),
                 root_device: "/dev/vda".into(),
                 swap_size_mb: swap_mb as u32,
+                volumes: guest_volumes,
             },
+            volumes,
         };
         self.spawn_shim(request.machine_dir, &launch)
     }
@@ -382,6 +394,19 @@ impl Driver for MicrovmDriver {
             self.accel.as_str().to_uppercase(),
             self.accel_reason
         )
+    }
+
+    fn volumes_as_disks(&self) -> bool {
+        true
+    }
+
+    fn hold_io(
+        &self,
+        _machine_id: &str,
+        machine_dir: &Path,
+    ) -> Result<Option<Box<dyn Send>>, DriverError> {
+        let held = shim::hold_io_until_dropped(machine_dir).map_err(map_control)?;
+        Ok(Some(Box::new(held)))
     }
 
     fn ensure_network(&self, link: &MachineLink) -> Result<(), NetworkError> {

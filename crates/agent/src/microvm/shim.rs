@@ -35,6 +35,9 @@ pub const CTL_RESUME: u8 = 41;
 pub const CTL_KILL: u8 = 42;
 pub const CTL_OK: u8 = 43;
 pub const CTL_ERROR: u8 = 44;
+/// Pauses the VM (its disks drained and flushed) for as long as the connection stays
+/// open: a volume's image is then a consistent copy source.
+pub const CTL_HOLD_IO: u8 = 45;
 
 /// What the agent tells the shim (on its stdin, never on disk: `boot` holds secrets).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -51,6 +54,9 @@ pub struct Launch {
     pub ready_timeout_secs: u64,
     pub kernel_cmdline: String,
     pub boot: BootConfig,
+    /// Volumes, as disks in this order (serials `fly-vol-N`); LUKS passphrases included.
+    #[serde(default)]
+    pub volumes: Vec<super::volume::VmDisk>,
 }
 
 impl Launch {
@@ -133,6 +139,39 @@ impl Launch {
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
         ]);
+        for (i, (disk, volume_fds)) in self.volumes.iter().zip(&fds.volumes).enumerate() {
+            // The image is opened by the shim and handed over (an fd set); QEMU's uid
+            // cannot open it. The passphrase is read from an inherited pipe.
+            let set = i + 1;
+            args.extend([
+                "-add-fd".into(),
+                format!("fd={},set={set}", volume_fds.image),
+                "-blockdev".into(),
+                format!(
+                    "driver=file,node-name=vol{i}-file,filename=/dev/fdset/{set},cache.direct=off,cache.no-flush=off"
+                ),
+            ]);
+            match (disk.passphrase.as_ref(), volume_fds.key) {
+                (Some(_), Some(key)) => args.extend([
+                    "-object".into(),
+                    format!("secret,id=vol{i}-key,file=/proc/self/fd/{key}"),
+                    "-blockdev".into(),
+                    format!("driver=luks,node-name=vol{i},file=vol{i}-file,key-secret=vol{i}-key"),
+                ]),
+                _ => args.extend([
+                    "-blockdev".into(),
+                    format!("driver=raw,node-name=vol{i},file=vol{i}-file"),
+                ]),
+            }
+            args.extend([
+                "-device".into(),
+                format!(
+                    "{},drive=vol{i},serial={}",
+                    bus("virtio-blk-pci", "virtio-blk-device"),
+                    super::volume::disk_serial(i)
+                ),
+            ]);
+        }
         if !microvm {
             // SeaBIOS would print its banner on the serial console (the machine's log).
             args.extend(["-fw_cfg".into(), "name=etc/sercon-port,string=0".into()]);
@@ -150,6 +189,14 @@ pub struct QemuFds {
     pub agent: RawFd,
     pub qmp: RawFd,
     pub tap: RawFd,
+    /// Per volume disk: its image, and the pipe holding its passphrase (LUKS).
+    pub volumes: Vec<VolumeFds>,
+}
+
+/// The descriptors of one volume disk.
+pub struct VolumeFds {
+    pub image: RawFd,
+    pub key: Option<RawFd>,
 }
 
 struct Qemu {
@@ -192,11 +239,46 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
     let (agent, agent_qemu) = socketpair()?;
     let (qmp, qmp_qemu) = socketpair()?;
     let tap = open_tap(&launch.tap)?;
+    // Held open until QEMU has its copies (the jail keeps them across exec).
+    let mut volume_files: Vec<(File, Option<OwnedFd>)> = Vec::new();
+    for disk in &launch.volumes {
+        let image = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk.image)
+            .map_err(|e| format!("opening the disk of volume {}: {e}", disk.volume))?;
+        let key = match &disk.passphrase {
+            Some(passphrase) => {
+                let pipe = super::volume::secret_pipe(passphrase.as_bytes())
+                    .map_err(|e| format!("handing the key of volume {}: {e}", disk.volume))?;
+                // QEMU reopens the pipe through /proc/self/fd: it must be its uid's.
+                // SAFETY: fchown on a descriptor we own.
+                if unsafe { libc::fchown(pipe.as_raw_fd(), launch.uid, launch.uid) } != 0 {
+                    return Err(format!(
+                        "handing the key pipe of volume {} to uid {}: {}",
+                        disk.volume,
+                        launch.uid,
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                Some(pipe)
+            }
+            None => None,
+        };
+        volume_files.push((image, key));
+    }
     let fds = QemuFds {
         console: console_qemu.as_raw_fd(),
         agent: agent_qemu.as_raw_fd(),
         qmp: qmp_qemu.as_raw_fd(),
         tap: tap.as_raw_fd(),
+        volumes: volume_files
+            .iter()
+            .map(|(image, key)| VolumeFds {
+                image: image.as_raw_fd(),
+                key: key.as_ref().map(|k| k.as_raw_fd()),
+            })
+            .collect(),
     };
     let incoming_fd = incoming.map(|f| f.as_raw_fd());
     let args = launch.qemu_args(&fds, incoming_fd);
@@ -204,6 +286,10 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
     let (errors_read, errors_write) = pipe()?;
     let mut keep = vec![fds.console, fds.agent, fds.qmp, fds.tap];
     keep.extend(incoming_fd);
+    for volume in &fds.volumes {
+        keep.push(volume.image);
+        keep.extend(volume.key);
+    }
     let jail_root = dir.join("jail");
     std::fs::create_dir_all(&jail_root)
         .map_err(|e| format!("creating {}: {e}", jail_root.display()))?;
@@ -219,6 +305,7 @@ fn start_qemu(launch: &Launch, dir: &Path, incoming: Option<&File>) -> Result<Qe
     });
     let pid = jail.spawn()?.as_raw();
     drop(errors_write);
+    drop(volume_files);
     jail::enter_cgroups(
         &launch.machine_id,
         pid,
@@ -574,6 +661,7 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
             let result = request_resume(&shared);
             reply(&mut client, result);
         }
+        CTL_HOLD_IO => hold_io(&shared, client),
         CTL_KILL => {
             let mut state = shared.state();
             state.kill_requested = true;
@@ -647,6 +735,52 @@ fn serve_client(shared: Arc<Shared>, mut client: UnixStream) {
 }
 
 /// Saves the running VM to the snapshot file and ends QEMU (the shim stays).
+/// Stops the VM's CPUs (QEMU drains and flushes its disks), answers, and continues it
+/// when the client closes the connection, whatever happened to the client meanwhile.
+fn hold_io(shared: &Arc<Shared>, mut client: UnixStream) {
+    let stopped = {
+        let mut qmp_guard = shared.qmp.lock().unwrap_or_else(|p| p.into_inner());
+        match qmp_guard.as_mut() {
+            Some(qmp) => qmp.execute("stop", None).map(|_| ()),
+            None => Err("the machine is not running".to_string()),
+        }
+    };
+    if let Err(err) = stopped {
+        reply(&mut client, Err(err));
+        return;
+    }
+    shared.note("paused while a snapshot of its volumes is taken");
+    reply(&mut client, Ok(()));
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    let continued = shared
+        .qmp
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+        .map(|qmp| qmp.execute("cont", None));
+    match continued {
+        Some(Err(err)) => shared.note(&format!("continuing after the snapshot: {err}")),
+        _ => shared.note("continued after the snapshot"),
+    }
+}
+
+/// Holds the VM paused (see [`CTL_HOLD_IO`]) until the returned connection is dropped.
+pub fn hold_io_until_dropped(machine_dir: &Path) -> Result<UnixStream, String> {
+    let path = machine_dir.join(CONTROL_SOCKET);
+    let mut stream =
+        UnixStream::connect(&path).map_err(|_| "the machine is not running".to_string())?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    channel::write_frame(&mut stream, &Frame::new(0, CTL_HOLD_IO, Vec::new()))
+        .map_err(|e| format!("talking to the machine's supervisor: {e}"))?;
+    let answer = channel::read_frame(&mut stream)
+        .map_err(|e| format!("the machine's supervisor did not answer: {e}"))?;
+    match answer.kind {
+        CTL_OK => Ok(stream),
+        _ => Err(String::from_utf8_lossy(&answer.payload).into_owned()),
+    }
+}
+
 fn suspend(shared: &Arc<Shared>) -> Result<(), String> {
     {
         let state = shared.state();

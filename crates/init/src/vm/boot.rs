@@ -113,6 +113,8 @@ fn stage_one(channel: &mut Option<File>) -> Result<Never, InitError> {
         make_swap(config.swap_size_mb)?;
     }
     switch_root()?;
+    // Inside the new root, so the image's own symlinks resolve there.
+    mount_volumes(&config.volumes)?;
     exec_stage_two(port_writer, &config)
 }
 
@@ -208,6 +210,89 @@ fn mount_root(config: &BootConfig) -> Result<(), InitError> {
             source.desc()
         ))
     })
+}
+
+/// The virtio-blk disk (`/dev/vdX`) whose serial is `serial`.
+fn find_disk(serial: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("vd") {
+            continue;
+        }
+        let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if found.trim_end_matches(['\0', '\n']) == serial {
+            let device = Path::new("/dev").join(&name);
+            if device.exists() {
+                return Some(device);
+            }
+        }
+    }
+    None
+}
+
+/// Mounts each volume's disk (ext4) at its destination, made if the image lacks it.
+/// The volume's root directory belongs to root, as it does in a container.
+fn mount_volumes(volumes: &[channel::GuestVolume]) -> Result<(), InitError> {
+    for volume in volumes {
+        let device = wait_for(
+            &format!("the disk of the volume at {}", volume.destination),
+            || find_disk(&volume.serial),
+        )?;
+        std::fs::create_dir_all(&volume.destination).map_err(io_err(volume.destination.clone()))?;
+        mount(
+            Some(&device),
+            volume.destination.as_str(),
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            // Its inode tables were zero when it was made (and are kept so).
+            Some("noinit_itable"),
+        )
+        .map_err(|source| {
+            InitError::Invalid(format!(
+                "mounting the volume at {} ({}, ext4): {}",
+                volume.destination,
+                device.display(),
+                source.desc()
+            ))
+        })?;
+        // A volume extended since it was last mounted: its filesystem grows (online)
+        // into the whole disk. The machine runs anyway if it cannot.
+        if let Err(error) = grow_to_device(&device, &volume.destination) {
+            eprintln!(
+                "init: growing the volume at {} to its disk's size: {error}",
+                volume.destination
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Grows the ext4 mounted at `mount_point` to the size of `device` (the kernel's online
+/// resize, as resize2fs does on a mounted filesystem); nothing when it fills it already.
+fn grow_to_device(device: &Path, mount_point: &str) -> std::io::Result<()> {
+    // <linux/fs.h> BLKGETSIZE64 _IOR(0x12, 114, size_t); <linux/ext4.h>
+    // EXT4_IOC_RESIZE_FS _IOW('f', 16, __u64).
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    let disk = File::open(device)?;
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64.
+    if unsafe { libc::ioctl(disk.as_raw_fd(), BLKGETSIZE64 as _, &mut bytes) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let stat = nix::sys::statfs::statfs(mount_point).map_err(std::io::Error::from)?;
+    let block_size = stat.block_size() as u64;
+    if block_size == 0 {
+        return Ok(());
+    }
+    let blocks: u64 = bytes / block_size;
+    let dir = File::open(mount_point)?;
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64; equal to the current count, it does nothing.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &blocks) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A swap file of `size_mb` on the root filesystem, in use.

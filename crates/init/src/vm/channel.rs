@@ -57,6 +57,17 @@ pub struct BootConfig {
     /// A swap file of this size on the root filesystem (0: none).
     #[serde(default)]
     pub swap_size_mb: u32,
+    /// Volumes: disks to mount (ext4) at their paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// A volume as the guest sees it: the virtio-blk disk with this serial, mounted at
+/// `destination`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestVolume {
+    pub serial: String,
+    pub destination: String,
 }
 
 /// The guest's side of its routed link.
