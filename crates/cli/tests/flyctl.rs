@@ -14,6 +14,29 @@ fn flyctl_binary() -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
+/// The flyctl binary, when the platform can run here and flyctl is built; else the test
+/// skips (which fails under ALOFT_REQUIRE_ALL_TESTS).
+fn flyctl_or_skip() -> Option<PathBuf> {
+    if let Some(reason) = common::missing_prerequisite() {
+        aloft_testkit::skip(&reason);
+        return None;
+    }
+    let binary = flyctl_binary();
+    if binary.is_none() {
+        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+    }
+    binary
+}
+
+/// Every GraphQL query `client` sent was one Aloft's schema answers.
+fn assert_every_query_answered(platform: &Platform, client: &str) {
+    let log = platform.server_log();
+    assert!(
+        !log.contains("GraphQL query Aloft cannot answer"),
+        "{client} sent GraphQL Aloft does not understand:\n{log}"
+    );
+}
+
 /// `aloft flyctl-env`'s `export NAME='VALUE'` lines as pairs.
 fn flyctl_env(platform: &Platform) -> Vec<(String, String)> {
     let run = platform.aloft(&["flyctl-env"]);
@@ -64,12 +87,7 @@ fn flyctl_in(
 
 #[test]
 fn flyctl_env_points_the_real_flyctl_at_aloft() {
-    if let Some(reason) = common::missing_prerequisite() {
-        aloft_testkit::skip(&reason);
-        return;
-    }
-    let Some(flyctl_path) = flyctl_binary() else {
-        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+    let Some(flyctl_path) = flyctl_or_skip() else {
         return;
     };
     let platform = Platform::start();
@@ -148,12 +166,7 @@ fn secret_names(platform: &Platform, app: &str) -> Vec<String> {
 /// and API.
 #[test]
 fn flyctl_app_commands_work_against_aloft() {
-    if let Some(reason) = common::missing_prerequisite() {
-        aloft_testkit::skip(&reason);
-        return;
-    }
-    let Some(fly) = flyctl_binary() else {
-        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+    let Some(fly) = flyctl_or_skip() else {
         return;
     };
     let platform = Platform::start();
@@ -352,11 +365,7 @@ fn flyctl_app_commands_work_against_aloft() {
     );
 
     // Every query these commands sent was one Aloft's schema answers.
-    let log = platform.server_log();
-    assert!(
-        !log.contains("GraphQL query Aloft cannot answer"),
-        "flyctl sent GraphQL Aloft does not understand:\n{log}"
-    );
+    assert_every_query_answered(&platform, "flyctl");
 }
 
 /// Point 6: a query for something Aloft's schema lacks is a standard GraphQL error naming
@@ -567,12 +576,7 @@ fn app_with_busybox_image(platform: &Platform, app: &str) -> String {
 /// checked against the Machines API's state.
 #[test]
 fn flyctl_machine_commands_work_against_aloft() {
-    if let Some(reason) = common::missing_prerequisite() {
-        aloft_testkit::skip(&reason);
-        return;
-    }
-    let Some(fly) = flyctl_binary() else {
-        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+    let Some(fly) = flyctl_or_skip() else {
         return;
     };
     let platform = Platform::start();
@@ -679,11 +683,7 @@ fn flyctl_machine_commands_work_against_aloft() {
         before.iter().map(|(id, _)| id).collect::<Vec<_>>(),
         "{left:?}"
     );
-    let log = platform.server_log();
-    assert!(
-        !log.contains("GraphQL query Aloft cannot answer"),
-        "flyctl sent GraphQL Aloft does not understand:\n{log}"
-    );
+    assert_every_query_answered(&platform, "flyctl");
 }
 
 /// Point 2: `fly deploy --image REF` of an app with a fly.toml, the image in Aloft's
@@ -691,12 +691,7 @@ fn flyctl_machine_commands_work_against_aloft() {
 /// release; and point 3: `fly volumes create` makes a volume `fly volumes list` shows.
 #[test]
 fn flyctl_deploys_an_image_and_creates_volumes() {
-    if let Some(reason) = common::missing_prerequisite() {
-        aloft_testkit::skip(&reason);
-        return;
-    }
-    let Some(fly) = flyctl_binary() else {
-        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+    let Some(fly) = flyctl_or_skip() else {
         return;
     };
     let platform = Platform::start();
@@ -783,11 +778,7 @@ fn flyctl_deploys_an_image_and_creates_volumes() {
         "{listed}"
     );
 
-    let log = platform.server_log();
-    assert!(
-        !log.contains("GraphQL query Aloft cannot answer"),
-        "flyctl sent GraphQL Aloft does not understand:\n{log}"
-    );
+    assert_every_query_answered(&platform, "flyctl");
 }
 
 fn flygo_binary() -> Option<PathBuf> {
@@ -921,11 +912,7 @@ fn fly_go_client_works_against_aloft() {
     assert_eq!(releases[0]["Status"], "complete", "{releases}");
     assert_eq!(call(&["releases", app]), serde_json::json!([]));
 
-    let log = platform.server_log();
-    assert!(
-        !log.contains("GraphQL query Aloft cannot answer"),
-        "fly-go sent GraphQL Aloft does not understand:\n{log}"
-    );
+    assert_every_query_answered(&platform, "fly-go");
 }
 
 /// podman's Docker-compatible API service, run in the test's namespace with its storage
@@ -1002,12 +989,7 @@ fn podman_installed() -> bool {
 /// (FLY_REGISTRY_HOST, user `x` and the token) and deploys it.
 #[test]
 fn flyctl_deploy_local_only_builds_through_a_docker_api() {
-    if let Some(reason) = common::missing_prerequisite() {
-        aloft_testkit::skip(&reason);
-        return;
-    }
-    let Some(fly) = flyctl_binary() else {
-        aloft_testkit::skip("flyctl is not built: source scripts/flyctl-for-tests.sh");
+    let Some(fly) = flyctl_or_skip() else {
         return;
     };
     if !podman_installed() {
