@@ -329,7 +329,7 @@ pub struct HostHeartbeat {
 }
 
 /// A host as `aloft hosts list|show` sees it (`GET /v1/hosts`, `GET /v1/hosts/{id}`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostInfo {
     pub id: String,
     pub region: String,
@@ -349,8 +349,9 @@ pub struct HostInfo {
     /// What the host declared (0: not declared).
     pub cpus: u64,
     pub memory_mb: u64,
-    /// What its machines reserve.
-    pub cpus_reserved: u64,
+    /// What its machines reserve: CPUs (a shared CPU reserves a sixteenth of a core, a
+    /// performance CPU a whole one) and memory.
+    pub cpus_reserved: f64,
     pub memory_reserved_mb: u64,
 }
 

@@ -16,7 +16,7 @@ use crate::ControlPlane;
 use crate::api::{JsonBody, Plane};
 use crate::auth::{Caller, TokenKind};
 use crate::error::{ApiError, ApiResult};
-use crate::hosts::{Need, host_status};
+use crate::hosts::{Need, SHARES_PER_CPU, host_status};
 use crate::names;
 use crate::store::{HostRow, JOIN_TOKEN_HOST, TokenRow, now_millis, now_rfc3339};
 
@@ -237,13 +237,15 @@ fn host_infos(plane: &ControlPlane) -> ApiResult<Vec<HostInfo>> {
                     .collect(),
                 ..HostInfo::default()
             };
+            let mut shares = 0u64;
             for machine in machines.iter().filter(|m| m.host_id == host.id) {
                 let need = Need::of(&machine.config);
                 info.machines += 1;
                 info.machine_ids.push(machine.id.clone());
-                info.cpus_reserved += need.cpus;
+                shares += need.cpu_shares;
                 info.memory_reserved_mb += need.memory_mb;
             }
+            info.cpus_reserved = shares as f64 / SHARES_PER_CPU as f64;
             Ok(info)
         })
         .collect()

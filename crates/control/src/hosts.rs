@@ -76,10 +76,25 @@ pub fn host_status(host: &HostRow, now_ms: i64) -> HostStatus {
     }
 }
 
+/// CPUs are counted in shares, sixteenths of a core: a `performance` CPU reserves a
+/// whole core, a `shared` one its baseline, a sixteenth (Fly's shared vCPUs are
+/// guaranteed 1/16 of a core and burst above it), so many small machines fit on a host.
+pub const SHARES_PER_CPU: u64 = 16;
+
+/// A number of CPU shares as CPUs (`2`, `0.19`).
+pub fn cpus_of_shares(shares: u64) -> String {
+    if shares % SHARES_PER_CPU == 0 {
+        (shares / SHARES_PER_CPU).to_string()
+    } else {
+        format!("{:.2}", shares as f64 / SHARES_PER_CPU as f64)
+    }
+}
+
 /// What a machine reserves on its host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Need {
-    pub cpus: u64,
+    /// In [`SHARES_PER_CPU`]ths of a core.
+    pub cpu_shares: u64,
     pub memory_mb: u64,
 }
 
@@ -88,12 +103,19 @@ impl Need {
     pub fn of(config: &MachineConfig) -> Self {
         let shared = MachineGuest::default_shared();
         let guest = config.guest.as_ref();
-        Self {
-            cpus: guest
+        let cpus = u64::from(
+            guest
                 .map(|g| g.cpus)
                 .filter(|c| *c > 0)
-                .unwrap_or(shared.cpus)
-                .into(),
+                .unwrap_or(shared.cpus),
+        );
+        let performance = guest.is_some_and(|g| g.cpu_kind == "performance");
+        Self {
+            cpu_shares: if performance {
+                cpus.saturating_mul(SHARES_PER_CPU)
+            } else {
+                cpus
+            },
             memory_mb: guest
                 .map(|g| g.memory_mb)
                 .filter(|m| *m > 0)
@@ -123,7 +145,7 @@ pub fn loads(machines: &[MachineRow], app_id: &str) -> HashMap<String, Load> {
         if machine.app_id == app_id {
             load.app_machines += 1;
         }
-        load.reserved.cpus = load.reserved.cpus.saturating_add(need.cpus);
+        load.reserved.cpu_shares = load.reserved.cpu_shares.saturating_add(need.cpu_shares);
         load.reserved.memory_mb = load.reserved.memory_mb.saturating_add(need.memory_mb);
     }
     loads
@@ -172,7 +194,9 @@ pub fn place_machine(
     let load = |h: &HostRow| loads.get(&h.id).unwrap_or(&empty);
     let free_memory = |h: &HostRow| free(h.memory_mb, load(h).reserved.memory_mb);
     let fits = |h: &HostRow| {
-        free(h.cpus, load(h).reserved.cpus) >= need.cpus && free_memory(h) >= need.memory_mb
+        free(h.cpus.saturating_mul(SHARES_PER_CPU), load(h).reserved.cpu_shares)
+            >= need.cpu_shares
+            && free_memory(h) >= need.memory_mb
     };
     let roomy: Vec<&HostRow> = up.iter().copied().filter(|h| fits(h)).collect();
     if roomy.is_empty() {
@@ -183,7 +207,11 @@ pub fn place_machine(
                 format!(
                     "{} has {} of {} CPUs and {} of {} MB free",
                     h.id,
-                    h.cpus.saturating_sub(l.reserved.cpus),
+                    cpus_of_shares(
+                        h.cpus
+                            .saturating_mul(SHARES_PER_CPU)
+                            .saturating_sub(l.reserved.cpu_shares)
+                    ),
                     h.cpus,
                     h.memory_mb.saturating_sub(l.reserved.memory_mb),
                     h.memory_mb
@@ -192,7 +220,7 @@ pub fn place_machine(
             .collect();
         return Err(ApiError::unavailable(format!(
             "insufficient resources: no host has room for a machine of {} CPUs and {} MB ({}); add a host, or use a smaller machine",
-            need.cpus,
+            cpus_of_shares(need.cpu_shares),
             need.memory_mb,
             room.join("; ")
         )));
@@ -450,8 +478,12 @@ mod tests {
         }
     }
 
+    /// Whole (performance) CPUs.
     fn need(cpus: u64, memory_mb: u64) -> Need {
-        Need { cpus, memory_mb }
+        Need {
+            cpu_shares: cpus * SHARES_PER_CPU,
+            memory_mb,
+        }
     }
 
     fn load(machines: u64, app_machines: u64, cpus: u64, memory_mb: u64) -> Load {
@@ -536,6 +568,12 @@ mod tests {
         assert_eq!(placed(&hosts, &loads, "iad", need(1, 256)), "h1");
         let err = placed(&hosts, &loads, "iad", need(1, 512));
         assert!(err.starts_with("error: insufficient resources: no host has room for a machine of 1 CPUs and 512 MB (h1 has 1 of 2 CPUs and 256 of 1024 MB free)"), "{err}");
+        let shared = Need {
+            cpu_shares: 1,
+            memory_mb: 1,
+        };
+        let nearly = [("h1", load(2, 0, 1, 768))];
+        assert_eq!(placed(&hosts, &nearly, "iad", shared), "h1");
         let err = placed(&hosts, &loads, "iad", need(2, 256));
         assert!(err.contains("no host has room"), "{err}");
         // Undeclared sizes have no limit.
@@ -569,12 +607,33 @@ mod tests {
         let mut b = a.clone();
         b.app_id = "app2".into();
         b.config.guest = Some(MachineGuest {
+            cpu_kind: "performance".into(),
             cpus: 2,
             memory_mb: 1024,
             ..MachineGuest::default()
         });
-        let loads = loads(&[a, b], "app1");
-        assert_eq!(loads["h1"], load(2, 1, 3, 1280));
+        let mut c = b.clone();
+        c.config.guest = Some(MachineGuest {
+            cpu_kind: "shared".into(),
+            cpus: 4,
+            memory_mb: 512,
+            ..MachineGuest::default()
+        });
+        let loads = loads(&[a, b, c], "app1");
+        // The default machine: 1 shared CPU, 256 MB; 2 performance CPUs; 4 shared.
+        assert_eq!(
+            loads["h1"],
+            Load {
+                machines: 3,
+                app_machines: 1,
+                reserved: Need {
+                    cpu_shares: 1 + 32 + 4,
+                    memory_mb: 256 + 1024 + 512
+                }
+            }
+        );
+        assert_eq!(cpus_of_shares(37), "2.31");
+        assert_eq!(cpus_of_shares(32), "2");
     }
 
     #[test]

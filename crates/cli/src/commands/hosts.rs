@@ -33,9 +33,9 @@ pub enum HostsCommand {
 }
 
 fn row(h: &HostInfo) -> Vec<String> {
-    let size = |reserved: u64, declared: u64, unit: &str| {
+    let size = |reserved: String, declared: u64, unit: &str| {
         if declared == 0 {
-            format!("{reserved}{unit}/-")
+            format!("{reserved}/-{unit}")
         } else {
             format!("{reserved}/{declared}{unit}")
         }
@@ -45,8 +45,8 @@ fn row(h: &HostInfo) -> Vec<String> {
         h.region.clone(),
         h.status.clone(),
         h.machines.to_string(),
-        size(h.cpus_reserved, h.cpus, ""),
-        size(h.memory_reserved_mb, h.memory_mb, " MB"),
+        size(format!("{:.2}", h.cpus_reserved), h.cpus, ""),
+        size(h.memory_reserved_mb.to_string(), h.memory_mb, " MB"),
         h.last_seen.clone(),
     ]
 }
