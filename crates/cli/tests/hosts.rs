@@ -39,9 +39,10 @@ fn a_joined_host_runs_machines_is_cordoned_and_goes_down_when_killed() {
     let mut second = JoinedHost::new();
     let api = format!("{}:4280", JoinedHost::CONTROL_IP);
     let control = format!("http://{api}");
-    let platform = Platform::start_prepared(&["--driver", "container", "--api-listen", &api], |a| {
-        second.link_to(a)
-    });
+    let platform =
+        Platform::start_prepared(&["--driver", "container", "--api-listen", &api], |a| {
+            second.link_to(a)
+        });
 
     // A token the control plane does not know: the agent says so and exits.
     let refused = second.run_agent(&[
@@ -87,7 +88,15 @@ fn a_joined_host_runs_machines_is_cordoned_and_goes_down_when_killed() {
     });
     let table = platform.aloft(&["hosts", "list"]);
     assert!(table.ok(), "{table}");
-    for column in ["ID", "REGION", "STATUS", "MACHINES", "CPUS", "MEMORY", "LAST SEEN"] {
+    for column in [
+        "ID",
+        "REGION",
+        "STATUS",
+        "MACHINES",
+        "CPUS",
+        "MEMORY",
+        "LAST SEEN",
+    ] {
         assert!(table.stdout.contains(column), "{table}");
     }
     assert!(table.stdout.contains(&second_id), "{table}");
@@ -115,7 +124,11 @@ fn a_joined_host_runs_machines_is_cordoned_and_goes_down_when_killed() {
     let ids = common::machine_ids(&platform, "spread");
     assert_eq!(ids.len(), 2, "{ids:?}");
     let on_b = machines_on(&platform, &second_id);
-    assert_eq!(on_b.len(), 1, "one machine on each host: {on_b:?} of {ids:?}");
+    assert_eq!(
+        on_b.len(),
+        1,
+        "one machine on each host: {on_b:?} of {ids:?}"
+    );
     let b_machine = on_b[0].clone();
     wait_until("both machines started", Duration::from_secs(60), || {
         let states: Vec<Value> = ids
@@ -144,7 +157,7 @@ fn a_joined_host_runs_machines_is_cordoned_and_goes_down_when_killed() {
     let scaled = platform.aloft(&["scale", "count", "4", "-a", "spread", "-y"]);
     assert!(scaled.ok(), "{scaled}\n{}", platform.server_log());
     assert_eq!(common::machine_ids(&platform, "spread").len(), 4);
-    assert_eq!(machines_on(&platform, &second_id), [b_machine.clone()]);
+    assert_eq!(machines_on(&platform, &second_id), vec![b_machine.clone()]);
 
     // Remove refuses a host that still has a machine, naming it.
     let remove = platform.aloft(&["hosts", "remove", &second_id]);
@@ -156,8 +169,7 @@ fn a_joined_host_runs_machines_is_cordoned_and_goes_down_when_killed() {
     wait_until("the second host down", Duration::from_secs(30), || {
         let b = host(&platform, &second_id);
         let m = common::machine_json(&platform, "spread", &b_machine);
-        (b["status"] != "down" || m["host_status"] != "unreachable")
-            .then(|| format!("{b}\n{m}"))
+        (b["status"] != "down" || m["host_status"] != "unreachable").then(|| format!("{b}\n{m}"))
     });
     // The first host's machines are not affected.
     for id in common::machine_ids(&platform, "spread") {

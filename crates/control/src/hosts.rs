@@ -83,7 +83,7 @@ pub const SHARES_PER_CPU: u64 = 16;
 
 /// A number of CPU shares as CPUs (`2`, `0.19`).
 pub fn cpus_of_shares(shares: u64) -> String {
-    if shares % SHARES_PER_CPU == 0 {
+    if shares.is_multiple_of(SHARES_PER_CPU) {
         (shares / SHARES_PER_CPU).to_string()
     } else {
         format!("{:.2}", shares as f64 / SHARES_PER_CPU as f64)
@@ -194,8 +194,10 @@ pub fn place_machine(
     let load = |h: &HostRow| loads.get(&h.id).unwrap_or(&empty);
     let free_memory = |h: &HostRow| free(h.memory_mb, load(h).reserved.memory_mb);
     let fits = |h: &HostRow| {
-        free(h.cpus.saturating_mul(SHARES_PER_CPU), load(h).reserved.cpu_shares)
-            >= need.cpu_shares
+        free(
+            h.cpus.saturating_mul(SHARES_PER_CPU),
+            load(h).reserved.cpu_shares,
+        ) >= need.cpu_shares
             && free_memory(h) >= need.memory_mb
     };
     let roomy: Vec<&HostRow> = up.iter().copied().filter(|h| fits(h)).collect();
@@ -235,12 +237,18 @@ pub fn place_machine(
         .into_iter()
         .filter(|h| h.region == region)
         .min_by(|a, b| {
-            (load(a).app_machines, std::cmp::Reverse(free_memory(a)), load(a).machines, &a.id).cmp(&(
-                load(b).app_machines,
-                std::cmp::Reverse(free_memory(b)),
-                load(b).machines,
-                &b.id,
-            ))
+            (
+                load(a).app_machines,
+                std::cmp::Reverse(free_memory(a)),
+                load(a).machines,
+                &a.id,
+            )
+                .cmp(&(
+                    load(b).app_machines,
+                    std::cmp::Reverse(free_memory(b)),
+                    load(b).machines,
+                    &b.id,
+                ))
         })
         .cloned()
         .ok_or_else(|| ApiError::unavailable(format!("no host in region {region}")))?;

@@ -129,7 +129,10 @@ async fn a_join_token_joins_one_host_which_then_heartbeats() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["error"].as_str().unwrap().starts_with("invalid id"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("invalid id"),
+        "{body}"
+    );
     let (status, body) = send(
         &other,
         Method::POST,
@@ -139,7 +142,10 @@ async fn a_join_token_joins_one_host_which_then_heartbeats() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(
-        body["error"].as_str().unwrap().starts_with("invalid agent_url"),
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid agent_url"),
         "{body}"
     );
 }
@@ -191,9 +197,15 @@ async fn bad_host_tokens_and_skewed_clocks_are_refused_and_nothing_else_changes(
     assert!(body["error"].as_str().unwrap().contains("behind"), "{body}");
     let (status, body) = heartbeat(&joiner, "h2", "yesterday").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["error"].as_str().unwrap().starts_with("invalid time"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("invalid time"),
+        "{body}"
+    );
     // A skewed heartbeat did not count as one.
-    h.plane.store.touch_host("h2", "2020-01-01T00:00:00Z").unwrap();
+    h.plane
+        .store
+        .touch_host("h2", "2020-01-01T00:00:00Z")
+        .unwrap();
     let (status, _) = heartbeat(&joiner, "h2", &now_plus(120)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(host_json(&h, "h2").await["status"], "down");
@@ -205,7 +217,10 @@ async fn bad_host_tokens_and_skewed_clocks_are_refused_and_nothing_else_changes(
     assert!(h.plane.store.revoke_token(&token_id).unwrap());
     let (status, body) = heartbeat(&joiner, "h2", &now_plus(0)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("revoked"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
 
     // Nothing else changed: h2 is as it was, h1 still takes machines.
     let after = host_json(&h, "h2").await;
@@ -230,7 +245,13 @@ async fn bad_host_tokens_and_skewed_clocks_are_refused_and_nothing_else_changes(
     let org = h.client(body["token"].as_str().unwrap());
     let (status, _) = send(&org, Method::GET, "/v1/hosts", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = send(&org, Method::POST, "/v1/tokens", Some(json!({ "type": "host" }))).await;
+    let (status, _) = send(
+        &org,
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({ "type": "host" })),
+    )
+    .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
@@ -280,7 +301,10 @@ async fn machines_spread_over_hosts_and_skip_cordoned_down_and_full_ones() {
     assert_eq!(placed, ["h1", "h2"]);
     let h2 = host_json(&h, "h2").await;
     assert_eq!(h2["machines"], 1);
-    assert_eq!(h2["cpus_reserved"], 0.0625, "a shared CPU reserves a sixteenth");
+    assert_eq!(
+        h2["cpus_reserved"], 0.0625,
+        "a shared CPU reserves a sixteenth"
+    );
     assert_eq!(h2["memory_reserved_mb"], 256);
 
     // Cordoned: h2 gets nothing new.
@@ -304,7 +328,8 @@ async fn machines_spread_over_hosts_and_skip_cordoned_down_and_full_ones() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let message = body["error"].as_str().unwrap();
     assert!(
-        message.contains("insufficient resources") && message.contains("h2 has 1.94 of 2 CPUs and 768 of 1024 MB free"),
+        message.contains("insufficient resources")
+            && message.contains("h2 has 1.94 of 2 CPUs and 768 of 1024 MB free"),
         "{body}"
     );
     let (status, body) = send(
@@ -316,7 +341,10 @@ async fn machines_spread_over_hosts_and_skip_cordoned_down_and_full_ones() {
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
-        body["error"].as_str().unwrap().contains("a machine of 2 CPUs and 256 MB"),
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("a machine of 2 CPUs and 256 MB"),
         "{body}"
     );
     let (status, body) = machine(&h, "web", 512).await;
@@ -327,7 +355,10 @@ async fn machines_spread_over_hosts_and_skip_cordoned_down_and_full_ones() {
 
     // Down (no heartbeat for longer than the timeout): no new machines, and its machines
     // say their host is unreachable.
-    h.plane.store.touch_host("h2", "2020-01-01T00:00:00Z").unwrap();
+    h.plane
+        .store
+        .touch_host("h2", "2020-01-01T00:00:00Z")
+        .unwrap();
     assert_eq!(host_json(&h, "h2").await["status"], "down");
     h.plane.mark_silent_hosts().unwrap();
     let on_h2 = {

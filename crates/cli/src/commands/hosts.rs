@@ -52,7 +52,13 @@ fn row(h: &HostInfo) -> Vec<String> {
 }
 
 const HEADERS: [&str; 7] = [
-    "ID", "REGION", "STATUS", "MACHINES", "CPUS", "MEMORY", "LAST SEEN",
+    "ID",
+    "REGION",
+    "STATUS",
+    "MACHINES",
+    "CPUS",
+    "MEMORY",
+    "LAST SEEN",
 ];
 
 pub async fn run(api: &ApiArgs, command: HostsCommand) -> anyhow::Result<()> {
@@ -89,7 +95,10 @@ pub async fn run(api: &ApiArgs, command: HostsCommand) -> anyhow::Result<()> {
         }
         HostsCommand::Uncordon { id } => {
             let _: HostInfo = client
-                .post(&format!("/v1/hosts/{}/uncordon", encode_component(&id)), &())
+                .post(
+                    &format!("/v1/hosts/{}/uncordon", encode_component(&id)),
+                    &(),
+                )
                 .await
                 .with_context(|| format!("uncordoning host {id}"))?;
             println!("Host {id} takes new machines again");

@@ -768,7 +768,15 @@ impl JoinedHost {
             &self.netns,
         ]);
         for (netns, ip) in [(platform_netns, Self::CONTROL_IP), (&self.netns, Self::IP)] {
-            Self::ip(&["-n", netns, "addr", "add", &format!("{ip}/30"), "dev", "backbone0"]);
+            Self::ip(&[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{ip}/30"),
+                "dev",
+                "backbone0",
+            ]);
             Self::ip(&["-n", netns, "link", "set", "backbone0", "up"]);
         }
     }
@@ -810,7 +818,12 @@ impl JoinedHost {
             .args(["--control", control, "--token", token, "--region", region])
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--listen", &format!("{}:4281", Self::IP), "--driver", "container"])
+            .args([
+                "--listen",
+                &format!("{}:4281", Self::IP),
+                "--driver",
+                "container",
+            ])
             .env("HOME", self.root.path())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
