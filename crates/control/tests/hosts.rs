@@ -422,3 +422,60 @@ async fn an_empty_host_is_removed_and_its_token_revoked() {
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_pin_machines_to_their_host_and_new_volumes_skip_cordoned_hosts() {
+    let h = start().await;
+    let joiner = h.client(&join_token(&h).await);
+    let (status, _) = send(
+        &joiner,
+        Method::POST,
+        "/v1/hosts",
+        Some(registration("h2", 0, 0, &h.agent_url)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    common::keep_alive(joiner.clone(), "h2");
+    create_app(&h.admin, "db").await;
+    let volume = |name: &'static str| {
+        let admin = h.admin.clone();
+        async move {
+            let (status, volume) = send(
+                &admin,
+                Method::POST,
+                "/v1/apps/db/volumes",
+                Some(json!({ "name": name, "region": "iad" })),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{volume}");
+            volume["id"].as_str().unwrap().to_string()
+        }
+    };
+    let on_h1 = volume("one").await;
+    assert_eq!(host_json(&h, "h1").await["volume_ids"], json!([on_h1]));
+
+    // A plain machine goes to h1; spreading would put the next on h2, but its volume is
+    // on h1, so it goes there.
+    let (status, body) = machine(&h, "db", 256).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(hosts_of(&h, "db"), ["h1"]);
+    let mounted = json!({ "config": { "image": "nginx", "mounts": [{ "volume": on_h1, "path": "/data" }] }, "region": "iad" });
+    create_machine(&h.admin, "db", mounted).await;
+    assert_eq!(hosts_of(&h, "db"), ["h1", "h1"]);
+
+    // h1 cordoned: a new volume goes to h2, and so does its machine.
+    let (status, _) = send(&h.admin, Method::POST, "/v1/hosts/h1/cordon", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let on_h2 = volume("two").await;
+    assert_eq!(host_json(&h, "h2").await["volume_ids"], json!([on_h2]));
+    let mounted = json!({ "config": { "image": "nginx", "mounts": [{ "volume": on_h2, "path": "/data" }] }, "region": "iad" });
+    create_machine(&h.admin, "db", mounted).await;
+    let mut placed = hosts_of(&h, "db");
+    placed.sort();
+    assert_eq!(placed, ["h1", "h1", "h2"]);
+
+    // Remove names the volume (and machine) still on the host.
+    let (status, body) = send(&h.admin, Method::DELETE, "/v1/hosts/h2", None).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&on_h2), "{body}");
+}
