@@ -1486,7 +1486,7 @@ mod tests {
     fn capacity_is_detected_or_declared() {
         assert_eq!(
             meminfo_total_mb("MemTotal:        8048576 kB\nMemFree: 1 kB\n"),
-            Some(7860)
+            Some(7859)
         );
         assert_eq!(meminfo_total_mb("MemFree: 1 kB\n"), None);
         let declared = HostCapacity::detect(Some(3), Some(2048));
