@@ -213,6 +213,17 @@ async fn drive(machines: usize, concurrency: usize) -> anyhow::Result<()> {
         Some(&json!({ "id": "bench-host", "region": "iad", "agent_url": agent_url })),
     )
     .await?;
+    // Heartbeat as an agent does: a host silent for 10 s is down and gets no machines.
+    let beating = host.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let beat = json!({ "time": now_rfc3339() });
+            let _ = beating
+                .call(Method::POST, "/v1/hosts/bench-host/heartbeat", Some(&beat))
+                .await;
+        }
+    });
     admin
         .call(
             Method::POST,

@@ -64,6 +64,44 @@ pub struct AgentConfig {
     pub log_limits: logs::LogLimits,
     /// The root filesystem size of machines whose config sets no `rootfs.size_gb`.
     pub rootfs_default_gb: u32,
+    /// What machines may reserve on this host (registered with the control plane).
+    pub capacity: HostCapacity,
+}
+
+/// The CPUs and memory a host offers its machines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub cpus: u64,
+    pub memory_mb: u64,
+}
+
+impl HostCapacity {
+    /// This host's CPUs and memory, each replaced by `cpus`/`memory_mb` when given; 0
+    /// where it cannot be read (no limit).
+    pub fn detect(cpus: Option<u64>, memory_mb: Option<u64>) -> Self {
+        let detected_cpus = || {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u64)
+                .unwrap_or(0)
+        };
+        let detected_memory = || {
+            std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|text| meminfo_total_mb(&text))
+                .unwrap_or(0)
+        };
+        Self {
+            cpus: cpus.unwrap_or_else(detected_cpus),
+            memory_mb: memory_mb.unwrap_or_else(detected_memory),
+        }
+    }
+}
+
+/// `MemTotal` of /proc/meminfo, in MB.
+fn meminfo_total_mb(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
 }
 
 /// `aloft server --machine-rootfs-default-gb`'s default.
@@ -1245,20 +1283,56 @@ impl Agent {
     }
 
     /// Registers with the control plane, then delivers events and check results forever.
-    pub async fn report(self: Arc<Self>) {
-        let client = Client::new(&self.config.control_url, Some(self.config.token.clone()))
-            .with_timeout(Duration::from_secs(10));
+    fn control_client(&self) -> Client {
+        Client::new(&self.config.control_url, Some(self.config.token.clone()))
+            .with_timeout(Duration::from_secs(10))
+    }
+
+    /// Registers this host with the control plane once: its id, region, agent URL and
+    /// capacity.
+    pub async fn register(&self) -> Result<(), aloft_client::ClientError> {
         let registration = HostRegistration {
             id: self.host_id.clone(),
             region: self.config.region.clone(),
             agent_url: format!("http://{}", self.config.listen),
+            cpus: self.config.capacity.cpus,
+            memory_mb: self.config.capacity.memory_mb,
         };
+        self.control_client()
+            .call(http::Method::POST, "/v1/hosts", Some(&registration))
+            .await
+    }
+
+    /// Says every few seconds that this host is alive (with its clock); registers again
+    /// when the control plane no longer knows it.
+    async fn heartbeat(self: Arc<Self>) {
+        let client = self.control_client();
+        let path = format!("/v1/hosts/{}/heartbeat", self.host_id);
+        let every = Duration::from_secs(aloft_api::internal::HOST_HEARTBEAT_EVERY_SECS);
+        loop {
+            tokio::time::sleep(every).await;
+            let beat = aloft_api::internal::HostHeartbeat {
+                time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            };
+            match client.call(http::Method::POST, &path, Some(&beat)).await {
+                Ok(()) => {}
+                Err(aloft_client::ClientError::Api { status, .. })
+                    if status == http::StatusCode::NOT_FOUND =>
+                {
+                    if let Err(err) = self.register().await {
+                        tracing::warn!(error = %err, "registering again with the control plane");
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "heartbeat to the control plane"),
+            }
+        }
+    }
+
+    pub async fn report(self: Arc<Self>) {
+        let client = self.control_client();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match client
-                .call(http::Method::POST, "/v1/hosts", Some(&registration))
-                .await
-            {
+            match self.register().await {
                 Ok(()) => break,
                 Err(err) => {
                     tracing::warn!(error = %err, "registering with the control plane");
@@ -1267,6 +1341,7 @@ impl Agent {
                 }
             }
         }
+        tokio::spawn(self.clone().heartbeat());
         tokio::spawn(checks::report(self.clone(), client.clone()));
         let path = format!("/v1/hosts/{}/events", self.host_id);
         loop {
@@ -1466,6 +1541,25 @@ fn release_orphaned_storage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capacity_is_detected_or_declared() {
+        assert_eq!(
+            meminfo_total_mb("MemTotal:        8048576 kB\nMemFree: 1 kB\n"),
+            Some(7859)
+        );
+        assert_eq!(meminfo_total_mb("MemFree: 1 kB\n"), None);
+        let declared = HostCapacity::detect(Some(3), Some(2048));
+        assert_eq!(
+            declared,
+            HostCapacity {
+                cpus: 3,
+                memory_mb: 2048
+            }
+        );
+        let detected = HostCapacity::detect(None, None);
+        assert!(detected.cpus >= 1 && detected.memory_mb > 0, "{detected:?}");
+    }
 
     #[test]
     fn the_rootfs_size_comes_from_the_config_or_the_hosts_default() {

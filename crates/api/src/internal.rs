@@ -305,6 +305,54 @@ pub struct HostRegistration {
     pub region: String,
     /// Base URL of the agent's API.
     pub agent_url: String,
+    /// The CPUs machines may reserve on the host (0: not declared, no limit).
+    #[serde(default)]
+    pub cpus: u64,
+    /// The memory (MB) machines may reserve on the host (0: not declared, no limit).
+    #[serde(default)]
+    pub memory_mb: u64,
+}
+
+/// How often an agent says it is alive (`POST /v1/hosts/{id}/heartbeat`).
+pub const HOST_HEARTBEAT_EVERY_SECS: u64 = 2;
+/// A host that has not heartbeated for this long is down: it gets no new machines and
+/// its machines show `host_status: unreachable`.
+pub const HOST_DOWN_AFTER_SECS: i64 = 10;
+/// A heartbeat whose clock is further than this from the control plane's is refused.
+pub const HOST_MAX_CLOCK_SKEW_SECS: i64 = 60;
+
+/// An agent's heartbeat: its clock, so that a host whose clock is off is told so.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHeartbeat {
+    /// The host's time (RFC 3339).
+    pub time: String,
+}
+
+/// A host as `aloft hosts list|show` sees it (`GET /v1/hosts`, `GET /v1/hosts/{id}`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub id: String,
+    pub region: String,
+    /// `up`, `down` (no heartbeat for a while) or `cordoned`.
+    pub status: String,
+    pub cordoned: bool,
+    pub agent_url: String,
+    pub last_seen: String,
+    /// Machines on the host that are not destroyed.
+    pub machines: u64,
+    /// Their IDs.
+    #[serde(default)]
+    pub machine_ids: Vec<String>,
+    /// Volumes on the host that are not destroyed.
+    #[serde(default)]
+    pub volume_ids: Vec<String>,
+    /// What the host declared (0: not declared).
+    pub cpus: u64,
+    pub memory_mb: u64,
+    /// What its machines reserve: CPUs (a shared CPU reserves a sixteenth of a core, a
+    /// performance CPU a whole one) and memory.
+    pub cpus_reserved: f64,
+    pub memory_reserved_mb: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -314,7 +314,7 @@ pub struct ListTokensResponse {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateTokenRequest {
-    /// `org`, `deploy` or `readonly`.
+    /// `org`, `deploy`, `readonly`, or `host` (a host's join token; the admin token only).
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -36,6 +36,15 @@ enum Command {
     Server(ServerArgs),
     /// Run the control plane alone (API, registry, catalog), e.g. on PostgreSQL.
     Control(commands::control::ControlArgs),
+    /// Join this host to a control plane and run its machines (`aloft tokens create host`
+    /// makes the token).
+    Agent(commands::agent::AgentArgs),
+    /// The platform's hosts: list, show, cordon, uncordon, remove (admin token).
+    #[command(alias = "host")]
+    Hosts {
+        #[command(subcommand)]
+        command: commands::hosts::HostsCommand,
+    },
     /// Manage apps.
     Apps {
         #[command(subcommand)]
@@ -226,7 +235,10 @@ fn main() {
         _ => {}
     }
     let cli = Cli::parse();
-    let server = matches!(cli.command, Command::Server(_) | Command::Control(_));
+    let server = matches!(
+        cli.command,
+        Command::Server(_) | Command::Control(_) | Command::Agent(_)
+    );
     if server {
         // The secrets root key leaves the environment before any thread or child process
         // starts (no runtime yet), so no process the server starts inherits it.
@@ -283,6 +295,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor(args) => return commands::doctor::run(args),
         Command::Admin { command } => commands::admin::run(command)?,
         Command::Control(args) => commands::control::run(args).await?,
+        Command::Agent(args) => commands::agent::run(args).await?,
+        Command::Hosts { command } => commands::hosts::run(&api, command).await?,
         Command::Apps { command } => commands::apps::run(&api, command).await?,
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,
         Command::Config { command } => return commands::config::run(command),

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_api::internal::{AgentEvent, HostRegistration};
+use aloft_api::internal::AgentEvent;
 use aloft_api::{
     App, CreateAppRequest, CreateLeaseRequest, CreateMachineRequest, ErrorResponse, ExecResponse,
     LeaseResponse, ListApp, ListAppsResponse, Machine, MachineEvent, MachineExecRequest,
@@ -31,7 +31,7 @@ use crate::catalog::{Published, Resume};
 use crate::error::{ApiError, ApiResult};
 use crate::machines::{UpdateOptions, WaitState};
 use crate::names;
-use crate::store::{AppRow, HostRow, MachineFilter, MachineRow, now_rfc3339};
+use crate::store::{AppRow, MachineFilter, MachineRow, now_rfc3339};
 
 pub type Plane = State<Arc<ControlPlane>>;
 
@@ -116,12 +116,12 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
             post(set_metadata).delete(delete_metadata),
         )
         .route("/v1/catalog/watch", get(watch_catalog))
-        .route("/v1/hosts", post(register_host))
         .route("/v1/hosts/{id}/events", post(host_events))
         .route("/openapi.json", get(crate::openapi::serve))
         .merge(crate::deploy::routes())
         .merge(crate::runtime::router())
         .merge(crate::orgs::routes())
+        .merge(crate::host_api::routes())
         .merge(crate::volumes::routes())
         .merge(crate::secrets::routes())
         .merge(crate::certs::routes())
@@ -188,12 +188,19 @@ impl FromRequestParts<Arc<ControlPlane>> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        authenticate(
+        let caller = authenticate(
             &plane.store,
             &plane.token_keys,
             header,
             chrono::Utc::now().timestamp(),
-        )
+        );
+        if let Err(err) = &caller
+            && parts.uri.path().starts_with("/v1/hosts")
+        {
+            // A host that cannot join or heartbeat is the operator's to hear about.
+            tracing::warn!(path = %parts.uri.path(), error = %err.message, "refused a host's request");
+        }
+        caller
     }
 }
 
@@ -1223,29 +1230,6 @@ async fn watch_catalog(
         Body::from_stream(body),
     )
         .into_response())
-}
-
-async fn register_host(
-    State(plane): Plane,
-    caller: Caller,
-    JsonBody(registration): JsonBody<HostRegistration>,
-) -> ApiResult<StatusCode> {
-    // Only the host itself may say where its agent is: the control plane sends that
-    // host's token there.
-    caller.require_host_itself(&registration.id)?;
-    if registration.id.is_empty() || registration.region.is_empty() {
-        return Err(ApiError::bad_request(
-            "host registration needs an id and a region",
-        ));
-    }
-    plane.store.upsert_host(&HostRow {
-        id: registration.id.clone(),
-        region: registration.region,
-        agent_url: registration.agent_url,
-        last_seen: now_rfc3339(),
-    })?;
-    plane.forget_agent(&registration.id);
-    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn host_events(

@@ -227,8 +227,18 @@ impl Caller {
         }
     }
 
+    /// A join token (`aloft tokens create host`) no host has registered with yet: it may
+    /// register a host and nothing else.
+    pub fn is_joining(&self) -> bool {
+        self.is_host() && self.host_id.as_deref() == Some(crate::store::JOIN_TOKEN_HOST)
+    }
+
     pub fn require_host(&self) -> Result<(), ApiError> {
-        if self.is_host() {
+        if self.is_joining() {
+            Err(ApiError::forbidden(
+                "this join token has not joined a host yet; `aloft agent --token` registers with it first",
+            ))
+        } else if self.is_host() {
             Ok(())
         } else {
             Err(ApiError::forbidden(

@@ -9,6 +9,7 @@ pub mod checks;
 pub mod deploy;
 pub mod error;
 pub mod flyctl;
+pub mod host_api;
 pub mod hosts;
 pub mod ips;
 pub mod logs;

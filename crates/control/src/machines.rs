@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 use crate::ControlPlane;
 use crate::catalog::Published;
 use crate::error::{ApiError, ApiResult};
-use crate::hosts::{AgentClient, place};
+use crate::hosts::AgentClient;
 use crate::names;
 use crate::states::{Operation, Plan, plan};
 use crate::store::{
@@ -587,7 +587,14 @@ impl ControlPlane {
             }
             None => {
                 let wanted = self.wanted_region(request.region.as_deref(), &hosts)?;
-                place(&hosts, &wanted)?
+                let loads = crate::hosts::loads(&self.store.all_live_machines()?, &app.id);
+                crate::hosts::place_machine(
+                    &hosts,
+                    &loads,
+                    &wanted,
+                    crate::hosts::Need::of(&request.config),
+                    crate::store::now_millis(),
+                )?
             }
         };
         let now = now_rfc3339();

@@ -202,13 +202,24 @@ async fn create_token(
     JsonBody(request): JsonBody<CreateTokenRequest>,
 ) -> ApiResult<Response> {
     caller.require_org_write()?;
+    if request.kind == "host" {
+        let (row, token) = crate::host_api::mint_join_token(&plane, &caller, request.name.clone())?;
+        return Ok((
+            StatusCode::CREATED,
+            Json(CreateTokenResponse {
+                info: token_info(&plane, &row),
+                token,
+            }),
+        )
+            .into_response());
+    }
     let kind = match request.kind.as_str() {
         "org" => TokenKind::Org,
         "deploy" => TokenKind::Deploy,
         "readonly" => TokenKind::ReadOnly,
         other => {
             return Err(ApiError::bad_request(format!(
-                "invalid type: {other:?} must be org, deploy or readonly"
+                "invalid type: {other:?} must be org, deploy, readonly or host"
             )));
         }
     };

@@ -133,7 +133,11 @@ impl ControlPlane {
 
     /// Asks every registered host's agent whether it answers.
     pub async fn probe_hosts(&self) -> Result<(), StoreError> {
+        let now = crate::store::now_millis();
         for host in self.store.hosts()? {
+            if crate::hosts::host_status(&host, now) == crate::hosts::HostStatus::Down {
+                continue;
+            }
             let health = match self.agent(&host.id) {
                 Ok(agent) => {
                     match tokio::time::timeout(
@@ -154,6 +158,20 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Marks the machines of every host that stopped heartbeating unreachable.
+    pub fn mark_silent_hosts(&self) -> Result<(), StoreError> {
+        let now = crate::store::now_millis();
+        for host in self.store.hosts()? {
+            if crate::hosts::host_status(&host, now) == crate::hosts::HostStatus::Down
+                && self.host_probes.status(&host.id) != "unreachable"
+            {
+                tracing::warn!(host = %host.id, last_seen = %host.last_seen, "host stopped heartbeating: down");
+                self.host_probes.record(&host.id, HostHealth::Unreachable);
+            }
+        }
+        Ok(())
+    }
+
     /// The control plane's clock: schedules and host probes, until the process ends.
     pub async fn run_timers(self: Arc<Self>) {
         let mut last_probe: Option<Instant> = None;
@@ -164,6 +182,9 @@ impl ControlPlane {
                 if let Err(err) = self.probe_hosts().await {
                     tracing::warn!(error = %err, "probing hosts");
                 }
+            }
+            if let Err(err) = self.mark_silent_hosts() {
+                tracing::warn!(error = %err, "checking hosts' heartbeats");
             }
             if let Err(err) = self.run_due_schedules().await {
                 tracing::warn!(error = %err, "running scheduled machines");

@@ -297,7 +297,21 @@ pub async fn create(
                 })?,
             region: volume.region.clone(),
         },
-        None => crate::hosts::place(&hosts, &region)?,
+        None => {
+            // A new volume goes to a host that takes new machines (its machines follow it).
+            let now = crate::store::now_millis();
+            let open: Vec<_> = hosts
+                .iter()
+                .filter(|h| crate::hosts::host_status(h, now) == crate::hosts::HostStatus::Up)
+                .cloned()
+                .collect();
+            if open.is_empty() && !hosts.is_empty() {
+                return Err(ApiError::unavailable(
+                    "no host takes new volumes: every host is down or cordoned",
+                ));
+            }
+            crate::hosts::place(&open, &region)?
+        }
     };
     let mut row = VolumeRow {
         id: format!("vol_{}", names::random_id(16)),

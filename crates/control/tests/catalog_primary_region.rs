@@ -31,6 +31,9 @@ fn app_with_host(host_region: &str) -> (Arc<Store>, AppRow) {
             region: host_region.into(),
             agent_url: "http://127.0.0.1:1".into(),
             last_seen: "2026-01-01T00:00:00Z".into(),
+            cpus: 0,
+            memory_mb: 0,
+            cordoned: false,
         })
         .expect("host");
     (store, app)

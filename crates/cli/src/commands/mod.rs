@@ -1,4 +1,5 @@
 pub mod admin;
+pub mod agent;
 pub mod apps;
 pub mod certs;
 pub mod checks;
@@ -9,6 +10,7 @@ pub mod dig;
 pub mod doctor;
 pub mod exec;
 pub mod flyctl_env;
+pub mod hosts;
 pub mod ips;
 pub mod launch;
 pub mod logs;

@@ -59,6 +59,12 @@ pub struct ServerArgs {
     /// This host's region.
     #[arg(long, default_value = "local")]
     pub region: String,
+    /// The CPUs this host's machines may reserve (default: the host's CPUs).
+    #[arg(long)]
+    pub cpus: Option<u64>,
+    /// The memory (MB) this host's machines may reserve (default: the host's memory).
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
     /// Apps are served at <app>.<base-domain>.
     #[arg(long, default_value = "localhost")]
     pub base_domain: String,
@@ -153,7 +159,7 @@ pub fn default_data_dir() -> PathBuf {
     base.join("aloft")
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut interrupt), Ok(mut terminate)) = (
         signal(SignalKind::interrupt()),
@@ -293,6 +299,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         },
         log_limits: aloft_agent::logs::LogLimits::new(args.log_max_size, args.log_max_files),
         rootfs_default_gb: args.machine_rootfs_default_gb,
+        capacity: aloft_agent::HostCapacity::detect(args.cpus, args.memory_mb),
     })?;
     // The local host is known before the API answers its first call, so that a client
     // that sees the API up can place machines at once (the agent re-registers as it reports).
@@ -303,6 +310,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             region: args.region.clone(),
             agent_url: format!("http://{}", args.agent_listen),
             last_seen: aloft_control::store::now_rfc3339(),
+            cpus: agent.config.capacity.cpus,
+            memory_mb: agent.config.capacity.memory_mb,
+            cordoned: false,
         })
         .context("registering the local host")?;
     let api_listener = tokio::net::TcpListener::bind(args.api_listen)

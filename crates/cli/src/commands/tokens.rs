@@ -1,4 +1,4 @@
-//! `aloft tokens create org|deploy|readonly`, `tokens list`, `tokens revoke`, and
+//! `aloft tokens create org|deploy|readonly|host`, `tokens list`, `tokens revoke`, and
 //! `tokens attenuate`, which narrows a token offline (no server involved).
 
 use aloft_api::token::{Caveat, Token};
@@ -85,6 +85,16 @@ pub enum CreateKind {
         #[command(flatten)]
         flags: CreateFlags,
     },
+    /// A host's join token for `aloft agent --token` (the operator's admin token only);
+    /// it becomes the token of the first host that joins with it.
+    Host {
+        /// The token's name.
+        #[arg(short = 'n', long)]
+        name: Option<String>,
+        /// Print the token's details as JSON.
+        #[arg(short = 'j', long)]
+        json: bool,
+    },
 }
 
 pub async fn run(api: &ApiArgs, command: TokensCommand) -> anyhow::Result<()> {
@@ -99,6 +109,16 @@ pub async fn run(api: &ApiArgs, command: TokensCommand) -> anyhow::Result<()> {
                     flags,
                 ),
                 CreateKind::Readonly { org, app, flags } => ("readonly", org, app, flags),
+                CreateKind::Host { name, json } => (
+                    "host",
+                    None,
+                    None,
+                    CreateFlags {
+                        name,
+                        expiry: None,
+                        json,
+                    },
+                ),
             };
             let request = CreateTokenRequest {
                 kind: kind.into(),

@@ -291,7 +291,7 @@ impl Platform {
     }
 
     /// The test's directory: HOME and the data dir live in it.
-    fn new_root() -> tempfile::TempDir {
+    pub fn new_root() -> tempfile::TempDir {
         let root = tempfile::tempdir().expect("temp dir");
         // Traversable, as /var/lib is: machines' roots (host ids of a user namespace) pass
         // through it to their root filesystems.
@@ -304,7 +304,21 @@ impl Platform {
         root
     }
 
+    /// Like [`Platform::start_with`], running `prepare` with the namespace's name after the
+    /// namespace exists and before the server starts (to give it links and addresses).
+    pub fn start_prepared(server_args: &[&str], prepare: impl FnOnce(&str)) -> Self {
+        Self::start_in_prepared(Self::new_root(), server_args, prepare)
+    }
+
     fn start_in(root: tempfile::TempDir, server_args: &[&str]) -> Self {
+        Self::start_in_prepared(root, server_args, |_| {})
+    }
+
+    fn start_in_prepared(
+        root: tempfile::TempDir,
+        server_args: &[&str],
+        prepare: impl FnOnce(&str),
+    ) -> Self {
         assert!(
             hello_binary().exists(),
             "{} is missing: run `cargo build --workspace` first",
@@ -323,6 +337,7 @@ impl Platform {
             .args(["-n", &netns, "link", "set", "lo", "up"])
             .status()
             .expect("ip link set lo up");
+        prepare(&netns);
         let mut platform = Self {
             netns,
             root,
@@ -571,7 +586,7 @@ impl Drop for Platform {
 /// the test's directory removes everything. The devices are found before unmounting: a
 /// file on a filesystem unmounted lazily (a data dir on a disk of its own) no longer
 /// shows its path.
-fn release_mounts_under(root: &Path) {
+pub fn release_mounts_under(root: &Path) {
     let devices = loop_devices_under(root);
     let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
@@ -694,4 +709,181 @@ pub fn write_fly_toml(dir: &Path, name: &str, extra: &str) {
 pub fn machine_json(platform: &Platform, app: &str, id: &str) -> serde_json::Value {
     let status = platform.aloft(&["machine", "status", id, "-a", app, "--json"]);
     serde_json::from_str(&status.stdout).unwrap_or_default()
+}
+
+/// A second host for a platform: a network namespace of its own, linked to the platform's
+/// by a veth pair (the platform at [`JoinedHost::CONTROL_IP`], this host at
+/// [`JoinedHost::IP`]), where `aloft agent` runs with a data dir of its own. Dropping it
+/// stops the agent (its machines with it) and removes what it made.
+pub struct JoinedHost {
+    pub netns: String,
+    pub root: tempfile::TempDir,
+    agent: Option<Child>,
+}
+
+impl JoinedHost {
+    /// The platform's end of the link: give `aloft server --api-listen` this address.
+    pub const CONTROL_IP: &'static str = "10.77.0.1";
+    /// This host's end.
+    pub const IP: &'static str = "10.77.0.2";
+
+    pub fn new() -> Self {
+        let netns = format!(
+            "aloft-b{}",
+            std::process::id() % 100_000 * 100 + rand_suffix()
+        );
+        let status = Command::new("ip")
+            .args(["netns", "add", &netns])
+            .status()
+            .expect("ip netns add");
+        assert!(status.success(), "creating network namespace {netns}");
+        Self::ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        Self {
+            netns,
+            root: Platform::new_root(),
+            agent: None,
+        }
+    }
+
+    fn ip(args: &[&str]) {
+        let run = Run::from(Command::new("ip").args(args).output().expect("running ip"));
+        assert!(run.ok(), "ip {args:?}: {run}");
+    }
+
+    /// Links this host's namespace to `platform_netns` (call it from
+    /// [`Platform::start_prepared`], before the server binds its API to [`Self::CONTROL_IP`]).
+    pub fn link_to(&self, platform_netns: &str) {
+        Self::ip(&[
+            "-n",
+            platform_netns,
+            "link",
+            "add",
+            "backbone0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "backbone0",
+            "netns",
+            &self.netns,
+        ]);
+        for (netns, ip) in [(platform_netns, Self::CONTROL_IP), (&self.netns, Self::IP)] {
+            Self::ip(&[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{ip}/30"),
+                "dev",
+                "backbone0",
+            ]);
+            Self::ip(&["-n", netns, "link", "set", "backbone0", "up"]);
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// `aloft agent ARGS` in this host's namespace, run to its end.
+    pub fn run_agent(&self, args: &[&str]) -> Run {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(aloft_binary())
+            .arg("agent")
+            .args(args)
+            .env("HOME", self.root.path())
+            .env_remove("ALOFT_HOST_TOKEN");
+        Run::from(command.output().expect("running aloft agent"))
+    }
+
+    /// Starts `aloft agent` joined to the control plane at `control` with `token`, in
+    /// `region`, listening at [`Self::IP`]:4281.
+    pub fn start_agent(&mut self, control: &str, token: &str, region: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("agent.log"))
+            .expect("agent log");
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(aloft_binary())
+            .arg("agent")
+            .args(["--control", control, "--token", token, "--region", region])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args([
+                "--listen",
+                &format!("{}:4281", Self::IP),
+                "--driver",
+                "container",
+            ])
+            .env("HOME", self.root.path())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.agent = Some(command.spawn().expect("starting aloft agent"));
+    }
+
+    /// Kills the agent with SIGKILL, as a crash or a lost host would (machines stay).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+
+    /// Stops the agent with SIGTERM (it stops its machines) and waits for it.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(agent.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = agent.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+}
+
+impl Drop for JoinedHost {
+    fn drop(&mut self) {
+        self.stop_agent();
+        if let Ok(machines) = std::fs::read_dir(self.data_dir().join("agent/machines")) {
+            for machine in machines.flatten() {
+                let netns = format!("aloft-{}", machine.file_name().to_string_lossy());
+                // Machines of an agent that was killed and never came back still run.
+                if let Ok(out) = Command::new("ip").args(["netns", "pids", &netns]).output() {
+                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        if let Ok(pid) = pid.parse::<i32>() {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                }
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &netns])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        release_mounts_under(self.root.path());
+    }
 }

@@ -128,12 +128,23 @@ pub struct ReleaseRow {
     pub user: String,
 }
 
+/// What `host_tokens` binds a join token (`aloft tokens create host`) to until a host
+/// registers with it.
+pub const JOIN_TOKEN_HOST: &str = "";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostRow {
     pub id: String,
     pub region: String,
     pub agent_url: String,
+    /// When the host last registered or heartbeated (RFC 3339, the control plane's clock).
     pub last_seen: String,
+    /// The CPUs the host declared (0: not declared, no limit).
+    pub cpus: u64,
+    /// The memory (MB) the host declared (0: not declared, no limit).
+    pub memory_mb: u64,
+    /// An operator cordoned it: it gets no new machines.
+    pub cordoned: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -315,6 +326,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("releases", "created_by", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "rev", "{int} NOT NULL DEFAULT 0"),
     ("volumes", "host_id", "TEXT NOT NULL DEFAULT ''"),
+    ("hosts", "cpus", "{int} NOT NULL DEFAULT 0"),
+    ("hosts", "memory_mb", "{int} NOT NULL DEFAULT 0"),
+    ("hosts", "cordoned", "{int} NOT NULL DEFAULT 0"),
     ("volumes", "sealed_key", "TEXT NOT NULL DEFAULT ''"),
     (
         "deploy_operations",
@@ -1471,18 +1485,19 @@ impl Store {
 
     // ---- hosts ----
 
+    /// Adds a host or updates where it is and what it has (its cordon stays as it was).
     pub fn upsert_host(&self, host: &HostRow) -> StoreResult<()> {
         self.execute(
-                "INSERT INTO hosts(id, region, agent_url, last_seen) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT(id) DO UPDATE SET region = excluded.region, agent_url = excluded.agent_url, last_seen = excluded.last_seen",
-                &[(&host.id).into(), (&host.region).into(), (&host.agent_url).into(), (&host.last_seen).into()],
+                "INSERT INTO hosts(id, region, agent_url, last_seen, cpus, memory_mb) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT(id) DO UPDATE SET region = excluded.region, agent_url = excluded.agent_url, last_seen = excluded.last_seen, cpus = excluded.cpus, memory_mb = excluded.memory_mb",
+                &[(&host.id).into(), (&host.region).into(), (&host.agent_url).into(), (&host.last_seen).into(), host.cpus.into(), host.memory_mb.into()],
         )
     }
 
     pub fn hosts(&self) -> StoreResult<Vec<HostRow>> {
         self.read(|c| {
             c.query(
-                "SELECT id, region, agent_url, last_seen FROM hosts ORDER BY id",
+                "SELECT id, region, agent_url, last_seen, cpus, memory_mb, cordoned FROM hosts ORDER BY id",
                 &[],
             )?
             .iter()
@@ -1492,9 +1507,71 @@ impl Store {
                     region: r.text(1)?,
                     agent_url: r.text(2)?,
                     last_seen: r.text(3)?,
+                    cpus: u64::try_from(r.int(4)?).unwrap_or(0),
+                    memory_mb: u64::try_from(r.int(5)?).unwrap_or(0),
+                    cordoned: r.bool(6)?,
                 })
             })
             .collect()
+        })
+    }
+
+    pub fn host(&self, id: &str) -> StoreResult<Option<HostRow>> {
+        Ok(self.hosts()?.into_iter().find(|h| h.id == id))
+    }
+
+    /// Records a heartbeat; false when the host is not registered.
+    pub fn touch_host(&self, id: &str, last_seen: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE hosts SET last_seen = $2 WHERE id = $1",
+                &[id.into(), last_seen.into()],
+            )? == 1)
+        })
+    }
+
+    /// Cordons or uncordons a host; false when there is no such host.
+    pub fn set_host_cordoned(&self, id: &str, cordoned: bool) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE hosts SET cordoned = $2 WHERE id = $1",
+                &[id.into(), cordoned.into()],
+            )? == 1)
+        })
+    }
+
+    /// Removes a host and revokes its tokens; false when there is no such host.
+    pub fn delete_host(&self, id: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            c.execute(
+                "UPDATE tokens SET revoked = 1 WHERE id IN (SELECT token_id FROM host_tokens WHERE host_id = $1)",
+                &[id.into()],
+            )?;
+            Ok(c.execute("DELETE FROM hosts WHERE id = $1", &[id.into()])? == 1)
+        })
+    }
+
+    /// Binds a join token (bound to no host yet, see [`JOIN_TOKEN_HOST`]) to the host that
+    /// first registers with it; false when it was bound already.
+    pub fn claim_join_token(&self, token_id: &str, host_id: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE host_tokens SET host_id = $2 WHERE token_id = $1 AND host_id = $3",
+                &[token_id.into(), host_id.into(), JOIN_TOKEN_HOST.into()],
+            )? == 1)
+        })
+    }
+
+    /// Every volume not destroyed whose disk is on `host_id`.
+    pub fn volumes_on_host(&self, host_id: &str) -> StoreResult<Vec<VolumeRow>> {
+        let sql = format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE host_id = $1 AND state != 'destroyed' ORDER BY created_at, id"
+        );
+        self.read(|c| {
+            c.query(&sql, &[host_id.into()])?
+                .iter()
+                .map(volume_from_row)
+                .collect()
         })
     }
 

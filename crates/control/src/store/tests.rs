@@ -363,6 +363,9 @@ pub fn suite(store: &Store) {
             region: "local".into(),
             agent_url: "http://x".into(),
             last_seen: now_rfc3339(),
+            cpus: 4,
+            memory_mb: 8192,
+            cordoned: false,
         })
         .unwrap();
     store
@@ -371,9 +374,29 @@ pub fn suite(store: &Store) {
             region: "iad".into(),
             agent_url: "http://y".into(),
             last_seen: now_rfc3339(),
+            cpus: 8,
+            memory_mb: 16384,
+            cordoned: false,
         })
         .unwrap();
     assert_eq!(store.hosts().unwrap()[0].region, "iad");
+    assert_eq!(store.hosts().unwrap()[0].cpus, 8);
+    assert_eq!(store.hosts().unwrap()[0].memory_mb, 16384);
+    assert!(store.set_host_cordoned("h1", true).unwrap());
+    assert!(!store.set_host_cordoned("nope", true).unwrap());
+    assert!(store.host("h1").unwrap().unwrap().cordoned);
+    assert!(store.touch_host("h1", "2030-01-01T00:00:00Z").unwrap());
+    assert!(!store.touch_host("nope", "2030-01-01T00:00:00Z").unwrap());
+    let h1 = store.host("h1").unwrap().unwrap();
+    assert_eq!(h1.last_seen, "2030-01-01T00:00:00Z");
+    assert!(h1.cordoned, "a heartbeat keeps the cordon");
+    store.upsert_host(&h1).unwrap();
+    assert!(
+        store.host("h1").unwrap().unwrap().cordoned,
+        "registering again keeps the cordon"
+    );
+    assert!(store.set_host_cordoned("h1", false).unwrap());
+    assert!(store.volumes_on_host("h1").unwrap().is_empty());
     assert!(store.advance_host_event_seq("h1", 1).unwrap());
     assert!(!store.advance_host_event_seq("h1", 1).unwrap());
     assert!(store.advance_host_event_seq("h1", 2).unwrap());

@@ -54,6 +54,7 @@ pub async fn start() -> Harness {
     )
     .await
     .expect("registering the fake agent");
+    keep_alive(host.clone(), "h1");
     Harness {
         agent_url,
         admin: Client::new(&url, Some(credentials.admin_token.clone())),
@@ -88,11 +89,25 @@ impl Harness {
             )
             .await
             .expect("registering a host");
+        keep_alive(self.host_client(id), id);
     }
 
     pub fn anonymous(&self) -> Client {
         Client::new(&self.url, None)
     }
+}
+
+/// Heartbeats for host `id` as its agent would, every 2 s, for as long as the test runs
+/// (a host that stops heartbeating is down and gets no machines).
+pub fn keep_alive(client: Client, id: &str) {
+    let path = format!("/v1/hosts/{id}/heartbeat");
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let beat = serde_json::json!({ "time": chrono::Utc::now().to_rfc3339() });
+            let _ = client.call(Method::POST, &path, Some(&beat)).await;
+        }
+    });
 }
 
 /// Sends a request and returns the status and the body as JSON (Null when empty).
