@@ -67,6 +67,18 @@ pub fn flycast_address(network: u32, k: u32) -> Ipv6Addr {
     Ipv6Addr::new(PREFIX, n1, n2, 0, 0, k1, k2, 1)
 }
 
+/// A host's own address on the backhaul, `fdaa:0:0:<host>::1` (network 0 is the
+/// platform's, so no machine is ever in it). The mesh carries it like a machine address
+/// of that host: its proxy's backhaul listener is there.
+pub fn host_address(host: u32) -> Ipv6Addr {
+    let (h1, h2) = split(host);
+    Ipv6Addr::new(PREFIX, 0, 0, h1, h2, 0, 0, 1)
+}
+
+/// The port of a host proxy's backhaul listener on [`host_address`]: edges on other hosts
+/// reach this host's machines through it.
+pub const BACKHAUL_PORT: u16 = 4290;
+
 /// The parts of a 6PN address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parts {
@@ -139,6 +151,21 @@ mod tests {
             Some(0x0002_045b)
         );
         assert_eq!(network_of(&"fd00::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn host_addresses_name_their_host_in_network_zero() {
+        let address = host_address(0x0001_0002);
+        assert_eq!(address.to_string(), "fdaa:0:0:1:2::1");
+        assert_eq!(
+            parts(&address),
+            Some(Parts {
+                network: 0,
+                host: 0x0001_0002,
+                machine: 0
+            })
+        );
+        assert!(!is_service_address(&host_address(3)));
     }
 
     #[test]
