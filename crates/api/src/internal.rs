@@ -311,6 +311,32 @@ pub struct HostRegistration {
     /// The memory (MB) machines may reserve on the host (0: not declared, no limit).
     #[serde(default)]
     pub memory_mb: u64,
+    /// The host's WireGuard mesh key for this run (base64 of 32 bytes; a fresh one at
+    /// every agent start). None: the host is no mesh member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_public_key: Option<String>,
+    /// Where the host's mesh listens (`ip:port` on the datacenter network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_endpoint: Option<String>,
+}
+
+/// The control plane's answer to a [`HostRegistration`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRegistered {
+    /// The host's number in 6PN addresses (`sixpn::host_address(host_number)` is its own).
+    pub host_number: u32,
+}
+
+/// A host of the mesh as `GET /v1/hosts/mesh` lists it (hosts that are up and have a key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshPeerInfo {
+    pub id: String,
+    /// Its host number in 6PN addresses.
+    pub number: u32,
+    /// Its WireGuard public key (base64).
+    pub public_key: String,
+    /// Where its mesh listens (`ip:port`).
+    pub endpoint: String,
 }
 
 /// How often an agent says it is alive (`POST /v1/hosts/{id}/heartbeat`).

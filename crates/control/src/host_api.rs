@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use aloft_api::internal::{HOST_MAX_CLOCK_SKEW_SECS, HostHeartbeat, HostInfo, HostRegistration};
+use aloft_api::internal::{
+    HOST_MAX_CLOCK_SKEW_SECS, HostHeartbeat, HostInfo, HostRegistered, HostRegistration,
+    MeshPeerInfo,
+};
 use aloft_api::token::Token;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -23,6 +26,7 @@ use crate::store::{HostRow, JOIN_TOKEN_HOST, TokenRow, now_millis, now_rfc3339};
 pub fn routes() -> Router<Arc<ControlPlane>> {
     Router::new()
         .route("/v1/hosts", get(list_hosts).post(register_host))
+        .route("/v1/hosts/mesh", get(mesh_peers))
         .route("/v1/hosts/{id}", get(show_host).delete(remove_host))
         .route("/v1/hosts/{id}/heartbeat", post(heartbeat))
         .route("/v1/hosts/{id}/cordon", post(cordon_host))
@@ -117,7 +121,36 @@ fn check_registration(registration: &HostRegistration) -> ApiResult<()> {
             registration.agent_url
         )));
     }
-    Ok(())
+    check_mesh(registration)
+}
+
+/// The mesh key must be a WireGuard public key and the endpoint an `ip:port` other hosts
+/// can send to; both or neither.
+fn check_mesh(registration: &HostRegistration) -> ApiResult<()> {
+    use base64::Engine;
+    match (&registration.mesh_public_key, &registration.mesh_endpoint) {
+        (None, None) => Ok(()),
+        (Some(_), None) => Err(ApiError::bad_request(
+            "invalid mesh_endpoint: missing; a host with a mesh_public_key says where its mesh listens (ip:port)",
+        )),
+        (None, Some(_)) => Err(ApiError::bad_request(
+            "invalid mesh_public_key: missing; a host with a mesh_endpoint gives its WireGuard public key",
+        )),
+        (Some(key), Some(endpoint)) => {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(key.as_bytes());
+            if !decoded.is_ok_and(|bytes| bytes.len() == 32) {
+                return Err(ApiError::bad_request(format!(
+                    "invalid mesh_public_key: {key:?} is not a WireGuard public key (base64 of 32 bytes, as `wg pubkey` prints)"
+                )));
+            }
+            match endpoint.parse::<std::net::SocketAddr>() {
+                Ok(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Ok(()),
+                _ => Err(ApiError::bad_request(format!(
+                    "invalid mesh_endpoint: {endpoint:?} must be ip:port (e.g. 10.0.0.2:51820 or [2001:db8::2]:51820) where other hosts reach this host's mesh"
+                ))),
+            }
+        }
+    }
 }
 
 /// Logs a refused host request (the operator's to hear about) and passes the error on.
@@ -133,10 +166,11 @@ async fn register_host(
     State(plane): Plane,
     caller: Caller,
     JsonBody(registration): JsonBody<HostRegistration>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<HostRegistered>> {
     let id = registration.id.clone();
     if caller.is_joining() {
         check_registration(&registration).map_err(|e| refused(&id, e))?;
+        check_mesh_key_free(&plane, &registration).map_err(|e| refused(&id, e))?;
         if plane.store.host_token(&id)?.is_some() {
             return Err(refused(
                 &id,
@@ -157,6 +191,7 @@ async fn register_host(
             .require_host_itself(&id)
             .map_err(|e| refused(&id, e))?;
         check_registration(&registration).map_err(|e| refused(&id, e))?;
+        check_mesh_key_free(&plane, &registration).map_err(|e| refused(&id, e))?;
     }
     plane.store.upsert_host(&HostRow {
         id: id.clone(),
@@ -167,8 +202,62 @@ async fn register_host(
         memory_mb: registration.memory_mb,
         cordoned: false,
     })?;
+    // A host's key is for this run of its agent: registering without one leaves the mesh.
+    plane.store.set_host_mesh(
+        &id,
+        registration.mesh_public_key.as_deref().unwrap_or_default(),
+        registration.mesh_endpoint.as_deref().unwrap_or_default(),
+    )?;
+    let host_number = crate::ips::host_number(&plane.store, &id)?;
     plane.forget_agent(&id);
-    Ok(StatusCode::NO_CONTENT)
+    if let Some(key) = &registration.mesh_public_key {
+        tracing::info!(host = %id, host_number, public_key = %key, "host registered its mesh key");
+    }
+    Ok(Json(HostRegistered { host_number }))
+}
+
+/// A mesh key belongs to one host: another host registering it would receive that host's
+/// traffic.
+fn check_mesh_key_free(plane: &ControlPlane, registration: &HostRegistration) -> ApiResult<()> {
+    let Some(key) = &registration.mesh_public_key else {
+        return Ok(());
+    };
+    match plane.store.host_with_mesh_key(key)? {
+        Some(holder) if holder != registration.id => Err(ApiError::conflict(format!(
+            "invalid mesh_public_key: another host ({holder}) uses this key; every host registers a key of its own"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `GET /v1/hosts/mesh`: the hosts of the mesh that are up, for agents to keep their
+/// peers current. Host tokens only: where each host's mesh listens is the platform's, not
+/// an org's.
+async fn mesh_peers(State(plane): Plane, caller: Caller) -> ApiResult<Json<Vec<MeshPeerInfo>>> {
+    if !caller.is_host() || caller.is_joining() {
+        return Err(ApiError::forbidden(
+            "the mesh's peers are for hosts: call with a registered host's token",
+        ));
+    }
+    let now = now_millis();
+    let hosts = plane.store.hosts()?;
+    let peers = plane
+        .store
+        .mesh_hosts()?
+        .into_iter()
+        .filter(|peer| {
+            hosts.iter().any(|host| {
+                host.id == peer.id && host_status(host, now) != crate::hosts::HostStatus::Down
+            })
+        })
+        .map(|peer| MeshPeerInfo {
+            id: peer.id,
+            number: peer.number,
+            public_key: peer.public_key,
+            endpoint: peer.endpoint,
+        })
+        .collect();
+    Ok(Json(peers))
 }
 
 /// `POST /v1/hosts/{id}/heartbeat`: the host is alive. A heartbeat whose clock is off by

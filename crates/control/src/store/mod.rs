@@ -132,6 +132,16 @@ pub struct ReleaseRow {
 /// registers with it.
 pub const JOIN_TOKEN_HOST: &str = "";
 
+/// A host's place in the WireGuard mesh (what its agent registered this run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshHostRow {
+    pub id: String,
+    /// Its host number in 6PN addresses.
+    pub number: u32,
+    pub public_key: String,
+    pub endpoint: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostRow {
     pub id: String,
@@ -329,6 +339,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("hosts", "cpus", "{int} NOT NULL DEFAULT 0"),
     ("hosts", "memory_mb", "{int} NOT NULL DEFAULT 0"),
     ("hosts", "cordoned", "{int} NOT NULL DEFAULT 0"),
+    ("hosts", "mesh_public_key", "TEXT NOT NULL DEFAULT ''"),
+    ("hosts", "mesh_endpoint", "TEXT NOT NULL DEFAULT ''"),
     ("volumes", "sealed_key", "TEXT NOT NULL DEFAULT ''"),
     (
         "deploy_operations",
@@ -348,6 +360,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 const INDEXES_AFTER_COLUMNS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS machines_listing ON machines(app_id, created_at, id, rev, state, region)",
     "DROP INDEX IF EXISTS machines_by_app",
+    "CREATE UNIQUE INDEX IF NOT EXISTS hosts_by_mesh_key ON hosts(mesh_public_key) WHERE mesh_public_key <> ''",
 ];
 
 const EVENTS_KEPT_ON_MACHINE: usize = 10;
@@ -1527,6 +1540,54 @@ impl Store {
                 "UPDATE hosts SET last_seen = $2 WHERE id = $1",
                 &[id.into(), last_seen.into()],
             )? == 1)
+        })
+    }
+
+    /// Sets (or, with empty strings, clears) the host's mesh key and endpoint for this run
+    /// of its agent; false when there is no such host.
+    pub fn set_host_mesh(&self, id: &str, public_key: &str, endpoint: &str) -> StoreResult<bool> {
+        self.tx(|c| {
+            Ok(c.execute(
+                "UPDATE hosts SET mesh_public_key = $2, mesh_endpoint = $3 WHERE id = $1",
+                &[id.into(), public_key.into(), endpoint.into()],
+            )? == 1)
+        })
+    }
+
+    /// The host that registered mesh key `public_key`, if any.
+    pub fn host_with_mesh_key(&self, public_key: &str) -> StoreResult<Option<String>> {
+        self.read(|c| {
+            c.query(
+                "SELECT id FROM hosts WHERE mesh_public_key = $1",
+                &[public_key.into()],
+            )?
+            .iter()
+            .map(|r| r.text(0))
+            .next()
+            .transpose()
+        })
+    }
+
+    /// Hosts with a mesh key, with their host numbers.
+    pub fn mesh_hosts(&self) -> StoreResult<Vec<MeshHostRow>> {
+        self.read(|c| {
+            c.query(
+                "SELECT h.id, n.number, h.mesh_public_key, h.mesh_endpoint FROM hosts h
+                 JOIN host_numbers n ON n.host_id = h.id
+                 WHERE h.mesh_public_key <> '' ORDER BY n.number",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(MeshHostRow {
+                    id: r.text(0)?,
+                    number: u32::try_from(r.int(1)?)
+                        .map_err(|e| corrupt("host_numbers.number", e))?,
+                    public_key: r.text(2)?,
+                    endpoint: r.text(3)?,
+                })
+            })
+            .collect()
         })
     }
 
