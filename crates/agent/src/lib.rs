@@ -13,6 +13,7 @@ pub mod image_files;
 pub mod images;
 pub mod init_config;
 pub mod logs;
+pub mod mesh;
 pub mod metrics;
 pub mod microvm;
 pub mod network;
@@ -66,6 +67,9 @@ pub struct AgentConfig {
     pub rootfs_default_gb: u32,
     /// What machines may reserve on this host (registered with the control plane).
     pub capacity: HostCapacity,
+    /// Where this host's WireGuard mesh listens (and other hosts send to); None: this host
+    /// is no mesh member.
+    pub mesh_listen: Option<SocketAddr>,
 }
 
 /// The CPUs and memory a host offers its machines.
@@ -136,6 +140,10 @@ pub struct Agent {
     outbox: tokio::sync::Notify,
     checks: checks::Checks,
     volumes: volumes::Volumes,
+    /// This run's mesh key (with `mesh_listen`).
+    mesh: Option<mesh::MeshIdentity>,
+    /// This host's number in 6PN addresses, as the control plane answered registration.
+    host_number: std::sync::OnceLock<u32>,
 }
 
 const DEFAULT_KILL_SIGNAL: &str = "SIGINT";
@@ -255,7 +263,13 @@ impl Agent {
             .as_disks(driver.volumes_as_disks());
         tracing::info!(host = %host_id, runtime = %driver.name(), "agent ready");
         let secrets = secrets::SecretsSource::new(&config.control_url, &config.token, &host_id);
+        let mesh = config
+            .mesh_listen
+            .map(mesh::MeshIdentity::generate)
+            .transpose()?;
         Ok(Arc::new(Self {
+            mesh,
+            host_number: std::sync::OnceLock::new(),
             config,
             host_id,
             store,
@@ -1283,24 +1297,48 @@ impl Agent {
     }
 
     /// Registers with the control plane, then delivers events and check results forever.
-    fn control_client(&self) -> Client {
+    pub(crate) fn control_client(&self) -> Client {
         Client::new(&self.config.control_url, Some(self.config.token.clone()))
             .with_timeout(Duration::from_secs(10))
     }
 
-    /// Registers this host with the control plane once: its id, region, agent URL and
-    /// capacity.
-    pub async fn register(&self) -> Result<(), aloft_client::ClientError> {
+    /// Registers this host with the control plane once: its id, region, agent URL,
+    /// capacity and this run's mesh key; the answer is the host's number in 6PN addresses.
+    pub async fn register(&self) -> Result<u32, aloft_client::ClientError> {
         let registration = HostRegistration {
             id: self.host_id.clone(),
             region: self.config.region.clone(),
             agent_url: format!("http://{}", self.config.listen),
             cpus: self.config.capacity.cpus,
             memory_mb: self.config.capacity.memory_mb,
+            mesh_public_key: self.mesh.as_ref().map(|m| m.public_key().to_string()),
+            mesh_endpoint: self.mesh.as_ref().map(|m| m.endpoint.to_string()),
         };
-        self.control_client()
-            .call(http::Method::POST, "/v1/hosts", Some(&registration))
-            .await
+        let registered: aloft_api::internal::HostRegistered = self
+            .control_client()
+            .post("/v1/hosts", &registration)
+            .await?;
+        if let Some(known) = self.host_number.get()
+            && *known != registered.host_number
+        {
+            tracing::error!(
+                before = known,
+                now = registered.host_number,
+                "the control plane changed this host's number; restart the agent"
+            );
+        }
+        let _ = self.host_number.set(registered.host_number);
+        Ok(registered.host_number)
+    }
+
+    /// This host's number in 6PN addresses, once it has registered.
+    pub fn host_number(&self) -> Option<u32> {
+        self.host_number.get().copied()
+    }
+
+    /// This run's mesh key and endpoint (with `mesh_listen`).
+    pub fn mesh_identity(&self) -> Option<&mesh::MeshIdentity> {
+        self.mesh.as_ref()
     }
 
     /// Says every few seconds that this host is alive (with its clock); registers again
@@ -1333,7 +1371,7 @@ impl Agent {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.register().await {
-                Ok(()) => break,
+                Ok(_) => break,
                 Err(err) => {
                     tracing::warn!(error = %err, "registering with the control plane");
                     tokio::time::sleep(backoff).await;

@@ -4,6 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use aloft_agent::{Agent, AgentConfig, HostCapacity};
 use anyhow::Context;
@@ -44,6 +46,52 @@ pub struct AgentArgs {
     /// Leave machines running when the agent exits (they are re-attached on the next start).
     #[arg(long)]
     pub keep_machines: bool,
+    /// Join the WireGuard mesh between hosts, listening (UDP) at this address of the
+    /// datacenter network, where other hosts reach this one (e.g. 10.0.0.2:51820).
+    #[arg(long, value_name = "IP:PORT")]
+    pub mesh_listen: Option<SocketAddr>,
+}
+
+/// Registers the host with the control plane at `control`; a refusal (a wrong or revoked
+/// token, another host's id) is an error to exit with, not to retry forever. Waits (and
+/// retries) while the control plane does not answer. The host's number in 6PN addresses.
+pub(crate) async fn register_or_refuse(agent: &Arc<Agent>, control: &str) -> anyhow::Result<u32> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match agent.register().await {
+            Ok(number) => return Ok(number),
+            Err(aloft_client::ClientError::Api { status, message })
+                if status.is_client_error() =>
+            {
+                anyhow::bail!(
+                    "the control plane at {control} refused host {} ({status}): {message}",
+                    agent.host_id
+                );
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "the control plane does not answer yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Starts this host's mesh (with `--mesh-listen`) and keeps its peers current: at once
+/// when the host's number is known, else once the agent has registered.
+pub(crate) fn start_mesh(agent: &Arc<Agent>, host_number: Option<u32>) -> anyhow::Result<()> {
+    let Some(identity) = agent.mesh_identity() else {
+        return Ok(());
+    };
+    let Some(number) = host_number else {
+        tokio::spawn(aloft_agent::mesh::start_when_registered(agent.clone()));
+        return Ok(());
+    };
+    let mesh = aloft_agent::mesh::HostMesh::start(identity, number)
+        .with_context(|| format!("starting the mesh at {}", identity.endpoint))?;
+    tracing::info!(host_number = number, address = %mesh.host_address(), "this host is in the mesh");
+    tokio::spawn(mesh.follow_peers(agent.clone()));
+    Ok(())
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -82,10 +130,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         log_limits: aloft_agent::logs::LogLimits::default(),
         rootfs_default_gb: args.machine_rootfs_default_gb,
         capacity: HostCapacity::detect(args.cpus, args.memory_mb),
+        mesh_listen: args.mesh_listen,
     })?;
     // A token the control plane refuses is a mistake to say now, not to retry forever.
-    match agent.register().await {
-        Ok(()) => {}
+    let host_number = match agent.register().await {
+        Ok(number) => Some(number),
         Err(aloft_client::ClientError::Api { status, message }) if status.is_client_error() => {
             anyhow::bail!(
                 "the control plane at {control} refused host {} ({status}): {message}",
@@ -94,8 +143,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         Err(err) => {
             tracing::warn!(error = %err, "the control plane does not answer yet; retrying");
+            None
         }
-    }
+    };
+    start_mesh(&agent, host_number)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the agent API to {}", args.listen))?;
@@ -117,6 +168,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "  Capacity          {} CPUs, {} MB",
         capacity.cpus, capacity.memory_mb
     );
+    if let Some(mesh) = args.mesh_listen {
+        println!("  Mesh              udp {mesh} (device {})", aloft_agent::mesh::TUN_NAME);
+    }
     println!("  Machines          {}", agent.driver_description());
     crate::commands::server::shutdown_signal().await;
     println!("Shutting down...");

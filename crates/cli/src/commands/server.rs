@@ -18,8 +18,20 @@ pub struct ServerArgs {
     /// Where all state lives (SQLite databases, images, machines).
     #[arg(long, env = "ALOFT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Join the control plane at this API URL (e.g. http://10.0.0.1:4280) instead of
+    /// running one: this host runs its agent, proxy, private DNS and mesh only.
+    #[arg(long, value_name = "URL", requires = "token")]
+    pub join: Option<String>,
+    /// With --join: this host's token, a join token from `aloft tokens create host` (it
+    /// then stays this host's).
+    #[arg(long, requires = "join")]
+    pub token: Option<String>,
+    /// Join the WireGuard mesh between hosts, listening (UDP) at this address of the
+    /// datacenter network, where other hosts reach this one (e.g. 10.0.0.2:51820).
+    #[arg(long, value_name = "IP:PORT")]
+    pub mesh_listen: Option<SocketAddr>,
     /// Address of the Machines API (and the image registry under /v2/).
-    #[arg(long, default_value = "127.0.0.1:4280")]
+    #[arg(long, default_value = "127.0.0.1:4280", conflicts_with = "join")]
     pub api_listen: SocketAddr,
     /// Address the proxy serves plain HTTP on.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -32,7 +44,7 @@ pub struct ServerArgs {
     /// and every hostname added with `aloft certs add`: TLS-ALPN-01 on the HTTPS port (or
     /// HTTP-01 on the HTTP port without one). Off when not given: HTTPS serves imported
     /// certificates and a self-signed fallback.
-    #[arg(long, value_name = "URL")]
+    #[arg(conflicts_with = "join", long, value_name = "URL")]
     pub acme_directory: Option<String>,
     /// Contact address of the ACME account (expiry notices).
     #[arg(long, value_name = "ADDR", requires = "acme_directory")]
@@ -73,7 +85,7 @@ pub struct ServerArgs {
     pub runtime: Option<String>,
     /// Keep the control plane's state in PostgreSQL (`postgresql://user@host/db`) instead
     /// of SQLite in the data dir; several servers may share one database.
-    #[arg(long, env = "ALOFT_DATABASE_URL", hide_env_values = true)]
+    #[arg(conflicts_with = "join", long, env = "ALOFT_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// What runs machines: `container` (runc/crun), `microvm` (a QEMU VM each), or `auto`
     /// (microVMs where KVM boots the guest kernel, containers elsewhere).
@@ -106,18 +118,18 @@ pub struct ServerArgs {
     pub keep_machines: bool,
     /// Keep the images of this many most recent releases per app; older ones are
     /// garbage-collected after each deploy.
-    #[arg(long, default_value_t = aloft_control::releases::DEFAULT_KEEP_RELEASES)]
+    #[arg(conflicts_with = "join", long, default_value_t = aloft_control::releases::DEFAULT_KEEP_RELEASES)]
     pub keep_releases: usize,
     /// At most this many machines per organization (0: no limit); more answer 422.
-    #[arg(long, default_value_t = aloft_control::machines::DEFAULT_ORG_MAX_MACHINES)]
+    #[arg(conflicts_with = "join", long, default_value_t = aloft_control::machines::DEFAULT_ORG_MAX_MACHINES)]
     pub org_max_machines: u64,
     /// At most this much memory (MB) in all of an organization's machines together (0: no
     /// limit); more answers 422.
-    #[arg(long, default_value_t = aloft_control::machines::DEFAULT_ORG_MAX_MEMORY_MB)]
+    #[arg(conflicts_with = "join", long, default_value_t = aloft_control::machines::DEFAULT_ORG_MAX_MEMORY_MB)]
     pub org_max_memory_mb: u64,
     /// Pull-through from this upstream registry (e.g. https://registry-1.docker.io), so
     /// `FROM debian:bookworm-slim` resolves through the platform's registry. Off by default.
-    #[arg(long)]
+    #[arg(conflicts_with = "join", long)]
     pub registry_upstream: Option<String>,
     /// The repository prefix that is pulled through from the upstream.
     #[arg(long, default_value = "dockerhub")]
@@ -125,7 +137,7 @@ pub struct ServerArgs {
     /// A registry (`host:port`) that image imports and pull-through may reach although it
     /// is at a loopback, private or link-local address (repeatable). Other registries must
     /// be at public addresses; the `--registry-upstream` itself always may.
-    #[arg(long = "allow-private-registry", value_name = "HOST:PORT")]
+    #[arg(conflicts_with = "join", long = "allow-private-registry", value_name = "HOST:PORT")]
     pub allow_private_registries: Vec<String>,
     /// Where machines' DNS server (`.internal` names) listens; every network's own
     /// `fdaa:<network>::3` gets the same port.
@@ -207,18 +219,30 @@ fn acme_config(args: &ServerArgs) -> anyhow::Result<Option<aloft_proxy::AcmeConf
     }))
 }
 
-pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    // Machines cannot start without cgroups: say so now, not at the first machine start.
-    if let Err(why) = crate::commands::doctor::cgroups_visible() {
-        anyhow::bail!(
-            "cgroups are not visible ({why}); {}",
-            crate::commands::doctor::CGROUPS_HINT
-        );
-    }
-    let acme = acme_config(&args)?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+/// The control plane this host follows: its own (`aloft server`), or a remote one it
+/// joined (`aloft server --join`).
+struct ControlSide {
+    api_url: String,
+    host_token: String,
+    /// The local control plane's API task and its stop switch.
+    local: Option<LocalControl>,
+}
+
+struct LocalControl {
+    credentials: aloft_control::Credentials,
+    settings_path: PathBuf,
+    stop_api: tokio::sync::oneshot::Sender<()>,
+    api_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Opens this host's own control plane, mints this host's token, and serves the API.
+async fn start_control_plane(
+    args: &ServerArgs,
+    data_dir: &std::path::Path,
+    acme: bool,
+) -> anyhow::Result<ControlSide> {
     let (plane, credentials) = ControlPlane::open(ControlConfig {
-        data_dir: data_dir.clone(),
+        data_dir: data_dir.to_path_buf(),
         listen: args.api_listen,
         region: args.region.clone(),
         base_domain: args.base_domain.clone(),
@@ -233,7 +257,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }),
         allowed_private_registries: args.allow_private_registries.clone(),
         database_url: args.database_url.clone(),
-        acme: acme.is_some(),
+        acme,
     })?;
     plane
         .store
@@ -263,7 +287,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     let api_url = format!("http://{}", args.api_listen);
     // This host's own credential: its agent, proxy and resolver act as this host only.
-    let host_id = aloft_agent::local_host_id(&data_dir)?;
+    let host_id = aloft_agent::local_host_id(data_dir)?;
     let host_token = plane
         .host_token_for(&host_id)
         .context("making this host's token")?;
@@ -279,6 +303,77 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     .save()
     .context("saving the CLI settings")?;
+    // The local host is known before the API answers its first call, so that a client
+    // that sees the API up can place machines at once (the agent re-registers as it reports).
+    let capacity = aloft_agent::HostCapacity::detect(args.cpus, args.memory_mb);
+    plane
+        .store
+        .upsert_host(&aloft_control::store::HostRow {
+            id: host_id,
+            region: args.region.clone(),
+            agent_url: format!("http://{}", args.agent_listen),
+            last_seen: aloft_control::store::now_rfc3339(),
+            cpus: capacity.cpus,
+            memory_mb: capacity.memory_mb,
+            cordoned: false,
+        })
+        .context("registering the local host")?;
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("binding the API to {}", args.api_listen))?;
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = tokio::spawn(plane.clone().serve(api_listener, async {
+        let _ = api_stopped.await;
+    }));
+    Ok(ControlSide {
+        api_url,
+        host_token,
+        local: Some(LocalControl {
+            credentials,
+            settings_path,
+            stop_api,
+            api_task,
+        }),
+    })
+}
+
+/// `--join URL --token T`: the remote control plane, checked before anything starts.
+fn remote_control(join: &str, token: Option<&str>) -> anyhow::Result<ControlSide> {
+    let api_url = join.trim_end_matches('/').to_string();
+    if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
+        anyhow::bail!("--join {join:?} is not an http:// or https:// URL of a control plane's API");
+    }
+    let host_token = token.map(str::trim).unwrap_or_default();
+    if host_token.is_empty() {
+        anyhow::bail!(
+            "--join needs --token: the join token `aloft tokens create host` printed (or this host's token)"
+        );
+    }
+    Ok(ControlSide {
+        api_url,
+        host_token: host_token.to_string(),
+        local: None,
+    })
+}
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    // Machines cannot start without cgroups: say so now, not at the first machine start.
+    if let Err(why) = crate::commands::doctor::cgroups_visible() {
+        anyhow::bail!(
+            "cgroups are not visible ({why}); {}",
+            crate::commands::doctor::CGROUPS_HINT
+        );
+    }
+    let acme = acme_config(&args)?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let control = match &args.join {
+        Some(join) => remote_control(join, args.token.as_deref())?,
+        None => start_control_plane(&args, &data_dir, acme.is_some()).await?,
+    };
+    let api_url = control.api_url.clone();
+    let host_token = control.host_token.clone();
 
     aloft_agent::network::set_egress_policy(aloft_agent::network::EgressPolicy {
         allowed: args.allow_egress.clone(),
@@ -300,28 +395,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         log_limits: aloft_agent::logs::LogLimits::new(args.log_max_size, args.log_max_files),
         rootfs_default_gb: args.machine_rootfs_default_gb,
         capacity: aloft_agent::HostCapacity::detect(args.cpus, args.memory_mb),
+        mesh_listen: args.mesh_listen,
     })?;
-    // The local host is known before the API answers its first call, so that a client
-    // that sees the API up can place machines at once (the agent re-registers as it reports).
-    plane
-        .store
-        .upsert_host(&aloft_control::store::HostRow {
-            id: agent.host_id.clone(),
-            region: args.region.clone(),
-            agent_url: format!("http://{}", args.agent_listen),
-            last_seen: aloft_control::store::now_rfc3339(),
-            cpus: agent.config.capacity.cpus,
-            memory_mb: agent.config.capacity.memory_mb,
-            cordoned: false,
-        })
-        .context("registering the local host")?;
-    let api_listener = tokio::net::TcpListener::bind(args.api_listen)
-        .await
-        .with_context(|| format!("binding the API to {}", args.api_listen))?;
-    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let api_task = tokio::spawn(plane.clone().serve(api_listener, async {
-        let _ = api_stopped.await;
-    }));
+    // A joining host says now whether the control plane takes it; this host's own control
+    // plane always does (the agent registers as it reports).
+    let host_number = match control.local {
+        None => Some(crate::commands::agent::register_or_refuse(&agent, &api_url).await?),
+        Some(_) => None,
+    };
+    crate::commands::agent::start_mesh(&agent, host_number)?;
 
     let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
         .await
@@ -337,6 +419,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     let dns = start_dns(&args, &api_url, &host_token);
 
+    // TODO(backhaul): set `host_id: Some(agent.host_id.clone())` and `backhaul_listen:
+    // host_number.filter(|_| args.mesh_listen.is_some()).map(|n| SocketAddr::new(
+    // aloft_api::sixpn::host_address(n).into(), aloft_api::sixpn::BACKHAUL_PORT))` here once
+    // the proxy has those fields (helper "backhaul"); the local control plane's host learns
+    // its number from `agent.host_number()` after registering.
     let proxy = Proxy::new(ProxyConfig {
         http_listen: args.proxy_listen,
         https_listen: args.proxy_https_listen,
@@ -372,7 +459,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         args.region,
         data_dir.display()
     );
-    println!("  API and registry  {api_url}");
+    match &control.local {
+        Some(_) => println!("  API and registry  {api_url}"),
+        None => println!("  Joined            {api_url} as host {}", agent.host_id),
+    }
     println!(
         "  Proxy             http://{}  (apps at http://<app>.{}:{}/)",
         args.proxy_listen,
@@ -395,12 +485,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(dns) => println!("  Private DNS       {dns} (and fdaa:<network>::3 for each network)"),
         None => println!("  Private DNS       off (machine networking needs root; see the log)"),
     }
+    if let Some(mesh) = args.mesh_listen {
+        println!("  Mesh              udp {mesh} (device {})", aloft_agent::mesh::TUN_NAME);
+    }
     println!("  Machines          {}", agent.driver_description());
-    println!("  Organization      {}", credentials.org_slug);
-    println!(
-        "  Access token      saved to {} (`aloft auth token` prints it)",
-        settings_path.display()
-    );
+    if let Some(local) = &control.local {
+        println!("  Organization      {}", local.credentials.org_slug);
+        println!(
+            "  Access token      saved to {} (`aloft auth token` prints it)",
+            local.settings_path.display()
+        );
+    }
 
     shutdown_signal().await;
     println!("Shutting down...");
@@ -408,9 +503,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         agent.stop_all_for_shutdown().await;
     }
     let _ = stop_proxy.send(());
-    let _ = stop_api.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), proxy_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    if let Some(local) = control.local {
+        let _ = local.stop_api.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), local.api_task).await;
+    }
     Ok(())
 }
 
