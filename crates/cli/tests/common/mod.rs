@@ -713,8 +713,9 @@ pub fn machine_json(platform: &Platform, app: &str, id: &str) -> serde_json::Val
 
 /// A second host for a platform: a network namespace of its own, linked to the platform's
 /// by a veth pair (the platform at [`JoinedHost::CONTROL_IP`], this host at
-/// [`JoinedHost::IP`]), where `aloft agent` runs with a data dir of its own. Dropping it
-/// stops the agent (its machines with it) and removes what it made.
+/// [`JoinedHost::IP`]), where `aloft agent` (or `aloft server --join`) runs with a data
+/// dir of its own. Dropping it stops that process (its machines with it) and removes what
+/// it made.
 pub struct JoinedHost {
     pub netns: String,
     pub root: tempfile::TempDir,
@@ -828,6 +829,50 @@ impl JoinedHost {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         self.agent = Some(command.spawn().expect("starting aloft agent"));
+    }
+
+    /// Where this host's mesh listens when it runs one ([`Self::start_joined_server`]).
+    pub const MESH_LISTEN: &'static str = "10.77.0.2:51820";
+
+    /// Starts `aloft server --join control --token token` (agent, proxy, private DNS and
+    /// mesh, no control plane of its own), its agent at [`Self::IP`]:4281 and its mesh at
+    /// [`Self::MESH_LISTEN`], with `extra` arguments.
+    pub fn start_joined_server(&mut self, control: &str, token: &str, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("agent.log"))
+            .expect("agent log");
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(aloft_binary())
+            .arg("server")
+            .args(["--join", control, "--token", token])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args([
+                "--agent-listen",
+                &format!("{}:4281", Self::IP),
+                "--mesh-listen",
+                Self::MESH_LISTEN,
+                "--driver",
+                "container",
+            ])
+            .args(extra)
+            .env("HOME", self.root.path())
+            .env_remove("ALOFT_DATABASE_URL")
+            .env_remove("ALOFT_HOST_TOKEN")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.agent = Some(command.spawn().expect("starting aloft server --join"));
+    }
+
+    /// Whether the process started last (agent or joined server) still runs.
+    pub fn running(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// Kills the agent with SIGKILL, as a crash or a lost host would (machines stay).

@@ -1,0 +1,412 @@
+//! The WireGuard mesh between hosts, end to end: `aloft server --mesh-listen` in one
+//! network namespace, `aloft server --join --mesh-listen` in a second one linked to it by
+//! a veth pair. Machines of one org on the two hosts reach each other over TCP by 6PN
+//! address and by `.internal` names their own host's DNS answers; another org's machine
+//! does not reach them across hosts; a restarted host registers a new mesh key and traffic
+//! flows again; bad mesh registrations are refused and change no host's peers.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{JoinedHost, Platform, Run, wait_until};
+use serde_json::{Value, json};
+
+const CONTROL_MESH: &str = "10.77.0.1:51820";
+
+/// An app dir whose image is busybox serving `/www` on port 8080, with a CGI script `id`
+/// that names the machine.
+fn busybox_app(platform: &Platform, name: &str) -> PathBuf {
+    let dir = platform.root.path().join(format!("app-{name}"));
+    let bin = dir.join("rootfs/bin");
+    let cgi = dir.join("rootfs/www/cgi-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&cgi).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("busybox-static is installed (scripts/setup.sh)");
+    for applet in [
+        "sh", "httpd", "wget", "nc", "nslookup", "echo", "timeout", "sleep",
+    ] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    let id = cgi.join("id");
+    std::fs::write(
+        &id,
+        "#!/bin/sh\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nCMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    common::write_fly_toml(&dir, name, "");
+    dir
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The machine's httpd, found by its network namespace (on whichever host it runs).
+fn machine_pid(id: &str) -> i32 {
+    let netns = PathBuf::from(format!("/run/netns/aloft-{id}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "httpd" && same_file(&entry.path().join("ns/net"), &netns) {
+                return pid;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no httpd in machine {id}");
+}
+
+/// A shell command inside the machine (its namespaces, its root filesystem, busybox).
+fn inside(id: &str, script: &str) -> Run {
+    let pid = machine_pid(id);
+    Run::from(
+        Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-a", "/bin/sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running nsenter"),
+    )
+}
+
+/// Whether a TCP connection from inside machine `from` to `[address]:port` is accepted.
+fn connects(from: &str, address: &str, port: u16) -> bool {
+    let run = inside(
+        from,
+        &format!("echo | timeout 10 nc -w 3 {address} {port} >/dev/null 2>&1; echo rc=$?"),
+    );
+    run.stdout.contains("rc=0")
+}
+
+/// `GET path` on the control plane (at the platform's end of the link) with `token`:
+/// (status, body).
+fn control_api(
+    platform: &Platform,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, String) {
+    let url = format!("http://{}:4280{path}", JoinedHost::CONTROL_IP);
+    let auth = format!("Authorization: Bearer {token}");
+    let body = body.map(Value::to_string);
+    let mut args = vec!["-X", method, "-H", &auth, "-w", "\n%{http_code}", &url];
+    if let Some(body) = &body {
+        args.extend(["-H", "Content-Type: application/json", "-d", body]);
+    }
+    let run = platform.curl(&args);
+    assert!(run.ok(), "{run}");
+    let (body, code) = run.stdout.rsplit_once('\n').expect("a status line");
+    (code.trim().parse().expect("a status"), body.to_string())
+}
+
+fn mesh_peers(platform: &Platform) -> Vec<Value> {
+    let (status, body) = control_api(
+        platform,
+        &platform.host_token(),
+        "GET",
+        "/v1/hosts/mesh",
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+fn hosts(platform: &Platform) -> Vec<Value> {
+    let run = platform.aloft(&["hosts", "list", "--json"]);
+    assert!(run.ok(), "{run}");
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"))
+}
+
+fn machines_on(platform: &Platform, host: &str) -> Vec<String> {
+    let run = platform.aloft(&["hosts", "show", host, "--json"]);
+    assert!(run.ok(), "{run}");
+    let info: Value = serde_json::from_str(&run.stdout).unwrap();
+    info["machine_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `(id, 6PN address)` of each of `app`'s machines.
+fn private_ips(platform: &Platform, app: &str, token: Option<&str>) -> Vec<(String, String)> {
+    let mut args = vec!["ips", "private", "-a", app, "--json"];
+    if let Some(token) = token {
+        args.extend(["-t", token]);
+    }
+    let run = platform.aloft(&args);
+    assert!(run.ok(), "{run}");
+    let list: Vec<Value> = serde_json::from_str(&run.stdout).unwrap();
+    list.iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["private_ip"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_started(platform: &Platform, app: &str, token: Option<&str>, second: &JoinedHost) {
+    wait_until(
+        &format!("{app}'s machines started"),
+        Duration::from_secs(90),
+        || {
+            let states: Vec<Value> = private_ips(platform, app, token)
+                .iter()
+                .map(|(id, _)| {
+                    let mut args = vec!["machine", "status", id, "-a", app, "--json"];
+                    if let Some(token) = token {
+                        args.extend(["-t", token]);
+                    }
+                    serde_json::from_str(&platform.aloft(&args).stdout).unwrap_or_default()
+                })
+                .collect();
+            (!states.iter().all(|m: &Value| m["state"] == "started"))
+                .then(|| format!("{states:?}\n--- joined host\n{}", second.agent_log()))
+        },
+    );
+}
+
+#[test]
+fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
+    require_platform!();
+    let mut second = JoinedHost::new();
+    let api = format!("{}:4280", JoinedHost::CONTROL_IP);
+    let control = format!("http://{api}");
+    let platform = Platform::start_prepared(
+        &[
+            "--driver",
+            "container",
+            "--api-listen",
+            &api,
+            "--mesh-listen",
+            CONTROL_MESH,
+        ],
+        |a| second.link_to(a),
+    );
+    let first_id = hosts(&platform)[0]["id"].as_str().unwrap().to_string();
+
+    // `--join` refuses what only a local control plane uses, and a token it does not know.
+    let conflicting = Run::from(
+        Command::new(common::aloft_binary())
+            .args(["server", "--join", &control, "--token", "x"])
+            .args(["--database-url", "postgresql:///nowhere"])
+            .output()
+            .unwrap(),
+    );
+    assert!(!conflicting.ok(), "{conflicting}");
+    assert!(
+        conflicting.stderr.contains("--database-url") && conflicting.stderr.contains("--join"),
+        "{conflicting}"
+    );
+    let token = platform.aloft(&["tokens", "create", "host"]);
+    assert!(token.ok(), "{token}");
+    let token = token.stdout.trim().to_string();
+    second.start_joined_server(&control, "FlyV1 bogus", &[]);
+    wait_until("a bogus token refused", Duration::from_secs(30), || {
+        second
+            .running()
+            .then(|| format!("still running\n{}", second.agent_log()))
+    });
+    assert!(
+        second.agent_log().contains("refused host"),
+        "{}",
+        second.agent_log()
+    );
+
+    second.start_joined_server(&control, &token, &[]);
+    let mut second_id = String::new();
+    let mut peers = Vec::new();
+    wait_until("both hosts up and in the mesh", Duration::from_secs(60), || {
+        let list = hosts(&platform);
+        if let Some(b) = list.iter().find(|h| h["id"] != first_id.as_str()) {
+            second_id = b["id"].as_str().unwrap().to_string();
+        }
+        peers = mesh_peers(&platform);
+        (list.iter().filter(|h| h["status"] == "up").count() != 2 || peers.len() != 2)
+            .then(|| format!("{list:?}\n{peers:?}\n--- joined host\n{}", second.agent_log()))
+    });
+    let second_peer = peers.iter().find(|p| p["id"] == second_id.as_str()).unwrap();
+    assert_eq!(second_peer["endpoint"], JoinedHost::MESH_LISTEN);
+    let first_key = second_peer["public_key"].as_str().unwrap().to_string();
+    assert_eq!(first_key.len(), 44, "{second_peer}");
+
+    // Org A: two machines, one on each host.
+    assert!(platform.aloft(&["apps", "create", "mesh-a"]).ok());
+    let dir = busybox_app(&platform, "mesh-a");
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
+    let scaled = platform.aloft(&["scale", "count", "2", "-a", "mesh-a", "-y"]);
+    assert!(
+        scaled.ok(),
+        "{scaled}\n{}\n--- joined host\n{}",
+        platform.server_log(),
+        second.agent_log()
+    );
+    wait_started(&platform, "mesh-a", None, &second);
+    let on_second = machines_on(&platform, &second_id);
+    let a_machines = private_ips(&platform, "mesh-a", None);
+    assert_eq!(a_machines.len(), 2, "{a_machines:?}");
+    assert_eq!(on_second.len(), 1, "one machine on each host: {on_second:?}");
+    let (a2, a2_ip) = a_machines
+        .iter()
+        .find(|(id, _)| on_second.contains(id))
+        .cloned()
+        .unwrap();
+    let (a1, a1_ip) = a_machines
+        .iter()
+        .find(|(id, _)| !on_second.contains(id))
+        .cloned()
+        .unwrap();
+    // Each host has its own 6PN prefix: the number the mesh lists it under.
+    let host_of = |ip: &str| {
+        aloft_api::sixpn::parts(&ip.parse().unwrap())
+            .unwrap()
+            .host
+    };
+    let number_of = |id: &str| peers.iter().find(|p| p["id"] == id).unwrap()["number"].as_u64();
+    assert_eq!(Some(u64::from(host_of(&a1_ip))), number_of(&first_id), "{a1_ip} {peers:?}");
+    assert_eq!(Some(u64::from(host_of(&a2_ip))), number_of(&second_id), "{a2_ip} {peers:?}");
+
+    // Org B: one machine, on the second host (the first is cordoned meanwhile).
+    assert!(platform.aloft(&["orgs", "create", "Bravo"]).ok());
+    let created = platform.aloft(&["tokens", "create", "org", "-o", "bravo", "--json"]);
+    assert!(created.ok(), "{created}");
+    let bravo: Value = serde_json::from_str(&created.stdout).unwrap();
+    let bravo = bravo["token"].as_str().unwrap().to_string();
+    assert!(platform.aloft(&["hosts", "cordon", &first_id]).ok());
+    let created = platform.aloft(&["apps", "create", "mesh-b", "-o", "bravo", "-t", &bravo]);
+    assert!(created.ok(), "{created}");
+    let dir = busybox_app(&platform, "mesh-b");
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false", "-t", &bravo]);
+    assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
+    assert!(platform.aloft(&["hosts", "uncordon", &first_id]).ok());
+    wait_started(&platform, "mesh-b", Some(&bravo), &second);
+    let b_machines = private_ips(&platform, "mesh-b", Some(&bravo));
+    let (b2, _) = b_machines[0].clone();
+    assert!(
+        machines_on(&platform, &second_id).contains(&b2),
+        "org B's machine is on the second host"
+    );
+
+    // Across hosts by address, both ways, and by name through the machine's own host's DNS.
+    wait_until("host 2 → host 1 by 6PN address", Duration::from_secs(30), || {
+        (!connects(&a2, &a1_ip, 8080)).then(|| second.agent_log())
+    });
+    assert!(connects(&a1, &a2_ip, 8080), "host 1 → host 2 by 6PN address");
+    let by_name = inside(
+        &a2,
+        &format!("timeout 10 wget -qO- http://{a1}.vm.mesh-a.internal:8080/cgi-bin/id"),
+    );
+    assert!(
+        by_name.stdout.contains(&format!("machine={a1}")),
+        "{by_name}"
+    );
+    let looked_up = inside(&a2, "nslookup -type=aaaa mesh-a.internal");
+    assert!(
+        looked_up.stdout.contains(&a1_ip) && looked_up.stdout.contains(&a2_ip),
+        "{looked_up}"
+    );
+
+    // Another org's machine on the second host does not reach org A's on the first, while
+    // org A's machine beside it does.
+    assert!(!connects(&b2, &a1_ip, 8080), "org B reached org A across hosts");
+    let refused = inside(
+        &b2,
+        &format!("timeout 10 wget -qO- http://{a1}.vm.mesh-a.internal:8080/cgi-bin/id; echo rc=$?"),
+    );
+    assert!(!refused.stdout.contains("machine="), "{refused}");
+    assert!(connects(&a2, &a1_ip, 8080));
+
+    // Bad mesh registrations: refused, naming the field, and nobody's peers change.
+    let host_token = platform.host_token();
+    let registration = |key: &str, endpoint: &str| {
+        json!({
+            "id": first_id, "region": "local", "agent_url": "http://127.0.0.1:4281",
+            "mesh_public_key": key, "mesh_endpoint": endpoint,
+        })
+    };
+    let before = mesh_peers(&platform);
+    let (status, body) = control_api(
+        &platform,
+        &host_token,
+        "POST",
+        "/v1/hosts",
+        Some(&registration("bm90IGEga2V5", CONTROL_MESH)),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("mesh_public_key"), "{body}");
+    let (status, body) = control_api(
+        &platform,
+        &host_token,
+        "POST",
+        "/v1/hosts",
+        Some(&registration(&first_key, CONTROL_MESH)),
+    );
+    assert_eq!(status, 409, "another host's key: {body}");
+    assert!(
+        body.contains("mesh_public_key") && body.contains(&second_id),
+        "{body}"
+    );
+    let (status, body) = control_api(
+        &platform,
+        &host_token,
+        "POST",
+        "/v1/hosts",
+        Some(&registration(
+            before.iter().find(|p| p["id"] == first_id.as_str()).unwrap()["public_key"]
+                .as_str()
+                .unwrap(),
+            "nowhere",
+        )),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("mesh_endpoint"), "{body}");
+    assert_eq!(mesh_peers(&platform), before);
+    // The peer list is the hosts' alone.
+    let (status, body) = control_api(&platform, &bravo, "GET", "/v1/hosts/mesh", None);
+    assert_eq!(status, 403, "an org token read the mesh's peers: {body}");
+    assert!(connects(&a2, &a1_ip, 8080), "the mesh still carries org A");
+
+    // kill -9 of the second host's process and a start again: a new key, listed, and
+    // traffic over the mesh again (the machines kept running).
+    second.kill_agent();
+    second.start_joined_server(&control, &token, &[]);
+    wait_until("the second host re-keyed", Duration::from_secs(60), || {
+        let peers = mesh_peers(&platform);
+        let key = peers
+            .iter()
+            .find(|p| p["id"] == second_id.as_str())
+            .map(|p| p["public_key"].as_str().unwrap_or_default().to_string());
+        (key.is_none() || key.as_deref() == Some(first_key.as_str()))
+            .then(|| format!("{peers:?}\n--- joined host\n{}", second.agent_log()))
+    });
+    wait_until("traffic over the new key", Duration::from_secs(30), || {
+        (!connects(&a2, &a1_ip, 8080)).then(|| second.agent_log())
+    });
+    assert!(connects(&a1, &a2_ip, 8080), "host 1 → host 2 after the re-key");
+    assert!(!connects(&b2, &a1_ip, 8080), "org B still kept out");
+    let log = platform.server_log();
+    assert!(log.contains("mesh peers changed"), "{log}");
+    drop(second);
+}
