@@ -67,7 +67,7 @@ async fn a_join_token_joins_one_host_which_then_heartbeats() {
         Some(registration("h2", 4, 8192, &h.agent_url)),
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = heartbeat(&joiner, "h2", &now_plus(0)).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
 
@@ -162,7 +162,7 @@ async fn bad_host_tokens_and_skewed_clocks_are_refused_and_nothing_else_changes(
         Some(registration("h2", 4, 8192, &h.agent_url)),
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(status, StatusCode::OK);
     let before = host_json(&h, "h2").await;
 
     // A wrong token.
@@ -288,7 +288,7 @@ async fn machines_spread_over_hosts_and_skip_cordoned_down_and_full_ones() {
         Some(registration("h2", 2, 1024, &h.agent_url)),
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(status, StatusCode::OK);
     create_app(&h.admin, "web").await;
 
     // Spread: one on each host.
@@ -404,7 +404,7 @@ async fn an_empty_host_is_removed_and_its_token_revoked() {
         Some(registration("h2", 2, 1024, &h.agent_url)),
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(status, StatusCode::OK);
     let (status, body) = send(&h.admin, Method::DELETE, "/v1/hosts/h2", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, _) = send(&h.admin, Method::GET, "/v1/hosts/h2", None).await;
@@ -420,7 +420,7 @@ async fn an_empty_host_is_removed_and_its_token_revoked() {
         Some(registration("h2", 2, 1024, &h.agent_url)),
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,7 +434,7 @@ async fn volumes_pin_machines_to_their_host_and_new_volumes_skip_cordoned_hosts(
         Some(registration("h2", 0, 0, &h.agent_url)),
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(status, StatusCode::OK);
     common::keep_alive(joiner.clone(), "h2");
     create_app(&h.admin, "db").await;
     let volume = |name: &'static str| {
@@ -478,4 +478,122 @@ async fn volumes_pin_machines_to_their_host_and_new_volumes_skip_cordoned_hosts(
     let (status, body) = send(&h.admin, Method::DELETE, "/v1/hosts/h2", None).await;
     assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{body}");
     assert!(body["error"].as_str().unwrap().contains(&on_h2), "{body}");
+}
+
+/// A WireGuard public key's text form for tests: base64 of 32 bytes.
+fn mesh_key(byte: u8) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([byte; 32])
+}
+
+fn mesh_registration(id: &str, agent_url: &str, key: &str, endpoint: &str) -> Value {
+    json!({
+        "id": id, "region": "iad", "agent_url": agent_url,
+        "mesh_public_key": key, "mesh_endpoint": endpoint,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_register_mesh_keys_and_only_hosts_read_the_peers() {
+    let h = start().await;
+    let joiner = h.client(&join_token(&h).await);
+    let (status, body) = send(
+        &joiner,
+        Method::POST,
+        "/v1/hosts",
+        Some(mesh_registration("h2", &h.agent_url, &mesh_key(2), "10.0.0.2:51820")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let h2_number = body["host_number"].as_u64().expect("the host's number");
+    common::keep_alive(joiner.clone(), "h2");
+    let (status, body) = send(
+        &h.host,
+        Method::POST,
+        "/v1/hosts",
+        Some(mesh_registration("h1", &h.agent_url, &mesh_key(1), "10.0.0.1:51820")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let h1_number = body["host_number"].as_u64().unwrap();
+    assert_ne!(h1_number, h2_number);
+
+    let (status, peers) = send(&joiner, Method::GET, "/v1/hosts/mesh", None).await;
+    assert_eq!(status, StatusCode::OK, "{peers}");
+    assert_eq!(
+        peers,
+        json!([
+            { "id": "h1", "number": h1_number, "public_key": mesh_key(1), "endpoint": "10.0.0.1:51820" },
+            { "id": "h2", "number": h2_number, "public_key": mesh_key(2), "endpoint": "10.0.0.2:51820" },
+        ])
+    );
+
+    // Bad input names the field and changes nobody's peers.
+    for (key, endpoint, status, field) in [
+        ("bm90IGEga2V5".to_string(), "10.0.0.1:51820", StatusCode::BAD_REQUEST, "mesh_public_key"),
+        (mesh_key(1), "nowhere", StatusCode::BAD_REQUEST, "mesh_endpoint"),
+        (mesh_key(1), "0.0.0.0:51820", StatusCode::BAD_REQUEST, "mesh_endpoint"),
+        (mesh_key(2), "10.0.0.1:51820", StatusCode::CONFLICT, "mesh_public_key"),
+    ] {
+        let (got, body) = send(
+            &h.host,
+            Method::POST,
+            "/v1/hosts",
+            Some(mesh_registration("h1", &h.agent_url, &key, endpoint)),
+        )
+        .await;
+        assert_eq!(got, status, "{key} {endpoint}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(field), "{body}");
+    }
+    let (_, again) = send(&joiner, Method::GET, "/v1/hosts/mesh", None).await;
+    assert_eq!(again, peers);
+    // A key without an endpoint (or the other way round) is refused too.
+    let (status, body) = send(
+        &h.host,
+        Method::POST,
+        "/v1/hosts",
+        Some(json!({ "id": "h1", "region": "iad", "agent_url": h.agent_url, "mesh_public_key": mesh_key(9) })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // A new key (the agent restarted) replaces the old one; registering without one leaves
+    // the mesh.
+    let (status, _) = send(
+        &joiner,
+        Method::POST,
+        "/v1/hosts",
+        Some(mesh_registration("h2", &h.agent_url, &mesh_key(3), "10.0.0.2:51820")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, peers) = send(&joiner, Method::GET, "/v1/hosts/mesh", None).await;
+    assert_eq!(peers[1]["public_key"], mesh_key(3), "{peers}");
+    let (status, _) = send(
+        &h.host,
+        Method::POST,
+        "/v1/hosts",
+        Some(registration("h1", 0, 0, &h.agent_url)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, peers) = send(&joiner, Method::GET, "/v1/hosts/mesh", None).await;
+    assert_eq!(peers.as_array().unwrap().len(), 1, "{peers}");
+    assert_eq!(peers[0]["id"], "h2");
+    // The old key is free again for whoever registers it.
+    let (status, body) = send(
+        &h.host,
+        Method::POST,
+        "/v1/hosts",
+        Some(mesh_registration("h1", &h.agent_url, &mesh_key(2), "10.0.0.1:51820")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The peer list is the hosts': not the operator's admin token, not an unused join token.
+    let (status, _) = send(&h.admin, Method::GET, "/v1/hosts/mesh", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let unused = h.client(&join_token(&h).await);
+    let (status, _) = send(&unused, Method::GET, "/v1/hosts/mesh", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
 }
