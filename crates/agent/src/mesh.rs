@@ -197,7 +197,9 @@ pub async fn start_when_registered(agent: Arc<Agent>) {
     };
     match HostMesh::start(identity, number) {
         Ok(mesh) => mesh.follow_peers(agent).await,
-        Err(err) => tracing::error!(error = %err, "the mesh did not start: no traffic to other hosts' machines"),
+        Err(err) => {
+            tracing::error!(error = %err, "the mesh did not start: no traffic to other hosts' machines")
+        }
     }
 }
 
@@ -224,14 +226,15 @@ mod tests {
                 listed(1, &a, "10.0.0.1:51820"),
                 listed(2, "not a key", "10.0.0.2:51820"),
                 listed(4, &a, "nowhere"),
-                listed(5, &PrivateKey::generate().public_key().to_string(), "10.0.0.5:51820"),
+                listed(
+                    5,
+                    &PrivateKey::generate().public_key().to_string(),
+                    "10.0.0.5:51820",
+                ),
             ],
             5,
         );
-        assert_eq!(
-            peers.iter().map(|p| p.host).collect::<Vec<_>>(),
-            vec![1, 3]
-        );
+        assert_eq!(peers.iter().map(|p| p.host).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(peers[1].public_key.to_string(), b);
     }
 
@@ -243,6 +246,10 @@ mod tests {
         assert!(err.to_string().contains("--mesh-listen"), "{err}");
         let fresh = MeshIdentity::generate("10.0.0.1:51820".parse().unwrap()).unwrap();
         let again = MeshIdentity::generate("10.0.0.1:51820".parse().unwrap()).unwrap();
-        assert_ne!(fresh.public_key(), again.public_key(), "a fresh key each start");
+        assert_ne!(
+            fresh.public_key(),
+            again.public_key(),
+            "a fresh key each start"
+        );
     }
 }

@@ -32,8 +32,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a single-host platform in the foreground (API, registry, agent, proxy).
-    Server(ServerArgs),
+    /// Run a single-host platform in the foreground (API, registry, agent, proxy), or with
+    /// `--join URL` a host of a remote control plane (agent, proxy, DNS, mesh).
+    Server(Box<ServerArgs>),
     /// Run the control plane alone (API, registry, catalog), e.g. on PostgreSQL.
     Control(commands::control::ControlArgs),
     /// Join this host to a control plane and run its machines (`aloft tokens create host`
@@ -291,7 +292,7 @@ fn one_line(err: &anyhow::Error) -> String {
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let api = cli.api;
     match cli.command {
-        Command::Server(args) => commands::server::run(args).await?,
+        Command::Server(args) => commands::server::run(*args).await?,
         Command::Doctor(args) => return commands::doctor::run(args),
         Command::Admin { command } => commands::admin::run(command)?,
         Command::Control(args) => commands::control::run(args).await?,

@@ -237,16 +237,29 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
     second.start_joined_server(&control, &token, &[]);
     let mut second_id = String::new();
     let mut peers = Vec::new();
-    wait_until("both hosts up and in the mesh", Duration::from_secs(60), || {
-        let list = hosts(&platform);
-        if let Some(b) = list.iter().find(|h| h["id"] != first_id.as_str()) {
-            second_id = b["id"].as_str().unwrap().to_string();
-        }
-        peers = mesh_peers(&platform);
-        (list.iter().filter(|h| h["status"] == "up").count() != 2 || peers.len() != 2)
-            .then(|| format!("{list:?}\n{peers:?}\n--- joined host\n{}", second.agent_log()))
-    });
-    let second_peer = peers.iter().find(|p| p["id"] == second_id.as_str()).unwrap();
+    wait_until(
+        "both hosts up and in the mesh",
+        Duration::from_secs(60),
+        || {
+            let list = hosts(&platform);
+            if let Some(b) = list.iter().find(|h| h["id"] != first_id.as_str()) {
+                second_id = b["id"].as_str().unwrap().to_string();
+            }
+            peers = mesh_peers(&platform);
+            (list.iter().filter(|h| h["status"] == "up").count() != 2 || peers.len() != 2).then(
+                || {
+                    format!(
+                        "{list:?}\n{peers:?}\n--- joined host\n{}",
+                        second.agent_log()
+                    )
+                },
+            )
+        },
+    );
+    let second_peer = peers
+        .iter()
+        .find(|p| p["id"] == second_id.as_str())
+        .unwrap();
     assert_eq!(second_peer["endpoint"], JoinedHost::MESH_LISTEN);
     let first_key = second_peer["public_key"].as_str().unwrap().to_string();
     assert_eq!(first_key.len(), 44, "{second_peer}");
@@ -267,7 +280,11 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
     let on_second = machines_on(&platform, &second_id);
     let a_machines = private_ips(&platform, "mesh-a", None);
     assert_eq!(a_machines.len(), 2, "{a_machines:?}");
-    assert_eq!(on_second.len(), 1, "one machine on each host: {on_second:?}");
+    assert_eq!(
+        on_second.len(),
+        1,
+        "one machine on each host: {on_second:?}"
+    );
     let (a2, a2_ip) = a_machines
         .iter()
         .find(|(id, _)| on_second.contains(id))
@@ -279,14 +296,18 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
         .cloned()
         .unwrap();
     // Each host has its own 6PN prefix: the number the mesh lists it under.
-    let host_of = |ip: &str| {
-        aloft_api::sixpn::parts(&ip.parse().unwrap())
-            .unwrap()
-            .host
-    };
+    let host_of = |ip: &str| aloft_api::sixpn::parts(&ip.parse().unwrap()).unwrap().host;
     let number_of = |id: &str| peers.iter().find(|p| p["id"] == id).unwrap()["number"].as_u64();
-    assert_eq!(Some(u64::from(host_of(&a1_ip))), number_of(&first_id), "{a1_ip} {peers:?}");
-    assert_eq!(Some(u64::from(host_of(&a2_ip))), number_of(&second_id), "{a2_ip} {peers:?}");
+    assert_eq!(
+        Some(u64::from(host_of(&a1_ip))),
+        number_of(&first_id),
+        "{a1_ip} {peers:?}"
+    );
+    assert_eq!(
+        Some(u64::from(host_of(&a2_ip))),
+        number_of(&second_id),
+        "{a2_ip} {peers:?}"
+    );
 
     // Org B: one machine, on the second host (the first is cordoned meanwhile).
     assert!(platform.aloft(&["orgs", "create", "Bravo"]).ok());
@@ -310,10 +331,15 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
     );
 
     // Across hosts by address, both ways, and by name through the machine's own host's DNS.
-    wait_until("host 2 → host 1 by 6PN address", Duration::from_secs(30), || {
-        (!connects(&a2, &a1_ip, 8080)).then(|| second.agent_log())
-    });
-    assert!(connects(&a1, &a2_ip, 8080), "host 1 → host 2 by 6PN address");
+    wait_until(
+        "host 2 → host 1 by 6PN address",
+        Duration::from_secs(30),
+        || (!connects(&a2, &a1_ip, 8080)).then(|| second.agent_log()),
+    );
+    assert!(
+        connects(&a1, &a2_ip, 8080),
+        "host 1 → host 2 by 6PN address"
+    );
     let by_name = inside(
         &a2,
         &format!("timeout 10 wget -qO- http://{a1}.vm.mesh-a.internal:8080/cgi-bin/id"),
@@ -330,7 +356,10 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
 
     // Another org's machine on the second host does not reach org A's on the first, while
     // org A's machine beside it does.
-    assert!(!connects(&b2, &a1_ip, 8080), "org B reached org A across hosts");
+    assert!(
+        !connects(&b2, &a1_ip, 8080),
+        "org B reached org A across hosts"
+    );
     let refused = inside(
         &b2,
         &format!("timeout 10 wget -qO- http://{a1}.vm.mesh-a.internal:8080/cgi-bin/id; echo rc=$?"),
@@ -374,7 +403,10 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
         "POST",
         "/v1/hosts",
         Some(&registration(
-            before.iter().find(|p| p["id"] == first_id.as_str()).unwrap()["public_key"]
+            before
+                .iter()
+                .find(|p| p["id"] == first_id.as_str())
+                .unwrap()["public_key"]
                 .as_str()
                 .unwrap(),
             "nowhere",
@@ -404,9 +436,85 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
     wait_until("traffic over the new key", Duration::from_secs(30), || {
         (!connects(&a2, &a1_ip, 8080)).then(|| second.agent_log())
     });
-    assert!(connects(&a1, &a2_ip, 8080), "host 1 → host 2 after the re-key");
+    assert!(
+        connects(&a1, &a2_ip, 8080),
+        "host 1 → host 2 after the re-key"
+    );
     assert!(!connects(&b2, &a1_ip, 8080), "org B still kept out");
     let log = platform.server_log();
     assert!(log.contains("mesh peers changed"), "{log}");
     drop(second);
+}
+
+#[test]
+fn an_agent_joins_the_mesh_and_leaves_it_when_its_host_goes_down() {
+    require_platform!();
+    let mut second = JoinedHost::new();
+    let api = format!("{}:4280", JoinedHost::CONTROL_IP);
+    let control = format!("http://{api}");
+    // The first host's agent API listens on every address: on its backhaul address too.
+    let platform = Platform::start_prepared(
+        &[
+            "--driver",
+            "container",
+            "--api-listen",
+            &api,
+            "--agent-listen",
+            "[::]:4281",
+            "--mesh-listen",
+            CONTROL_MESH,
+        ],
+        |a| second.link_to(a),
+    );
+    let first_id = hosts(&platform)[0]["id"].as_str().unwrap().to_string();
+    let token = platform.aloft(&["tokens", "create", "host"]);
+    assert!(token.ok(), "{token}");
+    let token = token.stdout.trim().to_string();
+    second.start_agent_with(
+        &control,
+        token.trim(),
+        "local",
+        &["--mesh-listen", JoinedHost::MESH_LISTEN],
+    );
+    let mut peers = Vec::new();
+    wait_until("both hosts in the mesh", Duration::from_secs(60), || {
+        peers = mesh_peers(&platform);
+        (peers.len() != 2).then(|| format!("{peers:?}\n--- agent\n{}", second.agent_log()))
+    });
+    let first_number = peers.iter().find(|p| p["id"] == first_id.as_str()).unwrap()["number"]
+        .as_u64()
+        .unwrap();
+    let first_address = aloft_api::sixpn::host_address(first_number as u32);
+
+    // TCP from the second host to the first host's backhaul address, over the mesh (the
+    // veth between them carries no 6PN route): the first host's agent API answers there.
+    let url = format!("http://[{first_address}]:4281/v1/machines");
+    wait_until(
+        "the first host's backhaul address over the mesh",
+        Duration::from_secs(30),
+        || {
+            let run = Run::from(
+                Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{}", second.netns))
+                    .args(["curl", "-s", "--max-time", "5", "-o", "/dev/null"])
+                    .args(["-w", "%{http_code}", &url])
+                    .output()
+                    .unwrap(),
+            );
+            (run.stdout.trim() == "000" || run.stdout.trim().is_empty())
+                .then(|| format!("{run}\n--- agent\n{}", second.agent_log()))
+        },
+    );
+
+    // kill -9: once the host is down it leaves every peer list.
+    second.kill_agent();
+    wait_until(
+        "the second host out of the mesh",
+        Duration::from_secs(30),
+        || {
+            let peers = mesh_peers(&platform);
+            (peers.len() != 1).then(|| format!("{peers:?}"))
+        },
+    );
+    assert_eq!(mesh_peers(&platform)[0]["id"], first_id.as_str());
 }

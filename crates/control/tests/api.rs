@@ -1083,11 +1083,7 @@ async fn a_host_token_speaks_for_its_own_host_only() {
         Some(json!({ "id": "h1", "region": "iad", "agent_url": h.agent_url })),
     )
     .await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "a host re-registers itself: {body}"
-    );
+    assert_eq!(status, StatusCode::OK, "a host re-registers itself: {body}");
 
     // Nor report events or checks for h1's machines, under h1's name or its own.
     let state_of = |id: &str| h.plane.store.machine(id).unwrap().unwrap().state;

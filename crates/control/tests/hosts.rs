@@ -501,7 +501,12 @@ async fn hosts_register_mesh_keys_and_only_hosts_read_the_peers() {
         &joiner,
         Method::POST,
         "/v1/hosts",
-        Some(mesh_registration("h2", &h.agent_url, &mesh_key(2), "10.0.0.2:51820")),
+        Some(mesh_registration(
+            "h2",
+            &h.agent_url,
+            &mesh_key(2),
+            "10.0.0.2:51820",
+        )),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -511,7 +516,12 @@ async fn hosts_register_mesh_keys_and_only_hosts_read_the_peers() {
         &h.host,
         Method::POST,
         "/v1/hosts",
-        Some(mesh_registration("h1", &h.agent_url, &mesh_key(1), "10.0.0.1:51820")),
+        Some(mesh_registration(
+            "h1",
+            &h.agent_url,
+            &mesh_key(1),
+            "10.0.0.1:51820",
+        )),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -530,10 +540,30 @@ async fn hosts_register_mesh_keys_and_only_hosts_read_the_peers() {
 
     // Bad input names the field and changes nobody's peers.
     for (key, endpoint, status, field) in [
-        ("bm90IGEga2V5".to_string(), "10.0.0.1:51820", StatusCode::BAD_REQUEST, "mesh_public_key"),
-        (mesh_key(1), "nowhere", StatusCode::BAD_REQUEST, "mesh_endpoint"),
-        (mesh_key(1), "0.0.0.0:51820", StatusCode::BAD_REQUEST, "mesh_endpoint"),
-        (mesh_key(2), "10.0.0.1:51820", StatusCode::CONFLICT, "mesh_public_key"),
+        (
+            "bm90IGEga2V5".to_string(),
+            "10.0.0.1:51820",
+            StatusCode::BAD_REQUEST,
+            "mesh_public_key",
+        ),
+        (
+            mesh_key(1),
+            "nowhere",
+            StatusCode::BAD_REQUEST,
+            "mesh_endpoint",
+        ),
+        (
+            mesh_key(1),
+            "0.0.0.0:51820",
+            StatusCode::BAD_REQUEST,
+            "mesh_endpoint",
+        ),
+        (
+            mesh_key(2),
+            "10.0.0.1:51820",
+            StatusCode::CONFLICT,
+            "mesh_public_key",
+        ),
     ] {
         let (got, body) = send(
             &h.host,
@@ -563,7 +593,12 @@ async fn hosts_register_mesh_keys_and_only_hosts_read_the_peers() {
         &joiner,
         Method::POST,
         "/v1/hosts",
-        Some(mesh_registration("h2", &h.agent_url, &mesh_key(3), "10.0.0.2:51820")),
+        Some(mesh_registration(
+            "h2",
+            &h.agent_url,
+            &mesh_key(3),
+            "10.0.0.2:51820",
+        )),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -585,7 +620,12 @@ async fn hosts_register_mesh_keys_and_only_hosts_read_the_peers() {
         &h.host,
         Method::POST,
         "/v1/hosts",
-        Some(mesh_registration("h1", &h.agent_url, &mesh_key(2), "10.0.0.1:51820")),
+        Some(mesh_registration(
+            "h1",
+            &h.agent_url,
+            &mesh_key(2),
+            "10.0.0.1:51820",
+        )),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");

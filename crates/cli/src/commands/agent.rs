@@ -60,9 +60,7 @@ pub(crate) async fn register_or_refuse(agent: &Arc<Agent>, control: &str) -> any
     loop {
         match agent.register().await {
             Ok(number) => return Ok(number),
-            Err(aloft_client::ClientError::Api { status, message })
-                if status.is_client_error() =>
-            {
+            Err(aloft_client::ClientError::Api { status, message }) if status.is_client_error() => {
                 anyhow::bail!(
                     "the control plane at {control} refused host {} ({status}): {message}",
                     agent.host_id
@@ -169,7 +167,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         capacity.cpus, capacity.memory_mb
     );
     if let Some(mesh) = args.mesh_listen {
-        println!("  Mesh              udp {mesh} (device {})", aloft_agent::mesh::TUN_NAME);
+        println!(
+            "  Mesh              udp {mesh} (device {})",
+            aloft_agent::mesh::TUN_NAME
+        );
     }
     println!("  Machines          {}", agent.driver_description());
     crate::commands::server::shutdown_signal().await;

@@ -85,7 +85,12 @@ pub struct ServerArgs {
     pub runtime: Option<String>,
     /// Keep the control plane's state in PostgreSQL (`postgresql://user@host/db`) instead
     /// of SQLite in the data dir; several servers may share one database.
-    #[arg(conflicts_with = "join", long, env = "ALOFT_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        conflicts_with = "join",
+        long,
+        env = "ALOFT_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// What runs machines: `container` (runc/crun), `microvm` (a QEMU VM each), or `auto`
     /// (microVMs where KVM boots the guest kernel, containers elsewhere).
@@ -137,7 +142,11 @@ pub struct ServerArgs {
     /// A registry (`host:port`) that image imports and pull-through may reach although it
     /// is at a loopback, private or link-local address (repeatable). Other registries must
     /// be at public addresses; the `--registry-upstream` itself always may.
-    #[arg(conflicts_with = "join", long = "allow-private-registry", value_name = "HOST:PORT")]
+    #[arg(
+        conflicts_with = "join",
+        long = "allow-private-registry",
+        value_name = "HOST:PORT"
+    )]
     pub allow_private_registries: Vec<String>,
     /// Where machines' DNS server (`.internal` names) listens; every network's own
     /// `fdaa:<network>::3` gets the same port.
@@ -486,7 +495,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         None => println!("  Private DNS       off (machine networking needs root; see the log)"),
     }
     if let Some(mesh) = args.mesh_listen {
-        println!("  Mesh              udp {mesh} (device {})", aloft_agent::mesh::TUN_NAME);
+        println!(
+            "  Mesh              udp {mesh} (device {})",
+            aloft_agent::mesh::TUN_NAME
+        );
     }
     println!("  Machines          {}", agent.driver_description());
     if let Some(local) = &control.local {

@@ -806,6 +806,11 @@ impl JoinedHost {
     /// Starts `aloft agent` joined to the control plane at `control` with `token`, in
     /// `region`, listening at [`Self::IP`]:4281.
     pub fn start_agent(&mut self, control: &str, token: &str, region: &str) {
+        self.start_agent_with(control, token, region, &[]);
+    }
+
+    /// Like [`Self::start_agent`], with `extra` arguments (e.g. `--mesh-listen`).
+    pub fn start_agent_with(&mut self, control: &str, token: &str, region: &str, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -825,6 +830,7 @@ impl JoinedHost {
                 "--driver",
                 "container",
             ])
+            .args(extra)
             .env("HOME", self.root.path())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
