@@ -406,13 +406,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         capacity: aloft_agent::HostCapacity::detect(args.cpus, args.memory_mb),
         mesh_listen: args.mesh_listen,
     })?;
-    // A joining host says now whether the control plane takes it; this host's own control
-    // plane always does (the agent registers as it reports).
-    let host_number = match control.local {
-        None => Some(crate::commands::agent::register_or_refuse(&agent, &api_url).await?),
-        Some(_) => None,
-    };
-    crate::commands::agent::start_mesh(&agent, host_number)?;
+    // A joining host learns now whether the control plane takes it (this host's own control
+    // plane, serving already, always does), and its number in 6PN addresses.
+    let host_number = crate::commands::agent::register_or_refuse(&agent, &api_url).await?;
+    crate::commands::agent::start_mesh(&agent, Some(host_number))?;
+    // Where this host's proxy serves the backhaul: its own mesh address, when in the mesh.
+    let backhaul_listen = args.mesh_listen.map(|_| {
+        SocketAddr::new(
+            aloft_api::sixpn::host_address(host_number).into(),
+            aloft_api::sixpn::BACKHAUL_PORT,
+        )
+    });
 
     let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
         .await
@@ -428,11 +432,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     let dns = start_dns(&args, &api_url, &host_token);
 
-    // TODO(backhaul): set `host_id: Some(agent.host_id.clone())` and `backhaul_listen:
-    // host_number.filter(|_| args.mesh_listen.is_some()).map(|n| SocketAddr::new(
-    // aloft_api::sixpn::host_address(n).into(), aloft_api::sixpn::BACKHAUL_PORT))` here once
-    // the proxy has those fields (helper "backhaul"); the local control plane's host learns
-    // its number from `agent.host_number()` after registering.
+    // TODO(backhaul): once ProxyConfig has the fields (helper "backhaul"), set here
+    //     host_id: Some(agent.host_id.clone()),
+    //     backhaul_listen,
+    tracing::debug!(?backhaul_listen, host = %agent.host_id, "the proxy's backhaul (not wired yet)");
     let proxy = Proxy::new(ProxyConfig {
         http_listen: args.proxy_listen,
         https_listen: args.proxy_https_listen,
