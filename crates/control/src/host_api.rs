@@ -210,6 +210,11 @@ async fn register_host(
     )?;
     let host_number = crate::ips::host_number(&plane.store, &id)?;
     plane.forget_agent(&id);
+    // A host that (re)joins is probed now, not at the next round: until then its machines
+    // would show the last round's answer, `unreachable` for a host that was restarting.
+    let probing = plane.clone();
+    let probed = id.clone();
+    tokio::spawn(async move { probing.probe_host(&probed).await });
     if let Some(key) = &registration.mesh_public_key {
         tracing::info!(host = %id, host_number, public_key = %key, "host registered its mesh key");
     }

@@ -138,24 +138,29 @@ impl ControlPlane {
             if crate::hosts::host_status(&host, now) == crate::hosts::HostStatus::Down {
                 continue;
             }
-            let health = match self.agent(&host.id) {
-                Ok(agent) => {
-                    match tokio::time::timeout(
-                        PROBE_TIMEOUT,
-                        agent.http().get::<serde_json::Value>("/v1/machines"),
-                    )
-                    .await
-                    {
-                        Ok(Ok(_)) => HostHealth::Reachable,
-                        Ok(Err(aloft_client::ClientError::Api { .. })) => HostHealth::Reachable,
-                        _ => HostHealth::Unreachable,
-                    }
-                }
-                Err(_) => HostHealth::Unreachable,
-            };
-            self.host_probes.record(&host.id, health);
+            self.probe_host(&host.id).await;
         }
         Ok(())
+    }
+
+    /// Asks one host's agent whether it answers, and records the answer.
+    pub async fn probe_host(&self, host_id: &str) {
+        let health = match self.agent(host_id) {
+            Ok(agent) => {
+                match tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    agent.http().get::<serde_json::Value>("/v1/machines"),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => HostHealth::Reachable,
+                    Ok(Err(aloft_client::ClientError::Api { .. })) => HostHealth::Reachable,
+                    _ => HostHealth::Unreachable,
+                }
+            }
+            Err(_) => HostHealth::Unreachable,
+        };
+        self.host_probes.record(host_id, health);
     }
 
     /// Marks the machines of every host that stopped heartbeating unreachable.

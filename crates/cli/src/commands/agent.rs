@@ -130,6 +130,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         capacity: HostCapacity::detect(args.cpus, args.memory_mb),
         mesh_listen: args.mesh_listen,
     })?;
+    // The agent answers before it registers: the control plane probes it at once.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the agent API to {}", args.listen))?;
+    let served = agent.clone();
+    tokio::spawn(async move {
+        if let Err(err) = served.serve(listener).await {
+            tracing::error!(error = %err, "agent API stopped");
+        }
+    });
     // A token the control plane refuses is a mistake to say now, not to retry forever.
     let host_number = match agent.register().await {
         Ok(number) => Some(number),
@@ -145,15 +155,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     start_mesh(&agent, host_number)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding the agent API to {}", args.listen))?;
-    let served = agent.clone();
-    tokio::spawn(async move {
-        if let Err(err) = served.serve(listener).await {
-            tracing::error!(error = %err, "agent API stopped");
-        }
-    });
     tokio::spawn(agent.clone().report());
     agent.reconcile().await.context("reconciling machines")?;
     let capacity = agent.config.capacity;

@@ -241,7 +241,32 @@ struct LocalControl {
     credentials: aloft_control::Credentials,
     settings_path: PathBuf,
     stop_api: tokio::sync::oneshot::Sender<()>,
-    api_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The plane and its bound listener until [`LocalControl::serve_api`] starts serving.
+    pending_api: Option<PendingApi>,
+    api_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+struct PendingApi {
+    plane: Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl LocalControl {
+    /// Serves the API. Called once this host's agent answers: a client that sees the API up
+    /// can place machines at once, and deploys left unfinished resume against a live agent.
+    fn serve_api(&mut self) {
+        if let Some(PendingApi {
+            plane,
+            listener,
+            stopped,
+        }) = self.pending_api.take()
+        {
+            self.api_task = Some(tokio::spawn(plane.serve(listener, async {
+                let _ = stopped.await;
+            })));
+        }
+    }
 }
 
 /// Opens this host's own control plane, mints this host's token, and serves the API.
@@ -312,8 +337,8 @@ async fn start_control_plane(
     }
     .save()
     .context("saving the CLI settings")?;
-    // The local host is known before the API answers its first call, so that a client
-    // that sees the API up can place machines at once (the agent re-registers as it reports).
+    // The local host is known before the API answers its first call (the agent re-registers
+    // as it reports).
     let capacity = aloft_agent::HostCapacity::detect(args.cpus, args.memory_mb);
     plane
         .store
@@ -330,10 +355,7 @@ async fn start_control_plane(
     let api_listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding the API to {}", args.api_listen))?;
-    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let api_task = tokio::spawn(plane.clone().serve(api_listener, async {
-        let _ = api_stopped.await;
-    }));
+    let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
     Ok(ControlSide {
         api_url,
         host_token,
@@ -341,7 +363,12 @@ async fn start_control_plane(
             credentials,
             settings_path,
             stop_api,
-            api_task,
+            pending_api: Some(PendingApi {
+                plane,
+                listener: api_listener,
+                stopped,
+            }),
+            api_task: None,
         }),
     })
 }
@@ -377,7 +404,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
-    let control = match &args.join {
+    let mut control = match &args.join {
         Some(join) => remote_control(join, args.token.as_deref())?,
         None => start_control_plane(&args, &data_dir, acme.is_some()).await?,
     };
@@ -406,6 +433,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         capacity: aloft_agent::HostCapacity::detect(args.cpus, args.memory_mb),
         mesh_listen: args.mesh_listen,
     })?;
+    // The agent answers before the host registers: the control plane probes it at once, and
+    // a host whose probe fails shows its machines unreachable until the next probe.
+    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
+        .await
+        .with_context(|| format!("binding the agent API to {}", args.agent_listen))?;
+    let agent_api = agent.clone();
+    tokio::spawn(async move {
+        if let Err(err) = agent_api.serve(agent_listener).await {
+            tracing::error!(error = %err, "agent API stopped");
+        }
+    });
+    if let Some(local) = control.local.as_mut() {
+        local.serve_api();
+    }
     // A joining host learns now whether the control plane takes it (this host's own control
     // plane, serving already, always does), and its number in 6PN addresses.
     let host_number = crate::commands::agent::register_or_refuse(&agent, &api_url).await?;
@@ -418,15 +459,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )
     });
 
-    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
-        .await
-        .with_context(|| format!("binding the agent API to {}", args.agent_listen))?;
-    let agent_api = agent.clone();
-    tokio::spawn(async move {
-        if let Err(err) = agent_api.serve(agent_listener).await {
-            tracing::error!(error = %err, "agent API stopped");
-        }
-    });
     tokio::spawn(agent.clone().report());
     agent.reconcile().await.context("reconciling machines")?;
 
@@ -521,7 +553,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), proxy_task).await;
     if let Some(local) = control.local {
         let _ = local.stop_api.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), local.api_task).await;
+        if let Some(api_task) = local.api_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+        }
     }
     Ok(())
 }
