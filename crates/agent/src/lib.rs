@@ -1113,21 +1113,23 @@ impl Agent {
             .map_err(volume_failure)
     }
 
+    /// The key of a volume whose filesystem is inside a LUKS image (a microVM volume):
+    /// reading its counts or growing it takes the key. `None` for other volumes.
+    async fn volume_key_for_status(&self, id: &str) -> Result<Option<Vec<u8>>, AgentError> {
+        if !self.volumes.needs_key_for_status(id) {
+            return Ok(None);
+        }
+        self.secrets
+            .volume_key(id)
+            .await
+            .map(Some)
+            .map_err(AgentError::Failed)
+    }
+
     /// A volume's sizes and filesystem counts.
     pub async fn volume(&self, id: &str) -> Result<aloft_api::internal::VolumeDisk, AgentError> {
+        let key = self.volume_key_for_status(id).await?;
         let (volumes, id) = (self.volumes.clone(), id.to_string());
-        // A microVM volume's filesystem is inside its LUKS image: reading its counts
-        // takes its key.
-        let key = if volumes.needs_key_for_status(&id) {
-            Some(
-                self.secrets
-                    .volume_key(&id)
-                    .await
-                    .map_err(AgentError::Failed)?,
-            )
-        } else {
-            None
-        };
         tokio::task::spawn_blocking(move || volumes.status_with_key(&id, key.as_deref()))
             .await
             .map_err(|e| AgentError::Failed(e.to_string()))?
@@ -1144,17 +1146,8 @@ impl Agent {
             self.store.machines()?.into_iter().any(|r| {
                 r.shim_pid.is_some() && r.spec.config.mounts.iter().any(|m| m.volume == id)
             });
+        let key = self.volume_key_for_status(id).await?;
         let (volumes, id) = (self.volumes.clone(), id.to_string());
-        let key = if volumes.needs_key_for_status(&id) {
-            Some(
-                self.secrets
-                    .volume_key(&id)
-                    .await
-                    .map_err(AgentError::Failed)?,
-            )
-        } else {
-            None
-        };
         tokio::task::spawn_blocking(move || {
             volumes.extend_with_key(&id, size_gb, in_use, key.as_deref())
         })

@@ -32,8 +32,6 @@ pub enum HostMeshError {
     Endpoint(SocketAddr),
     #[error(transparent)]
     Mesh(#[from] MeshError),
-    #[error("{what}: {detail}")]
-    Command { what: String, detail: String },
 }
 
 /// This run's mesh key and where the mesh listens (also what other hosts send to).
@@ -66,21 +64,7 @@ pub struct HostMesh {
 }
 
 fn ip(args: &[&str]) -> Result<(), HostMeshError> {
-    let output = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| HostMeshError::Command {
-            what: format!("ip {}", args.join(" ")),
-            detail: e.to_string(),
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(HostMeshError::Command {
-            what: format!("ip {}", args.join(" ")),
-            detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
-    }
+    Ok(aloft_wireguard::ip(args)?)
 }
 
 impl HostMesh {

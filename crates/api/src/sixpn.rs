@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn host_addresses_name_their_host_in_network_zero() {
         let address = host_address(0x0001_0002);
-        assert_eq!(address.to_string(), "fdaa:0:0:1:2::1");
+        assert_eq!(address.to_string(), "fdaa::1:2:0:0:1");
         assert_eq!(
             parts(&address),
             Some(Parts {

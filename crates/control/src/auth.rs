@@ -89,6 +89,41 @@ pub enum TokenKeyError {
 }
 
 impl TokenKeys {
+    /// A new token's row, its root key sealed, and the root key to mint the token with.
+    /// An empty or missing `name` becomes `default_name`.
+    pub fn new_row(
+        &self,
+        org_id: String,
+        kind: TokenKind,
+        name: Option<String>,
+        default_name: String,
+    ) -> Result<(TokenRow, Vec<u8>), ApiError> {
+        let name = name
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or(default_name);
+        if name.len() > 200 {
+            return Err(ApiError::bad_request(
+                "invalid name: at most 200 characters",
+            ));
+        }
+        let id = crate::names::random_id(16);
+        let root_key = crate::names::random_key();
+        let row = TokenRow {
+            key: self
+                .seal(&id, &root_key)
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+            id,
+            org_id,
+            kind: kind.as_str().to_string(),
+            name,
+            created_at: crate::store::now_rfc3339(),
+            revoked: false,
+            expires_at: None,
+            apps: Vec::new(),
+        };
+        Ok((row, root_key))
+    }
+
     pub fn new(sealing_key: Vec<u8>) -> Self {
         Self { sealing_key }
     }

@@ -20,7 +20,6 @@ use crate::api::{JsonBody, Plane};
 use crate::auth::{Caller, TokenKind};
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::{Need, SHARES_PER_CPU, host_status};
-use crate::names;
 use crate::store::{HostRow, JOIN_TOKEN_HOST, TokenRow, now_millis, now_rfc3339};
 
 pub fn routes() -> Router<Arc<ControlPlane>> {
@@ -53,30 +52,12 @@ pub(crate) fn mint_join_token(
     name: Option<String>,
 ) -> ApiResult<(TokenRow, String)> {
     require_operator(plane, caller)?;
-    let name = name
-        .filter(|n| !n.trim().is_empty())
-        .unwrap_or_else(|| "host join token".into());
-    if name.len() > 200 {
-        return Err(ApiError::bad_request(
-            "invalid name: at most 200 characters",
-        ));
-    }
-    let id = names::random_id(16);
-    let root_key = names::random_key();
-    let row = TokenRow {
-        key: plane
-            .token_keys
-            .seal(&id, &root_key)
-            .map_err(|e| ApiError::internal(e.to_string()))?,
-        id,
-        org_id: String::new(),
-        kind: TokenKind::Host.as_str().to_string(),
+    let (row, root_key) = plane.token_keys.new_row(
+        String::new(),
+        TokenKind::Host,
         name,
-        created_at: now_rfc3339(),
-        revoked: false,
-        expires_at: None,
-        apps: Vec::new(),
-    };
+        "host join token".into(),
+    )?;
     plane.store.insert_token(&row)?;
     plane.store.bind_host_token(&row.id, JOIN_TOKEN_HOST)?;
     let token = Token::mint(&row.id, &root_key, Vec::new()).encode();

@@ -279,31 +279,16 @@ async fn create_token(
         expires_at = expires_at.min(limit);
     }
     caveats.push(Caveat::ExpiresAt(expires_at));
-    let name = request
-        .name
-        .clone()
-        .filter(|n| !n.trim().is_empty())
-        .unwrap_or_else(|| format!("{} token", kind.as_str()));
-    if name.len() > 200 {
-        return Err(ApiError::bad_request(
-            "invalid name: at most 200 characters",
-        ));
-    }
-    let id = names::random_id(16);
-    let root_key = names::random_key();
+    let (row, root_key) = plane.token_keys.new_row(
+        org.id.clone(),
+        kind,
+        request.name.clone(),
+        format!("{} token", kind.as_str()),
+    )?;
     let row = TokenRow {
-        key: plane
-            .token_keys
-            .seal(&id, &root_key)
-            .map_err(|e| ApiError::internal(e.to_string()))?,
-        id,
-        org_id: org.id.clone(),
-        kind: kind.as_str().to_string(),
-        name,
-        created_at: now_rfc3339(),
-        revoked: false,
         expires_at: Some(expires_at),
         apps,
+        ..row
     };
     plane.store.insert_token(&row)?;
     let token = Token::mint(&row.id, &root_key, caveats).encode();

@@ -5,4 +5,4 @@ mod mesh;
 mod tun;
 
 pub use keys::{KeyError, PrivateKey, PublicKey};
-pub use mesh::{Mesh, MeshConfig, MeshError, MeshStats, Peer};
+pub use mesh::{Mesh, MeshConfig, MeshError, MeshStats, Peer, ip};

@@ -134,7 +134,8 @@ pub struct Mesh {
     threads: Vec<JoinHandle<()>>,
 }
 
-fn ip(args: &[&str]) -> Result<(), MeshError> {
+/// Runs `ip ARGS` (iproute2), its stderr as the error.
+pub fn ip(args: &[&str]) -> Result<(), MeshError> {
     let output = Command::new("ip")
         .args(args)
         .output()
