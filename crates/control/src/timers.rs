@@ -144,7 +144,7 @@ impl ControlPlane {
     }
 
     /// Asks one host's agent whether it answers, and records the answer.
-    pub async fn probe_host(&self, host_id: &str) {
+    pub(crate) async fn probe_host(&self, host_id: &str) {
         let health = match self.agent(host_id) {
             Ok(agent) => {
                 match tokio::time::timeout(

@@ -52,6 +52,21 @@ pub struct AgentArgs {
     pub mesh_listen: Option<SocketAddr>,
 }
 
+/// Binds the agent's API on `listen` and serves it in the background. Done before the
+/// host registers: the control plane probes a host's agent as soon as it registers.
+pub(crate) async fn serve_agent_api(agent: &Arc<Agent>, listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the agent API to {listen}"))?;
+    let served = agent.clone();
+    tokio::spawn(async move {
+        if let Err(err) = served.serve(listener).await {
+            tracing::error!(error = %err, "agent API stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Registers the host with the control plane at `control`; a refusal (a wrong or revoked
 /// token, another host's id) is an error to exit with, not to retry forever. Waits (and
 /// retries) while the control plane does not answer. The host's number in 6PN addresses.
@@ -130,16 +145,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         capacity: HostCapacity::detect(args.cpus, args.memory_mb),
         mesh_listen: args.mesh_listen,
     })?;
-    // The agent answers before it registers: the control plane probes it at once.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding the agent API to {}", args.listen))?;
-    let served = agent.clone();
-    tokio::spawn(async move {
-        if let Err(err) = served.serve(listener).await {
-            tracing::error!(error = %err, "agent API stopped");
-        }
-    });
+    serve_agent_api(&agent, args.listen).await?;
     // A token the control plane refuses is a mistake to say now, not to retry forever.
     let host_number = match agent.register().await {
         Ok(number) => Some(number),

@@ -433,17 +433,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         capacity: aloft_agent::HostCapacity::detect(args.cpus, args.memory_mb),
         mesh_listen: args.mesh_listen,
     })?;
-    // The agent answers before the host registers: the control plane probes it at once, and
-    // a host whose probe fails shows its machines unreachable until the next probe.
-    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
-        .await
-        .with_context(|| format!("binding the agent API to {}", args.agent_listen))?;
-    let agent_api = agent.clone();
-    tokio::spawn(async move {
-        if let Err(err) = agent_api.serve(agent_listener).await {
-            tracing::error!(error = %err, "agent API stopped");
-        }
-    });
+    crate::commands::agent::serve_agent_api(&agent, args.agent_listen).await?;
     if let Some(local) = control.local.as_mut() {
         local.serve_api();
     }
