@@ -66,6 +66,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/machines/{id}/ps", get(ps))
         .route("/v1/machines/{id}/logs", get(logs))
         .route("/v1/machines/{id}/checks", get(checks))
+        .route("/v1/machines/{id}/probe", post(probe))
         .route("/v1/machines/{id}/console", get(console))
         .route(
             "/v1/volumes/{id}",
@@ -292,6 +293,14 @@ async fn checks(
     Path(id): Path<String>,
 ) -> Result<Vec<CheckStatus>> {
     Ok(Json(agent.check_results(&id)?))
+}
+
+async fn probe(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(request): Json<aloft_api::internal::ProbeRequest>,
+) -> Result<aloft_api::internal::ProbeOutcome> {
+    Ok(Json(agent.probe_machine(&id, &request).await?))
 }
 
 #[derive(Deserialize, Default)]

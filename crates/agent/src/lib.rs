@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod microvm;
 pub mod network;
+pub mod probe;
 pub mod procfs;
 pub mod seccomp;
 pub mod secrets;
@@ -331,6 +332,18 @@ impl Agent {
         self.store
             .machine(id)?
             .ok_or_else(|| AgentError::NotFound(id.to_string()))
+    }
+
+    /// Looks at a port of machine `id` from this host (`probe::probe`).
+    pub async fn probe_machine(
+        &self,
+        id: &str,
+        request: &aloft_api::internal::ProbeRequest,
+    ) -> Result<aloft_api::internal::ProbeOutcome, AgentError> {
+        let record = self.record(id)?;
+        let link = MachineLink::for_machine(&record.spec.id, record.slot)
+            .map_err(|e| AgentError::Failed(format!("machine {id} has no network link: {e}")))?;
+        Ok(probe::probe(link.machine_address.into(), request).await)
     }
 
     fn view(record: &MachineRecord) -> AgentMachine {

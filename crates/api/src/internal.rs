@@ -576,3 +576,24 @@ pub struct VolumeDisk {
     #[serde(default)]
     pub needs_restart: bool,
 }
+
+/// `POST /v1/machines/{id}/probe` (agent): the control plane asks a machine's own host to
+/// look at one of its ports, the way a health check does (only that host reaches it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeRequest {
+    /// The port looked at when the check names none.
+    pub port: u16,
+    /// What to look for: a `tcp` check accepts a connection, an `http` one a 2xx answer.
+    pub check: crate::MachineCheck,
+}
+
+/// What one look at a machine's port found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", content = "output", rename_all = "snake_case")]
+pub enum ProbeOutcome {
+    Passing,
+    /// The app answered, and the answer is a failure (e.g. HTTP 500).
+    Answered(String),
+    /// Nothing answered (refused, timed out): the app may still be starting.
+    NoAnswer(String),
+}

@@ -3,7 +3,9 @@
 //! a veth pair. Machines of one org on the two hosts reach each other over TCP by 6PN
 //! address and by `.internal` names their own host's DNS answers; another org's machine
 //! does not reach them across hosts; a restarted host registers a new mesh key and traffic
-//! flows again; bad mesh registrations are refused and change no host's peers.
+//! flows again; bad mesh registrations are refused and change no host's peers. A request
+//! at either host's proxy reaches machines on both hosts over the backhaul, with the same
+//! Fly headers, autostart and Flycast as local machines, and only hosts may use it.
 
 mod common;
 
@@ -18,8 +20,13 @@ use serde_json::{Value, json};
 const CONTROL_MESH: &str = "10.77.0.1:51820";
 
 /// An app dir whose image is busybox serving `/www` on port 8080, with a CGI script `id`
-/// that names the machine.
+/// that names the machine and echoes the Fly headers it got.
 fn busybox_app(platform: &Platform, name: &str) -> PathBuf {
+    busybox_app_with(platform, name, "")
+}
+
+/// [`busybox_app`] with more fly.toml.
+fn busybox_app_with(platform: &Platform, name: &str, fly_toml: &str) -> PathBuf {
     let dir = platform.root.path().join(format!("app-{name}"));
     let bin = dir.join("rootfs/bin");
     let cgi = dir.join("rootfs/www/cgi-bin");
@@ -35,16 +42,27 @@ fn busybox_app(platform: &Platform, name: &str) -> PathBuf {
     let id = cgi.join("id");
     std::fs::write(
         &id,
-        "#!/bin/sh\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
+        concat!(
+            "#!/bin/sh\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
+            "echo \"fly-region=$HTTP_FLY_REGION\"\necho \"fly-client-ip=$HTTP_FLY_CLIENT_IP\"\n",
+            "echo \"fly-forwarded-port=$HTTP_FLY_FORWARDED_PORT\"\necho \"via=$HTTP_VIA\"\n",
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let slow = cgi.join("slow");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\nsleep 5\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(
         dir.join("Dockerfile"),
         "FROM scratch\nCOPY rootfs/ /\nCMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
     )
     .unwrap();
-    common::write_fly_toml(&dir, name, "");
+    common::write_fly_toml(&dir, name, fly_toml);
     dir
 }
 
@@ -517,4 +535,321 @@ fn an_agent_joins_the_mesh_and_leaves_it_when_its_host_goes_down() {
         },
     );
     assert_eq!(mesh_peers(&platform)[0]["id"], first_id.as_str());
+}
+
+/// `aloft server` with a mesh, and `aloft server --join` in a second namespace: both up and
+/// in the mesh. Returns the platform, the second host, and the two hosts' ids and 6PN
+/// host numbers.
+fn two_hosts_in_the_mesh() -> (Platform, JoinedHost, [(String, u32); 2]) {
+    let mut second = JoinedHost::new();
+    let api = format!("{}:4280", JoinedHost::CONTROL_IP);
+    let control = format!("http://{api}");
+    let platform = Platform::start_prepared(
+        &[
+            "--driver",
+            "container",
+            "--api-listen",
+            &api,
+            "--mesh-listen",
+            CONTROL_MESH,
+        ],
+        |a| second.link_to(a),
+    );
+    let first_id = hosts(&platform)[0]["id"].as_str().unwrap().to_string();
+    let token = platform.aloft(&["tokens", "create", "host"]);
+    assert!(token.ok(), "{token}");
+    second.start_joined_server(&control, token.stdout.trim(), &[]);
+    let mut peers = Vec::new();
+    wait_until(
+        "both hosts up and in the mesh",
+        Duration::from_secs(60),
+        || {
+            let list = hosts(&platform);
+            peers = mesh_peers(&platform);
+            (list.iter().filter(|h| h["status"] == "up").count() != 2 || peers.len() != 2).then(
+                || {
+                    format!(
+                        "{list:?}\n{peers:?}\n--- joined host\n{}",
+                        second.agent_log()
+                    )
+                },
+            )
+        },
+    );
+    let numbered = |id: &str| {
+        let peer = peers.iter().find(|p| p["id"] == id).unwrap();
+        (id.to_string(), peer["number"].as_u64().unwrap() as u32)
+    };
+    let second_id = peers.iter().find(|p| p["id"] != first_id.as_str()).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ids = [numbered(&first_id), numbered(&second_id)];
+    (platform, second, ids)
+}
+
+/// `key=value` lines of a CGI `id` answer.
+fn fields(body: &str) -> std::collections::HashMap<String, String> {
+    body.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `GET /cgi-bin/id` of `app` through the proxy (127.0.0.1:8080) of namespace `netns`.
+fn through_proxy(netns: &str, app: &str, headers: &[&str]) -> Run {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args([
+            "curl",
+            "-s",
+            "--max-time",
+            "40",
+            "-w",
+            "\nstatus=%{http_code}",
+        ])
+        .args(["-H", &format!("Host: {app}.localhost")]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    command.arg("http://127.0.0.1:8080/cgi-bin/id");
+    Run::from(command.output().expect("running curl"))
+}
+
+#[test]
+fn a_request_at_either_host_reaches_machines_on_both_over_the_backhaul() {
+    require_platform!();
+    let (platform, second, [(_, first_number), (second_id, second_number)]) =
+        two_hosts_in_the_mesh();
+    assert!(platform.aloft(&["apps", "create", "edge-a"]).ok());
+    let dir = busybox_app_with(
+        &platform,
+        "edge-a",
+        concat!(
+            "[http_service]\ninternal_port = 8080\nauto_start_machines = true\n",
+            "auto_stop_machines = \"off\"\nmin_machines_running = 0\n",
+            "[http_service.concurrency]\ntype = \"requests\"\nsoft_limit = 1\nhard_limit = 1\n",
+        ),
+    );
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
+    let scaled = platform.aloft(&["scale", "count", "2", "-a", "edge-a", "-y"]);
+    assert!(scaled.ok(), "{scaled}\n{}", second.agent_log());
+    wait_started(&platform, "edge-a", None, &second);
+    let on_second = machines_on(&platform, &second_id);
+    let machines = private_ips(&platform, "edge-a", None);
+    let (a2, a2_ip) = machines
+        .iter()
+        .find(|(id, _)| on_second.contains(id))
+        .cloned()
+        .expect("a machine on the second host");
+    let (a1, _) = machines
+        .iter()
+        .find(|(id, _)| !on_second.contains(id))
+        .cloned()
+        .expect("a machine on the first host");
+    let host_of = |ip: &str| aloft_api::sixpn::parts(&ip.parse().unwrap()).unwrap().host;
+    assert_eq!(host_of(&a2_ip), second_number);
+
+    // Each host's proxy reaches the machines of both hosts, with the same Fly headers.
+    for netns in [platform.netns.clone(), second.netns.clone()] {
+        let mut seen = std::collections::HashSet::new();
+        wait_until(
+            &format!("the proxy in {netns} reaching both machines"),
+            Duration::from_secs(60),
+            || {
+                let run = through_proxy(&netns, "edge-a", &[]);
+                let answer = fields(&run.stdout);
+                if answer.get("status").map(String::as_str) == Some("200") {
+                    assert_eq!(answer["fly-client-ip"], "127.0.0.1", "{run}");
+                    assert_eq!(answer["fly-forwarded-port"], "8080", "{run}");
+                    assert_eq!(answer["fly-region"], "local", "{run}");
+                    assert!(answer["via"].contains("1.1 "), "{run}");
+                    seen.insert(answer["machine"].clone());
+                }
+                (!(seen.contains(&a1) && seen.contains(&a2))).then(|| {
+                    format!(
+                        "seen {seen:?}; last: {run}\n{}\n--- joined host\n{}",
+                        platform.server_log(),
+                        second.agent_log()
+                    )
+                })
+            },
+        );
+    }
+    // A request for one machine, at the other host's proxy.
+    let forced = through_proxy(
+        &platform.netns,
+        "edge-a",
+        &[&format!("fly-force-instance-id: {a2}")],
+    );
+    assert_eq!(fields(&forced.stdout)["machine"], a2, "{forced}");
+
+    // Autostart across hosts: the second host's machine, stopped, is started by a request
+    // at the first host's proxy.
+    let stopped = platform.aloft(&["machine", "stop", &a2, "-a", "edge-a"]);
+    assert!(stopped.ok(), "{stopped}");
+    wait_until("the machine stopped", Duration::from_secs(60), || {
+        let state = common::machine_json(&platform, "edge-a", &a2)["state"].clone();
+        (state != "stopped").then(|| format!("{state}"))
+    });
+    let autostarted = through_proxy(
+        &platform.netns,
+        "edge-a",
+        &[&format!("fly-force-instance-id: {a2}")],
+    );
+    assert_eq!(
+        fields(&autostarted.stdout)["machine"],
+        a2,
+        "{autostarted}\n{}\n--- joined host\n{}",
+        platform.server_log(),
+        second.agent_log()
+    );
+    assert_eq!(
+        common::machine_json(&platform, "edge-a", &a2)["state"],
+        "started"
+    );
+
+    // Flycast across hosts: from the second host's machine, the app's Flycast address
+    // reaches the first host's machine too.
+    let allocated = platform.aloft(&["ips", "allocate-v6", "--private", "-a", "edge-a"]);
+    assert!(allocated.ok(), "{allocated}");
+    let flycast = allocated
+        .stdout
+        .split_whitespace()
+        .find(|word| word.starts_with("fdaa:"))
+        .unwrap_or_else(|| panic!("no address in {allocated}"))
+        .to_string();
+    let mut seen = std::collections::HashSet::new();
+    wait_until(
+        "Flycast from the second host reaching the first host's machine",
+        Duration::from_secs(60),
+        || {
+            let run = inside(
+                &a2,
+                &format!("timeout 10 wget -qO- http://[{flycast}]:80/cgi-bin/id"),
+            );
+            if let Some(machine) = fields(&run.stdout).get("machine") {
+                seen.insert(machine.clone());
+            }
+            (!seen.contains(&a1)).then(|| format!("seen {seen:?}; last: {run}"))
+        },
+    );
+
+    // Load balancing sees the other hosts' load: a slow request to one machine from one
+    // host's proxy puts it at its hard limit (1) for the other host's proxy too, which then
+    // sends every request to the other machine (by chance, 1 in 64 for six requests).
+    for (slow_from, asked, busy, free) in [
+        (&second.netns, &platform.netns, &a1, &a2),
+        (&platform.netns, &second.netns, &a1, &a2),
+    ] {
+        let slow = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{slow_from}"))
+            .args([
+                "curl",
+                "-s",
+                "--max-time",
+                "30",
+                "-H",
+                "Host: edge-a.localhost",
+            ])
+            .args(["-H", &format!("fly-force-instance-id: {busy}")])
+            .arg("http://127.0.0.1:8080/cgi-bin/slow")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        for _ in 0..6 {
+            let run = through_proxy(asked, "edge-a", &[]);
+            assert_eq!(
+                fields(&run.stdout).get("machine"),
+                Some(free),
+                "the proxy in {asked} sent a request to {busy}, busy from {slow_from}: {run}"
+            );
+        }
+        let slow = slow.wait_with_output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&slow.stdout).contains(&format!("machine={busy}")),
+            "{slow:?}"
+        );
+    }
+
+    // Only hosts speak to the backhaul: not a machine, and not a process on the worker
+    // itself (it reaches the listener over `lo`, not the mesh). Another host does reach
+    // it, and a preamble it does not understand is refused.
+    let first_backhaul = aloft_api::sixpn::host_address(first_number).to_string();
+    let second_backhaul = aloft_api::sixpn::host_address(second_number).to_string();
+    assert!(
+        !connects(&a2, &first_backhaul, 4290),
+        "a machine reached the backhaul"
+    );
+    assert!(
+        !connects(&a1, &second_backhaul, 4290),
+        "a machine reached the backhaul"
+    );
+    let url = format!("http://[{first_backhaul}]:4290/");
+    let local = platform.curl(&["--http0.9", &url]);
+    assert!(
+        !local.ok() && local.stdout.is_empty(),
+        "a local process got an answer from the backhaul: {local}"
+    );
+    let from_host = Run::from(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", second.netns))
+            .args(["curl", "-s", "--max-time", "10", "--http0.9", &url])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        from_host.stdout, "\u{5}",
+        "the second host is answered: its preamble is malformed: {from_host}"
+    );
+    assert!(
+        through_proxy(
+            &platform.netns,
+            "edge-a",
+            &[&format!("fly-force-instance-id: {a2}")]
+        )
+        .stdout
+        .contains(&format!("machine={a2}")),
+        "the backhaul still serves"
+    );
+
+    // Host loss: kill -9 of the second host's process (its machines keep running, out of
+    // reach) under a steady stream of requests at the first host's proxy. Within 5 s its
+    // machine leaves routing: every request goes to the first host's machine and succeeds
+    // at once, and the lost machine shows `host_status: unreachable`.
+    let killed_at = Instant::now();
+    let mut second = second;
+    second.kill_agent();
+    let mut late_answers = Vec::new();
+    while killed_at.elapsed() < Duration::from_secs(12) {
+        let sent_at = killed_at.elapsed();
+        let run = through_proxy(&platform.netns, "edge-a", &[]);
+        if sent_at >= Duration::from_secs(5) {
+            late_answers.push((sent_at, fields(&run.stdout)));
+        }
+    }
+    // A machine still routed to would hold a request for the whole connect timeout (5 s)
+    // about every other time: a handful of answers at most, not dozens.
+    assert!(late_answers.len() >= 10, "{late_answers:?}");
+    assert!(
+        platform
+            .server_log()
+            .contains("worker host does not answer: its machines leave routing"),
+        "{}",
+        platform.server_log()
+    );
+    for (sent_at, answer) in &late_answers {
+        assert_eq!(
+            (answer.get("status"), answer.get("machine")),
+            (Some(&"200".to_string()), Some(&a1)),
+            "a request {sent_at:?} after the second host was lost: {late_answers:?}\n{}",
+            platform.server_log()
+        );
+    }
+    let lost = common::machine_json(&platform, "edge-a", &a2);
+    assert_eq!(lost["host_status"], "unreachable", "{lost}");
+    drop(second);
 }

@@ -296,6 +296,18 @@ impl AgentClient {
             .map_err(agent_error)
     }
 
+    /// Asks the machine's host to look at one of its ports (`POST /v1/machines/{id}/probe`).
+    pub async fn probe(
+        &self,
+        id: &str,
+        request: &aloft_api::internal::ProbeRequest,
+    ) -> Result<aloft_api::internal::ProbeOutcome, ApiError> {
+        self.client
+            .post(&format!("/v1/machines/{id}/probe"), request)
+            .await
+            .map_err(agent_error)
+    }
+
     pub async fn start(&self, id: &str) -> Result<AgentMachine, ApiError> {
         self.client
             .post(&format!("/v1/machines/{id}/start"), &())

@@ -3,14 +3,13 @@
 //! machine that exits or fails a check is reported at once with its last log lines.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use aloft_api::internal::{DeployFailure, ExitStatus};
+use aloft_api::internal::{DeployFailure, ExitStatus, ProbeOutcome as Probe, ProbeRequest};
 use aloft_api::{
     CheckStatus, CreateMachineRequest, MachineCheck, MachineConfig, MachineState, StopRequest,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::ControlPlane;
 use crate::deploy::Progress;
@@ -179,93 +178,15 @@ pub fn expected_checks(config: &MachineConfig) -> Vec<ExpectedCheck> {
         .collect()
 }
 
-/// What one look at a check found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Probe {
-    Passing,
-    /// The app answered, and the answer is a failure (e.g. HTTP 500).
-    Answered(String),
-    /// Nothing answered (refused, timed out): the app may still be starting.
-    NoAnswer(String),
-}
-
-/// Runs a check from here against the machine's private address.
-pub async fn probe(ip: IpAddr, check: &ExpectedCheck) -> Probe {
-    let timeout = check
-        .check
-        .timeout
-        .map(|t| t.to_std())
-        .filter(|t| !t.is_zero())
-        .unwrap_or(Duration::from_secs(2))
-        .min(Duration::from_secs(10));
-    let addr = SocketAddr::new(ip, check.port);
-    let connected = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await;
-    let mut stream = match connected {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => return Probe::NoAnswer(format!("connecting to {addr}: {err}")),
-        Err(_) => {
-            return Probe::NoAnswer(format!("connecting to {addr}: timed out after {timeout:?}"));
-        }
+/// Looks at a machine's port from its own host (the only one that reaches its address).
+async fn probe_on_host(plane: &ControlPlane, row: &MachineRow, request: ProbeRequest) -> Probe {
+    let agent = match plane.agent(&row.host_id) {
+        Ok(agent) => agent,
+        Err(err) => return Probe::NoAnswer(format!("its host does not answer: {}", err.message)),
     };
-    let is_http = check.check.check_type == "http"
-        && check.check.protocol.as_deref().unwrap_or("http") == "http";
-    if !is_http {
-        return Probe::Passing;
-    }
-    let method = check
-        .check
-        .method
-        .clone()
-        .unwrap_or_else(|| "GET".into())
-        .to_uppercase();
-    let path = check
-        .check
-        .path
-        .clone()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "/".into());
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: Consul Health Check\r\nConnection: close\r\n"
-    );
-    for header in &check.check.headers {
-        for value in &header.values {
-            request.push_str(&format!("{}: {value}\r\n", header.name));
-        }
-    }
-    request.push_str("Content-Length: 0\r\n\r\n");
-    let exchange = async {
-        stream.write_all(request.as_bytes()).await?;
-        let mut buffer = vec![0u8; 512];
-        let mut read = 0;
-        while read < buffer.len() {
-            let n = stream.read(&mut buffer[read..]).await?;
-            if n == 0 {
-                break;
-            }
-            read += n;
-            if buffer[..read].windows(2).any(|w| w == b"\r\n") {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buffer[..read]).into_owned())
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(answer)) => {
-            let status_line = answer.lines().next().unwrap_or_default().to_string();
-            let code = status_line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse::<u16>().ok());
-            match code {
-                Some(code) if (200..300).contains(&code) => Probe::Passing,
-                Some(_) => Probe::Answered(format!("{method} {path}: {status_line}")),
-                None => Probe::Answered(format!(
-                    "{method} {path}: not an HTTP answer: {status_line:?}"
-                )),
-            }
-        }
-        Ok(Err(err)) => Probe::NoAnswer(format!("{method} {path}: {err}")),
-        Err(_) => Probe::NoAnswer(format!("{method} {path}: no answer within {timeout:?}")),
+    match agent.probe(&row.id, &request).await {
+        Ok(outcome) => outcome,
+        Err(err) => Probe::NoAnswer(format!("its host did not look: {}", err.message)),
     }
 }
 
@@ -456,35 +377,35 @@ async fn health(
     started_ms: i64,
     elapsed: Duration,
 ) -> Health {
-    let Some(ip) = row
+    if row
         .private_ipv4
         .as_deref()
         .and_then(|ip| ip.parse::<IpAddr>().ok())
-    else {
+        .is_none()
+    {
         return if row.config.services.is_empty() && row.config.checks.is_empty() {
             Health::Healthy
         } else {
             Health::Waiting("it has no private address yet".into())
         };
-    };
+    }
     let checks = expected_checks(&row.config);
     if checks.is_empty() {
         // No checks: ready once every service port accepts connections.
         for service in &row.config.services {
-            let addr = SocketAddr::new(ip, service.internal_port);
-            match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
-                .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
+            let tcp = ProbeRequest {
+                port: service.internal_port,
+                check: MachineCheck {
+                    check_type: "tcp".into(),
+                    timeout: Some(aloft_api::Duration::from_secs(1)),
+                    ..Default::default()
+                },
+            };
+            match probe_on_host(plane, row, tcp).await {
+                Probe::Passing => {}
+                Probe::Answered(err) | Probe::NoAnswer(err) => {
                     return Health::Waiting(format!(
                         "nothing accepts connections on port {} yet ({err})",
-                        service.internal_port
-                    ));
-                }
-                Err(_) => {
-                    return Health::Waiting(format!(
-                        "port {} does not answer yet",
                         service.internal_port
                     ));
                 }
@@ -516,7 +437,11 @@ async fn health(
                 output: status.output.clone(),
             };
         }
-        match probe(ip, expected).await {
+        let request = ProbeRequest {
+            port: expected.port,
+            check: expected.check.clone(),
+        };
+        match probe_on_host(plane, row, request).await {
             Probe::Passing => {}
             Probe::Answered(output) if past_grace => {
                 return Health::Failing {
@@ -679,56 +604,5 @@ mod tests {
             parse_log_lines(b"plain line\n\nnext\n", "m1"),
             vec!["plain line", "next"]
         );
-    }
-
-    #[tokio::test]
-    async fn probes_tell_answers_from_silence() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut socket, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut buffer = [0u8; 1024];
-                let n = socket.read(&mut buffer).await.unwrap_or(0);
-                let request = String::from_utf8_lossy(&buffer[..n]).to_string();
-                let answer = if request.starts_with("GET /ok ") {
-                    "HTTP/1.1 200 OK\r\n\r\n"
-                } else {
-                    "HTTP/1.1 500 Internal Server Error\r\n\r\n"
-                };
-                let _ = socket.write_all(answer.as_bytes()).await;
-            }
-        });
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let check = |path: &str| ExpectedCheck {
-            name: "c".into(),
-            check: MachineCheck {
-                check_type: "http".into(),
-                path: Some(path.into()),
-                ..Default::default()
-            },
-            port,
-        };
-        assert_eq!(probe(ip, &check("/ok")).await, Probe::Passing);
-        assert!(
-            matches!(probe(ip, &check("/broken")).await, Probe::Answered(ref o) if o.contains("500"))
-        );
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let tcp = ExpectedCheck {
-            name: "t".into(),
-            check: MachineCheck {
-                check_type: "tcp".into(),
-                ..Default::default()
-            },
-            port: closed,
-        };
-        assert!(matches!(probe(ip, &tcp).await, Probe::NoAnswer(_)));
     }
 }

@@ -90,12 +90,27 @@ struct Idle {
     since: Instant,
 }
 
+/// How the proxy reaches a backend.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The machine runs on this host: connect to its address.
+    Direct,
+    /// The machine runs on another host: through that host's backhaul listener.
+    Backhaul { worker: SocketAddr, app: String },
+}
+
 /// One backend address of one machine.
 pub struct Backend {
+    /// The machine's `private_ipv4:internal_port` (on its own host).
     pub addr: SocketAddr,
     pub machine_id: String,
-    /// Requests (or connections) in flight to this backend.
+    pub route: Route,
+    /// Requests (or connections) in flight to this backend from this proxy.
     load: AtomicU32,
+    /// Requests in flight to this backend from other hosts' proxies (`load_share`).
+    shared: AtomicU32,
+    /// The machine's host does not answer over the backhaul (`load_share`).
+    unreachable: AtomicBool,
     idle: Mutex<Vec<Idle>>,
     /// Idle raw connections of the fast path (LIFO).
     raw_idle: Mutex<Vec<crate::raw::IdleStream>>,
@@ -111,7 +126,10 @@ impl Backend {
         Backend {
             addr,
             machine_id,
+            route: Route::Direct,
             load: AtomicU32::new(0),
+            shared: AtomicU32::new(0),
+            unreachable: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             raw_idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
@@ -121,8 +139,45 @@ impl Backend {
         }
     }
 
+    /// The same backend, reached by `route`.
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.route = route;
+        self
+    }
+
+    /// Whether the machine runs on this host.
+    pub fn is_direct(&self) -> bool {
+        self.route == Route::Direct
+    }
+
+    /// Requests in flight to this backend, from every proxy.
     pub fn load(&self) -> u32 {
+        self.own_load().saturating_add(self.shared_load())
+    }
+
+    /// Requests in flight to this backend from this proxy.
+    pub fn own_load(&self) -> u32 {
         self.load.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight to this backend from other hosts' proxies, as last shared.
+    pub fn shared_load(&self) -> u32 {
+        self.shared.load(Ordering::Relaxed)
+    }
+
+    pub fn set_shared(&self, load: u32) {
+        self.shared.store(load, Ordering::Relaxed);
+    }
+
+    /// Whether requests may go to this backend (its host answers).
+    pub fn is_reachable(&self) -> bool {
+        !self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the backend's host answers; true when it answers again after not
+    /// answering.
+    pub fn set_reachable(&self, reachable: bool) -> bool {
+        self.unreachable.swap(!reachable, Ordering::Relaxed) && reachable
     }
 
     /// Counts one more request/connection on this backend until the guard drops.
@@ -142,7 +197,7 @@ impl Backend {
     ) -> Option<LoadGuard> {
         let mut current = self.load.load(Ordering::Relaxed);
         loop {
-            if current >= hard_limit {
+            if current.saturating_add(self.shared_load()) >= hard_limit {
                 return None;
             }
             match self.load.compare_exchange_weak(
@@ -229,6 +284,19 @@ impl Backend {
     }
 
     async fn connect_tcp(&self) -> Result<TcpStream, BackendError> {
+        if let Route::Backhaul { worker, app } = &self.route {
+            let port = self.addr.port();
+            let timeout = self.settings.connect_timeout;
+            return crate::backhaul::dial(*worker, app, &self.machine_id, port, timeout)
+                .await
+                .map_err(|source| match source.kind() {
+                    std::io::ErrorKind::TimedOut => BackendError::ConnectTimeout(*worker),
+                    _ => BackendError::Connect {
+                        addr: *worker,
+                        source,
+                    },
+                });
+        }
         let addr = self.addr;
         let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
             .await

@@ -19,7 +19,7 @@ use aloft_api::{MachineService, MachineState};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Route};
 
 /// One immutable view of the catalog. Cheap to load, never mutated once published.
 #[derive(Default)]
@@ -185,6 +185,8 @@ pub struct MachineView {
     pub state: MachineState,
     pub process_group: Option<String>,
     pub private_ipv4: Option<IpAddr>,
+    /// The host the machine runs on, as its 6PN address names it.
+    pub host_number: Option<u32>,
     pub services: Vec<MachineService>,
     /// Service-level checks pass (or there are none); a machine whose checks have not run
     /// yet counts only when this proxy just started it (autostart holds the request until
@@ -262,8 +264,8 @@ struct State {
     /// Machines this proxy started whose checks have not given a result since: routed to
     /// while their checks are pending.
     autostarted: HashSet<String>,
-    /// (machine id, internal port, address) → backend.
-    backends: HashMap<(String, u16, SocketAddr), Arc<Backend>>,
+    /// (machine id, internal port, address, route) → backend.
+    backends: HashMap<(String, u16, SocketAddr, Route), Arc<Backend>>,
     certs: HashMap<String, Arc<rustls::sign::CertifiedKey>>,
     /// App name → the seq of its last `app` (or snapshot) update: a republished app tells
     /// the proxy to look again at its certificates.
@@ -278,6 +280,17 @@ pub struct Catalog {
     applied: AtomicU64,
     backend_settings: crate::backend::PoolSettings,
     stats: crate::metrics::StatsTable,
+    place: Option<HostPlace>,
+}
+
+/// Where this proxy runs among the platform's hosts: which machines are local, and
+/// whether the others are reachable through the backhaul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPlace {
+    /// This host's number in 6PN addresses.
+    pub number: u32,
+    /// Whether this host is in the mesh (machines on other hosts are reachable).
+    pub backhaul: bool,
 }
 
 impl Default for Catalog {
@@ -288,6 +301,14 @@ impl Default for Catalog {
 
 impl Catalog {
     pub fn new(backend_settings: crate::backend::PoolSettings) -> Self {
+        Self::on_host(backend_settings, None)
+    }
+
+    /// A catalog of a proxy on host `place` (`None`: every machine is local).
+    pub fn on_host(
+        backend_settings: crate::backend::PoolSettings,
+        place: Option<HostPlace>,
+    ) -> Self {
         let (changes, _) = watch::channel(0);
         Catalog {
             state: Mutex::new(State::default()),
@@ -296,6 +317,7 @@ impl Catalog {
             applied: AtomicU64::new(0),
             backend_settings,
             stats: crate::metrics::StatsTable::default(),
+            place,
         }
     }
 
@@ -451,7 +473,7 @@ impl Catalog {
     }
 
     fn publish(&self, state: &mut State) {
-        let snapshot = build_snapshot(state, &self.backend_settings, &self.stats);
+        let snapshot = build_snapshot(state, &self.backend_settings, &self.stats, self.place);
         let seq = snapshot.seq;
         self.snapshot.store(Arc::new(snapshot));
         self.applied.store(seq, Ordering::Release);
@@ -520,6 +542,7 @@ fn build_snapshot(
     state: &mut State,
     settings: &crate::backend::PoolSettings,
     stats: &crate::metrics::StatsTable,
+    place: Option<HostPlace>,
 ) -> Snapshot {
     let mut live_backends = HashMap::new();
     let mut machines_by_app: HashMap<&str, Vec<Arc<MachineView>>> = HashMap::new();
@@ -531,15 +554,33 @@ fn build_snapshot(
             .private_ipv4
             .as_deref()
             .and_then(|ip| ip.parse::<IpAddr>().ok());
+        let host_number = m
+            .private_ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<std::net::Ipv6Addr>().ok())
+            .and_then(|ip| aloft_api::sixpn::parts(&ip))
+            .map(|parts| parts.host);
+        // A machine of another host is reached through that host, never by its IPv4
+        // address (another host's machine may have the same one as a machine here).
+        let route = match (place, host_number) {
+            (Some(place), Some(host)) if host != place.number => {
+                place.backhaul.then(|| Route::Backhaul {
+                    worker: crate::backhaul::worker_address(host),
+                    app: m.app.clone(),
+                })
+            }
+            _ => Some(Route::Direct),
+        };
         let backends = m
             .services
             .iter()
             .map(|service| {
                 let ip = ipv4?;
+                let route = route.clone()?;
                 let addr = SocketAddr::new(ip, service.internal_port);
-                let key = (m.id.clone(), service.internal_port, addr);
+                let key = (m.id.clone(), service.internal_port, addr, route.clone());
                 let backend = state.backends.get(&key).cloned().unwrap_or_else(|| {
-                    Arc::new(Backend::new(addr, m.id.clone(), settings.clone()))
+                    Arc::new(Backend::new(addr, m.id.clone(), settings.clone()).with_route(route))
                 });
                 live_backends.insert(key, backend.clone());
                 Some(backend)
@@ -559,6 +600,7 @@ fn build_snapshot(
             state: m.state,
             process_group: m.process_group.clone(),
             private_ipv4: ipv4,
+            host_number,
             services: m.services.clone(),
             statics: m.statics.clone(),
             healthy,

@@ -1097,6 +1097,7 @@ fn constraints_from_headers(headers: &HeaderMap) -> Constraints {
         force_instance: one(&h::FLY_FORCE_INSTANCE_ID),
         prefer_instance: one(&h::FLY_PREFER_INSTANCE_ID),
         exclude: Vec::new(),
+        local_only: false,
     }
 }
 

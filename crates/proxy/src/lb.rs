@@ -142,6 +142,8 @@ pub struct Constraints {
     pub prefer_instance: Option<String>,
     /// Never these machines (replay `elsewhere`, a machine that just refused a connection).
     pub exclude: Vec<String>,
+    /// Only machines of this host (what the backhaul cannot carry: UDP).
+    pub local_only: bool,
 }
 
 /// A machine chosen for a request, with its load slot taken.
@@ -219,7 +221,8 @@ pub fn pick(
         && constraints.prefer_regions.is_none()
         && constraints.force_instance.is_none()
         && constraints.prefer_instance.is_none()
-        && constraints.exclude.is_empty();
+        && constraints.exclude.is_empty()
+        && !constraints.local_only;
     if unconstrained && let Some(chosen) = fast_pick(app, port, rtt, local_region, released) {
         return Pick::Chosen(chosen);
     }
@@ -255,6 +258,16 @@ pub fn pick(
             .iter()
             .any(|id| matches_instance(machine, id))
         {
+            continue;
+        }
+        if constraints.local_only
+            && !matches!(machine.backends.get(service), Some(Some(b)) if b.is_direct())
+        {
+            continue;
+        }
+        // A machine whose host does not answer over the backhaul can neither serve nor be
+        // started from here.
+        if matches!(machine.backends.get(service), Some(Some(b)) if !b.is_reachable()) {
             continue;
         }
         if let Some(regions) = &force_regions
@@ -415,6 +428,9 @@ fn fast_pick(
         let Some(Some(backend)) = machine.backends.get(service) else {
             continue;
         };
+        if !backend.is_reachable() {
+            continue;
+        }
         let limits = Limits::of(svc.concurrency.as_ref());
         let load = backend.load();
         let bucket = limits.bucket(load);

@@ -24,6 +24,8 @@ use tokio::sync::{Notify, watch};
 pub mod acme;
 mod autoscale;
 pub mod backend;
+pub mod backhaul;
+mod backhaul_worker;
 mod body;
 pub mod catalog;
 pub mod compress;
@@ -34,6 +36,7 @@ pub mod headers;
 pub mod http;
 mod http_date;
 pub mod lb;
+mod load_share;
 pub mod metrics;
 mod proxy_proto;
 pub mod raw;
@@ -102,6 +105,12 @@ pub struct ProxyConfig {
     /// How often to measure RTT to other regions' machines. `None`: never (distances and
     /// `Proxy::set_rtt` only).
     pub rtt_probe_interval: Option<Duration>,
+    /// This host's number in 6PN addresses, once it has registered: machines whose
+    /// addresses name another host are reached through that host's backhaul listener
+    /// (with `backhaul` set) or not at all. `None`: every machine is local.
+    pub host_number: Option<u32>,
+    /// This host's end of the backhaul (over the mesh). `None`: not in a mesh.
+    pub backhaul: Option<backhaul::BackhaulConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -131,6 +140,8 @@ impl Default for ProxyConfig {
             self_signed_fallback: true,
             pool: backend::PoolSettings::default(),
             rtt_probe_interval: Some(Duration::from_secs(30)),
+            host_number: None,
+            backhaul: None,
         }
     }
 }
@@ -214,11 +225,17 @@ pub struct Proxy {
     pub(crate) http01: Mutex<HashMap<String, String>>,
     /// Where `[[statics]]` are read from; unset: requests under their prefixes go to the app.
     pub(crate) image_files: std::sync::OnceLock<Arc<dyn statics::ImageFiles>>,
+    /// Other hosts' edges' load on this host's machines.
+    pub(crate) load_reports: load_share::Reports,
 }
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Arc<Proxy> {
-        let catalog = Arc::new(Catalog::new(config.pool.clone()));
+        let place = config.host_number.map(|number| catalog::HostPlace {
+            number,
+            backhaul: config.backhaul.is_some(),
+        });
+        let catalog = Arc::new(Catalog::on_host(config.pool.clone(), place));
         let metrics = metrics::Metrics::new(&config.region, catalog.clone());
         let control = match control::ControlClient::new(&config.control_url, &config.token) {
             Ok(client) => Some(client),
@@ -252,6 +269,7 @@ impl Proxy {
             stop,
             http01: Mutex::new(HashMap::new()),
             image_files: std::sync::OnceLock::new(),
+            load_reports: load_share::Reports::default(),
             config,
         })
     }

@@ -268,6 +268,7 @@ impl ReplayState {
                 .then(|| machine.id.clone())
                 .into_iter()
                 .collect(),
+            local_only: false,
         };
         Next {
             src_header: HeaderValue::from_str(&src)

@@ -56,6 +56,8 @@ pub(crate) enum Role {
 
 pub(crate) struct Bound {
     listeners: Vec<(TcpListener, Role)>,
+    /// The backhaul listener and this host's number.
+    backhaul: Option<(TcpListener, u32)>,
 }
 
 impl Bound {
@@ -115,7 +117,22 @@ pub(crate) fn bind_static(config: &ProxyConfig) -> anyhow::Result<Bound> {
             listen(addr, false).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         listeners.push((metrics, Role::Metrics));
     }
-    Ok(Bound { listeners })
+    let backhaul = match (&config.backhaul, config.host_number) {
+        (Some(backhaul), Some(number)) => {
+            let listener = crate::backhaul_worker::bind(backhaul).map_err(|e| {
+                anyhow::anyhow!("cannot listen for the backhaul on {}: {e}", backhaul.listen)
+            })?;
+            Some((listener, number))
+        }
+        (Some(_), None) => {
+            anyhow::bail!("the proxy's backhaul needs this host's number (host_number)")
+        }
+        (None, _) => None,
+    };
+    Ok(Bound {
+        listeners,
+        backhaul,
+    })
 }
 
 pub(crate) async fn serve(
@@ -141,13 +158,23 @@ pub(crate) async fn serve(
             proxy.stop.subscribe(),
         )));
     }
-    let background: Vec<JoinHandle<()>> = vec![
+    let mut background: Vec<JoinHandle<()>> = Vec::new();
+    if let Some((listener, number)) = bound.backhaul {
+        tasks.push(tokio::spawn(crate::backhaul_worker::serve(
+            proxy.clone(),
+            listener,
+            number,
+            proxy.stop.subscribe(),
+        )));
+        background.push(tokio::spawn(crate::load_share::share(proxy.clone())));
+    }
+    background.extend([
         tokio::spawn(manage_listeners(proxy.clone())),
         tokio::spawn(crate::autoscale::autostop_loop(proxy.clone())),
         tokio::spawn(crate::tls::certificate_loop(proxy.clone())),
         tokio::spawn(sweep_idle_backends(proxy.clone())),
         tokio::spawn(probe_rtt(proxy.clone())),
-    ];
+    ]);
     shutdown.await;
     tracing::info!(
         connections = proxy.tracker.active(),
@@ -317,7 +344,7 @@ async fn probe_rtt(proxy: Arc<Proxy>) {
         return;
     };
     loop {
-        let mut targets: HashMap<String, SocketAddr> = HashMap::new();
+        let mut targets: HashMap<String, Arc<crate::backend::Backend>> = HashMap::new();
         {
             let snapshot = proxy.catalog.snapshot();
             for app in snapshot.apps.values() {
@@ -330,15 +357,16 @@ async fn probe_rtt(proxy: Arc<Proxy>) {
                     if let Some(backend) = machine.backends.iter().flatten().next() {
                         targets
                             .entry(machine.region.clone())
-                            .or_insert(backend.addr);
+                            .or_insert_with(|| backend.clone());
                     }
                 }
             }
         }
-        for (region, addr) in targets {
+        for (region, backend) in targets {
             let started = Instant::now();
+            // Through the backhaul for a machine of another host, as requests go.
             if let Ok(Ok(_)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+                tokio::time::timeout(Duration::from_secs(2), backend.connect_raw()).await
             {
                 proxy
                     .rtt

@@ -140,7 +140,10 @@ impl Flow {
             .choose(
                 &self.app,
                 self.public_port,
-                &Constraints::default(),
+                &Constraints {
+                    local_only: true,
+                    ..Constraints::default()
+                },
                 deadline,
             )
             .await

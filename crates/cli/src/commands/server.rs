@@ -454,10 +454,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     let dns = start_dns(&args, &api_url, &host_token);
 
-    // TODO(backhaul): once ProxyConfig has the fields (helper "backhaul"), set here
-    //     host_id: Some(agent.host_id.clone()),
-    //     backhaul_listen,
-    tracing::debug!(?backhaul_listen, host = %agent.host_id, "the proxy's backhaul (not wired yet)");
     let proxy = Proxy::new(ProxyConfig {
         http_listen: args.proxy_listen,
         https_listen: args.proxy_https_listen,
@@ -469,6 +465,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         max_buffered_request_bytes: usize::try_from(args.proxy_max_buffered_request_bytes)
             .context("--proxy-max-buffered-request-bytes is larger than this host's memory")?,
         acme: acme.clone(),
+        host_number: Some(host_number),
+        backhaul: backhaul_listen.map(|listen| aloft_proxy::backhaul::BackhaulConfig {
+            listen,
+            device: Some(aloft_agent::mesh::TUN_NAME.to_string()),
+        }),
         ..ProxyConfig::default()
     });
     proxy.serve_statics_from(Arc::new(AgentImageFiles(agent.clone())));
