@@ -537,28 +537,28 @@ fn an_agent_joins_the_mesh_and_leaves_it_when_its_host_goes_down() {
     assert_eq!(mesh_peers(&platform)[0]["id"], first_id.as_str());
 }
 
-/// `aloft server` with a mesh, and `aloft server --join` in a second namespace: both up and
-/// in the mesh. Returns the platform, the second host, and the two hosts' ids and 6PN
+/// `aloft server` with a mesh (and `extra` arguments), and `aloft server --join` in a second
+/// namespace: both up and in the mesh. Returns the platform, the second host, and the two hosts' ids and 6PN
 /// host numbers.
-fn two_hosts_in_the_mesh() -> (Platform, JoinedHost, [(String, u32); 2]) {
+fn two_hosts_in_the_mesh(extra: &[&str]) -> (Platform, JoinedHost, [(String, u32); 2], String) {
     let mut second = JoinedHost::new();
     let api = format!("{}:4280", JoinedHost::CONTROL_IP);
     let control = format!("http://{api}");
-    let platform = Platform::start_prepared(
-        &[
-            "--driver",
-            "container",
-            "--api-listen",
-            &api,
-            "--mesh-listen",
-            CONTROL_MESH,
-        ],
-        |a| second.link_to(a),
-    );
+    let mut args = vec![
+        "--driver",
+        "container",
+        "--api-listen",
+        &api,
+        "--mesh-listen",
+        CONTROL_MESH,
+    ];
+    args.extend_from_slice(extra);
+    let platform = Platform::start_prepared(&args, |a| second.link_to(a));
     let first_id = hosts(&platform)[0]["id"].as_str().unwrap().to_string();
     let token = platform.aloft(&["tokens", "create", "host"]);
     assert!(token.ok(), "{token}");
-    second.start_joined_server(&control, token.stdout.trim(), &[]);
+    let token = token.stdout.trim().to_string();
+    second.start_joined_server(&control, &token, &[]);
     let mut peers = Vec::new();
     wait_until(
         "both hosts up and in the mesh",
@@ -585,7 +585,7 @@ fn two_hosts_in_the_mesh() -> (Platform, JoinedHost, [(String, u32); 2]) {
         .unwrap()
         .to_string();
     let ids = [numbered(&first_id), numbered(&second_id)];
-    (platform, second, ids)
+    (platform, second, ids, token)
 }
 
 /// `key=value` lines of a CGI `id` answer.
@@ -620,8 +620,8 @@ fn through_proxy(netns: &str, app: &str, headers: &[&str]) -> Run {
 #[test]
 fn a_request_at_either_host_reaches_machines_on_both_over_the_backhaul() {
     require_platform!();
-    let (platform, second, [(_, first_number), (second_id, second_number)]) =
-        two_hosts_in_the_mesh();
+    let (platform, second, [(_, first_number), (second_id, second_number)], _) =
+        two_hosts_in_the_mesh(&[]);
     assert!(platform.aloft(&["apps", "create", "edge-a"]).ok());
     let dir = busybox_app_with(
         &platform,
@@ -851,5 +851,101 @@ fn a_request_at_either_host_reaches_machines_on_both_over_the_backhaul() {
     }
     let lost = common::machine_json(&platform, "edge-a", &a2);
     assert_eq!(lost["host_status"], "unreachable", "{lost}");
+    drop(second);
+}
+
+#[test]
+fn a_lost_hosts_machines_without_volumes_are_replaced_on_healthy_hosts() {
+    require_platform!();
+    let (platform, mut second, [(first_id, _), (second_id, _)], token) =
+        two_hosts_in_the_mesh(&["--reschedule-lost-after", "2s"]);
+    // Everything on the second host: an app's machine, and another app's machine with a
+    // volume.
+    assert!(platform.aloft(&["hosts", "cordon", &first_id]).ok());
+    assert!(platform.aloft(&["apps", "create", "lost-a"]).ok());
+    let dir = busybox_app_with(
+        &platform,
+        "lost-a",
+        "[http_service]\ninternal_port = 8080\nauto_stop_machines = \"off\"\n",
+    );
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deployed.ok(), "{deployed}\n{}", second.agent_log());
+    assert!(platform.aloft(&["apps", "create", "lost-v"]).ok());
+    let created = platform.aloft(&[
+        "volumes", "create", "data", "-a", "lost-v", "--size", "1", "-y",
+    ]);
+    assert!(created.ok(), "{created}");
+    let dir = busybox_app_with(
+        &platform,
+        "lost-v",
+        "[mounts]\nsource = \"data\"\ndestination = \"/data\"\n",
+    );
+    let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
+    assert!(deployed.ok(), "{deployed}\n{}", second.agent_log());
+    assert!(platform.aloft(&["hosts", "uncordon", &first_id]).ok());
+    wait_started(&platform, "lost-a", None, &second);
+    let on_second = machines_on(&platform, &second_id);
+    let [(lost, _)] = private_ips(&platform, "lost-a", None).try_into().unwrap();
+    let [(pinned, _)] = private_ips(&platform, "lost-v", None).try_into().unwrap();
+    assert!(
+        on_second.contains(&lost) && on_second.contains(&pinned),
+        "{on_second:?}"
+    );
+
+    // kill -9 of the second host: once it has been down for 2 s, lost-a's machine is
+    // replaced by a new one on the first host; lost-v's stays with its volume.
+    second.kill_agent();
+    let mut replacement = String::new();
+    wait_until(
+        "lost-a's machine replaced on the first host",
+        Duration::from_secs(90),
+        || {
+            let machines = private_ips(&platform, "lost-a", None);
+            if let Some((id, _)) = machines.iter().find(|(id, _)| *id != lost) {
+                replacement = id.clone();
+            }
+            let state = |id: &str| common::machine_json(&platform, "lost-a", id)["state"].clone();
+            (replacement.is_empty()
+                || state(&replacement) != "started"
+                || state(&lost) != "destroyed")
+                .then(|| format!("{machines:?}\n{}", platform.server_log()))
+        },
+    );
+    assert!(machines_on(&platform, &first_id).contains(&replacement));
+    let kept = common::machine_json(&platform, "lost-v", &pinned);
+    assert_ne!(kept["state"], "destroyed", "{kept}");
+    assert_eq!(kept["host_status"], "unreachable", "{kept}");
+    let events = platform.aloft(&["machine", "status", &lost, "-a", "lost-a", "--json"]);
+    assert!(
+        events.stdout.contains("was lost; replaced by machine"),
+        "{events}"
+    );
+    wait_until(
+        "the proxy serving the replacement",
+        Duration::from_secs(30),
+        || {
+            let run = through_proxy(&platform.netns, "lost-a", &[]);
+            (fields(&run.stdout).get("machine") != Some(&replacement)).then(|| run.to_string())
+        },
+    );
+
+    // The second host comes back: what it still runs of the replaced machine is destroyed
+    // there; the machine with the volume is its own again.
+    let stale = PathBuf::from(format!("/run/netns/aloft-{lost}"));
+    assert!(
+        stale.exists(),
+        "the lost machine still runs on its host while it is away"
+    );
+    let control = format!("http://{}:4280", JoinedHost::CONTROL_IP);
+    second.start_joined_server(&control, &token, &[]);
+    wait_until(
+        "the replaced machine gone from the second host",
+        Duration::from_secs(60),
+        || stale.exists().then(|| second.agent_log()),
+    );
+    wait_until("lost-v's host back", Duration::from_secs(60), || {
+        let kept = common::machine_json(&platform, "lost-v", &pinned);
+        (kept["host_status"] != "ok").then(|| kept.to_string())
+    });
     drop(second);
 }

@@ -195,7 +195,10 @@ async fn register_host(
     // would show the last round's answer, `unreachable` for a host that was restarting.
     let probing = plane.clone();
     let probed = id.clone();
-    tokio::spawn(async move { probing.probe_host(&probed).await });
+    tokio::spawn(async move {
+        probing.probe_host(&probed).await;
+        probing.reclaim_replaced_machines(&probed).await;
+    });
     if let Some(key) = &registration.mesh_public_key {
         tracing::info!(host = %id, host_number, public_key = %key, "host registered its mesh key");
     }

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod orgs;
 pub mod private;
 pub mod releases;
+pub mod reschedule;
 pub mod rollout;
 pub mod runtime;
 pub mod scale;

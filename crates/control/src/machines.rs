@@ -280,13 +280,13 @@ impl ControlPlane {
         }
     }
 
-    fn reload(&self, id: &str) -> ApiResult<MachineRow> {
+    pub(crate) fn reload(&self, id: &str) -> ApiResult<MachineRow> {
         self.store
             .machine(id)?
             .ok_or_else(|| ApiError::not_found(format!("machine not found: {id}")))
     }
 
-    fn publish(&self, row: &MachineRow) {
+    pub(crate) fn publish(&self, row: &MachineRow) {
         if row.state == MachineState::Destroyed {
             self.catalog.machine_removed(&row.id);
         } else {

@@ -191,6 +191,9 @@ impl ControlPlane {
             if let Err(err) = self.mark_silent_hosts() {
                 tracing::warn!(error = %err, "checking hosts' heartbeats");
             }
+            if let Err(err) = self.reschedule_lost_machines().await {
+                tracing::warn!(error = %err.message, "replacing lost hosts' machines");
+            }
             if let Err(err) = self.run_due_schedules().await {
                 tracing::warn!(error = %err, "running scheduled machines");
             }

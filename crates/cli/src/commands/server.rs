@@ -125,6 +125,11 @@ pub struct ServerArgs {
     /// garbage-collected after each deploy.
     #[arg(conflicts_with = "join", long, default_value_t = aloft_control::releases::DEFAULT_KEEP_RELEASES)]
     pub keep_releases: usize,
+    /// Replace the machines of a host that has been down this long (e.g. 5m) with new
+    /// machines on healthy hosts; machines with volumes stay with their host. Off unless
+    /// given.
+    #[arg(conflicts_with = "join", long, value_name = "DURATION")]
+    pub reschedule_lost_after: Option<aloft_api::Duration>,
     /// At most this many machines per organization (0: no limit); more answer 422.
     #[arg(conflicts_with = "join", long, default_value_t = aloft_control::machines::DEFAULT_ORG_MAX_MACHINES)]
     pub org_max_machines: u64,
@@ -300,6 +305,18 @@ async fn start_control_plane(
             &args.keep_releases.max(1).to_string(),
         )
         .context("saving the release retention setting")?;
+    // Empty: off.
+    let reschedule_after = args
+        .reschedule_lost_after
+        .map(|after| after.to_std().as_secs().to_string())
+        .unwrap_or_default();
+    plane
+        .store
+        .set_setting(
+            aloft_control::reschedule::SETTING_RESCHEDULE_LOST_AFTER_SECS,
+            &reschedule_after,
+        )
+        .context("saving --reschedule-lost-after")?;
     for (key, value) in [
         (
             aloft_control::machines::SETTING_ORG_MAX_MACHINES,
