@@ -40,6 +40,12 @@ enum Command {
     /// Join this host to a control plane and run its machines (`aloft tokens create host`
     /// makes the token).
     Agent(commands::agent::AgentArgs),
+    /// Development tools: `aloft dev cluster up|down|status` runs a multi-host platform on
+    /// this machine.
+    Dev {
+        #[command(subcommand)]
+        command: commands::dev_cluster::DevCommand,
+    },
     /// The platform's hosts: list, show, cordon, uncordon, remove (admin token).
     #[command(alias = "host")]
     Hosts {
@@ -297,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Admin { command } => commands::admin::run(command)?,
         Command::Control(args) => commands::control::run(args).await?,
         Command::Agent(args) => commands::agent::run(args).await?,
+        Command::Dev { command } => commands::dev_cluster::run(command).await?,
         Command::Hosts { command } => commands::hosts::run(&api, command).await?,
         Command::Apps { command } => commands::apps::run(&api, command).await?,
         Command::Deploy(args) => commands::deploy::run(&api, args).await?,

@@ -19,53 +19,6 @@ use serde_json::{Value, json};
 
 const CONTROL_MESH: &str = "10.77.0.1:51820";
 
-/// An app dir whose image is busybox serving `/www` on port 8080, with a CGI script `id`
-/// that names the machine and echoes the Fly headers it got.
-fn busybox_app(platform: &Platform, name: &str) -> PathBuf {
-    busybox_app_with(platform, name, "")
-}
-
-/// [`busybox_app`] with more fly.toml.
-fn busybox_app_with(platform: &Platform, name: &str, fly_toml: &str) -> PathBuf {
-    let dir = platform.root.path().join(format!("app-{name}"));
-    let bin = dir.join("rootfs/bin");
-    let cgi = dir.join("rootfs/www/cgi-bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir_all(&cgi).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox"))
-        .expect("busybox-static is installed (scripts/setup.sh)");
-    for applet in [
-        "sh", "httpd", "wget", "nc", "nslookup", "echo", "timeout", "sleep",
-    ] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-    }
-    let id = cgi.join("id");
-    std::fs::write(
-        &id,
-        concat!(
-            "#!/bin/sh\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
-            "echo \"fly-region=$HTTP_FLY_REGION\"\necho \"fly-client-ip=$HTTP_FLY_CLIENT_IP\"\n",
-            "echo \"fly-forwarded-port=$HTTP_FLY_FORWARDED_PORT\"\necho \"via=$HTTP_VIA\"\n",
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let slow = cgi.join("slow");
-    std::fs::write(
-        &slow,
-        "#!/bin/sh\nsleep 5\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY rootfs/ /\nCMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
-    )
-    .unwrap();
-    common::write_fly_toml(&dir, name, fly_toml);
-    dir
-}
-
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
@@ -284,7 +237,7 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
 
     // Org A: two machines, one on each host.
     assert!(platform.aloft(&["apps", "create", "mesh-a"]).ok());
-    let dir = busybox_app(&platform, "mesh-a");
+    let dir = common::busybox_app_with(platform.root.path(), "mesh-a", "");
     let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false"]);
     assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
     let scaled = platform.aloft(&["scale", "count", "2", "-a", "mesh-a", "-y"]);
@@ -336,7 +289,7 @@ fn machines_of_one_org_reach_each_other_across_hosts_over_the_mesh() {
     assert!(platform.aloft(&["hosts", "cordon", &first_id]).ok());
     let created = platform.aloft(&["apps", "create", "mesh-b", "-o", "bravo", "-t", &bravo]);
     assert!(created.ok(), "{created}");
-    let dir = busybox_app(&platform, "mesh-b");
+    let dir = common::busybox_app_with(platform.root.path(), "mesh-b", "");
     let deployed = platform.aloft_in(Some(&dir), &["deploy", "--ha=false", "-t", &bravo]);
     assert!(deployed.ok(), "{deployed}\n{}", platform.server_log());
     assert!(platform.aloft(&["hosts", "uncordon", &first_id]).ok());
@@ -623,8 +576,8 @@ fn a_request_at_either_host_reaches_machines_on_both_over_the_backhaul() {
     let (platform, second, [(_, first_number), (second_id, second_number)], _) =
         two_hosts_in_the_mesh(&[]);
     assert!(platform.aloft(&["apps", "create", "edge-a"]).ok());
-    let dir = busybox_app_with(
-        &platform,
+    let dir = common::busybox_app_with(
+        platform.root.path(),
         "edge-a",
         concat!(
             "[http_service]\ninternal_port = 8080\nauto_start_machines = true\n",
@@ -863,8 +816,8 @@ fn a_lost_hosts_machines_without_volumes_are_replaced_on_healthy_hosts() {
     // volume.
     assert!(platform.aloft(&["hosts", "cordon", &first_id]).ok());
     assert!(platform.aloft(&["apps", "create", "lost-a"]).ok());
-    let dir = busybox_app_with(
-        &platform,
+    let dir = common::busybox_app_with(
+        platform.root.path(),
         "lost-a",
         "[http_service]\ninternal_port = 8080\nauto_stop_machines = \"off\"\n",
     );
@@ -875,8 +828,8 @@ fn a_lost_hosts_machines_without_volumes_are_replaced_on_healthy_hosts() {
         "volumes", "create", "data", "-a", "lost-v", "--size", "1", "-y",
     ]);
     assert!(created.ok(), "{created}");
-    let dir = busybox_app_with(
-        &platform,
+    let dir = common::busybox_app_with(
+        platform.root.path(),
         "lost-v",
         "[mounts]\nsource = \"data\"\ndestination = \"/data\"\n",
     );

@@ -6,6 +6,7 @@ pub mod checks;
 pub mod config;
 pub mod control;
 pub mod deploy;
+pub mod dev_cluster;
 pub mod dig;
 pub mod doctor;
 pub mod exec;

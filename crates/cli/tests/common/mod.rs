@@ -697,6 +697,50 @@ pub fn idle_busybox_app(platform: &Platform, name: &str, extra: &str) -> PathBuf
 }
 
 /// fly.toml of `name` in region `local`, with `extra` appended.
+/// An app dir under `root` whose image is busybox serving `/www` on port 8080, with CGI
+/// scripts `id` (names the machine and echoes the Fly headers it got) and `slow` (the
+/// same after 5 s), and `fly_toml` added to its fly.toml.
+pub fn busybox_app_with(root: &Path, name: &str, fly_toml: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join(format!("app-{name}"));
+    let bin = dir.join("rootfs/bin");
+    let cgi = dir.join("rootfs/www/cgi-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&cgi).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("busybox-static is installed (scripts/setup.sh)");
+    for applet in [
+        "sh", "httpd", "wget", "nc", "nslookup", "echo", "timeout", "sleep",
+    ] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    let id = cgi.join("id");
+    std::fs::write(
+        &id,
+        concat!(
+            "#!/bin/sh\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
+            "echo \"fly-region=$HTTP_FLY_REGION\"\necho \"fly-client-ip=$HTTP_FLY_CLIENT_IP\"\n",
+            "echo \"fly-forwarded-port=$HTTP_FLY_FORWARDED_PORT\"\necho \"via=$HTTP_VIA\"\n",
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let slow = cgi.join("slow");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\nsleep 5\necho \"Content-Type: text/plain\"\necho\necho \"machine=$FLY_MACHINE_ID\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nCMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    write_fly_toml(&dir, name, fly_toml);
+    dir
+}
+
 pub fn write_fly_toml(dir: &Path, name: &str, extra: &str) {
     std::fs::write(
         dir.join("fly.toml"),
