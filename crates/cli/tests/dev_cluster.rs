@@ -151,7 +151,10 @@ fn a_cluster_of_three_hosts_serves_a_deploy_through_every_hosts_proxy_and_goes_a
     let hosts = status["hosts"].as_array().unwrap().clone();
     for host in &hosts {
         assert_eq!(host["region"], "local", "{host}");
-        assert!(host["id"].as_str().is_some_and(|id| !id.is_empty()), "{host}");
+        assert!(
+            host["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{host}"
+        );
         let netns = host["netns"].as_str().unwrap();
         assert!(Path::new("/run/netns").join(netns).exists(), "{host}");
     }

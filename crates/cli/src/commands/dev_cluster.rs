@@ -218,7 +218,11 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     println!(
         "API  {}  ({})",
         cluster.api_url,
-        if alive(cluster.pid) { "up" } else { "not running" }
+        if alive(cluster.pid) {
+            "up"
+        } else {
+            "not running"
+        }
     );
     for host in &cluster.hosts {
         println!(
@@ -227,7 +231,11 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
             host.region,
             host.netns,
             host.proxy,
-            if alive(host.pid) { "" } else { "  (not running)" }
+            if alive(host.pid) {
+                ""
+            } else {
+                "  (not running)"
+            }
         );
     }
     Ok(())
@@ -459,7 +467,9 @@ async fn start(
             pid: 0,
             data_dir: host_dir.clone(),
         });
-        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ])?;
         ip(&["link", "set", &inner, "netns", &netns])?;
         ip(&["link", "set", &outer, "master", bridge, "up"])?;
         ip(&["-n", &netns, "link", "set", &inner, "name", "eth0"])?;
@@ -567,11 +577,7 @@ async fn wait_for_hosts(
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let listed: Vec<serde_json::Value> = client.get("/v1/hosts").await.unwrap_or_default();
-        let up = |id: &str| {
-            listed
-                .iter()
-                .any(|h| h["id"] == id && h["status"] == "up")
-        };
+        let up = |id: &str| listed.iter().any(|h| h["id"] == id && h["status"] == "up");
         let waiting: Vec<&ClusterHost> = cluster.hosts.iter().filter(|h| !up(&h.id)).collect();
         if waiting.is_empty() {
             return Ok(());
@@ -581,11 +587,7 @@ async fn wait_for_hosts(
                 && let Some(host) = cluster.hosts.iter().find(|h| h.pid == child.id())
             {
                 let log = host.data_dir.join("host.log");
-                bail!(
-                    "host {} exited ({exit}); its log:\n{}",
-                    host.id,
-                    tail(&log)
-                );
+                bail!("host {} exited ({exit}); its log:\n{}", host.id, tail(&log));
             }
         }
         if Instant::now() > deadline {
