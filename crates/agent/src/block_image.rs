@@ -364,6 +364,32 @@ pub fn loop_devices_under(under: &Path) -> Vec<LoopDevice> {
     found
 }
 
+/// Unmounts everything mounted under `root` (lazily, deepest first) and detaches the loop
+/// devices backed by files there: what machines leave behind when their host process is
+/// killed, so that removing `root` removes everything. The devices are found before
+/// unmounting: a file on a filesystem unmounted lazily no longer shows its path.
+pub fn release_everything_under(root: &Path) {
+    let devices = loop_devices_under(root);
+    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|mount_point| PathBuf::from(unescape_mountinfo(mount_point)))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for mount in mounts {
+        let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+    }
+    for device in devices {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&device.device)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// Mount points (in this mount namespace) whose source is `device`.
 fn mounts_of(device: &Path) -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {

@@ -23,7 +23,10 @@ impl Cluster {
     fn start(hosts: u8) -> Self {
         let root = tempfile::tempdir().expect("a temp dir");
         let netns = format!("aloft-dct-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns])
+            .stderr(Stdio::null())
+            .status();
         assert!(
             Command::new("ip")
                 .args(["netns", "add", &netns])

@@ -944,20 +944,31 @@ impl ControlPlane {
         }
         // The agent destroyed it: whatever state its reports moved the machine to while
         // that ran (stopped, as its process ended), it is destroyed now.
+        self.record_destroyed(&row.id, None)?;
+        self.store.detach_volumes_of(&row.id)?;
+        self.publish(&self.reload(&row.id)?);
+        self.forget_machine_lock(&row.id);
+        Ok(())
+    }
+
+    /// Records machine `id` destroyed, from whatever state it is in, with the destroy
+    /// event (carrying `note`), and lets go of its lease.
+    pub(crate) fn record_destroyed(
+        &self,
+        id: &str,
+        note: Option<serde_json::Value>,
+    ) -> ApiResult<()> {
         let not_destroyed: Vec<MachineState> = MachineState::ALL
             .into_iter()
             .filter(|s| *s != MachineState::Destroyed)
             .collect();
         self.store.transition(
-            &row.id,
+            id,
             &not_destroyed,
             MachineState::Destroyed,
-            Some(&user_event("destroy", MachineState::Destroyed, None)),
+            Some(&user_event("destroy", MachineState::Destroyed, note)),
         )?;
-        let _ = self.store.release_lease(&row.id, "", i64::MAX);
-        self.store.detach_volumes_of(&row.id)?;
-        self.publish(&self.reload(&row.id)?);
-        self.forget_machine_lock(&row.id);
+        let _ = self.store.release_lease(id, "", i64::MAX);
         Ok(())
     }
 

@@ -12,7 +12,6 @@ use aloft_api::{CreateMachineRequest, MachineState};
 use crate::ControlPlane;
 use crate::error::ApiError;
 use crate::hosts::{HostStatus, host_status};
-use crate::machines::user_event;
 use crate::store::{MachineRow, now_millis};
 
 /// How long a host is down before its machines are replaced (seconds; unset: never).
@@ -85,17 +84,7 @@ impl ControlPlane {
                 lost.host_id, replacement.id, replacement.host_id
             )
         });
-        let not_destroyed: Vec<MachineState> = MachineState::ALL
-            .into_iter()
-            .filter(|s| *s != MachineState::Destroyed)
-            .collect();
-        self.store.transition(
-            &lost.id,
-            &not_destroyed,
-            MachineState::Destroyed,
-            Some(&user_event("destroy", MachineState::Destroyed, Some(note))),
-        )?;
-        let _ = self.store.release_lease(&lost.id, "", i64::MAX);
+        self.record_destroyed(&lost.id, Some(note))?;
         self.publish(&self.reload(&lost.id)?);
         tracing::warn!(machine = %lost.id, host = %lost.host_id, replacement = %replacement.id, on = %replacement.host_id, "replaced a lost host's machine");
         Ok(())

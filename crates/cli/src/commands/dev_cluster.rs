@@ -282,7 +282,7 @@ fn teardown(data_dir: &Path, cluster: &ClusterFile) {
         let _ = ip(&["netns", "del", &host.netns]);
     }
     let _ = ip(&["link", "del", &cluster.bridge]);
-    release_mounts_under(data_dir);
+    aloft_agent::block_image::release_everything_under(data_dir);
     let _ = std::fs::remove_file(cluster_file(data_dir));
 }
 
@@ -296,20 +296,6 @@ fn stop_all(pids: &[u32]) {
     }
     for pid in pids.iter().filter(|p| alive(**p)) {
         signal(*pid, nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-/// Unmounts what the hosts mounted under `root` (machines' root filesystems, volumes).
-fn release_mounts_under(root: &Path) {
-    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
-        .filter(|p| p.starts_with(root))
-        .collect();
-    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for mount in mounts {
-        let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

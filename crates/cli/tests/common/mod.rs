@@ -583,43 +583,16 @@ impl Drop for Platform {
 
 /// Unmounts what a test's machines left mounted under `root` (machines still running
 /// after a killed server) and detaches loop devices backed by files there, so removing
-/// the test's directory removes everything. The devices are found before unmounting: a
-/// file on a filesystem unmounted lazily (a data dir on a disk of its own) no longer
-/// shows its path.
+/// the test's directory removes everything.
 pub fn release_mounts_under(root: &Path) {
-    let devices = loop_devices_under(root);
-    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
-        .filter(|p| p.starts_with(root))
-        .collect();
-    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for mount in mounts {
-        let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
-    }
-    for device in devices {
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(device)
-            .stderr(Stdio::null())
-            .status();
-    }
+    aloft_agent::block_image::release_everything_under(root);
 }
 
 /// The loop devices (`/dev/loopN`) backed by files under `dir`.
 pub fn loop_devices_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(devices) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    devices
-        .flatten()
-        .filter(|device| {
-            std::fs::read_to_string(device.path().join("loop/backing_file")).is_ok_and(|backing| {
-                Path::new(backing.trim().trim_end_matches(" (deleted)")).starts_with(dir)
-            })
-        })
-        .map(|device| Path::new("/dev").join(device.file_name()))
+    aloft_agent::block_image::loop_devices_under(dir)
+        .into_iter()
+        .map(|device| device.device)
         .collect()
 }
 
