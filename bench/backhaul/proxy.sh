@@ -23,6 +23,8 @@ command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 
 cargo build --release -q -p aloft -p hello
 bin=$PWD/target/x86_64-unknown-linux-gnu/release
 work=$(mktemp -d /tmp/aloft-bench-backhaul.XXXXXX)
+# Machines run as an unprivileged host user: they must pass through the data dirs.
+chmod 755 "$work"
 ns_a=aloft-bench-a-$$
 ns_b=aloft-bench-b-$$
 server_a=
@@ -36,8 +38,18 @@ cleanup() {
     for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   done
+  # The machines (their processes, namespaces and mounts) outlive their host's process.
+  for machine in "$work"/a/agent/machines/* "$work"/b/agent/machines/*; do
+    [[ -e $machine ]] || continue
+    ns=aloft-$(basename "$machine")
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
   ip netns del "$ns_a" 2>/dev/null || true
   ip netns del "$ns_b" 2>/dev/null || true
+  awk -v root="$work" 'index($5, root) == 1 {print $5}' /proc/self/mountinfo | sort -r |
+    while read -r mount; do umount -l "$mount" 2>/dev/null || true; done
+  losetup -j "$work" 2>/dev/null | cut -d: -f1 | while read -r dev; do losetup -d "$dev" || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -61,7 +73,8 @@ export HOME=$work/home
 mkdir -p "$HOME"
 aloft() { in_a "$bin/aloft" "$@"; }
 
-in_a "$bin/aloft" server --data-dir "$work/a" --driver container \
+# nsenter execs aloft: $! is the server's own pid (its CPU time is measured).
+nsenter --net="/run/netns/$ns_a" "$bin/aloft" server --data-dir "$work/a" --driver container \
   --api-listen 10.77.0.1:4280 --mesh-listen 10.77.0.1:51820 >"$work/a.log" 2>&1 &
 server_a=$!
 for _ in $(seq 1 300); do
@@ -71,7 +84,7 @@ for _ in $(seq 1 300); do
 done
 host_a=$(aloft hosts list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 token=$(aloft tokens create host)
-in_b env -u ALOFT_API_URL "$bin/aloft" server --join http://10.77.0.1:4280 --token "$token" \
+nsenter --net="/run/netns/$ns_b" "$bin/aloft" server --join http://10.77.0.1:4280 --token "$token" \
   --data-dir "$work/b" --agent-listen 10.77.0.2:4281 --mesh-listen 10.77.0.2:51820 \
   --driver container >"$work/b.log" 2>&1 &
 server_b=$!
@@ -111,6 +124,7 @@ measure() {
   before_b=$(cpu_ticks "$server_b")
   out=$(nsenter --net="/run/netns/$ns" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
     -H 'Host: hello.localhost' http://127.0.0.1:8080/)
+  echo "$out" >>"$work/wrk.log"
   local after_a after_b
   after_a=$(cpu_ticks "$server_a")
   after_b=$(cpu_ticks "$server_b")
@@ -118,11 +132,14 @@ measure() {
 import re, sys
 out, ticks_a, ticks_b, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def to_us(text):
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    found = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not found:
+        sys.exit(f"cannot read a latency from {text!r} in:\n{out}")
+    value, unit = found.groups()
     return float(value) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 total = int(re.search(r"(\d+) requests in", out).group(1))
-p50 = to_us(re.search(r"50%\s+(\S+)", out).group(1))
+p50 = to_us(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 if errors:
     sys.exit(f"wrk saw {errors.group(1)} failed responses:\n{out}")
