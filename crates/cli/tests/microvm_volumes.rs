@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Platform, Run, idle_busybox_app, machine_ids, volumes_json};
+use common::{Platform, Run, idle_busybox_app, machine_ids, volumes_json, wait_until};
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
@@ -213,16 +213,20 @@ fn a_microvm_volume_is_an_encrypted_disk_that_keeps_its_data() {
     // volume another machine mounts with the data.
     let snap = platform.aloft(&["volumes", "snapshots", "create", &vol_id, "-a", "vmvol"]);
     assert!(snap.ok(), "{snap}\n{}", platform.server_log());
-    let log = std::fs::read_to_string(
-        platform
-            .data_dir()
-            .join(format!("agent/machines/{id}/machine.log")),
-    )
-    .unwrap_or_default();
-    assert!(
-        log.contains("paused while a snapshot of its volumes is taken")
-            && log.contains("continued after the snapshot"),
-        "{log}"
+    // The supervisor continues the VM once the agent has read the image, which may be just
+    // after the API answered.
+    let machine_log = platform
+        .data_dir()
+        .join(format!("agent/machines/{id}/machine.log"));
+    wait_until(
+        "the VM paused for the snapshot and continued",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(&machine_log).unwrap_or_default();
+            (!(log.contains("paused while a snapshot of its volumes is taken")
+                && log.contains("continued after the snapshot")))
+            .then_some(log)
+        },
     );
     let after = platform.machine_sh("vmvol", &id, "cat /data/kept");
     assert_eq!(after.stdout.trim(), marker, "the VM runs on: {after}");
