@@ -126,18 +126,7 @@ fn cluster_file(data_dir: &Path) -> PathBuf {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !output.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
+    Ok(aloft_wireguard::ip(args)?)
 }
 
 /// Whether process `pid` runs (an exited child not yet reaped does not).
